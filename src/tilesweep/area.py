@@ -102,11 +102,11 @@ def load_area(spec: str | os.PathLike[str]) -> Area:
     """Read an area from a bbox string ``W,S,E,N``, a GeoJSON file (Feature,
     FeatureCollection, Polygon, MultiPolygon; holes honoured) or a WKT file or string."""
     text = os.fspath(spec)
-    if _BBOX_RE.match(text) or re.fullmatch(r"[\d\s.,+\-eE]*,[\d\s.,+\-eE]*", text):
-        return parse_bbox(text)
     if re.match(r"^\s*(MULTI)?POLYGON\s*\(", text, re.IGNORECASE):
         return _finish(_parse_wkt(text, "WKT"), "WKT")
     path = Path(text)
+    if not path.is_file() and "," in text:
+        return parse_bbox(text)
     if not path.is_file():
         raise UsageError(
             f"area {text!r} is neither a bbox W,S,E,N nor an existing GeoJSON/WKT file"
