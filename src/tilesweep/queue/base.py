@@ -1,0 +1,142 @@
+"""The queue's vocabulary: blocks, their states, leases, statistics and the protocol.
+
+A block moves ``pending -> leased(owner, until) -> done``; a lease that expires or is
+nacked sends it back to ``pending``, and after ``max_attempts`` leases it goes to ``dead``
+with its last error. ``retry_dead`` puts dead blocks back. Processing is at-least-once: a
+worker writes the block's outputs under a name derived from the block before it acks, so
+doing a block twice yields the same outputs once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Iterable, Iterator, Mapping, NamedTuple, Protocol
+
+import numpy as np
+
+from ..plan import block_tiles, unpack_mask
+from ..tiles import Tile, tile_id
+
+
+class State(IntEnum):
+    """A block's state in the queue (stored as this integer)."""
+
+    PENDING = 0
+    LEASED = 1
+    DONE = 2
+    DEAD = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Block(NamedTuple):
+    """A unit of work: the tile ``(z, x, y)`` at block zoom, with ``tiles`` planned
+    descendants. ``mask`` is the packed bit mask of those descendants (see
+    :func:`tilesweep.plan.pack_mask`), or ``None`` when every descendant is planned."""
+
+    z: int
+    x: int
+    y: int
+    tiles: int
+    mask: bytes | None = None
+
+    @property
+    def tile(self) -> Tile:
+        return Tile(self.z, self.x, self.y)
+
+    @property
+    def id(self) -> int:
+        """The block's PMTiles Hilbert id: its key in the queue, and the order of the store."""
+        return tile_id(self.tile)
+
+    def tile_list(self, zoom: int) -> list[Tile]:
+        """The planned tiles of the block at ``zoom``, row by row from the north-west."""
+        levels = zoom - self.z
+        mask: np.ndarray | None = unpack_mask(self.mask, levels)
+        return block_tiles(self.tile, zoom, mask)
+
+
+class BlockResult(NamedTuple):
+    """What became of a block's tiles, recorded when it is acked: tiles fetched (``ok``),
+    absent at the source (``empty``, 404/204) and given up on (``failed``), and bytes."""
+
+    ok: int = 0
+    empty: int = 0
+    failed: int = 0
+    bytes: int = 0
+
+
+class Lease(NamedTuple):
+    """A leased block: held by ``owner`` until ``until`` (Unix seconds); ``attempt`` counts
+    from 1."""
+
+    block: Block
+    owner: str
+    until: float
+    attempt: int
+
+
+class DeadBlock(NamedTuple):
+    block: Block
+    attempts: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Counts by state, in blocks and in tiles.
+
+    ``attempts_total`` sums leases ever taken; ``done_last_window`` is ``(blocks, tiles,
+    seconds)`` done in the last ``seconds`` (the window is shortened to the time since work
+    began, so a young sweep reports its true rate); ``results`` sums the :class:`BlockResult`
+    of done blocks."""
+
+    blocks: dict[State, int]
+    tiles: dict[State, int]
+    attempts_total: int
+    done_last_window: tuple[int, int, float]
+    results: BlockResult = field(default_factory=BlockResult)
+
+
+class Queue(Protocol):
+    """A durable lease queue of blocks. The embedded implementation is
+    :class:`tilesweep.queue.SqliteQueue`; others (Postgres, Redis) keep the same contract."""
+
+    def put(self, items: Iterable[tuple[Block, int]]) -> int:
+        """Add ``(block, priority)`` pairs (lower priority is leased first); blocks already
+        queued are left as they are. Returns how many were inserted."""
+
+    def lease(self, n: int, ttl: float, owner: str) -> list[Lease]:
+        """Lease up to ``n`` pending blocks for ``ttl`` seconds; empty when none is pending."""
+
+    def ack(self, ids: Iterable[int], results: Mapping[int, BlockResult] | None = None) -> int:
+        """Mark blocks done (idempotent); returns how many changed state."""
+
+    def nack(self, block_id: int, error: str) -> State:
+        """Give a block back after a failure: pending again, or dead after max attempts."""
+
+    def extend(self, ids: Iterable[int], ttl: float, owner: str) -> list[int]:
+        """Push the leases ``owner`` still holds to ``ttl`` seconds from now; returns their ids."""
+
+    def release(self, owner: str) -> int:
+        """Give back every lease of ``owner`` unfinished, without counting an attempt."""
+
+    def requeue_expired(self) -> int:
+        """Return expired leases to pending (or dead); returns how many moved."""
+
+    def requeue(self, ids: Iterable[int], error: str | None = None) -> int:
+        """Put the given blocks back to pending whatever their state (e.g. a corrupt shard)."""
+
+    def retry_dead(self) -> int:
+        """Put dead blocks back to pending with their attempts reset."""
+
+    def dead(self) -> Iterator[DeadBlock]:
+        """Dead blocks with their attempts and last error."""
+
+    def stats(self, window: float = 300.0) -> QueueStats:
+        """Counts by state and recent throughput."""
+
+    def close(self) -> None: ...
