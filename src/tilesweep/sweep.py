@@ -1,0 +1,289 @@
+"""The sweep folder: one job's plan, queue and outputs.
+
+A sweep folder holds::
+
+    sweep.toml      the plan: area, zoom, block zoom, sampling, counts, fingerprint
+    area.geojson    the area, as planned (after clipping to the Web-Mercator world)
+    queue.sqlite    the durable block queue (see tilesweep.queue)
+
+Planning is atomic: the queue and area are written under ``*.partial`` names and renamed
+into place, and ``sweep.toml`` is written last, so a folder either holds a whole plan or
+none. Planning the same plan again is a no-op; planning a different one into a folder that
+holds a plan is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import shapely
+import tomli_w
+
+from . import __version__
+from .area import Area
+from .errors import UsageError
+from .plan import BlockChunk, PlanSpec, pack_mask, plan_blocks
+from .queue import Block, SqliteQueue, State
+
+SWEEP_FILE = "sweep.toml"
+QUEUE_FILE = "queue.sqlite"
+AREA_FILE = "area.geojson"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """Counts of a plan: tiles and blocks planned, the area in km2."""
+
+    tiles: int
+    blocks: int
+    area_km2: float
+    zoom: int
+    block_zoom: int
+
+    def estimate(self, tile_kb: float = 20.0, rate: float = 1000.0) -> tuple[float, float]:
+        """(bytes, hours) to fetch the plan at ``tile_kb`` KB per tile and ``rate`` tiles/s."""
+        return self.tiles * tile_kb * 1000.0, self.tiles / rate / 3600.0
+
+
+@dataclass(frozen=True)
+class SweepStatus:
+    """Where a sweep stands, in blocks and in tiles.
+
+    throughput: tiles/s over the last ``window_s`` seconds (0 when nothing finished);
+    eta_s: seconds until the remaining tiles are done at that rate (None if unknown).
+    mismatch: a message when the queue's tile count disagrees with the plan's."""
+
+    tiles_total: int
+    blocks_total: int
+    blocks: dict[str, int]
+    tiles: dict[str, int]
+    attempts_total: int
+    throughput: float
+    window_s: float
+    eta_s: float | None
+    mismatch: str | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tiles_total": self.tiles_total, "blocks_total": self.blocks_total}
+        for state in ("pending", "leased", "done", "dead"):
+            out[f"blocks_{state}"] = self.blocks[state]
+            out[f"tiles_{state}"] = self.tiles[state]
+        out.update(
+            attempts_total=self.attempts_total,
+            tiles_per_s=self.throughput,
+            window_s=self.window_s,
+            eta_s=self.eta_s,
+            mismatch=self.mismatch,
+            plan=self.plan,
+        )
+        return out
+
+
+def plan_fingerprint(area: Area, spec: PlanSpec) -> str:
+    """A digest of what decides the planned tiles: the area's geometry and the spec."""
+    h = hashlib.sha256()
+    h.update(shapely.to_wkb(shapely.normalize(area.geometry), output_dimension=2))
+    h.update(json.dumps(asdict(spec), sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+class Sweep:
+    """A sweep folder. Create one with :meth:`plan`, open one with :meth:`open`."""
+
+    def __init__(self, path: Path, config: dict[str, Any]):
+        self.path = path
+        self.config = config
+        self._queue: SqliteQueue | None = None
+
+    # --- opening and planning ---------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> "Sweep":
+        """Open an existing sweep folder; :class:`UsageError` if it holds no plan."""
+        p = Path(path)
+        cfg_path = p / SWEEP_FILE
+        if not cfg_path.is_file():
+            raise UsageError(f"sweep folder {str(p)!r} holds no plan ({SWEEP_FILE} missing); run `tilesweep plan` first")
+        try:
+            config = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise UsageError(f"{str(cfg_path)!r} cannot be read: {exc}") from None
+        return cls(p, config)
+
+    @classmethod
+    def plan(
+        cls,
+        path: str | os.PathLike[str],
+        area: Area,
+        spec: PlanSpec,
+        on_chunk: Callable[[BlockChunk], None] | None = None,
+    ) -> tuple["Sweep", bool]:
+        """Plan ``area`` under ``spec`` into the folder ``path``.
+
+        Returns ``(sweep, created)``: ``created`` is False when the folder already held
+        this very plan (nothing is changed). Raises :class:`UsageError` when it holds a
+        different plan, or is a non-empty folder that is not a sweep. ``on_chunk`` sees
+        each chunk of blocks as it is queued (for progress)."""
+        p = Path(path)
+        fingerprint = plan_fingerprint(area, spec)
+        if (p / SWEEP_FILE).exists():
+            existing = cls.open(p)
+            if existing.config.get("plan", {}).get("fingerprint") == fingerprint:
+                return existing, False
+            raise UsageError(
+                f"sweep folder {str(p)!r} already holds a different plan "
+                f"({existing.describe_plan()}); use another folder"
+            )
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"sweep folder {str(p)!r} exists and is not a folder")
+        if p.is_dir():
+            strays = [c.name for c in p.iterdir() if not c.name.endswith((".partial", ".partial-wal", ".partial-shm"))]
+            if strays:
+                raise UsageError(f"sweep folder {str(p)!r} is not empty and holds no plan (found {strays[0]!r})")
+        p.mkdir(parents=True, exist_ok=True)
+
+        queue_tmp = p / (QUEUE_FILE + ".partial")
+        for stale in p.glob("*.partial*"):
+            stale.unlink()
+        tiles = blocks = 0
+        started = time.time()
+        with SqliteQueue(queue_tmp) as queue:
+            for chunk in plan_blocks(area.geometry, spec):
+                queue.put(_queue_rows(chunk, spec))
+                tiles += int(chunk.counts.sum())
+                blocks += len(chunk)
+                if on_chunk is not None:
+                    on_chunk(chunk)
+        if blocks == 0:
+            queue_tmp.unlink(missing_ok=True)
+            if not any(p.iterdir()):
+                p.rmdir()
+            raise UsageError(f"area {area.source!r} has no tile at zoom {spec.zoom} after sampling; nothing planned")
+        area_tmp = p / (AREA_FILE + ".partial")
+        area_tmp.write_text(json.dumps(area.to_geojson()), encoding="utf-8")
+        os.replace(area_tmp, p / AREA_FILE)
+        os.replace(queue_tmp, p / QUEUE_FILE)
+        plan: dict[str, Any] = {
+            "area": AREA_FILE,
+            "area_source": area.source,
+            "area_km2": round(area.area_km2, 6),
+            "bbox": list(area.bbox),
+            "zoom": spec.zoom,
+            "block_zoom": spec.block_zoom,
+            "fraction": spec.fraction,
+            "seed": spec.seed,
+            "tiles": tiles,
+            "blocks": blocks,
+            "fingerprint": fingerprint,
+            "planned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "planning_s": round(time.time() - started, 3),
+        }
+        if spec.max_tiles is not None:
+            plan["max_tiles"] = spec.max_tiles
+        config = {"sweep": {"format": FORMAT_VERSION, "tilesweep": __version__}, "plan": plan}
+        _write_atomic(p / SWEEP_FILE, tomli_w.dumps(config))
+        return cls(p, config), True
+
+    # --- reading ------------------------------------------------------------------------
+
+    @property
+    def plan_config(self) -> dict[str, Any]:
+        return self.config["plan"]
+
+    @property
+    def zoom(self) -> int:
+        return int(self.plan_config["zoom"])
+
+    @property
+    def block_zoom(self) -> int:
+        return int(self.plan_config["block_zoom"])
+
+    def summary(self) -> PlanSummary:
+        pc = self.plan_config
+        return PlanSummary(int(pc["tiles"]), int(pc["blocks"]), float(pc["area_km2"]), self.zoom, self.block_zoom)
+
+    def describe_plan(self) -> str:
+        pc = self.plan_config
+        text = f"area {pc['area_source']}, zoom {pc['zoom']}, block zoom {pc['block_zoom']}, fraction {pc['fraction']:g}, seed {pc['seed']}"
+        if "max_tiles" in pc:
+            text += f", max tiles {pc['max_tiles']}"
+        return text
+
+    @property
+    def queue(self) -> SqliteQueue:
+        """The sweep's queue (opened on first use, one connection per process)."""
+        if self._queue is None:
+            path = self.path / QUEUE_FILE
+            if not path.is_file():
+                raise UsageError(f"sweep folder {str(self.path)!r} has no {QUEUE_FILE}")
+            self._queue = SqliteQueue(path)
+        return self._queue
+
+    def status(self, window_s: float = 300.0) -> SweepStatus:
+        """Where the sweep stands, reconciled against the plan."""
+        stats = self.queue.stats(window=window_s)
+        names = {State.PENDING: "pending", State.LEASED: "leased", State.DONE: "done", State.DEAD: "dead"}
+        blocks = {names[s]: int(stats.blocks.get(s, 0)) for s in names}
+        tiles = {names[s]: int(stats.tiles.get(s, 0)) for s in names}
+        done_blocks, done_tiles, window = stats.done_last_window
+        throughput = done_tiles / window if window > 0 else 0.0
+        remaining = tiles["pending"] + tiles["leased"]
+        eta = remaining / throughput if throughput > 0 else (0.0 if remaining == 0 else None)
+        summary = self.summary()
+        mismatch = None
+        if sum(tiles.values()) != summary.tiles or sum(blocks.values()) != summary.blocks:
+            mismatch = (
+                f"queue holds {sum(blocks.values())} blocks / {sum(tiles.values())} tiles "
+                f"but the plan has {summary.blocks} blocks / {summary.tiles} tiles"
+            )
+        return SweepStatus(
+            tiles_total=summary.tiles,
+            blocks_total=summary.blocks,
+            blocks=blocks,
+            tiles=tiles,
+            attempts_total=int(stats.attempts_total),
+            throughput=throughput,
+            window_s=window,
+            eta_s=eta,
+            mismatch=mismatch,
+            plan={k: v for k, v in self.plan_config.items() if k not in ("area",)},
+        )
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._queue.close()
+            self._queue = None
+
+    def __enter__(self) -> "Sweep":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _queue_rows(chunk: BlockChunk, spec: PlanSpec):  # type: ignore[no-untyped-def]
+    bz = int(spec.block_zoom)  # type: ignore[arg-type]
+    for i in range(len(chunk)):
+        mask = None if chunk.masks is None else pack_mask(chunk.masks[i])
+        if mask is not None and int(chunk.counts[i]) == 1 << (2 * spec.levels):
+            mask = None
+        block = Block(bz, int(chunk.x[i]), int(chunk.y[i]), int(chunk.counts[i]), mask)
+        yield block, int(chunk.priority[i])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
