@@ -1,0 +1,425 @@
+"""Exports of a TileStore: one PMTiles v3 archive (streamed), MBTiles, or a z/x/y folder.
+
+Every export writes to ``<out>.partial`` and renames it into place at the end, so a failed
+or interrupted export leaves nothing half-written under the output name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sqlite3
+import struct
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UsageError
+from ..tiles import Tile, bounds, tms_y
+from .shard import ShardReader, Status, _fsync_dir
+from .store import TileStore
+
+# --- tile formats ---------------------------------------------------------------------------
+
+TILE_TYPES = {"unknown": 0, "mvt": 1, "png": 2, "jpg": 3, "webp": 4, "avif": 5, "mlt": 6}
+"""PMTiles v3 tile type codes by MBTiles-style format name."""
+_TYPE_NAMES = {v: k for k, v in TILE_TYPES.items()}
+
+
+def sniff_format(data: bytes) -> str | None:
+    """``"jpg"``, ``"png"``, ``"webp"`` or ``"avif"`` from the leading magic bytes, else None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[4:12] in (b"ftypavif", b"ftypavis"):
+        return "avif"
+    return None
+
+
+def _format_name(tile_type: Any, first: bytes) -> str:
+    """Normalise a user-given tile type (name, code, enum) or sniff it from ``first``."""
+    if tile_type is None:
+        return sniff_format(first) or "unknown"
+    if hasattr(tile_type, "value"):
+        tile_type = tile_type.value
+    if isinstance(tile_type, int):
+        if tile_type not in _TYPE_NAMES:
+            raise UsageError(f"tile type {tile_type} is not a PMTiles tile type code (0..6)")
+        return _TYPE_NAMES[tile_type]
+    name = str(tile_type).lower().lstrip(".")
+    name = {"jpeg": "jpg", "pbf": "mvt"}.get(name, name)
+    if name not in TILE_TYPES:
+        raise UsageError(f"tile type {tile_type!r} is not one of {', '.join(TILE_TYPES)}")
+    return name
+
+
+def _first_ok_tile(store: TileStore) -> bytes:
+    """Bytes of the first OK tile, or ``UsageError`` when the store has none."""
+    for block in store.blocks():
+        with ShardReader(store.shard_path(block)) as r:
+            ok = np.nonzero(r.records["status"] == Status.OK)[0]
+            if len(ok):
+                return r.data(int(ok[0]))
+    raise UsageError(f"tile store {store.root} has no OK tiles to export")
+
+
+def _lnglat_bounds(z: int, xmin: int, ymin: int, xmax: int, ymax: int) -> tuple[float, float, float, float]:
+    w, _, _, n = bounds(Tile(z, xmin, ymin))
+    _, s, e, _ = bounds(Tile(z, xmax, ymax))
+    return w, s, e, n
+
+
+def _partial(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+
+
+# --- PMTiles v3 -------------------------------------------------------------------------------
+
+HEADER_LEN = 127
+ROOT_MAX = 16384 - HEADER_LEN
+"""The header plus the compressed root directory must fit in the first 16,384 bytes."""
+DATA_START = 16384
+
+ENTRY = np.dtype([("id", "<u8"), ("offset", "<u8"), ("length", "<u4"), ("run", "<u4")])
+"""A directory entry as kept in the temporary entries file (24 bytes)."""
+
+_U7 = np.uint64(7)
+
+
+def encode_varints(v: np.ndarray) -> np.ndarray:
+    """Protobuf (LEB128) varints of non-negative integers, vectorised; uint8 array."""
+    v = np.asarray(v, dtype=np.uint64)
+    if not len(v):
+        return np.zeros(0, np.uint8)
+    nb = np.ones(len(v), np.int64)
+    t = v >> _U7
+    while True:
+        m = t > 0
+        if not m.any():
+            break
+        nb += m
+        t = t >> _U7
+    ends = np.cumsum(nb)
+    starts = ends - nb
+    out = np.empty(int(ends[-1]), np.uint8)
+    for j in range(int(nb.max())):
+        m = nb > j
+        byte = ((v[m] >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(np.uint8)
+        byte |= ((nb[m] - 1 > j).astype(np.uint8) << 7)
+        out[starts[m] + j] = byte
+    return out
+
+
+def serialize_directory(ids: np.ndarray, runs: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> bytes:
+    """A PMTiles v3 directory (spec section 4), gzip-compressed: entry count, id deltas,
+    run lengths, lengths, offsets (0 when contiguous with the previous entry, else offset+1)."""
+    ids = np.asarray(ids, np.uint64)
+    offsets = np.asarray(offsets, np.uint64)
+    lengths = np.asarray(lengths, np.uint64)
+    n = len(ids)
+    deltas = np.empty(n, np.uint64)
+    if n:
+        deltas[0] = ids[0]
+        deltas[1:] = ids[1:] - ids[:-1]
+    off_enc = offsets + np.uint64(1)
+    if n > 1:
+        contiguous = offsets[1:] == offsets[:-1] + lengths[:-1]
+        off_enc[1:][contiguous] = 0
+    body = b"".join(
+        a.tobytes()
+        for a in (
+            encode_varints(np.array([n], np.uint64)),
+            encode_varints(deltas),
+            encode_varints(runs),
+            encode_varints(lengths),
+            encode_varints(off_enc),
+        )
+    )
+    return gzip.compress(body, compresslevel=6, mtime=0)
+
+
+def _pmtiles_header(**h: int) -> bytes:
+    out = struct.pack(
+        "<7sB11Q4B2B4iB2i",
+        b"PMTiles", 3,
+        h["root_offset"], h["root_length"], h["metadata_offset"], h["metadata_length"],
+        h["leaf_offset"], h["leaf_length"], h["data_offset"], h["data_length"],
+        h["addressed"], h["entries"], h["contents"],
+        1, 2, 1, h["tile_type"],  # clustered, internal gzip, tile compression none, type
+        h["min_zoom"], h["max_zoom"],
+        h["min_lon"], h["min_lat"], h["max_lon"], h["max_lat"],
+        h["center_zoom"], h["center_lon"], h["center_lat"],
+    )
+    assert len(out) == HEADER_LEN
+    return out
+
+
+def _build_directories(entries_f, n: int, out, leaves_start: int, min_leaf_size: int) -> tuple[bytes, int, int]:
+    """Write leaf directories at ``leaves_start`` (if needed) and return ``(root, leaves
+    length, leaf size)``. Reads the entries file one leaf at a time: memory stays bounded."""
+
+    def read(start: int, count: int) -> np.ndarray:
+        entries_f.seek(start * ENTRY.itemsize)
+        return np.fromfile(entries_f, ENTRY, count)
+
+    if n <= min_leaf_size:
+        e = read(0, n)
+        root = serialize_directory(e["id"], e["run"], e["length"], e["offset"])
+        if len(root) <= ROOT_MAX:
+            return root, 0, 0
+    leaf_size = min_leaf_size
+    while -(-n // leaf_size) > 2048:  # a root entry takes roughly 5-7 compressed bytes
+        leaf_size *= 2
+    while True:
+        out.seek(leaves_start)
+        out.truncate()
+        rid, rlen, roff = [], [], []
+        pos = 0
+        for start in range(0, n, leaf_size):
+            e = read(start, min(leaf_size, n - start))
+            leaf = serialize_directory(e["id"], e["run"], e["length"], e["offset"])
+            rid.append(int(e["id"][0]))
+            roff.append(pos)
+            rlen.append(len(leaf))
+            out.write(leaf)
+            pos += len(leaf)
+        root = serialize_directory(np.array(rid, np.uint64), np.zeros(len(rid), np.uint64), np.array(rlen, np.uint64), np.array(roff, np.uint64))
+        if len(root) <= ROOT_MAX:
+            return root, pos, leaf_size
+        leaf_size *= 2
+
+
+def export_pmtiles(
+    store: TileStore,
+    out_path: Path,
+    metadata: dict | None = None,
+    tile_type: Any = None,
+    *,
+    min_leaf_size: int = 4096,
+    run_length: bool = True,
+) -> dict:
+    """Write the store's OK tiles as one clustered PMTiles v3 archive, streaming.
+
+    Tile bytes are copied once, in global Hilbert order, straight from the shards into the
+    archive after a reserved 16 KiB head; directory entries go to a temporary file; leaf
+    directories are then built from it one leaf at a time, and the header and root
+    directory are written into the head last. Memory does not grow with the tile count.
+
+    ``tile_type``: a name (jpg/png/webp/...), a PMTiles code or None to sniff it from the
+    first tile's magic bytes. With ``run_length``, consecutive tile ids with identical bytes
+    share one entry (stored once). Returns a summary dict. ``UsageError`` when the store
+    holds no OK tile."""
+    t0 = time.perf_counter()
+    out_path = Path(out_path)
+    first = _first_ok_tile(store)
+    fmt = _format_name(tile_type, first)
+    z = store.zoom
+    tmp = _partial(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    entries_f = tempfile.TemporaryFile(dir=out_path.parent, prefix=".pmtiles-entries-")
+    try:
+        with open(tmp, "w+b", buffering=1 << 20) as out:
+            out.write(b"\0" * DATA_START)
+            # 1. tile data, in global Hilbert order
+            ids: list[int] = []
+            offs: list[int] = []
+            lens: list[int] = []
+            runs: list[int] = []
+            n_entries = addressed = 0
+            pos = 0
+            xmin = ymin = 1 << 62
+            xmax = ymax = -1
+            cur_id = -1
+            cur_off = cur_len = cur_run = 0
+            cur_data = b""
+
+            def spill(keep: int = 0) -> None:
+                nonlocal n_entries
+                if len(ids) > keep:
+                    a = np.zeros(len(ids), ENTRY)
+                    a["id"], a["offset"], a["length"], a["run"] = ids, offs, lens, runs
+                    a.tofile(entries_f)
+                    n_entries += len(ids)
+                    ids.clear(), offs.clear(), lens.clear(), runs.clear()
+
+            for block in store.blocks():
+                with ShardReader(store.shard_path(block)) as r:
+                    sel = np.nonzero(r.records["status"] == Status.OK)[0]
+                    if not len(sel):
+                        continue
+                    xs, ys = r.coords()
+                    xs, ys = xs[sel], ys[sel]
+                    xmin, xmax = min(xmin, int(xs.min())), max(xmax, int(xs.max()))
+                    ymin, ymax = min(ymin, int(ys.min())), max(ymax, int(ys.max()))
+                    addressed += len(sel)
+                    for i, tid in zip(sel.tolist(), r.ids[sel].tolist()):
+                        data = r.data(i)
+                        if run_length and tid == cur_id + cur_run and data == cur_data:
+                            cur_run += 1
+                            continue
+                        if cur_id >= 0:
+                            ids.append(cur_id), offs.append(cur_off), lens.append(cur_len), runs.append(cur_run)
+                        out.write(data)
+                        cur_id, cur_off, cur_len, cur_run, cur_data = tid, pos, len(data), 1, data
+                        pos += len(data)
+                if len(ids) >= 65536:
+                    spill()
+            ids.append(cur_id), offs.append(cur_off), lens.append(cur_len), runs.append(cur_run)
+            spill()
+            entries_f.flush()
+            data_len = pos
+            # 2. leaf directories, then metadata, after the data
+            leaves_start = DATA_START + data_len
+            root, leaves_len, leaf_size = _build_directories(entries_f, n_entries, out, leaves_start, min_leaf_size)
+            w, s, e, nn = _lnglat_bounds(z, xmin, ymin, xmax, ymax)
+            meta = {
+                "name": out_path.stem,
+                "format": fmt,
+                "type": "baselayer",
+                "minzoom": z,
+                "maxzoom": z,
+                "bounds": [w, s, e, nn],
+                "generator": "tilesweep",
+            }
+            meta.update(metadata or {})
+            meta_bytes = gzip.compress(json.dumps(meta).encode(), mtime=0)
+            meta_off = leaves_start + leaves_len
+            out.seek(meta_off)
+            out.write(meta_bytes)
+            # 3. header + root into the reserved head
+            e7 = lambda v: int(round(v * 1e7))  # noqa: E731
+            header = _pmtiles_header(
+                root_offset=HEADER_LEN, root_length=len(root),
+                metadata_offset=meta_off, metadata_length=len(meta_bytes),
+                leaf_offset=leaves_start, leaf_length=leaves_len,
+                data_offset=DATA_START, data_length=data_len,
+                addressed=addressed, entries=n_entries, contents=n_entries,
+                tile_type=TILE_TYPES[fmt], min_zoom=z, max_zoom=z,
+                min_lon=e7(w), min_lat=e7(s), max_lon=e7(e), max_lat=e7(nn),
+                center_zoom=z, center_lon=e7((w + e) / 2), center_lat=e7((s + nn) / 2),
+            )
+            out.seek(0)
+            out.write(header)
+            out.write(root)
+            out.flush()
+            size = out.seek(0, os.SEEK_END)
+        _commit(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        entries_f.close()
+    return {
+        "path": str(out_path),
+        "tiles": addressed,
+        "entries": n_entries,
+        "tile_type": fmt,
+        "bytes": size,
+        "data_bytes": data_len,
+        "root_bytes": len(root),
+        "leaf_bytes": leaves_len,
+        "leaf_size": leaf_size,
+        "bounds": (w, s, e, nn),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# --- MBTiles ----------------------------------------------------------------------------------
+
+
+def export_mbtiles(store: TileStore, out_path: Path, name: str | None = None, batch: int = 2000) -> dict:
+    """Write the store's OK tiles to an MBTiles 1.3 file: ``metadata(name, value)`` with
+    name, format (jpg/png/webp), minzoom, maxzoom, bounds, center; ``tiles`` with TMS rows
+    (``tile_row = 2**z - 1 - y``) and a unique ``tile_index``. ``UsageError`` when the store
+    holds no OK tile."""
+    t0 = time.perf_counter()
+    out_path = Path(out_path)
+    fmt = _format_name(None, _first_ok_tile(store))
+    z = store.zoom
+    tmp = _partial(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.unlink(missing_ok=True)
+    n = 0
+    xmin = ymin = 1 << 62
+    xmax = ymax = -1
+    try:
+        con = sqlite3.connect(tmp)
+        try:
+            con.execute("PRAGMA journal_mode=OFF")  # a fresh temp file: the rename is the commit
+            con.execute("PRAGMA synchronous=OFF")
+            con.execute("CREATE TABLE metadata (name text, value text)")
+            con.execute("CREATE TABLE tiles (zoom_level integer, tile_column integer, tile_row integer, tile_data blob)")
+            rows = []
+            for tile, data in store.iter_tiles(Status.OK):
+                rows.append((z, tile.x, tms_y(tile), data))
+                xmin, xmax = min(xmin, tile.x), max(xmax, tile.x)
+                ymin, ymax = min(ymin, tile.y), max(ymax, tile.y)
+                if len(rows) >= batch:
+                    con.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", rows)
+                    n += len(rows)
+                    rows = []
+            con.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", rows)
+            n += len(rows)
+            con.execute("CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)")
+            w, s, e, nn = _lnglat_bounds(z, xmin, ymin, xmax, ymax)
+            meta = {
+                "name": name or out_path.stem,
+                "format": fmt,
+                "type": "baselayer",
+                "minzoom": str(z),
+                "maxzoom": str(z),
+                "bounds": f"{w:.7f},{s:.7f},{e:.7f},{nn:.7f}",
+                "center": f"{(w + e) / 2:.7f},{(s + nn) / 2:.7f},{z}",
+            }
+            con.executemany("INSERT INTO metadata VALUES (?, ?)", list(meta.items()))
+            con.commit()
+        finally:
+            con.close()
+        _commit(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"path": str(out_path), "tiles": n, "format": fmt, "bytes": out_path.stat().st_size, "seconds": time.perf_counter() - t0}
+
+
+# --- z/x/y folder -----------------------------------------------------------------------------
+
+
+def export_dir(store: TileStore, out_dir: Path) -> dict:
+    """Write every OK tile to ``out_dir/{z}/{x}/{y}.{ext}`` (ext from the bytes: jpg, png,
+    webp; ``bin`` when unknown). Each file is written whole to a temp name, then renamed."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    _first_ok_tile(store)
+    n = nbytes = 0
+    made: set[int] = set()
+    for tile, data in store.iter_tiles(Status.OK):
+        ext = sniff_format(data) or "bin"
+        d = out_dir / str(tile.z) / str(tile.x)
+        if tile.x not in made:
+            d.mkdir(parents=True, exist_ok=True)
+            made.add(tile.x)
+        p = d / f"{tile.y}.{ext}"
+        tmp = d / f".{tile.y}.{ext}.partial"
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+        n += 1
+        nbytes += len(data)
+    return {"path": str(out_dir), "tiles": n, "bytes": nbytes, "seconds": time.perf_counter() - t0}

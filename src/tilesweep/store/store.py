@@ -1,0 +1,242 @@
+"""TileStore: a folder of block shards, ``root/{bz}/{x}/{y}.shard``."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from ..errors import UsageError
+from ..tiles import MAX_ZOOM, Tile, tile_id_array
+from .shard import (
+    RECORD_SIZE,
+    CorruptShardError,
+    ShardReader,
+    ShardWriter,
+    Status,
+    _fsync_dir,
+    partial_paths,
+)
+
+
+class VerifyReport(NamedTuple):
+    """Result of :meth:`TileStore.verify`: shards checked, shards that passed, and the
+    corrupt ones as ``(block, reason)``."""
+
+    checked: int
+    ok: int
+    corrupt: list[tuple[Tile, str]]
+
+
+class TileStore:
+    """The shards of one sweep: zoom-``zoom`` tiles packed one shard per zoom-``block_zoom``
+    block. The folder is created lazily by the first writer.
+
+    Reads go through an LRU of at most ``max_open`` memory-mapped shards (one fd each).
+    Not thread-safe: give each thread its own ``TileStore``."""
+
+    def __init__(self, root: Path, zoom: int, block_zoom: int, max_open: int = 64) -> None:
+        zoom, block_zoom = int(zoom), int(block_zoom)
+        if not 0 <= zoom <= MAX_ZOOM:
+            raise UsageError(f"zoom {zoom} is outside 0..{MAX_ZOOM}")
+        if not 0 <= block_zoom <= zoom:
+            raise UsageError(f"block zoom {block_zoom} is outside 0..{zoom} (the tile zoom)")
+        if max_open < 1:
+            raise ValueError(f"max_open {max_open} must be at least 1")
+        self.root = Path(root)
+        self.zoom = zoom
+        self.block_zoom = block_zoom
+        self.max_open = max_open
+        self._d = zoom - block_zoom
+        self._readers: OrderedDict[tuple[int, int], ShardReader] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"TileStore({str(self.root)!r}, zoom={self.zoom}, block_zoom={self.block_zoom})"
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def block_of(self, tile: Tile) -> Tile:
+        """The block (zoom ``block_zoom``) that holds a zoom-``zoom`` tile."""
+        z, x, y = tile
+        if z != self.zoom:
+            raise ValueError(f"tile {z}/{x}/{y} is not at the store's zoom {self.zoom}")
+        return Tile(self.block_zoom, x >> self._d, y >> self._d)
+
+    def shard_path(self, block: Tile) -> Path:
+        """``root/{bz}/{x}/{y}.shard`` (whether or not it exists)."""
+        bz, x, y = block
+        if bz != self.block_zoom:
+            raise ValueError(f"block {bz}/{x}/{y} is not at the store's block zoom {self.block_zoom}")
+        return self.root / str(bz) / str(x) / f"{y}.shard"
+
+    def is_complete(self, block: Tile) -> bool:
+        """True when the block's shard is finished (a re-leased block can just be acked)."""
+        return self.shard_path(block).exists()
+
+    def writer(self, block: Tile) -> ShardWriter:
+        """A writer for the block: new, resumed from an unfinished shard, or (for a finished
+        one) already finished, whose ``finish()`` returns the summary."""
+        self._evict(block)
+        return ShardWriter(self.shard_path(block), self.zoom, Tile(*block))
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def reader(self, block: Tile) -> ShardReader | None:
+        """The cached reader of a finished shard, or None when it is not finished."""
+        key = (block[1], block[2])
+        r = self._readers.get(key)
+        if r is not None:
+            self._readers.move_to_end(key)
+            return r
+        path = self.shard_path(Tile(*block))
+        try:
+            r = ShardReader(path)
+        except FileNotFoundError:
+            return None
+        self._readers[key] = r
+        if len(self._readers) > self.max_open:
+            _, old = self._readers.popitem(last=False)
+            old.close()
+        return r
+
+    def get(self, tile: Tile) -> bytes | None:
+        """The tile's bytes, or None when it is absent, empty or failed."""
+        z, x, y = tile
+        d = self._d
+        key = (x >> d, y >> d)
+        r = self._readers.get(key)
+        if r is None:
+            r = self.reader(self.block_of(tile))
+            if r is None:
+                return None
+        else:
+            self._readers.move_to_end(key)
+        return r.get(tile)
+
+    def get_record(self, tile: Tile) -> tuple[Status, bytes | None] | None:
+        """``(status, bytes or None)``, or None when the tile is not in a finished shard."""
+        r = self.reader(self.block_of(tile))
+        return None if r is None else r.get_record(tile)
+
+    def blocks(self) -> Iterator[Tile]:
+        """Blocks with a finished shard, in Hilbert (tile id) order."""
+        found = self._scan(".shard")
+        if not found:
+            return iter(())
+        xs = np.array([b[0] for b in found], np.int64)
+        ys = np.array([b[1] for b in found], np.int64)
+        order = np.argsort(tile_id_array(self.block_zoom, xs, ys), kind="stable")
+        bz = self.block_zoom
+        return (Tile(bz, int(xs[i]), int(ys[i])) for i in order)
+
+    def partial_blocks(self) -> list[Tile]:
+        """Blocks with an unfinished shard (and no finished one)."""
+        bz = self.block_zoom
+        return [Tile(bz, x, y) for x, y in self._scan(".shard.partial") if not self.is_complete(Tile(bz, x, y))]
+
+    def _scan(self, suffix: str) -> list[tuple[int, int]]:
+        base = self.root / str(self.block_zoom)
+        out = []
+        try:
+            xdirs = list(os.scandir(base))
+        except FileNotFoundError:
+            return out
+        for xd in xdirs:
+            if not xd.is_dir() or not xd.name.isdigit():
+                continue
+            for e in os.scandir(xd.path):
+                name = e.name
+                if name.endswith(suffix):
+                    stem = name[: -len(suffix)]
+                    if stem.isdigit():
+                        out.append((int(xd.name), int(stem)))
+        return out
+
+    def iter_tiles(self, status: Status | None = Status.OK) -> Iterator[tuple[Tile, bytes]]:
+        """``(tile, bytes)`` of every ``status`` tile (None: all; non-OK ones carry b"") in
+        global Hilbert order: blocks in id order, tiles by id within (a block's descendants
+        are one contiguous id range). Opens one shard at a time, outside the LRU."""
+        for block in self.blocks():
+            with ShardReader(self.shard_path(block)) as r:
+                for tile, _, data in r.iter_records(status):
+                    yield tile, data
+
+    def stats(self) -> dict:
+        """Counts over finished shards (tiles ok/empty/failed, bytes of OK tiles) plus the
+        unfinished shards and the records durable in them."""
+        out = {"shards": 0, "partial_shards": 0, "partial_tiles": 0, "ok": 0, "empty": 0, "failed": 0, "bytes": 0, "corrupt_shards": 0}
+        for block in self.blocks():
+            out["shards"] += 1
+            try:
+                with ShardReader(self.shard_path(block)) as r:
+                    s = r.summary()
+            except CorruptShardError:
+                out["corrupt_shards"] += 1
+                continue
+            out["ok"] += s.ok
+            out["empty"] += s.empty
+            out["failed"] += s.failed
+            out["bytes"] += s.bytes
+        for block in self.partial_blocks():
+            out["partial_shards"] += 1
+            idx = partial_paths(self.shard_path(block))[1]
+            try:
+                out["partial_tiles"] += idx.stat().st_size // RECORD_SIZE
+            except FileNotFoundError:
+                pass
+        out["tiles"] = out["ok"] + out["empty"] + out["failed"]
+        return out
+
+    def verify(self, repair: bool = False) -> VerifyReport:
+        """Check every finished shard: header, footer, index crc, record crcs, ids in the
+        block, every tile's crc. With ``repair``, a corrupt shard is renamed
+        ``{y}.shard.corrupt`` so that ``is_complete`` is False and its block can be queued
+        again (re-queueing is the caller's job)."""
+        checked = ok = 0
+        corrupt: list[tuple[Tile, str]] = []
+        for block in list(self.blocks()):
+            checked += 1
+            path = self.shard_path(block)
+            self._evict(block)
+            try:
+                with ShardReader(path) as r:
+                    reason = r.verify()
+                    if reason is None and (r.zoom != self.zoom or r.block != block):
+                        reason = f"header says block {r.block} at zoom {r.zoom}"
+            except CorruptShardError as e:
+                reason = str(e)
+            if reason is None:
+                ok += 1
+                continue
+            corrupt.append((block, reason))
+            if repair:
+                dest = path.with_name(path.name + ".corrupt")
+                n = 1
+                while dest.exists():
+                    dest = path.with_name(f"{path.name}.corrupt.{n}")
+                    n += 1
+                os.rename(path, dest)
+                _fsync_dir(path.parent)
+        return VerifyReport(checked, ok, corrupt)
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def _evict(self, block: Tile) -> None:
+        r = self._readers.pop((block[1], block[2]), None)
+        if r is not None:
+            r.close()
+
+    def close(self) -> None:
+        """Close every cached reader."""
+        while self._readers:
+            _, r = self._readers.popitem()
+            r.close()
+
+    def __enter__(self) -> "TileStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
