@@ -61,12 +61,14 @@ class Block(NamedTuple):
 
 class BlockResult(NamedTuple):
     """What became of a block's tiles, recorded when it is acked: tiles fetched (``ok``),
-    absent at the source (``empty``, 404/204) and given up on (``failed``), and bytes."""
+    absent at the source (``empty``, 404/204) and given up on (``failed``), bytes stored,
+    and ``retries``: requests repeated after transient faults while fetching them."""
 
     ok: int = 0
     empty: int = 0
     failed: int = 0
     bytes: int = 0
+    retries: int = 0
 
 
 class Lease(NamedTuple):
@@ -92,13 +94,15 @@ class QueueStats:
     ``attempts_total`` sums leases ever taken; ``done_last_window`` is ``(blocks, tiles,
     seconds)`` done in the last ``seconds`` (the window is shortened to the time since work
     began, so a young sweep reports its true rate); ``results`` sums the :class:`BlockResult`
-    of done blocks."""
+    of done blocks; ``unbalanced`` counts done blocks whose recorded results do not add up
+    to their planned tiles (it must be 0)."""
 
     blocks: dict[State, int]
     tiles: dict[State, int]
     attempts_total: int
     done_last_window: tuple[int, int, float]
     results: BlockResult = field(default_factory=BlockResult)
+    unbalanced: int = 0
 
 
 class Queue(Protocol):
@@ -123,6 +127,15 @@ class Queue(Protocol):
 
     def release(self, owner: str) -> int:
         """Give back every lease of ``owner`` unfinished, without counting an attempt."""
+
+    def owners(self) -> dict[str, int]:
+        """Owners of current leases and how many blocks each holds."""
+
+    def expire(self, owner: str) -> int:
+        """End ``owner``'s leases now (the owner is known to be dead)."""
+
+    def count(self, state: State) -> int:
+        """Blocks in ``state``."""
 
     def requeue_expired(self) -> int:
         """Return expired leases to pending (or dead); returns how many moved."""

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS blocks (
     n_ok        INTEGER,                  -- results recorded by ack
     n_empty     INTEGER,
     n_failed    INTEGER,
-    n_bytes     INTEGER
+    n_bytes     INTEGER,
+    n_retries   INTEGER
 );
 CREATE INDEX IF NOT EXISTS blocks_pending ON blocks(priority) WHERE state = {State.PENDING};
 CREATE INDEX IF NOT EXISTS blocks_leased ON blocks(lease_until) WHERE state = {State.LEASED};
@@ -155,14 +156,14 @@ class SqliteQueue:
         rows = []
         for i in ids:
             r = results.get(i)
-            rows.append((now, *(r if r is not None else (None, None, None, None)), int(i)))
+            rows.append((now, *(r if r is not None else (None,) * len(BlockResult._fields)), int(i)))
         if not rows:
             return 0
         with self._write() as db:
             before = db.total_changes
             db.executemany(
                 f"""UPDATE blocks SET state = {State.DONE}, done_at = ?, owner = NULL, lease_until = NULL,
-                    n_ok = ?, n_empty = ?, n_failed = ?, n_bytes = ?, last_error = NULL
+                    n_ok = ?, n_empty = ?, n_failed = ?, n_bytes = ?, n_retries = ?, last_error = NULL
                     WHERE id = ? AND state != {State.DONE}""",
                 rows,
             )
@@ -212,6 +213,23 @@ class SqliteQueue:
             )
             return cur.rowcount
 
+    def owners(self) -> dict[str, int]:
+        """Owners of current leases and how many blocks each holds."""
+        rows = self._db.execute(f"SELECT owner, COUNT(*) FROM blocks WHERE state = {State.LEASED} GROUP BY owner")
+        return {str(o): int(n) for o, n in rows}
+
+    def expire(self, owner: str) -> int:
+        """End ``owner``'s leases now, as if they had expired (the owner is known to be
+        dead): the next lease call returns them to pending, counting the attempt."""
+        with self._write() as db:
+            return db.execute(
+                f"UPDATE blocks SET lease_until = 0 WHERE state = {State.LEASED} AND owner = ?", (owner,)
+            ).rowcount
+
+    def count(self, state: State) -> int:
+        """Blocks in ``state``."""
+        return int(self._db.execute("SELECT COUNT(*) FROM blocks WHERE state = ?", (int(state),)).fetchone()[0])
+
     def requeue_expired(self) -> int:
         """Return expired leases to pending (or to dead after max attempts)."""
         with self._write() as db:
@@ -234,7 +252,7 @@ class SqliteQueue:
             for i in ids:
                 n += db.execute(
                     f"""UPDATE blocks SET state = {State.PENDING}, owner = NULL, lease_until = NULL, attempts = 0,
-                        done_at = NULL, n_ok = NULL, n_empty = NULL, n_failed = NULL, n_bytes = NULL,
+                        done_at = NULL, n_ok = NULL, n_empty = NULL, n_failed = NULL, n_bytes = NULL, n_retries = NULL,
                         last_error = ? WHERE id = ?""",
                     (error, int(i)),
                 ).rowcount
@@ -290,13 +308,17 @@ class SqliteQueue:
         ).fetchone()
         first = self._db.execute("SELECT value FROM meta WHERE key = 'first_lease_at'").fetchone()
         effective = window if first is None else max(1e-3, min(window, now - float(first[0])))
-        ok, empty, failed, nbytes = self._db.execute(
+        sums = self._db.execute(
             f"""SELECT COALESCE(SUM(n_ok), 0), COALESCE(SUM(n_empty), 0), COALESCE(SUM(n_failed), 0),
-                COALESCE(SUM(n_bytes), 0) FROM blocks WHERE state = {State.DONE}"""
+                COALESCE(SUM(n_bytes), 0), COALESCE(SUM(n_retries), 0) FROM blocks WHERE state = {State.DONE}"""
+        ).fetchone()
+        (unbalanced,) = self._db.execute(
+            f"""SELECT COUNT(*) FROM blocks WHERE state = {State.DONE} AND n_ok IS NOT NULL
+                AND n_ok + n_empty + n_failed != tiles"""
         ).fetchone()
         return QueueStats(
             blocks, tiles, attempts, (int(nb), int(nt), float(effective)),
-            BlockResult(int(ok), int(empty), int(failed), int(nbytes)),
+            BlockResult(*map(int, sums)), int(unbalanced),
         )
 
     def close(self) -> None:
