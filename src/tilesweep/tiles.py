@@ -20,6 +20,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from .errors import UsageError
+
 MAX_ZOOM = 24
 """Deepest zoom tilesweep accepts (about 2.4 cm per pixel at the equator)."""
 
@@ -74,15 +76,17 @@ def check_tile(tile: Tile) -> Tile:
 
 
 def parse_tile(text: str) -> Tile:
-    """Parse ``"Z/X/Y"`` into a valid :class:`Tile`; ``ValueError`` names the bad text."""
+    """Parse ``"Z/X/Y"`` into a valid :class:`Tile`; :class:`UsageError` (a ValueError)
+    names the bad text."""
     parts = text.strip().split("/")
     try:
         if len(parts) != 3:
             raise ValueError
         z, x, y = (int(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"tile {text!r} is not Z/X/Y (three integers)") from None
-    return check_tile(Tile(z, x, y))
+        return check_tile(Tile(z, x, y))
+    except ValueError as exc:
+        detail = str(exc) or "not Z/X/Y (three integers)"
+        raise UsageError(f"tile {text!r}: {detail}") from None
 
 
 # --- positions -----------------------------------------------------------------------
