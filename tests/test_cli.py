@@ -8,20 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.cli import status_json, tilesweep
 
 BBOX = "7.40,46.90,7.45,46.93"  # about 3.8 x 3.3 km near Bern: 323 tiles at zoom 17 (mercantile agrees)
-
-
-def tilesweep(*args, check=True):
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    res = subprocess.run([sys.executable, "-m", "tilesweep", *map(str, args)], capture_output=True, text=True, env=env)
-    if check and res.returncode != 0:
-        raise AssertionError(f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}")
-    return res
-
-
-def status_json(sweep):
-    return json.loads(tilesweep("status", sweep, "--json").stdout)
 
 
 def test_plan_then_status(tmp_path):

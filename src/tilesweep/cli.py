@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +21,7 @@ from .errors import UsageError
 from .plan import PlanSpec
 from .sim.cli import app as sim_app
 from .sweep import Sweep, SweepStatus
+from .tiles import parse_tile, tile_id
 
 app = typer.Typer(
     name="tilesweep",
@@ -98,6 +100,267 @@ def status(
 
 
 @app.command()
+def fetch(
+    sweep_dir: Path = typer.Argument(..., help="Sweep folder made by `tilesweep plan`."),
+    source: Optional[str] = typer.Option(None, "--source", "-s", help="URL template ({z} {x} {y} {-y} {q} {s} ${ENV}) or preset; recorded on first use."),
+    header: list[str] = typer.Option([], "--header", "-H", help="Request header 'Name: value' (repeatable; ${ENV} expanded at request time)."),
+    workers: int = typer.Option(1, "--workers", "-w", help="Worker processes (one event loop each); use one per core."),
+    concurrency: int = typer.Option(256, "--concurrency", "-c", help="Requests in flight, over all workers."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Most requests/s over all workers (retries count); default: no cap."),
+    retries: int = typer.Option(6, "--retries", help="Retries of a tile after a transient fault (5xx, 429, reset, timeout, bad body)."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds one request may take in all."),
+    lease_ttl: float = typer.Option(60.0, "--lease-ttl", help="Seconds a block's lease lasts unless renewed every third of it; a dead worker's blocks return after it (at once on the same host)."),
+    max_attempts: int = typer.Option(5, "--max-attempts", help="Leases a block may take before it is declared dead."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
+) -> None:
+    """Fetch the planned tiles of SWEEP_DIR into its store (tiles/), resumably.
+
+    Workers lease blocks from the queue, fetch their tiles with retries, append them to one
+    shard per block and ack the block once it is durable. Run it again after a crash or
+    Ctrl-C: it resumes where it stopped."""
+    from .fetch import FetchSettings
+    from .sources import parse_source
+    from .worker import WorkerSettings, run_workers
+
+    if workers < 1 or workers > 256:
+        raise UsageError(f"workers {workers} must be in 1..256")
+    if concurrency < workers:
+        raise UsageError(f"concurrency {concurrency} must be at least the number of workers ({workers})")
+    if lease_ttl < 3:
+        raise UsageError(f"lease ttl {lease_ttl:g} must be >= 3 seconds")
+    if max_attempts < 1:
+        raise UsageError(f"max attempts {max_attempts} must be >= 1")
+    settings = FetchSettings(
+        concurrency=-(-concurrency // workers),
+        rate=None if rate is None else rate / workers,
+        retries=retries,
+        total_timeout_s=timeout,
+    )
+    with Sweep.open(sweep_dir) as sweep:
+        given = None if source is None else parse_source(source, header)
+        if given is None and header:
+            raise UsageError("--header needs --source (the headers belong to a source)")
+        src = sweep.bind_source(given)
+        src.check_env()
+        before = sweep.status()
+        worker_settings = WorkerSettings(lease_ttl_s=lease_ttl, max_attempts=max_attempts)
+        meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet)
+        try:
+            with meter:
+                counters = run_workers(
+                    sweep.path, sweep.zoom, sweep.block_zoom, src, settings, worker_settings, workers, meter.update
+                )
+        except KeyboardInterrupt:
+            err.print("stopped: fetched tiles are durable and unfinished leases were released; run the same command to resume")
+            raise typer.Exit(130)
+        meter.update(counters, final=True)
+        st = sweep.status()
+    out.print(meter.line(counters))
+    r = st.results
+    out.print(
+        f"{sweep_dir}: {st.blocks['done']:,} of {st.blocks_total:,} blocks done, {st.tiles['done']:,} of {st.tiles_total:,} tiles "
+        f"({r['ok']:,} ok, {r['empty']:,} empty); {r['retries']:,} requests retried in all; details: tilesweep status {sweep_dir}",
+        highlight=False,
+    )
+    if st.blocks["dead"]:
+        err.print(f"[bold red]{st.blocks['dead']:,} blocks are dead[/] (see `tilesweep status`); `tilesweep retry {sweep_dir} --dead` queues them again")
+        raise typer.Exit(1)
+    if st.mismatch:
+        err.print(f"[bold red]accounting mismatch:[/] {st.mismatch}")
+        raise typer.Exit(1)
+
+
+class _FetchMeter:
+    """The live progress line of `tilesweep fetch`: tiles/s, MB/s, retries, errors, ETA."""
+
+    def __init__(self, remaining: int, quiet: bool):
+        from rich.live import Live
+
+        self.remaining = remaining
+        self.quiet = quiet
+        self.started = time.monotonic()
+        self.last_t = self.started
+        self.last_n = 0
+        self.rate = 0.0
+        self.live = Live(console=err, refresh_per_second=4, transient=True) if not quiet and err.is_terminal else None
+
+    def __enter__(self) -> "_FetchMeter":
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def update(self, c, final: bool = False) -> None:  # type: ignore[no-untyped-def]
+        now = time.monotonic()
+        n = c.tiles_ok + c.tiles_empty
+        if now - self.last_t >= 1.0:
+            inst = (n - self.last_n) / (now - self.last_t)
+            self.rate = inst if self.rate == 0 else 0.7 * self.rate + 0.3 * inst
+            self.last_t, self.last_n = now, n
+        if self.live is not None and not final:
+            self.live.update(self.line(c))
+
+    def line(self, c) -> str:  # type: ignore[no-untyped-def]
+        elapsed = max(1e-9, time.monotonic() - self.started)
+        n = c.tiles_ok + c.tiles_empty
+        left = max(0, self.remaining - n - c.tiles_skipped)
+        rate = self.rate or n / elapsed
+        eta = _human_hours(left / rate / 3600) if rate > 0 else "-"
+        f = c.fetch
+        return (
+            f"{n:,} tiles ({c.tiles_ok:,} ok, {c.tiles_empty:,} empty) in {c.blocks_done:,} blocks, "
+            f"{rate:,.0f} tiles/s, {c.bytes / 1e6 / elapsed:,.1f} MB/s, "
+            f"retries {f.get('retries', 0):,}, failed tiles {c.tiles_failed:,}, "
+            f"{elapsed:,.0f} s, ETA {eta}"
+        )
+
+
+tiles_app = typer.Typer(help="Read the tile store of a sweep: get one tile, list, count.", no_args_is_help=True)
+app.add_typer(tiles_app, name="tiles")
+
+
+@tiles_app.command("get")
+def tiles_get(
+    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    tile: str = typer.Argument(..., help="The tile as Z/X/Y."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+) -> None:
+    """Write one stored tile's bytes to stdout (or -o FILE). Exit 1 when it is not stored."""
+    t = parse_tile(tile)
+    with Sweep.open(sweep_dir) as sweep:
+        _check_zoom(sweep, t.z)
+        with sweep.store as store:
+            record = store.get_record(t)
+    if record is None or record[1] is None:
+        state = "not fetched yet" if record is None else f"recorded as {record[0].name.lower()} (no bytes)"
+        err.print(f"tile {tile} is {state}", highlight=False)
+        raise typer.Exit(1)
+    if output is not None:
+        output.write_bytes(record[1])
+    else:
+        sys.stdout.buffer.write(record[1])
+        sys.stdout.buffer.flush()
+
+
+@tiles_app.command("ls")
+def tiles_ls(
+    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    all_records: bool = typer.Option(False, "--all", help="Also list empty (404/204) tiles."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Stop after this many lines."),
+) -> None:
+    """List stored tiles in Hilbert order: Z/X/Y, status, bytes (tab-separated)."""
+    from .store import Status
+
+    if limit is not None and limit < 0:
+        raise UsageError(f"limit {limit} must be >= 0")
+    n = 0
+    with Sweep.open(sweep_dir) as sweep:
+        store = sweep.store
+        for block in store.blocks():
+            if limit is not None and n >= limit:
+                break
+            reader = store.reader(block)
+            for t, status, data in reader.iter_records(None if all_records else Status.OK):
+                if limit is not None and n >= limit:
+                    break
+                sys.stdout.write(f"{t.z}/{t.x}/{t.y}\t{Status(status).name.lower()}\t{len(data)}\n")
+                n += 1
+        store.close()
+
+
+@tiles_app.command("stats")
+def tiles_stats(
+    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Count shards, tiles (ok / empty / failed) and bytes in the store."""
+    with Sweep.open(sweep_dir) as sweep:
+        stats = sweep.store.stats()
+    if as_json:
+        print(json.dumps(stats))
+        return
+    out.print(
+        f"{stats['shards']:,} shards hold {stats['tiles']:,} tiles: {stats['ok']:,} ok ({_human_bytes(stats['bytes'])}), "
+        f"{stats['empty']:,} empty, {stats['failed']:,} failed; "
+        f"{stats['partial_shards']:,} unfinished shards hold {stats['partial_tiles']:,} more"
+    )
+    if stats.get("corrupt_shards"):
+        err.print(f"[bold red]{stats['corrupt_shards']:,} shards are corrupt[/]: run `tilesweep verify {sweep_dir} --repair`")
+
+
+@app.command()
+def export(
+    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    output: Path = typer.Argument(..., help="Output: a .pmtiles or .mbtiles file, or a folder for --format dir."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="pmtiles, mbtiles or dir; default from OUTPUT's suffix."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Export the fetched tiles to one PMTiles archive, an MBTiles file or a z/x/y tree.
+
+    The PMTiles v3 archive is clustered (Hilbert order). Export streams: memory does not
+    grow with the number of tiles."""
+    from .store import export_dir, export_mbtiles, export_pmtiles
+
+    kind = fmt or {".pmtiles": "pmtiles", ".mbtiles": "mbtiles"}.get(output.suffix.lower())
+    if kind is None:
+        raise UsageError(f"cannot tell the format of {str(output)!r}: use a .pmtiles or .mbtiles name, or --format dir")
+    if kind not in ("pmtiles", "mbtiles", "dir"):
+        raise UsageError(f"format {kind!r} is not one of pmtiles, mbtiles, dir")
+    if output.exists() and not force:
+        raise UsageError(f"{str(output)!r} exists; pass --force to replace it")
+    with Sweep.open(sweep_dir) as sweep:
+        store = sweep.store
+        started = time.perf_counter()
+        if kind == "pmtiles":
+            meta = {"name": sweep.path.name, "description": f"tilesweep export: {sweep.describe_plan()}"}
+            summary = export_pmtiles(store, output, metadata=meta)
+        elif kind == "mbtiles":
+            summary = export_mbtiles(store, output)
+        else:
+            summary = export_dir(store, output)
+        store.close()
+    tiles = summary.get("tiles", summary.get("addressed_tiles", 0))
+    out.print(f"wrote {str(output)} ({kind}): {tiles:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
+
+
+@app.command()
+def verify(
+    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    repair: bool = typer.Option(False, "--repair", help="Move corrupt shards aside and queue their blocks again."),
+) -> None:
+    """Check every shard's checksums and that every done block has its shard.
+
+    Exit 1 when something is wrong and --repair was not given; --repair moves corrupt shards
+    aside and queues their blocks again."""
+    from .queue import State
+
+    with Sweep.open(sweep_dir) as sweep:
+        store = sweep.store
+        report = store.verify(repair=repair)
+        corrupt = {tile_id(b): reason for b, reason in report.corrupt}
+        missing = [b.id for b in sweep.queue.blocks(State.DONE) if not store.is_complete(b.tile) and b.id not in corrupt]
+        for block, reason in report.corrupt:
+            err.print(f"corrupt shard {block.z}/{block.x}/{block.y}: {reason}", highlight=False)
+        if missing:
+            err.print(f"{len(missing):,} done blocks have no shard (deleted or moved?)")
+        if repair and (corrupt or missing):
+            n = sweep.queue.requeue(list(corrupt) + missing, "shard corrupt or missing (verify --repair)")
+            out.print(f"{n:,} blocks queued again; run `tilesweep fetch {sweep_dir}` to fetch them")
+        store.close()
+    out.print(f"checked {report.checked:,} shards: {report.ok:,} ok, {len(report.corrupt):,} corrupt, {len(missing):,} missing")
+    if (report.corrupt or missing) and not repair:
+        raise typer.Exit(1)
+
+
+def _check_zoom(sweep: Sweep, z: int) -> None:
+    if z != sweep.zoom:
+        raise UsageError(f"tile zoom {z} is not the sweep's zoom {sweep.zoom}")
+
+
+@app.command()
 def retry(
     sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
     dead: bool = typer.Option(False, "--dead", help="Put dead blocks (too many failed attempts) back in the queue."),
@@ -111,7 +374,8 @@ def retry(
 
 
 def _print_status(sweep: Sweep, st: SweepStatus) -> None:
-    table = Table(title=f"{sweep.path}  ({sweep.describe_plan()})", title_justify="left")
+    out.print(f"[bold]{sweep.path}[/]: {sweep.describe_plan()}", highlight=False)
+    table = Table()
     table.add_column("state")
     table.add_column("blocks", justify="right")
     table.add_column("tiles", justify="right")
@@ -121,9 +385,14 @@ def _print_status(sweep: Sweep, st: SweepStatus) -> None:
         table.add_row(state, f"{st.blocks[state]:,}", f"{st.tiles[state]:,}", f"{share:.1%}")
     table.add_row("[bold]total", f"[bold]{st.blocks_total:,}", f"[bold]{st.tiles_total:,}", "")
     out.print(table)
-    retries = max(0, st.attempts_total - st.blocks["done"] - st.blocks["leased"] - st.blocks["dead"])
     eta = "-" if st.eta_s is None else _human_hours(st.eta_s / 3600)
-    out.print(f"throughput {st.throughput:,.1f} tiles/s over the last {st.window_s:.0f} s, ETA {eta}, retried attempts {retries:,}")
+    r = st.results
+    if r.get("ok", 0) or r.get("empty", 0):
+        out.print(
+            f"done blocks hold {r['ok']:,} fetched tiles ({_human_bytes(r['bytes'])}), {r['empty']:,} empty (404/204), "
+            f"{r['failed']:,} failed; {r['retries']:,} requests retried after transient faults"
+        )
+    out.print(f"throughput {st.throughput:,.1f} tiles/s over the last {st.window_s:.0f} s, ETA {eta}, {st.attempts_total:,} leases taken")
 
 
 def _human_bytes(n: float) -> str:

@@ -5,6 +5,7 @@ A sweep folder holds::
     sweep.toml      the plan: area, zoom, block zoom, sampling, counts, fingerprint
     area.geojson    the area, as planned (after clipping to the Web-Mercator world)
     queue.sqlite    the durable block queue (see tilesweep.queue)
+    tiles/          the tile store: one shard per block (see tilesweep.store)
 
 Planning is atomic: the queue and area are written under ``*.partial`` names and renamed
 into place, and ``sweep.toml`` is written last, so a folder either holds a whole plan or
@@ -31,10 +32,13 @@ from .area import Area
 from .errors import UsageError
 from .plan import BlockChunk, PlanSpec, pack_mask, plan_blocks
 from .queue import Block, SqliteQueue, State
+from .sources import Source
+from .store import TileStore
 
 SWEEP_FILE = "sweep.toml"
 QUEUE_FILE = "queue.sqlite"
 AREA_FILE = "area.geojson"
+TILES_DIR = "tiles"
 FORMAT_VERSION = 1
 
 
@@ -59,7 +63,10 @@ class SweepStatus:
 
     throughput: tiles/s over the last ``window_s`` seconds (0 when nothing finished);
     eta_s: seconds until the remaining tiles are done at that rate (None if unknown).
-    mismatch: a message when the queue's tile count disagrees with the plan's."""
+    results: what became of the tiles of done blocks: ok (fetched), empty (404/204),
+    failed, bytes stored, and fetch retries (requests repeated after transient faults).
+    mismatch: a message when the numbers do not add up (queue vs plan, or a done block's
+    results vs its planned tiles)."""
 
     tiles_total: int
     blocks_total: int
@@ -71,12 +78,15 @@ class SweepStatus:
     eta_s: float | None
     mismatch: str | None = None
     plan: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tiles_total": self.tiles_total, "blocks_total": self.blocks_total}
         for state in ("pending", "leased", "done", "dead"):
             out[f"blocks_{state}"] = self.blocks[state]
             out[f"tiles_{state}"] = self.tiles[state]
+        for k, v in self.results.items():
+            out[{"bytes": "bytes_stored", "retries": "fetch_retries"}.get(k, f"tiles_{k}")] = v
         out.update(
             attempts_total=self.attempts_total,
             tiles_per_s=self.throughput,
@@ -228,6 +238,39 @@ class Sweep:
             self._queue = SqliteQueue(path)
         return self._queue
 
+    @property
+    def source(self) -> Source | None:
+        """The source this sweep fetches from, once one was given (kept in sweep.toml with
+        environment tokens unexpanded)."""
+        cfg = self.config.get("source")
+        return None if cfg is None else Source.from_config(cfg)
+
+    def bind_source(self, source: Source | None) -> Source:
+        """The source to fetch from: ``source`` (recorded on first use), or the recorded one.
+
+        A different source than the recorded one is refused: it would mix imagery of two
+        providers in one sweep."""
+        recorded = self.source
+        if source is None:
+            if recorded is None:
+                raise UsageError(f"sweep {str(self.path)!r} has no source yet; pass --source TEMPLATE")
+            return recorded
+        if recorded is not None:
+            if recorded.to_config() != source.to_config():
+                raise UsageError(
+                    f"sweep {str(self.path)!r} fetches from {recorded.redacted()!r}, not {source.redacted()!r}; "
+                    "mixing sources in one sweep is refused: use a new sweep folder"
+                )
+            return recorded
+        self.config["source"] = source.to_config()
+        _write_atomic(self.path / SWEEP_FILE, tomli_w.dumps(self.config))
+        return source
+
+    @property
+    def store(self) -> TileStore:
+        """The sweep's tile store (``tiles/``), one shard per block."""
+        return TileStore(self.path / TILES_DIR, self.zoom, self.block_zoom)
+
     def status(self, window_s: float = 300.0) -> SweepStatus:
         """Where the sweep stands, reconciled against the plan."""
         stats = self.queue.stats(window=window_s)
@@ -245,6 +288,9 @@ class Sweep:
                 f"queue holds {sum(blocks.values())} blocks / {sum(tiles.values())} tiles "
                 f"but the plan has {summary.blocks} blocks / {summary.tiles} tiles"
             )
+        elif stats.unbalanced:
+            mismatch = f"{stats.unbalanced} done blocks have results that do not add up to their planned tiles"
+        r = stats.results
         return SweepStatus(
             tiles_total=summary.tiles,
             blocks_total=summary.blocks,
@@ -256,6 +302,7 @@ class Sweep:
             eta_s=eta,
             mismatch=mismatch,
             plan={k: v for k, v in self.plan_config.items() if k not in ("area",)},
+            results={"ok": r.ok, "empty": r.empty, "failed": r.failed, "bytes": r.bytes, "retries": r.retries},
         )
 
     def close(self) -> None:

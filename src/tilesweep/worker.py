@@ -1,0 +1,458 @@
+"""Workers: lease blocks, fetch their tiles, append them to the store, ack.
+
+One worker is one process with one event loop and one :class:`~tilesweep.fetch.Fetcher`;
+``fetch_sweep(workers=N)`` starts N of them (processes, so every core is used) and shows
+their summed progress. A worker keeps a few blocks in progress so that the fetcher always
+has ``concurrency`` requests to make, and:
+
+1. opens (or resumes) the block's shard and skips tiles already durable in it;
+2. fetches the rest; every result (ok or empty) is appended, flushed in small groups
+   (data fsynced before the index that points at it);
+3. finishes the shard (final index, atomic rename), then acks the block in a group commit
+   with its counts. A crash anywhere in between leaves either a resumable partial shard or
+   a finished one that the next lease acks at once: nothing lost, nothing stored twice;
+4. if some tile still fails after the fetcher's retries, the block is nacked with the
+   reason (its good tiles stay durable); after the queue's max attempts it goes dead, and
+   ``tilesweep retry --dead`` puts it back.
+
+Leases are extended while a block is in progress. Ctrl-C (SIGINT/SIGTERM) stops leasing,
+makes what was fetched durable and releases unfinished leases without counting an attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UsageError
+from .fetch import Fetcher, FetchSettings, SourceError, TileResult
+from .queue import BlockResult, Lease, SqliteQueue, State
+from .sources import Source
+from .store import ShardBusyError, Status, TileStore
+from .tiles import tile_id
+
+_STATUS = {"ok": Status.OK, "empty": Status.EMPTY}
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker drives the queue.
+
+    lease_ttl_s: seconds a lease lasts without renewal (renewed every third of it).
+    flush_every: tiles appended between fsyncs of a shard (the most a crash can lose).
+    ack_every_s: at most this many seconds between group commits of finished blocks.
+    max_blocks: blocks in progress at once; 0 = enough to keep ``concurrency`` requests busy.
+    """
+
+    lease_ttl_s: float = 60.0
+    flush_every: int = 64
+    ack_every_s: float = 1.0
+    max_blocks: int = 0
+    max_attempts: int = 5
+
+
+@dataclass
+class WorkerCounters:
+    """What a worker did; summed over workers for progress."""
+
+    blocks_done: int = 0
+    blocks_failed: int = 0
+    tiles_ok: int = 0
+    tiles_empty: int = 0
+    tiles_skipped: int = 0  # already durable from an earlier run
+    tiles_failed: int = 0
+    bytes: int = 0
+    interrupted: bool = False  # stopped by a signal (Ctrl-C, SIGTERM) before the queue drained
+    fetch: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, other: "WorkerCounters") -> None:
+        for name in ("blocks_done", "blocks_failed", "tiles_ok", "tiles_empty", "tiles_skipped", "tiles_failed", "bytes"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.interrupted |= other.interrupted
+        for k, v in other.fetch.items():
+            if isinstance(v, (int, float)):
+                self.fetch[k] = self.fetch.get(k, 0) + v
+
+
+async def _cancel_all(tasks: set) -> None:  # type: ignore[type-arg]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def expire_dead_local_owners(queue: SqliteQueue) -> int:
+    """End the leases of workers on this host whose process is gone (killed, crashed), so
+    that a restart picks their blocks up at once instead of after the lease ttl. Returns
+    how many blocks were freed. A pid reused by another process only means we wait."""
+    host = socket.gethostname()
+    freed = 0
+    for owner in queue.owners():
+        o_host, _, rest = owner.partition(":")
+        pid_text = rest.partition(":")[0]
+        if o_host != host or not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            freed += queue.expire(owner)
+        except PermissionError:  # alive, another user's
+            pass
+    return freed
+
+
+def new_owner() -> str:
+    """A lease owner name unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """One process's worker over a sweep folder (see the module docstring)."""
+
+    def __init__(
+        self,
+        sweep_path: Path,
+        zoom: int,
+        block_zoom: int,
+        source: Source,
+        fetch: FetchSettings,
+        settings: WorkerSettings = WorkerSettings(),
+        on_progress: Callable[[WorkerCounters], None] | None = None,
+    ):
+        self.sweep_path = Path(sweep_path)
+        self.zoom = zoom
+        self.block_zoom = block_zoom
+        self.source = source
+        self.fetch_settings = fetch
+        self.settings = settings
+        self.on_progress = on_progress
+        self.owner = new_owner()
+        self.counters = WorkerCounters()
+        self.stopping = False
+        self._auth_streak = 0
+        # SQLite and fsync calls block; each gets its own thread so the loop keeps fetching.
+        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="tilesweep-queue")
+        self._io_threads = ThreadPoolExecutor(4, thread_name_prefix="tilesweep-store")
+
+    # --- running ----------------------------------------------------------------------
+
+    def run(self) -> WorkerCounters:
+        """Work until the queue has nothing pending or a stop is asked; returns counters."""
+        try:
+            import uvloop  # type: ignore[import-not-found]
+
+            return uvloop.run(self.run_async())  # type: ignore[no-any-return]
+        except ImportError:
+            return asyncio.run(self.run_async())
+
+    def stop(self) -> None:
+        """Ask the worker to stop leasing and wind down (safe from a signal handler)."""
+        self.stopping = True
+
+    def _interrupt(self) -> None:
+        self.counters.interrupted = True
+        self.stop()
+
+    async def run_async(self) -> WorkerCounters:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._interrupt)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        self.queue = SqliteQueue(self.sweep_path / "queue.sqlite", max_attempts=self.settings.max_attempts)
+        self.store = TileStore(self.sweep_path / "tiles", self.zoom, self.block_zoom)
+        tiles_per_block = 1 << (2 * (self.zoom - self.block_zoom))
+        max_blocks = self.settings.max_blocks or max(2, 2 * -(-self.fetch_settings.concurrency // tiles_per_block))
+        self._to_ack: dict[int, BlockResult] = {}
+        self._active: dict[int, Lease] = {}
+        self._slots = asyncio.Semaphore(self.fetch_settings.concurrency)
+        parent = os.getppid()
+        tasks: set[asyncio.Task[None]] = set()
+        await self._db(expire_dead_local_owners, self.queue)
+        keeper = asyncio.create_task(self._keep_leases())
+        last_ack = time.monotonic()
+        try:
+            async with Fetcher(self.source, self.fetch_settings) as fetcher:
+                self.fetcher = fetcher
+                while True:
+                    if os.getppid() != parent:  # our parent was killed: stop like Ctrl-C
+                        self.stop()
+                    if not self.stopping and len(tasks) < max_blocks:
+                        leases = await self._db(self.queue.lease, max_blocks - len(tasks), self.settings.lease_ttl_s, self.owner)
+                        for lease in leases:
+                            self._active[lease.block.id] = lease
+                            tasks.add(asyncio.create_task(self._do_block(lease)))
+                    if not tasks:
+                        # Nothing pending for us. Blocks leased by other workers may still
+                        # come back (their worker died and the lease expires): wait for them.
+                        if self.stopping or not await self._db(self.queue.count, State.LEASED):
+                            break
+                        await asyncio.sleep(1.0)
+                        continue
+                    done, pending = await asyncio.wait(tasks, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
+                    tasks = set(pending)
+                    for t in done:
+                        t.result()  # a failure (a bug, or SourceError) must not pass silently
+                    if self._to_ack and (time.monotonic() - last_ack >= self.settings.ack_every_s or not tasks):
+                        await self._flush_acks()
+                        last_ack = time.monotonic()
+                    self._report()
+                    if self.stopping and tasks:
+                        await _cancel_all(tasks)
+                        tasks = set()
+        finally:
+            await _cancel_all(tasks)
+            keeper.cancel()
+            await self._flush_acks()
+            await self._db(self.queue.release, self.owner)
+            self._report()
+            self.queue.close()
+            self.store.close()
+            self._db_thread.shutdown()
+            self._io_threads.shutdown()
+        return self.counters
+
+    async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
+
+    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._io_threads, fn, *args)
+
+    async def _locked(self, lock: threading.Lock, fn: Callable[[], Any]) -> Any:
+        """Run a shard writer's blocking call in a thread under the writer's lock, so that a
+        call left running by a cancelled task and the clean-up after it never overlap."""
+
+        def call() -> Any:
+            with lock:
+                return fn()
+
+        return await self._io(call)
+
+    async def _flush_acks(self) -> None:
+        if not self._to_ack:
+            return
+        batch, self._to_ack = self._to_ack, {}
+        await self._db(self.queue.ack, list(batch), batch)
+
+    async def _keep_leases(self) -> None:
+        period = self.settings.lease_ttl_s / 3
+        while True:
+            await asyncio.sleep(period)
+            ids = list(self._active)
+            if ids:
+                await self._db(self.queue.extend, ids, self.settings.lease_ttl_s, self.owner)
+
+    def _report(self) -> None:
+        if self.on_progress is not None:
+            self.counters.fetch = self.fetcher.stats.snapshot() if hasattr(self, "fetcher") else {}
+            self.on_progress(self.counters)
+
+    # --- one block --------------------------------------------------------------------
+
+    async def _do_block(self, lease: Lease) -> None:
+        block = lease.block
+        try:
+            if self.store.is_complete(block.tile):  # finished by a worker that died before its ack
+                summary = await self._io(lambda: self.store.reader(block.tile).summary())
+                self._finished(block.id, summary)
+                return
+            try:
+                writer = await self._io(self.store.writer, block.tile)
+            except ShardBusyError as exc:  # a stalled worker that lost its lease still writes it
+                await self._db(self.queue.nack, block.id, f"shard busy: {exc}")
+                return
+            lock = threading.Lock()
+            try:
+                durable = set(int(i) for i in writer.done_ids)
+                todo = [t for t in block.tile_list(self.zoom) if tile_id(t) not in durable]
+                self.counters.tiles_skipped += block.tiles - len(todo)
+                failures, retries = await self._fetch_into(writer, lock, todo)
+                if failures:
+                    await self._locked(lock, lambda: self._abort_quietly(writer))
+                    reason = failures[0].error or "failed"
+                    self.counters.tiles_failed += len(failures)
+                    self.counters.blocks_failed += 1
+                    await self._db(self.queue.nack, block.id, f"{len(failures)} of {block.tiles} tiles failed; first: {failures[0].tile.z}/{failures[0].tile.x}/{failures[0].tile.y}: {reason}")
+                    return
+                summary = await self._locked(lock, writer.finish)
+            except BaseException:
+                await asyncio.shield(self._locked(lock, lambda: self._abort_quietly(writer)))
+                raise
+            self._finished(block.id, summary, retries)
+        finally:
+            self._active.pop(block.id, None)
+
+    def _check_auth(self, result: TileResult) -> None:
+        """Stop the whole run when the source refuses every request (401/403 in a row): a
+        wrong token must cost one clear line, not every block's attempts."""
+        limit = self.fetch_settings.auth_failures_to_stop
+        if result.http_status in (401, 403):
+            self._auth_streak += 1
+            if limit and self._auth_streak >= limit:
+                raise SourceError(
+                    f"source {self.source.redacted()} answered HTTP {result.http_status} to {self._auth_streak} tiles "
+                    "in a row: check the token, headers or URL"
+                )
+        elif result.status in _STATUS:
+            self._auth_streak = 0
+
+    def _finished(self, block_id: int, summary: Any, retries: int = 0) -> None:
+        self._to_ack[block_id] = BlockResult(summary.ok, summary.empty, summary.failed, summary.bytes, retries)
+        self.counters.blocks_done += 1
+
+    @staticmethod
+    def _abort_quietly(writer: Any) -> None:
+        try:
+            writer.flush()
+        finally:
+            writer.abort()
+
+    async def _fetch_one(self, tile: Any) -> TileResult:
+        # At most `concurrency` tiles inside the fetcher, so no request waits long for a
+        # pooled connection (that wait would count against its timeout).
+        async with self._slots:
+            return await self.fetcher.fetch(tile)
+
+    async def _fetch_into(self, writer: Any, lock: threading.Lock, todo: list) -> tuple[list[TileResult], int]:  # type: ignore[type-arg]
+        """Fetch ``todo`` into ``writer``, flushing every ``flush_every`` tiles; returns the
+        results that failed after the fetcher's retries, and the number of retries."""
+        failures: list[TileResult] = []
+        retries = 0
+        unflushed = 0
+        tasks = [asyncio.ensure_future(self._fetch_one(t)) for t in todo]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                result = await next_done
+                retries += max(0, result.attempts - 1)
+                self._check_auth(result)
+                status = _STATUS.get(result.status)
+                if status is None:
+                    failures.append(result)
+                    continue
+                writer.append(result.tile, status, result.data)
+                if status is Status.OK:
+                    self.counters.tiles_ok += 1
+                    self.counters.bytes += len(result.data or b"")
+                else:
+                    self.counters.tiles_empty += 1
+                unflushed += 1
+                if unflushed >= self.settings.flush_every:
+                    await self._locked(lock, writer.flush)
+                    unflushed = 0
+        finally:
+            for t in tasks:  # on cancellation, stop the requests still queued or in flight
+                t.cancel()
+        return failures, retries
+
+
+# --- several processes ----------------------------------------------------------------
+
+
+def _worker_main(args: tuple, progress: "mp.Queue[tuple[int, WorkerCounters]]", index: int) -> None:  # type: ignore[type-arg]
+    last = [0.0]
+
+    def report(c: WorkerCounters) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.5:
+            last[0] = now
+            progress.put((index, c))
+
+    worker = Worker(*args, on_progress=report)
+    try:
+        counters = worker.run()
+    except UsageError as exc:  # e.g. SourceError: the parent prints it as one line
+        progress.put((index, str(exc)))
+        return
+    progress.put((index, counters))
+    progress.put((index, None))  # type: ignore[arg-type]
+
+
+def run_workers(
+    sweep_path: Path,
+    zoom: int,
+    block_zoom: int,
+    source: Source,
+    fetch: FetchSettings,
+    settings: WorkerSettings,
+    workers: int,
+    on_progress: Callable[[WorkerCounters], None] | None = None,
+) -> WorkerCounters:
+    """Run ``workers`` worker processes to the end (or until Ctrl-C); returns summed counters.
+
+    With ``workers == 1`` the worker runs in this process. Raises KeyboardInterrupt when the
+    work was stopped by Ctrl-C or SIGTERM (after leases were released)."""
+    if workers == 1:
+        counters = Worker(sweep_path, zoom, block_zoom, source, fetch, settings, on_progress).run()
+        if counters.interrupted:
+            raise KeyboardInterrupt
+        return counters
+    ctx = mp.get_context("spawn")
+    progress: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    args = (sweep_path, zoom, block_zoom, source, fetch, settings)
+    procs = [ctx.Process(target=_worker_main, args=(args, progress, i), daemon=False) for i in range(workers)]
+    for p in procs:
+        p.start()
+    latest: dict[int, WorkerCounters] = {}
+    running = set(range(workers))
+
+    def total() -> WorkerCounters:
+        t = WorkerCounters()
+        for c in latest.values():
+            t.add(c)
+        return t
+
+    stopping = False
+    try:
+        while running:
+            try:
+                index, counters = progress.get(timeout=0.5)
+            except KeyboardInterrupt:
+                raise
+            except Exception:  # queue.Empty
+                for i, p in enumerate(procs):
+                    if i in running and not p.is_alive():
+                        running.discard(i)
+                continue
+            if counters is None:
+                running.discard(index)
+            elif isinstance(counters, str):  # a worker stopped on a UsageError
+                for p in procs:
+                    p.terminate()
+                for p in procs:
+                    p.join()
+                raise UsageError(counters)
+            else:
+                latest[index] = counters
+                if on_progress is not None:
+                    on_progress(total())
+    except KeyboardInterrupt:
+        stopping = True
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: the worker stops cleanly and releases its leases
+        while any(p.is_alive() for p in procs):
+            try:
+                index, counters = progress.get(timeout=0.5)
+                if counters is not None:
+                    latest[index] = counters
+            except KeyboardInterrupt:
+                for p in procs:
+                    p.kill()
+            except Exception:
+                pass
+    for p in procs:
+        p.join()
+    result = total()
+    if stopping or result.interrupted:
+        raise KeyboardInterrupt
+    return result
