@@ -1,47 +1,75 @@
 """`make demo`: a real sweep from a fresh clone, against the built-in imagery simulator.
 
-Run as ``python -m tilesweep.demo [--dir DIR]``. Every step calls the same public API as the
-``tilesweep`` command and prints what it did.
+Run as ``python -m tilesweep.demo [--dir DIR]``. It starts the simulator on loopback (with
+a few injected server faults, as a real provider has), then runs the very ``tilesweep``
+commands a user types, printing each one before its output: plan, fetch, status, tiles,
+export. Nothing leaves the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
 
-from .area import parse_bbox
-from .plan import PlanSpec
-from .sweep import SWEEP_FILE, Sweep
+from .sim import Faults, World, run_in_thread
+from .sweep import SWEEP_FILE
 
-DEMO_BBOX = "7.430,46.940,7.460,46.960"  # ~2.3 x 2.2 km: a few hundred zoom-18 tiles
+DEMO_BBOX = "7.430,46.940,7.460,46.960"  # ~2.3 x 2.2 km near Bern: 506 zoom-18 tiles
 DEMO_ZOOM = 18
+DEMO_FAULTS = Faults(http_503=0.03, http_429=0.02, reset=0.02, truncate=0.01, retry_after=0.2, latency_ms=20, jitter_ms=40, seed=1)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", default="demo-sweep", help="sweep folder (re-created on each run)")
+    ap.add_argument("--seed", type=int, default=0, help="world seed of the simulator")
     args = ap.parse_args(argv)
     console = Console()
     folder = Path(args.dir)
     if (folder / SWEEP_FILE).exists():
         shutil.rmtree(folder)  # only ever a folder the demo made: it holds a sweep.toml
+    elif folder.exists() and any(folder.iterdir()):
+        console.print(f"[red]{folder} exists and is not a demo sweep; pass --dir to choose another folder")
+        sys.exit(2)
 
-    console.rule("1. plan")
-    console.print(f"$ tilesweep plan {DEMO_BBOX} {folder} --zoom {DEMO_ZOOM}")
-    area = parse_bbox(DEMO_BBOX)
-    sweep, _ = Sweep.plan(folder, area, PlanSpec(zoom=DEMO_ZOOM))
-    s = sweep.summary()
-    console.print(f"{s.tiles:,} tiles in {s.blocks:,} blocks, {s.area_km2:.2f} km2")
-
-    console.rule("2. status")
-    console.print(f"$ tilesweep status {folder}")
-    from .cli import _print_status
-
-    _print_status(sweep, sweep.status())
-    sweep.close()
+    started = time.perf_counter()
+    with run_in_thread(World(seed=args.seed), DEMO_FAULTS) as sim:
+        console.print(
+            f"imagery simulator on {sim.url} (world seed {args.seed}); it injects 503, 429, resets and "
+            "truncated bodies into ~8% of answers, like a real provider on a bad day"
+        )
+        steps = [
+            ("plan: area + zoom -> blocks of tiles in a durable queue", ["plan", DEMO_BBOX, folder, "--zoom", DEMO_ZOOM]),
+            ("fetch: 2 worker processes, retries, one shard per block", ["fetch", folder, "--source", sim.template(), "--workers", 2, "--concurrency", 64]),
+            ("status: every planned tile accounted for", ["status", folder]),
+            ("the store: a few packed shards, not hundreds of files", ["tiles", "stats", folder]),
+            ("export: one PMTiles archive any web map can read", ["export", folder, folder / "tiles.pmtiles"]),
+        ]
+        for title, cmd in steps:
+            console.rule(title)
+            words = ["tilesweep", *map(str, cmd)]
+            console.print(f"[bold]$ {shlex.join(words)}", highlight=False)
+            res = subprocess.run([sys.executable, "-m", "tilesweep", *map(str, cmd)])
+            if res.returncode != 0:
+                console.print(f"[red]step failed with exit status {res.returncode}")
+                sys.exit(res.returncode)
+        served = dict(sim.stats)
+    console.rule("done")
+    faults = sum(v for k, v in served.items() if k not in ("requests", "ok", "renders", "cache_hits", "not_found"))
+    console.print(
+        f"the simulator answered {served.get('requests', 0):,} requests, {faults:,} of them with a fault; "
+        f"every tile is stored once. Sweep folder: {folder}/ (sweep.toml, queue.sqlite, tiles/, tiles.pmtiles). "
+        f"{time.perf_counter() - started:.0f} s in all.",
+        highlight=False,
+    )
+    console.print(f"Try: tilesweep tiles get {folder} 18/137500/93000 -o t.jpg   (any tile from `tilesweep tiles ls {folder}`)")
 
 
 if __name__ == "__main__":
