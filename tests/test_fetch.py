@@ -127,9 +127,10 @@ REASONS = {
 
 @pytest.mark.parametrize("kind", sorted(REASONS))
 def test_each_fault_alone_is_retried_until_ok(kind):
-    # slow bodies trickle in 8 gaps of 0.25 s: a read timeout of 0.2 s cuts them
-    faults = Faults(**{kind: 0.3}, retry_after=1, slow_body_s=2.0, seed=3)
-    read_timeout = 0.2 if kind == "slow_body" else 30
+    # slow bodies trickle in 8 gaps of 1.5 s: a read timeout of 1 s (the shortest there
+    # is: libcurl counts whole seconds) cuts them
+    faults = Faults(**{kind: 0.3}, retry_after=1, slow_body_s=12.0, seed=3)
+    read_timeout = 1 if kind == "slow_body" else 30
     settings = FetchSettings(retries=8, backoff_base_s=0.005, backoff_max_s=2.0, read_timeout_s=read_timeout)
 
     async def main():
@@ -399,6 +400,37 @@ def test_fetch_many_pulls_lazily_and_cancels_on_break():
                             break
                 assert f.stats.in_flight == 0
             assert pulled <= 8 + 20 + 1
+
+    run(main())
+
+
+def test_cancelled_requests_free_their_connections_and_close_drops_the_rest():
+    """Cancelling a request mid-flight must leave the pool usable (its libcurl handle is
+    recycled, never a later request's); closing with requests in flight cancels them."""
+
+    async def main():
+        slow, quick = Counting(delay_s=30), Counting()
+        async with slow.serve() as slow_url, quick.serve() as quick_url:
+            f = Fetcher(parse_source(slow_url + "/{z}/{x}/{y}.jpg"), FetchSettings(concurrency=4, retries=0))
+            await f.open()
+            tasks = [asyncio.ensure_future(f.fetch(t)) for t in AREA[:4]]
+            while slow.now < 4:  # all four are waiting in the server
+                await asyncio.sleep(0.01)
+            for t in tasks[:2]:
+                t.cancel()
+            await asyncio.gather(*tasks[:2], return_exceptions=True)
+            assert f.stats.in_flight == 2
+            await f.close()  # the two still in flight are dropped
+            results = await asyncio.gather(*tasks[2:], return_exceptions=True)
+            assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+            assert f.stats.in_flight == 0
+            # a new fetcher on the same loop is unaffected, and so is reuse after a cancel
+            async with Fetcher(parse_source(quick_url + "/{z}/{x}/{y}.jpg"), FetchSettings(concurrency=2)) as g:
+                first = asyncio.ensure_future(g.fetch(AREA[0]))
+                await asyncio.sleep(0)
+                first.cancel()
+                results = await collect(g, AREA)
+            assert sorted(r.tile for r in results) == sorted(AREA) and all(r.status == "ok" for r in results)
 
     run(main())
 

@@ -1,7 +1,7 @@
-"""Fetching tiles over HTTP: asyncio + aiohttp, bounded, rate-limited, retried, validated.
+"""Fetching tiles over HTTP: asyncio + libcurl, bounded, rate-limited, retried, validated.
 
-One :class:`Fetcher` owns one ``aiohttp.ClientSession`` (and its connection pool) for one
-:class:`~tilesweep.sources.Source`. :meth:`Fetcher.fetch_many` streams results as they
+One :class:`Fetcher` owns one :class:`~tilesweep.transport.CurlTransport` (and its
+connection pool) for one :class:`~tilesweep.sources.Source`. :meth:`Fetcher.fetch_many` streams results as they
 complete, with at most ``concurrency`` tiles in flight, pulling tiles lazily from its input,
 so memory holds only the tiles in flight whatever the size of the sweep.
 
@@ -30,23 +30,21 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import errno
+import http
 import logging
 import math
 import random
-import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, NamedTuple
 
-import aiohttp
-
 from . import __version__
 from .errors import UsageError
 from .sources import Source
 from .tiles import Tile
+from .transport import CurlTransport, curl_reason
 
 try:  # optional: a faster event loop for fetch_tiles(); not a dependency
     import uvloop as _uvloop
@@ -56,9 +54,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 log = logging.getLogger(__name__)
 
 OK, EMPTY, FAILED = "ok", "empty", "failed"
-
-_NEEDS_CLEANUP_CLOSED = (3, 13, 0) <= sys.version_info < (3, 13, 1) or sys.version_info < (3, 12, 8)
-"""aiohttp warns when asked to clean up closed SSL transports on Pythons that fixed the leak."""
 
 _OCTET = frozenset({"application/octet-stream", "binary/octet-stream"})
 
@@ -81,11 +76,11 @@ class FetchSettings:
     - ``backoff_base_s`` / ``backoff_max_s``: full-jitter exponential backoff; the max also
       caps ``Retry-After``.
     - ``connect_timeout_s``: TCP (+TLS) connect; ``read_timeout_s``: the longest silence
-      while reading; ``total_timeout_s``: one whole request, including any wait for a
-      pooled connection.
+      while reading (whole seconds: rounded up); ``total_timeout_s``: one whole request,
+      including any wait for a pooled connection.
     - ``validate``: check magic bytes and content type of 200 bodies.
-    - ``trust_env``: use ``HTTP(S)_PROXY`` / ``NO_PROXY`` and ``~/.netrc`` from the
-      environment (aiohttp then looks them up in a thread for every request: slower).
+    - ``trust_env``: use ``http(s)_proxy`` / ``no_proxy`` and ``~/.netrc`` from the
+      environment; off, proxies in the environment are ignored.
     - ``auth_failures_to_stop``: :meth:`Fetcher.fetch` raises :class:`SourceError` for
       the this-many-th 401/403 result in a row, with no ok or empty result between (0: never).
     """
@@ -212,7 +207,7 @@ class Fetcher:
         self.source = source
         self.settings = settings
         self.stats = FetchStats()
-        self._session: aiohttp.ClientSession | None = None
+        self._transport: CurlTransport | None = None
         self._rate = _RateLimiter(settings.rate) if settings.rate else None
         self._rng = random.Random()
         self._auth_streak = 0  # 401/403 results since the last ok or empty one
@@ -228,31 +223,28 @@ class Fetcher:
         await self.close()
 
     async def open(self) -> None:
-        """Check the environment the source needs and open the session (idempotent)."""
-        if self._session is not None:
+        """Check the environment the source needs and open the connection pool (idempotent)."""
+        if self._transport is not None:
             return
         self.source.check_env()
         s = self.settings
         _ensure_open_files(s.concurrency + 64)
-        connector = aiohttp.TCPConnector(
-            limit=s.concurrency,
-            limit_per_host=s.per_host or s.concurrency,
-            ttl_dns_cache=300,
-            enable_cleanup_closed=_NEEDS_CLEANUP_CLOSED,
-        )
-        timeout = aiohttp.ClientTimeout(
-            total=s.total_timeout_s, connect=None, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s
-        )
         headers = {"User-Agent": s.user_agent}
         headers.update(self.source.request_headers())
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, headers=headers, raise_for_status=False, trust_env=s.trust_env
+        self._transport = CurlTransport(
+            max_connections=s.concurrency,
+            per_host=s.per_host,
+            connect_timeout_s=s.connect_timeout_s,
+            read_timeout_s=s.read_timeout_s,
+            total_timeout_s=s.total_timeout_s,
+            headers=headers,
+            trust_env=s.trust_env,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        if self._transport is not None:
+            transport, self._transport = self._transport, None
+            transport.close()
 
     # --- one tile ------------------------------------------------------------------------
 
@@ -261,7 +253,7 @@ class Fetcher:
         one tile; raises :class:`SourceError` when this is the ``auth_failures_to_stop``-th
         401/403 in a row (the source refuses everything), and on cancellation, a closed
         fetcher, or an environment variable gone unset."""
-        if self._session is None:
+        if self._transport is None:
             raise RuntimeError("Fetcher is not open: use 'async with Fetcher(...) as f'")
         s = self.settings
         st = self.stats
@@ -306,59 +298,42 @@ class Fetcher:
                 await asyncio.sleep(delay)
 
     async def _attempt(self, tile: Tile) -> _Attempt:
-        session = self._session
-        assert session is not None
-        url = self.source.url(tile)
+        transport = self._transport
+        if transport is None:
+            raise RuntimeError("Fetcher is closed")
         st = self.stats
         st.requests += 1
         st.in_flight += 1
         if st.in_flight > st.max_in_flight:
             st.max_in_flight = st.in_flight
         try:
-            async with session.get(url) as resp:
-                code = resp.status
-                if code == 200:
-                    body = await resp.read()
-                    return self._judge(resp, body)
-                await resp.read()  # small error bodies: read them so the connection is reused
-                phrase = f"http {code}"
-                if code in (404, 204):
-                    return _Attempt(EMPTY, None, phrase, code, None)
-                if code in (429, 503):
-                    return _Attempt("retry", None, phrase, code, parse_retry_after(resp.headers.get("Retry-After")))
-                if code >= 500 or code == 408:
-                    return _Attempt("retry", None, phrase, code, None)
-                if 200 < code < 300:
-                    return _Attempt("retry", None, f"{phrase} (expected 200)", code, None)
-                return _Attempt("fatal", None, f"{phrase} {resp.reason or ''}".strip(), code, None)
-        except asyncio.CancelledError:
-            raise
-        except TimeoutError:  # asyncio.TimeoutError and aiohttp's ServerTimeoutError
-            return _Attempt("retry", None, "timeout", None, None)
-        except aiohttp.ClientPayloadError:
-            return _Attempt("retry", None, "truncated", None, None)
-        except aiohttp.ServerDisconnectedError:
-            return _Attempt("retry", None, "disconnected", None, None)
-        except aiohttp.ClientConnectorError as e:
-            return _Attempt("retry", None, f"cannot connect ({_errname(e)})", None, None)
-        except (aiohttp.ClientOSError, ConnectionError) as e:
-            name = "reset" if getattr(e, "errno", None) in (errno.ECONNRESET, errno.EPIPE, None) else _errname(e)
-            return _Attempt("retry", None, name, None, None)
-        except aiohttp.ClientResponseError as e:  # malformed response, too many redirects
-            return _Attempt("retry", None, f"bad response ({type(e).__name__})", e.status or None, None)
-        except aiohttp.ClientError as e:
-            return _Attempt("retry", None, f"client error ({type(e).__name__})", None, None)
+            r = await transport.get(self.source.url(tile))
         finally:
             st.in_flight -= 1
+        code = r.status
+        if code == 200:
+            return self._judge(r.body, r.content_type)
+        if r.error:
+            reason, transient = curl_reason(r.error)
+            return _Attempt("retry" if transient else "fatal", None, reason, None, None)
+        phrase = f"http {code}"
+        if code in (404, 204):
+            return _Attempt(EMPTY, None, phrase, code, None)
+        if code in (429, 503):
+            return _Attempt("retry", None, phrase, code, r.retry_after)
+        if code >= 500 or code == 408:
+            return _Attempt("retry", None, phrase, code, None)
+        if 200 < code < 300:
+            return _Attempt("retry", None, f"{phrase} (expected 200)", code, None)
+        return _Attempt("fatal", None, f"{phrase} {_reason_phrase(code)}".rstrip(), code, None)
 
-    def _judge(self, resp: aiohttp.ClientResponse, body: bytes) -> _Attempt:
-        length = resp.headers.get("Content-Length")
-        if length is not None and "Content-Encoding" not in resp.headers and length.isdigit() and int(length) != len(body):
-            return _Attempt("retry", None, "truncated", 200, None)
+    def _judge(self, body: bytes, content_type: str | None) -> _Attempt:
+        # A body shorter than its Content-Length never gets here: libcurl reports it
+        # (CURLE_PARTIAL_FILE, "truncated").
         if not body:
             return _Attempt(EMPTY, None, "http 200 empty body", 200, None)
         if self.settings.validate:
-            ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            ctype = (content_type or "").split(";")[0].strip().lower()
             if (ctype and not ctype.startswith("image/") and ctype not in _OCTET) or image_format(body) is None:
                 return _Attempt("retry", None, "not an image", 200, None)
         return _Attempt(OK, body, None, 200, None)
@@ -486,11 +461,12 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, secs)
 
 
-def _errname(e: OSError) -> str:
-    code = getattr(e, "errno", None)
-    if code is None and e.__cause__ is not None:
-        code = getattr(e.__cause__, "errno", None)
-    return errno.errorcode.get(code, type(e).__name__) if code else type(e).__name__
+def _reason_phrase(code: int) -> str:
+    """The standard reason phrase of an HTTP status ("Unauthorized"), or ""."""
+    try:
+        return http.HTTPStatus(code).phrase
+    except ValueError:
+        return ""
 
 
 def _ensure_open_files(n: int) -> None:
