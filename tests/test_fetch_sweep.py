@@ -257,4 +257,4 @@ def test_a_source_that_refuses_every_tile_stops_with_one_line(tmp_path):
     assert "403" in res.stderr and "token" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert "s3cret" not in res.stderr + res.stdout
     st = status_json(sweep)
-    assert st["blocks_dead"] == st["blocks_leased"] == 0 and st["blocks_done"] == 0
+    assert st["blocks_dead"] == st["blocks_leased"] == 0 and st["blocks_done"] == 0, {k: v for k, v in st.items() if k.startswith("blocks")}

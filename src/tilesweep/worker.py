@@ -201,8 +201,11 @@ class Worker:
                         continue
                     done, pending = await asyncio.wait(tasks, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
                     tasks = set(pending)
-                    for t in done:
-                        t.result()  # a failure (a bug, or SourceError) must not pass silently
+                    # A failure (a bug, or SourceError) must not pass silently; read every
+                    # task's outcome first so that none is left "never retrieved".
+                    errors = [e for t in done if not t.cancelled() and (e := t.exception()) is not None]
+                    if errors:
+                        raise errors[0]
                     if self._to_ack and (time.monotonic() - last_ack >= self.settings.ack_every_s or not tasks):
                         await self._flush_acks()
                         last_ack = time.monotonic()
@@ -274,7 +277,8 @@ class Worker:
             lock = threading.Lock()
             try:
                 durable = set(int(i) for i in writer.done_ids)
-                todo = [t for t in block.tile_list(self.zoom) if tile_id(t) not in durable]
+                tiles = block.tile_list(self.zoom)
+                todo = [t for t in tiles if tile_id(t) not in durable] if durable else tiles
                 self.counters.tiles_skipped += block.tiles - len(todo)
                 failures, retries = await self._fetch_into(writer, lock, todo)
                 if failures:
@@ -350,8 +354,12 @@ class Worker:
                     await self._locked(lock, writer.flush)
                     unflushed = 0
         finally:
-            for t in tasks:  # on cancellation, stop the requests still queued or in flight
-                t.cancel()
+            for t in tasks:  # on cancellation or error, stop the requests queued or in flight
+                if t.done():
+                    if not t.cancelled():
+                        t.exception()  # retrieved: a SourceError seen by several tiles is raised once
+                else:
+                    t.cancel()
         return failures, retries
 
 
