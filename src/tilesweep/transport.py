@@ -205,9 +205,10 @@ class CurlTransport:
     # --- libcurl <-> loop -----------------------------------------------------------------
 
     def _on_socket(self, what: int, fd: int, multi: object, data: object) -> None:
-        """libcurl asks to watch ``fd`` for ``what`` (or to stop: POLL_REMOVE). The watch is
-        set afresh every time: a descriptor number can be closed and handed to a new socket
-        between two calls, and the old registration must not be trusted."""
+        """libcurl asks to watch ``fd`` for ``what`` (or to stop: POLL_REMOVE, which libcurl
+        sends before it closes a socket, so a reused descriptor number starts afresh)."""
+        if self._watched.get(fd, 0) == what:
+            return
         loop = self._loop
         old = self._watched.pop(fd, 0)
         if old & pycurl.POLL_IN:

@@ -195,6 +195,7 @@ class ShardWriter:
             raise ValueError(f"block {self.block} is not above zoom {self.zoom}")
         self.data_path, self.idx_path = partial_paths(self.path)
         self._id_lo, self._id_hi = descendant_id_range(self.block, self.zoom)
+        self._id_table: np.ndarray | None = None  # ids of the block's tiles, [y, x] within it
         self._pending: list[tuple[int, int, int, int, int]] = []
         self._pending_ids: set[int] = set()
         self._durable: set[int] = set()
@@ -314,7 +315,7 @@ class ShardWriter:
         tile = Tile(*tile)
         _check_in_block(tile, self.zoom, self.block)
         status = Status(status)
-        tid = tile_id(tile)
+        tid = self._tile_id(tile)
         if tid in self._durable or tid in self._pending_ids:
             return False
         if status == Status.OK:
@@ -330,6 +331,18 @@ class ShardWriter:
             self._pending.append((tid, self._pos, 0, 0, int(status)))
         self._pending_ids.add(tid)
         return True
+
+    def _tile_id(self, tile: Tile) -> int:
+        """``tile_id(tile)`` from a table of the block's ids, built on first use with the
+        vectorised Hilbert walk: a table look-up instead of ~17 us of Python per tile."""
+        table = self._id_table
+        if table is None:
+            d = self.zoom - self.block.z
+            n = 1 << d
+            ly, lx = np.mgrid[0:n, 0:n]
+            table = self._id_table = tile_id_array(self.zoom, (self.block.x << d) + lx, (self.block.y << d) + ly)
+        d = self.zoom - self.block.z
+        return int(table[tile.y - (self.block.y << d), tile.x - (self.block.x << d)])
 
     def flush(self) -> None:
         """Make every appended tile durable: fsync the data, then append and fsync the index
