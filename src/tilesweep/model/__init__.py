@@ -1,0 +1,18 @@
+"""Models: adapters for ONNX, PyTorch and Python callables, and the shipped demo model.
+
+>>> from tilesweep.model import load_model, score_tiles
+>>> model = load_model("demo")                  # or "my.onnx", "net.pt", "pkg.mod:fn"
+>>> scores = score_tiles(model, [rgb_tile])      # float32[1, len(model.info.labels)]
+
+See docs/model.md for the demo model and for bringing your own.
+"""
+
+from .base import META_KEYS, InputSpec, Model, ModelInfo, describe, info_from_metadata, info_to_metadata, prepare, score_tiles
+from .load import DEMO_PATH, load_model
+from .onnxrt import OnnxModel
+from .pyfunc import CallableModel
+
+__all__ = [
+    "DEMO_PATH", "META_KEYS", "CallableModel", "InputSpec", "Model", "ModelInfo", "OnnxModel",
+    "describe", "info_from_metadata", "info_to_metadata", "load_model", "prepare", "score_tiles",
+]
