@@ -32,6 +32,9 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/plan.py
 	$(BIN)/python benchmarks/queue.py
+	$(BIN)/python benchmarks/render.py
+	$(BIN)/python benchmarks/model.py
+	$(BIN)/python benchmarks/fetch.py  # needs nginx, curl and aria2c (apt-get install nginx aria2)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache build src/*.egg-info

@@ -1,0 +1,536 @@
+"""Fetch benchmark: `tilesweep fetch` vs curl and aria2c against nginx on loopback.
+
+nginx serves a static simulator tree (`tilesweep sim render`, z/x/y.jpg, zoom 18) on
+127.0.0.1. Every tool fetches exactly the same planned tiles (the plan's blocks, expanded
+with `Block.tile_list`) at the same concurrency:
+
+- tilesweep: `tilesweep fetch SWEEP --source http://127.0.0.1:PORT/{z}/{x}/{y}.jpg -c C -w W -q`
+  into packed shards (one file per block), with 1 and 2 worker processes; then alone at
+  5,000 requests in flight (curl caps --parallel-max at 300).
+- curl: `curl --parallel --parallel-max C --parallel-immediate -K config`, one file per tile.
+- aria2c: `aria2c -i list -j C`, one file per tile (one connection per download).
+
+Table 1 shows tiles/s, MB/s, peak RSS, files created and the speed against curl. Every run
+is checked: all planned tiles fetched (tilesweep: `status --json`; others: files and bytes
+counted). Table 2 reads the tiles back (up to 50,000): from the shards with
+`TileStore.get` (random and sequential order) and `TileStore.iter_tiles`, against
+open/read of curl's one-file-per-tile folder. The page cache is warm for both.
+
+    .venv/bin/python benchmarks/fetch.py             # ~20,000 tiles (81 blocks of 256)
+    .venv/bin/python benchmarks/fetch.py --quick     # ~3,000 tiles, checks the script works
+    .venv/bin/python benchmarks/fetch.py --tiles 5000 --concurrency 128 --repeat 3
+
+The tree is rendered once (~22 ms/tile/core) and cached under
+~/.cache/tilesweep-bench/tree-z18-seed0 (override with --cache); later runs reuse it. Needs
+nginx (/usr/sbin/nginx), curl and aria2c on PATH; a missing client is shown as such.
+
+Peak RSS comes from a fresh helper process per run: "largest process" is
+getrusage(RUSAGE_CHILDREN).ru_maxrss (the high-water mark of the single biggest process of
+the run); "all processes" is the largest sum of RSS over the run's process tree, sampled
+from /proc ten times a second (it can miss a short peak). "in flight" is the most active
+connections nginx saw (stub_status, sampled ten times a second). Runs are not isolated from
+other work on the machine: the load average is printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tilesweep.store import TileStore
+from tilesweep.sweep import Sweep
+from tilesweep.tiles import Tile, bounds, tile_at
+
+PY = sys.executable
+ZOOM, BLOCK_ZOOM = 18, 14
+ORIGIN = (8.5, 47.4)  # north-west corner of the benchmark area (lon, lat)
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+CURL_PARALLEL_MAX = 300  # curl clamps --parallel-max to this
+con = Console(width=200)
+err = Console(stderr=True)
+
+
+# --- area and tree -------------------------------------------------------------------------
+
+
+def area_for(n: int, seed_origin: tuple[float, float] = ORIGIN) -> tuple[tuple[float, ...], tuple[int, int, int, int]]:
+    """A bbox of whole zoom-14 blocks holding about ``n`` zoom-18 tiles, and its tile range
+    (x0, y0, x1, y1). The bbox is inset by a quarter tile so that no neighbour touches it."""
+    d = ZOOM - BLOCK_ZOOM
+    blocks = max(1, round(n / 4**d))
+    nbx = math.ceil(math.sqrt(blocks))
+    nby = max(1, round(blocks / nbx))
+    b0 = tile_at(*seed_origin, BLOCK_ZOOM)
+    x0, y0 = b0.x << d, b0.y << d
+    x1, y1 = ((b0.x + nbx) << d) - 1, ((b0.y + nby) << d) - 1
+    w, _, _, n_ = bounds(Tile(ZOOM, x0, y0))
+    _, s, e, _ = bounds(Tile(ZOOM, x1, y1))
+    ix, iy = (e - w) / (x1 - x0 + 1) / 4, (n_ - s) / (y1 - y0 + 1) / 4
+    bbox = (round(w + ix, 7), round(s + iy, 7), round(e - ix, 7), round(n_ - iy, 7))
+    return bbox, (x0, y0, x1, y1)
+
+
+def ensure_tree(cache: Path, bbox: tuple[float, ...], rng: tuple[int, int, int, int], seed: int) -> Path:
+    """The cached static tree, rendered (with every core) unless a rendered range holds ``rng``."""
+    tree = cache / f"tree-z{ZOOM}-seed{seed}"
+    marker = tree / "rendered.json"
+    done = json.loads(marker.read_text()) if marker.exists() else []
+    x0, y0, x1, y1 = rng
+    if any(a <= x0 and b <= y0 and x1 <= c and y1 <= d for a, b, c, d in done):
+        return tree
+    n = (x1 - x0 + 1) * (y1 - y0 + 1)
+    err.print(f"rendering {n:,} zoom-{ZOOM} tiles into {tree} (once; ~{n * 0.022 / (os.cpu_count() or 1) / 60:.0f}+ min)...")
+    tree.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    subprocess.run([PY, "-m", "tilesweep", "sim", "render", ",".join(map(str, bbox)), str(tree),
+                    "--zoom", str(ZOOM), "--seed", str(seed), "--processes", "0"], check=True)
+    err.print(f"  rendered in {time.perf_counter() - t:.0f} s")
+    done.append(list(rng))
+    marker.write_text(json.dumps(done))
+    return tree
+
+
+# --- nginx ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Nginx:
+    """nginx in the foreground with a generated config in ``tmp``, serving ``root``."""
+
+    def __init__(self, root: Path, tmp: Path, workers: int) -> None:
+        self.root, self.tmp, self.workers = root, tmp, workers
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Nginx":
+        d = self.tmp
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        user = "user root;" if os.geteuid() == 0 else ""  # the tree may live under /root
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        nofile = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+        (d / "nginx.conf").write_text(f"""
+{user}
+worker_processes {self.workers};
+worker_rlimit_nofile {nofile};
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections {nofile // 2}; multi_accept on; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    keepalive_timeout 120s;
+    open_file_cache max=4096 inactive=120s;  # more would hold descriptors past the limit
+    types {{ image/jpeg jpg; }}
+    default_type application/octet-stream;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{self.port} backlog=8192;
+        root {self.root};
+        location = /nginx_status {{ stub_status; }}
+    }}
+}}
+""")
+        self.proc = subprocess.Popen([NGINX, "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;"],
+                                     stdout=subprocess.DEVNULL, stderr=open(d / "stderr.log", "wb"))
+        for _ in range(100):
+            if self.proc.poll() is not None:
+                sys.exit(f"nginx exited: {(d / 'stderr.log').read_text()}{(d / 'error.log').read_text() if (d / 'error.log').exists() else ''}")
+            try:
+                self.active()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        sys.exit("nginx did not start listening within 5 s")
+
+    def active(self) -> int:
+        """Active client connections now (less the one asking)."""
+        with urllib.request.urlopen(f"{self.url}/nginx_status", timeout=2) as r:
+            return int(r.read().split(b"\n", 1)[0].split(b":")[1]) - 1
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: fast shutdown
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class ConnectionSampler:
+    """The most active connections nginx reports while the ``with`` block runs."""
+
+    def __init__(self, server: Nginx) -> None:
+        self.server, self.peak = server, 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "ConnectionSampler":
+        def loop() -> None:
+            while not self._stop.wait(0.1):
+                try:
+                    self.peak = max(self.peak, self.server.active())
+                except OSError:
+                    pass
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --- one measured run ----------------------------------------------------------------------
+
+HELPER = r"""
+import json, os, resource, subprocess, sys, time
+cmd, log, timeout = json.loads(sys.argv[1])
+page = os.sysconf("SC_PAGE_SIZE")
+
+def tree_rss(root):
+    kids = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                kids.setdefault(ppid, []).append(int(name))
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * page
+        except OSError:
+            pass
+        todo.extend(kids.get(pid, ()))
+    return total
+
+with open(log, "wb") as out:
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    peak_sum, rc = 0, None
+    while rc is None:
+        peak_sum = max(peak_sum, tree_rss(p.pid))
+        try:
+            rc = p.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            if time.perf_counter() - t > timeout:
+                p.kill(); p.wait(); rc = "timeout"
+    dt = time.perf_counter() - t
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps(dict(seconds=dt, rss_mb=rss, sum_mb=peak_sum / 2**20, rc=rc)))
+"""
+
+
+def measure(cmd: list[str], log: Path, timeout: float, server: Nginx) -> dict:
+    """Run ``cmd`` in a fresh helper process: seconds, peak RSS (largest process, and sampled
+    sum over the process tree), exit status, most connections in flight at nginx."""
+    # RUSAGE_CHILDREN is a high-water mark over all children: a fresh helper per run keeps
+    # runs from seeing each other's peaks.
+    load = os.getloadavg()[0]
+    with ConnectionSampler(server) as conns:
+        res = subprocess.run([PY, "-c", HELPER, json.dumps([cmd, str(log), timeout])],
+                             capture_output=True, text=True, timeout=timeout + 120)
+    if res.returncode != 0:
+        sys.exit(f"helper failed: {res.stderr}")
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    r["in_flight"] = conns.peak
+    r["load"] = (load + os.getloadavg()[0]) / 2
+    if r["rc"] != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        err.print(f"[red]{cmd[0]} ... exited {r['rc']}[/]; log tail:\n{tail}")
+    return r
+
+
+def count_files(folder: Path) -> tuple[int, int]:
+    """(files, bytes) under ``folder``."""
+    n = size = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            n += 1
+            size += os.stat(os.path.join(dirpath, name)).st_size
+    return n, size
+
+
+# --- the tools -----------------------------------------------------------------------------
+
+
+def run_tilesweep(template: Path, work: Path, server: Nginx, c: int, w: int, timeout: float, planned: int) -> dict:
+    sweep = work / f"sweep-c{c}-w{w}"
+    shutil.rmtree(sweep, ignore_errors=True)
+    shutil.copytree(template, sweep)
+    cmd = [PY, "-m", "tilesweep", "fetch", str(sweep), "--source", server.url + "/{z}/{x}/{y}.jpg",
+           "--concurrency", str(c), "--workers", str(w), "-q"]
+    r = measure(cmd, work / f"tilesweep-c{c}-w{w}.log", timeout, server)
+    st = json.loads(subprocess.run([PY, "-m", "tilesweep", "status", str(sweep), "--json"],
+                                   capture_output=True, text=True).stdout)
+    r["tiles"], r["bytes"] = st["tiles_ok"], st["bytes_stored"]
+    r["files"], _ = count_files(sweep / "tiles")
+    r["extra"] = f"retries {st['fetch_retries']}" if st.get("fetch_retries") else ""
+    if st["tiles_ok"] != planned or st["mismatch"] or st["blocks_dead"]:
+        err.print(f"[red]tilesweep c={c} w={w}: {st['tiles_ok']:,} of {planned:,} tiles ok, "
+                  f"dead blocks {st['blocks_dead']}, mismatch {st['mismatch']}[/]")
+    r["path"] = sweep
+    if not startup:  # fixed cost: the same command on the finished sweep
+        again = measure(cmd, work / f"tilesweep-c{c}-w{w}-again.log", timeout, server)
+        startup.append(again["seconds"])
+    return r
+
+
+startup: list[float] = []  # seconds of a `tilesweep fetch` with nothing left to do
+
+
+def run_curl(tiles: list[Tile], work: Path, server: Nginx, c: int, timeout: float) -> dict:
+    out = work / f"curl-c{c}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = work / "curl.cfg"
+    with open(cfg, "w") as f:
+        for z, x, y in tiles:
+            f.write(f'url = "{server.url}/{z}/{x}/{y}.jpg"\noutput = "{out}/{z}/{x}/{y}.jpg"\n')
+    cmd = ["curl", "--parallel", "--parallel-max", str(c), "--parallel-immediate", "--create-dirs",
+           "--fail", "-s", "-S", "-K", str(cfg)]
+    r = measure(cmd, work / f"curl-c{c}.log", timeout, server)
+    r["files"], r["bytes"] = count_files(out)
+    r["tiles"] = r["files"]
+    r["path"] = out
+    r["extra"] = f"--parallel-max {min(c, CURL_PARALLEL_MAX)}"
+    return r
+
+
+def run_aria2c(tiles: list[Tile], work: Path, server: Nginx, c: int, timeout: float) -> dict:
+    out = work / f"aria2c-c{c}"
+    shutil.rmtree(out, ignore_errors=True)
+    lst = work / "aria2c.txt"
+    with open(lst, "w") as f:
+        for z, x, y in tiles:
+            f.write(f"{server.url}/{z}/{x}/{y}.jpg\n  out={z}/{x}/{y}.jpg\n")
+    cmd = ["aria2c", "-i", str(lst), "-d", str(out), "-j", str(c), "-x", "1", "-s", "1",
+           "--auto-file-renaming=false", "--allow-overwrite=true", "--file-allocation=none",
+           "--deferred-input=true", "--summary-interval=0", "--console-log-level=error", "-q"]
+    r = measure(cmd, work / f"aria2c-c{c}.log", timeout, server)
+    r["files"], r["bytes"] = count_files(out)
+    r["tiles"] = r["files"]
+    r["path"] = out
+    r["extra"] = f"-j {c} -x 1"
+    return r
+
+
+# --- reading back --------------------------------------------------------------------------
+
+
+def read_back(store_dir: Path, files_dir: Path, tiles: list[Tile], n: int) -> list[tuple[str, int, int, float]]:
+    """(method, tiles, bytes, seconds) for reading ``n`` tiles back every way."""
+    rnd = random.Random(0)
+    sample = rnd.sample(tiles, min(n, len(tiles)))
+    seq = sorted(sample, key=lambda t: (t.x >> 4, t.y >> 4, t.y, t.x))  # block by block, rows within
+    rows = []
+
+    def timed(name: str, fn) -> None:  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        count, size = fn()
+        rows.append((name, count, size, time.perf_counter() - t))
+
+    def via_get(store: TileStore, order: list[Tile]):  # type: ignore[no-untyped-def]
+        size = 0
+        get = store.get
+        for t in order:
+            size += len(get(t))
+        return len(order), size
+
+    def via_files(order: list[Tile]):  # type: ignore[no-untyped-def]
+        size = 0
+        root = str(files_dir)
+        for z, x, y in order:
+            with open(f"{root}/{z}/{x}/{y}.jpg", "rb") as f:
+                size += len(f.read())
+        return len(order), size
+
+    def iter_all():  # type: ignore[no-untyped-def]
+        with TileStore(store_dir, ZOOM, BLOCK_ZOOM) as s:
+            count = size = 0
+            for _, data in s.iter_tiles():
+                count += 1
+                size += len(data)
+        return count, size
+
+    def walk_all():  # type: ignore[no-untyped-def]
+        count = size = 0
+        for dirpath, _, names in os.walk(files_dir):
+            for name in names:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    size += len(f.read())
+                count += 1
+        return count, size
+
+    # correctness: same bytes both ways
+    with TileStore(store_dir, ZOOM, BLOCK_ZOOM) as s:
+        for t in sample[:500]:
+            if s.get(t) != (files_dir / f"{t.z}/{t.x}/{t.y}.jpg").read_bytes():
+                err.print(f"[red]tile {t} differs between the shard and curl's file[/]")
+                break
+    blocks = len({(t.x >> 4, t.y >> 4) for t in tiles})
+    store = TileStore(store_dir, ZOOM, BLOCK_ZOOM)
+    timed("shards: TileStore.get, random, 1st pass (opens shards)", lambda: via_get(store, sample))
+    timed("shards: TileStore.get, random, 2nd pass", lambda: via_get(store, sample))
+    store.close()
+    if blocks > 64:  # more shards than the default LRU of open readers holds
+        big = TileStore(store_dir, ZOOM, BLOCK_ZOOM, max_open=blocks)
+        via_get(big, sample)
+        timed(f"shards: TileStore(max_open={blocks}).get, random, 2nd pass", lambda: via_get(big, sample))
+        big.close()
+    with TileStore(store_dir, ZOOM, BLOCK_ZOOM) as s:
+        timed("shards: TileStore.get, sequential (block by block)", lambda: via_get(s, seq))
+    timed("shards: TileStore.iter_tiles (all, Hilbert order)", iter_all)
+    timed("files: open/read, random", lambda: via_files(sample))
+    timed("files: open/read, sequential (folder by folder)", lambda: via_files(sorted(sample, key=lambda t: (t.x, t.y))))
+    timed("files: os.walk + open/read (all)", walk_all)
+    return rows
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiles", type=int, default=20_000, help="about this many zoom-18 tiles (whole blocks of 256)")
+    ap.add_argument("--quick", action="store_true", help="a small run (~3,000 tiles) to check the script works")
+    ap.add_argument("--concurrency", "-c", type=int, default=256, help="requests in flight for every tool")
+    ap.add_argument("--high", type=int, default=5000, help="the extra tilesweep-only concurrency (0: skip)")
+    ap.add_argument("--workers", type=int, nargs="+", default=None, help="tilesweep worker counts (default: 1 and the cores)")
+    ap.add_argument("--nginx-workers", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each tool; the fastest is shown")
+    ap.add_argument("--read-tiles", type=int, default=50_000, help="tiles read back in table 2 (at most all)")
+    ap.add_argument("--seed", type=int, default=0, help="world seed of the tree")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tilesweep-bench")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    a = ap.parse_args()
+    if a.quick:
+        a.tiles = 3000
+    if not Path(NGINX).exists():
+        sys.exit("nginx not found (looked for `nginx` on PATH and /usr/sbin/nginx): install it to run this benchmark")
+    cores = os.cpu_count() or 1
+    workers = a.workers or sorted({1, cores})
+    bbox, rng = area_for(a.tiles)
+    tree = ensure_tree(a.cache, bbox, rng, a.seed)
+    work = Path(tempfile.mkdtemp(prefix="tilesweep-fetch-bench-"))
+    try:
+        template = work / "plan"
+        subprocess.run([PY, "-m", "tilesweep", "plan", ",".join(map(str, bbox)), str(template),
+                        "--zoom", str(ZOOM), "--block-zoom", str(BLOCK_ZOOM), "--json"],
+                       check=True, stdout=subprocess.DEVNULL)
+        with Sweep.open(template) as sw:
+            blocks = list(sw.queue.blocks())
+            tiles = [t for b in blocks for t in b.tile_list(ZOOM)]
+        x0, y0, x1, y1 = rng
+        outside = [t for t in tiles if not (x0 <= t.x <= x1 and y0 <= t.y <= y1)]
+        if outside:
+            sys.exit(f"the plan holds {len(outside)} tiles outside the rendered tree, e.g. {outside[0]}")
+        # the tree into the page cache, so that the first run does not pay for it
+        tree_files, tree_bytes = 0, 0
+        for t in tiles:
+            tree_bytes += len((tree / f"{t.z}/{t.x}/{t.y}.jpg").read_bytes())
+            tree_files += 1
+        err.print(f"{len(tiles):,} tiles in {len(blocks)} blocks, {tree_bytes / 1e6:.1f} MB "
+                  f"({tree_bytes / len(tiles) / 1e3:.1f} KB/tile); bbox {','.join(map(str, bbox))}")
+
+        runs: list[tuple[str, int, dict]] = []
+        with Nginx(tree, work / "nginx", a.nginx_workers) as server:
+            def best(fn, *args):  # type: ignore[no-untyped-def]
+                rs = [fn(*args) for _ in range(a.repeat)]
+                return min(rs, key=lambda r: r["seconds"])
+
+            c = a.concurrency
+            have = {tool: shutil.which(tool) is not None for tool in ("curl", "aria2c")}
+            if have["curl"]:
+                err.print(f"curl, {c} in flight...")
+                runs.append(("curl", c, best(run_curl, tiles, work, server, c, a.timeout)))
+            if have["aria2c"]:
+                err.print(f"aria2c, {c} in flight...")
+                runs.append(("aria2c", c, best(run_aria2c, tiles, work, server, c, a.timeout)))
+            for cc in [c] + ([a.high] if a.high else []):
+                for w in workers:
+                    err.print(f"tilesweep, {cc} in flight, {w} worker(s)...")
+                    runs.append((f"tilesweep -w {w}", cc, best(run_tilesweep, template, work, server, cc, w, a.timeout, len(tiles))))
+            nginx_errors = (work / "nginx" / "error.log").read_text(errors="replace").strip()
+            if nginx_errors:
+                err.print(f"[yellow]nginx error.log:[/]\n{nginx_errors[-2000:]}")
+
+        load = os.getloadavg()
+        curl_tps = next((len(tiles) / r["seconds"] for tool, _, r in runs if tool == "curl" and r["tiles"] == len(tiles)), None)
+        table = Table(title=f"fetch: {len(tiles):,} zoom-18 JPEG tiles ({tree_bytes / len(tiles) / 1e3:.1f} KB) in {len(blocks)} blocks, "
+                            f"nginx ({a.nginx_workers} worker) on loopback, {cores} cores; best of {a.repeat}")
+        for col in ("tool", "concurrency", "in flight", "tiles", "seconds", "tiles/s", "MB/s",
+                    "peak RSS (largest process)", "peak RSS (all processes)", "files created", "vs curl", "load", "notes"):
+            table.add_column(col, justify="left" if col in ("tool", "notes") else "right")
+        for tool, cc, r in runs:
+            ok = r["tiles"] == len(tiles) and r["rc"] == 0
+            tps = r["tiles"] / r["seconds"]
+            table.add_row(
+                tool, f"{cc:,}", f"{r['in_flight']:,}", f"{r['tiles']:,}" + ("" if ok else f" of {len(tiles):,} (rc {r['rc']})"),
+                f"{r['seconds']:.2f}", f"{tps:,.0f}", f"{r['bytes'] / 1e6 / r['seconds']:.1f}",
+                f"{r['rss_mb']:.0f} MB", f"{r['sum_mb']:.0f} MB", f"{r['files']:,}",
+                f"{tps / curl_tps:.2f}x" if curl_tps else "-", f"{r['load']:.1f}", r.get("extra", ""),
+            )
+        con.print(table)
+        con.print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}. 'in flight' = most active connections "
+                  f"nginx saw (sampled at 10 Hz). curl clamps --parallel-max to {CURL_PARALLEL_MAX}, so only tilesweep runs "
+                  f"at {a.high:,}. 'vs curl' is against curl at {c}. Times include each tool's start-up "
+                  f"(tilesweep: `tilesweep fetch` on a finished sweep takes {min(startup) if startup else float('nan'):.2f} s).")
+
+        # --- table 2 ---------------------------------------------------------------------
+        store_run = next(r for tool, cc, r in runs if tool.startswith("tilesweep") and cc == c)
+        curl_run = next((r for tool, _, r in runs if tool == "curl"), None)
+        if curl_run is None:
+            err.print("curl missing: no one-file-per-tile folder to read back")
+            return
+        rows = read_back(store_run["path"] / "tiles", curl_run["path"], tiles, a.read_tiles)
+        t2 = Table(title=f"read back {min(a.read_tiles, len(tiles)):,} tiles: {len(blocks)} shards vs "
+                         f"{len(tiles):,} files, one process, page cache warm for both")
+        for col in ("method", "tiles", "seconds", "tiles/s", "MB/s"):
+            t2.add_column(col, justify="left" if col == "method" else "right")
+        for name, count, size, secs in rows:
+            t2.add_row(name, f"{count:,}", f"{secs:.3f}", f"{count / secs:,.0f}", f"{size / 1e6 / secs:,.0f}")
+        con.print(t2)
+    finally:
+        if a.keep:
+            err.print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
