@@ -218,6 +218,102 @@ class _FetchMeter:
         )
 
 
+@app.command()
+def predict(
+    sweep_dir: Path = typer.Argument(..., help="Sweep folder with fetched tiles (`tilesweep fetch`)."),
+    model: str = typer.Option(..., "--model", "-m", help="demo, a .onnx / .pt / .pt2 file, or module:function."),
+    batch: int = typer.Option(64, "--batch", "-b", help="Model inputs per predict call."),
+    threads: int = typer.Option(2, "--threads", "-t", help="Decode threads (JPEG decoding releases the GIL)."),
+    part_rows: int = typer.Option(65536, "--part-rows", help="Rows per Parquet part: blocks are group-committed once this many rows are buffered."),
+    part_seconds: float = typer.Option(60.0, "--part-seconds", help="Commit a part at least this often (seconds)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
+    model_threads: Optional[int] = typer.Option(None, "--model-threads", help="CPU threads of one model batch (default: the runtime's choice)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
+) -> None:
+    """Score the fetched tiles of SWEEP_DIR with a model into Parquet parts (predictions/).
+
+    Only blocks that are fetched (done) and not yet predicted by this model are read, so
+    running it again, or after a crash, does only what is left."""
+    from .model import load_model
+    from .predict import PredictSettings, predict_sweep, probe
+    from .predict.sink import model_folder, reconcile
+
+    if not 1 <= batch <= 65536:
+        raise UsageError(f"batch {batch} must be in 1..65536")
+    if not 1 <= threads <= 256:
+        raise UsageError(f"threads {threads} must be in 1..256")
+    if part_rows < 1:
+        raise UsageError(f"part rows {part_rows} must be >= 1")
+    if part_seconds <= 0:
+        raise UsageError(f"part seconds {part_seconds:g} must be > 0")
+    if model_threads is not None and not 1 <= model_threads <= 256:
+        raise UsageError(f"model threads {model_threads} must be in 1..256")
+    with Sweep.open(sweep_dir) as sweep:
+        sweep.queue  # a sweep without its queue is a one-line error before anything loads
+        the_model = load_model(model, device=device, threads=model_threads)  # type: ignore[arg-type]
+        probe(the_model)
+        settings = PredictSettings(batch=batch, threads=threads, part_rows=part_rows, part_seconds=part_seconds)
+        meter = _PredictMeter(quiet)
+        try:
+            with meter:
+                report = predict_sweep(sweep, the_model, settings, on_progress=meter.update)
+        except KeyboardInterrupt:
+            err.print("stopped: committed parts are durable; run the same command to go on")
+            raise typer.Exit(130)
+        rec = reconcile(sweep.path, sweep.path / "queue.sqlite", the_model.name, the_model.digest)
+        st = sweep.status()
+    folder = sweep.predictions_path / model_folder(the_model.name, the_model.digest)
+    out.print(_predict_line(report), highlight=False)
+    out.print(
+        f"{sweep_dir}: {rec.blocks:,} of {rec.done_blocks:,} fetched blocks predicted by {the_model.name} "
+        f"({rec.rows:,} rows, one per fetched tile); predictions in {folder}/",
+        highlight=False,
+    )
+    if st.blocks["pending"] or st.blocks["leased"]:
+        out.print(f"  {st.blocks['pending'] + st.blocks['leased']:,} blocks are not fetched yet: run `tilesweep fetch`, then predict again", highlight=False)
+    if report.missing_shards:
+        err.print(f"[bold red]{report.missing_shards:,} fetched blocks have no shard[/]; `tilesweep verify --repair` then fetch again")
+        raise typer.Exit(1)
+    if rec.message:
+        err.print(f"[bold red]accounting mismatch:[/] {rec.message}")
+        raise typer.Exit(1)
+
+
+def _predict_line(r) -> str:  # type: ignore[no-untyped-def]
+    stages = ", ".join(f"{m.name} {m.tiles / r.wall_s if r.wall_s else 0:,.0f}/s ({m.busy(r.wall_s):.0%} busy)" for m in r.stages.values())
+    return (
+        f"{r.tiles:,} tiles scored in {r.blocks:,} blocks ({r.positives:,} positive, {r.empty:,} empty, "
+        f"{r.failed:,} failed, {r.undecodable:,} undecodable), {r.parts:,} parts written, "
+        f"{r.tiles_per_s:,.0f} tiles/s, model busy {r.model_busy:.0%}, {r.wall_s:,.1f} s"
+        + (f"\n  stages: {stages}; bottleneck {r.bottleneck()}" if r.tiles else "")
+    )
+
+
+class _PredictMeter:
+    """The live progress line of `tilesweep predict`: tiles/s per stage, queue fill, model busy %."""
+
+    def __init__(self, quiet: bool):
+        from rich.live import Live
+
+        self.live = Live(console=err, refresh_per_second=4, transient=True) if not quiet and err.is_terminal else None
+
+    def __enter__(self) -> "_PredictMeter":
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def update(self, r) -> None:  # type: ignore[no-untyped-def]
+        if self.live is None:
+            return
+        fill = " ".join(f"{k} {v:.0%}" for k, v in r.queue_fill().items())
+        done = r.stages["model"].tiles if r.stages else 0
+        self.live.update(f"{_predict_line(r)}\n  scored {done:,} tiles of {r.blocks_todo:,} blocks; queues {fill}")
+
+
 tiles_app = typer.Typer(help="Read the tile store of a sweep: get one tile, list, count.", no_args_is_help=True)
 app.add_typer(tiles_app, name="tiles")
 

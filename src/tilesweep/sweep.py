@@ -6,6 +6,7 @@ A sweep folder holds::
     area.geojson    the area, as planned (after clipping to the Web-Mercator world)
     queue.sqlite    the durable block queue (see tilesweep.queue)
     tiles/          the tile store: one shard per block (see tilesweep.store)
+    predictions/    Parquet parts of model scores and their ledger (see tilesweep.predict)
 
 Planning is atomic: the queue and area are written under ``*.partial`` names and renamed
 into place, and ``sweep.toml`` is written last, so a folder either holds a whole plan or
@@ -39,6 +40,7 @@ SWEEP_FILE = "sweep.toml"
 QUEUE_FILE = "queue.sqlite"
 AREA_FILE = "area.geojson"
 TILES_DIR = "tiles"
+PREDICTIONS_DIR = "predictions"
 FORMAT_VERSION = 1
 
 
@@ -270,6 +272,11 @@ class Sweep:
     def store(self) -> TileStore:
         """The sweep's tile store (``tiles/``), one shard per block."""
         return TileStore(self.path / TILES_DIR, self.zoom, self.block_zoom)
+
+    @property
+    def predictions_path(self) -> Path:
+        """The sweep's prediction folder (``predictions/``; see :mod:`tilesweep.predict`)."""
+        return self.path / PREDICTIONS_DIR
 
     def status(self, window_s: float = 300.0) -> SweepStatus:
         """Where the sweep stands, reconciled against the plan."""

@@ -1,0 +1,24 @@
+"""Prediction: run a model over a sweep's tiles into group-committed Parquet parts.
+
+>>> from tilesweep.sweep import Sweep
+>>> from tilesweep.model import load_model
+>>> from tilesweep.predict import predict_sweep
+>>> with Sweep.open("my-sweep") as sweep:
+...     report = predict_sweep(sweep, load_model("demo"))   # offline: from the tile store
+>>> report.tiles, report.positives, report.tiles_per_s
+
+Rows land in ``SWEEP/predictions/{model}/part-*.parquet``; ``predictions/ledger.sqlite``
+records which blocks are done (see :mod:`tilesweep.predict.sink` and docs/predict.md).
+"""
+
+from .pipeline import PredictReport, PredictSettings, StageMeter, blocks_to_predict, predict_sweep, probe
+from .sink import (
+    BASE_COLUMNS, LEDGER_FILE, PREDICTIONS_DIR, BlockRows, PredictionSink, PredictionTotals, centres, ledger_totals,
+    model_folder, model_key,
+)
+
+__all__ = [
+    "BASE_COLUMNS", "LEDGER_FILE", "PREDICTIONS_DIR", "BlockRows", "PredictReport", "PredictSettings",
+    "PredictionSink", "PredictionTotals", "StageMeter", "blocks_to_predict", "centres", "ledger_totals",
+    "model_folder", "model_key", "predict_sweep", "probe",
+]

@@ -1,0 +1,373 @@
+"""Offline prediction: score the tiles of a sweep's store with a model, block by block.
+
+Stages, joined by bounded queues (so memory stays flat whatever the tile count)::
+
+    read (1 thread)      blocks done in the fetch queue and not yet predicted by this model:
+                         the block's shard, memory-mapped, its records in tile-id order
+    decode (N threads)   JPEG/PNG/WebP -> RGB (simplejpeg releases the GIL) -> fit to the
+                         model's input (uint8, not yet normalised: 4x smaller in the queue)
+    model (1 thread)     batches of ``batch`` inputs across block boundaries, normalise,
+                         ``model.predict``; a chipped tile gets the max over its chips
+    sink (1 thread)      group commit of many blocks per Parquet part (:mod:`.sink`)
+
+Each stage counts tiles and busy seconds (:class:`StageMeter`), so a caller can show tiles/s
+per stage, queue fill and model busy %.
+"""
+
+from __future__ import annotations
+
+import queue as queue_mod
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..decode import decode, fit, normalise
+from ..model.base import Model, check_scores
+from ..queue import Block, State
+from ..store import Status
+from ..store.shard import ShardReader
+from .sink import BlockRows, PredictionSink
+
+_END = object()
+
+
+class _Stopped(Exception):
+    pass
+
+
+@dataclass
+class StageMeter:
+    """One stage's counters: tiles through it, seconds spent working (summed over its
+    threads) and its thread count."""
+
+    name: str
+    threads: int = 1
+    tiles: int = 0
+    busy_s: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, tiles: int, busy_s: float) -> None:
+        with self.lock:
+            self.tiles += tiles
+            self.busy_s += busy_s
+
+    def busy(self, wall_s: float) -> float:
+        """Share of the stage's thread time spent working, 0..1."""
+        return self.busy_s / (wall_s * self.threads) if wall_s > 0 else 0.0
+
+
+@dataclass
+class PredictSettings:
+    """``batch``: model inputs per ``predict`` call; ``threads``: decode threads;
+    ``part_rows`` / ``part_seconds``: group commit bounds; ``queue_blocks``: blocks each
+    queue between stages may hold."""
+
+    batch: int = 64
+    threads: int = 2
+    part_rows: int = 65536
+    part_seconds: float = 60.0
+    queue_blocks: int = 4
+
+
+@dataclass
+class PredictReport:
+    """What one run did: blocks and tiles scored, positives, parts written, wall time,
+    the per-stage meters and recovery actions; ``missing_shards`` counts done blocks whose
+    shard is not in the store (skipped: `tilesweep verify` / fetch again)."""
+
+    blocks_todo: int = 0
+    blocks: int = 0
+    tiles: int = 0
+    empty: int = 0
+    failed: int = 0
+    undecodable: int = 0
+    positives: int = 0
+    parts: int = 0
+    bytes: int = 0
+    wall_s: float = 0.0
+    missing_shards: int = 0
+    adopted_parts: int = 0
+    stages: dict[str, StageMeter] = field(default_factory=dict)
+    queues: dict[str, "queue_mod.Queue[Any]"] = field(default_factory=dict, repr=False)
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def model_busy(self) -> float:
+        m = self.stages.get("model")
+        return m.busy(self.wall_s) if m else 0.0
+
+    def bottleneck(self) -> str:
+        """The stage whose threads are busiest."""
+        if not self.stages or self.wall_s <= 0:
+            return "-"
+        return max(self.stages.values(), key=lambda s: s.busy(self.wall_s)).name
+
+    def queue_fill(self) -> dict[str, float]:
+        return {k: q.qsize() / q.maxsize for k, q in self.queues.items() if q.maxsize}
+
+
+class _Work:
+    """One block on its way through the stages."""
+
+    __slots__ = ("block", "x", "y", "data", "empty", "failed", "inputs", "owner", "bad", "raw", "cursor")
+
+    def __init__(self, block: Block, x: np.ndarray, y: np.ndarray, data: list[bytes], empty: int, failed: int) -> None:
+        self.block = block
+        self.x, self.y, self.data = x, y, data
+        self.empty, self.failed = empty, failed
+        self.inputs: np.ndarray | None = None
+        self.owner: np.ndarray | None = None
+        self.bad: np.ndarray | None = None
+        self.raw: np.ndarray | None = None
+        self.cursor = 0
+
+
+def blocks_to_predict(sweep: Any, predicted: set[int]) -> list[Block]:
+    """Blocks done in the sweep's fetch queue that are not in ``predicted``, in id order."""
+    return [b for b in sweep.queue.blocks(State.DONE) if b.id not in predicted]
+
+
+def predict_sweep(
+    sweep: Any,
+    model: Model,
+    settings: PredictSettings | None = None,
+    on_progress: Callable[[PredictReport], None] | None = None,
+    progress_every_s: float = 0.5,
+) -> PredictReport:
+    """Score every fetched tile of ``sweep`` (a :class:`tilesweep.sweep.Sweep`) that this
+    model has not scored yet, into ``SWEEP/predictions/``. Resumable and idempotent: a
+    second run finds nothing to do. ``on_progress`` is called from this thread every
+    ``progress_every_s`` with the live report."""
+    s = settings or PredictSettings()
+    info = model.info
+    spec = info.input
+    n_labels = len(info.labels)
+    report = PredictReport()
+    sink = PredictionSink(
+        sweep.path, sweep.zoom, model.name, model.digest, info.labels, info.threshold,
+        part_rows=s.part_rows, part_seconds=s.part_seconds,
+    )
+    try:
+        report.adopted_parts = sink.stats.adopted_parts
+        todo = blocks_to_predict(sweep, sink.predicted_ids())
+        report.blocks_todo = len(todo)
+        store = sweep.store
+        meters = {name: StageMeter(name, threads) for name, threads in
+                  (("read", 1), ("decode", s.threads), ("model", 1), ("sink", 1))}
+        report.stages = meters
+        q_read: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks)
+        q_dec: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks)
+        q_sink: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks * 4)
+        report.queues = {"read": q_read, "decode": q_dec, "sink": q_sink}
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def put(q: "queue_mod.Queue[Any]", item: Any) -> None:
+            while True:
+                if stop.is_set():
+                    raise _Stopped
+                try:
+                    q.put(item, timeout=0.1)
+                    return
+                except queue_mod.Full:
+                    pass
+
+        def get(q: "queue_mod.Queue[Any]", timeout: float | None = None) -> Any:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if stop.is_set():
+                    raise _Stopped
+                try:
+                    return q.get(timeout=0.1)
+                except queue_mod.Empty:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+
+        def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    fn()
+                except _Stopped:
+                    pass
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    errors.append(exc)
+                    stop.set()
+            return run
+
+        def read() -> None:
+            m = meters["read"]
+            try:
+                for block in todo:
+                    t0 = time.perf_counter()
+                    path = store.shard_path(block.tile)
+                    try:
+                        reader = ShardReader(path)
+                    except FileNotFoundError:
+                        report.missing_shards += 1
+                        continue
+                    with reader:
+                        st = np.asarray(reader.records["status"])
+                        xs, ys = reader.coords()
+                        ok = np.nonzero(st == Status.OK)[0]
+                        data = [reader.data(int(i)) for i in ok]
+                        work = _Work(block, xs[ok], ys[ok], data, int(np.sum(st == Status.EMPTY)), int(np.sum(st == Status.FAILED)))
+                    m.add(len(ok), time.perf_counter() - t0)
+                    put(q_read, work)
+            finally:
+                for _ in range(s.threads):
+                    put(q_read, _END)
+
+        def decode_loop() -> None:
+            m = meters["decode"]
+            try:
+                while True:
+                    work = get(q_read)
+                    if work is _END:
+                        return
+                    t0 = time.perf_counter()
+                    parts, owners = [], []
+                    bad = np.zeros(len(work.data), bool)
+                    for i, data in enumerate(work.data):
+                        try:
+                            p = fit(decode(data), spec.size, spec.fit)
+                        except ValueError:  # DecodeError, or an image that does not fit
+                            bad[i] = True
+                            continue
+                        parts.append(p)
+                        owners.append(np.full(len(p), i, np.int64))
+                    work.inputs = np.concatenate(parts) if parts else np.zeros((0, spec.size, spec.size, 3), np.uint8)
+                    work.owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+                    work.bad = bad
+                    work.raw = np.empty((len(work.inputs), n_labels), np.float32)
+                    work.data = []
+                    m.add(len(bad), time.perf_counter() - t0)
+                    put(q_dec, work)
+            finally:
+                put(q_dec, _END)
+
+        def finish(work: _Work) -> None:
+            scores = np.full((len(work.x), n_labels), -np.inf, np.float32)
+            if len(work.owner):
+                np.maximum.at(scores, work.owner, work.raw)
+            scores[work.bad] = np.nan
+            put(q_sink, BlockRows(work.block.id, work.block.z, work.x, work.y, scores, work.empty, work.failed, time.time()))
+
+        def model_loop() -> None:
+            m = meters["model"]
+            pending: deque[_Work] = deque()
+            avail = 0
+            ended = 0
+            try:
+                while True:
+                    while avail < s.batch and ended < s.threads:
+                        work = get(q_dec)
+                        if work is _END:
+                            ended += 1
+                        elif len(work.inputs) == 0:
+                            if not pending:
+                                finish(work)
+                            else:
+                                pending.append(work)
+                        else:
+                            pending.append(work)
+                            avail += len(work.inputs)
+                    if avail == 0:
+                        while pending:
+                            finish(pending.popleft())
+                        if ended >= s.threads:
+                            return
+                        continue
+                    chunks, refs, need = [], [], s.batch
+                    for work in pending:
+                        if need == 0:
+                            break
+                        take = min(need, len(work.inputs) - work.cursor)
+                        if take:
+                            chunks.append(work.inputs[work.cursor : work.cursor + take])
+                            refs.append((work, work.cursor, take))
+                            work.cursor += take
+                            need -= take
+                    t0 = time.perf_counter()
+                    batch = normalise(np.concatenate(chunks), spec.mean, spec.std, spec.channel_order)
+                    t1 = time.perf_counter()
+                    out = check_scores(model.predict(batch), len(batch), info, model.name)
+                    t2 = time.perf_counter()
+                    k = 0
+                    for work, start, take in refs:
+                        work.raw[start : start + take] = out[k : k + take]
+                        k += take
+                    avail -= len(batch)
+                    while pending and pending[0].cursor == len(pending[0].inputs):
+                        finish(pending.popleft())
+                    m.add(len(batch), t2 - t1)  # busy = predict only (normalising t0..t1 is not)
+            finally:
+                put(q_sink, _END)
+
+        def sink_loop() -> None:
+            m = meters["sink"]
+            while True:
+                try:
+                    rows = get(q_sink, timeout=1.0)
+                except queue_mod.Empty:
+                    if sink.due():
+                        sink.commit()
+                    continue
+                if rows is _END:
+                    break
+                t0 = time.perf_counter()
+                sink.add(rows)
+                m.add(len(rows.x), time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            sink.commit()
+            m.add(0, time.perf_counter() - t0)
+
+        threads = [threading.Thread(target=guarded(read), name="predict-read", daemon=True)]
+        threads += [threading.Thread(target=guarded(decode_loop), name=f"predict-decode-{i}", daemon=True) for i in range(s.threads)]
+        threads += [threading.Thread(target=guarded(model_loop), name="predict-model", daemon=True),
+                    threading.Thread(target=guarded(sink_loop), name="predict-sink", daemon=True)]
+        started = time.monotonic()
+
+        def snapshot() -> None:
+            st = sink.stats
+            report.wall_s = time.monotonic() - started
+            report.blocks, report.tiles, report.positives = st.blocks, st.rows, st.positives
+            report.parts, report.bytes = st.parts, st.bytes
+            report.empty, report.failed, report.undecodable = st.empty, st.failed, st.undecodable
+
+        for t in threads:
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                threads[-1].join(progress_every_s)
+                if on_progress is not None:
+                    snapshot()
+                    on_progress(report)
+        except BaseException:
+            stop.set()
+            for t in threads:
+                t.join(5)
+            raise
+        snapshot()
+        if errors:
+            raise errors[0]
+        return report
+    finally:
+        sink.close()
+
+
+def probe(model: Model) -> None:
+    """Run the model once on a zero batch, so a model that returns the wrong shape fails
+    (one-line UsageError) before anything is written."""
+    spec = model.info.input
+    x = normalise(np.zeros((1, spec.size, spec.size, 3), np.uint8), spec.mean, spec.std, spec.channel_order)
+    check_scores(model.predict(x), 1, model.info, model.name)
+
+
+__all__ = ["PredictReport", "PredictSettings", "StageMeter", "blocks_to_predict", "predict_sweep", "probe"]

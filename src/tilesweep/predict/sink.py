@@ -1,0 +1,459 @@
+"""The prediction sink: Parquet parts with group commit, and the ledger of predicted blocks.
+
+Layout under ``SWEEP/predictions/``::
+
+    ledger.sqlite                 which blocks are predicted, by which model, in which part
+    .lock                         flock held by the one process writing predictions
+    {model-slug}/part-*.parquet   rows of many blocks, one row per fetched (OK) tile
+    {model-slug}/*.partial        a part being written (deleted on the next open)
+
+**Group commit.** :meth:`PredictionSink.add` buffers the rows of whole blocks; when the
+buffer holds ``part_rows`` rows (or ``part_seconds`` passed) :meth:`commit` writes them
+as one part: temp file, fsync, atomic rename, fsync of the folder; then it records the
+part and all its blocks in the ledger in one SQLite transaction. A block is *predicted*
+iff the ledger says so.
+
+**Crash argument.** A crash before the rename leaves a ``.partial`` file: deleted on the
+next open, its blocks are not in the ledger, so they are predicted again. A crash after the
+rename but before the ledger commit leaves an *orphan* part: complete (it was renamed only
+after fsync) and self-describing (its Parquet key-value metadata lists its blocks with
+their counts). The next open **adopts** it: it records the orphan's blocks in the ledger,
+unless one of them is recorded already (impossible with the single-writer lock, handled by
+deleting the orphan). Parts are only written for blocks that are not in the ledger, and
+recovery runs under the lock before any block is chosen, so no block's rows are ever in two
+live parts: no duplicates, no missing rows. A part the ledger names but that is gone from
+disk (deleted by hand) is forgotten, and its blocks are predicted again.
+
+**Accounting.** Empty (404/204) and failed tiles have no row; the ledger keeps their count
+per block, so for every predicted block ``rows + empty + failed`` = its planned tiles, and
+``rows`` = its fetched (OK) tiles. A fetched tile whose bytes do not decode still gets a row,
+with null scores and a null ``label`` (counted as ``undecodable``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import UsageError
+
+PREDICTIONS_DIR = "predictions"
+LEDGER_FILE = "ledger.sqlite"
+LOCK_FILE = ".lock"
+PART_FORMAT = 1
+META_KEY = b"tilesweep.predictions"
+BASE_COLUMNS = ("z", "x", "y", "block", "lon", "lat", "label", "model", "model_digest", "time")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS parts (
+    name        TEXT PRIMARY KEY,    -- path relative to predictions/
+    model_key   TEXT NOT NULL,
+    rows        INTEGER NOT NULL,
+    blocks      INTEGER NOT NULL,
+    bytes       INTEGER NOT NULL,
+    written_at  REAL NOT NULL,
+    adopted     INTEGER NOT NULL DEFAULT 0   -- 1: recovered after a crash before its commit
+);
+CREATE TABLE IF NOT EXISTS predicted (
+    model_key   TEXT NOT NULL,
+    block_id    INTEGER NOT NULL,    -- PMTiles Hilbert id of the block (the queue's key)
+    part        TEXT,                -- NULL when the block has no row (no fetched tile)
+    rows        INTEGER NOT NULL,    -- fetched tiles = rows in the part
+    empty       INTEGER NOT NULL,
+    failed      INTEGER NOT NULL,
+    undecodable INTEGER NOT NULL,
+    positives   INTEGER NOT NULL,
+    at          REAL NOT NULL,
+    PRIMARY KEY (model_key, block_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS models (
+    model_key   TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    folder      TEXT NOT NULL,
+    labels      TEXT NOT NULL,
+    threshold   REAL NOT NULL
+);
+"""
+
+
+def model_key(name: str, digest: str) -> str:
+    """The ledger's key of a model: its weights digest, or its name when it has none
+    (Python callables)."""
+    return f"sha256:{digest}" if digest else f"name:{name}"
+
+
+def model_folder(name: str, digest: str) -> str:
+    """The part folder of a model: a file-name-safe slug of its name plus its digest."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+    return f"{slug[:60]}-{digest[:12]}" if digest else slug[:60]
+
+
+class BlockRows(NamedTuple):
+    """The predictions of one block: its fetched tiles' ``x``, ``y`` (int64), their
+    ``scores`` (float32[n, C], NaN for an undecodable tile) and the block's counts."""
+
+    block_id: int
+    block_z: int
+    x: np.ndarray
+    y: np.ndarray
+    scores: np.ndarray
+    empty: int
+    failed: int
+    at: float
+
+
+@dataclass
+class CommitStats:
+    parts: int = 0
+    rows: int = 0
+    blocks: int = 0
+    positives: int = 0
+    empty: int = 0
+    failed: int = 0
+    undecodable: int = 0
+    bytes: int = 0
+    adopted_parts: int = 0
+    deleted_orphans: int = 0
+    forgotten_parts: int = 0
+    busy_s: float = 0.0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def centres(z: int, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tile centres (lon, lat) in degrees, taken in Mercator space (vectorised
+    :func:`tilesweep.tiles.center`)."""
+    n = float(1 << z)
+    lon = (np.asarray(x, np.float64) + 0.5) / n * 360.0 - 180.0
+    lat = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * (np.asarray(y, np.float64) + 0.5) / n))))
+    return lon, lat
+
+
+class PredictionSink:
+    """Group-committed prediction parts of one model in one sweep (see the module doc).
+
+    Opening takes the sweep's prediction lock (a second writer gets :class:`UsageError`)
+    and recovers from a crash of the previous writer. ``labels``/``threshold`` describe the
+    score columns; ``part_rows`` and ``part_seconds`` bound a part's size and age."""
+
+    def __init__(
+        self,
+        sweep_path: Path,
+        zoom: int,
+        model_name: str,
+        digest: str,
+        labels: Iterable[str],
+        threshold: float,
+        part_rows: int = 65536,
+        part_seconds: float = 60.0,
+    ) -> None:
+        self.labels = tuple(labels)
+        clash = [lb for lb in self.labels if lb in BASE_COLUMNS]
+        if clash or len(set(self.labels)) != len(self.labels):
+            raise UsageError(f"model {model_name}: label names {self.labels} clash with prediction columns {BASE_COLUMNS} or repeat")
+        if part_rows < 1:
+            raise UsageError(f"part rows {part_rows} must be >= 1")
+        self.root = Path(sweep_path) / PREDICTIONS_DIR
+        self.zoom = int(zoom)
+        self.model_name = model_name
+        self.digest = digest
+        self.key = model_key(model_name, digest)
+        self.folder_name = model_folder(model_name, digest)
+        self.folder = self.root / self.folder_name
+        self.threshold = float(threshold)
+        self.part_rows = int(part_rows)
+        self.part_seconds = float(part_seconds)
+        self.stats = CommitStats()
+        self._buffer: list[BlockRows] = []
+        self._buffered_rows = 0
+        self._first_at: float | None = None
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise UsageError(f"another `tilesweep predict` is writing predictions of {str(sweep_path)!r}; wait for it") from None
+        self.db = sqlite3.connect(self.root / LEDGER_FILE, isolation_level=None, check_same_thread=False, timeout=60)
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA synchronous = FULL")
+        self.db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        self.db.execute(
+            "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?)",
+            (self.key, model_name, digest, self.folder_name, ",".join(self.labels), self.threshold),
+        )
+        self._schema = pa.schema(
+            [("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64()),
+             ("lon", pa.float64()), ("lat", pa.float64())]
+            + [(lb, pa.float32()) for lb in self.labels]
+            + [("label", pa.bool_()), ("model", pa.string()), ("model_digest", pa.string()),
+               ("time", pa.timestamp("ms", tz="UTC"))]
+        )
+        self.recover()
+
+    # --- reading the ledger ---------------------------------------------------------------
+
+    def predicted_ids(self) -> set[int]:
+        """Ids of the blocks this model has predicted (durably)."""
+        return {int(r[0]) for r in self.db.execute("SELECT block_id FROM predicted WHERE model_key = ?", (self.key,))}
+
+    # --- recovery -------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Delete temp files, adopt orphan parts, forget parts that are gone (module doc)."""
+        for stale in self.folder.glob("*.partial"):
+            stale.unlink()
+        known = {r[0] for r in self.db.execute("SELECT name FROM parts WHERE model_key = ?", (self.key,))}
+        on_disk = {f"{self.folder_name}/{p.name}" for p in self.folder.glob("part-*.parquet")}
+        gone = known - on_disk
+        if gone:
+            with _txn(self.db):
+                for name in gone:
+                    self.db.execute("DELETE FROM predicted WHERE model_key = ? AND part = ?", (self.key, name))
+                    self.db.execute("DELETE FROM parts WHERE name = ?", (name,))
+            self.stats.forgotten_parts += len(gone)
+        for name in sorted(on_disk - known):
+            path = self.root / name
+            try:
+                meta = json.loads(pq.read_schema(path).metadata[META_KEY])
+                if meta["model_key"] != self.key:
+                    raise ValueError("another model's part")
+                blocks = {int(k): v for k, v in meta["blocks"].items()}
+                rows = int(meta["rows"])
+            except Exception:  # not ours or unreadable: a renamed part is whole, so this is foreign
+                path.unlink()
+                self.stats.deleted_orphans += 1
+                continue
+            ids = list(blocks)
+            clash = any(
+                self.db.execute("SELECT 1 FROM predicted WHERE model_key = ? AND block_id = ?", (self.key, b)).fetchone()
+                for b in ids
+            )
+            if clash:
+                path.unlink()
+                _fsync_dir(self.folder)
+                self.stats.deleted_orphans += 1
+                continue
+            with _txn(self.db):
+                self._record(name, rows, path.stat().st_size, blocks, adopted=True)
+            self.stats.adopted_parts += 1
+
+    # --- writing --------------------------------------------------------------------------
+
+    def add(self, rows: BlockRows) -> bool:
+        """Buffer one block's rows; commit when the buffer is full or old. Returns whether
+        it committed."""
+        self._buffer.append(rows)
+        self._buffered_rows += len(rows.x)
+        if self._first_at is None:
+            self._first_at = time.monotonic()
+        if self.due():
+            self.commit()
+            return True
+        return False
+
+    def due(self) -> bool:
+        """True when the buffer should be committed now (full, or older than part_seconds)."""
+        if not self._buffer:
+            return False
+        return self._buffered_rows >= self.part_rows or (
+            self._first_at is not None and time.monotonic() - self._first_at >= self.part_seconds
+        )
+
+    def commit(self) -> None:
+        """Write the buffered blocks as one part and record them, in that order."""
+        if not self._buffer:
+            return
+        t0 = time.perf_counter()
+        buf, self._buffer, self._buffered_rows, self._first_at = self._buffer, [], 0, None
+        blocks: dict[int, list[int]] = {}
+        for b in buf:
+            valid = ~np.isnan(b.scores).any(axis=1) if len(b.x) else np.zeros(0, bool)
+            pos = int(np.sum((b.scores[valid] >= self.threshold).any(axis=1))) if len(b.x) else 0
+            blocks[b.block_id] = [len(b.x), b.empty, b.failed, int(np.sum(~valid)), pos]
+        rows = sum(v[0] for v in blocks.values())
+        name: str | None = None
+        size = 0
+        if rows:
+            table = self._table(buf)
+            meta = {"format": PART_FORMAT, "model_key": self.key, "model": self.model_name, "digest": self.digest,
+                    "labels": list(self.labels), "threshold": self.threshold, "rows": rows,
+                    "blocks": {str(k): v for k, v in blocks.items()}}
+            table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+            stem = f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+            final = self.folder / f"{stem}.parquet"
+            tmp = self.folder / f"{stem}.parquet.partial"
+            pq.write_table(table, tmp, compression="zstd")
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            _fsync_dir(self.folder)
+            name = f"{self.folder_name}/{final.name}"
+            size = final.stat().st_size
+        with _txn(self.db):
+            self._record(name, rows, size, blocks, adopted=False)
+        s = self.stats
+        s.parts += name is not None
+        s.rows += rows
+        s.blocks += len(blocks)
+        s.positives += sum(v[4] for v in blocks.values())
+        s.empty += sum(v[1] for v in blocks.values())
+        s.failed += sum(v[2] for v in blocks.values())
+        s.undecodable += sum(v[3] for v in blocks.values())
+        s.bytes += size
+        s.busy_s += time.perf_counter() - t0
+
+    def _record(self, name: str | None, rows: int, size: int, blocks: dict[int, list[int]], adopted: bool) -> None:
+        now = time.time()
+        if name is not None:
+            self.db.execute(
+                "INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?)", (name, self.key, rows, len(blocks), size, now, int(adopted))
+            )
+        self.db.executemany(
+            "INSERT INTO predicted VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(self.key, bid, name if v[0] else None, v[0], v[1], v[2], v[3], v[4], now) for bid, v in blocks.items()],
+        )
+
+    def _table(self, buf: list[BlockRows]) -> pa.Table:
+        x = np.concatenate([b.x for b in buf]).astype(np.int32)
+        y = np.concatenate([b.y for b in buf]).astype(np.int32)
+        scores = np.concatenate([b.scores for b in buf]).astype(np.float32)
+        block = np.concatenate([np.full(len(b.x), b.block_id, np.int64) for b in buf])
+        at = np.concatenate([np.full(len(b.x), int(b.at * 1000), np.int64) for b in buf])
+        lon, lat = centres(self.zoom, x, y)
+        invalid = np.isnan(scores).any(axis=1)
+        n = len(x)
+        cols: list[pa.Array] = [
+            pa.array(np.full(n, self.zoom, np.int8)), pa.array(x), pa.array(y), pa.array(block),
+            pa.array(lon), pa.array(lat),
+        ]
+        for i in range(len(self.labels)):
+            cols.append(pa.array(scores[:, i], mask=invalid))
+        cols += [
+            pa.array((scores >= self.threshold).any(axis=1), mask=invalid),
+            pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([self.model_name])).cast(pa.string()),
+            pa.array([self.digest] * n, pa.string()) if n else pa.array([], pa.string()),
+            pa.array(at).cast(pa.timestamp("ms", tz="UTC")),
+        ]
+        return pa.Table.from_arrays(cols, schema=self._schema)
+
+    def close(self) -> None:
+        """Close the ledger and release the lock (buffered, uncommitted rows are dropped:
+        their blocks are not predicted and will be done again)."""
+        self._buffer = []
+        try:
+            self.db.close()
+        finally:
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> "PredictionSink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _txn:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+class PredictionTotals(NamedTuple):
+    """What the ledger holds for one model: blocks, rows (fetched tiles), empty, failed,
+    undecodable tiles, positives, and parts."""
+
+    blocks: int
+    rows: int
+    empty: int
+    failed: int
+    undecodable: int
+    positives: int
+    parts: int
+
+
+def ledger_totals(sweep_path: Path, name: str, digest: str) -> PredictionTotals | None:
+    """Totals of a model's predictions in a sweep, read-only (None when there is no ledger)."""
+    path = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
+    if not path.is_file():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        key = model_key(name, digest)
+        r = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(rows),0), COALESCE(SUM(empty),0), COALESCE(SUM(failed),0), "
+            "COALESCE(SUM(undecodable),0), COALESCE(SUM(positives),0) FROM predicted WHERE model_key = ?", (key,)
+        ).fetchone()
+        (parts,) = db.execute("SELECT COUNT(*) FROM parts WHERE model_key = ?", (key,)).fetchone()
+    finally:
+        db.close()
+    return PredictionTotals(*map(int, r), int(parts))
+
+
+class Reconciliation(NamedTuple):
+    """A model's ledger against the fetch queue: ``blocks`` predicted, ``rows`` written,
+    ``fetched`` OK tiles the queue recorded for those blocks, ``done_blocks`` in the queue,
+    and ``mismatched`` predicted blocks whose rows / empty / failed differ from the queue's."""
+
+    blocks: int
+    rows: int
+    fetched: int
+    done_blocks: int
+    mismatched: int
+
+    @property
+    def message(self) -> str | None:
+        if self.mismatched or self.rows != self.fetched:
+            return (f"{self.mismatched} predicted blocks disagree with the fetch queue: "
+                    f"{self.rows:,} prediction rows for {self.fetched:,} fetched tiles")
+        return None
+
+
+def reconcile(sweep_path: Path, queue_path: Path, name: str, digest: str) -> Reconciliation:
+    """Check a model's predictions against the fetch results, block by block (read-only)."""
+    ledger = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
+    db = sqlite3.connect(f"file:{queue_path}?mode=ro", uri=True)
+    try:
+        (done,) = db.execute("SELECT COUNT(*) FROM blocks WHERE state = 2").fetchone()
+        if not ledger.is_file():
+            return Reconciliation(0, 0, 0, int(done), 0)
+        db.execute("ATTACH DATABASE ? AS l", (f"file:{ledger}?mode=ro",))
+        r = db.execute(
+            """SELECT COUNT(*), COALESCE(SUM(p.rows), 0), COALESCE(SUM(b.n_ok), 0),
+                      COALESCE(SUM(p.rows != b.n_ok OR p.empty != b.n_empty OR p.failed != b.n_failed
+                                   OR b.n_ok IS NULL), 0)
+               FROM l.predicted p LEFT JOIN blocks b ON b.id = p.block_id WHERE p.model_key = ?""",
+            (model_key(name, digest),),
+        ).fetchone()
+    finally:
+        db.close()
+    return Reconciliation(int(r[0]), int(r[1]), int(r[2]), int(done), int(r[3]))

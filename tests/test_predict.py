@@ -1,0 +1,179 @@
+"""`tilesweep predict` end to end: the simulator over loopback, a real fetch through the
+CLI, real Parquet parts read back with pyarrow.
+
+The strongest test kills the predict process with SIGKILL at random instants and runs it
+again: the parts must end up holding every fetched tile exactly once."""
+
+import os
+import random
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers.cli import popen, status_json, tilesweep
+
+from tilesweep.model.evaluate import precision_recall
+from tilesweep.predict import BlockRows, PredictionSink
+from tilesweep.sim import World, run_in_thread
+from tilesweep.store import Status, TileStore
+from tilesweep.tiles import Tile
+
+TESTS = Path(__file__).parent
+ZOOM = 18
+WORLD_SEED = 5  # the demo model was trained on world seed 0
+TOWER_BBOX = "8.505,47.340,8.531,47.354"  # 320 zoom-18 tiles, 47 of them hold a tower (seed 5)
+SMALL_BBOX = "8.500,47.300,8.516,47.310"  # 156 tiles in 16 blocks at zoom 16
+
+
+@pytest.fixture(scope="module")
+def sim():
+    with run_in_thread(World(seed=WORLD_SEED)) as srv:
+        yield srv
+
+
+def fetched(tmp_path, sim, bbox, block_zoom, name="s"):
+    sweep = tmp_path / name
+    tilesweep("plan", bbox, sweep, "--zoom", ZOOM, "--block-zoom", block_zoom)
+    tilesweep("fetch", sweep, "--source", sim.template(), "--quiet")
+    return sweep
+
+
+def ok_tiles(sweep, block_zoom):
+    store = TileStore(sweep / "tiles", ZOOM, block_zoom)
+    tiles = {t for t, _ in store.iter_tiles(Status.OK)}
+    store.close()
+    return tiles
+
+
+def read_predictions(sweep):
+    """All rows of all parts of the one model folder, as a pyarrow table."""
+    folders = [p for p in (sweep / "predictions").iterdir() if p.is_dir()]
+    assert len(folders) == 1, folders
+    parts = sorted(folders[0].glob("*.parquet"))
+    assert parts and not list(folders[0].glob("*.partial")), "only whole parts remain"
+    return pq.read_table(folders[0]), parts
+
+
+def assert_exactly_once(table, expected):
+    keys = list(zip(table["x"].to_pylist(), table["y"].to_pylist()))
+    assert len(keys) == len(set(keys)), f"{len(keys) - len(set(keys))} duplicate rows"
+    assert {Tile(ZOOM, x, y) for x, y in keys} == expected
+
+
+def ledger(sweep):
+    db = sqlite3.connect(sweep / "predictions" / "ledger.sqlite")
+    try:
+        return db.execute("SELECT COUNT(*), SUM(rows), SUM(empty), COUNT(DISTINCT part) FROM predicted").fetchone()
+    finally:
+        db.close()
+
+
+def test_demo_model_finds_the_towers_of_a_fetched_sweep(tmp_path, sim):
+    sweep = fetched(tmp_path, sim, TOWER_BBOX, 14)
+    res = tilesweep("predict", sweep, "--model", "demo", "--quiet")
+    expected = ok_tiles(sweep, 14)
+    assert len(expected) == 320
+    assert "320 tiles scored" in res.stdout and "1 parts written" in res.stdout, res.stdout
+    assert "predictions in" in res.stdout and "model busy" in res.stdout
+
+    table, parts = read_predictions(sweep)
+    assert len(parts) == 1  # group commit: every block of the run in one part
+    assert table.column_names == ["z", "x", "y", "block", "lon", "lat", "tower", "label", "model", "model_digest", "time"]
+    assert_exactly_once(table, expected)
+    world = World(seed=WORLD_SEED)
+    rows = table.to_pylist()
+    truth = [world.tile_has_tower(Tile(ZOOM, r["x"], r["y"])) for r in rows]
+    assert sum(truth) >= 30
+    pr = precision_recall([r["label"] for r in rows], truth)
+    assert pr.precision >= 0.9 and pr.recall >= 0.9, str(pr)
+    assert all(r["label"] == (r["tower"] >= 0.5) and r["model"] == "demo" for r in rows)
+    r = rows[0]
+    from tilesweep.tiles import center
+
+    assert (r["lon"], r["lat"]) == pytest.approx(center(Tile(ZOOM, r["x"], r["y"])))
+    assert ledger(sweep)[:3] == (len({r["block"] for r in rows}), 320, 0)
+
+    # Running it again predicts nothing and writes nothing.
+    again = tilesweep("predict", sweep, "--model", "demo", "--quiet")
+    assert "0 tiles scored" in again.stdout and "320 rows" in again.stdout
+    assert sorted(read_predictions(sweep)[1]) == parts
+    st = status_json(sweep)  # `tilesweep status` is untouched by predictions/
+    assert st["mismatch"] is None and st["tiles_ok"] == 320
+
+
+def test_sigkill_at_random_instants_then_resume(tmp_path, sim):
+    sweep = fetched(tmp_path, sim, SMALL_BBOX, 16)
+    expected = ok_tiles(sweep, 16)
+    rng = random.Random(7)
+    args = ("predict", sweep, "--model", "helpers.slow_model:score", "--batch", 4, "--threads", 1, "--part-rows", 8, "--quiet")
+    kills, progress = 0, []
+    for _ in range(6):
+        p = popen(*args, cwd=TESTS)
+        time.sleep(rng.uniform(0.8, 2.0))
+        if p.poll() is not None:
+            break
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        kills += 1
+        progress.append(ledger(sweep)[0])
+        if progress[-1] == 16:
+            break
+    assert kills >= 3 and progress[2] < 16, f"predict finished before it was killed 3 times ({progress}): slow the model down"
+    assert progress[-1] > 0, "the killed runs committed nothing"
+    res = tilesweep("predict", *args[1:], env={"PYTHONPATH": str(TESTS), "TILESWEEP_TEST_SLEEP": "0"})
+    assert "predictions in" in res.stdout
+    table, parts = read_predictions(sweep)
+    assert len(parts) > 3
+    assert_exactly_once(table, expected)
+    assert ledger(sweep)[:2] == (16, len(expected))
+    # The scores are those of the model, whichever run wrote them.
+    assert all(0 < v < 1 for v in table["green"].to_pylist())
+
+
+def test_a_part_renamed_but_not_recorded_is_adopted_not_duplicated(tmp_path, sim, monkeypatch):
+    """A crash between a part's rename and its ledger commit: the next open records it."""
+    sweep = tmp_path / "s"
+    (sweep).mkdir()
+    rows = BlockRows(123, 16, np.array([10, 11]), np.array([20, 20]), np.array([[0.9], [0.1]], np.float32), 3, 0, time.time())
+    sink = PredictionSink(sweep, ZOOM, "m", "abc", ["score"], 0.5)
+    monkeypatch.setattr(sink, "_record", lambda *a, **k: (_ for _ in ()).throw(OSError("crash")))
+    sink.add(rows)
+    with pytest.raises(OSError):
+        sink.commit()
+    sink.close()
+    monkeypatch.undo()
+    assert len(list(sweep.glob("predictions/*/part-*.parquet"))) == 1
+    with PredictionSink(sweep, ZOOM, "m", "abc", ["score"], 0.5) as again:
+        assert again.stats.adopted_parts == 1 and again.predicted_ids() == {123}
+    assert ledger(sweep)[:3] == (1, 2, 3)
+    # A recorded part deleted by hand is forgotten: its blocks are predicted again.
+    next(sweep.glob("predictions/*/part-*.parquet")).unlink()
+    with PredictionSink(sweep, ZOOM, "m", "abc", ["score"], 0.5) as again:
+        assert again.stats.forgotten_parts == 1 and again.predicted_ids() == set()
+
+
+def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, sim):
+    sweep = tmp_path / "s"
+    tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
+    cases = [
+        ((sweep, "--model", "no-such-model"), "no-such-model"),
+        ((sweep, "--model", "missing.onnx"), "missing.onnx"),
+        ((sweep, "--model", "helpers.models:wrong_shape"), "wrong_shape"),
+        ((sweep, "--model", "helpers.nope:fn"), "helpers.nope"),
+        ((sweep, "--model", "demo", "--batch", 0), "batch"),
+        ((sweep, "--model", "demo", "--threads", 0), "threads"),
+        ((tmp_path / "nowhere", "--model", "demo"), "nowhere"),
+    ]
+    for args, needle in cases:
+        res = tilesweep("predict", *args, check=False, env={"PYTHONPATH": str(TESTS)})
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "Traceback" not in res.stderr
+    assert not (sweep / "predictions").exists()
+    # A planned but unfetched sweep is not an error: nothing to predict yet.
+    res = tilesweep("predict", sweep, "--model", "demo", "--quiet")
+    assert "0 tiles scored" in res.stdout and "not fetched yet" in res.stdout
