@@ -130,6 +130,7 @@ class Worker:
         fetch: FetchSettings,
         settings: WorkerSettings = WorkerSettings(),
         on_progress: Callable[[WorkerCounters], None] | None = None,
+        stop_event: Any = None,
     ):
         self.sweep_path = Path(sweep_path)
         self.zoom = zoom
@@ -138,6 +139,7 @@ class Worker:
         self.fetch_settings = fetch
         self.settings = settings
         self.on_progress = on_progress
+        self.stop_event = stop_event  # an mp.Event the parent sets to ask for a clean stop
         self.owner = new_owner()
         self.counters = WorkerCounters()
         self.stopping = False
@@ -189,6 +191,8 @@ class Worker:
                 self.fetcher = fetcher
                 while True:
                     if os.getppid() != parent:  # our parent was killed: stop like Ctrl-C
+                        self.stop()
+                    if self.stop_event is not None and self.stop_event.is_set():
                         self.stop()
                     if not self.stopping and len(tasks) < max_blocks:
                         leases = await self._db(self.queue.lease, max_blocks - len(tasks), self.settings.lease_ttl_s, self.owner)
@@ -397,7 +401,7 @@ class Worker:
 # --- several processes ----------------------------------------------------------------
 
 
-def _worker_main(args: tuple, progress: "mp.Queue[tuple[int, WorkerCounters]]", index: int) -> None:  # type: ignore[type-arg]
+def _worker_main(args: tuple, progress: "mp.Queue[tuple[int, WorkerCounters]]", index: int, stop_event: Any) -> None:  # type: ignore[type-arg]
     last = [0.0]
 
     def report(c: WorkerCounters) -> None:
@@ -406,7 +410,7 @@ def _worker_main(args: tuple, progress: "mp.Queue[tuple[int, WorkerCounters]]", 
             last[0] = now
             progress.put((index, c))
 
-    worker = Worker(*args, on_progress=report)
+    worker = Worker(*args, on_progress=report, stop_event=stop_event)
     try:
         counters = worker.run()
     except UsageError as exc:  # e.g. SourceError: the parent prints it as one line
@@ -414,6 +418,24 @@ def _worker_main(args: tuple, progress: "mp.Queue[tuple[int, WorkerCounters]]", 
         return
     progress.put((index, counters))
     progress.put((index, None))  # type: ignore[arg-type]
+
+
+def _drain_until_exit(procs: list, progress: "mp.Queue", latest: dict) -> None:  # type: ignore[type-arg]
+    """Read ``progress`` until every worker has exited. A child cannot exit while its last
+    messages sit in a full pipe, so joining without reading can wait forever. A second
+    Ctrl-C kills the workers."""
+    while any(p.is_alive() for p in procs):
+        try:
+            index, counters = progress.get(timeout=0.2)
+            if counters is not None and not isinstance(counters, str):
+                latest[index] = counters
+        except KeyboardInterrupt:
+            for p in procs:
+                p.kill()
+        except Exception:  # queue.Empty
+            pass
+    for p in procs:
+        p.join()
 
 
 def run_workers(
@@ -437,8 +459,12 @@ def run_workers(
         return counters
     ctx = mp.get_context("spawn")
     progress: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    # Workers are asked to stop through this event, never with SIGTERM: a process killed
+    # while it writes to `progress` takes the queue's shared write lock with it, and every
+    # other worker then hangs at exit flushing its last message.
+    stop = ctx.Event()
     args = (sweep_path, zoom, block_zoom, source, fetch, settings)
-    procs = [ctx.Process(target=_worker_main, args=(args, progress, i), daemon=False) for i in range(workers)]
+    procs = [ctx.Process(target=_worker_main, args=(args, progress, i, stop), daemon=False) for i in range(workers)]
     for p in procs:
         p.start()
     latest: dict[int, WorkerCounters] = {}
@@ -465,10 +491,8 @@ def run_workers(
             if counters is None:
                 running.discard(index)
             elif isinstance(counters, str):  # a worker stopped on a UsageError
-                for p in procs:
-                    p.terminate()
-                for p in procs:
-                    p.join()
+                stop.set()  # the others stop cleanly and release their leases
+                _drain_until_exit(procs, progress, latest)
                 raise UsageError(counters)
             else:
                 latest[index] = counters
@@ -476,19 +500,8 @@ def run_workers(
                     on_progress(total())
     except KeyboardInterrupt:
         stopping = True
-        for p in procs:
-            if p.is_alive():
-                p.terminate()  # SIGTERM: the worker stops cleanly and releases its leases
-        while any(p.is_alive() for p in procs):
-            try:
-                index, counters = progress.get(timeout=0.5)
-                if counters is not None:
-                    latest[index] = counters
-            except KeyboardInterrupt:
-                for p in procs:
-                    p.kill()
-            except Exception:
-                pass
+        stop.set()  # a terminal's Ctrl-C reaches the workers too; this covers a signal to us alone
+        _drain_until_exit(procs, progress, latest)
     for p in procs:
         p.join()
     result = total()
