@@ -2,8 +2,9 @@
 
 Run as ``python -m tilesweep.demo [--dir DIR]``. It starts the simulator on loopback (with
 a few injected server faults, as a real provider has), then runs the very ``tilesweep``
-commands a user types, printing each one before its output: plan, fetch, status, tiles,
-export. Nothing leaves the machine.
+commands a user types, printing each one before its output: plan, fetch, status, predict
+(the shipped demo model, looking for power towers), tiles, export. Last it scores the
+predictions against the simulator's ground truth. Nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ from pathlib import Path
 from rich.console import Console
 
 from .sim import Faults, World, run_in_thread
-from .sweep import SWEEP_FILE
+from .sweep import PREDICTIONS_DIR, SWEEP_FILE
+from .tiles import Tile, tile_at
 
-DEMO_BBOX = "7.430,46.940,7.460,46.960"  # ~2.3 x 2.2 km near Bern: 506 zoom-18 tiles
+DEMO_BBOX = "8.490,47.330,8.550,47.370"  # ~4.5 x 4.4 km: 1,936 zoom-18 tiles, 183 with a tower
 DEMO_ZOOM = 18
+DEMO_SEED = 5  # a world the demo model never saw (it was trained on world seed 0)
 DEMO_FAULTS = Faults(http_503=0.03, http_429=0.02, reset=0.02, truncate=0.01, retry_after=0.2, latency_ms=20, jitter_ms=40, seed=1)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", default="demo-sweep", help="sweep folder (re-created on each run)")
-    ap.add_argument("--seed", type=int, default=0, help="world seed of the simulator")
+    ap.add_argument("--seed", type=int, default=DEMO_SEED, help="world seed of the simulator")
     args = ap.parse_args(argv)
     console = Console()
     folder = Path(args.dir)
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             ("plan: area + zoom -> blocks of tiles in a durable queue", ["plan", DEMO_BBOX, folder, "--zoom", DEMO_ZOOM]),
             ("fetch: 2 worker processes, retries, one shard per block", ["fetch", folder, "--source", sim.template(), "--workers", 2, "--concurrency", 64]),
             ("status: every planned tile accounted for", ["status", folder]),
+            ("predict: the demo model looks for power towers in every tile", ["predict", folder, "--model", "demo", "--quiet"]),
             ("the store: a few packed shards, not hundreds of files", ["tiles", "stats", folder]),
             ("export: one PMTiles archive any web map can read", ["export", folder, folder / "tiles.pmtiles"]),
         ]
@@ -61,15 +65,43 @@ def main(argv: list[str] | None = None) -> None:
                 console.print(f"[red]step failed with exit status {res.returncode}")
                 sys.exit(res.returncode)
         served = dict(sim.stats)
+    console.rule("the predictions against the simulator's ground truth")
+    _score(console, folder, World(seed=args.seed))
     console.rule("done")
     faults = sum(v for k, v in served.items() if k not in ("requests", "ok", "renders", "cache_hits", "not_found"))
     console.print(
         f"the simulator answered {served.get('requests', 0):,} requests, {faults:,} of them with a fault; "
-        f"every tile is stored once. Sweep folder: {folder}/ (sweep.toml, queue.sqlite, tiles/, tiles.pmtiles). "
+        f"every tile is stored once. Sweep folder: {folder}/ (sweep.toml, queue.sqlite, tiles/, "
+        f"{PREDICTIONS_DIR}/, tiles.pmtiles). "
         f"{time.perf_counter() - started:.0f} s in all.",
         highlight=False,
     )
-    console.print(f"Try: tilesweep tiles get {folder} 18/137500/93000 -o t.jpg   (any tile from `tilesweep tiles ls {folder}`)")
+    z, x, y = tile_at(8.52, 47.35, DEMO_ZOOM)
+    console.print(f"Try: tilesweep tiles get {folder} {z}/{x}/{y} -o t.jpg   (any tile from `tilesweep tiles ls {folder}`)")
+
+
+def _score(console: Console, folder: Path, world: World) -> None:
+    """Precision and recall of the predictions in ``folder`` against ``world``'s towers:
+    a tile holds a tower iff a tower's centre lies in it (the rule the model learnt)."""
+    import pyarrow.dataset as ds
+
+    parts = sorted((folder / PREDICTIONS_DIR).glob("*/part-*.parquet"))
+    table = ds.dataset(parts, format="parquet").to_table(columns=["z", "x", "y", "label"])
+    rows = table.to_pydict()
+    tp = fp = fn = 0
+    for z, x, y, label in zip(rows["z"], rows["x"], rows["y"], rows["label"]):
+        truth = world.tile_has_tower(Tile(z, x, y))
+        tp += bool(label) and truth
+        fp += bool(label) and not truth
+        fn += (not label) and truth
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    console.print(
+        f"{table.num_rows:,} tiles scored in {len(parts)} Parquet part(s) under {folder / PREDICTIONS_DIR}/; "
+        f"{tp + fp:,} predicted to hold a tower, {tp + fn:,} truly do.\n"
+        f"precision {precision:.3f} ({tp} of {tp + fp} right), recall {recall:.3f} ({tp} of {tp + fn} found)",
+        highlight=False,
+    )
 
 
 if __name__ == "__main__":
