@@ -436,3 +436,25 @@ def test_local_rank_tables_match_full_tile_ids() -> None:
             lo = descendant_id_range(b, zoom)[0]
             assert (_local_ranks(zoom, b) + np.uint64(lo) == full).all()
             assert _local_ranks(zoom, b).max() == side * side - 1
+
+
+def test_a_journal_left_beside_a_finished_shard_is_discarded(tmp_path):
+    """kill -9 between the final rename and the journal's unlink leaves {y}.idx.partial
+    beside {y}.shard; the store removes it when the block is found finished."""
+    from tilesweep.store import TileStore
+    from tilesweep.store.shard import partial_paths
+
+    store = TileStore(tmp_path, 18, 14)
+    block = Tile(14, 8580, 5740)
+    w = store.writer(block)
+    t = Tile(18, 8580 << 4, 5740 << 4)
+    w.append(t, Status.OK, b"\xff\xd8\xff" + b"x" * 100)
+    w.flush()
+    journal = partial_paths(store.shard_path(block))[1]
+    saved = journal.read_bytes()
+    w.finish()
+    journal.write_bytes(saved)  # as if the process died before the unlink
+    assert store.is_complete(block)
+    store.discard_leftovers(block)
+    assert not journal.exists() and store.get(t) == b"\xff\xd8\xff" + b"x" * 100
+    store.close()

@@ -273,6 +273,7 @@ class Worker:
         block = lease.block
         try:
             if self.store.is_complete(block.tile):  # finished by a worker that died before its ack
+                await self._io(self.store.discard_leftovers, block.tile)
                 summary = await self._io(lambda: self.store.reader(block.tile).summary())
                 self._finished(block.id, summary)
                 return
@@ -447,12 +448,15 @@ def run_workers(
     settings: WorkerSettings,
     workers: int,
     on_progress: Callable[[WorkerCounters], None] | None = None,
+    in_process: bool = True,
 ) -> WorkerCounters:
     """Run ``workers`` worker processes to the end (or until Ctrl-C); returns summed counters.
 
-    With ``workers == 1`` the worker runs in this process. Raises KeyboardInterrupt when the
+    With ``workers == 1`` and ``in_process`` the worker runs in this process (it must then
+    be the main thread for Ctrl-C to reach it); otherwise every worker is a process of its
+    own, which gets Ctrl-C from the terminal itself. Raises KeyboardInterrupt when the
     work was stopped by Ctrl-C or SIGTERM (after leases were released)."""
-    if workers == 1:
+    if workers == 1 and in_process:
         counters = Worker(sweep_path, zoom, block_zoom, source, fetch, settings, on_progress).run()
         if counters.interrupted:
             raise KeyboardInterrupt

@@ -76,6 +76,13 @@ class TileStore:
         """True when the block's shard is finished (a re-leased block can just be acked)."""
         return self.shard_path(block).exists()
 
+    def discard_leftovers(self, block: Tile) -> None:
+        """Remove the journal (``{y}.idx.partial``) that a crash between a shard's final
+        rename and the journal's unlink leaves beside a finished shard."""
+        path = self.shard_path(block)
+        if path.exists():
+            partial_paths(path)[1].unlink(missing_ok=True)
+
     def writer(self, block: Tile) -> ShardWriter:
         """A writer for the block: new, resumed from an unfinished shard, or (for a finished
         one) already finished, whose ``finish()`` returns the summary."""
