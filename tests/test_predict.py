@@ -177,3 +177,42 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, sim):
     # A planned but unfetched sweep is not an error: nothing to predict yet.
     res = tilesweep("predict", sweep, "--model", "demo", "--quiet")
     assert "0 tiles scored" in res.stdout and "not fetched yet" in res.stdout
+
+
+def test_run_fetches_and_predicts_in_one_go_and_resumes(tmp_path):
+    """`tilesweep run`: worker processes fetch while the model scores each block as it
+    becomes durable; killed mid-way and run again, every tile ends fetched once and
+    predicted once. The source is slowed so that prediction really runs beside fetching."""
+    from tilesweep.sim import Faults
+
+    with run_in_thread(World(seed=WORLD_SEED), Faults(latency_ms=40, jitter_ms=40, seed=3)) as srv:
+        sweep = tmp_path / "r"
+        tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
+        args = ("run", sweep, "--model", "demo", "--source", srv.template(), "--workers", 2, "--concurrency", 4,
+                "--part-seconds", 0.5, "--quiet")
+        p = popen(*args)
+        time.sleep(3.0)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        res = tilesweep(*args)
+    expected = ok_tiles(sweep, 16)
+    assert len(expected) == 156
+    table, parts = read_predictions(sweep)
+    assert_exactly_once(table, expected)
+    st = status_json(sweep)
+    assert st["blocks_done"] == 16 and st["mismatch"] is None
+    assert "16 of 16 fetched blocks predicted by demo (156 rows" in res.stdout, res.stdout
+    assert ledger(sweep)[:2] == (16, 156)
+
+
+def test_run_refuses_a_bad_model_before_fetching(tmp_path, sim):
+    sweep = tmp_path / "b"
+    tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
+    before = (sweep / "sweep.toml").read_text()
+    res = tilesweep("run", sweep, "--model", "no_such_module:fn", "--source", sim.template(), check=False)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "no_such_module" in res.stderr
+    st = status_json(sweep)
+    assert st["blocks_done"] == 0 and not (sweep / "tiles").exists() and not (sweep / "predictions").exists()
+    assert (sweep / "sweep.toml").read_text() == before  # the source was not recorded either

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -118,32 +118,12 @@ def fetch(
     Workers lease blocks from the queue, fetch their tiles with retries, append them to one
     shard per block and ack the block once it is durable. Run it again after a crash or
     Ctrl-C: it resumes where it stopped."""
-    from .fetch import FetchSettings
-    from .sources import parse_source
-    from .worker import WorkerSettings, run_workers
+    from .worker import run_workers
 
-    if workers < 1 or workers > 256:
-        raise UsageError(f"workers {workers} must be in 1..256")
-    if concurrency < workers:
-        raise UsageError(f"concurrency {concurrency} must be at least the number of workers ({workers})")
-    if lease_ttl < 3:
-        raise UsageError(f"lease ttl {lease_ttl:g} must be >= 3 seconds")
-    if max_attempts < 1:
-        raise UsageError(f"max attempts {max_attempts} must be >= 1")
-    settings = FetchSettings(
-        concurrency=-(-concurrency // workers),
-        rate=None if rate is None else rate / workers,
-        retries=retries,
-        total_timeout_s=timeout,
-    )
+    settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts)
     with Sweep.open(sweep_dir) as sweep:
-        given = None if source is None else parse_source(source, header)
-        if given is None and header:
-            raise UsageError("--header needs --source (the headers belong to a source)")
-        src = sweep.bind_source(given)
-        src.check_env()
+        src = _bind_source(sweep, source, header)
         before = sweep.status()
-        worker_settings = WorkerSettings(lease_ttl_s=lease_ttl, max_attempts=max_attempts)
         meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet)
         try:
             with meter:
@@ -168,6 +148,40 @@ def fetch(
     if st.mismatch:
         err.print(f"[bold red]accounting mismatch:[/] {st.mismatch}")
         raise typer.Exit(1)
+
+
+def _fetch_settings(workers: int, concurrency: int, rate: float | None, retries: int, timeout: float, lease_ttl: float, max_attempts: int):  # type: ignore[no-untyped-def]
+    """(FetchSettings per worker, WorkerSettings) from the options of `fetch` and `run`."""
+    from .fetch import FetchSettings
+    from .worker import WorkerSettings
+
+    if workers < 1 or workers > 256:
+        raise UsageError(f"workers {workers} must be in 1..256")
+    if concurrency < workers:
+        raise UsageError(f"concurrency {concurrency} must be at least the number of workers ({workers})")
+    if lease_ttl < 3:
+        raise UsageError(f"lease ttl {lease_ttl:g} must be >= 3 seconds")
+    if max_attempts < 1:
+        raise UsageError(f"max attempts {max_attempts} must be >= 1")
+    settings = FetchSettings(
+        concurrency=-(-concurrency // workers),
+        rate=None if rate is None else rate / workers,
+        retries=retries,
+        total_timeout_s=timeout,
+    )
+    return settings, WorkerSettings(lease_ttl_s=lease_ttl, max_attempts=max_attempts)
+
+
+def _bind_source(sweep: Sweep, source: str | None, header: list[str]):  # type: ignore[no-untyped-def]
+    """The sweep's source: ``--source`` (recorded on first use) or the recorded one."""
+    from .sources import parse_source
+
+    given = None if source is None else parse_source(source, header)
+    if given is None and header:
+        raise UsageError("--header needs --source (the headers belong to a source)")
+    src = sweep.bind_source(given)
+    src.check_env()
+    return src
 
 
 class _FetchMeter:
@@ -234,9 +248,24 @@ def predict(
 
     Only blocks that are fetched (done) and not yet predicted by this model are read, so
     running it again, or after a crash, does only what is left."""
-    from .model import load_model
-    from .predict import PredictSettings, predict_sweep, probe
-    from .predict.sink import model_folder, reconcile
+    from .predict import predict_sweep
+
+    settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads)
+    with Sweep.open(sweep_dir) as sweep:
+        sweep.queue  # a sweep without its queue is a one-line error before anything loads
+        the_model = _load_model(model, device, model_threads)
+        meter = _PredictMeter(quiet)
+        try:
+            with meter:
+                report = predict_sweep(sweep, the_model, settings, on_progress=meter.update)
+        except KeyboardInterrupt:
+            err.print("stopped: committed parts are durable; run the same command to go on")
+            raise typer.Exit(130)
+        _predict_summary(sweep, sweep_dir, the_model, report, "run `tilesweep fetch`, then predict again")
+
+
+def _predict_settings(batch: int, threads: int, part_rows: int, part_seconds: float, model_threads: int | None):  # type: ignore[no-untyped-def]
+    from .predict import PredictSettings
 
     if not 1 <= batch <= 65536:
         raise UsageError(f"batch {batch} must be in 1..65536")
@@ -248,20 +277,28 @@ def predict(
         raise UsageError(f"part seconds {part_seconds:g} must be > 0")
     if model_threads is not None and not 1 <= model_threads <= 256:
         raise UsageError(f"model threads {model_threads} must be in 1..256")
-    with Sweep.open(sweep_dir) as sweep:
-        sweep.queue  # a sweep without its queue is a one-line error before anything loads
-        the_model = load_model(model, device=device, threads=model_threads)  # type: ignore[arg-type]
-        probe(the_model)
-        settings = PredictSettings(batch=batch, threads=threads, part_rows=part_rows, part_seconds=part_seconds)
-        meter = _PredictMeter(quiet)
-        try:
-            with meter:
-                report = predict_sweep(sweep, the_model, settings, on_progress=meter.update)
-        except KeyboardInterrupt:
-            err.print("stopped: committed parts are durable; run the same command to go on")
-            raise typer.Exit(130)
-        rec = reconcile(sweep.path, sweep.path / "queue.sqlite", the_model.name, the_model.digest)
-        st = sweep.status()
+    return PredictSettings(batch=batch, threads=threads, part_rows=part_rows, part_seconds=part_seconds)
+
+
+def _load_model(spec: str, device: str, model_threads: int | None):  # type: ignore[no-untyped-def]
+    """Load and probe the model: a model that does not load or answers in the wrong shape
+    is a one-line error before anything is written."""
+    from .model import load_model
+    from .predict import probe
+
+    the_model = load_model(spec, device=device, threads=model_threads)  # type: ignore[arg-type]
+    probe(the_model)
+    return the_model
+
+
+def _predict_summary(sweep: Sweep, sweep_dir: Path, the_model, report, not_fetched_hint: str, dead_is_error: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """Print what predict did and where the rows are; exit 1 when a done block has no
+    shard or the ledger disagrees with the fetch queue (or, with ``dead_is_error``, when
+    blocks are dead)."""
+    from .predict.sink import model_folder, reconcile
+
+    rec = reconcile(sweep.path, sweep.path / "queue.sqlite", the_model.name, the_model.digest)
+    st = sweep.status()
     folder = sweep.predictions_path / model_folder(the_model.name, the_model.digest)
     out.print(_predict_line(report), highlight=False)
     out.print(
@@ -270,13 +307,92 @@ def predict(
         highlight=False,
     )
     if st.blocks["pending"] or st.blocks["leased"]:
-        out.print(f"  {st.blocks['pending'] + st.blocks['leased']:,} blocks are not fetched yet: run `tilesweep fetch`, then predict again", highlight=False)
+        out.print(f"  {st.blocks['pending'] + st.blocks['leased']:,} blocks are not fetched yet: {not_fetched_hint}", highlight=False)
     if report.missing_shards:
         err.print(f"[bold red]{report.missing_shards:,} fetched blocks have no shard[/]; `tilesweep verify --repair` then fetch again")
         raise typer.Exit(1)
     if rec.message:
         err.print(f"[bold red]accounting mismatch:[/] {rec.message}")
         raise typer.Exit(1)
+    if dead_is_error and st.blocks["dead"]:
+        err.print(f"[bold red]{st.blocks['dead']:,} blocks are dead[/] (see `tilesweep status`); `tilesweep retry {sweep_dir} --dead` queues them again")
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    sweep_dir: Path = typer.Argument(..., help="Sweep folder made by `tilesweep plan`."),
+    model: str = typer.Option(..., "--model", "-m", help="demo, a .onnx / .pt / .pt2 file, or module:function."),
+    source: Optional[str] = typer.Option(None, "--source", "-s", help="URL template ({z} {x} {y} {-y} {q} {s} ${ENV}) or preset; recorded on first use."),
+    header: list[str] = typer.Option([], "--header", "-H", help="Request header 'Name: value' (repeatable; ${ENV} expanded at request time)."),
+    workers: int = typer.Option(1, "--workers", "-w", help="Fetch worker processes (one event loop each)."),
+    concurrency: int = typer.Option(256, "--concurrency", "-c", help="Requests in flight, over all workers."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Most requests/s over all workers (retries count); default: no cap."),
+    retries: int = typer.Option(6, "--retries", help="Retries of a tile after a transient fault."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds one request may take in all."),
+    lease_ttl: float = typer.Option(60.0, "--lease-ttl", help="Seconds a block's lease lasts unless renewed."),
+    max_attempts: int = typer.Option(5, "--max-attempts", help="Leases a block may take before it is declared dead."),
+    batch: int = typer.Option(64, "--batch", "-b", help="Model inputs per predict call."),
+    threads: int = typer.Option(2, "--threads", "-t", help="Decode threads."),
+    part_rows: int = typer.Option(65536, "--part-rows", help="Rows per Parquet part (group commit)."),
+    part_seconds: float = typer.Option(60.0, "--part-seconds", help="Commit a part at least this often (seconds)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
+    model_threads: Optional[int] = typer.Option(None, "--model-threads", help="CPU threads of one model batch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
+) -> None:
+    """Fetch and predict in one go, the usual command.
+
+    Worker processes fetch blocks into the store (as `tilesweep fetch`) while this process
+    scores each block as soon as it is durable (as `tilesweep predict`), so the model works
+    while tiles arrive. Tiles are kept in the store: it is the hand-off between the two,
+    read back through the page cache. Ctrl-C or a crash: run the same command again."""
+    import threading
+
+    from .predict import predict_sweep
+    from .worker import run_workers
+
+    fetch_settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts)
+    settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads)
+    with Sweep.open(sweep_dir) as sweep:
+        the_model = _load_model(model, device, model_threads)  # before the source is recorded
+        src = _bind_source(sweep, source, header)
+        before = sweep.status()
+        fetch_meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet=True)
+        fetched: dict[str, object] = {}
+        latest: list[object] = []
+
+        def on_fetch(c) -> None:  # type: ignore[no-untyped-def]
+            latest[:] = [c]
+            fetch_meter.update(c)
+
+        def fetch_all() -> None:
+            try:
+                fetched["counters"] = run_workers(
+                    sweep.path, sweep.zoom, sweep.block_zoom, src, fetch_settings, worker_settings, workers,
+                    on_fetch, in_process=False,
+                )
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                fetched["error"] = exc
+
+        fetcher = threading.Thread(target=fetch_all, name="tilesweep-fetch", daemon=True)
+        fetcher.start()
+        meter = _PredictMeter(quiet, lambda: fetch_meter.line(latest[0]) if latest else "starting workers")
+        try:
+            with meter:
+                report = predict_sweep(sweep, the_model, settings, on_progress=meter.update, follow=fetcher.is_alive)
+        except KeyboardInterrupt:
+            fetcher.join()  # the workers got the Ctrl-C too: they release their leases and stop
+            err.print("stopped: fetched tiles and committed predictions are durable; run the same command to go on")
+            raise typer.Exit(130)
+        fetcher.join()
+        error = fetched.get("error")
+        if isinstance(error, KeyboardInterrupt):
+            err.print("stopped: fetched tiles and committed predictions are durable; run the same command to go on")
+            raise typer.Exit(130)
+        if error is not None:
+            raise error  # type: ignore[misc]
+        out.print(fetch_meter.line(fetched["counters"]), highlight=False)  # type: ignore[arg-type]
+        _predict_summary(sweep, sweep_dir, the_model, report, "run the same command again", dead_is_error=True)
 
 
 def _predict_line(r) -> str:  # type: ignore[no-untyped-def]
@@ -292,9 +408,10 @@ def _predict_line(r) -> str:  # type: ignore[no-untyped-def]
 class _PredictMeter:
     """The live progress line of `tilesweep predict`: tiles/s per stage, queue fill, model busy %."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, first_line: Callable[[], str] | None = None):
         from rich.live import Live
 
+        self.first_line = first_line  # `tilesweep run`: the fetch line above the predict lines
         self.live = Live(console=err, refresh_per_second=4, transient=True) if not quiet and err.is_terminal else None
 
     def __enter__(self) -> "_PredictMeter":
@@ -311,7 +428,8 @@ class _PredictMeter:
             return
         fill = " ".join(f"{k} {v:.0%}" for k, v in r.queue_fill().items())
         done = r.stages["model"].tiles if r.stages else 0
-        self.live.update(f"{_predict_line(r)}\n  scored {done:,} tiles of {r.blocks_todo:,} blocks; queues {fill}")
+        head = f"fetch: {self.first_line()}\npredict: " if self.first_line is not None else ""
+        self.live.update(f"{head}{_predict_line(r)}\n  scored {done:,} tiles of {r.blocks_todo:,} blocks; queues {fill}")
 
 
 tiles_app = typer.Typer(help="Read the tile store of a sweep: get one tile, list, count.", no_args_is_help=True)

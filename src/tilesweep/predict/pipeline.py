@@ -21,15 +21,16 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from ..decode import decode, fit, normalise
 from ..model.base import Model, check_scores
-from ..queue import Block, State
+from ..queue import Block, SqliteQueue, State
 from ..store import Status
 from ..store.shard import ShardReader
+from ..sweep import QUEUE_FILE
 from .sink import BlockRows, PredictionSink
 
 _END = object()
@@ -104,10 +105,12 @@ class PredictReport:
         return m.busy(self.wall_s) if m else 0.0
 
     def bottleneck(self) -> str:
-        """The stage whose threads are busiest."""
+        """The stage whose threads are busiest; ``"input"`` when no stage is busy half the
+        time: then the tiles do not come fast enough (the fetch, when it runs beside)."""
         if not self.stages or self.wall_s <= 0:
             return "-"
-        return max(self.stages.values(), key=lambda s: s.busy(self.wall_s)).name
+        top = max(self.stages.values(), key=lambda s: s.busy(self.wall_s))
+        return top.name if top.busy(self.wall_s) >= 0.5 else "input (every stage waits for tiles)"
 
     def queue_fill(self) -> dict[str, float]:
         return {k: q.qsize() / q.maxsize for k, q in self.queues.items() if q.maxsize}
@@ -140,11 +143,17 @@ def predict_sweep(
     settings: PredictSettings | None = None,
     on_progress: Callable[[PredictReport], None] | None = None,
     progress_every_s: float = 0.5,
+    follow: Callable[[], bool] | None = None,
+    poll_s: float = 0.25,
 ) -> PredictReport:
     """Score every fetched tile of ``sweep`` (a :class:`tilesweep.sweep.Sweep`) that this
     model has not scored yet, into ``SWEEP/predictions/``. Resumable and idempotent: a
     second run finds nothing to do. ``on_progress`` is called from this thread every
-    ``progress_every_s`` with the live report."""
+    ``progress_every_s`` with the live report.
+
+    ``follow``: while it returns True (e.g. "the fetch is still running"), keep looking
+    for newly done blocks every ``poll_s`` seconds and score them too, so prediction runs
+    beside fetching (``tilesweep run``); blocks still go out in group-committed parts."""
     s = settings or PredictSettings()
     info = model.info
     spec = info.input
@@ -156,7 +165,8 @@ def predict_sweep(
     )
     try:
         report.adopted_parts = sink.stats.adopted_parts
-        todo = blocks_to_predict(sweep, sink.predicted_ids())
+        predicted = sink.predicted_ids()
+        todo = blocks_to_predict(sweep, predicted)
         report.blocks_todo = len(todo)
         store = sweep.store
         meters = {name: StageMeter(name, threads) for name, threads in
@@ -204,7 +214,7 @@ def predict_sweep(
         def read() -> None:
             m = meters["read"]
             try:
-                for block in todo:
+                for block in _blocks(todo):
                     t0 = time.perf_counter()
                     path = store.shard_path(block.tile)
                     try:
@@ -223,6 +233,31 @@ def predict_sweep(
             finally:
                 for _ in range(s.threads):
                     put(q_read, _END)
+
+        def _blocks(first: list[Block]) -> Iterator[Block]:
+            """``first``, then (with ``follow``) the blocks done since, until ``follow()``
+            turns False and a last look finds nothing new."""
+            seen = {b.id for b in first}
+            yield from first
+            if follow is None:
+                return
+            q = SqliteQueue(sweep.path / QUEUE_FILE)  # this thread's own connection
+            try:
+                while True:
+                    more = follow()  # asked before looking, so the last look sees everything
+                    new = [b for b in q.blocks(State.DONE) if b.id not in seen and b.id not in predicted]
+                    for b in new:
+                        seen.add(b.id)
+                    report.blocks_todo += len(new)
+                    yield from new
+                    if not more and not new:
+                        return
+                    if not new:
+                        time.sleep(poll_s)
+                        if stop.is_set():
+                            raise _Stopped
+            finally:
+                q.close()
 
         def decode_loop() -> None:
             m = meters["decode"]
