@@ -2,8 +2,8 @@
 
 Run as ``python -m tilesweep.demo [--dir DIR]``. It starts the simulator on loopback (with
 a few injected server faults, as a real provider has), then runs the very ``tilesweep``
-commands a user types, printing each one before its output: plan, fetch, status, predict
-(the shipped demo model, looking for power towers), tiles, export. Last it scores the
+commands a user types, printing each one before its output: plan, run (fetch with the
+shipped demo model looking for power towers as tiles arrive), status, tiles, export. Last it scores the
 predictions against the simulator's ground truth. Nothing leaves the machine.
 """
 
@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         steps = [
             ("plan: area + zoom -> blocks of tiles in a durable queue", ["plan", DEMO_BBOX, folder, "--zoom", DEMO_ZOOM]),
-            ("fetch: 2 worker processes, retries, one shard per block", ["fetch", folder, "--source", sim.template(), "--workers", 2, "--concurrency", 64]),
+            ("run: 2 fetch workers (retries, one shard per block) while the demo model looks for power towers",
+             ["run", folder, "--source", sim.template(), "--model", "demo", "--workers", 2, "--concurrency", 64]),
             ("status: every planned tile accounted for", ["status", folder]),
-            ("predict: the demo model looks for power towers in every tile", ["predict", folder, "--model", "demo", "--quiet"]),
             ("the store: a few packed shards, not hundreds of files", ["tiles", "stats", folder]),
             ("export: one PMTiles archive any web map can read", ["export", folder, folder / "tiles.pmtiles"]),
         ]
