@@ -237,10 +237,9 @@ class CurlTransport:
 
     def _kick(self) -> None:
         """Run ``socket_action(SOCKET_TIMEOUT)`` once soon, whatever libcurl's timer says.
-        libcurl does not call the timer callback again when the earliest expiry seems
-        unchanged, so a transfer added (or one parked for a free connection, with a
-        per-host limit) can be left waiting for a timer it believes we hold; one kick per
-        loop iteration after adding or removing transfers costs little and rules it out."""
+        Insurance, at one call per loop iteration: libcurl calls the timer callback only
+        when its earliest expiry changes, and a transfer just added (or waiting for a free
+        connection under a per-host limit) should not depend on that bookkeeping to start."""
         if not self._kick_scheduled and not self._closed:
             self._kick_scheduled = True
             self._loop.call_soon(self._kicked)
