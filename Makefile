@@ -35,6 +35,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/render.py
 	$(BIN)/python benchmarks/model.py
 	$(BIN)/python benchmarks/fetch.py  # needs nginx, curl and aria2c (apt-get install nginx aria2)
+	$(BIN)/python benchmarks/predict.py  # needs nginx
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache build src/*.egg-info
