@@ -258,3 +258,16 @@ def test_a_source_that_refuses_every_tile_stops_with_one_line(tmp_path):
     assert "s3cret" not in res.stderr + res.stdout
     st = status_json(sweep)
     assert st["blocks_dead"] == st["blocks_leased"] == 0 and st["blocks_done"] == 0, {k: v for k, v in st.items() if k.startswith("blocks")}
+
+
+def test_a_rate_limited_server_makes_the_fetch_cut_its_concurrency(tmp_path, expected):
+    """The simulator allows 150 requests/s per client; 64 in flight trip its 429s, the
+    worker cuts its concurrency (AIMD) and still ends with every tile."""
+    with run_in_thread(World(seed=SEED), Faults(rate_limit=150, rate_burst=20, retry_after=0.2, seed=4)) as srv:
+        sweep = plan(tmp_path)
+        res = tilesweep("fetch", sweep, "--source", srv.template(), "--concurrency", 64, "--quiet")
+        served = dict(srv.stats)
+    assert served["rate_limited"] > 0
+    assert "concurrency cut to" in res.stdout, res.stdout
+    assert_complete(sweep, expected)
+    assert status_json(sweep)["fetch_retries"] >= served["rate_limited"]

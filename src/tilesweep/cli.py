@@ -228,7 +228,8 @@ class _FetchMeter:
             f"{n:,} tiles ({c.tiles_ok:,} ok, {c.tiles_empty:,} empty) in {c.blocks_done:,} blocks, "
             f"{rate:,.0f} tiles/s, {c.bytes / 1e6 / elapsed:,.1f} MB/s, "
             f"retries {f.get('retries', 0):,}, failed tiles {c.tiles_failed:,}, "
-            f"{elapsed:,.0f} s, ETA {eta}"
+            + (f"concurrency cut to {f['limit']:,} after 429/503 ({f['limit_cuts']:,} cuts), " if f.get("limit_cuts") else "")
+            + f"{elapsed:,.0f} s, ETA {eta}"
         )
 
 

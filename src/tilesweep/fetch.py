@@ -38,7 +38,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, NamedTuple
+from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, NamedTuple
 
 from . import __version__
 from .errors import UsageError
@@ -210,6 +210,7 @@ class Fetcher:
         self._transport: CurlTransport | None = None
         self._rate = _RateLimiter(settings.rate) if settings.rate else None
         self._rng = random.Random()
+        self.on_throttle: Callable[[], None] | None = None  # called for every 429 / 503 answer
         self._auth_streak = 0  # 401/403 results since the last ok or empty one
         self._auth_reason = ""
 
@@ -270,6 +271,8 @@ class Fetcher:
                 self._auth_streak = 0
                 return TileResult(tile, OK, a.data, attempts, None, a.http_status)
             st.by_reason[a.reason or "?"] += 1
+            if a.http_status in (429, 503) and self.on_throttle is not None:
+                self.on_throttle()
             if a.kind == EMPTY:
                 st.empty += 1
                 self._auth_streak = 0

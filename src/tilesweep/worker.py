@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from .errors import UsageError
 from .fetch import Fetcher, FetchSettings, SourceError, TileResult
+from .limits import AdaptiveLimit
 from .queue import BlockResult, Lease, SqliteQueue, State
 from .sources import Source
 from .store import ShardBusyError, Status, TileStore
@@ -180,7 +181,9 @@ class Worker:
         max_blocks = self.settings.max_blocks or max(2, 2 * -(-self.fetch_settings.concurrency // tiles_per_block))
         self._to_ack: dict[int, BlockResult] = {}
         self._active: dict[int, Lease] = {}
-        self._slots = asyncio.Semaphore(self.fetch_settings.concurrency)
+        # Requests in flight over all blocks: `concurrency` at most, cut when the server
+        # answers 429/503 and grown back as requests succeed (AIMD, tilesweep.limits).
+        self._slots = AdaptiveLimit(self.fetch_settings.concurrency)
         parent = os.getppid()
         tasks: set[asyncio.Task[None]] = set()
         await self._db(expire_dead_local_owners, self.queue)
@@ -189,6 +192,7 @@ class Worker:
         try:
             async with Fetcher(self.source, self.fetch_settings) as fetcher:
                 self.fetcher = fetcher
+                fetcher.on_throttle = self._slots.on_throttle
                 while True:
                     if os.getppid() != parent:  # our parent was killed: stop like Ctrl-C
                         self.stop()
@@ -265,6 +269,8 @@ class Worker:
     def _report(self) -> None:
         if self.on_progress is not None:
             self.counters.fetch = self.fetcher.stats.snapshot() if hasattr(self, "fetcher") else {}
+            self.counters.fetch["limit"] = int(self._slots.limit)  # concurrency now (AIMD)
+            self.counters.fetch["limit_cuts"] = self._slots.cuts
             self.on_progress(self.counters)
 
     # --- one block --------------------------------------------------------------------
@@ -331,9 +337,12 @@ class Worker:
 
     async def _fetch_released(self, tile: Any) -> TileResult:
         try:
-            return await self.fetcher.fetch(tile)
+            result = await self.fetcher.fetch(tile)
         finally:
             self._slots.release()
+        if result.attempts == 1:
+            self._slots.on_success()
+        return result
 
     async def _fetch_into(self, writer: Any, lock: threading.Lock, todo: list) -> tuple[list[TileResult], int]:  # type: ignore[type-arg]
         """Fetch ``todo`` into ``writer``, flushing every ``flush_every_s`` seconds (or
