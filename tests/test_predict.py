@@ -216,3 +216,20 @@ def test_run_refuses_a_bad_model_before_fetching(tmp_path, sim):
     st = status_json(sweep)
     assert st["blocks_done"] == 0 and not (sweep / "tiles").exists() and not (sweep / "predictions").exists()
     assert (sweep / "sweep.toml").read_text() == before  # the source was not recorded either
+
+
+def test_run_stops_cleanly_when_only_it_gets_sigint(tmp_path):
+    """SIGINT to the `run` process alone (not its process group): it still stops its fetch
+    workers, releases their leases and exits 130."""
+    from tilesweep.sim import Faults
+
+    with run_in_thread(World(seed=WORLD_SEED), Faults(latency_ms=100, seed=3)) as srv:
+        sweep = tmp_path / "i"
+        tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
+        p = popen("run", sweep, "--model", "demo", "--source", srv.template(), "--workers", 2, "--concurrency", 4, "--quiet")
+        time.sleep(4.0)
+        os.kill(p.pid, signal.SIGINT)
+        _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stderr
+    st = status_json(sweep)
+    assert st["blocks_leased"] == 0 and st["blocks_done"] < 16

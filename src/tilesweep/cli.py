@@ -361,6 +361,7 @@ def run(
         fetch_meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet=True)
         fetched: dict[str, object] = {}
         latest: list[object] = []
+        interrupted = threading.Event()  # Ctrl-C reached this process: stop the workers too
 
         def on_fetch(c) -> None:  # type: ignore[no-untyped-def]
             latest[:] = [c]
@@ -370,7 +371,7 @@ def run(
             try:
                 fetched["counters"] = run_workers(
                     sweep.path, sweep.zoom, sweep.block_zoom, src, fetch_settings, worker_settings, workers,
-                    on_fetch, in_process=False,
+                    on_fetch, in_process=False, stop_requested=interrupted.is_set,
                 )
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 fetched["error"] = exc
@@ -382,7 +383,8 @@ def run(
             with meter:
                 report = predict_sweep(sweep, the_model, settings, on_progress=meter.update, follow=fetcher.is_alive)
         except KeyboardInterrupt:
-            fetcher.join()  # the workers got the Ctrl-C too: they release their leases and stop
+            interrupted.set()
+            fetcher.join()  # the workers release their leases and stop
             err.print("stopped: fetched tiles and committed predictions are durable; run the same command to go on")
             raise typer.Exit(130)
         fetcher.join()

@@ -458,13 +458,16 @@ def run_workers(
     workers: int,
     on_progress: Callable[[WorkerCounters], None] | None = None,
     in_process: bool = True,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> WorkerCounters:
     """Run ``workers`` worker processes to the end (or until Ctrl-C); returns summed counters.
 
     With ``workers == 1`` and ``in_process`` the worker runs in this process (it must then
     be the main thread for Ctrl-C to reach it); otherwise every worker is a process of its
-    own, which gets Ctrl-C from the terminal itself. Raises KeyboardInterrupt when the
-    work was stopped by Ctrl-C or SIGTERM (after leases were released)."""
+    own, which gets Ctrl-C from the terminal itself. ``stop_requested`` (polled every
+    half second) lets a caller running this in a thread stop the workers as Ctrl-C would.
+    Raises KeyboardInterrupt when the work was stopped by Ctrl-C, SIGTERM or
+    ``stop_requested`` (after leases were released)."""
     if workers == 1 and in_process:
         counters = Worker(sweep_path, zoom, block_zoom, source, fetch, settings, on_progress).run()
         if counters.interrupted:
@@ -492,6 +495,8 @@ def run_workers(
     stopping = False
     try:
         while running:
+            if stop_requested is not None and stop_requested():
+                raise KeyboardInterrupt
             try:
                 index, counters = progress.get(timeout=0.5)
             except KeyboardInterrupt:
