@@ -223,11 +223,13 @@ def test_run_stops_cleanly_when_only_it_gets_sigint(tmp_path):
     workers, releases their leases and exits 130."""
     from tilesweep.sim import Faults
 
-    with run_in_thread(World(seed=WORLD_SEED), Faults(latency_ms=100, seed=3)) as srv:
+    # ~300 ms a tile, 4 in flight: the 156 tiles take ~12 s, well past the signal at 3 s
+    with run_in_thread(World(seed=WORLD_SEED), Faults(latency_ms=300, seed=3)) as srv:
         sweep = tmp_path / "i"
         tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
         p = popen("run", sweep, "--model", "demo", "--source", srv.template(), "--workers", 2, "--concurrency", 4, "--quiet")
-        time.sleep(4.0)
+        time.sleep(3.0)
+        assert p.poll() is None, "run finished before the signal: slow the source down"
         os.kill(p.pid, signal.SIGINT)
         _, stderr = p.communicate(timeout=60)
     assert p.returncode == 130, stderr
