@@ -18,6 +18,7 @@ from helpers.cli import popen, status_json, tilesweep
 
 from tilesweep.model.evaluate import precision_recall
 from tilesweep.predict import BlockRows, PredictionSink
+from tilesweep.queue import State
 from tilesweep.sim import World, run_in_thread
 from tilesweep.store import Status, TileStore
 from tilesweep.tiles import Tile
@@ -218,6 +219,14 @@ def test_run_refuses_a_bad_model_before_fetching(tmp_path, sim):
     assert (sweep / "sweep.toml").read_text() == before  # the source was not recorded either
 
 
+def done_blocks(sweep):
+    db = sqlite3.connect(sweep / "queue.sqlite", timeout=10)
+    try:
+        return db.execute("SELECT COUNT(*) FROM blocks WHERE state = ?", (int(State.DONE),)).fetchone()[0]
+    finally:
+        db.close()
+
+
 def test_run_stops_cleanly_when_only_it_gets_sigint(tmp_path):
     """SIGINT to the `run` process alone (not its process group): it still stops its fetch
     workers, releases their leases and exits 130."""
@@ -228,8 +237,12 @@ def test_run_stops_cleanly_when_only_it_gets_sigint(tmp_path):
         sweep = tmp_path / "i"
         tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
         p = popen("run", sweep, "--model", "demo", "--source", srv.template(), "--workers", 2, "--concurrency", 4, "--quiet")
-        time.sleep(3.0)
-        assert p.poll() is None, "run finished before the signal: slow the source down"
+        # Signal once the run is under way (a block fetched: the model is loaded and the
+        # workers run), not while it is still starting up.
+        deadline = time.monotonic() + 60
+        while done_blocks(sweep) < 1 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert p.poll() is None and done_blocks(sweep) < 16, "run finished before the signal: slow the source down"
         os.kill(p.pid, signal.SIGINT)
         _, stderr = p.communicate(timeout=60)
     assert p.returncode == 130, stderr
