@@ -184,21 +184,16 @@ def _bind_source(sweep: Sweep, source: str | None, header: list[str]):  # type: 
     return src
 
 
-class _FetchMeter:
-    """The live progress line of `tilesweep fetch`: tiles/s, MB/s, retries, errors, ETA."""
+class _LiveLines:
+    """Progress lines redrawn in place on stderr (rich Live), only on a terminal and unless
+    quiet; ``with meter:`` shows them, leaving clears them."""
 
-    def __init__(self, remaining: int, quiet: bool):
+    def __init__(self, quiet: bool):
         from rich.live import Live
 
-        self.remaining = remaining
-        self.quiet = quiet
-        self.started = time.monotonic()
-        self.last_t = self.started
-        self.last_n = 0
-        self.rate = 0.0
         self.live = Live(console=err, refresh_per_second=4, transient=True) if not quiet and err.is_terminal else None
 
-    def __enter__(self) -> "_FetchMeter":
+    def __enter__(self):  # type: ignore[no-untyped-def]
         if self.live is not None:
             self.live.__enter__()
         return self
@@ -206,6 +201,18 @@ class _FetchMeter:
     def __exit__(self, *exc: object) -> None:
         if self.live is not None:
             self.live.__exit__(None, None, None)
+
+
+class _FetchMeter(_LiveLines):
+    """The live progress line of `tilesweep fetch`: tiles/s, MB/s, retries, errors, ETA."""
+
+    def __init__(self, remaining: int, quiet: bool):
+        super().__init__(quiet)
+        self.remaining = remaining
+        self.started = time.monotonic()
+        self.last_t = self.started
+        self.last_n = 0
+        self.rate = 0.0
 
     def update(self, c, final: bool = False) -> None:  # type: ignore[no-untyped-def]
         now = time.monotonic()
@@ -408,23 +415,12 @@ def _predict_line(r) -> str:  # type: ignore[no-untyped-def]
     )
 
 
-class _PredictMeter:
+class _PredictMeter(_LiveLines):
     """The live progress line of `tilesweep predict`: tiles/s per stage, queue fill, model busy %."""
 
     def __init__(self, quiet: bool, first_line: Callable[[], str] | None = None):
-        from rich.live import Live
-
+        super().__init__(quiet)
         self.first_line = first_line  # `tilesweep run`: the fetch line above the predict lines
-        self.live = Live(console=err, refresh_per_second=4, transient=True) if not quiet and err.is_terminal else None
-
-    def __enter__(self) -> "_PredictMeter":
-        if self.live is not None:
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.live is not None:
-            self.live.__exit__(None, None, None)
 
     def update(self, r) -> None:  # type: ignore[no-untyped-def]
         if self.live is None:

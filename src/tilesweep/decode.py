@@ -19,6 +19,8 @@ from typing import Literal, Sequence
 import numpy as np
 from PIL import Image
 
+from .imageformat import image_format
+
 try:  # libjpeg-turbo; optional, Pillow decodes everything when it is missing
     import simplejpeg as _simplejpeg
 except ImportError:  # pragma: no cover - exercised only where simplejpeg is absent
@@ -37,14 +39,8 @@ class DecodeError(ValueError):
 
 def sniff(data: bytes) -> ImageFormat | None:
     """The image format from the first bytes (magic numbers), or ``None`` if unknown."""
-    head = bytes(data[:12])
-    if head[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    return None
+    fmt = image_format(bytes(data[:12]))
+    return fmt if fmt in ("jpeg", "png", "webp") else None  # type: ignore[return-value]
 
 
 def decode(data: bytes, *, use_pillow: bool = False) -> np.ndarray:

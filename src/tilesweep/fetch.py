@@ -42,6 +42,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterat
 
 from . import __version__
 from .errors import UsageError
+from .imageformat import image_format
 from .sources import Source
 from .tiles import Tile
 from .transport import CurlTransport, curl_reason
@@ -423,24 +424,6 @@ def fetch_tiles(source: Source, tiles: Iterable[Tile], settings: FetchSettings =
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-def image_format(data: bytes) -> str | None:
-    """The image format of ``data`` from its magic bytes (jpeg, png, webp, gif, tiff,
-    avif), or None."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
-    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
-        return "avif"
-    return None
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
+from ..imageformat import image_format
 from ..tiles import Tile, bounds, tms_y
 from .shard import ShardReader, Status, _fsync_dir
 from .store import TileStore
@@ -32,15 +33,8 @@ _TYPE_NAMES = {v: k for k, v in TILE_TYPES.items()}
 
 def sniff_format(data: bytes) -> str | None:
     """``"jpg"``, ``"png"``, ``"webp"`` or ``"avif"`` from the leading magic bytes, else None."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[4:12] in (b"ftypavif", b"ftypavis"):
-        return "avif"
-    return None
+    fmt = image_format(data)
+    return {"jpeg": "jpg", "png": "png", "webp": "webp", "avif": "avif"}.get(fmt or "")
 
 
 def _format_name(tile_type: Any, first: bytes) -> str:
