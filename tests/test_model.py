@@ -13,7 +13,7 @@ from PIL import Image
 
 from tilesweep.decode import DecodeError, chips, decode, fit, normalise, resize, sniff
 from tilesweep.errors import UsageError
-from tilesweep.model import DEMO_PATH, InputSpec, info_from_metadata, load_model, prepare, score_tiles
+from tilesweep.model import DEMO_PATH, InputSpec, info_from_metadata, load_model, predict_pixels, prepare, score_tiles
 from tilesweep.model.evaluate import evaluate, precision_recall, sample_tiles, tile_truth
 from tilesweep.sim import World, encode
 from tilesweep.tiles import tile_at
@@ -291,6 +291,30 @@ def test_torch_module_named_as_module_attr(tile_rgb):
     m = load_model("helpers.torch_models:net", device="cpu")
     assert m.info.input.size == 32 and m.info.labels == ("mean",)
     assert abs(score_tiles(m, [tile_rgb])[0, 0] - tile_rgb.mean() / 255) < 0.01
+
+
+@needs_torch
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_torch_model_normalises_uint8_pixels_as_the_cpu_does(order):
+    """A torch model takes uint8 pixels and normalises them on its device; the scores are
+    those of normalising on the CPU and calling predict."""
+    from tilesweep.model.torchmodel import TorchModel
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten())
+    meta = {"input_size": "24", "labels": "a,b,c,d", "channel_order": order, "mean": "0.4,0.5,0.3", "std": "0.2,0.1,0.3"}
+    m = TorchModel(net, meta, name="t", device="cpu")
+    pixels = np.random.default_rng(1).integers(0, 256, (5, 24, 24, 3), dtype=np.uint8)
+    spec = m.info.input
+    expected = m.predict(normalise(pixels, spec.mean, spec.std, spec.channel_order))
+    assert np.allclose(predict_pixels(m, pixels), expected, atol=1e-5)
+
+
+def test_predict_pixels_normalises_for_models_that_take_floats(tile_rgb):
+    m = load_model("helpers.models:channel_means", device="cpu")
+    pixels = fit(tile_rgb, m.info.input.size)
+    spec = m.info.input
+    assert np.array_equal(predict_pixels(m, pixels), m.predict(normalise(pixels, spec.mean, spec.std, spec.channel_order)))
 
 
 @needs_torch

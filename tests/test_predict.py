@@ -180,31 +180,151 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, sim):
     assert "0 tiles scored" in res.stdout and "not fetched yet" in res.stdout
 
 
-def test_run_fetches_and_predicts_in_one_go_and_resumes(tmp_path):
-    """`tilesweep run`: worker processes fetch while the model scores each block as it
-    becomes durable; killed mid-way and run again, every tile ends fetched once and
-    predicted once. The source is slowed so that prediction really runs beside fetching."""
+def queue_rows(sweep):
+    """(id, state, n_ok, n_empty, n_failed) of every block of the fetch queue."""
+    db = sqlite3.connect(sweep / "queue.sqlite", timeout=10)
+    try:
+        return sorted(db.execute("SELECT id, state, n_ok, n_empty, n_failed FROM blocks").fetchall())
+    finally:
+        db.close()
+
+
+def planned_tiles(sweep, block_zoom):
+    """Every planned tile of a sweep (the world is cloud-free: every planned tile is ok)."""
+    from tilesweep.queue import SqliteQueue
+
+    with SqliteQueue(sweep / "queue.sqlite") as q:
+        return {t for b in q.blocks() for t in b.tile_list(ZOOM)}
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["streamed", "keep-tiles"])
+def test_run_fetches_and_predicts_in_one_go_and_resumes(tmp_path, keep):
+    """`tilesweep run`: tiles stream from the source into the model (or, with
+    --keep-tiles, worker processes store them while the model scores each stored block);
+    killed mid-way and run again, every tile ends predicted exactly once and the fetch
+    queue agrees with the ledger. The source is slowed so that the kill lands mid-run."""
     from tilesweep.sim import Faults
 
     with run_in_thread(World(seed=WORLD_SEED), Faults(latency_ms=40, jitter_ms=40, seed=3)) as srv:
         sweep = tmp_path / "r"
         tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
-        args = ("run", sweep, "--model", "demo", "--source", srv.template(), "--workers", 2, "--concurrency", 4,
-                "--part-seconds", 0.5, "--quiet")
+        extra = ("--keep-tiles", "--workers", 2) if keep else ()
+        args = ("run", sweep, "--model", "demo", "--source", srv.template(), "--concurrency", 4,
+                "--part-seconds", 0.5, "--quiet", *extra)
         p = popen(*args)
         time.sleep(3.0)
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         res = tilesweep(*args)
-    expected = ok_tiles(sweep, 16)
+    expected = planned_tiles(sweep, 16)
     assert len(expected) == 156
+    if keep:
+        assert ok_tiles(sweep, 16) == expected
+    else:
+        assert not (sweep / "tiles").exists(), "streamed tiles are not stored"
     table, parts = read_predictions(sweep)
     assert_exactly_once(table, expected)
     st = status_json(sweep)
-    assert st["blocks_done"] == 16 and st["mismatch"] is None
+    assert st["blocks_done"] == 16 and st["tiles_ok"] == 156 and st["mismatch"] is None
     assert "16 of 16 fetched blocks predicted by demo (156 rows" in res.stdout, res.stdout
     assert ledger(sweep)[:2] == (16, 156)
+
+
+def test_streamed_run_survives_sigkill_at_random_instants(tmp_path):
+    """Kill the streaming `run` with SIGKILL again and again (blocks leased, parts half
+    written, parts written but not acked in the queue): the runs that follow finish the
+    sweep with every tile predicted once and every block acked with its counts."""
+    from tilesweep.sim import Faults
+
+    rng = random.Random(11)
+    with run_in_thread(World(seed=WORLD_SEED), Faults(latency_ms=30, jitter_ms=60, http_503=0.05, seed=4)) as srv:
+        sweep = tmp_path / "k"
+        tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
+        args = ("run", sweep, "--model", "helpers.slow_model:score", "--source", srv.template(), "--concurrency", 8,
+                "--batch", 8, "--part-rows", 20, "--lease-ttl", 3, "--quiet")
+        kills, progress = 0, []
+        for _ in range(6):
+            p = popen(*args, cwd=TESTS)
+            time.sleep(rng.uniform(1.0, 2.5))
+            if p.poll() is not None:
+                break
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            kills += 1
+            progress.append(ledger(sweep)[0] if (sweep / "predictions" / "ledger.sqlite").exists() else 0)
+        assert kills >= 3 and progress[2] < 16, f"run finished before 3 kills ({progress}): slow it down"
+        res = tilesweep(*args, env={"PYTHONPATH": str(TESTS), "TILESWEEP_TEST_SLEEP": "0"})
+    table, _ = read_predictions(sweep)
+    assert_exactly_once(table, planned_tiles(sweep, 16))
+    assert ledger(sweep)[:3] == (16, 156, 0)
+    rows = queue_rows(sweep)
+    assert all(state == State.DONE for _, state, *_ in rows), rows
+    assert sum(r[2] for r in rows) == 156  # acked with the counts of the ledger
+    assert status_json(sweep)["mismatch"] is None and "predictions in" in res.stdout
+    assert not (sweep / "tiles").exists()
+
+
+def test_a_block_predicted_but_not_acked_is_acked_without_fetching(tmp_path, sim):
+    """The crash window between a part's commit and the fetch queue's ack: the next run
+    finds the block in the ledger and acks it with the ledger's counts, fetching nothing
+    (its source is now dead)."""
+    sweep = tmp_path / "a"
+    tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
+    tilesweep("run", sweep, "--model", "demo", "--source", sim.template(), "--quiet")
+    before = queue_rows(sweep)
+    db = sqlite3.connect(sweep / "queue.sqlite")
+    db.execute("UPDATE blocks SET state = ?, n_ok = NULL, n_empty = NULL, n_failed = NULL WHERE id IN "
+               "(SELECT id FROM blocks ORDER BY id LIMIT 5)", (int(State.PENDING),))
+    db.commit()
+    db.close()
+    toml = sweep / "sweep.toml"
+    toml.write_text(toml.read_text().replace(sim.template(), "http://127.0.0.1:9/{z}/{x}/{y}.jpg"))
+    res = tilesweep("run", sweep, "--model", "demo", "--retries", 0, "--timeout", 2, "--quiet")
+    assert "0 tiles scored" in res.stdout, res.stdout
+    assert queue_rows(sweep) == before
+
+
+def test_a_second_model_on_a_streamed_sweep_fetches_again(tmp_path, sim):
+    """Tiles streamed for one model are not stored: `predict` with another model says so
+    (exit 1, naming the command that helps), and `run` with it fetches them again without
+    touching the fetch queue's record."""
+    sweep = tmp_path / "m"
+    tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
+    tilesweep("run", sweep, "--model", "demo", "--source", sim.template(), "--quiet")
+    before = queue_rows(sweep)
+    env = {"PYTHONPATH": str(TESTS), "TILESWEEP_TEST_SLEEP": "0"}
+    res = tilesweep("predict", sweep, "--model", "helpers.slow_model:score", "--quiet", check=False, env=env)
+    assert res.returncode == 1 and "16 fetched blocks have no tiles in the store" in res.stderr, res.stderr
+    assert "tilesweep run" in res.stderr
+    requests = sim.stats["requests"]
+    res = tilesweep("run", sweep, "--model", "helpers.slow_model:score", "--quiet", env=env)
+    assert "156 tiles scored" in res.stdout, res.stdout
+    assert sim.stats["requests"] - requests >= 156
+    assert queue_rows(sweep) == before
+    db = sqlite3.connect(sweep / "predictions" / "ledger.sqlite")
+    per_model = db.execute("SELECT model_key, COUNT(*), SUM(rows) FROM predicted GROUP BY model_key").fetchall()
+    db.close()
+    assert sorted(r[1:] for r in per_model) == [(16, 156), (16, 156)]
+
+
+def test_run_names_the_bottleneck(tmp_path):
+    """The stage meter: a slow source makes fetch the bottleneck; a slow model makes the
+    model the bottleneck, and then the fetch waits for it (backpressure: memory stays
+    bounded, requests slow down to what the model takes)."""
+    from tilesweep.sim import Faults
+
+    with run_in_thread(World(seed=WORLD_SEED), Faults(latency_ms=60, seed=3)) as srv:
+        sweep = tmp_path / "slow-source"
+        tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
+        res = tilesweep("run", sweep, "--model", "demo", "--source", srv.template(), "--concurrency", 2, "--quiet")
+    assert "bottleneck fetch" in res.stdout, res.stdout
+    with run_in_thread(World(seed=WORLD_SEED)) as srv:
+        sweep = tmp_path / "slow-model"
+        tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
+        res = tilesweep("run", sweep, "--model", "helpers.slow_model:score", "--source", srv.template(), "--batch", 4,
+                        "--threads", 1, "--quiet", env={"PYTHONPATH": str(TESTS), "TILESWEEP_TEST_SLEEP": "0.35"})
+    assert "bottleneck model" in res.stdout, res.stdout
 
 
 def test_run_refuses_a_bad_model_before_fetching(tmp_path, sim):
@@ -217,6 +337,9 @@ def test_run_refuses_a_bad_model_before_fetching(tmp_path, sim):
     st = status_json(sweep)
     assert st["blocks_done"] == 0 and not (sweep / "tiles").exists() and not (sweep / "predictions").exists()
     assert (sweep / "sweep.toml").read_text() == before  # the source was not recorded either
+    res = tilesweep("run", sweep, "--model", "demo", "--source", sim.template(), "--workers", 2, check=False)
+    assert res.returncode == 2 and "--workers 2 needs --keep-tiles" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and (sweep / "sweep.toml").read_text() == before
 
 
 def done_blocks(sweep):
@@ -227,26 +350,36 @@ def done_blocks(sweep):
         db.close()
 
 
-def test_run_stops_cleanly_on_ctrl_c(tmp_path):
-    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while `run` fetches
-    and predicts: the workers release their leases, committed parts stay, exit 130.
-    (A SIGINT to the run process alone was once seen to be ignored in a full test run;
-    that case is an open question, see the session note of 2026-11-25.)"""
+@pytest.mark.parametrize("keep", [False, True], ids=["streamed", "keep-tiles"])
+def test_run_stops_cleanly_on_ctrl_c(tmp_path, keep):
+    """Ctrl-C while `run` fetches and predicts: leases are released, committed parts stay,
+    exit 130. Streamed, the signal goes to the run process alone (`kill -INT PID`); with
+    --keep-tiles to the process group, as a terminal sends it. (A SIGINT to the
+    --keep-tiles run process alone was once seen to be ignored in a full test run; that
+    case is an open question, see the session note of 2026-11-25.)"""
     from tilesweep.sim import Faults
 
     # ~300 ms a tile, 4 in flight: the 156 tiles take ~12 s, well past the signal
     with run_in_thread(World(seed=WORLD_SEED), Faults(latency_ms=300, seed=3)) as srv:
         sweep = tmp_path / "i"
         tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
-        p = popen("run", sweep, "--model", "demo", "--source", srv.template(), "--workers", 2, "--concurrency", 4, "--quiet")
+        extra = ("--keep-tiles", "--workers", 2) if keep else ("--part-rows", 1)
+        p = popen("run", sweep, "--model", "demo", "--source", srv.template(), "--concurrency", 4, "--quiet", *extra)
         # Signal once the run is under way (a block fetched: the model is loaded and the
         # workers run), not while it is still starting up.
         deadline = time.monotonic() + 60
         while done_blocks(sweep) < 1 and time.monotonic() < deadline and p.poll() is None:
             time.sleep(0.1)
         assert p.poll() is None and done_blocks(sweep) < 16, "run finished before the signal: slow the source down"
-        os.killpg(p.pid, signal.SIGINT)
+        if keep:
+            os.killpg(p.pid, signal.SIGINT)
+        else:
+            os.kill(p.pid, signal.SIGINT)
         _, stderr = p.communicate(timeout=60)
     assert p.returncode == 130, stderr
+    assert "unfinished leases were released" in stderr and "Traceback" not in stderr
     st = status_json(sweep)
-    assert st["blocks_leased"] == 0 and st["blocks_done"] < 16
+    assert st["blocks_leased"] == 0 and 1 <= st["blocks_done"] < 16
+    if not keep:  # streamed: a block is acked only once predicted (a part committed
+        # in the last instant may still wait for its ack: the next run acks it)
+        assert 1 <= st["blocks_done"] <= ledger(sweep)[0]

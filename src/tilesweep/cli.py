@@ -317,7 +317,10 @@ def _predict_summary(sweep: Sweep, sweep_dir: Path, the_model, report, not_fetch
     if st.blocks["pending"] or st.blocks["leased"]:
         out.print(f"  {st.blocks['pending'] + st.blocks['leased']:,} blocks are not fetched yet: {not_fetched_hint}", highlight=False)
     if report.missing_shards:
-        err.print(f"[bold red]{report.missing_shards:,} fetched blocks have no shard[/]; `tilesweep verify --repair` then fetch again")
+        err.print(
+            f"[bold red]{report.missing_shards:,} fetched blocks have no tiles in the store[/] (streamed by `tilesweep run` "
+            f"without --keep-tiles, or lost): `tilesweep run {sweep_dir} --model {the_model.name}` fetches them again"
+        )
         raise typer.Exit(1)
     if rec.message:
         err.print(f"[bold red]accounting mismatch:[/] {rec.message}")
@@ -333,7 +336,8 @@ def run(
     model: str = typer.Option(..., "--model", "-m", help="demo, a .onnx / .pt / .pt2 file, or module:function."),
     source: Optional[str] = typer.Option(None, "--source", "-s", help="URL template ({z} {x} {y} {-y} {q} {s} ${ENV}) or preset; recorded on first use."),
     header: list[str] = typer.Option([], "--header", "-H", help="Request header 'Name: value' (repeatable; ${ENV} expanded at request time)."),
-    workers: int = typer.Option(1, "--workers", "-w", help="Fetch worker processes (one event loop each)."),
+    keep_tiles: bool = typer.Option(False, "--keep-tiles", help="Also pack the fetched tiles into the store (tiles/), for another model, export or `tilesweep tiles`."),
+    workers: int = typer.Option(1, "--workers", "-w", help="With --keep-tiles: fetch worker processes (one event loop each)."),
     concurrency: int = typer.Option(256, "--concurrency", "-c", help="Requests in flight, over all workers."),
     rate: Optional[float] = typer.Option(None, "--rate", help="Most requests/s over all workers (retries count); default: no cap."),
     retries: int = typer.Option(6, "--retries", help="Retries of a tile after a transient fault."),
@@ -350,63 +354,107 @@ def run(
 ) -> None:
     """Fetch and predict in one go, the usual command.
 
-    Worker processes fetch blocks into the store (as `tilesweep fetch`) while this process
-    scores each block as soon as it is durable (as `tilesweep predict`), so the model works
-    while tiles arrive. Tiles are kept in the store: it is the hand-off between the two,
-    read back through the page cache. Ctrl-C or a crash: run the same command again."""
-    import threading
-
-    from .predict import predict_sweep
-    from .worker import run_workers
-
+    Tiles stream from the source through decoding into the model, and are not stored: a
+    block is acked in the fetch queue once its predictions are durable. Blocks already in
+    the store are read from it; blocks streamed earlier for another model are fetched
+    again. With --keep-tiles, worker processes pack the tiles into the store (as `tilesweep
+    fetch`) while this process scores each block once it is durable (as `tilesweep
+    predict`). Ctrl-C or a crash: run the same command again."""
+    if workers != 1 and not keep_tiles:
+        raise UsageError(f"--workers {workers} needs --keep-tiles: without it one event loop fetches into the model (raise --concurrency instead)")
     fetch_settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts)
     settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads)
     with Sweep.open(sweep_dir) as sweep:
         the_model = _load_model(model, device, model_threads)  # before the source is recorded
         src = _bind_source(sweep, source, header)
-        before = sweep.status()
-        fetch_meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet=True)
-        fetched: dict[str, object] = {}
-        latest: list[object] = []
-        interrupted = threading.Event()  # Ctrl-C reached this process: stop the workers too
+        if keep_tiles:
+            _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
+        else:
+            _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, quiet)
 
-        def on_fetch(c) -> None:  # type: ignore[no-untyped-def]
-            latest[:] = [c]
-            fetch_meter.update(c)
 
-        def fetch_all() -> None:
-            try:
-                fetched["counters"] = run_workers(
-                    sweep.path, sweep.zoom, sweep.block_zoom, src, fetch_settings, worker_settings, workers,
-                    on_fetch, in_process=False, stop_requested=interrupted.is_set,
-                )
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                fetched["error"] = exc
+_STOPPED_RUN = "stopped: committed predictions are durable and unfinished leases were released; run the same command to go on"
 
-        fetcher = threading.Thread(target=fetch_all, name="tilesweep-fetch", daemon=True)
-        fetcher.start()
-        meter = _PredictMeter(quiet, lambda: fetch_meter.line(latest[0]) if latest else "starting workers")
+
+def _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, quiet) -> None:  # type: ignore[no-untyped-def]
+    """`tilesweep run`: one process; fetch (asyncio) -> decode -> model -> sink."""
+    from .predict import StreamFetch, predict_sweep
+
+    before = sweep.status()
+    fetch_meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet=True)
+    fetch_lines: list[str] = []
+
+    def on_progress(r) -> None:  # type: ignore[no-untyped-def]
+        if r.fetch is not None:
+            fetch_meter.update(r.fetch)
+            fetch_lines[:] = [fetch_meter.line(r.fetch)]
+        meter.update(r)
+
+    meter = _PredictMeter(quiet, lambda: fetch_lines[0] if fetch_lines else "starting")
+    try:
+        with meter:
+            report = predict_sweep(sweep, the_model, settings, on_progress=on_progress,
+                                   stream=StreamFetch(src, fetch_settings, worker_settings))
+    except KeyboardInterrupt:
+        err.print(_STOPPED_RUN)
+        raise typer.Exit(130)
+    if report.fetch is not None:
+        out.print(fetch_meter.line(report.fetch), highlight=False)
+    _predict_summary(sweep, sweep_dir, the_model, report, "run the same command again", dead_is_error=True)
+
+
+def _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet) -> None:  # type: ignore[no-untyped-def]
+    """`tilesweep run --keep-tiles`: fetch worker processes write the store while this
+    process predicts each block once it is durable."""
+    import threading
+
+    from .predict import predict_sweep
+    from .worker import run_workers
+
+    before = sweep.status()
+    fetch_meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet=True)
+    fetched: dict[str, object] = {}
+    latest: list[object] = []
+    interrupted = threading.Event()  # Ctrl-C reached this process: stop the workers too
+
+    def on_fetch(c) -> None:  # type: ignore[no-untyped-def]
+        latest[:] = [c]
+        fetch_meter.update(c)
+
+    def fetch_all() -> None:
         try:
-            with meter:
-                report = predict_sweep(sweep, the_model, settings, on_progress=meter.update, follow=fetcher.is_alive)
-        except KeyboardInterrupt:
-            interrupted.set()
-            fetcher.join()  # the workers release their leases and stop
-            err.print("stopped: fetched tiles and committed predictions are durable; run the same command to go on")
-            raise typer.Exit(130)
-        fetcher.join()
-        error = fetched.get("error")
-        if isinstance(error, KeyboardInterrupt):
-            err.print("stopped: fetched tiles and committed predictions are durable; run the same command to go on")
-            raise typer.Exit(130)
-        if error is not None:
-            raise error  # type: ignore[misc]
-        out.print(fetch_meter.line(fetched["counters"]), highlight=False)  # type: ignore[arg-type]
-        _predict_summary(sweep, sweep_dir, the_model, report, "run the same command again", dead_is_error=True)
+            fetched["counters"] = run_workers(
+                sweep.path, sweep.zoom, sweep.block_zoom, src, fetch_settings, worker_settings, workers,
+                on_fetch, in_process=False, stop_requested=interrupted.is_set,
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            fetched["error"] = exc
+
+    fetcher = threading.Thread(target=fetch_all, name="tilesweep-fetch", daemon=True)
+    fetcher.start()
+    meter = _PredictMeter(quiet, lambda: fetch_meter.line(latest[0]) if latest else "starting workers")
+    try:
+        with meter:
+            report = predict_sweep(sweep, the_model, settings, on_progress=meter.update, follow=fetcher.is_alive)
+    except KeyboardInterrupt:
+        interrupted.set()
+        fetcher.join()  # the workers release their leases and stop
+        err.print(_STOPPED_RUN)
+        raise typer.Exit(130)
+    fetcher.join()
+    error = fetched.get("error")
+    if isinstance(error, KeyboardInterrupt):
+        err.print(_STOPPED_RUN)
+        raise typer.Exit(130)
+    if error is not None:
+        raise error  # type: ignore[misc]
+    out.print(fetch_meter.line(fetched["counters"]), highlight=False)  # type: ignore[arg-type]
+    _predict_summary(sweep, sweep_dir, the_model, report, "run the same command again", dead_is_error=True)
 
 
 def _predict_line(r) -> str:  # type: ignore[no-untyped-def]
-    stages = ", ".join(f"{m.name} {m.tiles / r.wall_s if r.wall_s else 0:,.0f}/s ({m.busy(r.wall_s):.0%} busy)" for m in r.stages.values())
+    shown = [m for m in r.stages.values() if m.tiles or m.name not in ("read", "fetch")]  # the sources that gave tiles
+    stages = ", ".join(f"{m.name} {m.tiles / r.wall_s if r.wall_s else 0:,.0f}/s ({m.busy(r.wall_s):.0%} busy)" for m in shown)
     return (
         f"{r.tiles:,} tiles scored in {r.blocks:,} blocks ({r.positives:,} positive, {r.empty:,} empty, "
         f"{r.failed:,} failed, {r.undecodable:,} undecodable), {r.parts:,} parts written, "

@@ -2,9 +2,9 @@
 
 Run as ``python -m tilesweep.demo [--dir DIR]``. It starts the simulator on loopback (with
 a few injected server faults, as a real provider has), then runs the very ``tilesweep``
-commands a user types, printing each one before its output: plan, run (fetch with the
-shipped demo model looking for power towers as tiles arrive), status, tiles, export. Last it scores the
-predictions against the simulator's ground truth. Nothing leaves the machine.
+commands a user types, printing each one before its output: plan, run (tiles stream from
+the simulator into the shipped demo model, which looks for power towers), status. Last it
+scores the predictions against the simulator's ground truth. Nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from rich.console import Console
 
 from .sim import Faults, World, run_in_thread
 from .sweep import PREDICTIONS_DIR, SWEEP_FILE
-from .tiles import Tile, tile_at
+from .tiles import Tile
 
 DEMO_BBOX = "8.490,47.330,8.550,47.370"  # ~4.5 x 4.4 km: 1,936 zoom-18 tiles, 183 with a tower
 DEMO_ZOOM = 18
@@ -50,11 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         steps = [
             ("plan: area + zoom -> blocks of tiles in a durable queue", ["plan", DEMO_BBOX, folder, "--zoom", DEMO_ZOOM]),
-            ("run: 2 fetch workers (retries, one shard per block) while the demo model looks for power towers",
-             ["run", folder, "--source", sim.template(), "--model", "demo", "--workers", 2, "--concurrency", 64]),
+            ("run: tiles stream (with retries) through decoding into the demo model, which looks for power towers",
+             ["run", folder, "--source", sim.template(), "--model", "demo", "--concurrency", 64]),
             ("status: every planned tile accounted for", ["status", folder]),
-            ("the store: a few packed shards, not hundreds of files", ["tiles", "stats", folder]),
-            ("export: one PMTiles archive any web map can read", ["export", folder, folder / "tiles.pmtiles"]),
         ]
         for title, cmd in steps:
             console.rule(title)
@@ -71,13 +69,15 @@ def main(argv: list[str] | None = None) -> None:
     faults = sum(v for k, v in served.items() if k not in ("requests", "ok", "renders", "cache_hits", "not_found"))
     console.print(
         f"the simulator answered {served.get('requests', 0):,} requests, {faults:,} of them with a fault; "
-        f"every tile is stored once. Sweep folder: {folder}/ (sweep.toml, queue.sqlite, tiles/, "
-        f"{PREDICTIONS_DIR}/, tiles.pmtiles). "
-        f"{time.perf_counter() - started:.0f} s in all.",
+        f"every tile was scored once and none was stored. Sweep folder: {folder}/ (sweep.toml, queue.sqlite, "
+        f"{PREDICTIONS_DIR}/). {time.perf_counter() - started:.0f} s in all.",
         highlight=False,
     )
-    z, x, y = tile_at(8.52, 47.35, DEMO_ZOOM)
-    console.print(f"Try: tilesweep tiles get {folder} {z}/{x}/{y} -o t.jpg   (any tile from `tilesweep tiles ls {folder}`)")
+    console.print(
+        "To keep the tiles too: `tilesweep run ... --keep-tiles`, then `tilesweep tiles stats` and "
+        "`tilesweep export SWEEP tiles.pmtiles` (README: the 2-minute tour).",
+        highlight=False,
+    )
 
 
 def _score(console: Console, folder: Path, world: World) -> None:

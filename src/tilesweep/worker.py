@@ -30,14 +30,15 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 from .errors import UsageError
 from .fetch import Fetcher, FetchSettings, SourceError, TileResult
 from .limits import AdaptiveLimit
-from .queue import BlockResult, Lease, SqliteQueue, State
+from .queue import Block, BlockResult, Lease, SqliteQueue, State
 from .sources import Source
 from .store import ShardBusyError, Status, TileStore
 from .tiles import tile_id
@@ -119,8 +120,30 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+class BlockConsumer(Protocol):
+    """Where a *streaming* worker hands its fetched blocks instead of the store (the
+    prediction pipeline, :func:`tilesweep.predict.predict_sweep`). A handed block keeps its
+    lease until the consumer reports it durable through :meth:`Worker.committed`; only
+    then is it acked, with its counts."""
+
+    def done_result(self, block: Block) -> BlockResult | None:
+        """The counts of a block whose output is durable already (a crash came between the
+        commit and the ack): it is acked at once, not fetched again. None: fetch it."""
+
+    def take(self, block: Block, results: list[TileResult]) -> bool:
+        """Take a whole block's ok and empty results; blocks while the consumer is full
+        (backpressure: fewer blocks in progress, fewer requests). False: stopping."""
+
+    def end(self) -> None:
+        """No more blocks will come."""
+
+
 class Worker:
-    """One process's worker over a sweep folder (see the module docstring)."""
+    """One process's worker over a sweep folder (see the module docstring).
+
+    With a ``consumer`` the worker *streams*: tiles are not stored; each fetched block goes
+    to the consumer, whose :meth:`committed` acks it. ``refetch``: blocks done in the queue
+    whose tiles were not kept, fetched again for the consumer without a lease."""
 
     def __init__(
         self,
@@ -132,6 +155,8 @@ class Worker:
         settings: WorkerSettings = WorkerSettings(),
         on_progress: Callable[[WorkerCounters], None] | None = None,
         stop_event: Any = None,
+        consumer: BlockConsumer | None = None,
+        refetch: Iterable[Block] = (),
     ):
         self.sweep_path = Path(sweep_path)
         self.zoom = zoom
@@ -148,6 +173,13 @@ class Worker:
         # SQLite and fsync calls block; each gets its own thread so the loop keeps fetching.
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="tilesweep-queue")
         self._io_threads = ThreadPoolExecutor(4, thread_name_prefix="tilesweep-store")
+        self.consumer = consumer
+        self._refetch: deque[Block] = deque(refetch)
+        self._unleased: set[int] = set()  # refetched blocks: done already, nothing to ack
+        self._handed: dict[int, BlockResult] = {}  # with the consumer, not yet durable
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # One thread hands blocks over, in turn: a block waits there while the consumer is full.
+        self._hand_thread = ThreadPoolExecutor(1, thread_name_prefix="tilesweep-hand") if consumer else None
 
     # --- running ----------------------------------------------------------------------
 
@@ -170,13 +202,14 @@ class Worker:
 
     async def run_async(self) -> WorkerCounters:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.add_signal_handler(sig, self._interrupt)
-            except (NotImplementedError, RuntimeError):  # not the main thread
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 pass
         self.queue = SqliteQueue(self.sweep_path / "queue.sqlite", max_attempts=self.settings.max_attempts)
-        self.store = TileStore(self.sweep_path / "tiles", self.zoom, self.block_zoom)
+        self.store = None if self.consumer else TileStore(self.sweep_path / "tiles", self.zoom, self.block_zoom)
         tiles_per_block = 1 << (2 * (self.zoom - self.block_zoom))
         max_blocks = self.settings.max_blocks or max(2, 2 * -(-self.fetch_settings.concurrency // tiles_per_block))
         self._to_ack: dict[int, BlockResult] = {}
@@ -189,6 +222,7 @@ class Worker:
         await self._db(expire_dead_local_owners, self.queue)
         keeper = asyncio.create_task(self._keep_leases())
         last_ack = time.monotonic()
+        do_block = self._stream_block if self.consumer else self._do_block
         try:
             async with Fetcher(self.source, self.fetch_settings) as fetcher:
                 self.fetcher = fetcher
@@ -199,14 +233,13 @@ class Worker:
                     if self.stop_event is not None and self.stop_event.is_set():
                         self.stop()
                     if not self.stopping and len(tasks) < max_blocks:
-                        leases = await self._db(self.queue.lease, max_blocks - len(tasks), self.settings.lease_ttl_s, self.owner)
-                        for lease in leases:
+                        for lease in await self._next_blocks(max_blocks - len(tasks)):
                             self._active[lease.block.id] = lease
-                            tasks.add(asyncio.create_task(self._do_block(lease)))
+                            tasks.add(asyncio.create_task(do_block(lease)))
                     if not tasks:
                         # Nothing pending for us. Blocks leased by other workers may still
                         # come back (their worker died and the lease expires): wait for them.
-                        if self.stopping or not await self._db(self.queue.count, State.LEASED):
+                        if self.stopping or not await self._leased_by_others():
                             break
                         await asyncio.sleep(0.2)  # a cheap query; keeps the end of a run prompt
                         continue
@@ -224,6 +257,8 @@ class Worker:
                     if self.stopping and tasks:
                         await _cancel_all(tasks)
                         tasks = set()
+                if self.consumer is not None and not self.stopping:
+                    await self._await_consumer()
         finally:
             await _cancel_all(tasks)
             keeper.cancel()
@@ -231,10 +266,70 @@ class Worker:
             await self._db(self.queue.release, self.owner)
             self._report()
             self.queue.close()
-            self.store.close()
+            if self.store is not None:
+                self.store.close()
             self._db_thread.shutdown()
             self._io_threads.shutdown()
+            if self._hand_thread is not None:
+                self._hand_thread.shutdown()
+            self._loop = None
         return self.counters
+
+    async def _next_blocks(self, n: int) -> list[Lease]:
+        """Up to ``n`` blocks to work on: blocks to fetch again first (no lease: they are
+        done in the queue), then leases of pending blocks."""
+        out: list[Lease] = []
+        while self._refetch and len(out) < n:
+            block = self._refetch.popleft()
+            self._unleased.add(block.id)
+            out.append(Lease(block, self.owner, float("inf"), 0))
+        if len(out) < n:
+            out += await self._db(self.queue.lease, n - len(out), self.settings.lease_ttl_s, self.owner)
+        return out
+
+    async def _leased_by_others(self) -> int:
+        """Blocks leased now by other workers (a streaming worker holds its own leases
+        until the consumer has made the blocks durable)."""
+        ours = sum(1 for i in self._active if i not in self._unleased)
+        return max(0, int(await self._db(self.queue.count, State.LEASED)) - ours)
+
+    async def _await_consumer(self) -> None:
+        """The last block is handed over: tell the consumer, then wait until it has made
+        every handed block durable (acking them as it does), or a stop."""
+        assert self.consumer is not None and self._hand_thread is not None
+        await asyncio.get_running_loop().run_in_executor(self._hand_thread, self.consumer.end)
+        while self._handed and not self.stopping:
+            if self.stop_event is not None and self.stop_event.is_set():
+                self.stop()
+                break
+            await asyncio.sleep(0.05)
+            if len(self._to_ack) >= 1024:
+                await self._flush_acks()
+            self._report()
+
+    def committed(self, ids: Iterable[int]) -> None:
+        """The consumer made these handed blocks durable: ack them (safe from any thread;
+        ignored once the worker has stopped, and the next run acks them at once through
+        :meth:`BlockConsumer.done_result`)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._committed, list(ids))
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
+    def _committed(self, ids: list[int]) -> None:
+        for i in ids:
+            result = self._handed.pop(i, None)
+            if result is None:
+                continue
+            self._active.pop(i, None)
+            self.counters.blocks_done += 1
+            if i in self._unleased:
+                self._unleased.discard(i)
+            else:
+                self._to_ack[i] = result
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
@@ -262,7 +357,7 @@ class Worker:
         period = self.settings.lease_ttl_s / 3
         while True:
             await asyncio.sleep(period)
-            ids = list(self._active)
+            ids = [i for i in self._active if i not in self._unleased]
             if ids:
                 await self._db(self.queue.extend, ids, self.settings.lease_ttl_s, self.owner)
 
@@ -294,13 +389,12 @@ class Worker:
                 tiles = block.tile_list(self.zoom)
                 todo = [t for t in tiles if tile_id(t) not in durable] if durable else tiles
                 self.counters.tiles_skipped += block.tiles - len(todo)
-                failures, retries = await self._fetch_into(writer, lock, todo)
+                failures, retries = await self._fetch_into(
+                    todo, lambda r, st: writer.append(r.tile, st, r.data), lambda: self._locked(lock, writer.flush)
+                )
                 if failures:
                     await self._locked(lock, lambda: self._abort_quietly(writer))
-                    reason = failures[0].error or "failed"
-                    self.counters.tiles_failed += len(failures)
-                    self.counters.blocks_failed += 1
-                    await self._db(self.queue.nack, block.id, f"{len(failures)} of {block.tiles} tiles failed; first: {failures[0].tile.z}/{failures[0].tile.x}/{failures[0].tile.y}: {reason}")
+                    await self._failed(block, failures)
                     return
                 summary = await self._locked(lock, writer.finish)
             except BaseException:
@@ -309,6 +403,49 @@ class Worker:
             self._finished(block.id, summary, retries)
         finally:
             self._active.pop(block.id, None)
+
+    async def _stream_block(self, lease: Lease) -> None:
+        """Fetch a whole block into memory and hand it to the consumer; its lease is kept
+        until the consumer reports it durable (:meth:`committed`)."""
+        block = lease.block
+        assert self.consumer is not None and self._hand_thread is not None
+        try:
+            done = self.consumer.done_result(block)
+            if done is not None:  # durable before a crash took the ack: ack now
+                if block.id not in self._unleased:
+                    self._to_ack[block.id] = done
+                self._unleased.discard(block.id)
+                self.counters.blocks_done += 1
+                return
+            got: list[TileResult] = []
+            failures, retries = await self._fetch_into(block.tile_list(self.zoom), lambda r, st: got.append(r), None)
+            if failures:
+                await self._failed(block, failures)
+                return
+            ok = sum(1 for r in got if r.status == "ok")
+            self._handed[block.id] = BlockResult(ok, len(got) - ok, 0, sum(len(r.data or b"") for r in got), retries)
+            loop = asyncio.get_running_loop()
+            # shielded: a block being handed over when a stop comes still lands whole
+            taken = await asyncio.shield(loop.run_in_executor(self._hand_thread, self.consumer.take, block, got))
+            if not taken:
+                self._handed.pop(block.id, None)
+        finally:
+            if block.id not in self._handed:
+                self._active.pop(block.id, None)
+                self._unleased.discard(block.id)
+
+    async def _failed(self, block: Block, failures: list[TileResult]) -> None:
+        """Some tiles of ``block`` failed after the fetcher's retries: nack it with the
+        first reason (a block fetched again without a lease is only counted)."""
+        self.counters.tiles_failed += len(failures)
+        self.counters.blocks_failed += 1
+        if block.id in self._unleased:
+            return
+        first = failures[0]
+        await self._db(
+            self.queue.nack, block.id,
+            f"{len(failures)} of {block.tiles} tiles failed; first: {first.tile.z}/{first.tile.x}/{first.tile.y}: {first.error or 'failed'}",
+        )
 
     def _check_auth(self, result: TileResult) -> None:
         """Stop the whole run when the source refuses every request (401/403 in a row): a
@@ -344,10 +481,15 @@ class Worker:
             self._slots.on_success()
         return result
 
-    async def _fetch_into(self, writer: Any, lock: threading.Lock, todo: list) -> tuple[list[TileResult], int]:  # type: ignore[type-arg]
-        """Fetch ``todo`` into ``writer``, flushing every ``flush_every_s`` seconds (or
-        ``flush_every`` tiles); returns the results that failed after the fetcher's retries,
-        and the number of retries. Flushing by time keeps fsyncs few when tiles come fast
+    async def _fetch_into(
+        self,
+        todo: list,  # type: ignore[type-arg]
+        on_result: Callable[[TileResult, Status], Any],
+        flush: Callable[[], Awaitable[Any]] | None,
+    ) -> tuple[list[TileResult], int]:
+        """Fetch ``todo``, passing each ok or empty result to ``on_result`` and awaiting
+        ``flush`` every ``flush_every_s`` seconds (or ``flush_every`` tiles); returns the
+        results that failed after the fetcher's retries, and the number of retries. Flushing by time keeps fsyncs few when tiles come fast
         (a 256-tile block fetched in 50 ms is synced once, when it is finished) and bounds
         what a crash loses when they come slowly.
 
@@ -386,15 +528,17 @@ class Worker:
                 if status is None:
                     failures.append(result)
                     continue
-                writer.append(result.tile, status, result.data)
+                on_result(result, status)
                 if status is Status.OK:
                     self.counters.tiles_ok += 1
                     self.counters.bytes += len(result.data or b"")
                 else:
                     self.counters.tiles_empty += 1
                 unflushed += 1
-                if unflushed >= self.settings.flush_every or time.monotonic() - last_flush >= self.settings.flush_every_s:
-                    await self._locked(lock, writer.flush)
+                if flush is not None and (
+                    unflushed >= self.settings.flush_every or time.monotonic() - last_flush >= self.settings.flush_every_s
+                ):
+                    await flush()
                     unflushed = 0
                     last_flush = time.monotonic()
         finally:

@@ -7,12 +7,15 @@
 See docs/model.md for the demo model and for bringing your own.
 """
 
-from .base import META_KEYS, InputSpec, Model, ModelInfo, describe, info_from_metadata, info_to_metadata, prepare, score_tiles
+from .base import (
+    META_KEYS, InputSpec, Model, ModelInfo, describe, info_from_metadata, info_to_metadata, predict_pixels, prepare,
+    score_tiles,
+)
 from .load import DEMO_PATH, load_model
 from .onnxrt import OnnxModel
 from .pyfunc import CallableModel
 
 __all__ = [
     "DEMO_PATH", "META_KEYS", "CallableModel", "InputSpec", "Model", "ModelInfo", "OnnxModel",
-    "describe", "info_from_metadata", "info_to_metadata", "load_model", "prepare", "score_tiles",
+    "describe", "info_from_metadata", "info_to_metadata", "load_model", "predict_pixels", "prepare", "score_tiles",
 ]

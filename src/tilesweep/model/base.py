@@ -73,6 +73,20 @@ class Model(Protocol):
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+def predict_pixels(model: Model, pixels: np.ndarray) -> np.ndarray:
+    """Scores of ``uint8[N, size, size, 3]`` RGB inputs: the model's own
+    ``predict_pixels`` when it has one (a GPU model uploads the uint8 pixels, 4x fewer bytes
+    than float32, and normalises them on the device), else :func:`tilesweep.decode.normalise`
+    on the CPU, then ``predict``."""
+    own = getattr(model, "predict_pixels", None)
+    if own is not None:
+        return own(pixels)  # type: ignore[no-any-return]
+    from ..decode import normalise
+
+    spec = model.info.input
+    return model.predict(normalise(pixels, spec.mean, spec.std, spec.channel_order))
+
+
 def _floats3(value: Any, key: str, where: str) -> tuple[float, float, float]:
     try:
         parts = value.split(",") if isinstance(value, str) else list(value)

@@ -70,6 +70,12 @@ class TorchModel:
         except (AttributeError, NotImplementedError):  # torch.export modules are fixed in eval form
             pass
         self.info: ModelInfo = info_from_metadata(meta, name)
+        spec = self.info.input
+        # (x / 255 - mean) / std as one multiply-add on the device, per channel in model order
+        std = torch.tensor(spec.std, dtype=torch.float32, device=self.device_).view(1, 3, 1, 1)
+        mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device_).view(1, 3, 1, 1)
+        self._scale, self._shift = 1.0 / (255.0 * std), -mean / std
+        self._bgr = spec.channel_order == "BGR"
 
     @property
     def device(self) -> str:
@@ -84,6 +90,20 @@ class TorchModel:
             out = self.module(x)
         out = out.detach().float().cpu().numpy()
         return out.reshape(len(batch), -1)
+
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """``uint8[N, size, size, 3]`` RGB -> ``float32[N, C]``: the uint8 pixels go to the
+        device as they are and are normalised there (what :func:`tilesweep.decode.normalise`
+        does on the CPU, same numbers to float rounding)."""
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)).to(self.device_)
+        x = x.permute(0, 3, 1, 2)
+        if self._bgr:
+            x = x.flip(1)
+        x = x.float().mul_(self._scale).add_(self._shift).contiguous()
+        with torch.inference_mode():
+            out = self.module(x)
+        return out.detach().float().cpu().numpy().reshape(len(pixels), -1)
 
     def __repr__(self) -> str:
         return f"TorchModel({self.name!r}, device={self.device!r})"

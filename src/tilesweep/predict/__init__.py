@@ -7,18 +7,25 @@
 ...     report = predict_sweep(sweep, load_model("demo"))   # offline: from the tile store
 >>> report.tiles, report.positives, report.tiles_per_s
 
+Streaming from the source, with nothing stored (what ``tilesweep run`` does)::
+
+    from tilesweep.predict import StreamFetch
+    predict_sweep(sweep, model, stream=StreamFetch(sweep.source))
+
 Rows land in ``SWEEP/predictions/{model}/part-*.parquet``; ``predictions/ledger.sqlite``
 records which blocks are done (see :mod:`tilesweep.predict.sink` and docs/predict.md).
 """
 
-from .pipeline import PredictReport, PredictSettings, StageMeter, blocks_to_predict, predict_sweep, probe
+from .pipeline import (
+    FlowMeter, PredictReport, PredictSettings, StageMeter, StreamFetch, blocks_to_predict, predict_sweep, probe,
+)
 from .sink import (
     BASE_COLUMNS, LEDGER_FILE, PREDICTIONS_DIR, BlockRows, PredictionSink, PredictionTotals, centres, ledger_totals,
     model_folder, model_key,
 )
 
 __all__ = [
-    "BASE_COLUMNS", "LEDGER_FILE", "PREDICTIONS_DIR", "BlockRows", "PredictReport", "PredictSettings",
-    "PredictionSink", "PredictionTotals", "StageMeter", "blocks_to_predict", "centres", "ledger_totals",
+    "BASE_COLUMNS", "LEDGER_FILE", "PREDICTIONS_DIR", "BlockRows", "FlowMeter", "PredictReport", "PredictSettings",
+    "PredictionSink", "PredictionTotals", "StageMeter", "StreamFetch", "blocks_to_predict", "centres", "ledger_totals",
     "model_folder", "model_key", "predict_sweep", "probe",
 ]

@@ -4,14 +4,19 @@ Stages, joined by bounded queues (so memory stays flat whatever the tile count):
 
     read (1 thread)      blocks done in the fetch queue and not yet predicted by this model:
                          the block's shard, memory-mapped, its records in tile-id order
+    fetch (1 thread)     with ``stream=``: an asyncio :class:`~tilesweep.worker.Worker` that
+                         leases blocks and fetches them straight into the pipeline, no store;
+                         a block is acked in the fetch queue once its part is durable
     decode (N threads)   JPEG/PNG/WebP -> RGB (simplejpeg releases the GIL) -> fit to the
                          model's input (uint8, not yet normalised: 4x smaller in the queue)
-    model (1 thread)     batches of ``batch`` inputs across block boundaries, normalise,
-                         ``model.predict``; a chipped tile gets the max over its chips
+    model (1 thread)     batches of ``batch`` inputs across block boundaries, normalise and
+                         predict (:func:`~tilesweep.model.predict_pixels`: a GPU model gets
+                         the uint8 pixels); a chipped tile gets the max over its chips
     sink (1 thread)      group commit of many blocks per Parquet part (:mod:`.sink`)
 
 Each stage counts tiles and busy seconds (:class:`StageMeter`), so a caller can show tiles/s
-per stage, queue fill and model busy %.
+per stage, queue fill and model busy %. The fetch stage is "busy" while it is not waiting
+for room downstream (:class:`FlowMeter`): a fetch that never waits is the bottleneck.
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..decode import decode, fit, normalise
-from ..model.base import Model, check_scores
-from ..queue import Block, SqliteQueue, State
+from ..decode import decode, fit
+from ..fetch import FetchSettings, TileResult
+from ..model.base import Model, check_scores, predict_pixels
+from ..queue import Block, BlockResult, SqliteQueue, State
+from ..sources import Source
 from ..store import Status
 from ..store.shard import ShardReader
 from ..sweep import QUEUE_FILE
+from ..worker import Worker, WorkerCounters, WorkerSettings
 from .sink import BlockRows, PredictionSink
 
 _END = object()
@@ -59,6 +67,31 @@ class StageMeter:
     def busy(self, wall_s: float) -> float:
         """Share of the stage's thread time spent working, 0..1."""
         return self.busy_s / (wall_s * self.threads) if wall_s > 0 else 0.0
+
+
+class FlowMeter(StageMeter):
+    """A source stage's counters (fetch): busy while not blocked handing tiles on, so
+    ``busy`` near 1 means the stages after it wait for it."""
+
+    blocked_s: float = 0.0
+
+    def blocked(self, seconds: float) -> None:
+        with self.lock:
+            self.blocked_s += seconds
+
+    def busy(self, wall_s: float) -> float:
+        return max(0.0, 1.0 - self.blocked_s / wall_s) if wall_s > 0 and self.tiles else 0.0
+
+
+@dataclass(frozen=True)
+class StreamFetch:
+    """Fetch tiles from ``source`` straight into the model (``tilesweep run``): blocks
+    pending in the fetch queue are leased, blocks done earlier without kept tiles are
+    fetched again; ``fetch`` and ``worker`` are the fetcher's and the leases' settings."""
+
+    source: Source
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
 
 
 @dataclass
@@ -92,6 +125,7 @@ class PredictReport:
     wall_s: float = 0.0
     missing_shards: int = 0
     adopted_parts: int = 0
+    fetch: WorkerCounters | None = None  # with stream=: the fetch's counters
     stages: dict[str, StageMeter] = field(default_factory=dict)
     queues: dict[str, "queue_mod.Queue[Any]"] = field(default_factory=dict, repr=False)
 
@@ -105,11 +139,18 @@ class PredictReport:
         return m.busy(self.wall_s) if m else 0.0
 
     def bottleneck(self) -> str:
-        """The stage whose threads are busiest; ``"input"`` when no stage is busy half the
-        time: then the tiles do not come fast enough (the fetch, when it runs beside)."""
+        """``"model"`` when the model is busy 3/4 of the time or more (the goal: the
+        model is the limit); else the busiest other stage, if busy half the time; else
+        ``"input"``: every stage waits for tiles (the fetch, when it runs beside).
+
+        The model comes first because the stages before it run ahead into bounded queues:
+        until those fill, a fetch that feeds a busy model still looks busy."""
         if not self.stages or self.wall_s <= 0:
             return "-"
-        top = max(self.stages.values(), key=lambda s: s.busy(self.wall_s))
+        if self.model_busy >= 0.75:
+            return "model"
+        others = [m for m in self.stages.values() if m.name != "model"]
+        top = max(others, key=lambda s: s.busy(self.wall_s))
         return top.name if top.busy(self.wall_s) >= 0.5 else "input (every stage waits for tiles)"
 
     def queue_fill(self) -> dict[str, float]:
@@ -145,6 +186,7 @@ def predict_sweep(
     progress_every_s: float = 0.5,
     follow: Callable[[], bool] | None = None,
     poll_s: float = 0.25,
+    stream: StreamFetch | None = None,
 ) -> PredictReport:
     """Score every fetched tile of ``sweep`` (a :class:`tilesweep.sweep.Sweep`) that this
     model has not scored yet, into ``SWEEP/predictions/``. Resumable and idempotent: a
@@ -153,7 +195,15 @@ def predict_sweep(
 
     ``follow``: while it returns True (e.g. "the fetch is still running"), keep looking
     for newly done blocks every ``poll_s`` seconds and score them too, so prediction runs
-    beside fetching (``tilesweep run``); blocks still go out in group-committed parts."""
+    beside fetching (``tilesweep run --keep-tiles``); blocks still go out in
+    group-committed parts.
+
+    ``stream``: fetch what the store does not hold straight from the source into the model
+    (``tilesweep run``): pending blocks are leased and acked in the fetch queue once their
+    predictions are durable; done blocks without a shard (streamed for another model) are
+    fetched again. Tiles are not stored."""
+    if stream is not None and follow is not None:
+        raise ValueError("predict_sweep: stream and follow exclude each other")
     s = settings or PredictSettings()
     info = model.info
     spec = info.input
@@ -167,10 +217,17 @@ def predict_sweep(
         report.adopted_parts = sink.stats.adopted_parts
         predicted = sink.predicted_ids()
         todo = blocks_to_predict(sweep, predicted)
-        report.blocks_todo = len(todo)
         store = sweep.store
-        meters = {name: StageMeter(name, threads) for name, threads in
-                  (("read", 1), ("decode", s.threads), ("model", 1), ("sink", 1))}
+        refetch: list[Block] = []
+        if stream is not None:  # what the store lacks comes from the source
+            refetch = [b for b in todo if not store.is_complete(b.tile)]
+            todo = [b for b in todo if store.is_complete(b.tile)] if refetch else todo
+        report.blocks_todo = len(todo) + len(refetch)
+        meters: dict[str, StageMeter] = {"read": StageMeter("read")}
+        if stream is not None:
+            meters["fetch"] = FlowMeter("fetch")
+        meters.update({name: StageMeter(name, threads) for name, threads in
+                       (("decode", s.threads), ("model", 1), ("sink", 1))})
         report.stages = meters
         q_read: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks)
         q_dec: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks)
@@ -178,6 +235,15 @@ def predict_sweep(
         report.queues = {"read": q_read, "decode": q_dec, "sink": q_sink}
         stop = threading.Event()
         errors: list[BaseException] = []
+        fetch_ended = threading.Event()  # the stream worker handed its last block (or stopped)
+        worker: Worker | None = None
+        if stream is not None:
+            consumer = _StreamConsumer(sink, predicted, meters["fetch"], lambda w: put(q_read, w), fetch_ended)  # type: ignore[arg-type]
+            worker = Worker(
+                sweep.path, sweep.zoom, sweep.block_zoom, stream.source, stream.fetch, stream.worker,
+                on_progress=lambda c: None, stop_event=stop, consumer=consumer, refetch=refetch,
+            )
+            report.fetch = worker.counters
 
         def put(q: "queue_mod.Queue[Any]", item: Any) -> None:
             while True:
@@ -200,6 +266,13 @@ def predict_sweep(
                     if deadline is not None and time.monotonic() >= deadline:
                         raise
 
+        # The main thread waits on this event, never in Thread.join: a Ctrl-C that lands
+        # inside join() can leave that thread marked as stopped while it still runs
+        # (CPython gh-90882), and then nobody waits for the worker to release its leases.
+        all_ended = threading.Event()
+        running = [0]
+        running_lock = threading.Lock()
+
         def guarded(fn: Callable[[], None]) -> Callable[[], None]:
             def run() -> None:
                 try:
@@ -209,6 +282,11 @@ def predict_sweep(
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     errors.append(exc)
                     stop.set()
+                finally:
+                    with running_lock:
+                        running[0] -= 1
+                        if running[0] == 0:
+                            all_ended.set()
             return run
 
         def read() -> None:
@@ -230,9 +308,19 @@ def predict_sweep(
                         work = _Work(block, xs[ok], ys[ok], data, int(np.sum(st == Status.EMPTY)), int(np.sum(st == Status.FAILED)))
                     m.add(len(ok), time.perf_counter() - t0)
                     put(q_read, work)
+                while worker is not None and not fetch_ended.wait(0.1):  # the stream's blocks
+                    if stop.is_set():
+                        raise _Stopped
             finally:
                 for _ in range(s.threads):
                     put(q_read, _END)
+
+        def fetch_loop() -> None:
+            assert worker is not None
+            try:
+                worker.run()
+            finally:
+                fetch_ended.set()
 
         def _blocks(first: list[Block]) -> Iterator[Block]:
             """``first``, then (with ``follow``) the blocks done since, until ``follow()``
@@ -330,10 +418,9 @@ def predict_sweep(
                             work.cursor += take
                             need -= take
                     t0 = time.perf_counter()
-                    batch = normalise(np.concatenate(chunks), spec.mean, spec.std, spec.channel_order)
+                    batch = np.concatenate(chunks)
+                    out = check_scores(predict_pixels(model, batch), len(batch), info, model.name)
                     t1 = time.perf_counter()
-                    out = check_scores(model.predict(batch), len(batch), info, model.name)
-                    t2 = time.perf_counter()
                     k = 0
                     for work, start, take in refs:
                         work.raw[start : start + take] = out[k : k + take]
@@ -341,7 +428,7 @@ def predict_sweep(
                     avail -= len(batch)
                     while pending and pending[0].cursor == len(pending[0].inputs):
                         finish(pending.popleft())
-                    m.add(len(batch), t2 - t1)  # busy = predict only (normalising t0..t1 is not)
+                    m.add(len(batch), t1 - t0)  # normalising counts: it is the model stage's work
             finally:
                 put(q_sink, _END)
 
@@ -352,21 +439,29 @@ def predict_sweep(
                     rows = get(q_sink, timeout=1.0)
                 except queue_mod.Empty:
                     if sink.due():
-                        sink.commit()
+                        committed = sink.commit()
+                        if committed and worker is not None:
+                            worker.committed(committed)
                     continue
                 if rows is _END:
                     break
                 t0 = time.perf_counter()
-                sink.add(rows)
+                committed = sink.add(rows)
                 m.add(len(rows.x), time.perf_counter() - t0)
+                if committed and worker is not None:
+                    worker.committed(committed)
             t0 = time.perf_counter()
-            sink.commit()
+            committed = sink.commit()
             m.add(0, time.perf_counter() - t0)
+            if committed and worker is not None:
+                worker.committed(committed)
 
         threads = [threading.Thread(target=guarded(read), name="predict-read", daemon=True)]
         threads += [threading.Thread(target=guarded(decode_loop), name=f"predict-decode-{i}", daemon=True) for i in range(s.threads)]
         threads += [threading.Thread(target=guarded(model_loop), name="predict-model", daemon=True),
                     threading.Thread(target=guarded(sink_loop), name="predict-sink", daemon=True)]
+        if worker is not None:
+            threads.append(threading.Thread(target=guarded(fetch_loop), name="predict-fetch", daemon=True))
         started = time.monotonic()
 
         def snapshot() -> None:
@@ -376,18 +471,18 @@ def predict_sweep(
             report.parts, report.bytes = st.parts, st.bytes
             report.empty, report.failed, report.undecodable = st.empty, st.failed, st.undecodable
 
+        running[0] = len(threads)
         for t in threads:
             t.start()
         try:
-            while any(t.is_alive() for t in threads):
-                threads[-1].join(progress_every_s)
+            while not all_ended.wait(progress_every_s):
                 if on_progress is not None:
                     snapshot()
                     on_progress(report)
         except BaseException:
             stop.set()
-            for t in threads:
-                t.join(5)
+            # the fetch worker releases its leases before it ends: give it time to
+            all_ended.wait(60 if worker is not None else 5)
             raise
         snapshot()
         if errors:
@@ -397,12 +492,47 @@ def predict_sweep(
         sink.close()
 
 
+class _StreamConsumer:
+    """The pipeline as a :class:`~tilesweep.worker.BlockConsumer`: a fetched block becomes a
+    ``_Work`` in the decode queue; time spent waiting for room there is the fetch's
+    blocked time."""
+
+    def __init__(
+        self, sink: PredictionSink, predicted: set[int], meter: FlowMeter, put: Callable[[_Work], None], ended: threading.Event
+    ) -> None:
+        self.sink = sink
+        self.predicted = predicted  # blocks predicted before this run began
+        self.meter = meter
+        self.put = put
+        self.ended = ended
+
+    def done_result(self, block: Block) -> BlockResult | None:
+        # a pending block predicted already: a crash came between the part and the ack
+        return self.sink.block_result(block.id) if block.id in self.predicted else None
+
+    def take(self, block: Block, results: list[TileResult]) -> bool:
+        ok = [r for r in results if r.status == "ok"]
+        x = np.fromiter((r.tile.x for r in ok), np.int64, len(ok))
+        y = np.fromiter((r.tile.y for r in ok), np.int64, len(ok))
+        work = _Work(block, x, y, [r.data for r in ok], len(results) - len(ok), 0)  # type: ignore[misc]
+        t0 = time.perf_counter()
+        try:
+            self.put(work)
+        except _Stopped:
+            return False
+        self.meter.blocked(time.perf_counter() - t0)
+        self.meter.add(len(results), 0.0)
+        return True
+
+    def end(self) -> None:
+        self.ended.set()
+
+
 def probe(model: Model) -> None:
     """Run the model once on a zero batch, so a model that returns the wrong shape fails
     (one-line UsageError) before anything is written."""
     spec = model.info.input
-    x = normalise(np.zeros((1, spec.size, spec.size, 3), np.uint8), spec.mean, spec.std, spec.channel_order)
-    check_scores(model.predict(x), 1, model.info, model.name)
+    check_scores(predict_pixels(model, np.zeros((1, spec.size, spec.size, 3), np.uint8)), 1, model.info, model.name)
 
 
-__all__ = ["PredictReport", "PredictSettings", "StageMeter", "blocks_to_predict", "predict_sweep", "probe"]
+__all__ = ["FlowMeter", "PredictReport", "PredictSettings", "StageMeter", "StreamFetch", "blocks_to_predict", "predict_sweep", "probe"]

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import UsageError
+from ..queue import BlockResult
 
 PREDICTIONS_DIR = "predictions"
 LEDGER_FILE = "ledger.sqlite"
@@ -217,6 +218,19 @@ class PredictionSink:
         """Ids of the blocks this model has predicted (durably)."""
         return {int(r[0]) for r in self.db.execute("SELECT block_id FROM predicted WHERE model_key = ?", (self.key,))}
 
+    def block_result(self, block_id: int) -> "BlockResult | None":
+        """A predicted block's counts as the fetch queue records them (``ok`` = rows;
+        bytes and retries are not kept), or None when the block is not predicted. Safe
+        from any thread (its own read-only connection)."""
+        db = sqlite3.connect(f"file:{self.root / LEDGER_FILE}?mode=ro", uri=True, timeout=60)
+        try:
+            row = db.execute(
+                "SELECT rows, empty, failed FROM predicted WHERE model_key = ? AND block_id = ?", (self.key, int(block_id))
+            ).fetchone()
+        finally:
+            db.close()
+        return None if row is None else BlockResult(int(row[0]), int(row[1]), int(row[2]))
+
     # --- recovery -------------------------------------------------------------------------
 
     def recover(self) -> None:
@@ -260,17 +274,16 @@ class PredictionSink:
 
     # --- writing --------------------------------------------------------------------------
 
-    def add(self, rows: BlockRows) -> bool:
-        """Buffer one block's rows; commit when the buffer is full or old. Returns whether
-        it committed."""
+    def add(self, rows: BlockRows) -> list[int]:
+        """Buffer one block's rows; commit when the buffer is full or old. Returns the ids
+        of the blocks it committed (empty when it did not commit)."""
         self._buffer.append(rows)
         self._buffered_rows += len(rows.x)
         if self._first_at is None:
             self._first_at = time.monotonic()
         if self.due():
-            self.commit()
-            return True
-        return False
+            return self.commit()
+        return []
 
     def due(self) -> bool:
         """True when the buffer should be committed now (full, or older than part_seconds)."""
@@ -280,10 +293,11 @@ class PredictionSink:
             self._first_at is not None and time.monotonic() - self._first_at >= self.part_seconds
         )
 
-    def commit(self) -> None:
-        """Write the buffered blocks as one part and record them, in that order."""
+    def commit(self) -> list[int]:
+        """Write the buffered blocks as one part and record them, in that order. Returns
+        the ids of the blocks now durable."""
         if not self._buffer:
-            return
+            return []
         t0 = time.perf_counter()
         buf, self._buffer, self._buffered_rows, self._first_at = self._buffer, [], 0, None
         blocks: dict[int, list[int]] = {}
@@ -325,6 +339,7 @@ class PredictionSink:
         s.undecodable += sum(v[3] for v in blocks.values())
         s.bytes += size
         s.busy_s += time.perf_counter() - t0
+        return list(blocks)
 
     def _record(self, name: str | None, rows: int, size: int, blocks: dict[int, list[int]], adopted: bool) -> None:
         now = time.time()
