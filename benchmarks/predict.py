@@ -41,7 +41,8 @@ from rich.table import Table  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiles", type=int, default=20_000, help="about this many zoom-18 tiles (whole blocks of 256)")
-    ap.add_argument("--workers", type=int, default=2, help="fetch worker processes of f (run streams in one)")
+    ap.add_argument("--workers", type=int, default=2, help="fetch worker processes of f")
+    ap.add_argument("--run-workers", type=int, default=1, help="fetch workers of e (1: a thread of the run process)")
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--model", default="demo", help="--model of predict and run")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -73,7 +74,8 @@ def main() -> None:
             fb.err.print(f"m: tilesweep predict --model {a.model} ...")
             m = fb.measure([*py, "predict", str(f_dir), *model, "-q"], work / "m.log", a.timeout, server)
             fb.err.print(f"e: tilesweep run --model {a.model} ...")
-            e = fb.measure([*py, "run", str(e_dir), "--source", source, "--concurrency", str(a.concurrency), *model, "-q"],
+            e = fb.measure([*py, "run", str(e_dir), "--source", source, "--concurrency", str(a.concurrency),
+                            "--workers", str(a.run_workers), *model, "-q"],
                            work / "e.log", a.timeout, server)
         for r, log in ((f, "f.log"), (m, "m.log"), (e, "e.log")):
             if r["rc"] != 0:
@@ -102,7 +104,8 @@ def main() -> None:
         ]
         where = "GPU" if on_gpu else "CPU"
         table = Table(title=f"predict: {tiles:,} zoom-18 tiles, model {a.model} on the {where}, {os.cpu_count()} cores, "
-                            f"f with {a.workers} fetch workers, {a.concurrency} in flight, nginx on loopback; "
+                            f"f with {a.workers} fetch workers, e with {a.run_workers}, {a.concurrency} in flight, "
+                            "nginx on loopback; "
                             f"limit for e = {kind}")
         for col in ("what", "seconds", "tiles/s", "tiles/s after start-up", "limit for e", "e / limit",
                     "peak RSS (largest process)"):

@@ -78,3 +78,22 @@ def test_sigkilled_workers_lose_nothing(tmp_path):
     assert retried  # some leases really expired and were taken again
     # An output is duplicated only for blocks that were leased more than once.
     assert {i for i, c in Counter(ids).items() if c > 1} <= set(retried)
+
+
+def test_a_zombie_worker_counts_as_dead():
+    """A killed worker that nobody has reaped yet (its parent died too, and PID 1 reaps
+    late) holds no lease: `expire_dead_local_owners` must not wait for it."""
+    from tilesweep.worker import _alive
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        assert _alive(child.pid)
+        child.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(child.pid) and time.monotonic() < deadline:  # killed, not reaped: a zombie
+            time.sleep(0.01)
+        assert not _alive(child.pid)
+        assert child.poll() is not None  # it was a zombie until now
+    finally:
+        child.kill()
+        child.wait()

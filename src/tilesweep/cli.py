@@ -337,7 +337,7 @@ def run(
     source: Optional[str] = typer.Option(None, "--source", "-s", help="URL template ({z} {x} {y} {-y} {q} {s} ${ENV}) or preset; recorded on first use."),
     header: list[str] = typer.Option([], "--header", "-H", help="Request header 'Name: value' (repeatable; ${ENV} expanded at request time)."),
     keep_tiles: bool = typer.Option(False, "--keep-tiles", help="Also pack the fetched tiles into the store (tiles/), for another model, export or `tilesweep tiles`."),
-    workers: int = typer.Option(1, "--workers", "-w", help="With --keep-tiles: fetch worker processes (one event loop each)."),
+    workers: int = typer.Option(1, "--workers", "-w", help="Fetch worker processes (one event loop each; 1: a thread of this process). One loop fetches a few thousand tiles/s: use more when a GPU model takes more."),
     concurrency: int = typer.Option(256, "--concurrency", "-c", help="Requests in flight, over all workers."),
     rate: Optional[float] = typer.Option(None, "--rate", help="Most requests/s over all workers (retries count); default: no cap."),
     retries: int = typer.Option(6, "--retries", help="Retries of a tile after a transient fault."),
@@ -360,8 +360,6 @@ def run(
     again. With --keep-tiles, worker processes pack the tiles into the store (as `tilesweep
     fetch`) while this process scores each block once it is durable (as `tilesweep
     predict`). Ctrl-C or a crash: run the same command again."""
-    if workers != 1 and not keep_tiles:
-        raise UsageError(f"--workers {workers} needs --keep-tiles: without it one event loop fetches into the model (raise --concurrency instead)")
     fetch_settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts)
     settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads)
     with Sweep.open(sweep_dir) as sweep:
@@ -370,14 +368,14 @@ def run(
         if keep_tiles:
             _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
         else:
-            _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, quiet)
+            _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
 
 
 _STOPPED_RUN = "stopped: committed predictions are durable and unfinished leases were released; run the same command to go on"
 
 
-def _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, quiet) -> None:  # type: ignore[no-untyped-def]
-    """`tilesweep run`: one process; fetch (asyncio) -> decode -> model -> sink."""
+def _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet) -> None:  # type: ignore[no-untyped-def]
+    """`tilesweep run`: fetch (an asyncio thread, or worker processes) -> decode -> model -> sink."""
     from .predict import StreamFetch, predict_sweep
 
     before = sweep.status()
@@ -394,7 +392,7 @@ def _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, w
     try:
         with meter:
             report = predict_sweep(sweep, the_model, settings, on_progress=on_progress,
-                                   stream=StreamFetch(src, fetch_settings, worker_settings))
+                                   stream=StreamFetch(src, fetch_settings, worker_settings, workers))
     except KeyboardInterrupt:
         err.print(_STOPPED_RUN)
         raise typer.Exit(130)

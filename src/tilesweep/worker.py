@@ -106,13 +106,26 @@ def expire_dead_local_owners(queue: SqliteQueue) -> int:
         pid_text = rest.partition(":")[0]
         if o_host != host or not pid_text.isdigit():
             continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
+        if not _alive(int(pid_text)):
             freed += queue.expire(owner)
-        except PermissionError:  # alive, another user's
-            pass
     return freed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs. A zombie does not: a killed worker whose parent died
+    too waits to be reaped by PID 1, which some containers' init does late."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (macOS): trust kill(0)
+        return True
+    return state not in (b"Z", b"X")
 
 
 def new_owner() -> str:
@@ -228,6 +241,7 @@ class Worker:
                 self.fetcher = fetcher
                 fetcher.on_throttle = self._slots.on_throttle
                 while True:
+                    self._poll_commits()
                     if os.getppid() != parent:  # our parent was killed: stop like Ctrl-C
                         self.stop()
                     if self.stop_event is not None and self.stop_event.is_set():
@@ -239,7 +253,11 @@ class Worker:
                     if not tasks:
                         # Nothing pending for us. Blocks leased by other workers may still
                         # come back (their worker died and the lease expires): wait for them.
-                        if self.stopping or not await self._leased_by_others():
+                        # Not when streaming: sibling workers hold their leases until the
+                        # model's part is committed, which waits for every worker's last
+                        # block; a sibling that dies fails the run, and the next run frees
+                        # its leases at once (expire_dead_local_owners).
+                        if self.stopping or self.consumer is not None or not await self._db(self.queue.count, State.LEASED):
                             break
                         await asyncio.sleep(0.2)  # a cheap query; keeps the end of a run prompt
                         continue
@@ -287,12 +305,6 @@ class Worker:
             out += await self._db(self.queue.lease, n - len(out), self.settings.lease_ttl_s, self.owner)
         return out
 
-    async def _leased_by_others(self) -> int:
-        """Blocks leased now by other workers (a streaming worker holds its own leases
-        until the consumer has made the blocks durable)."""
-        ours = sum(1 for i in self._active if i not in self._unleased)
-        return max(0, int(await self._db(self.queue.count, State.LEASED)) - ours)
-
     async def _await_consumer(self) -> None:
         """The last block is handed over: tell the consumer, then wait until it has made
         every handed block durable (acking them as it does), or a stop."""
@@ -303,9 +315,18 @@ class Worker:
                 self.stop()
                 break
             await asyncio.sleep(0.05)
+            self._poll_commits()
             if len(self._to_ack) >= 1024:
                 await self._flush_acks()
             self._report()
+
+    def _poll_commits(self) -> None:
+        """A consumer in another process reports durable blocks through a queue."""
+        poll = getattr(self.consumer, "poll_committed", None)
+        if poll is not None:
+            ids = poll()
+            if ids:
+                self._committed(ids)
 
     def committed(self, ids: Iterable[int]) -> None:
         """The consumer made these handed blocks durable: ack them (safe from any thread;

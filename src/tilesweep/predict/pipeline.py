@@ -6,7 +6,9 @@ Stages, joined by bounded queues (so memory stays flat whatever the tile count):
                          the block's shard, memory-mapped, its records in tile-id order
     fetch (1 thread)     with ``stream=``: an asyncio :class:`~tilesweep.worker.Worker` that
                          leases blocks and fetches them straight into the pipeline, no store;
-                         a block is acked in the fetch queue once its part is durable
+                         a block is acked in the fetch queue once its part is durable. With
+                         ``StreamFetch(workers=N > 1)`` the thread receives the blocks of N
+                         worker processes instead (:mod:`.procs`)
     decode (N threads)   JPEG/PNG/WebP -> RGB (simplejpeg releases the GIL) -> fit to the
                          model's input (uint8, not yet normalised: 4x smaller in the queue)
     model (1 thread)     batches of ``batch`` inputs across block boundaries, normalise and
@@ -39,7 +41,8 @@ from ..store import Status
 from ..store.shard import ShardReader
 from ..sweep import QUEUE_FILE
 from ..worker import Worker, WorkerCounters, WorkerSettings
-from .sink import BlockRows, PredictionSink
+from .procs import FetchProcesses
+from .sink import LEDGER_FILE, BlockRows, PredictionSink
 
 _END = object()
 
@@ -87,11 +90,15 @@ class FlowMeter(StageMeter):
 class StreamFetch:
     """Fetch tiles from ``source`` straight into the model (``tilesweep run``): blocks
     pending in the fetch queue are leased, blocks done earlier without kept tiles are
-    fetched again; ``fetch`` and ``worker`` are the fetcher's and the leases' settings."""
+    fetched again; ``fetch`` and ``worker`` are the fetcher's and the leases' settings
+    (``fetch.concurrency`` is per worker). ``workers``: 1 fetches in a thread of this
+    process; more start that many fetch processes (one event loop fetches a few thousand
+    tiles/s: use them when the model, on a GPU, takes more)."""
 
     source: Source
     fetch: FetchSettings = field(default_factory=FetchSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    workers: int = 1
 
 
 @dataclass
@@ -237,13 +244,18 @@ def predict_sweep(
         errors: list[BaseException] = []
         fetch_ended = threading.Event()  # the stream worker handed its last block (or stopped)
         worker: Worker | None = None
+        procs: FetchProcesses | None = None
+        on_committed: Callable[[list[int]], None] | None = None
         if stream is not None:
-            consumer = _StreamConsumer(sink, predicted, meters["fetch"], lambda w: put(q_read, w), fetch_ended)  # type: ignore[arg-type]
-            worker = Worker(
-                sweep.path, sweep.zoom, sweep.block_zoom, stream.source, stream.fetch, stream.worker,
-                on_progress=lambda c: None, stop_event=stop, consumer=consumer, refetch=refetch,
-            )
-            report.fetch = worker.counters
+            worker_args = (sweep.path, sweep.zoom, sweep.block_zoom, stream.source, stream.fetch, stream.worker)
+            if stream.workers > 1:
+                procs = FetchProcesses(worker_args, stream.workers, refetch, sink.root / LEDGER_FILE, sink.key)
+                on_committed = procs.committed
+            else:
+                consumer = _StreamConsumer(sink, predicted, meters["fetch"], lambda w: put(q_read, w), fetch_ended)  # type: ignore[arg-type]
+                worker = Worker(*worker_args, on_progress=lambda c: None, stop_event=stop, consumer=consumer, refetch=refetch)
+                report.fetch = worker.counters
+                on_committed = worker.committed
 
         def put(q: "queue_mod.Queue[Any]", item: Any) -> None:
             while True:
@@ -308,7 +320,7 @@ def predict_sweep(
                         work = _Work(block, xs[ok], ys[ok], data, int(np.sum(st == Status.EMPTY)), int(np.sum(st == Status.FAILED)))
                     m.add(len(ok), time.perf_counter() - t0)
                     put(q_read, work)
-                while worker is not None and not fetch_ended.wait(0.1):  # the stream's blocks
+                while stream is not None and not fetch_ended.wait(0.1):  # the stream's blocks
                     if stop.is_set():
                         raise _Stopped
             finally:
@@ -316,9 +328,17 @@ def predict_sweep(
                     put(q_read, _END)
 
         def fetch_loop() -> None:
-            assert worker is not None
             try:
-                worker.run()
+                if worker is not None:
+                    worker.run()
+                    return
+                assert procs is not None
+                m = meters["fetch"]
+                for block, x, y, data, empty in procs.blocks(stop):
+                    t0 = time.perf_counter()
+                    put(q_read, _Work(block, x, y, data, empty, 0))
+                    m.blocked(time.perf_counter() - t0)  # type: ignore[attr-defined]
+                    m.add(len(data) + empty, 0.0)
             finally:
                 fetch_ended.set()
 
@@ -440,31 +460,33 @@ def predict_sweep(
                 except queue_mod.Empty:
                     if sink.due():
                         committed = sink.commit()
-                        if committed and worker is not None:
-                            worker.committed(committed)
+                        if committed and on_committed is not None:
+                            on_committed(committed)
                     continue
                 if rows is _END:
                     break
                 t0 = time.perf_counter()
                 committed = sink.add(rows)
                 m.add(len(rows.x), time.perf_counter() - t0)
-                if committed and worker is not None:
-                    worker.committed(committed)
+                if committed and on_committed is not None:
+                    on_committed(committed)
             t0 = time.perf_counter()
             committed = sink.commit()
             m.add(0, time.perf_counter() - t0)
-            if committed and worker is not None:
-                worker.committed(committed)
+            if committed and on_committed is not None:
+                on_committed(committed)
 
         threads = [threading.Thread(target=guarded(read), name="predict-read", daemon=True)]
         threads += [threading.Thread(target=guarded(decode_loop), name=f"predict-decode-{i}", daemon=True) for i in range(s.threads)]
         threads += [threading.Thread(target=guarded(model_loop), name="predict-model", daemon=True),
                     threading.Thread(target=guarded(sink_loop), name="predict-sink", daemon=True)]
-        if worker is not None:
+        if stream is not None:
             threads.append(threading.Thread(target=guarded(fetch_loop), name="predict-fetch", daemon=True))
         started = time.monotonic()
 
         def snapshot() -> None:
+            if procs is not None:
+                report.fetch = procs.counters()
             st = sink.stats
             report.wall_s = time.monotonic() - started
             report.blocks, report.tiles, report.positives = st.blocks, st.rows, st.positives
@@ -483,7 +505,12 @@ def predict_sweep(
             stop.set()
             # the fetch worker releases its leases before it ends: give it time to
             all_ended.wait(60 if worker is not None else 5)
+            if procs is not None:
+                procs.close(stop=True)
+                procs = None
             raise
+        if procs is not None:  # the workers ack what the sink committed last, then end
+            procs.close(stop=bool(errors))
         snapshot()
         if errors:
             raise errors[0]

@@ -218,18 +218,9 @@ class PredictionSink:
         """Ids of the blocks this model has predicted (durably)."""
         return {int(r[0]) for r in self.db.execute("SELECT block_id FROM predicted WHERE model_key = ?", (self.key,))}
 
-    def block_result(self, block_id: int) -> "BlockResult | None":
-        """A predicted block's counts as the fetch queue records them (``ok`` = rows;
-        bytes and retries are not kept), or None when the block is not predicted. Safe
-        from any thread (its own read-only connection)."""
-        db = sqlite3.connect(f"file:{self.root / LEDGER_FILE}?mode=ro", uri=True, timeout=60)
-        try:
-            row = db.execute(
-                "SELECT rows, empty, failed FROM predicted WHERE model_key = ? AND block_id = ?", (self.key, int(block_id))
-            ).fetchone()
-        finally:
-            db.close()
-        return None if row is None else BlockResult(int(row[0]), int(row[1]), int(row[2]))
+    def block_result(self, block_id: int) -> BlockResult | None:
+        """:func:`ledger_block_result` of this sink's model (safe from any thread)."""
+        return ledger_block_result(self.root / LEDGER_FILE, self.key, block_id)
 
     # --- recovery -------------------------------------------------------------------------
 
@@ -401,6 +392,22 @@ class _txn:
 
     def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def ledger_block_result(ledger: Path, key: str, block_id: int) -> BlockResult | None:
+    """A predicted block's counts as the fetch queue records them (``ok`` = rows; bytes
+    and retries are not kept), or None when the model ``key`` has not predicted it (or
+    there is no ledger). Read-only, on a connection of its own."""
+    if not Path(ledger).is_file():
+        return None
+    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=60)
+    try:
+        row = db.execute(
+            "SELECT rows, empty, failed FROM predicted WHERE model_key = ? AND block_id = ?", (key, int(block_id))
+        ).fetchone()
+    finally:
+        db.close()
+    return None if row is None else BlockResult(int(row[0]), int(row[1]), int(row[2]))
 
 
 class PredictionTotals(NamedTuple):
