@@ -31,11 +31,12 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/plan.py
-	$(BIN)/python benchmarks/queue.py
+	$(BIN)/python benchmarks/queue_bench.py
 	$(BIN)/python benchmarks/render.py
 	$(BIN)/python benchmarks/model.py
 	$(BIN)/python benchmarks/fetch.py  # needs nginx, curl and aria2c (apt-get install nginx aria2)
 	$(BIN)/python benchmarks/predict.py  # needs nginx
+	$(BIN)/python benchmarks/memory.py  # needs nginx
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache build src/*.egg-info

@@ -23,7 +23,11 @@ export PATH=$PWD/.gpu/bin:$PATH
   python3 -c "import sys, torch, pycurl, onnxruntime; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), pycurl.version.split()[0], 'ort', onnxruntime.__version__)"
   nginx -v 2>&1
 } | tee "$OUT/machine.txt"
-TILES=${TILES:-20000}
-COMMON=(--tiles "$TILES" --device cuda --workers 8 --concurrency 512 --cache /tmp/bench-cache --timeout 240)
-python3 benchmarks/predict.py "${COMMON[@]}" --model benchmarks.gpu_models:demo --threads 12 --batch 256 2>&1 | tee "$OUT/demo.txt"
-python3 benchmarks/predict.py "${COMMON[@]}" --model benchmarks.gpu_models:heavy --threads 8 --batch 128 2>&1 | tee "$OUT/heavy.txt"
+# 60,000 tiles: about 90 s to render on 16 cores, then about 100 s for the three runs.
+TILES=${TILES:-60000}
+COMMON=(--tiles "$TILES" --device cuda --workers 8 --concurrency 512 --cache /tmp/bench-cache --timeout 240 --threads 6)
+# e streamed by 6 fetch processes; then a short run streamed by one fetch thread (the
+# default) for comparison; then the heavy model, 4 fetch processes
+python3 benchmarks/predict.py "${COMMON[@]}" --model benchmarks.gpu_models:demo --batch 256 --run-workers 6 2>&1 | tee "$OUT/demo.txt"
+python3 benchmarks/predict.py "${COMMON[@]}" --model benchmarks.gpu_models:demo --batch 256 --run-workers 1 --tiles 2000 2>&1 | tee "$OUT/demo-1.txt"
+python3 benchmarks/predict.py "${COMMON[@]}" --model benchmarks.gpu_models:heavy --batch 128 --run-workers 4 2>&1 | tee "$OUT/heavy.txt"

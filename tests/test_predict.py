@@ -65,6 +65,25 @@ def assert_exactly_once(table, expected):
     assert {Tile(ZOOM, x, y) for x, y in keys} == expected
 
 
+def kill_at_random(args, sweep, rng, times=6, wait=(0.8, 2.0)):
+    """Start `tilesweep ARGS` (cwd tests/, so `helpers.*` models import) and SIGKILL its
+    process group after a random wait, up to ``times`` times or until a run ends by itself.
+    Returns the number of kills and the ledger's block count after each."""
+    kills, progress = 0, []
+    for _ in range(times):
+        p = popen(*args, cwd=TESTS)
+        time.sleep(rng.uniform(*wait))
+        if p.poll() is not None:
+            break
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        kills += 1
+        progress.append(ledger(sweep)[0] if (sweep / "predictions" / "ledger.sqlite").exists() else 0)
+        if progress[-1] == 16:
+            break
+    return kills, progress
+
+
 def ledger(sweep):
     db = sqlite3.connect(sweep / "predictions" / "ledger.sqlite")
     try:
@@ -111,18 +130,7 @@ def test_sigkill_at_random_instants_then_resume(tmp_path, sim):
     expected = ok_tiles(sweep, 16)
     rng = random.Random(7)
     args = ("predict", sweep, "--model", "helpers.slow_model:score", "--batch", 4, "--threads", 1, "--part-rows", 8, "--quiet")
-    kills, progress = 0, []
-    for _ in range(6):
-        p = popen(*args, cwd=TESTS)
-        time.sleep(rng.uniform(0.8, 2.0))
-        if p.poll() is not None:
-            break
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        kills += 1
-        progress.append(ledger(sweep)[0])
-        if progress[-1] == 16:
-            break
+    kills, progress = kill_at_random(args, sweep, rng)
     assert kills >= 3 and progress[2] < 16, f"predict finished before it was killed 3 times ({progress}): slow the model down"
     assert progress[-1] > 0, "the killed runs committed nothing"
     res = tilesweep("predict", *args[1:], env={"PYTHONPATH": str(TESTS), "TILESWEEP_TEST_SLEEP": "0"})
@@ -250,17 +258,8 @@ def test_streamed_run_survives_sigkill_at_random_instants(tmp_path):
         sweep = tmp_path / "k"
         tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
         args = ("run", sweep, "--model", "helpers.slow_model:score", "--source", srv.template(), "--concurrency", 8,
-                "--batch", 8, "--part-rows", 20, "--lease-ttl", 3, "--quiet")
-        kills, progress = 0, []
-        for _ in range(6):
-            p = popen(*args, cwd=TESTS)
-            time.sleep(rng.uniform(1.0, 2.5))
-            if p.poll() is not None:
-                break
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            kills += 1
-            progress.append(ledger(sweep)[0] if (sweep / "predictions" / "ledger.sqlite").exists() else 0)
+                "--batch", 8, "--part-rows", 20, "--lease-ttl", 3, "--max-attempts", 20, "--quiet")  # kills cost attempts
+        kills, progress = kill_at_random(args, sweep, rng, wait=(1.0, 2.5))
         assert kills >= 3 and progress[2] < 16, f"run finished before 3 kills ({progress}): slow it down"
         res = tilesweep(*args, env={"PYTHONPATH": str(TESTS), "TILESWEEP_TEST_SLEEP": "0"})
     table, _ = read_predictions(sweep)
@@ -320,27 +319,12 @@ def test_a_second_model_on_a_streamed_sweep_fetches_again(tmp_path, sim):
 def test_a_source_that_refuses_every_tile_stops_run_with_one_line(tmp_path, workers):
     """A wrong token (403 on every tile) stops a streaming run, in a thread or in worker
     processes, with exit 2 and one line; no block is left leased or dead."""
-    import http.server
-    import threading
+    from helpers.servers import forbidden_server
 
-    class Forbidden(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(403)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forbidden)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with forbidden_server() as template:
         sweep = tmp_path / "f"
         tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
-        template = f"http://127.0.0.1:{server.server_port}/{{z}}/{{x}}/{{y}}.jpg"
         res = tilesweep("run", sweep, "--model", "demo", "--source", template, "--workers", workers, check=False, timeout=120)
-    finally:
-        server.shutdown()
     assert res.returncode == 2, res.stderr
     assert "403" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     st = status_json(sweep)

@@ -135,7 +135,7 @@ def fetch(
             raise typer.Exit(130)
         meter.update(counters, final=True)
         st = sweep.status()
-    out.print(meter.line(counters))
+    out.print(meter.line(counters, final=True))
     r = st.results
     out.print(
         f"{sweep_dir}: {st.blocks['done']:,} of {st.blocks_total:,} blocks done, {st.tiles['done']:,} of {st.tiles_total:,} tiles "
@@ -224,11 +224,12 @@ class _FetchMeter(_LiveLines):
         if self.live is not None and not final:
             self.live.update(self.line(c))
 
-    def line(self, c) -> str:  # type: ignore[no-untyped-def]
+    def line(self, c, final: bool = False) -> str:  # type: ignore[no-untyped-def]
+        """The progress line; ``final``: the rate over the whole run, not the recent one."""
         elapsed = max(1e-9, time.monotonic() - self.started)
         n = c.tiles_ok + c.tiles_empty
         left = max(0, self.remaining - n - c.tiles_skipped)
-        rate = self.rate or n / elapsed
+        rate = n / elapsed if final or not self.rate else self.rate
         eta = _human_hours(left / rate / 3600) if rate > 0 else "-"
         f = c.fetch
         return (
@@ -397,7 +398,7 @@ def _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, w
         err.print(_STOPPED_RUN)
         raise typer.Exit(130)
     if report.fetch is not None:
-        out.print(fetch_meter.line(report.fetch), highlight=False)
+        out.print(fetch_meter.line(report.fetch, final=True), highlight=False)
     _predict_summary(sweep, sweep_dir, the_model, report, "run the same command again", dead_is_error=True)
 
 
@@ -446,7 +447,7 @@ def _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_setting
         raise typer.Exit(130)
     if error is not None:
         raise error  # type: ignore[misc]
-    out.print(fetch_meter.line(fetched["counters"]), highlight=False)  # type: ignore[arg-type]
+    out.print(fetch_meter.line(fetched["counters"], final=True), highlight=False)  # type: ignore[arg-type]
     _predict_summary(sweep, sweep_dir, the_model, report, "run the same command again", dead_is_error=True)
 
 

@@ -17,6 +17,10 @@ has ``concurrency`` requests to make, and:
 
 Leases are extended while a block is in progress. Ctrl-C (SIGINT/SIGTERM) stops leasing,
 makes what was fetched durable and releases unfinished leases without counting an attempt.
+
+A *streaming* worker (``Worker(consumer=...)``, what ``tilesweep run`` uses) stores
+nothing: it fetches a whole block into memory, hands it to a :class:`BlockConsumer` (the
+prediction pipeline) and keeps the lease until the consumer reports the block durable.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Protocol
@@ -576,16 +580,22 @@ class Worker:
 # --- several processes ----------------------------------------------------------------
 
 
-def _worker_main(args: tuple, progress: "mp.Queue[tuple[int, WorkerCounters]]", index: int, stop_event: Any) -> None:  # type: ignore[type-arg]
+def progress_reporter(progress: Any, index: int, every_s: float = 0.5) -> Callable[[WorkerCounters], None]:
+    """An ``on_progress`` for a worker process: puts ``(index, counters)`` on the parent's
+    ``progress`` queue at most every ``every_s`` seconds."""
     last = [0.0]
 
     def report(c: WorkerCounters) -> None:
         now = time.monotonic()
-        if now - last[0] >= 0.5:
+        if now - last[0] >= every_s:
             last[0] = now
             progress.put((index, c))
 
-    worker = Worker(*args, on_progress=report, stop_event=stop_event)
+    return report
+
+
+def _worker_main(args: tuple, progress: "mp.Queue[tuple[int, WorkerCounters]]", index: int, stop_event: Any) -> None:  # type: ignore[type-arg]
+    worker = Worker(*args, on_progress=progress_reporter(progress, index), stop_event=stop_event)
     try:
         counters = worker.run()
     except UsageError as exc:  # e.g. SourceError: the parent prints it as one line

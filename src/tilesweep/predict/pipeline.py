@@ -72,6 +72,7 @@ class StageMeter:
         return self.busy_s / (wall_s * self.threads) if wall_s > 0 else 0.0
 
 
+@dataclass
 class FlowMeter(StageMeter):
     """A source stage's counters (fetch): busy while not blocked handing tiles on, so
     ``busy`` near 1 means the stages after it wait for it."""

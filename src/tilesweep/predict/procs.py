@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import UsageError
 from ..fetch import TileResult
 from ..queue import Block, BlockResult
-from ..worker import Worker, WorkerCounters
+from ..worker import Worker, WorkerCounters, progress_reporter
 from .sink import ledger_block_result
 
 _END = None
@@ -78,16 +78,8 @@ class QueueConsumer:
 
 def _worker_main(args: tuple, index: int, blocks: Any, commits: Any, progress: Any, stop: Any,  # type: ignore[type-arg]
                  refetch: list[Block], ledger: Path, model_key: str) -> None:
-    last = [0.0]
-
-    def report(c: WorkerCounters) -> None:
-        now = time.monotonic()
-        if now - last[0] >= 0.5:
-            last[0] = now
-            progress.put((index, c))
-
     consumer = QueueConsumer(index, blocks, commits, stop, ledger, model_key)
-    worker = Worker(*args, on_progress=report, stop_event=stop, consumer=consumer, refetch=refetch)
+    worker = Worker(*args, on_progress=progress_reporter(progress, index), stop_event=stop, consumer=consumer, refetch=refetch)
     try:
         counters = worker.run()
     except UsageError as exc:  # a SourceError: the parent stops the run with this line

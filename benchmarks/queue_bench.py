@@ -1,4 +1,5 @@
-"""Queue benchmark: lease + ack throughput of the SQLite block queue with 1, 2 and 8
+"""Queue benchmark (named queue_bench.py: a benchmarks/queue.py would shadow the standard
+library's `queue` for every script run from this folder): lease + ack throughput of the SQLite block queue with 1, 2 and 8
 processes, leasing 1 or 16 blocks at a time, beside the way teams track progress without a
 queue: one marker file per finished tile in a folder (then listed to find what is left).
 
@@ -6,8 +7,8 @@ Each worker process loops lease(batch) -> ack(batch) until the queue is empty; n
 work is done, so the numbers are the queue's own ceiling. Blocks hold 256 tiles (zoom 18
 tiles in zoom 14 blocks), so tiles/s = 256 x blocks/s.
 
-    .venv/bin/python benchmarks/queue.py                 # 20,000 blocks (5.1M tiles)
-    .venv/bin/python benchmarks/queue.py --blocks 5000
+    .venv/bin/python benchmarks/queue_bench.py               # 20,000 blocks (5.1M tiles)
+    .venv/bin/python benchmarks/queue_bench.py --blocks 5000
 """
 
 from __future__ import annotations
