@@ -420,6 +420,8 @@ def _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_setting
         latest[:] = [c]
         fetch_meter.update(c)
 
+    fetched_all = threading.Event()
+
     def fetch_all() -> None:
         try:
             fetched["counters"] = run_workers(
@@ -428,19 +430,21 @@ def _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_setting
             )
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             fetched["error"] = exc
+        finally:
+            fetched_all.set()
 
     fetcher = threading.Thread(target=fetch_all, name="tilesweep-fetch", daemon=True)
     fetcher.start()
     meter = _PredictMeter(quiet, lambda: fetch_meter.line(latest[0]) if latest else "starting workers")
     try:
         with meter:
-            report = predict_sweep(sweep, the_model, settings, on_progress=meter.update, follow=fetcher.is_alive)
+            report = predict_sweep(sweep, the_model, settings, on_progress=meter.update, follow=lambda: not fetched_all.is_set())
+        fetched_all.wait()  # not Thread.join: a Ctrl-C inside join() can lose the thread (CPython gh-90882)
     except KeyboardInterrupt:
         interrupted.set()
-        fetcher.join()  # the workers release their leases and stop
+        fetched_all.wait()  # the workers release their leases and stop
         err.print(_STOPPED_RUN)
         raise typer.Exit(130)
-    fetcher.join()
     error = fetched.get("error")
     if isinstance(error, KeyboardInterrupt):
         err.print(_STOPPED_RUN)
