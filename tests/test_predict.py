@@ -331,6 +331,21 @@ def test_a_source_that_refuses_every_tile_stops_run_with_one_line(tmp_path, work
     assert st["blocks_dead"] == st["blocks_leased"] == st["blocks_done"] == 0
 
 
+def test_a_streamed_run_backs_off_a_rate_limited_server(tmp_path):
+    """The simulator allows 150 requests/s; `run` with 64 in flight trips its 429s, cuts
+    its concurrency (AIMD) and still predicts every tile once."""
+    from tilesweep.sim import Faults
+
+    with run_in_thread(World(seed=WORLD_SEED), Faults(rate_limit=150, rate_burst=20, retry_after=0.2, seed=4)) as srv:
+        sweep = tmp_path / "rl"
+        tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
+        res = tilesweep("run", sweep, "--model", "demo", "--source", srv.template(), "--concurrency", 64, "--quiet")
+        limited = srv.stats["rate_limited"]
+    assert limited > 0 and "concurrency cut to" in res.stdout, res.stdout
+    table, _ = read_predictions(sweep)
+    assert_exactly_once(table, planned_tiles(sweep, 16))
+
+
 def test_run_names_the_bottleneck(tmp_path):
     """The stage meter: a slow source makes fetch the bottleneck; a slow model makes the
     model the bottleneck, and then the fetch waits for it (backpressure: memory stays
@@ -373,17 +388,14 @@ def done_blocks(sweep):
         db.close()
 
 
-LONE_SIGINT = os.environ.get("TILESWEEP_TEST_LONE_SIGINT") == "1"
-
-
 @pytest.mark.parametrize("mode", list(RUN_MODES))
 def test_run_stops_cleanly_on_ctrl_c(tmp_path, mode):
     """Ctrl-C while `run` fetches and predicts: leases are released, committed parts stay,
-    exit 130. Streamed, the signal goes to the run process alone (`kill -INT PID`: its
-    fetch processes are asked to stop by it); with --keep-tiles to the process group, as
-    a terminal sends it. (A SIGINT to the --keep-tiles run process alone was once seen to
-    be ignored in a full test run; that case is an open question, see the session note
-    of 2026-11-25.)"""
+    exit 130. The signal goes to the run process alone (`kill -INT PID`), the harder case:
+    its worker processes do not get it and must be stopped by it (a terminal's Ctrl-C goes
+    to the whole process group, which the other tests' SIGKILLs cover). In 2 of 4 full
+    test runs on 2026-11-25 this signal was lost with --keep-tiles; the likely cause,
+    a Ctrl-C inside Thread.join (CPython gh-90882), is gone: the CLI no longer joins."""
     from tilesweep.sim import Faults
 
     # ~300 ms a tile, 4 in flight: the 156 tiles take ~12 s, well past the signal
@@ -399,10 +411,7 @@ def test_run_stops_cleanly_on_ctrl_c(tmp_path, mode):
         while done_blocks(sweep) < 1 and time.monotonic() < deadline and p.poll() is None:
             time.sleep(0.1)
         assert p.poll() is None and done_blocks(sweep) < 16, "run finished before the signal: slow the source down"
-        if keep and not LONE_SIGINT:
-            os.killpg(p.pid, signal.SIGINT)
-        else:
-            os.kill(p.pid, signal.SIGINT)
+        os.kill(p.pid, signal.SIGINT)
         _, stderr = p.communicate(timeout=60)
     assert p.returncode == 130, stderr
     assert "unfinished leases were released" in stderr and "Traceback" not in stderr

@@ -85,6 +85,7 @@ def _worker_main(args: tuple, index: int, blocks: Any, commits: Any, progress: A
     except UsageError as exc:  # a SourceError: the parent stops the run with this line
         progress.put((index, str(exc)))
         return
+    consumer.end()  # again, if stopped alone (a SIGINT to this process): the others go on
     progress.put((index, counters))
 
 
@@ -183,6 +184,8 @@ class FetchProcesses:
                     p.kill()
         for p in self.procs:
             p.join()
+        for q in self.commits_q:  # ids nobody will read now must not hold up our exit
+            q.cancel_join_thread()
         try:
             self._progress()
         except UsageError:
