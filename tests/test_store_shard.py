@@ -458,3 +458,16 @@ def test_a_journal_left_beside_a_finished_shard_is_discarded(tmp_path):
     store.discard_leftovers(block)
     assert not journal.exists() and store.get(t) == b"\xff\xd8\xff" + b"x" * 100
     store.close()
+
+
+def test_the_store_keeps_a_quarter_of_the_descriptor_limit_mapped(monkeypatch):
+    import resource
+
+    from tilesweep.store.store import default_max_open
+
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (1024, 4096))
+    assert default_max_open() == 256
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (100, 4096))
+    assert default_max_open() == 64
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (1_000_000, resource.RLIM_INFINITY))
+    assert default_max_open() == 4096
