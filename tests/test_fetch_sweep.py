@@ -81,7 +81,7 @@ def test_fetch_stores_every_tile_with_the_sources_bytes(tmp_path, sim, expected)
     res = tilesweep("fetch", sweep, "--source", sim.template(), "--concurrency", 32)
     assert f"{len(expected)} tiles" in res.stdout
     st = assert_complete(sweep, expected)
-    assert st["bytes_stored"] == sum(len(b) for b in expected.values())
+    assert st["bytes_fetched"] == sum(len(b) for b in expected.values())
     files = [p for p in (sweep / "tiles").rglob("*") if p.is_file()]
     assert len(files) == st["blocks_total"] == 16  # files = blocks, not tiles
     # Fetching a finished sweep again does nothing and still succeeds.

@@ -121,7 +121,7 @@ def test_demo_model_finds_the_towers_of_a_fetched_sweep(tmp_path, sim):
     again = tilesweep("predict", sweep, "--model", "demo", "--quiet")
     assert "0 tiles scored" in again.stdout and "320 rows" in again.stdout
     assert sorted(read_predictions(sweep)[1]) == parts
-    st = status_json(sweep)  # `tilesweep status` is untouched by predictions/
+    st = status_json(sweep)
     assert st["mismatch"] is None and st["tiles_ok"] == 320
 
 
@@ -313,6 +313,8 @@ def test_a_second_model_on_a_streamed_sweep_fetches_again(tmp_path, sim):
     per_model = db.execute("SELECT model_key, COUNT(*), SUM(rows) FROM predicted GROUP BY model_key").fetchall()
     db.close()
     assert sorted(r[1:] for r in per_model) == [(16, 156), (16, 156)]
+    shown = {m["model"]: (m["blocks"], m["rows"]) for m in status_json(sweep)["predictions"]}
+    assert shown == {"demo": (16, 156), "helpers.slow_model:score": (16, 156)}, shown
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -653,10 +653,16 @@ def _print_status(sweep: Sweep, st: SweepStatus) -> None:
     r = st.results
     if r.get("ok", 0) or r.get("empty", 0):
         out.print(
-            f"done blocks hold {r['ok']:,} fetched tiles ({_human_bytes(r['bytes'])}), {r['empty']:,} empty (404/204), "
+            f"done blocks: {r['ok']:,} tiles fetched ({_human_bytes(r['bytes'])}), {r['empty']:,} empty (404/204), "
             f"{r['failed']:,} failed; {r['retries']:,} requests retried after transient faults"
         )
     out.print(f"throughput {st.throughput:,.1f} tiles/s over the last {st.window_s:.0f} s, ETA {eta}, {st.attempts_total:,} leases taken")
+    for m in st.predictions:
+        out.print(
+            f"predictions of {m['model']}: {m['blocks']:,} of {st.blocks_total:,} blocks, {m['rows']:,} rows "
+            f"({m['positives']:,} positive) in {m['parts']:,} parts under predictions/{m['folder']}/",
+            highlight=False,
+        )
 
 
 def _human_bytes(n: float) -> str:

@@ -66,7 +66,8 @@ class SweepStatus:
     throughput: tiles/s over the last ``window_s`` seconds (0 when nothing finished);
     eta_s: seconds until the remaining tiles are done at that rate (None if unknown).
     results: what became of the tiles of done blocks: ok (fetched), empty (404/204),
-    failed, bytes stored, and fetch retries (requests repeated after transient faults).
+    failed, bytes fetched, and fetch retries (requests repeated after transient faults).
+    predictions: per model, what ``predictions/`` holds (:func:`tilesweep.predict.sink.ledger_summary`).
     mismatch: a message when the numbers do not add up (queue vs plan, or a done block's
     results vs its planned tiles)."""
 
@@ -81,6 +82,7 @@ class SweepStatus:
     mismatch: str | None = None
     plan: dict[str, Any] = field(default_factory=dict)
     results: dict[str, int] = field(default_factory=dict)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tiles_total": self.tiles_total, "blocks_total": self.blocks_total}
@@ -88,7 +90,7 @@ class SweepStatus:
             out[f"blocks_{state}"] = self.blocks[state]
             out[f"tiles_{state}"] = self.tiles[state]
         for k, v in self.results.items():
-            out[{"bytes": "bytes_stored", "retries": "fetch_retries"}.get(k, f"tiles_{k}")] = v
+            out[{"bytes": "bytes_fetched", "retries": "fetch_retries"}.get(k, f"tiles_{k}")] = v
         out.update(
             attempts_total=self.attempts_total,
             tiles_per_s=self.throughput,
@@ -96,6 +98,7 @@ class SweepStatus:
             eta_s=self.eta_s,
             mismatch=self.mismatch,
             plan=self.plan,
+            predictions=self.predictions,
         )
         return out
 
@@ -310,6 +313,7 @@ class Sweep:
             mismatch=mismatch,
             plan={k: v for k, v in self.plan_config.items() if k not in ("area",)},
             results={"ok": r.ok, "empty": r.empty, "failed": r.failed, "bytes": r.bytes, "retries": r.retries},
+            predictions=_ledger_summary(self.path),
         )
 
     def close(self) -> None:
@@ -341,3 +345,9 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _ledger_summary(path: Path) -> list[dict[str, Any]]:
+    from .predict.sink import ledger_summary  # here: tilesweep.predict imports this module
+
+    return ledger_summary(path)

@@ -441,6 +441,30 @@ def ledger_totals(sweep_path: Path, name: str, digest: str) -> PredictionTotals 
     return PredictionTotals(*map(int, r), int(parts))
 
 
+def ledger_summary(sweep_path: Path) -> list[dict[str, object]]:
+    """What each model has predicted in a sweep, read-only: ``model``, ``digest``,
+    ``folder`` (under ``predictions/``), ``blocks``, ``rows``, ``positives``,
+    ``undecodable`` and ``parts``; an empty list when nothing was predicted."""
+    path = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
+    if not path.is_file():
+        return []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+    try:
+        rows = db.execute(
+            """SELECT m.name, m.digest, m.folder,
+                      (SELECT COUNT(*) FROM predicted p WHERE p.model_key = m.model_key),
+                      (SELECT COALESCE(SUM(rows), 0) FROM predicted p WHERE p.model_key = m.model_key),
+                      (SELECT COALESCE(SUM(positives), 0) FROM predicted p WHERE p.model_key = m.model_key),
+                      (SELECT COALESCE(SUM(undecodable), 0) FROM predicted p WHERE p.model_key = m.model_key),
+                      (SELECT COUNT(*) FROM parts t WHERE t.model_key = m.model_key)
+               FROM models m ORDER BY m.name"""
+        ).fetchall()
+    finally:
+        db.close()
+    keys = ("model", "digest", "folder", "blocks", "rows", "positives", "undecodable", "parts")
+    return [dict(zip(keys, r)) for r in rows]
+
+
 class Reconciliation(NamedTuple):
     """A model's ledger against the fetch queue: ``blocks`` predicted, ``rows`` written,
     ``fetched`` OK tiles the queue recorded for those blocks, ``done_blocks`` in the queue,

@@ -61,7 +61,7 @@ class Block(NamedTuple):
 
 class BlockResult(NamedTuple):
     """What became of a block's tiles, recorded when it is acked: tiles fetched (``ok``),
-    absent at the source (``empty``, 404/204) and given up on (``failed``), bytes stored,
+    absent at the source (``empty``, 404/204) and given up on (``failed``), bytes fetched,
     and ``retries``: requests repeated after transient faults while fetching them."""
 
     ok: int = 0
