@@ -272,6 +272,38 @@ def test_streamed_run_survives_sigkill_at_random_instants(tmp_path):
     assert not (sweep / "tiles").exists()
 
 
+def test_fetch_processes_stop_when_the_run_process_is_killed(tmp_path):
+    """SIGKILL to the run process alone (its fetch processes live on): they notice, stop,
+    release their leases and exit, even while waiting to hand a block over."""
+    from tilesweep.queue import SqliteQueue
+    from tilesweep.sim import Faults
+    from tilesweep.worker import _alive
+
+    with run_in_thread(World(seed=WORLD_SEED), Faults(latency_ms=100, seed=3)) as srv:
+        sweep = tmp_path / "orphans"
+        tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
+        p = popen("run", sweep, "--model", "helpers.slow_model:score", "--source", srv.template(), "--workers", 2,
+                  "--concurrency", 8, "--batch", 4, "--quiet", cwd=TESTS)
+        deadline = time.monotonic() + 60
+        owners = {}
+        while time.monotonic() < deadline and p.poll() is None:
+            with SqliteQueue(sweep / "queue.sqlite") as q:
+                owners = q.owners()
+            if len(owners) == 2:
+                break
+            time.sleep(0.1)
+        assert p.poll() is None and len(owners) == 2, f"both fetch processes should hold leases: {owners}"
+        time.sleep(2.0)  # the slow model backs the blocks up: the fetch processes wait to hand over
+        p.kill()  # the run process only, not its group
+        p.wait()
+        pids = [int(o.split(":")[1]) for o in owners]
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids), "fetch processes outlived the run process"
+    assert status_json(sweep)["blocks_leased"] == 0
+
+
 def test_a_block_predicted_but_not_acked_is_acked_without_fetching(tmp_path, sim):
     """The crash window between a part's commit and the fetch queue's ack: the next run
     finds the block in the ledger and acks it with the ledger's counts, fetching nothing

@@ -21,6 +21,7 @@ wait to hand blocks over, keep fewer blocks in progress and send fewer requests.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_mod
 import threading
 import time
@@ -47,6 +48,21 @@ class QueueConsumer:
         self.index = index
         self.blocks, self.commits, self.stop = blocks, commits, stop
         self.ledger, self.model_key = ledger, model_key
+        self.parent = os.getppid()
+
+    def _give_up(self) -> bool:
+        """Stop waiting for room: asked to stop, or the prediction process is gone (it
+        would never read again; our leases are released on the way out)."""
+        return self.stop.is_set() or os.getppid() != self.parent
+
+    def _put(self, item: Any) -> bool:
+        while True:
+            try:
+                self.blocks.put(item, timeout=0.2)
+                return True
+            except queue_mod.Full:
+                if self._give_up():
+                    return False
 
     def done_result(self, block: Block) -> BlockResult | None:
         return ledger_block_result(self.ledger, self.model_key, block.id)
@@ -55,17 +71,10 @@ class QueueConsumer:
         ok = [r for r in results if r.status == "ok"]
         x = np.fromiter((r.tile.x for r in ok), np.int64, len(ok))
         y = np.fromiter((r.tile.y for r in ok), np.int64, len(ok))
-        item = (self.index, (block, x, y, [r.data for r in ok], len(results) - len(ok)))
-        while True:
-            try:
-                self.blocks.put(item, timeout=0.2)
-                return True
-            except queue_mod.Full:
-                if self.stop.is_set():
-                    return False
+        return self._put((self.index, (block, x, y, [r.data for r in ok], len(results) - len(ok))))
 
     def end(self) -> None:
-        self.blocks.put((self.index, _END))
+        self._put((self.index, _END))
 
     def poll_committed(self) -> list[int]:
         ids: list[int] = []
