@@ -1,11 +1,7 @@
 """The `tilesweep` command, run as a real subprocess: plan, status, retry, bad input."""
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from helpers.cli import status_json, tilesweep

@@ -397,6 +397,7 @@ class Worker:
 
     async def _do_block(self, lease: Lease) -> None:
         block = lease.block
+        assert self.store is not None  # a storing worker
         try:
             if self.store.is_complete(block.tile):  # finished by a worker that died before its ack
                 await self._io(self.store.discard_leftovers, block.tile)

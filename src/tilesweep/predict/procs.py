@@ -152,7 +152,7 @@ class FetchProcesses:
             except queue_mod.Empty:
                 for i, p in enumerate(self.procs):
                     if i not in ended and p.exitcode not in (None, 0):  # died without its last word
-                        raise UsageError(f"fetch worker {i} exited with status {p.exitcode}")
+                        raise UsageError(f"fetch worker {i} exited with status {p.exitcode}") from None
                 continue
             if payload is _END:
                 ended.add(index)

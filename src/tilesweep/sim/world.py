@@ -239,7 +239,6 @@ class World:
 
     def _terrain(self, g: N.Grid, kc: float) -> np.ndarray:
         K = self._k
-        res = g.res
         climate = g.fbm(K[_CLIMATE], 4_000_000.0, 150_000.0)
         arid = _ss(-0.05, 0.45, climate)
         elev = g.fbm(K[_ELEV], 30_000.0, 120.0)
