@@ -50,10 +50,14 @@ class QueueConsumer:
         self.ledger, self.model_key = ledger, model_key
         self.parent = os.getppid()
 
+    def orphaned(self) -> bool:
+        """The prediction process is gone: it will never read again."""
+        return os.getppid() != self.parent
+
     def _give_up(self) -> bool:
-        """Stop waiting for room: asked to stop, or the prediction process is gone (it
-        would never read again; our leases are released on the way out)."""
-        return self.stop.is_set() or os.getppid() != self.parent
+        """Stop waiting for room: asked to stop, or orphaned (our leases are released on
+        the way out)."""
+        return self.stop.is_set() or self.orphaned()
 
     def _put(self, item: Any) -> bool:
         while True:
@@ -93,6 +97,12 @@ def _worker_main(args: tuple, index: int, blocks: Any, commits: Any, progress: A
         counters = worker.run()
     except UsageError as exc:  # a SourceError: the parent stops the run with this line
         progress.put((index, str(exc)))
+        return
+    if consumer.orphaned():
+        # Nobody reads our queues any more: a block still in a queue's buffer would hold
+        # up our exit forever (the queue's feeder thread blocks on the full pipe).
+        for q in (blocks, progress, commits):
+            q.cancel_join_thread()
         return
     consumer.end()  # again, if stopped alone (a SIGINT to this process): the others go on
     progress.put((index, counters))
