@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..durable import fsync_dir, replace_durably
 from ..errors import UsageError
 from ..queue import BlockResult
 
@@ -130,14 +131,6 @@ class CommitStats:
     deleted_orphans: int = 0
     forgotten_parts: int = 0
     busy_s: float = 0.0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def centres(z: int, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -256,7 +249,7 @@ class PredictionSink:
             )
             if clash:
                 path.unlink()
-                _fsync_dir(self.folder)
+                fsync_dir(self.folder)
                 self.stats.deleted_orphans += 1
                 continue
             with _txn(self.db):
@@ -309,13 +302,7 @@ class PredictionSink:
             final = self.folder / f"{stem}.parquet"
             tmp = self.folder / f"{stem}.parquet.partial"
             pq.write_table(table, tmp, compression="zstd")
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-            _fsync_dir(self.folder)
+            replace_durably(tmp, final)
             name = f"{self.folder_name}/{final.name}"
             size = final.stat().st_size
         with _txn(self.db):

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from ..durable import replace_durably
 from ..errors import UsageError
 from ..imageformat import image_format
 from ..tiles import Tile, bounds, tms_y
-from .shard import ShardReader, Status, _fsync_dir
+from .shard import ShardReader, Status
 from .store import TileStore
 
 # --- tile formats ---------------------------------------------------------------------------
@@ -72,16 +73,6 @@ def _lnglat_bounds(z: int, xmin: int, ymin: int, xmax: int, ymax: int) -> tuple[
 
 def _partial(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
 
 
 # --- PMTiles v3 -------------------------------------------------------------------------------
@@ -314,7 +305,7 @@ def export_pmtiles(
             out.write(root)
             out.flush()
             size = out.seek(0, os.SEEK_END)
-        _commit(tmp, out_path)
+        replace_durably(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -386,7 +377,7 @@ def export_mbtiles(store: TileStore, out_path: Path, name: str | None = None, ba
             con.commit()
         finally:
             con.close()
-        _commit(tmp, out_path)
+        replace_durably(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -25,6 +25,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from ..durable import fsync_dir
 from ..tiles import Tile, descendant_id_range, from_tile_id, tile_id, tile_id_array, zoom_base_id
 
 MAGIC = b"TSSHARD\x00"
@@ -160,14 +161,6 @@ def summarize(recs: np.ndarray) -> ShardSummary:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def partial_paths(path: Path) -> tuple[Path, Path]:
     """``({y}.shard.partial, {y}.idx.partial)`` for the finished shard path ``{y}.shard``."""
     return path.with_name(path.name + ".partial"), path.with_suffix(".idx.partial")
@@ -250,7 +243,7 @@ class ShardWriter:
             os.pwrite(fd, pack_header(self.zoom, self.block), 0)
             os.fsync(fd)
             os.fsync(self._idx_fd)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             size = HEADER_SIZE
         recs = self._recover(fd, size)
         end = HEADER_SIZE
@@ -387,7 +380,7 @@ class ShardWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         os.rename(self.data_path, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._close_files()
         self.idx_path.unlink(missing_ok=True)
         self._summary = summarize(recs)

@@ -11,6 +11,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from ..errors import UsageError
+from ..durable import fsync_dir
 from ..tiles import MAX_ZOOM, Tile, tile_id_array
 from .shard import (
     RECORD_SIZE,
@@ -18,7 +19,6 @@ from .shard import (
     ShardReader,
     ShardWriter,
     Status,
-    _fsync_dir,
     partial_paths,
 )
 
@@ -240,7 +240,7 @@ class TileStore:
                     dest = path.with_name(f"{path.name}.corrupt.{n}")
                     n += 1
                 os.rename(path, dest)
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
         return VerifyReport(checked, ok, corrupt)
 
     # -- housekeeping ----------------------------------------------------------------------
