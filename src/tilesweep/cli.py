@@ -683,6 +683,11 @@ def _human_hours(h: float) -> str:
     return f"{h / 24:.1f} days"
 
 
+# Command groups that live in modules of their own register here, one line each:
+#   from .cli_results import register as _register_results; _register_results(app)
+# (results: query/convert/detections/summarize; view: the web viewer).
+
+
 def main() -> None:
     """Entry point of the ``tilesweep`` console script."""
     try:
