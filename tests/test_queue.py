@@ -86,15 +86,18 @@ def test_nack_of_a_done_block_keeps_it_done_and_unknown_ids_raise(q):
         q.nack(12345, "x")
 
 
-def test_expired_leases_return_and_die_after_max_attempts(q):
-    q.put(make_blocks(1))
-    for attempt in (1, 2, 3):
-        (lease,) = q.lease(1, ttl=0.05, owner=f"w{attempt}")
-        assert lease.attempt == attempt
-        time.sleep(0.08)
-    assert q.requeue_expired() == 1
-    (dead,) = list(q.dead())
-    assert "lease expired" in dead.error
+def test_expired_leases_return_and_die_after_max_lost(tmp_path):
+    # Issue 16: an expired lease (its owner died) is a lost lease, not a failed attempt:
+    # it counts against the separate max_lost cap, not max_attempts (tests/test_queue_attempts.py).
+    with SqliteQueue(tmp_path / "lost.sqlite", max_attempts=1, max_lost=3) as q:
+        q.put(make_blocks(1))
+        for attempt in (1, 2, 3):
+            (lease,) = q.lease(1, ttl=0.05, owner=f"w{attempt}")
+            assert lease.attempt == attempt
+            time.sleep(0.08)
+        assert q.requeue_expired() == 1
+        (dead,) = list(q.dead())
+        assert "lease lost 3 times" in dead.error
 
 
 def test_extend_keeps_only_own_live_leases(q):

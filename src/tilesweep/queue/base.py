@@ -1,8 +1,10 @@
 """The queue's vocabulary: blocks, their states, leases, statistics and the protocol.
 
 A block moves ``pending -> leased(owner, until) -> done``; a lease that expires or is
-nacked sends it back to ``pending``, and after ``max_attempts`` leases it goes to ``dead``
-with its last error. ``retry_dead`` puts dead blocks back. Processing is at-least-once: a
+nacked sends it back to ``pending``. It goes to ``dead``, with its last error, after
+``max_attempts`` *failed* attempts (nacks), or after ``max_lost`` (a generous cap) leases
+that expired: an owner that was killed or crashed is not a failure of the block, but a
+block that crashes its worker every time must still end. ``retry_dead`` puts dead blocks back. Processing is at-least-once: a
 worker writes the block's outputs under a name derived from the block before it acks, so
 doing a block twice yields the same outputs once.
 """
@@ -120,7 +122,7 @@ class Queue(Protocol):
         """Mark blocks done (idempotent); returns how many changed state."""
 
     def nack(self, block_id: int, error: str) -> State:
-        """Give a block back after a failure: pending again, or dead after max attempts."""
+        """Give a block back after a failure: pending again, or dead after max failed attempts."""
 
     def extend(self, ids: Iterable[int], ttl: float, owner: str) -> list[int]:
         """Push the leases ``owner`` still holds to ``ttl`` seconds from now; returns their ids."""

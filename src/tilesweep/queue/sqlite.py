@@ -18,8 +18,9 @@ from typing import Iterable, Iterator, Mapping
 
 from .base import Block, BlockResult, DeadBlock, Lease, QueueStats, State
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _EXPIRED_ERROR = "lease expired (worker died or stalled)"
+MAX_LOST = 20  # leases a block may lose (its worker died or stalled) before it is dead
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS blocks (
@@ -28,19 +29,21 @@ CREATE TABLE IF NOT EXISTS blocks (
     x           INTEGER NOT NULL,
     y           INTEGER NOT NULL,
     tiles       INTEGER NOT NULL,         -- planned tiles in the block
-    mask        BLOB,                     -- packed bit mask of planned tiles; NULL = all
+    mask        BLOB,                     -- packed bit mask of planned tiles, NULL = all
     priority    INTEGER NOT NULL,         -- seeded shuffle: lower is leased first
     state       INTEGER NOT NULL DEFAULT {State.PENDING},
     owner       TEXT,
     lease_until REAL,
-    attempts    INTEGER NOT NULL DEFAULT 0,
+    attempts    INTEGER NOT NULL DEFAULT 0,   -- leases taken (a released lease is not counted)
     last_error  TEXT,
     done_at     REAL,
     n_ok        INTEGER,                  -- results recorded by ack
     n_empty     INTEGER,
     n_failed    INTEGER,
     n_bytes     INTEGER,
-    n_retries   INTEGER
+    n_retries   INTEGER,
+    failures    INTEGER NOT NULL DEFAULT 0,   -- attempts that failed (nack): max_attempts
+    lost        INTEGER NOT NULL DEFAULT 0    -- leases that expired (owner died or stalled): max_lost
 );
 CREATE INDEX IF NOT EXISTS blocks_pending ON blocks(priority) WHERE state = {State.PENDING};
 CREATE INDEX IF NOT EXISTS blocks_leased ON blocks(lease_until) WHERE state = {State.LEASED};
@@ -49,6 +52,12 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 """
 
 _BLOCK_COLS = "z, x, y, tiles, mask"
+# Schema 1 -> 2: failed attempts and lost leases are counted apart (a kill is not a failure).
+# Old blocks start both counts at 0: their `attempts` mixed the two.
+_MIGRATE_1_TO_2 = """
+ALTER TABLE blocks ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE blocks ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
+"""
 
 
 def _block(row: tuple) -> Block:  # type: ignore[type-arg]
@@ -58,15 +67,19 @@ def _block(row: tuple) -> Block:  # type: ignore[type-arg]
 class SqliteQueue:
     """A durable lease queue of blocks in one SQLite file.
 
-    ``max_attempts``: leases a block may take before it goes to dead (>= 1).
+    ``max_attempts``: failed attempts (nacks) a block may have before it goes to dead (>= 1).
+    ``max_lost``: leases a block may lose before it goes to dead: a lease that expires
+    (its owner was killed, crashed or stalled) is not a failure of the block, so kills do
+    not kill blocks, but a block that crashes its worker every time still ends dead.
     ``timeout``: seconds a process waits for SQLite's write lock before giving up.
     Open one per process (connections are not shared across ``fork``)."""
 
-    def __init__(self, path: str | os.PathLike[str], max_attempts: int = 5, timeout: float = 60.0):
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts {max_attempts} must be >= 1")
+    def __init__(self, path: str | os.PathLike[str], max_attempts: int = 5, timeout: float = 60.0, max_lost: int = MAX_LOST):
+        if max_attempts < 1 or max_lost < 1:
+            raise ValueError(f"max_attempts {max_attempts} and max_lost {max_lost} must be >= 1")
         self.path = Path(path)
         self.max_attempts = max_attempts
+        self.max_lost = max_lost
         self._pid = os.getpid()
         self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
@@ -76,9 +89,26 @@ class SqliteQueue:
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path} has queue schema {version}, newer than this tilesweep ({SCHEMA_VERSION})")
         if version < SCHEMA_VERSION:
-            # One script, one transaction: concurrent openers of a new file are safe
-            # (IF NOT EXISTS, and the second waits on the lock).
-            self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Create the schema, or bring an older one up to date, in one transaction: the
+        version is read again under the write lock, so concurrent openers are safe."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            has_blocks = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'blocks'").fetchone()
+            if version == 1 and has_blocks:
+                for stmt in filter(str.strip, _MIGRATE_1_TO_2.split(";")):
+                    self._db.execute(stmt)
+            if version < SCHEMA_VERSION:
+                for stmt in filter(str.strip, _SCHEMA.split(";")):
+                    self._db.execute(stmt)
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     # --- transactions -------------------------------------------------------------------
 
@@ -171,11 +201,11 @@ class SqliteQueue:
 
     def nack(self, block_id: int, error: str) -> State:
         """Give a block back after a failure with ``error`` kept: pending again, or dead once
-        it has used ``max_attempts`` leases. Returns the new state (DONE if it was done)."""
+        ``max_attempts`` attempts have failed. Returns the new state (DONE if it was done)."""
         with self._write() as db:
             row = db.execute(
-                f"""UPDATE blocks SET state = CASE WHEN attempts >= ? THEN {State.DEAD} ELSE {State.PENDING} END,
-                    owner = NULL, lease_until = NULL, last_error = ?
+                f"""UPDATE blocks SET state = CASE WHEN failures + 1 >= ? THEN {State.DEAD} ELSE {State.PENDING} END,
+                    failures = failures + 1, owner = NULL, lease_until = NULL, last_error = ?
                     WHERE id = ? AND state != {State.DONE} RETURNING state""",
                 (self.max_attempts, error, int(block_id)),
             ).fetchone()
@@ -220,7 +250,8 @@ class SqliteQueue:
 
     def expire(self, owner: str) -> int:
         """End ``owner``'s leases now, as if they had expired (the owner is known to be
-        dead): the next lease call returns them to pending, counting the attempt."""
+        dead): the next lease call returns them to pending, counting a lost lease (not a
+        failed attempt)."""
         with self._write() as db:
             return db.execute(
                 f"UPDATE blocks SET lease_until = 0 WHERE state = {State.LEASED} AND owner = ?", (owner,)
@@ -236,11 +267,18 @@ class SqliteQueue:
             return self._expire(db, time.time())
 
     def _expire(self, db: sqlite3.Connection, now: float) -> int:
+        """Expired leases go back to pending, counted as lost (not failed); a block that
+        has lost ``max_lost`` leases is dead, and its last error says so."""
         cur = db.execute(
-            f"""UPDATE blocks SET state = CASE WHEN attempts >= ? THEN {State.DEAD} ELSE {State.PENDING} END,
-                owner = NULL, lease_until = NULL, last_error = ?
+            f"""UPDATE blocks SET state = CASE WHEN lost + 1 >= ? THEN {State.DEAD} ELSE {State.PENDING} END,
+                lost = lost + 1, owner = NULL, lease_until = NULL,
+                last_error = CASE WHEN lost + 1 >= ?
+                    THEN 'lease lost ' || (lost + 1) || ' times: its worker died, crashed or stalled each time '
+                         || 'it held this block (a block that crashes its worker?); last error before: '
+                         || COALESCE(NULLIF(last_error, ?), 'none')
+                    ELSE ? END
                 WHERE state = {State.LEASED} AND lease_until < ?""",
-            (self.max_attempts, _EXPIRED_ERROR, now),
+            (self.max_lost, self.max_lost, _EXPIRED_ERROR, _EXPIRED_ERROR, now),
         )
         return cur.rowcount
 
@@ -252,7 +290,7 @@ class SqliteQueue:
             for i in ids:
                 n += db.execute(
                     f"""UPDATE blocks SET state = {State.PENDING}, owner = NULL, lease_until = NULL, attempts = 0,
-                        done_at = NULL, n_ok = NULL, n_empty = NULL, n_failed = NULL, n_bytes = NULL, n_retries = NULL,
+                        failures = 0, lost = 0, done_at = NULL, n_ok = NULL, n_empty = NULL, n_failed = NULL, n_bytes = NULL, n_retries = NULL,
                         last_error = ? WHERE id = ?""",
                     (error, int(i)),
                 ).rowcount
@@ -262,7 +300,7 @@ class SqliteQueue:
         """Put every dead block back to pending with its attempts reset; returns how many."""
         with self._write() as db:
             return db.execute(
-                f"UPDATE blocks SET state = {State.PENDING}, attempts = 0 WHERE state = {State.DEAD}"
+                f"UPDATE blocks SET state = {State.PENDING}, attempts = 0, failures = 0, lost = 0 WHERE state = {State.DEAD}"
             ).rowcount
 
     def dead(self) -> Iterator[DeadBlock]:
