@@ -101,9 +101,10 @@ def parse_bbox(text: str) -> Area:
 def load_area(spec: str | os.PathLike[str]) -> Area:
     """Read an area from a bbox string ``W,S,E,N``, a GeoJSON file (Feature,
     FeatureCollection, Polygon, MultiPolygon; holes honoured) or a WKT file or string."""
-    text = os.fspath(spec)
+    text = os.fspath(spec).lstrip()  # the CLI marks a bbox starting with '-' by a leading space
     if re.match(r"^\s*(MULTI)?POLYGON\s*\(", text, re.IGNORECASE):
-        return _finish(_parse_wkt(text, "WKT"), "WKT")
+        shown = text if len(text) <= 80 else text[:77] + "..."  # errors name the WKT by its text
+        return _finish(_parse_wkt(text, shown), shown)
     path = Path(text)
     if not path.is_file() and "," in text:
         return parse_bbox(text)

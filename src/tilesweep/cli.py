@@ -6,7 +6,10 @@ and exits with status 2, before anything is written.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,6 +37,21 @@ app.add_typer(sim_app, name="sim", help="The built-in imagery simulator: serve t
 
 out = Console()
 err = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"tilesweep {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _top(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_print_version, is_eager=True),
+) -> None:
+    """Run a model over every map tile of an area: plan, queue, fetch, store, predict."""
 
 
 @app.command()
@@ -493,20 +511,44 @@ def tiles_get(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:
     """Write one stored tile's bytes to stdout (or -o FILE). Exit 1 when it is not stored."""
+    from .errors import check_output_file
+
     t = parse_tile(tile)
+    if output is not None:
+        check_output_file(output, "output")
     with Sweep.open(sweep_dir) as sweep:
         _check_zoom(sweep, t.z)
         with sweep.store as store:
             record = store.get_record(t)
+        planned = record is not None or _in_plan(sweep, t)
     if record is None or record[1] is None:
-        state = "not fetched yet" if record is None else f"recorded as {record[0].name.lower()} (no bytes)"
+        if not planned:
+            state = "not in the sweep's plan (not fetched, and never will be)"
+        else:
+            state = "not fetched yet" if record is None else f"recorded as {record[0].name.lower()} (no bytes)"
         err.print(f"tile {tile} is {state}", highlight=False)
         raise typer.Exit(1)
     if output is not None:
-        output.write_bytes(record[1])
+        try:
+            output.write_bytes(record[1])
+        except OSError as exc:
+            raise UsageError(f"output {str(output)!r} cannot be written: {exc.strerror}") from None
     else:
         sys.stdout.buffer.write(record[1])
         sys.stdout.buffer.flush()
+
+
+def _in_plan(sweep: Sweep, t) -> bool:  # type: ignore[no-untyped-def]
+    """Whether tile ``t`` (at the sweep's zoom) is one of the sweep's planned tiles."""
+    from .queue.sqlite import _block
+    from .tiles import parent
+
+    block_tile = parent(t, sweep.block_zoom)
+    row = sweep.queue.get(tile_id(block_tile))
+    if row is None:
+        return False
+    block = _block((row["z"], row["x"], row["y"], row["tiles"], row["mask"]))
+    return t in block.tile_list(sweep.zoom)
 
 
 @tiles_app.command("ls")
@@ -573,9 +615,24 @@ def export(
         raise UsageError(f"cannot tell the format of {str(output)!r}: use a .pmtiles or .mbtiles name, or --format dir")
     if kind not in ("pmtiles", "mbtiles", "dir"):
         raise UsageError(f"format {kind!r} is not one of pmtiles, mbtiles, dir")
+    from .errors import check_output_file
+    from .store.export import EXPORT_MARKER
+
     if output.exists() and not force:
         raise UsageError(f"{str(output)!r} exists; pass --force to replace it")
     with Sweep.open(sweep_dir) as sweep:
+        here, there = output.resolve(), sweep.path.resolve()
+        if here == there or here in there.parents or (there in here.parents and here.relative_to(there).parts[0] in
+                                                        ("tiles", "predictions", "queue.sqlite", "sweep.toml", "area.geojson")):
+            raise UsageError(f"output {str(output)!r} is the sweep folder {str(sweep_dir)!r}, holds it, or is part of it; export elsewhere")
+        if kind == "dir":
+            if output.exists() and not output.is_dir():
+                raise UsageError(f"output {str(output)!r} exists and is not a folder")
+            if output.is_dir() and any(output.iterdir()) and not (output / EXPORT_MARKER).is_file():
+                raise UsageError(f"folder {str(output)!r} is not empty and is not a tilesweep export; --force replaces only an earlier export")
+            check_output_file(output.parent / (output.name + ".partial"), "output")
+        else:
+            check_output_file(output, "output")
         store = sweep.store
         started = time.perf_counter()
         if kind == "pmtiles":
@@ -688,13 +745,45 @@ def _human_hours(h: float) -> str:
 # (results: query/convert/detections/summarize; view: the web viewer).
 
 
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_NEGATIVE_BBOX = re.compile(rf"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?:\s*,\s*{_NUM})+$")
+
+
+def protect_negative_bboxes(args: list[str]) -> list[str]:
+    """``args`` with every bbox whose west is negative (all of the Americas) marked as a
+    value: click reads a token that starts with ``-`` as an option ("No such option: -1").
+    Such a token gets a leading space, which click leaves positional and
+    :func:`tilesweep.area.load_area` strips. Tokens after ``--`` are left alone."""
+    fixed: list[str] = []
+    for i, a in enumerate(args):
+        if a == "--":
+            return fixed + args[i:]
+        fixed.append(" " + a if _NEGATIVE_BBOX.match(a) else a)
+    return fixed
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OS error: the path(s), what happened, and the errno's name."""
+    name = errno.errorcode.get(exc.errno or 0, "")
+    what = exc.strerror or str(exc)
+    paths = [repr(os.fspath(f)) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{' -> '.join(paths) + ': ' if paths else ''}{what}{f' ({name})' if name else ''}"
+
+
 def main() -> None:
-    """Entry point of the ``tilesweep`` console script."""
+    """Entry point of the ``tilesweep`` console script.
+
+    Bad input (:class:`UsageError`) is one line and exit 2. An OS error that reaches here
+    (an unwritable path, a full disk) is one line naming the path and the errno, exit 2,
+    or 1 for a full disk (the input was fine; the machine was not)."""
     try:
-        app()
+        app(args=protect_negative_bboxes(sys.argv[1:]), prog_name="tilesweep")
     except UsageError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as exc:
+        err.print(f"[bold red]error:[/] {_os_error_line(exc)}", highlight=False, soft_wrap=True)
+        sys.exit(1 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 2)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -164,7 +165,12 @@ class Sweep:
             strays = [c.name for c in p.iterdir() if not c.name.endswith((".partial", ".partial-wal", ".partial-shm"))]
             if strays:
                 raise UsageError(f"sweep folder {str(p)!r} is not empty and holds no plan (found {strays[0]!r})")
-        p.mkdir(parents=True, exist_ok=True)
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"sweep folder {str(p)!r} cannot be created: {exc.strerror}") from None
+        if not os.access(p, os.W_OK | os.X_OK):  # EROFS even for root
+            raise UsageError(f"sweep folder {str(p)!r} is not writable")
 
         queue_tmp = p / (QUEUE_FILE + ".partial")
         for stale in p.glob("*.partial*"):
@@ -240,7 +246,13 @@ class Sweep:
             path = self.path / QUEUE_FILE
             if not path.is_file():
                 raise UsageError(f"sweep folder {str(self.path)!r} has no {QUEUE_FILE}")
-            self._queue = SqliteQueue(path)
+            if path.stat().st_size == 0:
+                raise UsageError(f"{str(path)!r} is empty: the sweep's queue is lost; plan again into a new folder")
+            try:
+                self._queue = SqliteQueue(path)
+                self._queue._db.execute("SELECT id FROM blocks LIMIT 1").fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise UsageError(f"{str(path)!r} is not a readable queue ({exc}): corrupt? plan again into a new folder") from None
         return self._queue
 
     @property
@@ -283,7 +295,10 @@ class Sweep:
 
     def status(self, window_s: float = 300.0) -> SweepStatus:
         """Where the sweep stands, reconciled against the plan."""
-        stats = self.queue.stats(window=window_s)
+        try:
+            stats = self.queue.stats(window=window_s)
+        except sqlite3.DatabaseError as exc:  # a page corrupted after the file opened fine
+            raise UsageError(f"{str(self.path / QUEUE_FILE)!r} is not a readable queue ({exc}): corrupt?") from None
         names = {State.PENDING: "pending", State.LEASED: "leased", State.DONE: "done", State.DEAD: "dead"}
         blocks = {names[s]: int(stats.blocks.get(s, 0)) for s in names}
         tiles = {names[s]: int(stats.tiles.get(s, 0)) for s in names}

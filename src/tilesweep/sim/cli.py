@@ -91,7 +91,10 @@ def serve(
     def ready(srv) -> None:  # type: ignore[no-untyped-def]
         typer.echo(f"serving world seed {seed} at {srv.template()} (also @2x, /tms/, /q/{{quadkey}}); faults: {faults.describe()}")
 
-    _serve(World(seed), faults, host=host, port=port, cache_mb=cache_mb, workers=workers, quality=quality, ready=ready)
+    try:
+        _serve(World(seed), faults, host=host, port=port, cache_mb=cache_mb, workers=workers, quality=quality, ready=ready)
+    except OSError as exc:  # a port in use, an address that is not this machine's, a host name that does not resolve
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @app.command()
@@ -103,7 +106,10 @@ def truth(
     """Write the exact tower positions (lon, lat, line_id, tower_id) inside AREA."""
     from .truth import truth_format, write_truth
 
+    from ..errors import check_output_file
+
     truth_format(output)
+    check_output_file(output, "output")
     the_area = load_area(area)
     n = write_truth(World(seed).iter_towers(the_area), output)
     typer.echo(f"{n:,} towers written to {output}")

@@ -22,7 +22,7 @@ from ..durable import replace_durably
 from ..errors import UsageError
 from ..imageformat import image_format
 from ..tiles import Tile, bounds, tms_y
-from .shard import ShardReader, Status
+from .shard import Status
 from .store import TileStore
 
 # --- tile formats ---------------------------------------------------------------------------
@@ -55,10 +55,11 @@ def _format_name(tile_type: Any, first: bytes) -> str:
     return name
 
 
-def _first_ok_tile(store: TileStore) -> bytes:
-    """Bytes of the first OK tile, or ``UsageError`` when the store has none."""
-    for block in store.blocks():
-        with ShardReader(store.shard_path(block)) as r:
+def _first_ok_tile(store: TileStore, blocks: list[Tile] | None = None) -> bytes:
+    """Bytes of the first OK tile (crc checked), or ``UsageError`` when the store (or
+    ``blocks`` of it) has none."""
+    for block in store.blocks() if blocks is None else blocks:
+        with store.open_shard(block) as r:
             ok = np.nonzero(r.records["status"] == Status.OK)[0]
             if len(ok):
                 return r.data(int(ok[0]))
@@ -199,6 +200,7 @@ def export_pmtiles(
     *,
     min_leaf_size: int = 4096,
     run_length: bool = True,
+    blocks: list[Tile] | None = None,
 ) -> dict:
     """Write the store's OK tiles as one clustered PMTiles v3 archive, streaming.
 
@@ -210,10 +212,14 @@ def export_pmtiles(
     ``tile_type``: a name (jpg/png/webp/...), a PMTiles code or None to sniff it from the
     first tile's magic bytes. With ``run_length``, consecutive tile ids with identical bytes
     share one entry (stored once). Returns a summary dict. ``UsageError`` when the store
-    holds no OK tile."""
+    holds no OK tile.
+
+    ``blocks``: export only these blocks (in block id order; default: every finished
+    shard). Every tile's crc32 is checked as it is copied: a corrupt or missing shard
+    raises :class:`~tilesweep.store.CorruptShardError` and nothing is left under ``out``."""
     t0 = time.perf_counter()
     out_path = Path(out_path)
-    first = _first_ok_tile(store)
+    first = _first_ok_tile(store, blocks)
     fmt = _format_name(tile_type, first)
     z = store.zoom
     tmp = _partial(out_path)
@@ -244,8 +250,8 @@ def export_pmtiles(
                     n_entries += len(ids)
                     ids.clear(), offs.clear(), lens.clear(), runs.clear()
 
-            for block in store.blocks():
-                with ShardReader(store.shard_path(block)) as r:
+            for block in store.blocks() if blocks is None else blocks:
+                with store.open_shard(block) as r:
                     sel = np.nonzero(r.records["status"] == Status.OK)[0]
                     if not len(sel):
                         continue
@@ -329,14 +335,14 @@ def export_pmtiles(
 # --- MBTiles ----------------------------------------------------------------------------------
 
 
-def export_mbtiles(store: TileStore, out_path: Path, name: str | None = None, batch: int = 2000) -> dict:
+def export_mbtiles(store: TileStore, out_path: Path, name: str | None = None, batch: int = 2000, blocks: list[Tile] | None = None) -> dict:
     """Write the store's OK tiles to an MBTiles 1.3 file: ``metadata(name, value)`` with
     name, format (jpg/png/webp), minzoom, maxzoom, bounds, center; ``tiles`` with TMS rows
     (``tile_row = 2**z - 1 - y``) and a unique ``tile_index``. ``UsageError`` when the store
-    holds no OK tile."""
+    holds no OK tile. ``blocks`` and crc checks: as for :func:`export_pmtiles`."""
     t0 = time.perf_counter()
     out_path = Path(out_path)
-    fmt = _format_name(None, _first_ok_tile(store))
+    fmt = _format_name(None, _first_ok_tile(store, blocks))
     z = store.zoom
     tmp = _partial(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -352,7 +358,7 @@ def export_mbtiles(store: TileStore, out_path: Path, name: str | None = None, ba
             con.execute("CREATE TABLE metadata (name text, value text)")
             con.execute("CREATE TABLE tiles (zoom_level integer, tile_column integer, tile_row integer, tile_data blob)")
             rows = []
-            for tile, data in store.iter_tiles(Status.OK):
+            for tile, data in store.iter_tiles(Status.OK, blocks):
                 rows.append((z, tile.x, tms_y(tile), data))
                 xmin, xmax = min(xmin, tile.x), max(xmax, tile.x)
                 ymin, ymax = min(ymin, tile.y), max(ymax, tile.y)
@@ -387,24 +393,50 @@ def export_mbtiles(store: TileStore, out_path: Path, name: str | None = None, ba
 # --- z/x/y folder -----------------------------------------------------------------------------
 
 
-def export_dir(store: TileStore, out_dir: Path) -> dict:
+EXPORT_MARKER = ".tilesweep-export.json"
+"""The file that marks a folder as a :func:`export_dir` tree (only such a folder is replaced)."""
+
+
+def export_dir(store: TileStore, out_dir: Path, blocks: list[Tile] | None = None) -> dict:
     """Write every OK tile to ``out_dir/{z}/{x}/{y}.{ext}`` (ext from the bytes: jpg, png,
-    webp; ``bin`` when unknown). Each file is written whole to a temp name, then renamed."""
+    webp; ``bin`` when unknown), plus :data:`EXPORT_MARKER`.
+
+    The tree is written under ``out_dir.partial`` and renamed into place at the end; an
+    earlier export at ``out_dir`` (a folder holding the marker, or an empty folder) is
+    replaced whole, never merged into. Any other existing ``out_dir`` is a
+    :class:`UsageError`, and a failure leaves nothing under ``out_dir``."""
+    import shutil
+
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    _first_ok_tile(store)
+    if out_dir.exists() and not (out_dir.is_dir() and ((out_dir / EXPORT_MARKER).is_file() or not any(out_dir.iterdir()))):
+        raise UsageError(f"{str(out_dir)!r} exists and is not an earlier tilesweep export; export elsewhere")
+    _first_ok_tile(store, blocks)
+    tmp_dir = _partial(out_dir)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
     n = nbytes = 0
     made: set[int] = set()
-    for tile, data in store.iter_tiles(Status.OK):
-        ext = sniff_format(data) or "bin"
-        d = out_dir / str(tile.z) / str(tile.x)
-        if tile.x not in made:
-            d.mkdir(parents=True, exist_ok=True)
-            made.add(tile.x)
-        p = d / f"{tile.y}.{ext}"
-        tmp = d / f".{tile.y}.{ext}.partial"
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
-        n += 1
-        nbytes += len(data)
+    try:
+        tmp_dir.mkdir(parents=True)
+        for tile, data in store.iter_tiles(Status.OK, blocks):
+            ext = sniff_format(data) or "bin"
+            d = tmp_dir / str(tile.z) / str(tile.x)
+            if tile.x not in made:
+                d.mkdir(parents=True, exist_ok=True)
+                made.add(tile.x)
+            (d / f"{tile.y}.{ext}").write_bytes(data)
+            n += 1
+            nbytes += len(data)
+        (tmp_dir / EXPORT_MARKER).write_text(json.dumps({"format": "tilesweep-dir", "tiles": n, "store": str(store.root)}))
+        if out_dir.exists():
+            old = out_dir.with_name(out_dir.name + ".replaced")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp_dir, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     return {"path": str(out_dir), "tiles": n, "bytes": nbytes, "seconds": time.perf_counter() - t0}
