@@ -743,6 +743,7 @@ def _human_hours(h: float) -> str:
 # Command groups that live in modules of their own register here, one line each:
 #   from .cli_results import register as _register_results; _register_results(app)
 # (results: query/convert/detections/summarize; view: the web viewer).
+from .cli_view import register as _register_view; _register_view(app)  # noqa: E402
 
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"

@@ -1,0 +1,574 @@
+"""The viewer's HTTP server: one page, the sweep's imagery, overlays and progress.
+
+Routes (all GET; anything else is 404, or 405 for another method)::
+
+    /                               the page (static/index.html)
+    /static/{file}                  the page's own files, from a fixed list made at start
+    /api/info                       plan, models, imagery mode (never the source URL)
+    /api/area.geojson               the planned area
+    /api/progress                   blocks pending / leased / done / dead, predicted blocks
+    /api/tile?z&x&y[&model]         one tile: lon/lat, block and its state, scores, label
+    /api/detections.geojson?model&t&bbox   the detections in a box, as a download
+    /imagery/{z}/{x}/{y}            a tile from the store, or proxied from the sweep's source
+    /overlay/{model}/{z}/{x}/{y}.mvt?t    prediction overlay (tilesweep.view.overlay)
+    /blocks/{z}/{x}/{y}.mvt         blocks done / leased / dead, for the progress layer
+    /pmtiles/imagery.pmtiles        a PMTiles archive given with --pmtiles (HTTP Range)
+
+**Read-only.** The queue and the ledger are opened with SQLite's ``mode=ro``; the overlay
+cache lives in a temporary folder outside the sweep; no route writes.
+
+**Secrets.** A streamed sweep's imagery is proxied: the server builds each URL with
+:meth:`Source.url` (``${NAME}`` tokens expanded from its own environment) and returns only
+the body. The page never sees the URL; errors say the upstream status, never the URL; no
+request is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp import web
+
+from ..errors import UsageError
+from ..imageformat import image_format
+from ..predict.sink import LEDGER_FILE, PREDICTIONS_DIR
+from ..queue import State
+from ..sources import Source
+from ..store import TileStore
+from ..sweep import AREA_FILE, QUEUE_FILE, TILES_DIR, Sweep
+from ..tiles import MAX_ZOOM, Tile, bounds, center, descendant_id_range, tile_at, tile_id
+from .mvt import EXTENT, encode_squares
+from .overlay import OverlayIndex
+
+STATIC = Path(__file__).parent / "static"
+_INT = re.compile(r"^(0|[1-9][0-9]{0,8})$")
+_MODEL = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
+BLOCK_LEVELS = 6  # the progress layer draws blocks of map tiles at most 6 zooms above them
+OVERVIEW_LEVELS = 4  # a stored sweep's imagery is mosaicked from its tiles up to 4 zooms above them
+PROXY_LEVELS = 10  # a streamed sweep's imagery is proxied this many zooms above its own
+MAX_DETECTIONS = 50_000
+STATE_NAMES = {int(s): s.label for s in State}
+
+# 256 x 256 transparent PNG: a tile of the area whose imagery is not stored (yet).
+_EMPTY_PNG: bytes | None = None
+
+
+def _empty_png() -> bytes:
+    global _EMPTY_PNG
+    if _EMPTY_PNG is None:
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGBA", (256, 256), (0, 0, 0, 0)).save(buf, "PNG", optimize=True)
+        _EMPTY_PNG = buf.getvalue()
+    return _EMPTY_PNG
+
+
+def static_files(root: Path = STATIC) -> dict[str, Path]:
+    """The page's files by URL path (``app.js``, ``vendor/maplibre-gl.js``): the only files
+    ``/static/`` serves."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[p.relative_to(root).as_posix()] = p
+    return out
+
+
+CONTENT_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".txt": "text/plain",
+                 ".svg": "image/svg+xml", ".png": "image/png"}
+
+
+class Viewer:
+    """The viewer of one sweep. ``make_app()`` gives the aiohttp application; the CLI runs
+    it with :func:`serve`."""
+
+    def __init__(self, sweep_dir: Path, pmtiles: Path | None = None, cache_dir: Path | None = None) -> None:
+        self.sweep = Sweep.open(sweep_dir)
+        self.path = Path(sweep_dir)
+        if not (self.path / QUEUE_FILE).is_file():
+            raise UsageError(f"sweep folder {str(self.path)!r} has no {QUEUE_FILE}")
+        self.zoom = self.sweep.zoom
+        self.block_zoom = self.sweep.block_zoom
+        self.bbox = [float(v) for v in self.sweep.plan_config["bbox"]]
+        self.static = static_files()
+        self.pmtiles = Path(pmtiles) if pmtiles is not None else None
+        if self.pmtiles is not None and not self.pmtiles.is_file():
+            raise UsageError(f"PMTiles file {str(self.pmtiles)!r} does not exist")
+        self.imagery, self.imagery_note = self._imagery_mode()
+        self.overlay = OverlayIndex(self.path, self.zoom, cache_dir=cache_dir)
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="view")
+        self._stores: dict[int, TileStore] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._progress_cache: tuple[float, dict[str, Any]] | None = None
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def _imagery_mode(self) -> tuple[str, str]:
+        if self.pmtiles is not None:
+            return "pmtiles", f"imagery from {self.pmtiles.name} (PMTiles, read with HTTP Range)"
+        base = self.path / TILES_DIR / str(self.block_zoom)
+        try:
+            stored = any(True for _ in os.scandir(base))
+        except FileNotFoundError:
+            stored = False
+        if stored:
+            return "store", "imagery from the sweep's tile store"
+        src = self.sweep.source
+        if src is None:
+            return "none", "no imagery: nothing stored and no source recorded yet"
+        try:
+            src.check_env()
+        except UsageError as exc:
+            return "none", f"no imagery: {exc}"
+        self.source: Source = src
+        return "proxy", f"imagery proxied from {src.name} (tokens added by this server, never sent to the page)"
+
+    def info(self) -> dict[str, Any]:
+        pc = self.sweep.plan_config
+        models = [m.to_json() for m in self.overlay.reload_models()]
+        minzoom = {"store": max(0, self.zoom - OVERVIEW_LEVELS), "pmtiles": self.zoom}.get(self.imagery, max(0, self.zoom - PROXY_LEVELS))
+        return {
+            "sweep": self.path.resolve().name,
+            "zoom": self.zoom,
+            "block_zoom": self.block_zoom,
+            "bbox": self.bbox,
+            "tiles": int(pc["tiles"]),
+            "blocks": int(pc["blocks"]),
+            "fraction": pc.get("fraction", 1.0),
+            "imagery": {"mode": self.imagery, "note": self.imagery_note, "minzoom": minzoom, "maxzoom": self.zoom},
+            "models": models,
+            "overlay": {"cell_levels": 6, "bins": 20},
+            "blocks_minzoom": max(0, self.block_zoom - BLOCK_LEVELS),
+        }
+
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[_errors])
+        r = app.router
+        r.add_get("/", self._index)
+        r.add_get("/static/{path:.+}", self._static)
+        r.add_get("/api/info", self._info)
+        r.add_get("/api/area.geojson", self._area)
+        r.add_get("/api/progress", self._progress)
+        r.add_get("/api/tile", self._tile)
+        r.add_get("/api/detections.geojson", self._detections)
+        r.add_get("/imagery/{z}/{x}/{y}", self._imagery)
+        r.add_get("/overlay/{model}/{z}/{x}/{y}.mvt", self._overlay)
+        r.add_get("/blocks/{z}/{x}/{y}.mvt", self._blocks)
+        if self.pmtiles is not None:
+            r.add_get("/pmtiles/imagery.pmtiles", self._pmtiles)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _cleanup(self, app: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for s in self._stores.values():
+            s.close()
+        self.overlay.close()
+        self.sweep.close()
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # --- page -----------------------------------------------------------------------------
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.Response(body=(STATIC / "index.html").read_bytes(), content_type="text/html",
+                            headers={"Cache-Control": "no-cache"})
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        p = self.static.get(request.match_info["path"])
+        if p is None:
+            raise web.HTTPNotFound(text="no such file\n")
+        ctype = CONTENT_TYPES.get(p.suffix, "application/octet-stream")
+        immutable = request.match_info["path"].startswith("vendor/")
+        return web.Response(body=p.read_bytes(), content_type=ctype,
+                            headers={"Cache-Control": "public, max-age=86400" if immutable else "no-cache"})
+
+    async def _info(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._run(self.info), headers={"Cache-Control": "no-cache"})
+
+    async def _area(self, request: web.Request) -> web.Response:
+        return web.Response(body=(self.path / AREA_FILE).read_bytes(), content_type="application/geo+json",
+                            headers={"Cache-Control": "no-cache"})
+
+    # --- progress -------------------------------------------------------------------------
+
+    def _ro(self, path: Path) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+
+    def progress(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self._progress_cache is not None and now - self._progress_cache[0] < 1.0:
+            return self._progress_cache[1]
+        db = self._ro(self.path / QUEUE_FILE)
+        try:
+            rows = db.execute("SELECT state, COUNT(*), COALESCE(SUM(tiles), 0) FROM blocks GROUP BY state").fetchall()
+            (last_done,) = db.execute("SELECT COALESCE(MAX(done_at), 0) FROM blocks WHERE state = ?", (int(State.DONE),)).fetchone()
+        finally:
+            db.close()
+        blocks = {name: 0 for name in STATE_NAMES.values()}
+        tiles = dict(blocks)
+        for state, n, t in rows:
+            blocks[STATE_NAMES[int(state)]] = int(n)
+            tiles[STATE_NAMES[int(state)]] = int(t)
+        predicted: dict[str, int] = {}
+        ledger = self.path / PREDICTIONS_DIR / LEDGER_FILE
+        if ledger.is_file():
+            db = self._ro(ledger)
+            try:
+                for folder, n in db.execute(
+                    "SELECT m.folder, COUNT(p.block_id) FROM models m LEFT JOIN predicted p ON p.model_key = m.model_key GROUP BY m.folder"
+                ):
+                    predicted[folder] = int(n)
+            except sqlite3.OperationalError:
+                pass
+            finally:
+                db.close()
+        version = f"{blocks['done']}-{blocks['leased']}-{blocks['dead']}-{last_done}-" + "-".join(f"{v}" for v in predicted.values())
+        out = {"blocks": blocks, "tiles": tiles, "predicted_blocks": predicted, "version": version,
+               "running": blocks["leased"] > 0}
+        self._progress_cache = (now, out)
+        return out
+
+    async def _progress(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._run(self.progress), headers={"Cache-Control": "no-cache"})
+
+    def blocks_tile(self, z: int, x: int, y: int) -> bytes:
+        bz = self.block_zoom
+        if bz - z > BLOCK_LEVELS:
+            return encode_squares("blocks", [])
+        db = self._ro(self.path / QUEUE_FILE)
+        try:
+            if z >= bz:
+                b = Tile(bz, x >> (z - bz), y >> (z - bz))
+                rows = db.execute("SELECT x, y, state FROM blocks WHERE id = ? AND state != 0", (tile_id(b),)).fetchall()
+            else:
+                lo, hi = descendant_id_range(Tile(z, x, y), bz)
+                rows = db.execute("SELECT x, y, state FROM blocks WHERE id >= ? AND id < ? AND state != 0", (lo, hi)).fetchall()
+        finally:
+            db.close()
+        squares, values = [], []
+        for bx, by, state in rows:
+            if z >= bz:
+                d = z - bz
+                size = EXTENT << d
+                ox, oy = ((bx << d) - x) * EXTENT, ((by << d) - y) * EXTENT
+                squares.append((max(ox, -64), max(oy, -64), min(ox + size, EXTENT + 64), min(oy + size, EXTENT + 64)))
+            else:
+                d = bz - z
+                cell = EXTENT >> d
+                rx, ry = bx - (x << d), by - (y << d)
+                squares.append((rx * cell, ry * cell, (rx + 1) * cell, (ry + 1) * cell))
+            values.append((STATE_NAMES[int(state)],))
+        return encode_squares("blocks", squares, ("state",), values)
+
+    async def _blocks(self, request: web.Request) -> web.Response:
+        z, x, y = _zxy(request)
+        body = await self._run(self.blocks_tile, z, x, y)
+        return _mvt(body, "no-cache")
+
+    # --- imagery --------------------------------------------------------------------------
+
+    def _in_area(self, t: Tile) -> bool:
+        w, s, e, n = bounds(t)
+        W, S, E, N = self.bbox
+        return w < E and e > W and s < N and n > S
+
+    def _store_get(self, t: Tile) -> bytes | None:
+        import threading
+
+        key = threading.get_ident()
+        store = self._stores.get(key)
+        if store is None:
+            store = self._stores[key] = self.sweep.store
+        return store.get(t)
+
+    def _overview(self, t: Tile) -> bytes | None:
+        """A tile above the sweep zoom, mosaicked from its stored descendants (JPEG,
+        decoded at reduced scale); None when none is stored."""
+        import io
+
+        from PIL import Image
+
+        d = self.zoom - t.z
+        n = 1 << d
+        cell = 256 // n
+        canvas: Image.Image | None = None
+        for dy in range(n):
+            for dx in range(n):
+                data = self._store_get(Tile(self.zoom, (t.x << d) + dx, (t.y << d) + dy))
+                if not data:
+                    continue
+                try:
+                    im = Image.open(io.BytesIO(data))
+                    im.draft("RGB", (cell, cell))
+                    im = im.convert("RGBA").resize((cell, cell), Image.BILINEAR)
+                except Exception:  # an undecodable tile stays a hole
+                    continue
+                if canvas is None:
+                    canvas = Image.new("RGBA", (256, 256), (0, 0, 0, 0))
+                canvas.paste(im, (dx * cell, dy * cell))
+        if canvas is None:
+            return None
+        buf = io.BytesIO()
+        if canvas.getextrema()[3][0] < 255:  # holes: keep them transparent
+            canvas.save(buf, "PNG")
+        else:
+            canvas.convert("RGB").save(buf, "JPEG", quality=85)
+        return buf.getvalue()
+
+    async def _imagery(self, request: web.Request) -> web.StreamResponse:
+        z, x, y = _zxy(request)
+        t = Tile(z, x, y)
+        if self.imagery == "store":
+            if not (self.zoom - OVERVIEW_LEVELS <= z <= self.zoom) or not self._in_area(t):
+                raise web.HTTPNotFound(text="no such tile in this sweep\n")
+            data = await self._run(self._store_get if z == self.zoom else self._overview, t)
+            if data is None:  # planned, not stored (yet): transparent, asked again later
+                return web.Response(body=_empty_png(), content_type="image/png", headers={"Cache-Control": "no-cache"})
+            return _image(data, "public, max-age=86400" if z == self.zoom else "public, max-age=60")
+        if self.imagery == "proxy":
+            if not (self.zoom - PROXY_LEVELS <= z <= self.zoom) or not self._in_area(t):
+                raise web.HTTPNotFound(text="no such tile in this sweep\n")
+            return await self._proxy(t)
+        raise web.HTTPNotFound(text="this sweep has no imagery to show\n")
+
+    async def _proxy(self, t: Tile) -> web.StreamResponse:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30, connect=10),
+                                                  connector=aiohttp.TCPConnector(limit=16))
+        try:
+            url = self.source.url(t)
+            headers = self.source.request_headers()
+        except UsageError:
+            raise web.HTTPBadGateway(text="the source needs an environment variable this server does not have\n") from None
+        for attempt in range(3):
+            try:
+                async with self._session.get(url, headers=headers, allow_redirects=True) as resp:
+                    status = resp.status
+                    body = await resp.read() if status == 200 else b""
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                status, body = -1, b""
+            if status == 200 and image_format(body):
+                return _image(body, "public, max-age=3600")
+            if status in (404, 204):
+                return web.Response(body=_empty_png(), content_type="image/png", headers={"Cache-Control": "max-age=3600"})
+            if status in (401, 403):
+                break
+            await asyncio.sleep(0.2 * (attempt + 1))
+        # Never the URL: it may hold the token.
+        what = "was unreachable" if status == -1 else f"answered {status}" if status != 200 else "sent a body that is not an image"
+        raise web.HTTPBadGateway(text=f"the sweep's source {what}\n")
+
+    async def _pmtiles(self, request: web.Request) -> web.StreamResponse:
+        assert self.pmtiles is not None
+        return web.FileResponse(self.pmtiles, headers={"Cache-Control": "public, max-age=3600",
+                                                       "Content-Type": "application/octet-stream"})
+
+    # --- overlay, click, download ---------------------------------------------------------
+
+    def _model(self, name: str | None) -> str:
+        if not name or not _MODEL.match(name) or self.overlay.model(name) is None:
+            raise web.HTTPNotFound(text="no such model in this sweep\n")
+        return name
+
+    async def _overlay(self, request: web.Request) -> web.Response:
+        model = self._model(request.match_info["model"])
+        z, x, y = _zxy(request)
+        t = _threshold(request.query.get("t", "0.5"))
+        body = await self._run(self.overlay.tile, model, z, x, y, t)
+        return _mvt(body, "max-age=2")
+
+    def tile_info(self, t: Tile) -> dict[str, Any]:
+        bz = self.block_zoom
+        block = Tile(bz, t.x >> (self.zoom - bz), t.y >> (self.zoom - bz))
+        bid = tile_id(block)
+        db = self._ro(self.path / QUEUE_FILE)
+        try:
+            row = db.execute("SELECT state, attempts, tiles FROM blocks WHERE id = ?", (bid,)).fetchone()
+        finally:
+            db.close()
+        lon, lat = center(t)
+        out: dict[str, Any] = {
+            "z": t.z, "x": t.x, "y": t.y, "lon": round(lon, 7), "lat": round(lat, 7),
+            "bounds": [round(v, 7) for v in bounds(t)],
+            "block": {"z": bz, "x": block.x, "y": block.y, "id": bid,
+                      "state": STATE_NAMES[int(row[0])] if row else None,
+                      "attempts": int(row[1]) if row else None, "tiles": int(row[2]) if row else None},
+            "in_plan": row is not None,
+            "predictions": [],
+        }
+        ledger = self.path / PREDICTIONS_DIR / LEDGER_FILE
+        if row is None or not ledger.is_file():
+            return out
+        db = self._ro(ledger)
+        try:
+            parts = db.execute("SELECT model_key, part FROM predicted WHERE block_id = ? AND part IS NOT NULL", (bid,)).fetchall()
+        finally:
+            db.close()
+        models = {m.key: m for m in self.overlay.models}
+        for key, part in parts:
+            m = models.get(key)
+            if m is None:
+                continue
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(self.path / PREDICTIONS_DIR / part, columns=["x", "y", *m.labels, "label"],
+                                  filters=[("x", "=", t.x), ("y", "=", t.y)])
+            if table.num_rows:
+                r = table.slice(0, 1).to_pylist()[0]
+                out["predictions"].append({
+                    "model": m.folder, "name": m.name,
+                    "scores": {lb: (None if r[lb] is None else round(float(r[lb]), 4)) for lb in m.labels},
+                    "label": r["label"], "threshold": m.threshold,
+                })
+        return out
+
+    async def _tile(self, request: web.Request) -> web.Response:
+        q = request.query
+        z, x, y = (_int(q.get(k), k) for k in ("z", "x", "y"))
+        if z != self.zoom:
+            raise web.HTTPBadRequest(text=f"tiles of this sweep are at zoom {self.zoom}\n")
+        _check_grid(z, x, y)
+        return web.json_response(await self._run(self.tile_info, Tile(z, x, y)), headers={"Cache-Control": "no-cache"})
+
+    def detections(self, folder: str, t: float, box: tuple[float, float, float, float]) -> dict[str, Any]:
+        from .overlay import _q, ledger_parts
+
+        m = self.overlay.model(folder)
+        assert m is not None
+        w, s, e, n = box
+        Z = self.zoom
+        a, b = tile_at(w, n, Z), tile_at(e, s, Z)
+        parts = [str(self.path / PREDICTIONS_DIR / p) for p in ledger_parts(self.path, m.key)]
+        feats: list[dict[str, Any]] = []
+        truncated = False
+        if parts and m.labels:
+            score = f"GREATEST({', '.join(_q(lb) for lb in m.labels)})"
+            cols = ", ".join(_q(lb) for lb in m.labels)
+            cur = self.overlay._cur()
+            rows = cur.execute(
+                f"SELECT x, y, block, lon, lat, {cols}, label FROM read_parquet($p) "
+                f"WHERE x BETWEEN $x0 AND $x1 AND y BETWEEN $y0 AND $y1 AND {score} >= $t ORDER BY block, x, y LIMIT {MAX_DETECTIONS + 1}",
+                {"p": parts, "x0": a.x, "x1": b.x, "y0": a.y, "y1": b.y, "t": t},
+            ).fetchall()
+            truncated = len(rows) > MAX_DETECTIONS
+            for r in rows[:MAX_DETECTIONS]:
+                x, y = int(r[0]), int(r[1])
+                W, S, E, N = bounds(Tile(Z, x, y))
+                props: dict[str, Any] = {"z": Z, "x": x, "y": y, "block": int(r[2]), "lon": r[3], "lat": r[4]}
+                for i, lb in enumerate(m.labels):
+                    props[lb] = None if r[5 + i] is None else round(float(r[5 + i]), 4)
+                props["label"] = r[5 + len(m.labels)]
+                feats.append({"type": "Feature", "properties": props, "geometry": {
+                    "type": "Polygon", "coordinates": [[[W, S], [E, S], [E, N], [W, N], [W, S]]]}})
+        return {"type": "FeatureCollection", "features": feats,
+                "properties": {"model": m.name, "threshold": t, "bbox": list(box), "truncated": truncated,
+                               "max_features": MAX_DETECTIONS}}
+
+    async def _detections(self, request: web.Request) -> web.Response:
+        q = request.query
+        folder = self._model(q.get("model"))
+        t = _threshold(q.get("t", "0.5"))
+        try:
+            box = tuple(float(v) for v in q.get("bbox", "").split(","))
+        except ValueError:
+            raise web.HTTPBadRequest(text="bbox must be W,S,E,N in degrees\n") from None
+        if len(box) != 4 or not (-180 <= box[0] < box[2] <= 180 and -90 <= box[1] < box[3] <= 90):
+            raise web.HTTPBadRequest(text="bbox must be W,S,E,N in degrees\n")
+        box = (box[0], max(box[1], -85.05), box[2], min(box[3], 85.05))
+        doc = await self._run(self.detections, folder, t, box)
+        return web.Response(
+            body=json.dumps(doc).encode(), content_type="application/geo+json",
+            headers={"Content-Disposition": f'attachment; filename="detections-{folder}-t{t:g}.geojson"',
+                     "Cache-Control": "no-cache"},
+        )
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    resp = await handler(request)
+    resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return resp
+
+
+def _int(v: str | None, what: str) -> int:
+    if v is None or not _INT.match(v):
+        raise web.HTTPBadRequest(text=f"{what} must be a whole number\n")
+    return int(v)
+
+
+def _check_grid(z: int, x: int, y: int) -> None:
+    if z > MAX_ZOOM:
+        raise web.HTTPBadRequest(text=f"zoom must be 0..{MAX_ZOOM}\n")
+    if x >= 1 << z or y >= 1 << z:
+        raise web.HTTPNotFound(text="tile outside the grid\n")
+
+
+def _zxy(request: web.Request) -> tuple[int, int, int]:
+    mi = request.match_info
+    z, x, y = _int(mi["z"], "z"), _int(mi["x"], "x"), _int(mi["y"], "y")
+    _check_grid(z, x, y)
+    return z, x, y
+
+
+def _threshold(v: str) -> float:
+    try:
+        t = float(v)
+    except ValueError:
+        raise web.HTTPBadRequest(text="t must be a number in 0..1\n") from None
+    if not 0.0 <= t <= 1.0:
+        raise web.HTTPBadRequest(text="t must be a number in 0..1\n")
+    return t
+
+
+def _mvt(body: bytes, cache: str) -> web.Response:
+    return web.Response(body=body, content_type="application/vnd.mapbox-vector-tile", headers={"Cache-Control": cache})
+
+
+def _image(data: bytes, cache: str) -> web.Response:
+    fmt = image_format(data) or "octet-stream"
+    ctype = "application/octet-stream" if fmt == "octet-stream" else f"image/{fmt}"
+    return web.Response(body=data, content_type=ctype, headers={"Cache-Control": cache})
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+async def serve(viewer: Viewer, host: str, port: int, on_ready: Callable[[str], None], stop: asyncio.Event) -> None:
+    """Run the viewer on ``host:port`` until ``stop`` is set. ``on_ready(url)`` is called
+    once it listens. A port in use is a :class:`UsageError`."""
+    runner = web.AppRunner(viewer.make_app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc} (is the port in use? pass --port)") from None
+    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+    real_port = sockets[0].getsockname()[1] if sockets else port
+    shown = f"[{host}]" if ":" in host else host
+    on_ready(f"http://{shown}:{real_port}/")
+    for folder in list(viewer.overlay._models):  # warm the overlay cache in the background
+        asyncio.get_running_loop().run_in_executor(viewer.pool, viewer.overlay.refresh, folder, True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
