@@ -23,6 +23,7 @@ from .area import load_area
 from .errors import UsageError
 from .plan import PlanSpec
 from .sim.cli import app as sim_app
+from .store.shard import CorruptShardError
 from .sweep import Sweep, SweepStatus
 from .tiles import parse_tile, tile_id
 
@@ -335,6 +336,13 @@ def _predict_summary(sweep: Sweep, sweep_dir: Path, the_model, report, not_fetch
     )
     if st.blocks["pending"] or st.blocks["leased"]:
         out.print(f"  {st.blocks['pending'] + st.blocks['leased']:,} blocks are not fetched yet: {not_fetched_hint}", highlight=False)
+    if report.corrupt_shards:
+        err.print(
+            f"[bold red]{len(report.corrupt_shards):,} shards failed their checks[/] and were not scored; they were moved "
+            f"aside and their blocks queued to be fetched again (first: {report.corrupt_shards[0]}): {not_fetched_hint}",
+            highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(1)
     if report.missing_shards:
         err.print(
             f"[bold red]{report.missing_shards:,} fetched blocks have no tiles in the store[/] (streamed by `tilesweep run` "
@@ -634,17 +642,41 @@ def export(
         else:
             check_output_file(output, "output")
         store = sweep.store
+        blocks = _export_blocks(sweep, sweep_dir, store)
         started = time.perf_counter()
         if kind == "pmtiles":
             meta = {"name": sweep.path.name, "description": f"tilesweep export: {sweep.describe_plan()}"}
-            summary = export_pmtiles(store, output, metadata=meta)
+            summary = export_pmtiles(store, output, metadata=meta, blocks=blocks)
         elif kind == "mbtiles":
-            summary = export_mbtiles(store, output)
+            summary = export_mbtiles(store, output, blocks=blocks)
         else:
-            summary = export_dir(store, output)
+            summary = export_dir(store, output, blocks=blocks)
         store.close()
     tiles = summary.get("tiles", summary.get("addressed_tiles", 0))
     out.print(f"wrote {str(output)} ({kind}): {tiles:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
+
+
+def _export_blocks(sweep: Sweep, sweep_dir: Path, store) -> list:  # type: ignore[no-untyped-def]
+    """The blocks an export holds: the done blocks whose tiles were kept (not a dead or
+    pending block's shard, nor a stray one). A done block whose shard is missing stops the
+    export before anything is written; blocks streamed without keeping tiles are named."""
+    from .queue import State
+
+    blocks = [b.tile for b in sweep.queue.blocks(State.DONE, kept=True)]
+    missing = [b for b in blocks if not store.is_complete(b)]
+    if missing:
+        b = missing[0]
+        err.print(
+            f"[bold red]error:[/] {len(missing):,} done blocks have no shard (first: {store.shard_path(b)}); "
+            f"nothing exported: run `tilesweep verify {sweep_dir} --repair` to queue them again, then fetch",
+            highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    streamed = sum(1 for _ in sweep.queue.blocks(State.DONE, kept=False))
+    if streamed:
+        err.print(f"note: {streamed:,} done blocks were streamed to a model without keeping their tiles "
+                  "(`run` without --keep-tiles) and are not in the export", highlight=False)
+    return blocks
 
 
 @app.command()
@@ -662,7 +694,8 @@ def verify(
         store = sweep.store
         report = store.verify(repair=repair)
         corrupt = {tile_id(b): reason for b, reason in report.corrupt}
-        missing = [b.id for b in sweep.queue.blocks(State.DONE) if not store.is_complete(b.tile) and b.id not in corrupt]
+        # blocks streamed to a model without keeping their tiles have no shard by design
+        missing = [b.id for b in sweep.queue.blocks(State.DONE, kept=True) if not store.is_complete(b.tile) and b.id not in corrupt]
         for block, reason in report.corrupt:
             err.print(f"corrupt shard {block.z}/{block.x}/{block.y}: {reason}", highlight=False)
         if missing:
@@ -785,6 +818,18 @@ def main() -> None:
     except OSError as exc:
         err.print(f"[bold red]error:[/] {_os_error_line(exc)}", highlight=False, soft_wrap=True)
         sys.exit(1 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 2)
+    except CorruptShardError as exc:  # `tiles get`, `export`: the data is bad, not the input
+        err.print(f"[bold red]error:[/] {_corrupt_line(exc)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+def _corrupt_line(exc: CorruptShardError) -> str:
+    """One line naming the corrupt (or missing) shard and the way out."""
+    sweep_dir = "SWEEP"
+    if exc.path is not None and len(Path(exc.path).parents) >= 4 and Path(exc.path).parents[3].joinpath("sweep.toml").is_file():
+        sweep_dir = str(Path(exc.path).parents[3])  # SWEEP/tiles/{bz}/{x}/{y}.shard
+    return (f"{exc.describe()}; run `tilesweep verify {sweep_dir} --repair` to move it aside "
+            "and queue its block again, then fetch it")
 
 
 if __name__ == "__main__":

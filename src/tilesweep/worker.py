@@ -449,7 +449,7 @@ class Worker:
                 await self._failed(block, failures)
                 return
             ok = sum(1 for r in got if r.status == "ok")
-            self._handed[block.id] = BlockResult(ok, len(got) - ok, 0, sum(len(r.data or b"") for r in got), retries)
+            self._handed[block.id] = BlockResult(ok, len(got) - ok, 0, sum(len(r.data or b"") for r in got), retries, stored=0)
             loop = asyncio.get_running_loop()
             # shielded: a block being handed over when a stop comes still lands whole
             taken = await asyncio.shield(loop.run_in_executor(self._hand_thread, self.consumer.take, block, got))
@@ -488,7 +488,7 @@ class Worker:
             self._auth_streak = 0
 
     def _finished(self, block_id: int, summary: Any, retries: int = 0) -> None:
-        self._to_ack[block_id] = BlockResult(summary.ok, summary.empty, summary.failed, summary.bytes, retries)
+        self._to_ack[block_id] = BlockResult(summary.ok, summary.empty, summary.failed, summary.bytes, retries, stored=1)
         self.counters.blocks_done += 1
 
     @staticmethod

@@ -38,7 +38,7 @@ from ..model.base import Model, check_scores, predict_pixels
 from ..queue import Block, BlockResult, SqliteQueue, State
 from ..sources import Source
 from ..store import Status
-from ..store.shard import ShardReader
+from ..store.shard import CorruptShardError, ShardReader
 from ..sweep import QUEUE_FILE
 from ..worker import Worker, WorkerCounters, WorkerSettings
 from .procs import FetchProcesses
@@ -119,7 +119,9 @@ class PredictSettings:
 class PredictReport:
     """What one run did: blocks and tiles scored, positives, parts written, wall time,
     the per-stage meters and recovery actions; ``missing_shards`` counts done blocks whose
-    shard is not in the store (skipped: `tilesweep verify` / fetch again)."""
+    shard is not in the store (skipped: `tilesweep verify` / fetch again); ``corrupt_shards``
+    names the shards that failed their checks (a tile's crc, the index...): each was moved
+    aside and its block queued to be fetched again, and the rest of the run went on."""
 
     blocks_todo: int = 0
     blocks: int = 0
@@ -132,6 +134,7 @@ class PredictReport:
     bytes: int = 0
     wall_s: float = 0.0
     missing_shards: int = 0
+    corrupt_shards: list[str] = field(default_factory=list)
     adopted_parts: int = 0
     fetch: WorkerCounters | None = None  # with stream=: the fetch's counters
     stages: dict[str, StageMeter] = field(default_factory=dict)
@@ -313,12 +316,23 @@ def predict_sweep(
                     except FileNotFoundError:
                         report.missing_shards += 1
                         continue
+                    except CorruptShardError as exc:
+                        _requeue_corrupt(sweep, store, block, exc, report)
+                        continue
                     with reader:
                         st = np.asarray(reader.records["status"])
                         xs, ys = reader.coords()
                         ok = np.nonzero(st == Status.OK)[0]
-                        data = [reader.data(int(i)) for i in ok]
-                        work = _Work(block, xs[ok], ys[ok], data, int(np.sum(st == Status.EMPTY)), int(np.sum(st == Status.FAILED)))
+                        try:  # every tile's crc is checked: no model scores flipped bytes
+                            data = [reader.data(int(i)) for i in ok]
+                        except CorruptShardError as exc:
+                            data = None
+                            bad = exc
+                        if data is not None:
+                            work = _Work(block, xs[ok], ys[ok], data, int(np.sum(st == Status.EMPTY)), int(np.sum(st == Status.FAILED)))
+                    if data is None:
+                        _requeue_corrupt(sweep, store, block, bad, report)
+                        continue
                     m.add(len(ok), time.perf_counter() - t0)
                     put(q_read, work)
                 while stream is not None and not fetch_ended.wait(0.1):  # the stream's blocks
@@ -554,6 +568,19 @@ class _StreamConsumer:
 
     def end(self) -> None:
         self.ended.set()
+
+
+def _requeue_corrupt(sweep: Any, store: Any, block: Block, exc: CorruptShardError, report: PredictReport) -> None:
+    """A shard that fails its checks is moved aside (``.shard.corrupt``) and its block is
+    queued again in the fetch queue, so that the next fetch (or this `run`) fetches it
+    anew; the rest of the prediction goes on."""
+    report.corrupt_shards.append(exc.describe())
+    store.quarantine(block.tile)
+    q = SqliteQueue(sweep.path / QUEUE_FILE)  # this thread's own connection
+    try:
+        q.requeue([block.id], f"shard corrupt when read for prediction: {exc}")
+    finally:
+        q.close()
 
 
 def probe(model: Model) -> None:

@@ -64,13 +64,16 @@ class Block(NamedTuple):
 class BlockResult(NamedTuple):
     """What became of a block's tiles, recorded when it is acked: tiles fetched (``ok``),
     absent at the source (``empty``, 404/204) and given up on (``failed``), bytes fetched,
-    and ``retries``: requests repeated after transient faults while fetching them."""
+    and ``retries``: requests repeated after transient faults while fetching them.
+    ``stored``: 1 when the block's tiles were kept in a shard, 0 when they were streamed to
+    a model and not kept (by design), None when not known (`verify` then expects a shard)."""
 
     ok: int = 0
     empty: int = 0
     failed: int = 0
     bytes: int = 0
     retries: int = 0
+    stored: int | None = None
 
 
 class Lease(NamedTuple):

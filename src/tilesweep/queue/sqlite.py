@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS blocks (
     n_bytes     INTEGER,
     n_retries   INTEGER,
     failures    INTEGER NOT NULL DEFAULT 0,   -- attempts that failed (nack): max_attempts
-    lost        INTEGER NOT NULL DEFAULT 0    -- leases that expired (owner died or stalled): max_lost
+    lost        INTEGER NOT NULL DEFAULT 0,   -- leases that expired (owner died or stalled): max_lost
+    stored      INTEGER                   -- 1: tiles kept in a shard, 0: streamed (not kept), NULL: unknown
 );
 CREATE INDEX IF NOT EXISTS blocks_pending ON blocks(priority) WHERE state = {State.PENDING};
 CREATE INDEX IF NOT EXISTS blocks_leased ON blocks(lease_until) WHERE state = {State.LEASED};
@@ -90,6 +91,24 @@ class SqliteQueue:
             raise RuntimeError(f"{self.path} has queue schema {version}, newer than this tilesweep ({SCHEMA_VERSION})")
         if version < SCHEMA_VERSION:
             self._migrate()
+        self._ensure_stored_column()
+
+    def _ensure_stored_column(self) -> None:
+        """Add ``blocks.stored`` to a queue made before it existed (idempotent; checked
+        again under the write lock, so concurrent openers are safe)."""
+        def has() -> bool:
+            return any(r[1] == "stored" for r in self._db.execute("PRAGMA table_info(blocks)"))
+
+        if has():
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if not has():
+                self._db.execute("ALTER TABLE blocks ADD COLUMN stored INTEGER")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def _migrate(self) -> None:
         """Create the schema, or bring an older one up to date, in one transaction: the
@@ -193,7 +212,7 @@ class SqliteQueue:
             before = db.total_changes
             db.executemany(
                 f"""UPDATE blocks SET state = {State.DONE}, done_at = ?, owner = NULL, lease_until = NULL,
-                    n_ok = ?, n_empty = ?, n_failed = ?, n_bytes = ?, n_retries = ?, last_error = NULL
+                    n_ok = ?, n_empty = ?, n_failed = ?, n_bytes = ?, n_retries = ?, stored = ?, last_error = NULL
                     WHERE id = ? AND state != {State.DONE}""",
                 rows,
             )
@@ -290,7 +309,7 @@ class SqliteQueue:
             for i in ids:
                 n += db.execute(
                     f"""UPDATE blocks SET state = {State.PENDING}, owner = NULL, lease_until = NULL, attempts = 0,
-                        failures = 0, lost = 0, done_at = NULL, n_ok = NULL, n_empty = NULL, n_failed = NULL, n_bytes = NULL, n_retries = NULL,
+                        failures = 0, lost = 0, stored = NULL, done_at = NULL, n_ok = NULL, n_empty = NULL, n_failed = NULL, n_bytes = NULL, n_retries = NULL,
                         last_error = ? WHERE id = ?""",
                     (error, int(i)),
                 ).rowcount
@@ -321,9 +340,15 @@ class SqliteQueue:
         out["state"] = State(out["state"])
         return out
 
-    def blocks(self, state: State | None = None) -> Iterator[Block]:
-        """Blocks (optionally of one state) in id order, i.e. Hilbert order (streams)."""
+    def blocks(self, state: State | None = None, kept: bool | None = None) -> Iterator[Block]:
+        """Blocks (optionally of one state) in id order, i.e. Hilbert order (streams).
+        ``kept``: True, only blocks whose tiles are meant to be in a shard (stored, or not
+        known: acked before this was recorded); False, only blocks streamed without keeping
+        their tiles; None, both."""
         where = "" if state is None else f"WHERE state = {int(state)}"
+        if kept is not None:
+            cond = "stored IS NOT 0" if kept else "stored IS 0"
+            where = f"{where} AND {cond}" if where else f"WHERE {cond}"
         for row in self._db.execute(f"SELECT {_BLOCK_COLS} FROM blocks {where} ORDER BY id"):
             yield _block(row)
 

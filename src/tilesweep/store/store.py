@@ -6,7 +6,7 @@ import os
 import resource
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -123,8 +123,9 @@ class TileStore:
             old.close()
         return r
 
-    def get(self, tile: Tile) -> bytes | None:
-        """The tile's bytes, or None when it is absent, empty or failed."""
+    def get(self, tile: Tile, check: bool = True) -> bytes | None:
+        """The tile's bytes, or None when it is absent, empty or failed. With ``check``, a
+        tile whose bytes fail their crc32 raises :class:`CorruptShardError`."""
         z, x, y = tile
         d = self._d
         key = (x >> d, y >> d)
@@ -135,12 +136,13 @@ class TileStore:
                 return None
         else:
             self._readers.move_to_end(key)
-        return r.get(tile)
+        return r.get(tile, check)
 
-    def get_record(self, tile: Tile) -> tuple[Status, bytes | None] | None:
-        """``(status, bytes or None)``, or None when the tile is not in a finished shard."""
+    def get_record(self, tile: Tile, check: bool = True) -> tuple[Status, bytes | None] | None:
+        """``(status, bytes or None)``, or None when the tile is not in a finished shard.
+        ``check``: as for :meth:`get`."""
         r = self.reader(self.block_of(tile))
-        return None if r is None else r.get_record(tile)
+        return None if r is None else r.get_record(tile, check)
 
     def blocks(self) -> Iterator[Tile]:
         """Blocks with a finished shard, in Hilbert (tile id) order."""
@@ -176,14 +178,48 @@ class TileStore:
                         out.append((int(xd.name), int(stem)))
         return out
 
-    def iter_tiles(self, status: Status | None = Status.OK) -> Iterator[tuple[Tile, bytes]]:
+    def iter_tiles(
+        self, status: Status | None = Status.OK, blocks: Iterable[Tile] | None = None, check: bool = True
+    ) -> Iterator[tuple[Tile, bytes]]:
         """``(tile, bytes)`` of every ``status`` tile (None: all; non-OK ones carry b"") in
         global Hilbert order: blocks in id order, tiles by id within (a block's descendants
-        are one contiguous id range). Opens one shard at a time, outside the LRU."""
-        for block in self.blocks():
-            with ShardReader(self.shard_path(block)) as r:
-                for tile, _, data in r.iter_records(status):
+        are one contiguous id range). Opens one shard at a time, outside the LRU.
+
+        ``blocks``: only these (in the order given; default :meth:`blocks`), each of which
+        must have a finished shard (else :class:`CorruptShardError` naming the missing file).
+        ``check``: every tile's crc32 is checked (:class:`CorruptShardError` on a mismatch)."""
+        for block in self.blocks() if blocks is None else blocks:
+            with self.open_shard(block) as r:
+                for tile, _, data in r.iter_records(status, check):
                     yield tile, data
+
+    def open_shard(self, block: Tile) -> ShardReader:
+        """A new reader of the block's finished shard (outside the LRU; close it). A missing
+        shard raises :class:`CorruptShardError` naming the file, like a corrupt one."""
+        path = self.shard_path(Tile(*block))
+        try:
+            return ShardReader(path)
+        except FileNotFoundError:
+            exc = CorruptShardError("missing (deleted or moved?)")
+            exc.path = path
+            raise exc from None
+
+    def quarantine(self, block: Tile) -> Path | None:
+        """Move the block's finished shard aside to ``{y}.shard.corrupt`` (``.corrupt.N``
+        when taken), so that :meth:`is_complete` is False and the block can be fetched
+        again; the folder is fsynced. Returns the new path, None when there was no shard."""
+        path = self.shard_path(Tile(*block))
+        self._evict(block)
+        if not path.exists():
+            return None
+        dest = path.with_name(path.name + ".corrupt")
+        n = 1
+        while dest.exists():
+            dest = path.with_name(f"{path.name}.corrupt.{n}")
+            n += 1
+        os.rename(path, dest)
+        fsync_dir(path.parent)
+        return dest
 
     def stats(self) -> dict:
         """Counts over finished shards (tiles ok/empty/failed, bytes of OK tiles) plus the
@@ -234,13 +270,7 @@ class TileStore:
                 continue
             corrupt.append((block, reason))
             if repair:
-                dest = path.with_name(path.name + ".corrupt")
-                n = 1
-                while dest.exists():
-                    dest = path.with_name(f"{path.name}.corrupt.{n}")
-                    n += 1
-                os.rename(path, dest)
-                fsync_dir(path.parent)
+                self.quarantine(block)
         return VerifyReport(checked, ok, corrupt)
 
     # -- housekeeping ----------------------------------------------------------------------
