@@ -82,6 +82,10 @@ BAD = [
     (["export", "{sweep}", "{sweep}", "--format", "dir", "--force"], "is the sweep folder"),
     (["export", "{sweep}", "{sweep}", "--format", "pmtiles", "--force"], "is the sweep folder"),
     (["export", "{sweep}", "{sweep}/tiles", "--format", "dir", "--force"], "is the sweep folder"),
+    (["fetch", "{sweep}", "--timeout", "0"], "--timeout 0 must be"),
+    (["run", "{sweep}", "--model", "demo", "--timeout", "-1"], "--timeout -1 must be"),
+    (["predict", "{sweep}", "--model", "{mine}"], "is a folder, not a model file"),
+    (["predict", "{sweep}", "--model", "{onnx_dir}"], "is a folder, not a model file"),
     (["sim", "serve", "--port", "1", "--host", "999.1.1.1"], "cannot listen on 999.1.1.1:1"),
     (["sim", "serve", "--port", "1", "--host", "10.255.255.254"], "cannot listen on 10.255.255.254:1"),
 ]
@@ -97,8 +101,10 @@ def test_bad_paths_are_one_line_exit_2_nothing_written(tmp_path, fetched, args, 
     (tmp_path / "file").write_text("a file")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "net.onnx").mkdir()
     before_sweep, before_here = _snapshot(sweep), _snapshot(tmp_path)
-    fmt = dict(dir=tmp_path / "new", sweep=sweep, tile=tile, file=tmp_path / "file", mine=tmp_path / "mine")
+    fmt = dict(dir=tmp_path / "new", sweep=sweep, tile=tile, file=tmp_path / "file", mine=tmp_path / "mine",
+               onnx_dir=tmp_path / "net.onnx")
     res = tilesweep(*[a.format(**fmt) for a in args], check=False, timeout=60)
     one_line_exit_2(res, words)
     assert _snapshot(sweep) == before_sweep
@@ -169,3 +175,21 @@ def test_tile_outside_the_plan_is_named_so(fetched):
     assert corner not in stored
     res = tilesweep("tiles", "get", sweep, corner, check=False)
     assert res.returncode == 1 and "not in the sweep's plan" in res.stderr, res.stderr
+
+
+def test_counts_in_messages_are_plural_only_when_not_one():
+    from tilesweep.cli import _FetchMeter, plural, predict_progress
+    from tilesweep.predict import PredictReport
+    from tilesweep.predict.pipeline import StageMeter
+    from tilesweep.worker import WorkerCounters
+
+    assert (plural(1, "part"), plural(2, "part"), plural(0, "cut"), plural(1000, "block")) == ("1 part", "2 parts", "0 cuts", "1,000 blocks")
+    line = _FetchMeter(10, quiet=True).line(WorkerCounters(tiles_ok=3, fetch={"limit": 40, "limit_cuts": 1}))
+    assert "(1 cut)" in line
+    # the live meter before the blocks are known, then with them: never "0 tiles of 0 blocks"
+    r = PredictReport()
+    assert predict_progress(r) == "looking for blocks to score; 0 tiles scored"
+    r.blocks_todo, r.blocks = 7, 1
+    r.stages = {"model": StageMeter("model")}
+    r.stages["model"].tiles = 1
+    assert predict_progress(r) == "1 of 7 blocks committed, 1 tile scored"

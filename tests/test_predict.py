@@ -97,7 +97,7 @@ def test_demo_model_finds_the_towers_of_a_fetched_sweep(tmp_path, sim):
     res = tilesweep("predict", sweep, "--model", "demo", "--quiet")
     expected = ok_tiles(sweep, 14)
     assert len(expected) == 320
-    assert "320 tiles scored" in res.stdout and "1 parts written" in res.stdout, res.stdout
+    assert "320 tiles scored" in res.stdout and "1 part written" in res.stdout, res.stdout
     assert "predictions in" in res.stdout and "model busy" in res.stdout
 
     table, parts = read_predictions(sweep)

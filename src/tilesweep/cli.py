@@ -182,6 +182,8 @@ def _fetch_settings(workers: int, concurrency: int, rate: float | None, retries:
         raise UsageError(f"lease ttl {lease_ttl:g} must be >= 3 seconds")
     if max_attempts < 1:
         raise UsageError(f"max attempts {max_attempts} must be >= 1")
+    if not 0 < timeout < float("inf"):
+        raise UsageError(f"--timeout {timeout:g} must be a number of seconds > 0")
     settings = FetchSettings(
         concurrency=-(-concurrency // workers),
         rate=None if rate is None else rate / workers,
@@ -255,7 +257,7 @@ class _FetchMeter(_LiveLines):
             f"{n:,} tiles ({c.tiles_ok:,} ok, {c.tiles_empty:,} empty) in {c.blocks_done:,} blocks, "
             f"{rate:,.0f} tiles/s, {c.bytes / 1e6 / elapsed:,.1f} MB/s, "
             f"retries {f.get('retries', 0):,}, failed tiles {c.tiles_failed:,}, "
-            + (f"concurrency cut to {f['limit']:,} after 429/503 ({f['limit_cuts']:,} cuts), " if f.get("limit_cuts") else "")
+            + (f"concurrency cut to {f['limit']:,} after 429/503 ({plural(f['limit_cuts'], 'cut')}), " if f.get("limit_cuts") else "")
             + f"{elapsed:,.0f} s, ETA {eta}"
         )
 
@@ -336,6 +338,15 @@ def _predict_summary(sweep: Sweep, sweep_dir: Path, the_model, report, not_fetch
     )
     if st.blocks["pending"] or st.blocks["leased"]:
         out.print(f"  {st.blocks['pending'] + st.blocks['leased']:,} blocks are not fetched yet: {not_fetched_hint}", highlight=False)
+    nulls = report.undecodable + report.model_nan
+    if report.tiles and 2 * nulls > report.tiles:
+        err.print(
+            f"[bold red]{nulls:,} of {report.tiles:,} rows have no scores[/]: the model returned NaN for {report.model_nan:,}, "
+            f"{report.undecodable:,} tiles did not decode. Fix the model (or the source), then "
+            f"`tilesweep predictions drop {sweep_dir} --model {the_model.name}` and predict again",
+            highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(1)
     if report.corrupt_shards:
         err.print(
             f"[bold red]{len(report.corrupt_shards):,} shards failed their checks[/] and were not scored; they were moved "
@@ -486,7 +497,9 @@ def _predict_line(r) -> str:  # type: ignore[no-untyped-def]
     stages = ", ".join(f"{m.name} {m.tiles / r.wall_s if r.wall_s else 0:,.0f}/s ({m.busy(r.wall_s):.0%} busy)" for m in shown)
     return (
         f"{r.tiles:,} tiles scored in {r.blocks:,} blocks ({r.positives:,} positive, {r.empty:,} empty, "
-        f"{r.failed:,} failed, {r.undecodable:,} undecodable), {r.parts:,} parts written, "
+        f"{r.failed:,} failed, {r.undecodable:,} undecodable"
+        + (f", {r.model_nan:,} NaN from the model" if r.model_nan else "")
+        + f"), {plural(r.parts, 'part')} written, "
         f"{r.tiles_per_s:,.0f} tiles/s, model busy {r.model_busy:.0%}, {r.wall_s:,.1f} s"
         + (f"\n  stages: {stages}; bottleneck {r.bottleneck()}" if r.tiles else "")
     )
@@ -503,9 +516,43 @@ class _PredictMeter(_LiveLines):
         if self.live is None:
             return
         fill = " ".join(f"{k} {v:.0%}" for k, v in r.queue_fill().items())
-        done = r.stages["model"].tiles if r.stages else 0
         head = f"fetch: {self.first_line()}\npredict: " if self.first_line is not None else ""
-        self.live.update(f"{head}{_predict_line(r)}\n  scored {done:,} tiles of {r.blocks_todo:,} blocks; queues {fill}")
+        self.live.update(f"{head}{_predict_line(r)}\n  {predict_progress(r)}; queues {fill}")
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``n`` and ``word``, in the plural unless ``n`` is 1: "1 part", "2 parts", "1,000 blocks"."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
+
+def predict_progress(r) -> str:  # type: ignore[no-untyped-def]
+    """The live meter's progress: blocks committed of the blocks to do, and the tiles the
+    model has scored (counted by the model stage, before they are committed)."""
+    scored = r.stages["model"].tiles if r.stages else 0
+    if not r.blocks_todo:
+        return f"looking for blocks to score; {plural(scored, 'tile')} scored"
+    return f"{r.blocks:,} of {plural(r.blocks_todo, 'block')} committed, {plural(scored, 'tile')} scored"
+
+
+predictions_app = typer.Typer(help="Manage a sweep's predictions: drop a model's, to predict them again.", no_args_is_help=True)
+app.add_typer(predictions_app, name="predictions")
+
+
+@predictions_app.command("drop")
+def predictions_drop(
+    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    model: str = typer.Option(..., "--model", "-m", help="The model's name as `tilesweep status` shows it (demo, net.onnx, module:function), or its folder under predictions/."),
+) -> None:
+    """Drop every prediction of one model (its parts and ledger entries), durably, so that
+    the next `tilesweep predict` or `run` with it does all its blocks again (after a model
+    was fixed). Blocks that `run` streamed without keeping tiles are fetched again."""
+    from .predict.sink import drop_predictions
+
+    with Sweep.open(sweep_dir) as sweep:
+        dropped = drop_predictions(sweep.path, model)
+    names = ", ".join(f"{name} (predictions/{folder}/)" for name, folder in dropped.models)
+    out.print(f"dropped the predictions of {names}: {plural(dropped.blocks, 'block')}, {plural(dropped.parts, 'part')}; "
+              "predict again to redo them", highlight=False)
 
 
 tiles_app = typer.Typer(help="Read the tile store of a sweep: get one tile, list, count.", no_args_is_help=True)

@@ -170,7 +170,11 @@ def info_to_metadata(info: ModelInfo) -> dict[str, str]:
 def check_scores(scores: Any, n: int, info: ModelInfo, where: str) -> np.ndarray:
     """``scores`` as ``float32[n, len(labels)]`` (a 1-D vector is taken as one column);
     :class:`UsageError` naming the model when the shape is wrong."""
-    a = np.asarray(scores, dtype=np.float32)
+    try:
+        a = np.asarray(scores, dtype=np.float32)
+    except (TypeError, ValueError):
+        shown = repr(scores) if len(repr(scores)) <= 40 else repr(scores)[:37] + "..."
+        raise UsageError(f"model {where} returned {type(scores).__name__} {shown} for {n} inputs, not scores (float[{n}, {len(info.labels)}])") from None
     if a.ndim == 1 and len(info.labels) == 1:
         a = a[:, None]
     if a.shape != (n, len(info.labels)):

@@ -35,6 +35,8 @@ def load_model(spec: str | os.PathLike[str], *, device: Device = "auto", threads
         raise UsageError("model '' is empty: give demo, a .onnx/.pt file or module:function")
     if text == "demo":
         return OnnxModel(DEMO_PATH, name="demo", device=device, threads=threads)
+    if Path(text).is_dir():
+        raise UsageError(f"model {text!r} is a folder, not a model file: give demo, a .onnx/.pt file or module:function")
     suffix = Path(text).suffix.lower()
     if suffix == ".onnx":
         return OnnxModel(text, device=device, threads=threads)

@@ -70,8 +70,11 @@ class CallableModel:
         self.digest = ""
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """``float32[N, 3, size, size]`` -> ``float32[N, C]`` (shape checked by the caller)."""
-        return np.asarray(self.fn(batch), dtype=np.float32)
+        """``float32[N, 3, size, size]`` -> ``float32[N, C]`` (shape checked by the caller;
+        an answer that is not numbers is a :class:`UsageError` naming the model)."""
+        from .base import check_scores
+
+        return check_scores(self.fn(batch), len(batch), self.info, self.name)
 
     def __repr__(self) -> str:
         return f"CallableModel({self.name!r})"

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..decode import decode, fit
+from ..errors import UsageError
 from ..fetch import FetchSettings, TileResult
 from ..model.base import Model, check_scores, predict_pixels
 from ..queue import Block, BlockResult, SqliteQueue, State
@@ -129,6 +130,7 @@ class PredictReport:
     empty: int = 0
     failed: int = 0
     undecodable: int = 0
+    model_nan: int = 0  # rows whose tile decoded but the model returned NaN
     positives: int = 0
     parts: int = 0
     bytes: int = 0
@@ -415,7 +417,7 @@ def predict_sweep(
             if len(work.owner):
                 np.maximum.at(scores, work.owner, work.raw)
             scores[work.bad] = np.nan
-            put(q_sink, BlockRows(work.block.id, work.block.z, work.x, work.y, scores, work.empty, work.failed, time.time()))
+            put(q_sink, BlockRows(work.block.id, work.block.z, work.x, work.y, scores, work.empty, work.failed, time.time(), work.bad))
 
         def model_loop() -> None:
             m = meters["model"]
@@ -454,7 +456,7 @@ def predict_sweep(
                             need -= take
                     t0 = time.perf_counter()
                     batch = np.concatenate(chunks)
-                    out = check_scores(predict_pixels(model, batch), len(batch), info, model.name)
+                    out = check_scores(_call_model(model, batch), len(batch), info, model.name)
                     t1 = time.perf_counter()
                     k = 0
                     for work, start, take in refs:
@@ -507,6 +509,7 @@ def predict_sweep(
             report.blocks, report.tiles, report.positives = st.blocks, st.rows, st.positives
             report.parts, report.bytes = st.parts, st.bytes
             report.empty, report.failed, report.undecodable = st.empty, st.failed, st.undecodable
+            report.model_nan = st.model_nan
 
         running[0] = len(threads)
         for t in threads:
@@ -587,7 +590,20 @@ def probe(model: Model) -> None:
     """Run the model once on a zero batch, so a model that returns the wrong shape fails
     (one-line UsageError) before anything is written."""
     spec = model.info.input
-    check_scores(predict_pixels(model, np.zeros((1, spec.size, spec.size, 3), np.uint8)), 1, model.info, model.name)
+    check_scores(_call_model(model, np.zeros((1, spec.size, spec.size, 3), np.uint8)), 1, model.info, model.name)
+
+
+def _call_model(model: Model, batch: np.ndarray) -> np.ndarray:
+    """The model's scores of ``batch``; an exception the model raises is a one-line
+    :class:`UsageError` naming the model (the model is the user's code, not tilesweep's).
+    Nothing of that batch is written; committed parts stay durable."""
+    try:
+        return predict_pixels(model, batch)
+    except (KeyboardInterrupt, SystemExit, MemoryError, UsageError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any error of the user's model
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        raise UsageError(f"model {model.name} raised {type(exc).__name__}{': ' + text if text else ''} (on a batch of {len(batch)} tiles)") from None
 
 
 __all__ = ["FlowMeter", "PredictReport", "PredictSettings", "StageMeter", "StreamFetch", "blocks_to_predict", "predict_sweep", "probe"]

@@ -115,6 +115,7 @@ class BlockRows(NamedTuple):
     empty: int
     failed: int
     at: float
+    undecodable: np.ndarray | None = None  # bool[n]: tiles that did not decode; other NaN rows are the model's
 
 
 @dataclass
@@ -126,6 +127,7 @@ class CommitStats:
     empty: int = 0
     failed: int = 0
     undecodable: int = 0
+    model_nan: int = 0  # rows whose tile decoded but the model returned NaN
     bytes: int = 0
     adopted_parts: int = 0
     deleted_orphans: int = 0
@@ -192,6 +194,9 @@ class PredictionSink:
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = FULL")
         self.db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        with _txn(self.db):  # ledgers written before model_nan was kept
+            if "model_nan" not in {r[1] for r in self.db.execute("PRAGMA table_info(predicted)")}:
+                self.db.execute("ALTER TABLE predicted ADD COLUMN model_nan INTEGER NOT NULL DEFAULT 0")
         self.db.execute(
             "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?)",
             (self.key, model_name, digest, self.folder_name, ",".join(self.labels), self.threshold),
@@ -288,7 +293,8 @@ class PredictionSink:
         for b in buf:
             valid = ~np.isnan(b.scores).any(axis=1) if len(b.x) else np.zeros(0, bool)
             pos = int(np.sum((b.scores[valid] >= self.threshold).any(axis=1))) if len(b.x) else 0
-            blocks[b.block_id] = [len(b.x), b.empty, b.failed, int(np.sum(~valid)), pos]
+            undecodable = int(np.sum(~valid)) if b.undecodable is None else int(np.sum(b.undecodable & ~valid))
+            blocks[b.block_id] = [len(b.x), b.empty, b.failed, undecodable, pos, int(np.sum(~valid)) - undecodable]
         rows = sum(v[0] for v in blocks.values())
         name: str | None = None
         size = 0
@@ -315,6 +321,7 @@ class PredictionSink:
         s.empty += sum(v[1] for v in blocks.values())
         s.failed += sum(v[2] for v in blocks.values())
         s.undecodable += sum(v[3] for v in blocks.values())
+        s.model_nan += sum(v[5] for v in blocks.values())
         s.bytes += size
         s.busy_s += time.perf_counter() - t0
         return list(blocks)
@@ -326,8 +333,10 @@ class PredictionSink:
                 "INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?)", (name, self.key, rows, len(blocks), size, now, int(adopted))
             )
         self.db.executemany(
-            "INSERT INTO predicted VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(self.key, bid, name if v[0] else None, v[0], v[1], v[2], v[3], v[4], now) for bid, v in blocks.items()],
+            "INSERT INTO predicted (model_key, block_id, part, rows, empty, failed, undecodable, positives, at, model_nan) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(self.key, bid, name if v[0] else None, v[0], v[1], v[2], v[3], v[4], now, v[5] if len(v) > 5 else 0)
+             for bid, v in blocks.items()],
         )
 
     def _table(self, buf: list[BlockRows]) -> pa.Table:
@@ -490,3 +499,68 @@ def reconcile(sweep_path: Path, queue_path: Path, name: str, digest: str) -> Rec
     finally:
         db.close()
     return Reconciliation(int(r[0]), int(r[1]), int(r[2]), int(done), int(r[3]))
+
+
+class Dropped(NamedTuple):
+    """What :func:`drop_predictions` removed: the models (name, folder), their predicted
+    blocks and their part files."""
+
+    models: list[tuple[str, str]]
+    blocks: int
+    parts: int
+
+
+def drop_predictions(sweep_path: Path, model: str) -> Dropped:
+    """Drop every prediction of the model named ``model`` (its name as `status` shows it,
+    or its folder under ``predictions/``), so that the next `predict` / `run` does its
+    blocks again. :class:`UsageError` naming ``model`` when the ledger has no such model.
+
+    Durable and safe against a crash at any instant: under the prediction lock (no writer
+    runs), the part files are deleted first (a crash then leaves ledger rows naming gone
+    parts, which the next open forgets, so those blocks are predicted again), then the
+    model's ledger rows go in one transaction, then its folder."""
+    root = Path(sweep_path) / PREDICTIONS_DIR
+    ledger = root / LEDGER_FILE
+    if not ledger.is_file():
+        raise UsageError(f"sweep {str(sweep_path)!r} has no predictions; nothing to drop for model {model!r}")
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another `tilesweep predict` is writing predictions of {str(sweep_path)!r}; wait for it") from None
+        db = sqlite3.connect(ledger, isolation_level=None, timeout=60)
+        try:
+            found = db.execute("SELECT model_key, name, folder FROM models WHERE name = ? OR folder = ?", (model, model)).fetchall()
+            if not found:
+                known = ", ".join(sorted({r[0] for r in db.execute("SELECT name FROM models")})) or "none"
+                raise UsageError(f"model {model!r} has no predictions in {str(sweep_path)!r} (models there: {known})")
+            blocks = parts = 0
+            for key, _, folder in found:
+                for (name,) in db.execute("SELECT name FROM parts WHERE model_key = ?", (key,)).fetchall():
+                    (root / name).unlink(missing_ok=True)
+                    parts += 1
+                for stray in (root / folder).glob("part-*.parquet"):  # orphans: they would be adopted back
+                    stray.unlink()
+                if (root / folder).is_dir():
+                    fsync_dir(root / folder)
+            with _txn(db):
+                for key, _, _ in found:
+                    (n,) = db.execute("SELECT COUNT(*) FROM predicted WHERE model_key = ?", (key,)).fetchone()
+                    blocks += int(n)
+                    db.execute("DELETE FROM predicted WHERE model_key = ?", (key,))
+                    db.execute("DELETE FROM parts WHERE model_key = ?", (key,))
+                    db.execute("DELETE FROM models WHERE model_key = ?", (key,))
+            for _, _, folder in found:
+                d = root / folder
+                if d.is_dir():
+                    for f in d.glob("*.partial"):
+                        f.unlink()
+                    if not any(d.iterdir()):
+                        d.rmdir()
+            fsync_dir(root)
+        finally:
+            db.close()
+    finally:
+        os.close(fd)
+    return Dropped([(r[1], r[2]) for r in found], blocks, parts)
