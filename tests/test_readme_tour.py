@@ -1,0 +1,101 @@
+"""The README's two-minute tour runs as written (issue 16), so it cannot drift again.
+
+The tour's ```sh block is extracted from README.md and run by bash, line after line with
+``set -e``, in a fresh folder holding what a clone has (the venv and examples/). What is
+changed: the simulator's port (8080 is taken by whatever else runs here) becomes a free
+one everywhere in the block; after a line backgrounded with ``&`` that names ``--port N``,
+the script waits for that port to listen; every background job is stopped at the end.
+Steps that others add later (query, view, ...) run the same way: a long-running command
+must be backgrounded with ``&`` in the README, as a user would type it.
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def tour_block(text: str) -> str:
+    """The first ```sh block after the heading '## A two-minute tour'."""
+    head = re.search(r"^## A two-minute tour\s*$", text, re.MULTILINE)
+    assert head, "README.md has no '## A two-minute tour' heading"
+    block = re.search(r"^```sh\n(.*?)^```\s*$", text[head.end():], re.MULTILINE | re.DOTALL)
+    assert block, "the tour has no ```sh block"
+    return block.group(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tour_script(block: str, port: int) -> str:
+    """The bash script that runs the block as written (see the module doc)."""
+    block = re.sub(r"\b8080\b", str(port), block)
+    lines = []
+    logical = ""
+    for raw in block.splitlines():
+        logical += raw
+        if raw.endswith("\\"):
+            logical = logical[:-1] + " "
+            continue
+        line, logical = logical, ""
+        lines.append(line)
+        background = re.search(r"&\s*(#.*)?$", line) and not re.search(r"&&\s*(#.*)?$", line)
+        ports = re.findall(r"--port[ =](\d+)", line)
+        if background and ports:
+            lines.append(f"_tour_wait_port {ports[0]}")
+    prelude = """set -euo pipefail
+trap 'jobs -p | xargs -r kill 2>/dev/null; wait 2>/dev/null || true' EXIT
+_tour_wait_port() {
+  for _ in $(seq 1 300); do
+    (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1 after 30 s" >&2; return 1
+}
+"""
+    return prelude + "\n".join(lines) + "\n"
+
+
+def test_the_extraction_keeps_commands_and_waits_for_servers():
+    block = "source x\n# a comment\ntilesweep sim serve --port 8080 &\ntilesweep fetch s \\\n  --source 'http://127.0.0.1:8080/{z}'\n"
+    script = tour_script(block, 9999)
+    assert "tilesweep sim serve --port 9999 &\n_tour_wait_port 9999\n" in script
+    assert "tilesweep fetch s    --source 'http://127.0.0.1:9999/{z}'" in script
+    assert "8080" not in script
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "activate").is_file() and not (Path(sys.prefix) / "bin" / "activate").is_file(),
+                    reason="the tour sources .venv/bin/activate: no virtual environment to link")
+def test_the_readme_tour_runs_as_written(tmp_path):
+    block = tour_block(README.read_text(encoding="utf-8"))
+    script = tour_script(block, free_port())
+    venv = ROOT / ".venv" if (ROOT / ".venv" / "bin" / "activate").is_file() else Path(sys.prefix)
+    (tmp_path / ".venv").symlink_to(venv)
+    if (ROOT / "examples").is_dir():
+        shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    (tmp_path / "tour.sh").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update({"COLUMNS": "200", "NO_COLOR": "1"})
+    try:
+        res = subprocess.run(["bash", "tour.sh"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=420)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the tour ran past 420 s\nstdout: {exc.stdout}\nstderr: {exc.stderr}")
+    assert res.returncode == 0, f"the tour stopped (exit {res.returncode})\nstdout: {res.stdout[-4000:]}\nstderr: {res.stderr[-4000:]}"
+    assert "Traceback" not in res.stderr
+    # what the tour says it makes
+    assert (tmp_path / "t.jpg").read_bytes()[:3] == b"\xff\xd8\xff", "tiles get wrote a JPEG"
+    assert (tmp_path / "bern.pmtiles").read_bytes()[:7] == b"PMTiles"
+    assert (tmp_path / "sample" / "queue.sqlite").is_file()
+    assert list((tmp_path / "bern" / "predictions").rglob("part-*.parquet"))
+    assert list((tmp_path / "bern2" / "predictions").rglob("part-*.parquet"))
