@@ -13,9 +13,10 @@ Morton codes nest like quadtree tiles: the descendants of a tile are one contigu
 so an overlay tile is one range scan, which DuckDB's zone maps narrow to the row groups
 that hold it. Which table answers an overlay tile at zoom ``z``:
 
-- ``z >= Z - 6``: squares, one per predicted tile (at most 64 x 64), from ``base``; the page
+- ``z >= Z - 5``: squares, one per predicted tile (at most 32 x 32), from ``base``; the page
   colours them by ``s`` and filters them by the threshold itself;
-- ``Z - 8 <= z < Z - 6``: cells at zoom ``z + 6`` counted from ``base`` (<= 65,536 rows);
+- ``Z - 8 <= z < Z - 5``: cells at zoom ``z + 6`` with a detection, counted from ``base``
+  (<= 65,536 rows; at ``Z - 6`` a cell is one tile);
 - ``z < Z - 8``: cells at zoom ``z + 6`` summed from ``agg`` (threshold in steps of
   ``1 / BINS``).
 
@@ -41,6 +42,7 @@ from .mvt import EXTENT, encode_squares
 
 BINS = 20
 CELL_LEVELS = 6  # an overlay tile shows cells 6 zooms deeper: at most 64 x 64 features
+SQUARE_LEVELS = 5  # squares of every scored tile up to 5 zooms above the sweep: at most 32 x 32
 DIRECT_LEVELS = 8  # below this many levels above the sweep zoom, aggregate from base rows
 LAYER = "overlay"
 
@@ -252,7 +254,7 @@ class OverlayIndex:
         d = Z - z
         lo = morton(x, y) << (2 * d)
         hi = lo + (1 << (2 * d)) - 1
-        if d <= CELL_LEVELS:
+        if d <= SQUARE_LEVELS:
             rows = cur.execute(f"SELECT x, y, s FROM base{t} WHERE m BETWEEN ? AND ?", [lo, hi]).fetchall()
             cell = EXTENT >> d
             x0, y0 = x << d, y << d

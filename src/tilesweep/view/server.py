@@ -47,7 +47,7 @@ from ..store import TileStore
 from ..sweep import AREA_FILE, QUEUE_FILE, TILES_DIR, Sweep
 from ..tiles import MAX_ZOOM, Tile, bounds, center, descendant_id_range, tile_at, tile_id
 from .mvt import EXTENT, encode_squares
-from .overlay import OverlayIndex
+from .overlay import BINS, CELL_LEVELS, SQUARE_LEVELS, OverlayIndex
 
 STATIC = Path(__file__).parent / "static"
 _INT = re.compile(r"^(0|[1-9][0-9]{0,8})$")
@@ -134,7 +134,21 @@ class Viewer:
         self.source: Source = src
         return "proxy", f"imagery proxied from {src.name} (tokens added by this server, never sent to the page)"
 
+    def _recheck_imagery(self) -> None:
+        """A sweep planned but not yet fetched gets its source (or its first shard) once a
+        run starts: look again, at most every 2 s, while there is no imagery."""
+        now = time.monotonic()
+        if self.imagery != "none" or now - getattr(self, "_imagery_checked", -1e9) < 2.0:
+            return
+        self._imagery_checked = now
+        try:
+            self.sweep.config = Sweep.open(self.path).config
+        except UsageError:
+            return
+        self.imagery, self.imagery_note = self._imagery_mode()
+
     def info(self) -> dict[str, Any]:
+        self._recheck_imagery()
         pc = self.sweep.plan_config
         models = [m.to_json() for m in self.overlay.reload_models()]
         minzoom = {"store": max(0, self.zoom - OVERVIEW_LEVELS), "pmtiles": self.zoom}.get(self.imagery, max(0, self.zoom - PROXY_LEVELS))
@@ -148,7 +162,7 @@ class Viewer:
             "fraction": pc.get("fraction", 1.0),
             "imagery": {"mode": self.imagery, "note": self.imagery_note, "minzoom": minzoom, "maxzoom": self.zoom},
             "models": models,
-            "overlay": {"cell_levels": 6, "bins": 20},
+            "overlay": {"cell_levels": CELL_LEVELS, "square_levels": SQUARE_LEVELS, "bins": BINS},
             "blocks_minzoom": max(0, self.block_zoom - BLOCK_LEVELS),
         }
 
@@ -333,6 +347,7 @@ class Viewer:
     async def _imagery(self, request: web.Request) -> web.StreamResponse:
         z, x, y = _zxy(request)
         t = Tile(z, x, y)
+        self._recheck_imagery()
         if self.imagery == "store":
             if not (self.zoom - OVERVIEW_LEVELS <= z <= self.zoom) or not self._in_area(t):
                 raise web.HTTPNotFound(text="no such tile in this sweep\n")

@@ -58,13 +58,31 @@ function addOverlay(map) {
     id: "squares", type: "fill", source: "overlay", "source-layer": "overlay", filter: tileFilter(),
     paint: {
       "fill-color": ["interpolate", ["linear"], ["get", "s"], 0, "#ffffb2", 0.5, "#fd8d3c", 1, "#bd0026"],
-      "fill-opacity": 0.55,
+      "fill-opacity": ["interpolate", ["linear"], ["zoom"], state.info.zoom - 2, 0.55, state.info.zoom, 0.25],
     },
   }, "area-line");
   map.addLayer({
     id: "squares-line", type: "line", source: "overlay", "source-layer": "overlay", filter: tileFilter(),
     paint: { "line-color": "#bd0026", "line-width": 1 },
   }, "area-line");
+}
+
+function addImagery(map, info) {
+  let source = null;
+  if (info.imagery.mode === "pmtiles") {
+    const protocol = new pmtiles.Protocol();
+    maplibregl.addProtocol("pmtiles", protocol.tile);
+    source = { type: "raster", url: `pmtiles://${location.origin}/pmtiles/imagery.pmtiles`, tileSize: 256 };
+  } else if (info.imagery.mode !== "none") {
+    source = {
+      type: "raster", tiles: [`${location.origin}/imagery/{z}/{x}/{y}`], tileSize: 256,
+      minzoom: info.imagery.minzoom, maxzoom: info.imagery.maxzoom, bounds: info.bbox,
+    };
+  }
+  if (!source || map.getSource("imagery")) return;
+  map.addSource("imagery", source);
+  const below = map.getLayer("blocks") ? "blocks" : undefined;
+  map.addLayer({ id: "imagery", type: "raster", source: "imagery" }, below);
 }
 
 function setThreshold(t) {
@@ -111,14 +129,21 @@ async function refreshProgress() {
     if (!first) {
       state.map.getSource("blocks").setTiles([blocksUrl()]);
       if (state.map.getSource("overlay")) state.map.getSource("overlay").setTiles([overlayUrl()]);
-      if (!state.model && Object.keys(p.predicted_blocks).length) await loadModels();
+      await loadModels();
     }
   }
 }
 
 async function loadModels() {
   const info = await (await fetch("api/info", { cache: "no-store" })).json();
+  if (state.info.imagery.mode === "none" && info.imagery.mode !== "none") {
+    state.info.imagery = info.imagery; // a run began: its source (or store) is there now
+    $("imagery-note").textContent = `${info.tiles.toLocaleString()} tiles at zoom ${info.zoom}; ${info.imagery.note}`;
+    addImagery(state.map, info);
+  }
+  const known = (state.info.models || []).map((m) => m.id).join(",");
   state.info.models = info.models;
+  if (known === info.models.map((m) => m.id).join(",") && state.model) return;
   const sel = $("model");
   sel.innerHTML = "";
   for (const m of info.models) {
@@ -185,17 +210,6 @@ async function main() {
   $("imagery-note").textContent = `${info.tiles.toLocaleString()} tiles at zoom ${info.zoom}; ${info.imagery.note}`;
   const sources = {};
   const layers = [{ id: "background", type: "background", paint: { "background-color": "#15181c" } }];
-  if (info.imagery.mode === "pmtiles") {
-    const protocol = new pmtiles.Protocol();
-    maplibregl.addProtocol("pmtiles", protocol.tile);
-    sources.imagery = { type: "raster", url: `pmtiles://${location.origin}/pmtiles/imagery.pmtiles`, tileSize: 256 };
-  } else if (info.imagery.mode !== "none") {
-    sources.imagery = {
-      type: "raster", tiles: [`${location.origin}/imagery/{z}/{x}/{y}`], tileSize: 256,
-      minzoom: info.imagery.minzoom, maxzoom: info.imagery.maxzoom, bounds: info.bbox,
-    };
-  }
-  if (sources.imagery) layers.push({ id: "imagery", type: "raster", source: "imagery" });
   const map = new maplibregl.Map({
     container: "map",
     style: { version: 8, sources, layers },
@@ -209,6 +223,7 @@ async function main() {
   map.addControl(new maplibregl.NavigationControl({ showCompass: false }));
   map.addControl(new maplibregl.ScaleControl());
   await new Promise((resolve) => map.on("load", resolve));
+  addImagery(map, info);
   map.addSource("area", { type: "geojson", data: "api/area.geojson" });
   map.addSource("blocks", { type: "vector", tiles: [blocksUrl()], minzoom: info.blocks_minzoom, maxzoom: info.block_zoom, bounds: info.bbox });
   map.addLayer({
@@ -225,8 +240,8 @@ async function main() {
 
   await refreshProgress();
   await loadModels();
-  $("legend").innerHTML = `zoom &ge; ${Math.max(0, info.zoom - info.overlay.cell_levels)}: tiles scoring &ge; threshold, coloured by score; ` +
-    `below: detections per cell (${4 ** info.overlay.cell_levels} cells per overlay tile).`;
+  $("legend").innerHTML = `zoom &ge; ${Math.max(0, info.zoom - info.overlay.square_levels)}: tiles scoring &ge; threshold, coloured by score; ` +
+    `below: detections per cell (up to ${4 ** info.overlay.cell_levels} cells per overlay tile), red = more.`;
   $("model").addEventListener("change", (e) => { state.model = e.target.value; addOverlay(map); });
   $("threshold").addEventListener("input", (e) => setThreshold(parseFloat(e.target.value)));
   $("download").addEventListener("click", download);
