@@ -60,7 +60,10 @@ def plan(
     area: str = typer.Argument(..., help="W,S,E,N bbox in degrees, or a GeoJSON / WKT file."),
     sweep_dir: Path = typer.Argument(..., help="Sweep folder to create (sweep.toml, queue.sqlite)."),
     zoom: int = typer.Option(..., "--zoom", "-z", help="Tile zoom, 0..24 (18 is about 0.6 m per pixel)."),
-    block_zoom: Optional[int] = typer.Option(None, "--block-zoom", help="Zoom of the blocks (units of work); default zoom - 4, i.e. 256 tiles."),
+    block_zoom: Optional[int] = typer.Option(None, "--block-zoom", help="Fixed blocks: every block is the cell at this zoom (zoom - 4 holds 256 tiles). Default: adaptive blocks (--block-tiles)."),
+    block_tiles: Optional[int] = typer.Option(None, "--block-tiles", help="Adaptive blocks (the default): each is the coarsest cell holding at most N planned tiles (default 256), so a sparse sample still fills its blocks."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the estimate (tiles, blocks, tiles to test) and write nothing."),
+    allow_huge: bool = typer.Option(False, "--allow-huge", help="Plan even when the estimate is over the limits (2e9 tiles, or 2e10 tiles to test for a sample)."),
     fraction: float = typer.Option(1.0, "--fraction", help="Keep this share of tiles, in (0, 1], by a per-tile hash."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample and of the block shuffle."),
     max_tiles: Optional[int] = typer.Option(None, "--max-tiles", help="Keep exactly this many tiles (a uniform sample)."),
@@ -73,8 +76,11 @@ def plan(
         raise UsageError(f"rate {rate:g} must be > 0 tiles/s")
     if tile_kb <= 0:
         raise UsageError(f"tile size {tile_kb:g} KB must be > 0")
-    spec = PlanSpec(zoom=zoom, block_zoom=block_zoom, fraction=fraction, seed=seed, max_tiles=max_tiles)
+    spec = PlanSpec(zoom=zoom, block_zoom=block_zoom, fraction=fraction, seed=seed, max_tiles=max_tiles, block_tiles=block_tiles)
     the_area = load_area(area)
+    if dry_run:
+        _plan_dry_run(the_area, spec, sweep_dir, tile_kb, rate, as_json)
+        return
     with err.status("planning...") as status:
         counted = [0, 0]
 
@@ -83,7 +89,7 @@ def plan(
             counted[1] += len(chunk)
             status.update(f"planning... {counted[0]:,} tiles in {counted[1]:,} blocks")
 
-        sweep, created = Sweep.plan(sweep_dir, the_area, spec, on_chunk=progress)
+        sweep, created = Sweep.plan(sweep_dir, the_area, spec, on_chunk=progress, allow_huge=allow_huge)
     summary = sweep.summary()
     size, hours = summary.estimate(tile_kb=tile_kb, rate=rate)
     if as_json:
@@ -92,10 +98,32 @@ def plan(
     verb = "planned" if created else "already planned (same plan, nothing changed)"
     out.print(f"[bold]{sweep_dir}[/]: {verb}")
     out.print(
-        f"  {summary.tiles:,} tiles at zoom {summary.zoom} in {summary.blocks:,} blocks at zoom {summary.block_zoom}, "
+        f"  {summary.tiles:,} tiles at zoom {summary.zoom} in {summary.blocks:,} {summary.describe_blocks()}, "
         f"area {summary.area_km2:,.1f} km2"
     )
     out.print(f"  estimate: {_human_bytes(size)} at {tile_kb:g} KB/tile, {_human_hours(hours)} at {rate:,.0f} tiles/s")
+
+
+def _plan_dry_run(the_area, spec, sweep_dir: Path, tile_kb: float, rate: float, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    """``plan --dry-run``: the estimate, and whether the plan would be refused; writes nothing."""
+    from .plan import estimate_plan
+
+    est = estimate_plan(the_area.geometry, spec)
+    why = est.too_big()
+    size, hours = est.tiles * tile_kb * 1000.0, est.tiles / rate / 3600.0
+    if as_json:
+        print(json.dumps({"dry_run": True, "cover_tiles": est.cover, "tiles": est.tiles, "tested_tiles": est.tested,
+                          "blocks": est.blocks, "estimate_bytes": size, "estimate_hours": hours, "refused": why}))
+        return
+    out.print(f"[bold]{sweep_dir}[/]: dry run, nothing written", highlight=False)
+    out.print(
+        f"  about {est.tiles:,} tiles at zoom {spec.zoom} (of {est.cover:,} in the area) in about {est.blocks:,} blocks; "
+        f"{est.tested:,} tiles to test for the sample",
+        highlight=False,
+    )
+    out.print(f"  estimate: {_human_bytes(size)} at {tile_kb:g} KB/tile, {_human_hours(hours)} at {rate:,.0f} tiles/s", highlight=False)
+    if why:
+        out.print(f"  would be refused ({why}); pass --allow-huge to plan it anyway", highlight=False)
 
 
 @app.command()

@@ -32,7 +32,7 @@ import tomli_w
 from . import __version__
 from .area import Area
 from .errors import UsageError
-from .plan import BlockChunk, PlanSpec, pack_mask, plan_blocks
+from .plan import BlockChunk, PlanSpec, estimate_plan, pack_mask, plan_blocks
 from .queue import Block, SqliteQueue, State
 from .sources import Source
 from .store import TileStore
@@ -54,6 +54,16 @@ class PlanSummary:
     area_km2: float
     zoom: int
     block_zoom: int
+    block_zoom_min: int | None = None  # adaptive blocks: the coarsest block zoom
+    block_tiles: int | None = None  # adaptive blocks: most tiles a block holds
+
+    def describe_blocks(self) -> str:
+        """``"blocks at zoom 14"``, or for adaptive blocks ``"blocks of <= 256 tiles (zoom
+        9..14, 88.1 tiles each)"``."""
+        if self.block_tiles is None:
+            return f"blocks at zoom {self.block_zoom}"
+        zooms = f"zoom {self.block_zoom}" if self.block_zoom_min == self.block_zoom else f"zoom {self.block_zoom_min}..{self.block_zoom}"
+        return f"blocks of <= {self.block_tiles} tiles ({zooms}, {self.tiles / max(1, self.blocks):.1f} tiles each)"
 
     def estimate(self, tile_kb: float = 20.0, rate: float = 1000.0) -> tuple[float, float]:
         """(bytes, hours) to fetch the plan at ``tile_kb`` KB per tile and ``rate`` tiles/s."""
@@ -108,7 +118,10 @@ def plan_fingerprint(area: Area, spec: PlanSpec) -> str:
     """A digest of what decides the planned tiles: the area's geometry and the spec."""
     h = hashlib.sha256()
     h.update(shapely.to_wkb(shapely.normalize(area.geometry), output_dimension=2))
-    h.update(json.dumps(asdict(spec), sort_keys=True).encode())
+    fields = asdict(spec)
+    if fields.get("block_tiles") is None:  # fixed blocks: the digest of plans made before block_tiles
+        fields.pop("block_tiles", None)
+    h.update(json.dumps(fields, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
@@ -142,13 +155,17 @@ class Sweep:
         area: Area,
         spec: PlanSpec,
         on_chunk: Callable[[BlockChunk], None] | None = None,
+        allow_huge: bool = False,
     ) -> tuple["Sweep", bool]:
         """Plan ``area`` under ``spec`` into the folder ``path``.
 
         Returns ``(sweep, created)``: ``created`` is False when the folder already held
         this very plan (nothing is changed). Raises :class:`UsageError` when it holds a
-        different plan, or is a non-empty folder that is not a sweep. ``on_chunk`` sees
-        each chunk of blocks as it is queued (for progress)."""
+        different plan, or is a non-empty folder that is not a sweep, or when the plan's
+        estimate (:func:`tilesweep.plan.estimate_plan`) is absurdly large and not
+        ``allow_huge``. ``on_chunk`` sees each chunk of blocks as it is queued (for
+        progress). An interrupted or failed plan (Ctrl-C included) leaves nothing: the
+        partial files are removed, and the folder too when this call created it."""
         p = Path(path)
         fingerprint = plan_fingerprint(area, spec)
         if (p / SWEEP_FILE).exists():
@@ -165,29 +182,54 @@ class Sweep:
             strays = [c.name for c in p.iterdir() if not c.name.endswith((".partial", ".partial-wal", ".partial-shm"))]
             if strays:
                 raise UsageError(f"sweep folder {str(p)!r} is not empty and holds no plan (found {strays[0]!r})")
+        estimate = estimate_plan(area.geometry, spec)
+        why = estimate.too_big()
+        if why is not None and not allow_huge:
+            raise UsageError(
+                f"plan of {area.source!r} at zoom {spec.zoom} is {why}: refused; pass --allow-huge "
+                "(allow_huge=True) to plan it anyway, or --dry-run to see the estimate"
+            )
+        created_dir = not p.exists()
         try:
             p.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"sweep folder {str(p)!r} cannot be created: {exc.strerror}") from None
         if not os.access(p, os.W_OK | os.X_OK):  # EROFS even for root
             raise UsageError(f"sweep folder {str(p)!r} is not writable")
+        try:
+            return cls._plan_into(p, area, spec, fingerprint, on_chunk)
+        except BaseException:  # Ctrl-C, a full disk, a bug: leave nothing half-written
+            for name in (QUEUE_FILE, AREA_FILE):
+                (p / name).unlink(missing_ok=True)  # renamed in, but no sweep.toml yet
+            for stale in p.glob("*.partial*"):
+                stale.unlink(missing_ok=True)
+            if created_dir:
+                try:
+                    p.rmdir()
+                except OSError:
+                    pass
+            raise
 
+    @classmethod
+    def _plan_into(
+        cls, p: Path, area: Area, spec: PlanSpec, fingerprint: str, on_chunk: Callable[[BlockChunk], None] | None
+    ) -> tuple["Sweep", bool]:
         queue_tmp = p / (QUEUE_FILE + ".partial")
         for stale in p.glob("*.partial*"):
             stale.unlink()
         tiles = blocks = 0
+        zooms = [spec.zoom + 1, -1]  # coarsest, finest block zoom planned
         started = time.time()
         with SqliteQueue(queue_tmp) as queue:
             for chunk in plan_blocks(area.geometry, spec):
                 queue.put(_queue_rows(chunk, spec))
                 tiles += int(chunk.counts.sum())
                 blocks += len(chunk)
+                if chunk.z is not None and len(chunk):
+                    zooms = [min(zooms[0], int(chunk.z.min())), max(zooms[1], int(chunk.z.max()))]
                 if on_chunk is not None:
                     on_chunk(chunk)
         if blocks == 0:
-            queue_tmp.unlink(missing_ok=True)
-            if not any(p.iterdir()):
-                p.rmdir()
             raise UsageError(f"area {area.source!r} has no tile at zoom {spec.zoom} after sampling; nothing planned")
         area_tmp = p / (AREA_FILE + ".partial")
         area_tmp.write_text(json.dumps(area.to_geojson()), encoding="utf-8")
@@ -199,7 +241,8 @@ class Sweep:
             "area_km2": round(area.area_km2, 6),
             "bbox": list(area.bbox),
             "zoom": spec.zoom,
-            "block_zoom": spec.block_zoom,
+            # adaptive blocks: the finest block zoom (block_zoom_min: the coarsest)
+            "block_zoom": spec.block_zoom if not spec.adaptive else zooms[1],
             "fraction": spec.fraction,
             "seed": spec.seed,
             "tiles": tiles,
@@ -210,6 +253,9 @@ class Sweep:
         }
         if spec.max_tiles is not None:
             plan["max_tiles"] = spec.max_tiles
+        if spec.adaptive:
+            plan["block_tiles"] = spec.block_tiles
+            plan["block_zoom_min"] = zooms[0]
         config = {"sweep": {"format": FORMAT_VERSION, "tilesweep": __version__}, "plan": plan}
         _write_atomic(p / SWEEP_FILE, tomli_w.dumps(config))
         return cls(p, config), True
@@ -226,15 +272,29 @@ class Sweep:
 
     @property
     def block_zoom(self) -> int:
+        """The zoom of the blocks; with adaptive blocks the finest (see :attr:`block_zoom_min`)."""
         return int(self.plan_config["block_zoom"])
+
+    @property
+    def block_zoom_min(self) -> int:
+        """The coarsest block zoom (= :attr:`block_zoom` for fixed blocks)."""
+        return int(self.plan_config.get("block_zoom_min", self.plan_config["block_zoom"]))
 
     def summary(self) -> PlanSummary:
         pc = self.plan_config
-        return PlanSummary(int(pc["tiles"]), int(pc["blocks"]), float(pc["area_km2"]), self.zoom, self.block_zoom)
+        n = pc.get("block_tiles")
+        return PlanSummary(
+            int(pc["tiles"]), int(pc["blocks"]), float(pc["area_km2"]), self.zoom, self.block_zoom,
+            self.block_zoom_min, None if n is None else int(n),
+        )
 
     def describe_plan(self) -> str:
         pc = self.plan_config
-        text = f"area {pc['area_source']}, zoom {pc['zoom']}, block zoom {pc['block_zoom']}, fraction {pc['fraction']:g}, seed {pc['seed']}"
+        if "block_tiles" in pc:
+            blocks = f"blocks of <= {pc['block_tiles']} tiles (zoom {self.block_zoom_min}..{pc['block_zoom']})"
+        else:
+            blocks = f"block zoom {pc['block_zoom']}"
+        text = f"area {pc['area_source']}, zoom {pc['zoom']}, {blocks}, fraction {pc['fraction']:g}, seed {pc['seed']}"
         if "max_tiles" in pc:
             text += f", max tiles {pc['max_tiles']}"
         return text
@@ -286,7 +346,7 @@ class Sweep:
     @property
     def store(self) -> TileStore:
         """The sweep's tile store (``tiles/``), one shard per block."""
-        return TileStore(self.path / TILES_DIR, self.zoom, self.block_zoom)
+        return TileStore(self.path / TILES_DIR, self.zoom, self.block_zoom, coarsest=self.block_zoom_min)
 
     @property
     def predictions_path(self) -> Path:
@@ -344,6 +404,12 @@ class Sweep:
 
 
 def _queue_rows(chunk: BlockChunk, spec: PlanSpec):  # type: ignore[no-untyped-def]
+    if chunk.packed is not None:  # adaptive blocks: a zoom and packed tiles each
+        assert chunk.z is not None
+        for z, x, y, n, packed, pr in zip(chunk.z.tolist(), chunk.x.tolist(), chunk.y.tolist(),
+                                          chunk.counts.tolist(), chunk.packed, chunk.priority.tolist()):
+            yield Block(z, x, y, n, packed), pr
+        return
     bz = int(spec.block_zoom)  # type: ignore[arg-type]
     for i in range(len(chunk)):
         mask = None if chunk.masks is None else pack_mask(chunk.masks[i])

@@ -226,8 +226,12 @@ class Worker:
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 pass
         self.queue = SqliteQueue(self.sweep_path / "queue.sqlite", max_attempts=self.settings.max_attempts)
-        self.store = None if self.consumer else TileStore(self.sweep_path / "tiles", self.zoom, self.block_zoom)
+        # coarsest=0: adaptive blocks lie at any zoom up to block_zoom (the finest)
+        self.store = None if self.consumer else TileStore(self.sweep_path / "tiles", self.zoom, self.block_zoom, coarsest=0)
         tiles_per_block = 1 << (2 * (self.zoom - self.block_zoom))
+        st = self.queue.stats(window=1.0)  # blocks of a sample hold fewer: keep `concurrency` busy
+        if sum(st.blocks.values()):
+            tiles_per_block = max(1, min(tiles_per_block, sum(st.tiles.values()) // sum(st.blocks.values())))
         max_blocks = self.settings.max_blocks or max(2, 2 * -(-self.fetch_settings.concurrency // tiles_per_block))
         self._to_ack: dict[int, BlockResult] = {}
         self._active: dict[int, Lease] = {}

@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Iterable, Iterator, Mapping, NamedTuple, Protocol
 
-import numpy as np
-
-from ..plan import block_tiles, unpack_mask
+from ..plan import block_tiles, mask_cells
 from ..tiles import Tile, tile_id
 
 
@@ -36,8 +34,10 @@ class State(IntEnum):
 
 class Block(NamedTuple):
     """A unit of work: the tile ``(z, x, y)`` at block zoom, with ``tiles`` planned
-    descendants. ``mask`` is the packed bit mask of those descendants (see
-    :func:`tilesweep.plan.pack_mask`), or ``None`` when every descendant is planned."""
+    descendants. ``mask`` is the packed set of those descendants, a bit mask or a tile list
+    (see :func:`tilesweep.plan.pack_tiles`), or ``None`` when every descendant is planned.
+    Blocks of one sweep may lie at different zooms (adaptive blocks); ``id`` is unique
+    across zooms and blocks never overlap."""
 
     z: int
     x: int
@@ -57,8 +57,11 @@ class Block(NamedTuple):
     def tile_list(self, zoom: int) -> list[Tile]:
         """The planned tiles of the block at ``zoom``, row by row from the north-west."""
         levels = zoom - self.z
-        mask: np.ndarray | None = unpack_mask(self.mask, levels)
-        return block_tiles(self.tile, zoom, mask)
+        cells = mask_cells(self.mask, levels)  # bit mask or tile list (adaptive blocks)
+        if cells is None:
+            return block_tiles(self.tile, zoom, None)
+        x0, y0 = self.x << levels, self.y << levels
+        return [Tile(zoom, x0 + c, y0 + r) for r, c in zip(cells[0].tolist(), cells[1].tolist())]
 
 
 class BlockResult(NamedTuple):

@@ -339,6 +339,8 @@ class ShardWriter:
         """``tile_id(tile)`` from a table of the block's ids, built on first use with the
         vectorised Hilbert walk: a table look-up instead of ~17 us of Python per tile."""
         table = self._id_table
+        if table is None and self.zoom - self.block.z > _GRID_MAX_LEVELS:
+            return tile_id(tile)  # a coarse (adaptive) block holds few of its 4**d tiles
         if table is None:
             d = self.zoom - self.block.z
             n = 1 << d

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..durable import fsync_dir
-from ..tiles import MAX_ZOOM, Tile, tile_id_array
+from ..tiles import MAX_ZOOM, Tile, tile_id_array, zoom_base_id
 from .shard import (
     RECORD_SIZE,
     CorruptShardError,
@@ -44,19 +44,26 @@ def default_max_open() -> int:
 
 
 class TileStore:
-    """The shards of one sweep: zoom-``zoom`` tiles packed one shard per zoom-``block_zoom``
-    block. The folder is created lazily by the first writer.
+    """The shards of one sweep: zoom-``zoom`` tiles packed one shard per block. Blocks lie
+    at zooms ``coarsest .. block_zoom`` (adaptive blocks, :mod:`tilesweep.plan`); by default
+    only at ``block_zoom`` (fixed blocks). Blocks never overlap, so a tile is in at most
+    one shard. The folder is created lazily by the first writer.
 
     Reads go through an LRU of at most ``max_open`` memory-mapped shards (one fd each;
     default :func:`default_max_open`). Not thread-safe: give each thread its own
     ``TileStore``."""
 
-    def __init__(self, root: Path, zoom: int, block_zoom: int, max_open: int | None = None) -> None:
+    def __init__(
+        self, root: Path, zoom: int, block_zoom: int, max_open: int | None = None, coarsest: int | None = None
+    ) -> None:
         zoom, block_zoom = int(zoom), int(block_zoom)
+        coarsest = block_zoom if coarsest is None else int(coarsest)
         if not 0 <= zoom <= MAX_ZOOM:
             raise UsageError(f"zoom {zoom} is outside 0..{MAX_ZOOM}")
         if not 0 <= block_zoom <= zoom:
             raise UsageError(f"block zoom {block_zoom} is outside 0..{zoom} (the tile zoom)")
+        if not 0 <= coarsest <= block_zoom:
+            raise UsageError(f"coarsest block zoom {coarsest} is outside 0..{block_zoom}")
         max_open = default_max_open() if max_open is None else max_open
         if max_open < 1:
             raise ValueError(f"max_open {max_open} must be at least 1")
@@ -65,7 +72,9 @@ class TileStore:
         self.block_zoom = block_zoom
         self.max_open = max_open
         self._d = zoom - block_zoom
-        self._readers: OrderedDict[tuple[int, int], ShardReader] = OrderedDict()
+        # finest first: the order in which a tile's possible blocks are probed
+        self.block_zooms = tuple(range(block_zoom, coarsest - 1, -1))
+        self._readers: OrderedDict[tuple[int, int, int], ShardReader] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"TileStore({str(self.root)!r}, zoom={self.zoom}, block_zoom={self.block_zoom})"
@@ -73,17 +82,28 @@ class TileStore:
     # -- paths -----------------------------------------------------------------------------
 
     def block_of(self, tile: Tile) -> Tile:
-        """The block (zoom ``block_zoom``) that holds a zoom-``zoom`` tile."""
+        """The block that holds a zoom-``zoom`` tile: with fixed blocks its ancestor at
+        ``block_zoom``; with adaptive ones the ancestor whose shard is finished (or a cached
+        reader), probed finest first, else the ancestor at ``block_zoom``."""
         z, x, y = tile
         if z != self.zoom:
             raise ValueError(f"tile {z}/{x}/{y} is not at the store's zoom {self.zoom}")
+        if len(self.block_zooms) > 1:
+            for bz in self.block_zooms:
+                d = z - bz
+                if (bz, x >> d, y >> d) in self._readers:
+                    return Tile(bz, x >> d, y >> d)
+            for bz in self.block_zooms:
+                d = z - bz
+                if self.shard_path(Tile(bz, x >> d, y >> d)).exists():
+                    return Tile(bz, x >> d, y >> d)
         return Tile(self.block_zoom, x >> self._d, y >> self._d)
 
     def shard_path(self, block: Tile) -> Path:
         """``root/{bz}/{x}/{y}.shard`` (whether or not it exists)."""
         bz, x, y = block
-        if bz != self.block_zoom:
-            raise ValueError(f"block {bz}/{x}/{y} is not at the store's block zoom {self.block_zoom}")
+        if not self.block_zooms[-1] <= bz <= self.block_zoom:
+            raise ValueError(f"block {bz}/{x}/{y} is not at the store's block zooms {self.block_zooms[-1]}..{self.block_zoom}")
         return self.root / str(bz) / str(x) / f"{y}.shard"
 
     def is_complete(self, block: Tile) -> bool:
@@ -107,7 +127,7 @@ class TileStore:
 
     def reader(self, block: Tile) -> ShardReader | None:
         """The cached reader of a finished shard, or None when it is not finished."""
-        key = (block[1], block[2])
+        key = (block[0], block[1], block[2])
         r = self._readers.get(key)
         if r is not None:
             self._readers.move_to_end(key)
@@ -128,7 +148,7 @@ class TileStore:
         tile whose bytes fail their crc32 raises :class:`CorruptShardError`."""
         z, x, y = tile
         d = self._d
-        key = (x >> d, y >> d)
+        key = (self.block_zoom, x >> d, y >> d)
         r = self._readers.get(key)
         if r is None:
             r = self.reader(self.block_of(tile))
@@ -145,23 +165,33 @@ class TileStore:
         return None if r is None else r.get_record(tile, check)
 
     def blocks(self) -> Iterator[Tile]:
-        """Blocks with a finished shard, in Hilbert (tile id) order."""
-        found = self._scan(".shard")
+        """Blocks with a finished shard, in global Hilbert order of their tiles: by the
+        first tile id of each block's descendants (blocks of several zooms interleave, and
+        each is one contiguous id range at the tile zoom)."""
+        found = [(bz, x, y) for bz in self.block_zooms for x, y in self._scan(".shard", bz)]
         if not found:
             return iter(())
-        xs = np.array([b[0] for b in found], np.int64)
-        ys = np.array([b[1] for b in found], np.int64)
-        order = np.argsort(tile_id_array(self.block_zoom, xs, ys), kind="stable")
-        bz = self.block_zoom
-        return (Tile(bz, int(xs[i]), int(ys[i])) for i in order)
+        zs = np.array([b[0] for b in found], np.int64)
+        xs = np.array([b[1] for b in found], np.int64)
+        ys = np.array([b[2] for b in found], np.int64)
+        start = np.zeros(len(found), np.uint64)
+        for bz in np.unique(zs).tolist():
+            sel = zs == bz
+            start[sel] = (tile_id_array(bz, xs[sel], ys[sel]) - np.uint64(zoom_base_id(bz))) << np.uint64(2 * (self.zoom - bz))
+        order = np.argsort(start, kind="stable")
+        return (Tile(int(zs[i]), int(xs[i]), int(ys[i])) for i in order)
 
     def partial_blocks(self) -> list[Tile]:
         """Blocks with an unfinished shard (and no finished one)."""
-        bz = self.block_zoom
-        return [Tile(bz, x, y) for x, y in self._scan(".shard.partial") if not self.is_complete(Tile(bz, x, y))]
+        return [
+            Tile(bz, x, y)
+            for bz in self.block_zooms
+            for x, y in self._scan(".shard.partial", bz)
+            if not self.is_complete(Tile(bz, x, y))
+        ]
 
-    def _scan(self, suffix: str) -> list[tuple[int, int]]:
-        base = self.root / str(self.block_zoom)
+    def _scan(self, suffix: str, block_zoom: int | None = None) -> list[tuple[int, int]]:
+        base = self.root / str(self.block_zoom if block_zoom is None else block_zoom)
         out = []
         try:
             xdirs = list(os.scandir(base))
@@ -276,7 +306,7 @@ class TileStore:
     # -- housekeeping ----------------------------------------------------------------------
 
     def _evict(self, block: Tile) -> None:
-        r = self._readers.pop((block[1], block[2]), None)
+        r = self._readers.pop((block[0], block[1], block[2]), None)
         if r is not None:
             r.close()
 
