@@ -297,7 +297,7 @@ def run_tilesweep(template: Path, work: Path, server: Nginx, c: int, w: int, tim
     r = measure(cmd, work / f"tilesweep-c{c}-w{w}.log", timeout, server)
     st = json.loads(subprocess.run([PY, "-m", "tilesweep", "status", str(sweep), "--json"],
                                    capture_output=True, text=True).stdout)
-    r["tiles"], r["bytes"] = st["tiles_ok"], st["bytes_stored"]
+    r["tiles"], r["bytes"] = st["tiles_ok"], st["bytes_fetched"]
     r["files"], _ = count_files(sweep / "tiles")
     r["extra"] = f"retries {st['fetch_retries']}" if st.get("fetch_retries") else ""
     if st["tiles_ok"] != planned or st["mismatch"] or st["blocks_dead"]:
@@ -426,7 +426,8 @@ def read_back(store_dir: Path, files_dir: Path, tiles: list[Tile], n: int) -> li
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiles", type=int, default=20_000, help="about this many zoom-18 tiles (whole blocks of 256)")
-    ap.add_argument("--quick", action="store_true", help="a small run (~3,000 tiles) to check the script works")
+    ap.add_argument("--quick", action="store_true", help="a small run (256 tiles, one repeat, no high-concurrency row) that "
+                    "checks the script works and exits 1 when a run did not get every tile (the test suite runs it)")
     ap.add_argument("--concurrency", "-c", type=int, default=256, help="requests in flight for every tool")
     ap.add_argument("--high", type=int, default=5000, help="the extra tilesweep-only concurrency (0: skip)")
     ap.add_argument("--workers", type=int, nargs="+", default=None, help="tilesweep worker counts (default: 1 and the cores)")
@@ -439,7 +440,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     a = ap.parse_args()
     if a.quick:
-        a.tiles = 3000
+        a.tiles, a.high, a.repeat, a.read_tiles = 256, 0, 1, 256
     if not Path(NGINX).exists():
         sys.exit("nginx not found (looked for `nginx` on PATH and /usr/sbin/nginx): install it to run this benchmark")
     cores = os.cpu_count() or 1
@@ -506,6 +507,9 @@ def main() -> None:
                 f"{tps / curl_tps:.2f}x" if curl_tps else "-", f"{r['load']:.1f}", r.get("extra", ""),
             )
         con.print(table)
+        incomplete = [tool for tool, _, r in runs if r["tiles"] != len(tiles) or r["rc"] != 0]
+        if a.quick and incomplete:
+            sys.exit(f"quick run: {', '.join(incomplete)} did not fetch all {len(tiles):,} tiles")
         con.print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}. 'in flight' = most active connections "
                   f"nginx saw (sampled at 10 Hz). curl clamps --parallel-max to {CURL_PARALLEL_MAX}, so only tilesweep runs "
                   f"at {a.high:,}. 'vs curl' is against curl at {c}. Times include each tool's start-up "

@@ -76,3 +76,35 @@ def __getattr__(name: str) -> nn.Module:
     if name == "heavy":
         return _Heavy().eval()
     raise AttributeError(name)
+
+
+def _main() -> None:
+    """``python benchmarks/gpu_models.py --quick``: the rebuilt demo model gives the
+    scores of demo.onnx on a few simulator tiles (exit 1 when not); the test suite runs
+    it where PyTorch and onnx are installed."""
+    import argparse
+    import sys
+
+    import numpy as np
+
+    from tilesweep.decode import decode
+    from tilesweep.model import load_model, score_tiles
+    from tilesweep.sim import World
+    from tilesweep.tiles import Tile
+
+    p = argparse.ArgumentParser(description=_main.__doc__)
+    p.add_argument("--quick", action="store_true", help="8 tiles (the only mode: this module is a model library)")
+    p.add_argument("--tiles", type=int, default=8)
+    a = p.parse_args()
+    world = World(1)
+    images = [decode(world.render(Tile(18, 137000 + i, 92000 + i))) for i in range(8 if a.quick else a.tiles)]
+    want = score_tiles(load_model("demo", device="cpu"), images)
+    got = score_tiles(load_model("gpu_models:demo", device="cpu"), images)
+    diff = float(np.max(np.abs(want - got)))
+    print(f"gpu_models:demo against demo.onnx on {len(images)} tiles: largest score difference {diff:.2e}")
+    if diff > 1e-4:
+        sys.exit(f"the rebuilt demo model disagrees with demo.onnx by {diff:.2e}")
+
+
+if __name__ == "__main__":
+    _main()

@@ -46,7 +46,11 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=20_000)
     ap.add_argument("--model", default="demo")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tilesweep-bench")
+    ap.add_argument("--quick", action="store_true", help="256 tiles: checks the script works, and exits 1 when the run "
+                    "did not score every planned tile (the test suite runs it)")
     a = ap.parse_args()
+    if a.quick:
+        a.tiles = 256
     if not Path(fb.NGINX).exists():
         sys.exit("nginx not found: install it to run this benchmark")
     bbox, rng = fb.area_for(a.tiles)
@@ -65,6 +69,7 @@ def main() -> None:
                 samples.append((r.stages["model"].tiles if r.stages else 0, rss_mb()))
 
             report = predict_sweep(sweep, model, on_progress=sample, stream=StreamFetch(source, FetchSettings(concurrency=256)))
+            planned = sweep.summary().tiles
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = Table(title=f"streamed run: RSS against tiles scored ({report.tiles:,} tiles, model {a.model}; "
@@ -79,6 +84,8 @@ def main() -> None:
     fb.con.print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; "
                  f"highest in the first half {max((mb for t, mb in samples if t < report.tiles // 2), default=0):.0f} MB, "
                  f"in the second half {max(half, default=0):.0f} MB")
+    if a.quick and report.tiles != planned:
+        sys.exit(f"quick run: {report.tiles:,} of {planned:,} planned tiles scored")
 
 
 if __name__ == "__main__":

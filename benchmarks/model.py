@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="demo")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="64 tiles, one repeat: checks the script works (the test suite runs it)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.tiles, args.repeat = 64, 1
     world = World(1)
     tiles = list(tiles_in_bbox(8.5, 47.3, 8.6, 47.4, 18))[: args.tiles]
     data = [world.render(t) for t in tiles]

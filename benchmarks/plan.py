@@ -72,7 +72,11 @@ def main() -> None:
     ap.add_argument("--sizes", type=float, nargs="+", default=[1, 10, 100], help="area sizes in millions of tiles")
     ap.add_argument("--zoom", type=int, default=18)
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--quick", action="store_true", help="one area of ~500 tiles: checks the script works, and exits 1 "
+                    "when the plan failed or planned nothing (the test suite runs it)")
     args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.timeout = [0.0005], 60.0
     burn = shutil.which("supermercado") or str(Path(PY).parent / "supermercado")
     have_burn = Path(burn).exists()
     rows = []
@@ -86,6 +90,8 @@ def main() -> None:
             tiles = int(next(l for l in cfg.splitlines() if l.startswith("tiles =")).split("=")[1])
             blocks = int(next(l for l in cfg.splitlines() if l.startswith("blocks =")).split("=")[1])
             shutil.rmtree(sweep)
+            if args.quick and (ours["rc"] != 0 or not 100 <= tiles <= 2000 or blocks < 1):
+                sys.exit(f"quick run: tilesweep plan gave rc {ours['rc']}, {tiles} tiles in {blocks} blocks")
             if have_burn:
                 theirs = run([burn, "burn", str(args.zoom)], args.timeout, stdin=area, count_lines=True)
             else:

@@ -24,6 +24,7 @@ models are in benchmarks/gpu_models.py (PyTorch; run from the repository root).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -50,7 +51,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tilesweep-bench")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--quick", action="store_true", help="256 tiles, one fetch worker: checks the script works, and exits 1 "
+                    "when a command's counts disagree (the test suite runs it)")
     a = ap.parse_args()
+    if a.quick:
+        a.tiles, a.workers, a.timeout = 256, 1, 120.0
     if not Path(fb.NGINX).exists():
         sys.exit("nginx not found: install it to run this benchmark")
     bbox, rng = fb.area_for(a.tiles)
@@ -82,14 +87,19 @@ def main() -> None:
                 sys.exit(f"a command failed; see {work / log}")
         tiles = int(re.search(r"([\d,]+) tiles scored", (work / "m.log").read_text()).group(1).replace(",", ""))
         e_log = (work / "e.log").read_text()
+        e_tiles = re.search(r"([\d,]+) tiles scored", e_log)
+        if a.quick and (not tiles or e_tiles is None or int(e_tiles.group(1).replace(",", "")) != tiles):
+            sys.exit(f"quick run: predict scored {tiles:,} tiles, run {e_tiles.group(1) if e_tiles else 'none'}")
         busy = re.search(r"model busy (\d+)%", e_log)
         bottleneck = re.search(r"bottleneck (\w+)", e_log)
         on_gpu = a.device == "cuda"
         fr, mr, er = tiles / f["seconds"], tiles / m["seconds"], tiles / e["seconds"]
         # each command's own rate, start-up (imports, model load, CUDA init) left out
         fi = _rate(r"([\d,]+) tiles/s", (work / "f.log").read_text())
-        mi = _rate(r"undecodable\),.*?parts written, ([\d,]+) tiles/s", (work / "m.log").read_text())
-        ei = _rate(r"undecodable\),.*?parts written, ([\d,]+) tiles/s", e_log)
+        mi = _rate(PREDICT_RATE, (work / "m.log").read_text())
+        ei = _rate(PREDICT_RATE, e_log)
+        if a.quick and any(math.isnan(v) for v in (fi, mi, ei)):
+            sys.exit(f"quick run: a rate is missing from the commands' summaries (f {fi}, m {mi}, e {ei}): did a line change?")
 
         def limit_of(f_: float, m_: float) -> float:
             return min(f_, m_) if on_gpu else 1 / (1 / f_ + 1 / m_)
@@ -120,6 +130,9 @@ def main() -> None:
         fb.con.print(e_log.strip(), highlight=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+PREDICT_RATE = r"undecodable[^)]*\),.*?parts? written, ([\d,]+) tiles/s"  # the summary line of predict and run
 
 
 def _rate(pattern: str, text: str) -> float:

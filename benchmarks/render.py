@@ -75,11 +75,14 @@ async def bench_server(seconds: float = 3.0, concurrency: int = 32) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tiles", type=int, default=200)
+    p.add_argument("--quick", action="store_true", help="6 tiles and a 1 s server run: checks the script works (the test suite runs it)")
     args = p.parse_args()
+    if args.quick:
+        args.tiles = 6
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     bench_render(args.tiles)
-    asyncio.run(bench_server())
+    asyncio.run(bench_server(1.0 if args.quick else 3.0))
 
 
 if __name__ == "__main__":
