@@ -300,6 +300,7 @@ def predict(
     part_seconds: float = typer.Option(60.0, "--part-seconds", help="Commit a part at least this often (seconds)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     model_threads: Optional[int] = typer.Option(None, "--model-threads", help="CPU threads of one model batch (default: the runtime's choice)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Score in 0..1 at or above which a tile is labelled (default: the model's own)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
 ) -> None:
     """Score the fetched tiles of SWEEP_DIR with a model into Parquet parts (predictions/).
@@ -308,10 +309,13 @@ def predict(
     running it again, or after a crash, does only what is left."""
     from .predict import predict_sweep
 
+    from .detections import apply_threshold, check_threshold
+
+    check_threshold(threshold)
     settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads)
     with Sweep.open(sweep_dir) as sweep:
         sweep.queue  # a sweep without its queue is a one-line error before anything loads
-        the_model = _load_model(model, device, model_threads)
+        the_model = apply_threshold(_load_model(model, device, model_threads), threshold, sweep.path)
         meter = _PredictMeter(quiet)
         try:
             with meter:
@@ -416,6 +420,7 @@ def run(
     part_seconds: float = typer.Option(60.0, "--part-seconds", help="Commit a part at least this often (seconds)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     model_threads: Optional[int] = typer.Option(None, "--model-threads", help="CPU threads of one model batch."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Score in 0..1 at or above which a tile is labelled (default: the model's own)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
 ) -> None:
     """Fetch and predict in one go, the usual command.
@@ -427,9 +432,12 @@ def run(
     fetch`) while this process scores each block once it is durable (as `tilesweep
     predict`). Ctrl-C or a crash: run the same command again."""
     fetch_settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts)
+    from .detections import apply_threshold, check_threshold
+
+    check_threshold(threshold)
     settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads)
     with Sweep.open(sweep_dir) as sweep:
-        the_model = _load_model(model, device, model_threads)  # before the source is recorded
+        the_model = apply_threshold(_load_model(model, device, model_threads), threshold, sweep.path)  # before the source is recorded
         src = _bind_source(sweep, source, header)
         if keep_tiles:
             _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
@@ -825,7 +833,9 @@ def _print_status(sweep: Sweep, st: SweepStatus) -> None:
     for m in st.predictions:
         out.print(
             f"predictions of {m['model']}: {m['blocks']:,} of {st.blocks_total:,} blocks, {m['rows']:,} rows "
-            f"({m['positives']:,} positive) in {m['parts']:,} parts under predictions/{m['folder']}/",
+            f"({m['positives']:,} detections"
+            + (f" at score >= {m['threshold']:g}" if m.get("threshold") is not None else "")
+            + f") in {m['parts']:,} parts under predictions/{m['folder']}/",
             highlight=False,
         )
 
@@ -852,6 +862,7 @@ def _human_hours(h: float) -> str:
 #   from .cli_results import register as _register_results; _register_results(app)
 # (results: query/convert/detections/summarize; view: the web viewer).
 from .cli_view import register as _register_view; _register_view(app)  # noqa: E402
+from .cli_results import register as _register_results; _register_results(app)  # noqa: E402
 
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"

@@ -391,6 +391,14 @@ class Sweep:
             predictions=_ledger_summary(self.path),
         )
 
+    def query(self, sql: str, memory_limit: str | None = None, threads: int | None = None) -> Any:
+        """Run DuckDB SQL over this sweep's ``predictions``, ``tiles``, ``blocks`` and
+        ``plan`` (:mod:`tilesweep.sql`); returns a lazy ``duckdb.DuckDBPyRelation``
+        (``.df()``, ``.pl()``, ``.arrow()``, ``.fetchall()``)."""
+        from .sql import query
+
+        return query(sql, self, memory_limit=memory_limit, threads=threads)
+
     def close(self) -> None:
         if self._queue is not None:
             self._queue.close()
@@ -430,5 +438,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _ledger_summary(path: Path) -> list[dict[str, Any]]:
     from .predict.sink import ledger_summary  # here: tilesweep.predict imports this module
+    from .sql import models
 
-    return ledger_summary(path)
+    thresholds = {(m["name"], m["digest"]): m["threshold"] for m in models(path)}
+    summary = ledger_summary(path)
+    for m in summary:  # detections: the tiles the model labelled, at its threshold
+        m["detections"] = m["positives"]
+        m["threshold"] = thresholds.get((m["model"], m["digest"]))
+    return summary

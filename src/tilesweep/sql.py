@@ -1,0 +1,388 @@
+"""SQL over a sweep, and over any CSV / Parquet / JSON file, out of core (DuckDB).
+
+:func:`connect` opens a DuckDB connection with the settings every query here runs under:
+extensions are never installed or loaded behind the user's back (DuckDB does both by
+default, which needs the network), a memory limit, a thread count and a private spill
+folder. :func:`query` runs SQL and returns a lazy :class:`duckdb.DuckDBPyRelation`
+(``.df()``, ``.pl()``, ``.arrow()``, ``.fetchmany()``, ``.write_parquet()`` ...).
+
+With a sweep, four names are defined (built when a query first names them, so a query of
+``predictions`` never reads the store):
+
+``predictions``  every model's Parquet parts (the ledger's list), ``union_by_name``: one row
+                 per fetched tile per model, with its ``model`` column (docs/predict.md)
+``tiles``        the store's index: z, x, y, block, status ('ok' | 'empty' | 'failed'), bytes
+``blocks``       the queue: block (its id), z, x, y, tiles, state, attempts, last_error,
+                 owner, lease_until, done_at, ok, empty, failed, bytes, retries
+``plan``         the planned tiles: z, x, y, block
+
+``tiles``, ``blocks`` and ``plan`` are streamed from the shards and the queue (read-only,
+through Python's sqlite3: no DuckDB extension) into temporary DuckDB tables, which spill to
+disk under the memory limit like any other DuckDB data.
+
+Without a sweep, DuckDB's own file scans apply: ``FROM 'trips*.csv'``,
+``FROM read_parquet('p/*.parquet')``, ``FROM 'x.json'``.
+
+Errors (bad SQL, an unknown table or column, a missing file, a memory limit too small for
+the query) become :class:`tilesweep.errors.UsageError` with DuckDB's first line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .sweep import Sweep
+
+DUCKDB_CONFIG = {
+    "autoinstall_known_extensions": "false",
+    "autoload_known_extensions": "false",
+}
+"""Settings every connection opens with: no extension is downloaded or loaded on demand."""
+
+SWEEP_TABLES = ("predictions", "tiles", "blocks", "plan")
+BATCH_ROWS = 65_536
+_STATES = {0: "pending", 1: "leased", 2: "done", 3: "dead"}
+_TILE_STATUS = pa.array(["ok", "empty", "failed"])
+_MISSING_TABLE = re.compile(r"Table with name (\S+) does not exist", re.IGNORECASE)
+
+
+def connect(memory_limit: str | None = None, threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection: extensions off, ``memory_limit`` (e.g. ``"2GB"``;
+    default DuckDB's, 80% of RAM or of the cgroup's limit), ``threads`` (default: all
+    cores), spilling to a private temporary folder removed with the connection."""
+    if threads is not None and not 1 <= int(threads) <= 1024:
+        raise UsageError(f"threads {threads} must be in 1..1024")
+    spill = tempfile.mkdtemp(prefix="tilesweep-duckdb-")
+    config = dict(DUCKDB_CONFIG, temp_directory=spill)
+    try:
+        con = duckdb.connect(":memory:", config=config)
+    except duckdb.Error as exc:  # pragma: no cover - a broken DuckDB install
+        shutil.rmtree(spill, ignore_errors=True)
+        raise UsageError(f"DuckDB cannot start: {_first_line(exc)}") from None
+    weakref.finalize(con, shutil.rmtree, spill, True)
+    try:
+        if memory_limit is not None:
+            if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]?i?B\s*", str(memory_limit), re.IGNORECASE):
+                raise UsageError(f"memory limit {memory_limit!r} is not a size like 2GB or 512MB")
+            con.execute(f"SET memory_limit = '{memory_limit}'")
+        if threads is not None:
+            con.execute(f"SET threads = {int(threads)}")
+    except duckdb.Error as exc:
+        con.close()
+        raise UsageError(f"memory limit {memory_limit!r}: {_first_line(exc)}") from None
+    con.execute("SET preserve_insertion_order = false")
+    return con
+
+
+def query(
+    sql: str,
+    sweep: "Sweep | str | os.PathLike[str] | None" = None,
+    *,
+    memory_limit: str | None = None,
+    threads: int | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> duckdb.DuckDBPyRelation:
+    """Run ``sql`` and return its lazy relation. With ``sweep`` (a :class:`Sweep` or its
+    folder), the names ``predictions``, ``tiles``, ``blocks`` and ``plan`` are defined
+    (module doc). Raises :class:`UsageError` for bad SQL, unknown names, missing files."""
+    con = con if con is not None else connect(memory_limit, threads)
+    tables = SweepTables(con, _open_sweep(sweep)) if sweep is not None else None
+    return run(con, sql, tables)
+
+
+def run(con: duckdb.DuckDBPyConnection, sql: str, tables: "SweepTables | None" = None) -> duckdb.DuckDBPyRelation:
+    """``con.sql(sql)`` that builds the sweep's tables a query names on first use and turns
+    DuckDB errors into :class:`UsageError`. A statement that returns no rows (``SET``,
+    ``CREATE``) returns an empty relation."""
+    if not sql.strip():
+        raise UsageError("the SQL is empty")
+    for _ in range(len(SWEEP_TABLES) + 1):
+        try:
+            rel = con.sql(sql)
+            return rel if rel is not None else con.sql("SELECT 'ok' AS result WHERE false")
+        except duckdb.CatalogException as exc:
+            m = _MISSING_TABLE.search(str(exc))
+            name = m.group(1).strip('"').lower() if m else None
+            if tables is None or name is None or not tables.build(name):
+                raise _usage(exc, tables) from None
+        except duckdb.Error as exc:
+            raise _usage(exc, tables) from None
+    raise UsageError(f"the SQL names tables that cannot be built: {sql[:80]!r}")  # pragma: no cover
+
+
+def _usage(exc: Exception, tables: "SweepTables | None" = None) -> UsageError:
+    msg = _first_line(exc)
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        return UsageError(f"the memory limit is too small for this query ({msg}); raise --memory-limit")
+    if isinstance(exc, duckdb.CatalogException) and "does not exist" in msg:
+        known = ", ".join(SWEEP_TABLES) if tables is not None else "files named in quotes, e.g. FROM 'data/*.csv'"
+        msg = f"{msg.split('!')[0]} (known: {known})"
+    return UsageError(msg)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def as_usage_error(exc: Exception) -> UsageError:
+    """A DuckDB error raised while a relation executes (``COPY``, fetching), as one line."""
+    return _usage(exc)
+
+
+def _open_sweep(sweep: "Sweep | str | os.PathLike[str]") -> "Sweep":
+    from .sweep import Sweep
+
+    return sweep if isinstance(sweep, Sweep) else Sweep.open(sweep)
+
+
+class SweepTables:
+    """Builds a sweep's tables in a connection, each once, when first named."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, sweep: "Sweep") -> None:
+        self.con = con
+        self.sweep = sweep
+        self.built: set[str] = set()
+        self.build("predictions")  # a view over files: cheap, and what most queries want
+
+    def build(self, name: str) -> bool:
+        """Create ``name`` if it is one of the sweep's and not built yet; False otherwise."""
+        if name not in SWEEP_TABLES or name in self.built:
+            return False
+        if name == "predictions":
+            self._view_predictions()
+        else:
+            schema, batches = {"tiles": tiles_batches, "blocks": blocks_batches, "plan": plan_batches}[name](self.sweep)
+            reader = pa.RecordBatchReader.from_batches(schema, batches)
+            self.con.register("_tilesweep_source", reader)
+            try:
+                self.con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM _tilesweep_source")
+            finally:
+                self.con.unregister("_tilesweep_source")
+        self.built.add(name)
+        return True
+
+    def _view_predictions(self) -> None:
+        parts = prediction_parts(self.sweep.path)
+        if parts:
+            files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
+            body = f"SELECT * FROM read_parquet([{files}], union_by_name = true)"
+        else:
+            body = (
+                "SELECT NULL::TINYINT AS z, NULL::INTEGER AS x, NULL::INTEGER AS y, NULL::BIGINT AS block, "
+                "NULL::DOUBLE AS lon, NULL::DOUBLE AS lat, NULL::BOOLEAN AS label, NULL::VARCHAR AS model, "
+                "NULL::VARCHAR AS model_digest, NULL::TIMESTAMPTZ AS time WHERE false"
+            )
+        self.con.execute(f"CREATE TEMP VIEW predictions AS {body}")
+
+
+# --- the sources of the tables -----------------------------------------------------------
+
+
+def prediction_parts(sweep_path: Path) -> list[Path]:
+    """The Parquet parts the ledger records, every model (read-only); [] without a ledger."""
+    from .predict.sink import LEDGER_FILE, PREDICTIONS_DIR
+
+    root = Path(sweep_path) / PREDICTIONS_DIR
+    ledger = root / LEDGER_FILE
+    if not ledger.is_file():
+        return []
+    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=60)
+    try:
+        names = [r[0] for r in db.execute("SELECT name FROM parts ORDER BY name")]
+    finally:
+        db.close()
+    return [root / n for n in names if (root / n).is_file()]
+
+
+def models(sweep_path: Path) -> list[dict[str, object]]:
+    """The models of a sweep's ledger: name, digest, folder, labels (list), threshold."""
+    from .predict.sink import LEDGER_FILE, PREDICTIONS_DIR
+
+    ledger = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
+    if not ledger.is_file():
+        return []
+    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=60)
+    try:
+        rows = db.execute("SELECT name, digest, folder, labels, threshold FROM models ORDER BY name").fetchall()
+    finally:
+        db.close()
+    return [
+        {"name": n, "digest": d, "folder": f, "labels": [x for x in str(lb).split(",") if x], "threshold": float(t)}
+        for n, d, f, lb, t in rows
+    ]
+
+
+TILES_SCHEMA = pa.schema([("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64()),
+                          ("status", pa.string()), ("bytes", pa.int64())])
+PLAN_SCHEMA = pa.schema([("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64())])
+BLOCKS_SCHEMA = pa.schema([
+    ("block", pa.int64()), ("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("tiles", pa.int32()),
+    ("state", pa.string()), ("attempts", pa.int32()), ("last_error", pa.string()), ("owner", pa.string()),
+    ("lease_until", pa.timestamp("ms", tz="UTC")), ("done_at", pa.timestamp("ms", tz="UTC")),
+    ("ok", pa.int32()), ("empty", pa.int32()), ("failed", pa.int32()), ("bytes", pa.int64()), ("retries", pa.int32()),
+])
+
+
+def tiles_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """The store's index as record batches: one shard open at a time, no tile bytes read."""
+    from .store.shard import ShardReader
+    from .tiles import tile_id
+
+    store = sweep.store
+    zoom = sweep.zoom
+
+    def gen() -> Iterator[pa.RecordBatch]:
+        buf: list[tuple[np.ndarray, ...]] = []
+        n = 0
+        for block in store.blocks():
+            with ShardReader(store.shard_path(block)) as r:
+                xs, ys = r.coords()
+                recs = r.records
+                buf.append((xs, ys, np.full(len(xs), tile_id(block), np.int64),
+                            recs["status"].astype(np.int32), recs["length"].astype(np.int64)))
+            n += len(xs)
+            if n >= BATCH_ROWS:
+                yield _tiles_batch(zoom, buf)
+                buf, n = [], 0
+        if buf:
+            yield _tiles_batch(zoom, buf)
+
+    return TILES_SCHEMA, gen()
+
+
+def _tiles_batch(zoom: int, buf: list[tuple[np.ndarray, ...]]) -> pa.RecordBatch:
+    x, y, block, status, length = (np.concatenate([b[i] for b in buf]) for i in range(5))
+    return pa.RecordBatch.from_arrays(
+        [pa.array(np.full(len(x), zoom, np.int8)), pa.array(x.astype(np.int32)), pa.array(y.astype(np.int32)),
+         pa.array(block), _TILE_STATUS.take(pa.array(status)), pa.array(length)],
+        schema=TILES_SCHEMA,
+    )
+
+
+def _queue_rows(sweep: "Sweep", sql: str) -> Iterator[list[tuple]]:  # type: ignore[type-arg]
+    from .sweep import QUEUE_FILE
+
+    path = sweep.path / QUEUE_FILE
+    if not path.is_file():
+        raise UsageError(f"sweep folder {str(sweep.path)!r} has no {QUEUE_FILE}")
+    # DuckDB pulls the batches on a thread of its own.
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60, check_same_thread=False)
+    try:
+        cur = db.execute(sql)
+        while rows := cur.fetchmany(BATCH_ROWS // 8):
+            yield rows
+    finally:
+        db.close()
+
+
+def blocks_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """The queue's rows as record batches, read-only, in block id order."""
+    sql = ("SELECT id, z, x, y, tiles, state, attempts, last_error, owner, lease_until, done_at, "
+           "n_ok, n_empty, n_failed, n_bytes, n_retries FROM blocks ORDER BY id")
+
+    def gen() -> Iterator[pa.RecordBatch]:
+        for rows in _queue_rows(sweep, sql):
+            cols = list(zip(*rows))
+            arrays = []
+            for i, field in enumerate(BLOCKS_SCHEMA):
+                vals = list(cols[i])
+                if i == 5:
+                    vals = [_STATES.get(v, str(v)) for v in vals]
+                elif field.name in ("lease_until", "done_at"):
+                    vals = [None if v is None else int(v * 1000) for v in vals]
+                    arrays.append(pa.array(vals, pa.int64()).cast(field.type))
+                    continue
+                arrays.append(pa.array(vals, field.type))
+            yield pa.RecordBatch.from_arrays(arrays, schema=BLOCKS_SCHEMA)
+
+    return BLOCKS_SCHEMA, gen()
+
+
+def plan_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """The planned tiles (every block's masked descendants) as record batches."""
+    zoom = sweep.zoom
+    return PLAN_SCHEMA, (
+        pa.RecordBatch.from_arrays(
+            [pa.array(np.full(len(x), zoom, np.int8)), pa.array(x.astype(np.int32)), pa.array(y.astype(np.int32)),
+             pa.array(b)], schema=PLAN_SCHEMA)
+        for x, y, b in planned_tiles(sweep)
+    )
+
+
+def planned_tiles(sweep: "Sweep") -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(x, y, block id)`` int64 arrays of the planned tiles, about BATCH_ROWS at a time,
+    in block id order (read-only from the queue)."""
+    from .plan import mask_cells
+
+    full: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # levels -> (dy, dx) of a whole block
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    bs: list[np.ndarray] = []
+    n = 0
+    # adaptive blocks lie at several zooms: each row's own zoom, and a bit mask or tile list
+    for rows in _queue_rows(sweep, "SELECT id, z, x, y, mask FROM blocks ORDER BY id"):
+        for bid, bz, bx, by, mask in rows:
+            levels = sweep.zoom - int(bz)
+            cells = mask_cells(mask, levels)
+            if cells is None:
+                if levels not in full:
+                    side = 1 << levels
+                    full[levels] = np.divmod(np.arange(side * side, dtype=np.int64), side)
+                dy, dx = full[levels]
+            else:
+                dy, dx = cells
+            xs.append((int(bx) << levels) + dx)
+            ys.append((int(by) << levels) + dy)
+            bs.append(np.full(len(dx), int(bid), np.int64))
+            n += len(dx)
+            if n >= BATCH_ROWS:
+                yield np.concatenate(xs), np.concatenate(ys), np.concatenate(bs)
+                xs, ys, bs, n = [], [], [], 0
+    if xs:
+        yield np.concatenate(xs), np.concatenate(ys), np.concatenate(bs)
+
+
+def stream(rel: duckdb.DuckDBPyRelation, rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """The relation's result as Arrow record batches of about ``rows`` rows, streamed (the
+    whole result never sits in memory; an empty result is one empty batch, with its
+    schema); DuckDB errors become :class:`UsageError`."""
+    try:
+        reader = rel.to_arrow_reader(rows) if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch(rows)
+        seen = False
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                if not seen:  # an empty result still has its columns
+                    yield pa.RecordBatch.from_pylist([], schema=reader.schema)
+                return
+            seen = True
+            yield batch
+    except duckdb.Error as exc:
+        raise _usage(exc) from None
+    except pa.ArrowException as exc:
+        raise UsageError(_first_line(exc)) from None
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
