@@ -214,11 +214,14 @@ def export_pmtiles(
     share one entry (stored once). Returns a summary dict. ``UsageError`` when the store
     holds no OK tile.
 
-    ``blocks``: export only these blocks (in block id order; default: every finished
-    shard). Every tile's crc32 is checked as it is copied: a corrupt or missing shard
-    raises :class:`~tilesweep.store.CorruptShardError` and nothing is left under ``out``."""
+    ``blocks``: export only these blocks (any order: they are put in tile order, which
+    adaptive blocks of several zooms need; default: every finished shard). Every tile's
+    crc32 is checked as it is copied: a corrupt or missing shard raises
+    :class:`~tilesweep.store.CorruptShardError` and nothing is left under ``out``."""
     t0 = time.perf_counter()
     out_path = Path(out_path)
+    if blocks is not None:
+        blocks = store.in_tile_order(blocks)
     first = _first_ok_tile(store, blocks)
     fmt = _format_name(tile_type, first)
     z = store.zoom

@@ -168,9 +168,16 @@ class TileStore:
         """Blocks with a finished shard, in global Hilbert order of their tiles: by the
         first tile id of each block's descendants (blocks of several zooms interleave, and
         each is one contiguous id range at the tile zoom)."""
-        found = [(bz, x, y) for bz in self.block_zooms for x, y in self._scan(".shard", bz)]
+        found = [Tile(bz, x, y) for bz in self.block_zooms for x, y in self._scan(".shard", bz)]
+        return iter(self.in_tile_order(found))
+
+    def in_tile_order(self, blocks: Iterable[Tile]) -> list[Tile]:
+        """``blocks`` sorted by the first tile id of their descendants at the store's zoom:
+        global Hilbert order of their tiles, also when blocks lie at several zooms (block
+        id order alone interleaves zooms wrongly). Blocks must not overlap."""
+        found = [Tile(*b) for b in blocks]
         if not found:
-            return iter(())
+            return []
         zs = np.array([b[0] for b in found], np.int64)
         xs = np.array([b[1] for b in found], np.int64)
         ys = np.array([b[2] for b in found], np.int64)
@@ -178,8 +185,7 @@ class TileStore:
         for bz in np.unique(zs).tolist():
             sel = zs == bz
             start[sel] = (tile_id_array(bz, xs[sel], ys[sel]) - np.uint64(zoom_base_id(bz))) << np.uint64(2 * (self.zoom - bz))
-        order = np.argsort(start, kind="stable")
-        return (Tile(int(zs[i]), int(xs[i]), int(ys[i])) for i in order)
+        return [found[i] for i in np.argsort(start, kind="stable").tolist()]
 
     def partial_blocks(self) -> list[Tile]:
         """Blocks with an unfinished shard (and no finished one)."""
