@@ -117,6 +117,24 @@ def test_page_loads_imagery_and_overlay_without_console_errors(browser, served):
         p.close()
 
 
+def test_imagery_from_a_pmtiles_archive_is_read_with_range_requests(browser, sweep, tmp_path):
+    archive = tmp_path / "tiles.pmtiles"
+    tilesweep("export", sweep, archive)
+    with view_server(sweep, "--pmtiles", str(archive)) as (url, _, _lines):
+        p = Page(browser, url)
+        try:
+            b = p.page.evaluate("() => window.tilesweep.info.bbox")
+            p.page.evaluate(f"() => window.tilesweep.map.jumpTo({{center: [{(b[0] + b[2]) / 2}, {(b[1] + b[3]) / 2}], zoom: {ZOOM}}})")
+            p.settle()
+            ranged = [s for s, u, h in p.responses if "/pmtiles/" in u]
+            assert ranged and set(ranged) == {206}, ranged
+            img = p.shot("viewer-pmtiles")
+            assert not_background(img) > img.size[0] * img.size[1] // 2, "no imagery from the archive"
+            assert p.errors() == [], p.errors()
+        finally:
+            p.close()
+
+
 def test_slider_click_and_download(browser, served):
     p = Page(browser, served)
     try:

@@ -78,6 +78,13 @@ def main(argv: list[str] | None = None) -> None:
         "`tilesweep export SWEEP tiles.pmtiles` (README: the 2-minute tour).",
         highlight=False,
     )
+    port = sim.url.rsplit(":", 1)[1]
+    console.print(
+        "To see the sweep on a map (imagery comes from its source, the simulator: start it again on the same port first):\n"
+        f"  $ tilesweep sim serve --port {port} --seed {args.seed} &\n"
+        f"  $ tilesweep view {shlex.quote(str(folder))} --open",
+        highlight=False,
+    )
 
 
 def _score(console: Console, folder: Path, world: World) -> None:
