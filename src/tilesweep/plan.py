@@ -542,7 +542,9 @@ def _plan_top(geometry: BaseGeometry, spec: PlanSpec, cutoff: int | None, top: T
     bz0 = spec.base_zoom
     depth = bz0 - top.z
     side_b = 1 << b
-    lo = descendant_id_range(top, bz0)[0]
+    from .store.shard import _local_ranks  # the Hilbert ranks of a cell's descendants, cached per depth
+
+    ranks_of = _local_ranks(bz0, top)  # indexed by dy << depth | dx, for the base cells of `top`
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for bx, by, masks in cover_blocks(geometry, spec.zoom, bz0, root=top):
         m = _sampled(spec, bx, by, masks, cutoff)
@@ -553,7 +555,7 @@ def _plan_top(geometry: BaseGeometry, spec: PlanSpec, cutoff: int | None, top: T
         if not keep.any():
             continue
         bx, by, m, counts = bx[keep], by[keep], m[keep], counts[keep]
-        ranks = tile_id_array(bz0, bx, by).astype(np.int64) - lo
+        ranks = ranks_of[((by - (top.y << depth)) << depth) + (bx - (top.x << depth))].astype(np.int64)
         parts.append((ranks, bx, by, m, counts))
     if not parts:
         return _Node(top.z, top.x, top.y, True, 0, np.zeros(0, np.int64), np.zeros(0, np.int64))
