@@ -157,7 +157,7 @@ def fetch(
     retries: int = typer.Option(6, "--retries", help="Retries of a tile after a transient fault (5xx, 429, reset, timeout, bad body)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds one request may take in all."),
     lease_ttl: float = typer.Option(60.0, "--lease-ttl", help="Seconds a block's lease lasts unless renewed every third of it; a dead worker's blocks return after it (at once on the same host)."),
-    max_attempts: int = typer.Option(5, "--max-attempts", help="Leases a block may take before it is declared dead."),
+    max_attempts: int = typer.Option(5, "--max-attempts", help="Failed attempts a block may have before it is declared dead (a lease lost to a killed worker is not one)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
 ) -> None:
     """Fetch the planned tiles of SWEEP_DIR into its store (tiles/), resumably.
@@ -168,7 +168,9 @@ def fetch(
     from .worker import run_workers
 
     settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts)
-    with Sweep.open(sweep_dir) as sweep:
+    from .sweeplock import SweepLock
+
+    with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "fetch"):
         src = _bind_source(sweep, source, header)
         before = sweep.status()
         meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet)
@@ -178,8 +180,7 @@ def fetch(
                     sweep.path, sweep.zoom, sweep.block_zoom, src, settings, worker_settings, workers, meter.update
                 )
         except KeyboardInterrupt:
-            err.print("stopped: fetched tiles are durable and unfinished leases were released; run the same command to resume")
-            raise typer.Exit(130)
+            _stopped(sweep, "fetched tiles are durable", "run the same command to resume")
         meter.update(counters, final=True)
         st = sweep.status()
     out.print(meter.line(counters, final=True))
@@ -321,8 +322,10 @@ def predict(
             with meter:
                 report = predict_sweep(sweep, the_model, settings, on_progress=meter.update)
         except KeyboardInterrupt:
-            err.print("stopped: committed parts are durable; run the same command to go on")
-            raise typer.Exit(130)
+            from .signals import exit_status
+
+            err.print("stopped: committed parts are durable, with every block scored before the stop; run the same command to go on")
+            raise typer.Exit(exit_status())
         _predict_summary(sweep, sweep_dir, the_model, report, "run `tilesweep fetch`, then predict again")
 
 
@@ -413,7 +416,7 @@ def run(
     retries: int = typer.Option(6, "--retries", help="Retries of a tile after a transient fault."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds one request may take in all."),
     lease_ttl: float = typer.Option(60.0, "--lease-ttl", help="Seconds a block's lease lasts unless renewed."),
-    max_attempts: int = typer.Option(5, "--max-attempts", help="Leases a block may take before it is declared dead."),
+    max_attempts: int = typer.Option(5, "--max-attempts", help="Failed attempts a block may have before it is declared dead (a lease lost to a killed worker is not one)."),
     batch: int = typer.Option(64, "--batch", "-b", help="Model inputs per predict call."),
     threads: int = typer.Option(2, "--threads", "-t", help="Decode threads."),
     part_rows: int = typer.Option(65536, "--part-rows", help="Rows per Parquet part (group commit)."),
@@ -436,7 +439,9 @@ def run(
 
     check_threshold(threshold)
     settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads)
-    with Sweep.open(sweep_dir) as sweep:
+    from .sweeplock import SweepLock
+
+    with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch or a run
         the_model = apply_threshold(_load_model(model, device, model_threads), threshold, sweep.path)  # before the source is recorded
         src = _bind_source(sweep, source, header)
         if keep_tiles:
@@ -445,7 +450,25 @@ def run(
             _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
 
 
-_STOPPED_RUN = "stopped: committed predictions are durable and unfinished leases were released; run the same command to go on"
+_STOPPED_RUN = ("committed predictions are durable", "run the same command to go on")
+
+
+def _stopped(sweep: Sweep, kept: str, hint: str) -> None:
+    """After a stop (Ctrl-C, SIGTERM): say what is kept and, truthfully, whether blocks are
+    still leased (by other processes: ours were released), then exit 130 or 143."""
+    from .queue import SqliteQueue, State
+    from .signals import exit_status
+
+    try:
+        with SqliteQueue(sweep.path / "queue.sqlite") as q:
+            leased = q.count(State.LEASED)
+    except Exception:  # noqa: BLE001 - the message must not fail
+        leased = 0
+    released = "this run's unfinished leases were released"
+    if leased:
+        released += f"; {leased:,} blocks are still leased by other processes (`tilesweep status`)"
+    err.print(f"stopped: {kept} and {released}; {hint}", highlight=False)
+    raise typer.Exit(exit_status())
 
 
 def _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet) -> None:  # type: ignore[no-untyped-def]
@@ -468,8 +491,7 @@ def _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, w
             report = predict_sweep(sweep, the_model, settings, on_progress=on_progress,
                                    stream=StreamFetch(src, fetch_settings, worker_settings, workers))
     except KeyboardInterrupt:
-        err.print(_STOPPED_RUN)
-        raise typer.Exit(130)
+        _stopped(sweep, *_STOPPED_RUN)
     if report.fetch is not None:
         out.print(fetch_meter.line(report.fetch, final=True), highlight=False)
     _predict_summary(sweep, sweep_dir, the_model, report, "run the same command again", dead_is_error=True)
@@ -516,12 +538,10 @@ def _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_setting
     except KeyboardInterrupt:
         interrupted.set()
         fetched_all.wait()  # the workers release their leases and stop
-        err.print(_STOPPED_RUN)
-        raise typer.Exit(130)
+        _stopped(sweep, *_STOPPED_RUN)
     error = fetched.get("error")
     if isinstance(error, KeyboardInterrupt):
-        err.print(_STOPPED_RUN)
-        raise typer.Exit(130)
+        _stopped(sweep, *_STOPPED_RUN)
     if error is not None:
         raise error  # type: ignore[misc]
     out.print(fetch_meter.line(fetched["counters"], final=True), highlight=False)  # type: ignore[arg-type]
@@ -896,6 +916,9 @@ def main() -> None:
     Bad input (:class:`UsageError`) is one line and exit 2. An OS error that reaches here
     (an unwritable path, a full disk) is one line naming the path and the errno, exit 2,
     or 1 for a full disk (the input was fine; the machine was not)."""
+    from .signals import install_cli_handlers
+
+    install_cli_handlers()  # SIGTERM stops gracefully, as Ctrl-C does (exit 143, not killed at once)
     try:
         app(args=protect_negative_bboxes(sys.argv[1:]), prog_name="tilesweep")
     except UsageError as exc:

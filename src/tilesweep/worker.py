@@ -17,6 +17,9 @@ has ``concurrency`` requests to make, and:
 
 Leases are extended while a block is in progress. Ctrl-C (SIGINT/SIGTERM) stops leasing,
 makes what was fetched durable and releases unfinished leases without counting an attempt.
+A worker process knows its parent's pid from its first instruction (it is passed in, not
+read with ``os.getppid()`` after the imports, when an early orphan already sees 1) and
+stops the same way when its parent is gone.
 
 A *streaming* worker (``Worker(consumer=...)``, what ``tilesweep run`` uses) stores
 nothing: it fetches a whole block into memory, hands it to a :class:`BlockConsumer` (the
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Protocol
 
+from . import signals
 from .errors import UsageError
 from .fetch import Fetcher, FetchSettings, SourceError, TileResult
 from .limits import AdaptiveLimit
@@ -68,6 +72,7 @@ class WorkerSettings:
     ack_every_s: float = 1.0
     max_blocks: int = 0
     max_attempts: int = 5
+    settle_s: float = 30.0  # on a stop, how long to wait for the consumer's last commit
 
 
 @dataclass
@@ -174,6 +179,7 @@ class Worker:
         stop_event: Any = None,
         consumer: BlockConsumer | None = None,
         refetch: Iterable[Block] = (),
+        parent_pid: int | None = None,
     ):
         self.sweep_path = Path(sweep_path)
         self.zoom = zoom
@@ -183,6 +189,9 @@ class Worker:
         self.settings = settings
         self.on_progress = on_progress
         self.stop_event = stop_event  # an mp.Event the parent sets to ask for a clean stop
+        # A worker process: its parent's pid, passed in (None: this process is the parent).
+        self.parent_pid = parent_pid
+        self._consumer_closed = False  # the consumer will commit nothing more
         self.owner = new_owner()
         self.counters = WorkerCounters()
         self.stopping = False
@@ -202,27 +211,41 @@ class Worker:
 
     def run(self) -> WorkerCounters:
         """Work until the queue has nothing pending or a stop is asked; returns counters."""
-        try:
-            import uvloop  # type: ignore[import-not-found]
-
+        with signals.kept_handlers():  # the loop resets SIGINT/SIGTERM when it closes
+            try:
+                import uvloop  # type: ignore[import-not-found]
+            except ImportError:
+                return asyncio.run(self.run_async())
             return uvloop.run(self.run_async())  # type: ignore[no-any-return]
-        except ImportError:
-            return asyncio.run(self.run_async())
 
     def stop(self) -> None:
         """Ask the worker to stop leasing and wind down (safe from a signal handler)."""
         self.stopping = True
 
-    def _interrupt(self) -> None:
+    def _interrupt(self, signum: int | None = None) -> None:
+        if signum is not None:
+            signals.note(signum)
         self.counters.interrupted = True
         self.stop()
+
+    def orphaned(self) -> bool:
+        """A worker process whose parent is gone (killed): nobody will read what it sends."""
+        return self.parent_pid is not None and os.getppid() != self.parent_pid
+
+    def _look_for_stop(self) -> None:
+        """Stop when asked: by the parent's event, a signal to this worker process (noted
+        by :func:`tilesweep.signals.install_worker_handlers`), or the parent's death."""
+        if self.parent_pid is not None and signals.received() is not None and not self.stopping:
+            self._interrupt()
+        if self.orphaned() or (self.stop_event is not None and self.stop_event.is_set()):
+            self.stop()
 
     async def run_async(self) -> WorkerCounters:
         loop = asyncio.get_running_loop()
         self._loop = loop
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, self._interrupt)
+                loop.add_signal_handler(sig, self._interrupt, sig)
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 pass
         self.queue = SqliteQueue(self.sweep_path / "queue.sqlite", max_attempts=self.settings.max_attempts)
@@ -238,22 +261,20 @@ class Worker:
         # Requests in flight over all blocks: `concurrency` at most, cut when the server
         # answers 429/503 and grown back as requests succeed (AIMD, tilesweep.limits).
         self._slots = AdaptiveLimit(self.fetch_settings.concurrency)
-        parent = os.getppid()
         tasks: set[asyncio.Task[None]] = set()
+        self._look_for_stop()  # a stop (or an orphaning) during start-up: lease nothing
         await self._db(expire_dead_local_owners, self.queue)
         keeper = asyncio.create_task(self._keep_leases())
         last_ack = time.monotonic()
         do_block = self._stream_block if self.consumer else self._do_block
+        clean = False
         try:
             async with Fetcher(self.source, self.fetch_settings) as fetcher:
                 self.fetcher = fetcher
                 fetcher.on_throttle = self._slots.on_throttle
                 while True:
                     self._poll_commits()
-                    if os.getppid() != parent:  # our parent was killed: stop like Ctrl-C
-                        self.stop()
-                    if self.stop_event is not None and self.stop_event.is_set():
-                        self.stop()
+                    self._look_for_stop()
                     if not self.stopping and len(tasks) < max_blocks:
                         for lease in await self._next_blocks(max_blocks - len(tasks)):
                             self._active[lease.block.id] = lease
@@ -285,8 +306,16 @@ class Worker:
                         tasks = set()
                 if self.consumer is not None and not self.stopping:
                     await self._await_consumer()
+            clean = True
         finally:
             await _cancel_all(tasks)
+            # Stopped by the consumer's side (Ctrl-C/SIGTERM to the run, or an error in the
+            # pipeline): it commits the complete blocks it holds; wait for those acks. Not
+            # after an error here, nor when this worker alone was stopped (the pipeline
+            # goes on without it): then what it handed is released, and a block committed
+            # anyway is acked by the next run (BlockConsumer.done_result).
+            if clean and self._handed and self.stop_event is not None and self.stop_event.is_set():
+                await self._settle()
             keeper.cancel()
             await self._flush_acks()
             await self._db(self.queue.release, self.owner)
@@ -319,14 +348,38 @@ class Worker:
         assert self.consumer is not None and self._hand_thread is not None
         await asyncio.get_running_loop().run_in_executor(self._hand_thread, self.consumer.end)
         while self._handed and not self.stopping:
-            if self.stop_event is not None and self.stop_event.is_set():
-                self.stop()
+            self._look_for_stop()
+            if self.stopping:
                 break
             await asyncio.sleep(0.05)
             self._poll_commits()
             if len(self._to_ack) >= 1024:
                 await self._flush_acks()
             self._report()
+
+    async def _settle(self) -> None:
+        """A stop (or an error) with blocks handed to the consumer: wait, a bounded time,
+        while the consumer commits the complete blocks it holds, acking them as they come,
+        until it says it will commit nothing more. What is left is released after."""
+        deadline = time.monotonic() + self.settings.settle_s
+        while self._handed and not self._closed() and not self.orphaned() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            self._poll_commits()
+        self._poll_commits()
+
+    def _closed(self) -> bool:
+        return self._consumer_closed or bool(getattr(self.consumer, "closed", False))
+
+    def consumer_closed(self) -> None:
+        """The consumer will report no more commits (safe from any thread; call it after
+        its last :meth:`committed`, from the same thread, so the order is kept)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(setattr, self, "_consumer_closed", True)
+        except RuntimeError:
+            pass
 
     def _poll_commits(self) -> None:
         """A consumer in another process reports durable blocks through a queue."""
@@ -599,12 +652,21 @@ def progress_reporter(progress: Any, index: int, every_s: float = 0.5) -> Callab
     return report
 
 
-def _worker_main(args: tuple, progress: "mp.Queue[tuple[int, WorkerCounters]]", index: int, stop_event: Any) -> None:  # type: ignore[type-arg]
-    worker = Worker(*args, on_progress=progress_reporter(progress, index), stop_event=stop_event)
+def _worker_main(args: tuple, progress: "mp.Queue[tuple[int, WorkerCounters]]", index: int, stop_event: Any,  # type: ignore[type-arg]
+                 parent_pid: int | None = None) -> None:
+    signals.install_worker_handlers()
+    worker = Worker(*args, on_progress=progress_reporter(progress, index), stop_event=stop_event, parent_pid=parent_pid)
     try:
         counters = worker.run()
     except UsageError as exc:  # e.g. SourceError: the parent prints it as one line
         progress.put((index, str(exc)))
+        return
+    finally:
+        if worker.orphaned():
+            # Nobody reads `progress` now: what sits in its buffer must not hold up our
+            # exit (the queue's feeder thread would wait forever on the full pipe).
+            progress.cancel_join_thread()
+    if worker.orphaned():
         return
     progress.put((index, counters))
     progress.put((index, None))  # type: ignore[arg-type]
@@ -647,7 +709,12 @@ def run_workers(
     own, which gets Ctrl-C from the terminal itself. ``stop_requested`` (polled every
     half second) lets a caller running this in a thread stop the workers as Ctrl-C would.
     Raises KeyboardInterrupt when the work was stopped by Ctrl-C, SIGTERM or
-    ``stop_requested`` (after leases were released)."""
+    ``stop_requested`` (after leases were released).
+
+    With worker processes, a SIGINT or SIGTERM to this process (alone, or to the group)
+    only sets the workers' stop event, from before the first worker starts to the end:
+    it never lands as an exception inside a queue's internals, and a stop during start-up
+    stops the workers that were started already (they look before they lease)."""
     if workers == 1 and in_process:
         counters = Worker(sweep_path, zoom, block_zoom, source, fetch, settings, on_progress).run()
         if counters.interrupted:
@@ -660,9 +727,27 @@ def run_workers(
     # other worker then hangs at exit flushing its last message.
     stop = ctx.Event()
     args = (sweep_path, zoom, block_zoom, source, fetch, settings)
-    procs = [ctx.Process(target=_worker_main, args=(args, progress, i, stop), daemon=False) for i in range(workers)]
-    for p in procs:
-        p.start()
+    procs = [ctx.Process(target=_worker_main, args=(args, progress, i, stop, os.getpid()), daemon=False)
+             for i in range(workers)]
+    with signals.stop_on_signals(stop.set) as signalled:
+        try:
+            for p in procs:
+                if stop.is_set():
+                    break
+                p.start()
+            procs = [p for p in procs if p.pid is not None]
+            return _watch_workers(procs, progress, stop, on_progress, stop_requested, signalled)
+        except KeyboardInterrupt:  # a second signal: the workers were killed
+            stop.set()
+            _drain_until_exit(procs, progress, {})
+            raise
+
+
+def _watch_workers(procs: list, progress: Any, stop: Any, on_progress: Callable[[WorkerCounters], None] | None,  # type: ignore[type-arg]
+                   stop_requested: Callable[[], bool] | None, signalled: Callable[[], bool]) -> WorkerCounters:
+    """run_workers' loop: sum the workers' progress until they exit; a stop (signal,
+    ``stop_requested``) sets their event and waits for them to release their leases."""
+    workers = len(procs)
     latest: dict[int, WorkerCounters] = {}
     running = set(range(workers))
 
@@ -675,7 +760,7 @@ def run_workers(
     stopping = False
     try:
         while running:
-            if stop_requested is not None and stop_requested():
+            if stop.is_set() or (stop_requested is not None and stop_requested()):
                 raise KeyboardInterrupt
             try:
                 index, counters = progress.get(timeout=0.5)
@@ -703,6 +788,6 @@ def run_workers(
     for p in procs:
         p.join()
     result = total()
-    if stopping or result.interrupted:
+    if stopping or result.interrupted or signalled():
         raise KeyboardInterrupt
     return result

@@ -23,6 +23,7 @@ for room downstream (:class:`FlowMeter`): a fetch that never waits is the bottle
 
 from __future__ import annotations
 
+import contextlib
 import queue as queue_mod
 import threading
 import time
@@ -32,6 +33,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from .. import signals
 from ..decode import decode, fit
 from ..errors import UsageError
 from ..fetch import FetchSettings, TileResult
@@ -225,7 +227,13 @@ def predict_sweep(
     sink = PredictionSink(
         sweep.path, sweep.zoom, model.name, model.digest, info.labels, info.threshold,
         part_rows=s.part_rows, part_seconds=s.part_seconds,
+        # `run` fetches what a kill would lose: its first parts come at once, then at 1,
+        # 3, 7, ... seconds up to part_seconds (a few more small parts at the start).
+        first_part_s=1.0 if stream is not None or follow is not None else None,
+        holder="tilesweep run" if stream is not None or follow is not None else "tilesweep predict",
     )
+    cleanup = contextlib.ExitStack()
+    live_procs: list[FetchProcesses] = []
     try:
         report.adopted_parts = sink.stats.adopted_parts
         predicted = sink.predicted_ids()
@@ -247,21 +255,37 @@ def predict_sweep(
         q_sink: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks * 4)
         report.queues = {"read": q_read, "decode": q_dec, "sink": q_sink}
         stop = threading.Event()
+
+        def on_signal() -> None:  # SIGINT/SIGTERM: stop leasing, commit what is whole, release
+            stop.set()
+            for fp in live_procs:
+                fp.stop()
+
+        # From here on a stop signal only sets the events (signals.stop_on_signals): the
+        # stages wind down in order, the sink commits the blocks scored whole, the fetch
+        # acks them and releases the rest; then KeyboardInterrupt tells the caller (the
+        # CLI: exit 130/143). Entered before the fetch processes start, so a stop during
+        # their start-up stops them too.
+        signalled = cleanup.enter_context(signals.stop_on_signals(on_signal))
         errors: list[BaseException] = []
         fetch_ended = threading.Event()  # the stream worker handed its last block (or stopped)
         worker: Worker | None = None
         procs: FetchProcesses | None = None
         on_committed: Callable[[list[int]], None] | None = None
+        on_closed: Callable[[], None] | None = None  # after the sink's last commit
         if stream is not None:
             worker_args = (sweep.path, sweep.zoom, sweep.block_zoom, stream.source, stream.fetch, stream.worker)
             if stream.workers > 1:
                 procs = FetchProcesses(worker_args, stream.workers, refetch, sink.root / LEDGER_FILE, sink.key)
-                on_committed = procs.committed
+                live_procs.append(procs)
+                if stop.is_set():  # signalled while they started
+                    procs.stop()
+                on_committed, on_closed = procs.committed, procs.sink_closed
             else:
                 consumer = _StreamConsumer(sink, predicted, meters["fetch"], lambda w: put(q_read, w), fetch_ended)  # type: ignore[arg-type]
                 worker = Worker(*worker_args, on_progress=lambda c: None, stop_event=stop, consumer=consumer, refetch=refetch)
                 report.fetch = worker.counters
-                on_committed = worker.committed
+                on_committed, on_closed = worker.committed, worker.consumer_closed
 
         def put(q: "queue_mod.Queue[Any]", item: Any) -> None:
             while True:
@@ -471,27 +495,51 @@ def predict_sweep(
 
         def sink_loop() -> None:
             m = meters["sink"]
-            while True:
-                try:
-                    rows = get(q_sink, timeout=1.0)
-                except queue_mod.Empty:
-                    if sink.due():
-                        committed = sink.commit()
-                        if committed and on_committed is not None:
-                            on_committed(committed)
-                    continue
-                if rows is _END:
-                    break
+
+            def add(rows: BlockRows) -> None:
                 t0 = time.perf_counter()
                 committed = sink.add(rows)
                 m.add(len(rows.x), time.perf_counter() - t0)
                 if committed and on_committed is not None:
                     on_committed(committed)
-            t0 = time.perf_counter()
-            committed = sink.commit()
-            m.add(0, time.perf_counter() - t0)
-            if committed and on_committed is not None:
-                on_committed(committed)
+
+            clean = False
+            try:
+                try:
+                    while True:
+                        try:
+                            rows = get(q_sink, timeout=1.0)
+                        except queue_mod.Empty:
+                            if sink.due():
+                                committed = sink.commit()
+                                if committed and on_committed is not None:
+                                    on_committed(committed)
+                            continue
+                        if rows is _END:
+                            break
+                        add(rows)
+                except _Stopped:
+                    # A stop (Ctrl-C, SIGTERM, an error elsewhere): the blocks scored whole
+                    # are kept, those waiting here and those buffered, in one last part.
+                    while True:
+                        try:
+                            rows = q_sink.get_nowait()
+                        except queue_mod.Empty:
+                            break
+                        if rows is not _END:
+                            add(rows)
+                clean = True
+            finally:
+                try:
+                    if clean:  # not after the sink's own failure: it would fail again
+                        t0 = time.perf_counter()
+                        committed = sink.commit()
+                        m.add(0, time.perf_counter() - t0)
+                        if committed and on_committed is not None:
+                            on_committed(committed)
+                finally:
+                    if on_closed is not None:  # the fetch stops waiting for commits
+                        on_closed()
 
         threads = [threading.Thread(target=guarded(read), name="predict-read", daemon=True)]
         threads += [threading.Thread(target=guarded(decode_loop), name=f"predict-decode-{i}", daemon=True) for i in range(s.threads)]
@@ -519,8 +567,8 @@ def predict_sweep(
                 if on_progress is not None:
                     snapshot()
                     on_progress(report)
-        except BaseException:
-            stop.set()
+        except BaseException:  # a second signal, or a failing progress callback
+            on_signal()
             # the fetch worker releases its leases before it ends: give it time to
             all_ended.wait(60 if worker is not None else 5)
             if procs is not None:
@@ -528,12 +576,20 @@ def predict_sweep(
                 procs = None
             raise
         if procs is not None:  # the workers ack what the sink committed last, then end
-            procs.close(stop=bool(errors))
+            procs.close(stop=bool(errors) or signalled())
         snapshot()
         if errors:
             raise errors[0]
+        if signalled():
+            raise KeyboardInterrupt
         return report
+    except BaseException:
+        for fp in live_procs:  # failed before its loop (e.g. a second signal): stop them
+            if fp.procs and any(p.is_alive() for p in fp.procs):
+                fp.close(stop=True)
+        raise
     finally:
+        cleanup.close()
         sink.close()
 
 

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .. import signals
 from ..errors import UsageError
 from ..fetch import TileResult
 from ..queue import Block, BlockResult
@@ -44,11 +45,14 @@ class QueueConsumer:
     process, asks the ledger whether a block is predicted already, and picks up the ids
     the prediction process reports durable (:meth:`poll_committed`)."""
 
-    def __init__(self, index: int, blocks: Any, commits: Any, stop: Any, ledger: Path, model_key: str) -> None:
+    def __init__(self, index: int, blocks: Any, commits: Any, stop: Any, ledger: Path, model_key: str, parent: int) -> None:
         self.index = index
         self.blocks, self.commits, self.stop = blocks, commits, stop
         self.ledger, self.model_key = ledger, model_key
-        self.parent = os.getppid()
+        # Passed in by the parent, not read here: a process orphaned while it was still
+        # importing would read 1 and never learn that its parent is gone.
+        self.parent = parent
+        self.closed = False  # the prediction process said it will commit nothing more
 
     def orphaned(self) -> bool:
         """The prediction process is gone: it will never read again."""
@@ -84,18 +88,28 @@ class QueueConsumer:
         ids: list[int] = []
         while True:
             try:
-                ids += self.commits.get_nowait()
+                some = self.commits.get_nowait()
             except queue_mod.Empty:
                 return ids
+            if some is _END:  # the last commit was sent (a stop): stop waiting for more
+                self.closed = True
+            else:
+                ids += some
 
 
 def _worker_main(args: tuple, index: int, blocks: Any, commits: Any, progress: Any, stop: Any,  # type: ignore[type-arg]
-                 refetch: list[Block], ledger: Path, model_key: str) -> None:
-    consumer = QueueConsumer(index, blocks, commits, stop, ledger, model_key)
-    worker = Worker(*args, on_progress=progress_reporter(progress, index), stop_event=stop, consumer=consumer, refetch=refetch)
+                 refetch: list[Block], ledger: Path, model_key: str, parent: int) -> None:
+    signals.install_worker_handlers()
+    consumer = QueueConsumer(index, blocks, commits, stop, ledger, model_key, parent)
+    worker = Worker(*args, on_progress=progress_reporter(progress, index), stop_event=stop, consumer=consumer,
+                    refetch=refetch, parent_pid=parent)
     try:
         counters = worker.run()
     except UsageError as exc:  # a SourceError: the parent stops the run with this line
+        if consumer.orphaned():
+            for q in (blocks, progress, commits):
+                q.cancel_join_thread()
+            return
         progress.put((index, str(exc)))
         return
     if consumer.orphaned():
@@ -128,12 +142,24 @@ class FetchProcesses:
             ctx.Process(
                 target=_worker_main, daemon=False,
                 args=(args, i, self.blocks_q, self.commits_q[i], self.progress_q, self.stop_ev,
-                      refetch[i::workers], ledger, model_key),
+                      refetch[i::workers], ledger, model_key, os.getpid()),
             )
             for i in range(workers)
         ]
         for p in self.procs:
+            if self.stop_ev.is_set():  # a stop signal during start-up
+                break
             p.start()
+        self.procs = [p for p in self.procs if p.pid is not None]
+
+    def stop(self) -> None:
+        """Ask the workers to stop leasing and handing blocks over (safe from a signal handler)."""
+        self.stop_ev.set()
+
+    def sink_closed(self) -> None:
+        """The last commit was routed: tell every worker to wait for no more."""
+        for q in self.commits_q:
+            q.put(_END)
 
     def counters(self) -> WorkerCounters:
         total = WorkerCounters()

@@ -149,7 +149,12 @@ class PredictionSink:
 
     Opening takes the sweep's prediction lock (a second writer gets :class:`UsageError`)
     and recovers from a crash of the previous writer. ``labels``/``threshold`` describe the
-    score columns; ``part_rows`` and ``part_seconds`` bound a part's size and age."""
+    score columns; ``part_rows`` and ``part_seconds`` bound a part's size and age.
+    ``first_part_s``: the k-th part of this writer is due once its oldest rows are
+    ``first_part_s * (2**k - 1)`` seconds old (0, 1, 3, 7, ... for 1.0), until that reaches
+    ``part_seconds``: what a kill loses early in a run is bounded by seconds, not a minute.
+    ``holder`` names this writer in the lock file, so a refused second writer is told
+    what is running."""
 
     def __init__(
         self,
@@ -161,6 +166,8 @@ class PredictionSink:
         threshold: float,
         part_rows: int = 65536,
         part_seconds: float = 60.0,
+        first_part_s: float | None = None,
+        holder: str = "tilesweep predict",
     ) -> None:
         self.labels = tuple(labels)
         clash = [lb for lb in self.labels if lb in BASE_COLUMNS]
@@ -178,6 +185,8 @@ class PredictionSink:
         self.threshold = float(threshold)
         self.part_rows = int(part_rows)
         self.part_seconds = float(part_seconds)
+        self.first_part_s = first_part_s
+        self._commits = 0  # commits by this writer (the growing age limit of first_part_s)
         self.stats = CommitStats()
         self._buffer: list[BlockRows] = []
         self._buffered_rows = 0
@@ -188,8 +197,10 @@ class PredictionSink:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            held_by = _lock_holder(self._lock_fd)
             os.close(self._lock_fd)
-            raise UsageError(f"another `tilesweep predict` is writing predictions of {str(sweep_path)!r}; wait for it") from None
+            raise UsageError(f"{held_by} is writing predictions of {str(sweep_path)!r}; wait for it or stop it") from None
+        _claim_lock(self._lock_fd, holder)
         self.db = sqlite3.connect(self.root / LEDGER_FILE, isolation_level=None, check_same_thread=False, timeout=60)
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = FULL")
@@ -275,12 +286,19 @@ class PredictionSink:
         return []
 
     def due(self) -> bool:
-        """True when the buffer should be committed now (full, or older than part_seconds)."""
+        """True when the buffer should be committed now (full, or older than its age limit)."""
         if not self._buffer:
             return False
         return self._buffered_rows >= self.part_rows or (
-            self._first_at is not None and time.monotonic() - self._first_at >= self.part_seconds
+            self._first_at is not None and time.monotonic() - self._first_at >= self.age_limit()
         )
+
+    def age_limit(self) -> float:
+        """Seconds the oldest buffered rows may wait: ``part_seconds``, or less for the
+        first parts of a writer with ``first_part_s`` (class doc)."""
+        if self.first_part_s is None:
+            return self.part_seconds
+        return min(self.part_seconds, self.first_part_s * (2.0 ** min(self._commits, 30) - 1.0))
 
     def commit(self) -> list[int]:
         """Write the buffered blocks as one part and record them, in that order. Returns
@@ -289,6 +307,7 @@ class PredictionSink:
             return []
         t0 = time.perf_counter()
         buf, self._buffer, self._buffered_rows, self._first_at = self._buffer, [], 0, None
+        self._commits += 1
         blocks: dict[int, list[int]] = {}
         for b in buf:
             valid = ~np.isnan(b.scores).any(axis=1) if len(b.x) else np.zeros(0, bool)
@@ -376,6 +395,26 @@ class PredictionSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _claim_lock(fd: int, holder: str) -> None:
+    """Write who holds the prediction lock into the lock file (it is ours now)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder} (pid {os.getpid()})\n".encode(), 0)
+    except OSError:  # a read-only or full disk: the lock still holds, only its label is lost
+        pass
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the prediction lock, as its holder wrote it (e.g. "tilesweep run (pid
+    812)"), or a plain description when it wrote nothing."""
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    m = re.fullmatch(r"(tilesweep [a-z ]+) \(pid (\d+)\)", text)
+    return f"`{m[1]}` (pid {m[2]})" if m else "another tilesweep process"
 
 
 class _txn:
@@ -528,7 +567,7 @@ def drop_predictions(sweep_path: Path, model: str) -> Dropped:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UsageError(f"another `tilesweep predict` is writing predictions of {str(sweep_path)!r}; wait for it") from None
+            raise UsageError(f"{_lock_holder(fd)} is writing predictions of {str(sweep_path)!r}; wait for it or stop it") from None
         db = sqlite3.connect(ledger, isolation_level=None, timeout=60)
         try:
             found = db.execute("SELECT model_key, name, folder FROM models WHERE name = ? OR folder = ?", (model, model)).fetchall()

@@ -269,12 +269,15 @@ class SqliteQueue:
 
     def expire(self, owner: str) -> int:
         """End ``owner``'s leases now, as if they had expired (the owner is known to be
-        dead): the next lease call returns them to pending, counting a lost lease (not a
-        failed attempt)."""
+        dead): they go back to pending at once, each counting a lost lease (not a failed
+        attempt). Returns how many."""
         with self._write() as db:
-            return db.execute(
+            n = db.execute(
                 f"UPDATE blocks SET lease_until = 0 WHERE state = {State.LEASED} AND owner = ?", (owner,)
             ).rowcount
+            if n:
+                self._expire(db, time.time())
+            return n
 
     def count(self, state: State) -> int:
         """Blocks in ``state``."""

@@ -100,6 +100,7 @@ class Viewer:
             raise UsageError(f"sweep folder {str(self.path)!r} has no {QUEUE_FILE}")
         self.zoom = self.sweep.zoom
         self.block_zoom = self.sweep.block_zoom
+        self.block_zoom_min = self.sweep.block_zoom_min  # adaptive blocks lie at several zooms
         self.bbox = [float(v) for v in self.sweep.plan_config["bbox"]]
         self.static = static_files()
         self.pmtiles = Path(pmtiles) if pmtiles is not None else None
@@ -117,11 +118,12 @@ class Viewer:
     def _imagery_mode(self) -> tuple[str, str]:
         if self.pmtiles is not None:
             return "pmtiles", f"imagery from {self.pmtiles.name} (PMTiles, read with HTTP Range)"
-        base = self.path / TILES_DIR / str(self.block_zoom)
-        try:
-            stored = any(True for _ in os.scandir(base))
-        except FileNotFoundError:
-            stored = False
+        stored = False
+        for bz in range(self.block_zoom_min, self.block_zoom + 1):
+            try:
+                stored = stored or any(True for _ in os.scandir(self.path / TILES_DIR / str(bz)))
+            except FileNotFoundError:
+                pass
         if stored:
             return "store", "imagery from the sweep's tile store"
         src = self.sweep.source
@@ -261,21 +263,23 @@ class Viewer:
         return web.json_response(await self._run(self.progress), headers={"Cache-Control": "no-cache"})
 
     def blocks_tile(self, z: int, x: int, y: int) -> bytes:
-        bz = self.block_zoom
-        if bz - z > BLOCK_LEVELS:
+        if self.block_zoom - z > BLOCK_LEVELS:
             return encode_squares("blocks", [])
+        rows: list[tuple[int, int, int, int]] = []
         db = self._ro(self.path / QUEUE_FILE)
         try:
-            if z >= bz:
-                b = Tile(bz, x >> (z - bz), y >> (z - bz))
-                rows = db.execute("SELECT x, y, state FROM blocks WHERE id = ? AND state != 0", (tile_id(b),)).fetchall()
-            else:
-                lo, hi = descendant_id_range(Tile(z, x, y), bz)
-                rows = db.execute("SELECT x, y, state FROM blocks WHERE id >= ? AND id < ? AND state != 0", (lo, hi)).fetchall()
+            for bz in range(self.block_zoom_min, self.block_zoom + 1):  # one zoom unless adaptive
+                if z >= bz:
+                    b = Tile(bz, x >> (z - bz), y >> (z - bz))
+                    got = db.execute("SELECT x, y, state FROM blocks WHERE id = ? AND state != 0", (tile_id(b),)).fetchall()
+                else:
+                    lo, hi = descendant_id_range(Tile(z, x, y), bz)
+                    got = db.execute("SELECT x, y, state FROM blocks WHERE id >= ? AND id < ? AND state != 0", (lo, hi)).fetchall()
+                rows += [(bz, bx, by, state) for bx, by, state in got]
         finally:
             db.close()
         squares, values = [], []
-        for bx, by, state in rows:
+        for bz, bx, by, state in rows:
             if z >= bz:
                 d = z - bz
                 size = EXTENT << d
@@ -408,12 +412,19 @@ class Viewer:
         return _mvt(body, "max-age=2")
 
     def tile_info(self, t: Tile) -> dict[str, Any]:
-        bz = self.block_zoom
-        block = Tile(bz, t.x >> (self.zoom - bz), t.y >> (self.zoom - bz))
-        bid = tile_id(block)
+        row = None
         db = self._ro(self.path / QUEUE_FILE)
         try:
-            row = db.execute("SELECT state, attempts, tiles FROM blocks WHERE id = ?", (bid,)).fetchone()
+            for bz in range(self.block_zoom, self.block_zoom_min - 1, -1):  # adaptive: the ancestor queued
+                block = Tile(bz, t.x >> (self.zoom - bz), t.y >> (self.zoom - bz))
+                bid = tile_id(block)
+                row = db.execute("SELECT state, attempts, tiles FROM blocks WHERE id = ?", (bid,)).fetchone()
+                if row is not None:
+                    break
+            if row is None:
+                bz = self.block_zoom
+                block = Tile(bz, t.x >> (self.zoom - bz), t.y >> (self.zoom - bz))
+                bid = tile_id(block)
         finally:
             db.close()
         lon, lat = center(t)
