@@ -39,7 +39,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from .errors import UsageError
-from .tiles import MAX_ZOOM, Tile, bounds_array, descendant_id_range, tile_id_array
+from .tiles import MAX_ZOOM, Tile, bounds_array, tile_id_array
 
 DEFAULT_BLOCK_LEVELS = 4
 """Default ``zoom - block_zoom``: blocks of up to 16 x 16 = 256 tiles."""
