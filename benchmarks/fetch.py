@@ -438,7 +438,16 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tilesweep-bench")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--sparse", action="store_true", help="instead: a 0.001 sample against a dense plan of the same "
+                    "tile count, adaptive and fixed blocks (benchmarks/blocks.py, part 2; issue 15)")
     a = ap.parse_args()
+    if a.sparse:
+        from blocks import SPARSE_BBOX, fetch_table, print_fetch
+
+        w = (a.workers or [2])[-1]
+        with tempfile.TemporaryDirectory() as tmp:
+            print_fetch(fetch_table(Path(tmp), SPARSE_BBOX, 0.001, w, a.concurrency, a.repeat), w, a.concurrency, a.repeat)
+        return
     if a.quick:
         a.tiles, a.high, a.repeat, a.read_tiles = 256, 0, 1, 256
     if not Path(NGINX).exists():

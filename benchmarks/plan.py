@@ -74,7 +74,16 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--quick", action="store_true", help="one area of ~500 tiles: checks the script works, and exits 1 "
                     "when the plan failed or planned nothing (the test suite runs it)")
+    ap.add_argument("--fractions", type=float, nargs="+", default=None, help="instead: blocks under sampling, fixed "
+                    "zoom-14 cells against adaptive blocks at these fractions (benchmarks/blocks.py, part 1; issue 15)")
     args = ap.parse_args()
+    if args.fractions:
+        from blocks import plan_table, print_plan
+
+        millions = max(args.sizes) if not args.quick else 2.0
+        with tempfile.TemporaryDirectory() as tmp:
+            print_plan(plan_table(Path(tmp), millions, args.fractions), millions)
+        return
     if args.quick:
         args.sizes, args.timeout = [0.0005], 60.0
     burn = shutil.which("supermercado") or str(Path(PY).parent / "supermercado")
