@@ -90,38 +90,34 @@ def convert(
     con = connect(memory_limit, threads)
     started = time.perf_counter()
     try:
-        try:
-            columns = [(str(n), str(t)) for n, t in zip(*_describe(con, files))]
+        try:  # binding sniffs the types, over all rows, once: the write reuses them
+            rel = con.sql(f"SELECT * FROM {csv_source(files)}")
+            columns = [(str(n), str(t)) for n, t in zip(rel.columns, rel.types)]
         except duckdb.Error as exc:
             raise as_usage_error(exc) from None
         with atomic_output(out) as tmp:
-            sql = (f"COPY (SELECT * FROM {csv_source(files)}) TO {quote_literal(str(tmp))} "
-                   f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {int(row_group_size)})")
-            rows = _run_with_progress(con, sql, on_progress)
+            _run_with_progress(con, lambda: rel.to_parquet(str(tmp), compression="zstd", row_group_size=int(row_group_size)),
+                               on_progress)
+        import pyarrow.parquet as pq
+
+        rows = pq.read_metadata(out).num_rows
     finally:
         con.close()
     return ConvertReport(len(files), sum(f.stat().st_size for f in files), rows, out.stat().st_size,
                          time.perf_counter() - started, columns)
 
 
-def _describe(con: duckdb.DuckDBPyConnection, files: Sequence[Path]) -> tuple[list[str], list[str]]:
-    rel = con.sql(f"SELECT * FROM {csv_source(files)}")
-    return list(rel.columns), [str(t) for t in rel.types]
-
-
-def _run_with_progress(con: duckdb.DuckDBPyConnection, sql: str, on_progress: Callable[[float], None] | None) -> int:
+def _run_with_progress(con: duckdb.DuckDBPyConnection, write: Callable[[], object], on_progress: Callable[[float], None] | None) -> None:
     result: dict[str, object] = {}
 
     def work() -> None:
         try:
-            row = con.execute(sql).fetchone()
-            result["rows"] = int(row[0]) if row else 0
+            write()
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             result["error"] = exc
 
     t = threading.Thread(target=work, name="tilesweep-convert", daemon=True)
     t.start()
-    done = threading.Event()
     try:
         while t.is_alive():
             t.join(0.25)
@@ -136,8 +132,6 @@ def _run_with_progress(con: duckdb.DuckDBPyConnection, sql: str, on_progress: Ca
         con.interrupt()
         t.join()
         raise
-    finally:
-        done.set()
     error = result.get("error")
     if isinstance(error, duckdb.Error):
         raise as_usage_error(error)
@@ -145,4 +139,3 @@ def _run_with_progress(con: duckdb.DuckDBPyConnection, sql: str, on_progress: Ca
         raise error  # type: ignore[misc]
     if on_progress is not None:
         on_progress(100.0)
-    return int(result.get("rows", 0))  # type: ignore[call-overload]
