@@ -128,11 +128,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _features(body: bytes) -> int:
-    """Features in the last tile (counts the feature tag inside the one layer)."""
-    from tilesweep.view.mvt import _varint  # noqa: F401  (same encoding)
-
-    # Crude but exact for our encoder: each feature is field 2 of the layer, tag byte 0x12,
-    # followed by a geometry type field (0x18 0x03).
+    """Features in the last tile: exact for tilesweep.view.mvt, whose every feature holds
+    the geometry type field (0x18 0x03: POLYGON) right before its geometry (0x22)."""
     return body.count(b"\x18\x03\x22")
 
 

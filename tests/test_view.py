@@ -28,7 +28,7 @@ def sim():
 
 @pytest.fixture(scope="module")
 def sweep(sim, tmp_path_factory):
-    return kept_sweep(tmp_path_factory.mktemp("view") / "kept", sim.template())
+    return kept_sweep(tmp_path_factory, sim.template())
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -158,10 +158,11 @@ def test_bad_folders_ports_and_the_network_warning(sweep, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        res = tilesweep("view", sweep, "--port", s.getsockname()[1], check=False, timeout=60)
+        busy = s.getsockname()[1]
+        res = tilesweep("view", sweep, "--port", busy, check=False, timeout=60)
     assert res.returncode == 2, res
     err = res.stderr.strip().splitlines()
-    assert len(err) == 1 and "in use" in err[0] and "Traceback" not in res.stderr, res.stderr
+    assert len(err) == 1 and f"port {busy} on 127.0.0.1 is in use" in err[0] and "Traceback" not in res.stderr, res.stderr
     # A sweep without predictions serves its imagery and progress, and says so.
     bare = tmp_path / "planned"
     tilesweep("plan", SMALL_BBOX, bare, "--zoom", ZOOM)

@@ -27,11 +27,20 @@ CHROMIUM = next((p for p in ("/usr/lib/chromium/chromium", "/usr/bin/chromium", 
 SCREENSHOTS = Path(os.environ.get("TILESWEEP_SCREENSHOTS", Path(__file__).resolve().parents[2] / "build" / "test-screenshots"))
 
 
-def kept_sweep(folder: Path, sim_template: str, bbox: str = TOWER_BBOX, block_zoom: int = 14) -> Path:
-    """A sweep fetched with --keep-tiles and scored by the demo model."""
-    tilesweep("plan", bbox, folder, "--zoom", ZOOM, "--block-zoom", block_zoom)
-    tilesweep("run", folder, "--source", sim_template, "--model", "demo", "--keep-tiles", "--quiet")
-    return folder
+_KEPT: dict[str, Path] = {}
+
+
+def kept_sweep(tmp_path_factory, sim_template: str, bbox: str = TOWER_BBOX, block_zoom: int = 14) -> Path:
+    """A sweep fetched with --keep-tiles and scored by the demo model, made once per test
+    session (the viewer only reads it; its imagery comes from the store, so the simulator
+    that made it need not live on)."""
+    key = f"{bbox}/{block_zoom}"
+    if key not in _KEPT:
+        folder = tmp_path_factory.mktemp("view") / "kept"
+        tilesweep("plan", bbox, folder, "--zoom", ZOOM, "--block-zoom", block_zoom)
+        tilesweep("run", folder, "--source", sim_template, "--model", "demo", "--keep-tiles", "--quiet")
+        _KEPT[key] = folder
+    return _KEPT[key]
 
 
 @contextlib.contextmanager

@@ -110,6 +110,8 @@ def read_models(sweep_path: Path) -> list[ModelInfo]:
 def ledger_parts(sweep_path: Path, key: str) -> list[str]:
     """Names (relative to predictions/) of a model's committed parts."""
     path = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
+    if not path.is_file():
+        return []
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
         return [r[0] for r in db.execute("SELECT name FROM parts WHERE model_key = ? ORDER BY name", (key,))]

@@ -26,6 +26,7 @@ request is logged.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import re
@@ -587,7 +588,9 @@ async def serve(viewer: Viewer, host: str, port: int, on_ready: Callable[[str], 
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc} (is the port in use? pass --port)") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} on {host} is in use; pass another --port (or --port 0 for any free one)") from None
+        raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
     sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
     real_port = sockets[0].getsockname()[1] if sockets else port
     shown = f"[{host}]" if ":" in host else host
