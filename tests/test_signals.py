@@ -215,11 +215,11 @@ def test_the_first_parts_of_a_run_come_within_seconds(tmp_path, slow_sim):
     sweep = plan(tmp_path)
     p = start("run", sweep, "--model", "demo", "--source", slow_sim.template(), "--concurrency", 2,
               "--part-seconds", 600, "--quiet")
-    seen = wait_for(lambda: done_blocks(sweep) >= 1 or p.poll() is not None)
-    running = p.poll() is None
+    # seen with blocks still to do: not the commit at the end of the run
+    seen = wait_for(lambda: 1 <= done_blocks(sweep) < 16 or p.poll() is not None) and 1 <= done_blocks(sweep) < 16
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate()
-    assert seen and running, "no block was committed while the run ran"
+    assert seen, "no block was committed while the run ran"
     assert ledger_blocks(sweep) >= done_blocks(sweep) >= 1
 
 
@@ -257,7 +257,7 @@ def test_run_beside_a_fetch_or_a_run_is_refused_naming_what_runs(tmp_path, slow_
     sweep = plan(tmp_path)
     fetch = start("fetch", sweep, "--source", slow_sim.template(), "--concurrency", 2, "--quiet")
     try:
-        assert wait_for(lambda: (sweep / ".workers.lock").exists() and queue_counts(sweep).get(int(State.LEASED), 0) > 0)
+        assert wait_for(lambda: queue_counts(sweep).get(int(State.LEASED), 0) > 0)
         res = tilesweep("run", sweep, "--model", "demo", check=False)
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert "`tilesweep fetch` is running" in res.stderr, res.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import sqlite3
 import os
 import re
 import sys
@@ -902,11 +903,20 @@ def protect_negative_bboxes(args: list[str]) -> list[str]:
     return fixed
 
 
+def _path_args() -> list[str]:
+    """The command line's arguments that name an existing file or folder, output first
+    (the last one): where a write that names no path was going."""
+    return [a for a in reversed(sys.argv[2:])
+            if not a.startswith("-") and (os.path.exists(a) or (os.sep in a and os.path.isdir(os.path.dirname(a))))]
+
+
 def _os_error_line(exc: OSError) -> str:
     """One line for an OS error: the path(s), what happened, and the errno's name."""
     name = errno.errorcode.get(exc.errno or 0, "")
     what = exc.strerror or str(exc)
     paths = [repr(os.fspath(f)) for f in (exc.filename, exc.filename2) if f is not None]
+    if not paths and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a write to an open file names no path
+        paths = [f"writing under {a!r}" for a in _path_args()][:1]
     return f"{' -> '.join(paths) + ': ' if paths else ''}{what}{f' ({name})' if name else ''}"
 
 
@@ -927,6 +937,15 @@ def main() -> None:
     except OSError as exc:
         err.print(f"[bold red]error:[/] {_os_error_line(exc)}", highlight=False, soft_wrap=True)
         sys.exit(1 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 2)
+    except sqlite3.OperationalError as exc:  # SQLite's own "database or disk is full"
+        from .diskspace import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        where = next(iter(_path_args()), None)
+        err.print(f"[bold red]error:[/] {os.strerror(errno.ENOSPC)} (ENOSPC) writing a database{f' under {where!r}' if where else ''}: {exc}",
+                  highlight=False, soft_wrap=True)
+        sys.exit(1)
     except CorruptShardError as exc:  # `tiles get`, `export`: the data is bad, not the input
         err.print(f"[bold red]error:[/] {_corrupt_line(exc)}", highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 from . import signals
+from .diskspace import disk_full, is_disk_full, keep_reserve, release_leases
 from .errors import UsageError
 from .fetch import Fetcher, FetchSettings, SourceError, TileResult
 from .limits import AdaptiveLimit
@@ -263,6 +264,7 @@ class Worker:
         self._slots = AdaptiveLimit(self.fetch_settings.concurrency)
         tasks: set[asyncio.Task[None]] = set()
         self._look_for_stop()  # a stop (or an orphaning) during start-up: lease nothing
+        await self._db(keep_reserve, self.sweep_path)  # room to release the leases on a full disk
         await self._db(expire_dead_local_owners, self.queue)
         keeper = asyncio.create_task(self._keep_leases())
         last_ack = time.monotonic()
@@ -317,8 +319,14 @@ class Worker:
             if clean and self._handed and self.stop_event is not None and self.stop_event.is_set():
                 await self._settle()
             keeper.cancel()
-            await self._flush_acks()
-            await self._db(self.queue.release, self.owner)
+            try:
+                await self._flush_acks()
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                raise disk_full(self.queue.path) from None  # one line, ENOSPC and the path
+            finally:  # also on a full disk, where the acks cannot be written: release_leases makes room
+                await self._db(release_leases, self.queue, self.owner, self.sweep_path)
             self._report()
             self.queue.close()
             if self.store is not None:
@@ -552,6 +560,8 @@ class Worker:
     def _abort_quietly(writer: Any) -> None:
         try:
             writer.flush()
+        except OSError:  # a full disk: the tail not written is fetched again on resume
+            pass
         finally:
             writer.abort()
 
@@ -661,6 +671,11 @@ def _worker_main(args: tuple, progress: "mp.Queue[tuple[int, WorkerCounters]]", 
     except UsageError as exc:  # e.g. SourceError: the parent prints it as one line
         progress.put((index, str(exc)))
         return
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        progress.put((index, ("disk full", os.fspath(exc.filename or sweep_folder_of(args)))))  # the parent raises it
+        return
     finally:
         if worker.orphaned():
             # Nobody reads `progress` now: what sits in its buffer must not hold up our
@@ -672,6 +687,11 @@ def _worker_main(args: tuple, progress: "mp.Queue[tuple[int, WorkerCounters]]", 
     progress.put((index, None))  # type: ignore[arg-type]
 
 
+def sweep_folder_of(worker_args: tuple) -> Path:  # type: ignore[type-arg]
+    """The sweep folder of a worker's ``args`` (their first item)."""
+    return Path(worker_args[0])
+
+
 def _drain_until_exit(procs: list, progress: "mp.Queue", latest: dict) -> None:  # type: ignore[type-arg]
     """Read ``progress`` until every worker has exited. A child cannot exit while its last
     messages sit in a full pipe, so joining without reading can wait forever. A second
@@ -679,7 +699,7 @@ def _drain_until_exit(procs: list, progress: "mp.Queue", latest: dict) -> None: 
     while any(p.is_alive() for p in procs):
         try:
             index, counters = progress.get(timeout=0.2)
-            if counters is not None and not isinstance(counters, str):
+            if isinstance(counters, WorkerCounters):  # not a worker's last word (None, an error)
                 latest[index] = counters
         except KeyboardInterrupt:
             for p in procs:
@@ -777,6 +797,10 @@ def _watch_workers(procs: list, progress: Any, stop: Any, on_progress: Callable[
                 stop.set()  # the others stop cleanly and release their leases
                 _drain_until_exit(procs, progress, latest)
                 raise UsageError(counters)
+            elif isinstance(counters, tuple) and counters[0] == "disk full":  # it released its leases
+                stop.set()
+                _drain_until_exit(procs, progress, latest)
+                raise disk_full(counters[1])
             else:
                 latest[index] = counters
                 if on_progress is not None:

@@ -201,10 +201,20 @@ class PredictionSink:
             os.close(self._lock_fd)
             raise UsageError(f"{held_by} is writing predictions of {str(sweep_path)!r}; wait for it or stop it") from None
         _claim_lock(self._lock_fd, holder)
-        self.db = sqlite3.connect(self.root / LEDGER_FILE, isolation_level=None, check_same_thread=False, timeout=60)
-        self.db.execute("PRAGMA journal_mode = WAL")
-        self.db.execute("PRAGMA synchronous = FULL")
-        self.db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        ledger = self.root / LEDGER_FILE
+        fresh = not ledger.exists()
+        self.db = sqlite3.connect(ledger, isolation_level=None, check_same_thread=False, timeout=60)
+        try:
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = FULL")
+            self.db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        except sqlite3.Error:  # e.g. a full disk: leave no empty ledger behind
+            self.db.close()
+            if fresh:
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{ledger}{suffix}").unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            raise
         with _txn(self.db):  # ledgers written before model_nan was kept
             if "model_nan" not in {r[1] for r in self.db.execute("PRAGMA table_info(predicted)")}:
                 self.db.execute("ALTER TABLE predicted ADD COLUMN model_nan INTEGER NOT NULL DEFAULT 0")
