@@ -456,3 +456,18 @@ def test_predict_and_run_threshold_bad_values(sweep, tmp_path):
                    "threshold 0.5", "detections --threshold")
     res = tilesweep("predict", sweep, "--model", "demo", "--threshold", "0.5", "--quiet")
     assert "0 tiles scored" in res.stdout
+
+
+def test_plan_view_matches_the_queue_for_a_sampled_plan(tmp_path):
+    """A 1% sample: blocks hold bit masks or tile lists (and may sit at several zooms)."""
+    path = tmp_path / "sparse"
+    tilesweep("plan", "8.40,47.30,8.60,47.45", path, "--zoom", ZOOM, "--fraction", "0.01")
+    with Sweep.open(path) as sw:
+        expected = set()
+        for block in sw.queue.blocks():
+            expected |= set(block.tile_list(ZOOM))
+        got = [Tile(*r) for r in sw.query("SELECT z, x, y FROM plan").fetchall()]
+        assert len(got) == len(set(got)) == sw.summary().tiles
+        assert set(got) == expected
+        (n,) = sw.query("SELECT count(*) FROM plan p JOIN blocks b USING (block)").fetchall()[0]
+        assert n == len(got)

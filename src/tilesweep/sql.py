@@ -328,24 +328,26 @@ def plan_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
 
 def planned_tiles(sweep: "Sweep") -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``(x, y, block id)`` int64 arrays of the planned tiles, about BATCH_ROWS at a time,
-    in block id order (read-only from the queue)."""
+    in block id order (read-only from the queue). Blocks may sit at several zooms
+    (adaptive blocks): each one's descendants are taken at the sweep's zoom."""
     from .plan import mask_cells
 
-    full: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # levels -> (dy, dx) of a whole block
+    zoom = sweep.zoom
+    grids: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     bs: list[np.ndarray] = []
     n = 0
-    # adaptive blocks lie at several zooms: each row's own zoom, and a bit mask or tile list
     for rows in _queue_rows(sweep, "SELECT id, z, x, y, mask FROM blocks ORDER BY id"):
         for bid, bz, bx, by, mask in rows:
-            levels = sweep.zoom - int(bz)
-            cells = mask_cells(mask, levels)
+            levels = zoom - int(bz)
+            cells = mask_cells(mask, levels)  # (rows, cols) of a bit mask or tile list; None: all
             if cells is None:
-                if levels not in full:
+                if levels not in grids:  # a whole block: small (it holds at most a block's tiles)
                     side = 1 << levels
-                    full[levels] = np.divmod(np.arange(side * side, dtype=np.int64), side)
-                dy, dx = full[levels]
+                    dy_all, dx_all = np.divmod(np.arange(side * side, dtype=np.int64), side)
+                    grids[levels] = (dx_all, dy_all)
+                dx, dy = grids[levels]
             else:
                 dy, dx = cells
             xs.append((int(bx) << levels) + dx)
