@@ -322,6 +322,10 @@ def parse_size(text: str) -> int:
     return int(float(t[:-1]) * units[t[-1]]) if t[-1] in units else int(t)
 
 
+class _Done(Exception):
+    """The cases asked for (--only) are done."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", help=argparse.SUPPRESS)
@@ -336,6 +340,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    ap.add_argument("--only", choices=("all", "csv"), default="all",
+                    help="csv: only the raw-CSV cases (no convert, Parquet or predictions)")
     a = ap.parse_args()
     if a.case:
         print(json.dumps(case(a.case, a.input or [], a.extra)))
@@ -374,6 +380,8 @@ def main() -> None:
                 r.update(engine=e, input="csv")
                 results.append(r)
                 print(json.dumps(r), file=sys.stderr)
+        if a.only == "csv":
+            raise _Done
         conv = measure("convert", [str(f) for f in csvs], str(work), sys.executable, None, a.timeout)
         conv.update(engine="tilesweep convert", input="csv -> parquet")
         results.append(conv)
@@ -401,6 +409,8 @@ def main() -> None:
             r.update(engine="tilesweep", input=f"predictions {a.pred_rows:,} rows")
             results.append(r)
             print(json.dumps(r), file=sys.stderr)
+    except _Done:
+        pass
     finally:
         if not a.dir:
             shutil.rmtree(work, ignore_errors=True)
