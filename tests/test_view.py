@@ -18,6 +18,7 @@ from tilesweep.view.server import STATIC
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "tok-5ecret-DO-NOT-LEAK-7f3a"
+TINY_BBOX = "8.5005,47.3005,8.5040,47.3025"  # a dozen zoom-18 tiles
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,12 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
 
 
-def raw(url: str, target: str, method: str = "GET") -> int:
+def raw(url: str, target: str, method: str = "GET", host_header: str | None = None) -> int:
     """Status of a request sent byte for byte (no client-side path normalisation)."""
     host, port = url.split("//")[1].strip("/").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        hdr = host_header or f"{host}:{port}"
+        s.sendall(f"{method} {target} HTTP/1.1\r\nHost: {hdr}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -98,6 +100,9 @@ def test_serves_the_page_tiles_and_overlay_and_refuses_the_rest_read_only(sweep)
         ]:
             assert raw(url, target) == want, target
         assert raw(url, "/api/info", "POST") == 405 and raw(url, "/", "DELETE") == 405
+        # DNS rebinding: a page of another site re-pointed at 127.0.0.1 sends its own Host.
+        assert raw(url, "/api/info", host_header="evil.example:8765") == 403
+        assert raw(url, "/api/info", host_header=f"localhost:{url.rsplit(':', 1)[1].strip('/')}") == 200
     assert snapshot(sweep) == before, "the viewer changed the sweep"
     assert not any("Traceback" in line for line in lines), "".join(lines)
 
@@ -119,7 +124,7 @@ def test_a_streamed_sweep_is_proxied_and_its_token_never_leaves_the_server(sim, 
     with TokenServer(sim.url, TOKEN) as upstream:
         folder = tmp_path / "streamed"
         env = {"VIEW_TEST_TOKEN": TOKEN}
-        tilesweep("plan", SMALL_BBOX, folder, "--zoom", ZOOM, "--block-zoom", 16)
+        tilesweep("plan", TINY_BBOX, folder, "--zoom", ZOOM)
         tilesweep("run", folder, "--source", upstream.template("VIEW_TEST_TOKEN"), "--model", "demo", "--quiet", env=env)
         assert not (folder / "tiles").exists() or not any((folder / "tiles").rglob("*.shard"))
         seen = []

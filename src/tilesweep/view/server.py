@@ -169,8 +169,11 @@ class Viewer:
             "blocks_minzoom": max(0, self.block_zoom - BLOCK_LEVELS),
         }
 
-    def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[_errors])
+    def make_app(self, host: str = "127.0.0.1") -> web.Application:
+        middlewares = [_errors]
+        if host in LOOPBACK:
+            middlewares.insert(0, _loopback_host)
+        app = web.Application(middlewares=middlewares)
         r = app.router
         r.add_get("/", self._index)
         r.add_get("/static/{path:.+}", self._static)
@@ -576,12 +579,22 @@ def _image(data: bytes, cache: str) -> web.Response:
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_HOST = re.compile(r"^(127\.0\.0\.1|localhost|\[::1\])(:\d+)?$")
+
+
+@web.middleware
+async def _loopback_host(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    """Served on loopback, answer only requests addressed to loopback: a web page whose
+    name an attacker re-points at 127.0.0.1 (DNS rebinding) sends its own Host and is refused."""
+    if not _HOST.match(request.headers.get("Host", "")):
+        raise web.HTTPForbidden(text="this viewer answers only requests to 127.0.0.1 / localhost\n")
+    return await handler(request)
 
 
 async def serve(viewer: Viewer, host: str, port: int, on_ready: Callable[[str], None], stop: asyncio.Event) -> None:
     """Run the viewer on ``host:port`` until ``stop`` is set. ``on_ready(url)`` is called
     once it listens. A port in use is a :class:`UsageError`."""
-    runner = web.AppRunner(viewer.make_app(), access_log=None, handle_signals=False)
+    runner = web.AppRunner(viewer.make_app(host), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
