@@ -6,9 +6,11 @@ Screenshots go to build/test-screenshots/ (or $TILESWEEP_SCREENSHOTS)."""
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers.cli import ENV, tilesweep
@@ -191,6 +193,30 @@ def test_slider_cells_click_and_download(browser, served):
         assert p.errors() == [], p.errors()
     finally:
         p.close()
+
+
+def test_model_picker_switches_the_overlay(browser, sweep, tmp_path):
+    two = tmp_path / "two-models"
+    shutil.copytree(sweep, two)
+    subprocess.run([sys.executable, "-m", "tilesweep", "predict", str(two), "--model", "helpers.models:greenness", "--quiet"],
+                   cwd=Path(__file__).parent, env=ENV, check=True, capture_output=True, timeout=300)
+    with view_server(two) as (url, _, _lines):
+        p = Page(browser, url)
+        try:
+            page = p.page
+            options = page.locator("#model option").all_inner_texts()
+            assert len(options) == 2 and any("green" in o for o in options) and any("tower" in o for o in options), options
+            demo = page.evaluate("() => window.tilesweep.model")
+            before = p.shot()
+            green = next(v for v in page.locator("#model option").evaluate_all("os => os.map(o => o.value)") if v != demo)
+            page.locator("#model").select_option(green)
+            p.settle()
+            assert page.evaluate("() => window.tilesweep.model") == green
+            assert differing(before, p.shot("viewer-second-model")) > 1000, "switching the model changed nothing"
+            assert any(f"/overlay/{green}/" in u for u in p.requests)
+            assert p.errors() == [], p.errors()
+        finally:
+            p.close()
 
 
 def test_progress_updates_while_a_streamed_sweep_runs_beside_it(browser, tmp_path):
