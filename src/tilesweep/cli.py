@@ -323,8 +323,9 @@ def predict(
             with meter:
                 report = predict_sweep(sweep, the_model, settings, on_progress=meter.update)
         except KeyboardInterrupt:
-            from .signals import exit_status
+            from .signals import exit_status, mark_reported
 
+            mark_reported()
             err.print("stopped: committed parts are durable, with every block scored before the stop; run the same command to go on")
             raise typer.Exit(exit_status())
         _predict_summary(sweep, sweep_dir, the_model, report, "run `tilesweep fetch`, then predict again")
@@ -458,8 +459,9 @@ def _stopped(sweep: Sweep, kept: str, hint: str) -> None:
     """After a stop (Ctrl-C, SIGTERM): say what is kept and, truthfully, whether blocks are
     still leased (by other processes: ours were released), then exit 130 or 143."""
     from .queue import SqliteQueue, State
-    from .signals import exit_status
+    from .signals import exit_status, mark_reported
 
+    mark_reported()
     try:
         with SqliteQueue(sweep.path / "queue.sqlite") as q:
             leased = q.count(State.LEASED)
@@ -926,9 +928,22 @@ def main() -> None:
     Bad input (:class:`UsageError`) is one line and exit 2. An OS error that reaches here
     (an unwritable path, a full disk) is one line naming the path and the errno, exit 2,
     or 1 for a full disk (the input was fine; the machine was not)."""
-    from .signals import install_cli_handlers
+    from .signals import exit_status, install_cli_handlers, received, reported
 
     install_cli_handlers()  # SIGTERM stops gracefully, as Ctrl-C does (exit 143, not killed at once)
+    try:
+        _main()
+    except SystemExit as exc:
+        # A stop signal before any work began: typer turned its KeyboardInterrupt into a
+        # silent exit 130. Nothing was leased yet; say so, with 128 + the signal.
+        if exc.code == 130 and received() is not None and not reported():
+            err.print("stopped before the work began: nothing was leased or written; run the same command to start")
+            sys.exit(exit_status())
+        raise
+
+
+def _main() -> None:
+    """The app, with its errors as one line (see :func:`main`)."""
     try:
         app(args=protect_negative_bboxes(sys.argv[1:]), prog_name="tilesweep")
     except UsageError as exc:

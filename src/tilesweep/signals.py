@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []
+_reported: list[bool] = []  # the CLI said what the stop kept (see mark_reported)
 
 
 def note(signum: int) -> None:
@@ -39,6 +40,16 @@ def received() -> int | None:
 def exit_status(default: int = signal.SIGINT) -> int:
     """128 + the stop signal received (130 for SIGINT, 143 for SIGTERM)."""
     return 128 + (received() or int(default))
+
+
+def mark_reported() -> None:
+    """The CLI printed what a stop kept; a stop that was not reported came before the work
+    began (typer turns a KeyboardInterrupt into a silent exit 130)."""
+    _reported.append(True)
+
+
+def reported() -> bool:
+    return bool(_reported)
 
 
 def _in_main_thread() -> bool:
@@ -107,4 +118,5 @@ def kept_handlers() -> Iterator[None]:
             signal.signal(sig, h if h is not None else signal.SIG_DFL)
 
 
-__all__ = ["exit_status", "install_cli_handlers", "install_worker_handlers", "kept_handlers", "note", "received", "stop_on_signals"]
+__all__ = ["exit_status", "install_cli_handlers", "install_worker_handlers", "kept_handlers", "mark_reported", "note", "received",
+           "reported", "stop_on_signals"]
