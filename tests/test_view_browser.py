@@ -250,6 +250,13 @@ def test_progress_updates_while_a_streamed_sweep_runs_beside_it(browser, tmp_pat
                 p.settle()
                 page.wait_for_function("window.tilesweep.map.getSource('imagery') !== undefined", timeout=30_000)
                 p.settle()
+                # The overlay followed the ledger: every detection of the finished run is drawn.
+                info = json.loads(get(url + "api/info")[2])
+                bbox = ",".join(map(str, info["bbox"]))
+                want = len(json.loads(get(url + f"api/detections.geojson?model={info['models'][0]['id']}&t=0.5&bbox={bbox}")[2])["features"])
+                drawn = page.evaluate("() => window.tilesweep.map.querySourceFeatures('overlay', {sourceLayer: 'overlay', "
+                                      "filter: ['all', ['==', ['get', 'kind'], 'tile'], ['>=', ['get', 's'], 0.5]]}).length")
+                assert drawn == want > 0, (drawn, want)
                 p.shot("viewer-after-run")
                 # Imagery now comes through the server's proxy, which adds the token itself.
                 assert any(s == 200 and "/imagery/" in u for s, u, _ in p.responses)

@@ -178,9 +178,12 @@ class OverlayIndex:
         ``refresh_s`` seconds unless ``force``). Returns the model's generation."""
         m = self._models[folder]
         now = time.monotonic()
-        if not force and now - self._checked.get(folder, -1e9) < self.refresh_s:
+        lock = self._model_locks[folder]
+        # Recently checked and no append under way: answer from what is there. An append
+        # under way is waited for, so no tile is drawn from half of it.
+        if not force and not lock.locked() and now - self._checked.get(folder, -1e9) < self.refresh_s:
             return self.generation[folder]
-        with self._model_locks[folder]:
+        with lock:
             if not force and time.monotonic() - self._checked.get(folder, -1e9) < self.refresh_s:
                 return self.generation[folder]
             names = set(ledger_parts(self.sweep_path, m.key))
@@ -236,9 +239,10 @@ class OverlayIndex:
 
     # --- tiles ----------------------------------------------------------------------------
 
-    def tile(self, folder: str, z: int, x: int, y: int, threshold: float) -> bytes:
-        """The overlay MVT of tile ``z/x/y`` for a model (module doc for what it holds)."""
-        self.refresh(folder)
+    def tile(self, folder: str, z: int, x: int, y: int, threshold: float, fresh: bool = False) -> bytes:
+        """The overlay MVT of tile ``z/x/y`` for a model (module doc for what it holds);
+        ``fresh``: look for new parts first, however recently they were looked for."""
+        self.refresh(folder, force=fresh)
         Z = self.zoom
         t = self._tables[folder]
         cur = self._cur()

@@ -113,6 +113,7 @@ class Viewer:
         self._stores: dict[int, TileStore] = {}
         self._session: aiohttp.ClientSession | None = None
         self._progress_cache: tuple[float, dict[str, Any]] | None = None
+        self._overlay_version: dict[str, str] = {}
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -412,7 +413,12 @@ class Viewer:
         model = self._model(request.match_info["model"])
         z, x, y = _zxy(request)
         t = _threshold(request.query.get("t", "0.5"))
-        body = await self._run(self.overlay.tile, model, z, x, y, t)
+        # The page puts the progress version (it moves when the ledger does) in the URL: the
+        # first request of a new version looks for new parts at once.
+        v = request.query.get("v", "")[:200]
+        fresh = self._overlay_version.get(model) != v
+        self._overlay_version[model] = v
+        body = await self._run(self.overlay.tile, model, z, x, y, t, fresh)
         return _mvt(body, "max-age=2")
 
     def tile_info(self, t: Tile) -> dict[str, Any]:
