@@ -2,6 +2,7 @@
 fetched from the simulator, and read back by status, tiles ls / get, export, verify,
 predict and run exactly as a dense sweep is."""
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from tilesweep.tiles import Tile
 BBOX = "8.50,47.30,8.70,47.45"  # ~22,000 tiles at zoom 18
 ZOOM, FRACTION, SEED, N = 18, 0.01, 4, 64
 WORLD_SEED = 3
-ENV = {"PYTHONPATH": str(Path(__file__).parent)}  # for helpers.models
+ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}  # helpers.models
 
 
 @pytest.fixture(scope="module")
