@@ -98,3 +98,18 @@ def test_fixed_block_plans_keep_their_fingerprint():
     h.update(shapely.to_wkb(shapely.normalize(area.geometry), output_dimension=2))
     h.update(json.dumps({"zoom": 16, "block_zoom": 12, "fraction": 0.5, "seed": 3, "max_tiles": None}, sort_keys=True).encode())
     assert plan_fingerprint(area, spec) == h.hexdigest()[:32]
+
+
+def test_a_fixed_block_sweep_reads_as_before(tmp_path):
+    # What sweeps planned before adaptive blocks hold: one block zoom, no block_tiles.
+    area = load_area("7.40,46.90,7.43,46.92")
+    spec = PlanSpec(zoom=17, block_zoom=13)
+    sweep, created = Sweep.plan(tmp_path / "old", area, spec)
+    assert created and "block_tiles" not in sweep.plan_config and "block_zoom_min" not in sweep.plan_config
+    assert sweep.store.block_zooms == (13,) and sweep.block_zoom_min == sweep.block_zoom == 13
+    assert sweep.summary().describe_blocks() == "blocks at zoom 13"
+    assert "block zoom 13" in sweep.describe_plan()
+    again, created = Sweep.plan(tmp_path / "old", area, spec)
+    assert not created  # the same plan again is a no-op
+    sweep.close()
+    again.close()
