@@ -46,7 +46,7 @@ def sweep(tmp_path_factory):
         tilesweep("fetch", path, "--source", sim.template(), "--quiet")
     tilesweep("predict", path, "--model", "demo", "--quiet")
     tilesweep("predict", path, "--model", "helpers.models:greenness", "--threshold", "0.3", "--quiet",
-              env={"PYTHONPATH": str(TESTS)})
+              env={"PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)})
     return path
 
 
@@ -144,10 +144,10 @@ def test_python_api_returns_lazy_relations(sweep):
 # --- files without a sweep ---------------------------------------------------------------
 
 
-def test_query_files_by_glob_and_formats(tmp_path):
+def test_query_files_by_glob_and_formats(tmp_path, monkeypatch):
     for i in range(3):
         (tmp_path / f"trips{i}.csv").write_text("zone,fare\n" + "".join(f"{z},{z * i}.5\n" for z in range(10)))
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     res = tilesweep("query", "SELECT zone, count(*) AS n, sum(fare) AS total FROM 'trips*.csv' GROUP BY zone ORDER BY zone")
     assert "10 rows in" in res.stdout and "zone" in res.stdout
     tilesweep("query", "SELECT * FROM 'trips*.csv'", "-o", tmp_path / "all.parquet")

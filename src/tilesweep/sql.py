@@ -85,8 +85,11 @@ def connect(memory_limit: str | None = None, threads: int | None = None) -> duck
         con.close()
         raise UsageError(f"memory limit {memory_limit!r}: {_first_line(exc)}") from None
     con.execute("SET preserve_insertion_order = false")
-    con.execute("SET enable_progress_bar = true")  # tracked for query_progress(), never printed
-    con.execute("SET enable_progress_bar_print = false")
+    try:  # tracked for query_progress(), never printed (in Jupyter DuckDB wants ipywidgets for it)
+        con.execute("SET enable_progress_bar_print = false")
+        con.execute("SET enable_progress_bar = true")
+    except duckdb.Error:
+        pass
     return con
 
 
