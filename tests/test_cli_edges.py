@@ -169,10 +169,11 @@ def test_tile_outside_the_plan_is_named_so(fetched):
     z, x, y = map(int, tile.split("/"))
     res = tilesweep("tiles", "get", sweep, f"{z}/1/1", check=False)
     assert res.returncode == 1 and "not in the sweep's plan" in res.stderr, res.stderr
-    # a tile of a planned block that the plan left out (outside the bbox) says the same
-    stored = {line.split()[0] for line in tilesweep("tiles", "ls", sweep, "--all").stdout.splitlines()}
-    corner = f"{z}/{x >> 4 << 4}/{y >> 4 << 4}"
-    assert corner not in stored
+    # a neighbour of the westmost planned tile, in its block's cell but outside the bbox
+    stored = [tuple(map(int, line.split()[0].split("/"))) for line in tilesweep("tiles", "ls", sweep, "--all").stdout.splitlines()]
+    _, wx, wy = min(stored, key=lambda t: t[1])
+    corner = f"{z}/{wx - 1}/{wy}"
+    assert (z, wx - 1, wy) not in stored
     res = tilesweep("tiles", "get", sweep, corner, check=False)
     assert res.returncode == 1 and "not in the sweep's plan" in res.stderr, res.stderr
 
@@ -193,3 +194,17 @@ def test_counts_in_messages_are_plural_only_when_not_one():
     r.stages = {"model": StageMeter("model")}
     r.stages["model"].tiles = 1
     assert predict_progress(r) == "1 of 7 blocks committed, 1 tile scored"
+
+
+def test_a_worker_error_does_not_chain_a_missing_uvloop(tmp_path):
+    """An error inside a run was raised "during handling of" the ImportError of uvloop, so
+    every traceback ended in a misleading "ModuleNotFoundError: No module named 'uvloop'"."""
+    from tilesweep.fetch import FetchSettings
+    from tilesweep.sources import parse_source
+    from tilesweep.worker import Worker
+
+    (tmp_path / "queue.sqlite").mkdir()  # the queue cannot be opened: the run fails at once
+    worker = Worker(tmp_path, 17, 13, parse_source("http://127.0.0.1:9/{z}/{x}/{y}.jpg", []), FetchSettings())
+    with pytest.raises(Exception) as info:
+        worker.run()
+    assert not isinstance(info.value.__context__, ImportError), repr(info.value.__context__)

@@ -657,12 +657,12 @@ def _in_plan(sweep: Sweep, t) -> bool:  # type: ignore[no-untyped-def]
     from .queue.sqlite import _block
     from .tiles import parent
 
-    block_tile = parent(t, sweep.block_zoom)
-    row = sweep.queue.get(tile_id(block_tile))
-    if row is None:
-        return False
-    block = _block((row["z"], row["x"], row["y"], row["tiles"], row["mask"]))
-    return t in block.tile_list(sweep.zoom)
+    for z in range(min(sweep.block_zoom, t.z), -1, -1):  # adaptive blocks lie at any zoom up to block_zoom
+        row = sweep.queue.get(tile_id(parent(t, z)))
+        if row is not None:  # blocks never overlap: the first ancestor found is t's block
+            block = _block((row["z"], row["x"], row["y"], row["tiles"], row["mask"]))
+            return t in block.tile_list(sweep.zoom)
+    return False
 
 
 @tiles_app.command("ls")

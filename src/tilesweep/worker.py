@@ -215,7 +215,9 @@ class Worker:
         with signals.kept_handlers():  # the loop resets SIGINT/SIGTERM when it closes
             try:
                 import uvloop  # type: ignore[import-not-found]
-            except ImportError:
+            except ImportError:  # run outside this handler: the run's own errors must not
+                uvloop = None  # chain a misleading "ModuleNotFoundError: uvloop" (issue 16)
+            if uvloop is None:
                 return asyncio.run(self.run_async())
             return uvloop.run(self.run_async())  # type: ignore[no-any-return]
 
