@@ -213,7 +213,7 @@ def print_fetch(rows: list[dict], workers: int, concurrency: int, repeat: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["plan", "fetch", "both"], default="both")
-    ap.add_argument("--quick", action="store_true", help="a 2 M-tile country and a 1% sample of a small box: checks the script works")
+    ap.add_argument("--quick", action="store_true", help="a 0.5 M-tile country and a 1%% sample of a small box: checks the script works (exit 1 when the results are wrong)")
     ap.add_argument("--millions", type=float, default=100.0, help="size of the country in millions of zoom-18 tiles")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1, 0.01, 0.001])
     ap.add_argument("--workers", "-w", type=int, default=2)
@@ -222,7 +222,7 @@ def main() -> None:
     a = ap.parse_args()
     sparse_bbox, fraction = SPARSE_BBOX, 0.001
     if a.quick:
-        a.millions, a.repeat = 2.0, 1
+        a.millions, a.repeat = 0.5, 1
         sparse_bbox, fraction = "30.0,-0.3,30.6,0.3", 0.01
     from fetch import NGINX
 
@@ -239,6 +239,24 @@ def main() -> None:
             print_plan(plan_rows, a.millions)
         if fetch_rows:
             print_fetch(fetch_rows, a.workers, a.concurrency, a.repeat)
+    wrong = check(plan_rows, fetch_rows)
+    if wrong:
+        sys.exit(f"wrong results: {wrong}")
+
+
+def check(plan_rows: list[dict], fetch_rows: list[dict]) -> str | None:
+    """Why the results are wrong (the two block layouts must plan the same tiles, adaptive
+    blocks never more of them; the sample's two fetches the same tiles), or None."""
+    by_fraction: dict[float, dict[str, dict]] = {}
+    for r in plan_rows:
+        by_fraction.setdefault(r["fraction"], {})[r["mode"].split()[0]] = r
+    for f, rows in by_fraction.items():
+        fixed, adaptive = rows.get("fixed"), rows.get("adaptive")
+        if fixed and adaptive and (fixed["tiles"] != adaptive["tiles"] or adaptive["blocks"] > fixed["blocks"]):
+            return f"fraction {f:g}: fixed {fixed}, adaptive {adaptive}"
+    if len(fetch_rows) == 3 and fetch_rows[1]["tiles"] != fetch_rows[2]["tiles"]:
+        return f"the sample's fetches differ: {fetch_rows[1:]}"
+    return None
 
 
 if __name__ == "__main__":
