@@ -420,7 +420,7 @@ def main() -> None:
 
 
 def print_table(results: list[dict], skipped: dict[str, str], a: argparse.Namespace) -> None:
-    print(f"| case | engine | input | wall | peak RSS (tree) | under cap | result |")
+    print("| case | engine | input | wall | peak RSS (tree) | under cap | result |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         capped = f"{r['cap_mb']:,} MiB cap: peak {r['cgroup_peak_mb']:,} MB, {r['oom_kills']} OOM kills" if "cap_mb" in r else ""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -19,7 +18,6 @@ import sys
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from helpers.cli import ENV, status_json, tilesweep
