@@ -159,6 +159,10 @@ def fetch(
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds one request may take in all."),
     lease_ttl: float = typer.Option(60.0, "--lease-ttl", help="Seconds a block's lease lasts unless renewed every third of it; a dead worker's blocks return after it (at once on the same host)."),
     max_attempts: int = typer.Option(5, "--max-attempts", help="Failed attempts a block may have before it is declared dead (a lease lost to a killed worker is not one)."),
+    max_tile_bytes: str = typer.Option("4MiB", "--max-tile-bytes", help="Largest body a tile may have (e.g. 4MiB, 16MiB, 500000); bigger ones are cut and fail."),
+    tile_budget: float = typer.Option(120.0, "--tile-budget", help="Seconds one tile may take over all its retries, per lease (bounds what one bad tile costs its block)."),
+    replace_source: bool = typer.Option(False, "--replace-source", help="Record --source in place of the sweep's source (done blocks with no image are fetched again; see docs/sources.md)."),
+    mix_sources: bool = typer.Option(False, "--mix-sources", help="With --replace-source: keep done blocks that hold the old source's tiles."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
 ) -> None:
     """Fetch the planned tiles of SWEEP_DIR into its store (tiles/), resumably.
@@ -168,11 +172,13 @@ def fetch(
     Ctrl-C: it resumes where it stopped."""
     from .worker import run_workers
 
-    settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts)
+    settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts,
+                                                max_tile_bytes=max_tile_bytes, tile_budget=tile_budget)
     from .sweeplock import SweepLock
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "fetch"):
-        src = _bind_source(sweep, source, header)
+        new_source = sweep.source is None
+        src = _bind_source(sweep, source, header, replace_source, mix_sources)
         before = sweep.status()
         meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet)
         try:
@@ -182,6 +188,9 @@ def fetch(
                 )
         except KeyboardInterrupt:
             _stopped(sweep, "fetched tiles are durable", "run the same command to resume")
+        except UsageError:  # e.g. the source gave no image at all: record nothing of it
+            _forget_source(sweep, new_source)
+            raise
         meter.update(counters, final=True)
         st = sweep.status()
     out.print(meter.line(counters, final=True))
@@ -199,7 +208,8 @@ def fetch(
         raise typer.Exit(1)
 
 
-def _fetch_settings(workers: int, concurrency: int, rate: float | None, retries: int, timeout: float, lease_ttl: float, max_attempts: int):  # type: ignore[no-untyped-def]
+def _fetch_settings(workers: int, concurrency: int, rate: float | None, retries: int, timeout: float, lease_ttl: float, max_attempts: int,  # type: ignore[no-untyped-def]
+                    max_tile_bytes: str = "4MiB", tile_budget: float = 120.0):
     """(FetchSettings per worker, WorkerSettings) from the options of `fetch` and `run`."""
     from .fetch import FetchSettings
     from .worker import WorkerSettings
@@ -219,20 +229,64 @@ def _fetch_settings(workers: int, concurrency: int, rate: float | None, retries:
         rate=None if rate is None else rate / workers,
         retries=retries,
         total_timeout_s=timeout,
+        max_tile_bytes=(tile_bytes := _parse_bytes(max_tile_bytes, "--max-tile-bytes")),
+        # the in-flight byte budget (256 MiB by default) is shared by the workers
+        max_inflight_bytes=max(tile_bytes, FetchSettings.max_inflight_bytes // workers),
+        tile_budget_s=_positive_seconds(tile_budget, "--tile-budget"),
     )
     return settings, WorkerSettings(lease_ttl_s=lease_ttl, max_attempts=max_attempts)
 
 
-def _bind_source(sweep: Sweep, source: str | None, header: list[str]):  # type: ignore[no-untyped-def]
-    """The sweep's source: ``--source`` (recorded on first use) or the recorded one."""
+def _parse_bytes(text: str, option: str) -> int:
+    """Bytes from ``500000``, ``512KiB``, ``4MiB``, ``4M``, ``1GiB`` (K, M, G are powers of 1,024)."""
+    import re as _re
+
+    m = _re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*", str(text), _re.IGNORECASE)
+    if m is None:
+        raise UsageError(f"{option} {text!r} is not a size in bytes (e.g. 4MiB, 500000)")
+    return int(float(m.group(1)) * 1024 ** " kmg".index((m.group(2) or " ").lower()))
+
+
+def _positive_seconds(value: float, option: str) -> float:
+    if not 0 < value < float("inf"):
+        raise UsageError(f"{option} {value:g} must be a number of seconds > 0")
+    return value
+
+
+def _bind_source(sweep: Sweep, source: str | None, header: list[str], replace: bool = False, mix: bool = False):  # type: ignore[no-untyped-def]
+    """The sweep's source: ``--source`` (recorded on first use) or the recorded one;
+    ``replace``: record ``--source`` in place of the recorded one (Sweep.replace_source)."""
     from .sources import parse_source
 
     given = None if source is None else parse_source(source, header)
     if given is None and header:
         raise UsageError("--header needs --source (the headers belong to a source)")
-    src = sweep.bind_source(given)
+    if (replace or mix) and given is None:
+        raise UsageError("--replace-source and --mix-sources need --source NEW")
+    if mix and not replace:
+        raise UsageError("--mix-sources goes with --replace-source")
+    if replace:
+        old = sweep.source
+        src, requeued = sweep.replace_source(given, mix=mix)
+        if old is not None and old.to_config() != src.to_config():
+            err.print(f"source replaced: {old.redacted()} -> {src.redacted()}; {requeued:,} done blocks with no image queued again",
+                      highlight=False)
+    else:
+        src = sweep.bind_source(given)
     src.check_env()
     return src
+
+
+def _forget_source(sweep: Sweep, new_source: bool) -> None:
+    """The run stopped on a source error (it gave no image, or refused every request).
+    When the sweep holds no tile image at all, nothing of that source is kept: the
+    unfinished shards (only its 404s) are deleted, and the source is no longer recorded
+    if this run recorded it, so a corrected --source is not refused as a second source."""
+    if sweep.queue.stats(window=1.0).results.ok:
+        return
+    sweep.store.discard_partials()
+    if new_source:
+        sweep.unbind_source()
 
 
 class _LiveLines:
@@ -419,6 +473,10 @@ def run(
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds one request may take in all."),
     lease_ttl: float = typer.Option(60.0, "--lease-ttl", help="Seconds a block's lease lasts unless renewed."),
     max_attempts: int = typer.Option(5, "--max-attempts", help="Failed attempts a block may have before it is declared dead (a lease lost to a killed worker is not one)."),
+    max_tile_bytes: str = typer.Option("4MiB", "--max-tile-bytes", help="Largest body a tile may have (e.g. 4MiB, 16MiB); bigger ones are cut and fail."),
+    tile_budget: float = typer.Option(120.0, "--tile-budget", help="Seconds one tile may take over all its retries, per lease."),
+    replace_source: bool = typer.Option(False, "--replace-source", help="Record --source in place of the sweep's source (see docs/sources.md)."),
+    mix_sources: bool = typer.Option(False, "--mix-sources", help="With --replace-source: keep done blocks that hold the old source's tiles."),
     batch: int = typer.Option(64, "--batch", "-b", help="Model inputs per predict call."),
     threads: int = typer.Option(2, "--threads", "-t", help="Decode threads."),
     part_rows: int = typer.Option(65536, "--part-rows", help="Rows per Parquet part (group commit)."),
@@ -436,7 +494,8 @@ def run(
     again. With --keep-tiles, worker processes pack the tiles into the store (as `tilesweep
     fetch`) while this process scores each block once it is durable (as `tilesweep
     predict`). Ctrl-C or a crash: run the same command again."""
-    fetch_settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts)
+    fetch_settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts,
+                                                      max_tile_bytes=max_tile_bytes, tile_budget=tile_budget)
     from .detections import apply_threshold, check_threshold
 
     check_threshold(threshold)
@@ -445,11 +504,16 @@ def run(
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch or a run
         the_model = apply_threshold(_load_model(model, device, model_threads), threshold, sweep.path)  # before the source is recorded
-        src = _bind_source(sweep, source, header)
-        if keep_tiles:
-            _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
-        else:
-            _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
+        new_source = sweep.source is None
+        src = _bind_source(sweep, source, header, replace_source, mix_sources)
+        try:
+            if keep_tiles:
+                _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
+            else:
+                _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
+        except UsageError:  # e.g. the source gave no image at all: record nothing of it
+            _forget_source(sweep, new_source)
+            raise
 
 
 _STOPPED_RUN = ("committed predictions are durable", "run the same command to go on")
@@ -853,6 +917,11 @@ def _print_status(sweep: Sweep, st: SweepStatus) -> None:
             f"{r['failed']:,} failed; {r['retries']:,} requests retried after transient faults"
         )
     out.print(f"throughput {st.throughput:,.1f} tiles/s over the last {st.window_s:.0f} s, ETA {eta}, {st.attempts_total:,} leases taken")
+    if st.dead:
+        more = st.blocks["dead"] - len(st.dead)
+        err.print(f"[bold red]{st.blocks['dead']:,} dead blocks[/], last errors" + (f" (first {len(st.dead)}):" if more else ":"))
+        for d in st.dead:
+            err.print(f"  {d['block']} after {d['attempts']} attempts: {d['error'] or '?'}", highlight=False, soft_wrap=True)
     for m in st.predictions:
         out.print(
             f"predictions of {m['model']}: {m['blocks']:,} of {st.blocks_total:,} blocks, {m['rows']:,} rows "

@@ -40,12 +40,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, NamedTuple
 
+import pycurl
+
 from . import __version__
 from .errors import UsageError
-from .imageformat import image_format
+from .imageformat import image_format, tile_sized
 from .sources import Source
 from .tiles import Tile
-from .transport import CurlTransport, curl_reason
+from .transport import MAX_BODY_BYTES, CurlTransport, curl_reason
 
 try:  # optional: a faster event loop for fetch_tiles(); not a dependency
     import uvloop as _uvloop
@@ -84,6 +86,16 @@ class FetchSettings:
       environment; off, proxies in the environment are ignored.
     - ``auth_failures_to_stop``: :meth:`Fetcher.fetch` raises :class:`SourceError` for
       the this-many-th 401/403 result in a row, with no ok or empty result between (0: never).
+    - ``max_tile_bytes``: a body over this many bytes is cut while it arrives and the tile
+      fails, not retried (default 4 MiB: no map tile is that large).
+    - ``max_inflight_bytes``: the bytes of all bodies being received at once; a transfer
+      that would pass it is cut and retried later (0: no budget). Memory in flight is then
+      bounded in bytes whatever the server sends, not only in requests.
+    - ``min_speed_bps``: a transfer slower than this for ``read_timeout_s`` is cut ("timeout"):
+      a server that trickles a few bytes a second costs ``read_timeout_s``, not ``total_timeout_s``.
+    - ``tile_budget_s``: seconds one tile may take over all its attempts (requests and
+      backoff sleeps; not the wait for the ``rate``): no attempt runs past it, so it bounds
+      what one bad tile can cost its block per lease (docs/sources.md, "Worst case").
     """
 
     concurrency: int = 256
@@ -99,6 +111,10 @@ class FetchSettings:
     validate: bool = True
     auth_failures_to_stop: int = 50
     trust_env: bool = False
+    max_tile_bytes: int = MAX_BODY_BYTES
+    max_inflight_bytes: int = 256 * 2**20
+    min_speed_bps: int = 1024
+    tile_budget_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.concurrency, int) and self.concurrency >= 1):
@@ -119,6 +135,14 @@ class FetchSettings:
                 raise UsageError(f"{name}={v!r} must be a finite number > 0")
         if self.auth_failures_to_stop < 0:
             raise UsageError(f"auth_failures_to_stop {self.auth_failures_to_stop!r} must be >= 0")
+        if not (isinstance(self.max_tile_bytes, int) and 1024 <= self.max_tile_bytes <= 2**31):
+            raise UsageError(f"max tile bytes {self.max_tile_bytes!r} must be an integer in 1024..{2**31:,} (default {MAX_BODY_BYTES:,})")
+        if not (isinstance(self.max_inflight_bytes, int) and (self.max_inflight_bytes == 0 or self.max_inflight_bytes >= self.max_tile_bytes)):
+            raise UsageError(f"max in-flight bytes {self.max_inflight_bytes!r} must be 0 (no budget) or at least max tile bytes ({self.max_tile_bytes:,})")
+        if not (isinstance(self.min_speed_bps, int) and self.min_speed_bps >= 1):
+            raise UsageError(f"min speed {self.min_speed_bps!r} must be an integer >= 1 byte/s")
+        if not (self.tile_budget_s > 0 and math.isfinite(self.tile_budget_s)):
+            raise UsageError(f"tile budget {self.tile_budget_s!r} must be a finite number of seconds > 0")
 
 
 class TileResult(NamedTuple):
@@ -241,6 +265,9 @@ class Fetcher:
             total_timeout_s=s.total_timeout_s,
             headers=headers,
             trust_env=s.trust_env,
+            min_speed_bps=s.min_speed_bps,
+            max_body_bytes=s.max_tile_bytes,
+            max_inflight_bytes=s.max_inflight_bytes,
         )
 
     async def close(self) -> None:
@@ -261,11 +288,15 @@ class Fetcher:
         st = self.stats
         tile = Tile(*tile)
         attempts = 0
+        spent = 0.0  # seconds in requests and backoff sleeps (not in the rate's wait)
+        clock = asyncio.get_running_loop().time
         while True:
             if self._rate is not None:
                 await self._rate.acquire()
             attempts += 1
-            a = await self._attempt(tile)
+            t0 = clock()
+            a = await self._attempt(tile, min(s.total_timeout_s, s.tile_budget_s - spent))
+            spent += clock() - t0
             if a.kind == OK:
                 st.ok += 1
                 st.bytes += len(a.data or b"")
@@ -278,7 +309,13 @@ class Fetcher:
                 st.empty += 1
                 self._auth_streak = 0
                 return TileResult(tile, EMPTY, None, attempts, None, a.http_status)
-            if a.kind == "fatal" or attempts > s.retries:
+            if a.retry_after is not None:
+                delay = min(s.backoff_max_s, a.retry_after)
+            else:
+                delay = self._rng.uniform(0.0, min(s.backoff_max_s, s.backoff_base_s * 2 ** (attempts - 1)))
+            # no retry that would end past the tile's budget: it bounds what one tile costs
+            out_of_time = a.kind != "fatal" and attempts <= s.retries and spent + delay >= s.tile_budget_s
+            if a.kind == "fatal" or attempts > s.retries or out_of_time:
                 st.failed += 1
                 if a.http_status in (401, 403):
                     self._auth_streak += 1
@@ -288,20 +325,20 @@ class Fetcher:
                             f"source {self.source.redacted()} answers {self._auth_reason} for every tile "
                             f"(the last {self._auth_streak}): check the token, headers and URL"
                         )
-                how = "not retried" if a.kind == "fatal" else f"{attempts} attempts"
+                how = ("not retried" if a.kind == "fatal" else
+                       f"{attempts} attempts in {spent:.0f} s: the tile budget of {s.tile_budget_s:g} s is spent" if out_of_time
+                       else f"{attempts} attempts")
                 error = f"tile {tile}: {a.reason} ({how})"
                 log.debug("failed %s from %s", error, self.source.redacted())
                 return TileResult(tile, FAILED, None, attempts, error, a.http_status)
             st.retries += 1
-            if a.retry_after is not None:
-                delay = min(s.backoff_max_s, a.retry_after)
-            else:
-                delay = self._rng.uniform(0.0, min(s.backoff_max_s, s.backoff_base_s * 2 ** (attempts - 1)))
             log.debug("tile %s: %s, retry %d in %.2f s", tile, a.reason, attempts, delay)
             if delay > 0:
+                t0 = clock()
                 await asyncio.sleep(delay)
+                spent += clock() - t0
 
-    async def _attempt(self, tile: Tile) -> _Attempt:
+    async def _attempt(self, tile: Tile, timeout_s: float | None = None) -> _Attempt:
         transport = self._transport
         if transport is None:
             raise RuntimeError("Fetcher is closed")
@@ -311,7 +348,7 @@ class Fetcher:
         if st.in_flight > st.max_in_flight:
             st.max_in_flight = st.in_flight
         try:
-            r = await transport.get(self.source.url(tile))
+            r = await transport.get(self.source.url(tile), timeout_s)
         finally:
             st.in_flight -= 1
         code = r.status
@@ -319,6 +356,8 @@ class Fetcher:
             return self._judge(r.body, r.content_type)
         if r.error:
             reason, transient = curl_reason(r.error)
+            if r.error == pycurl.E_FILESIZE_EXCEEDED:
+                reason = f"body over {self.settings.max_tile_bytes:,} bytes (max tile bytes)"
             return _Attempt("retry" if transient else "fatal", None, reason, None, None)
         phrase = f"http {code}"
         if code in (404, 204):
@@ -338,8 +377,11 @@ class Fetcher:
             return _Attempt(EMPTY, None, "http 200 empty body", 200, None)
         if self.settings.validate:
             ctype = (content_type or "").split(";")[0].strip().lower()
-            if (ctype and not ctype.startswith("image/") and ctype not in _OCTET) or image_format(body) is None:
+            fmt = image_format(body)
+            if (ctype and not ctype.startswith("image/") and ctype not in _OCTET) or fmt is None:
                 return _Attempt("retry", None, "not an image", 200, None)
+            if not tile_sized(body, fmt):  # magic bytes, then zeros (or garbage): no tile
+                return _Attempt("retry", None, "bad image header", 200, None)
         return _Attempt(OK, body, None, 200, None)
 
     # --- many tiles ----------------------------------------------------------------------

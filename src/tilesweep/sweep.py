@@ -94,6 +94,7 @@ class SweepStatus:
     plan: dict[str, Any] = field(default_factory=dict)
     results: dict[str, int] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    dead: list[dict[str, Any]] = field(default_factory=list)  # the first dead blocks: block, attempts, error
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tiles_total": self.tiles_total, "blocks_total": self.blocks_total}
@@ -110,6 +111,7 @@ class SweepStatus:
             mismatch=self.mismatch,
             plan=self.plan,
             predictions=self.predictions,
+            dead_blocks=self.dead,
         )
         return out
 
@@ -336,12 +338,53 @@ class Sweep:
             if recorded.to_config() != source.to_config():
                 raise UsageError(
                     f"sweep {str(self.path)!r} fetches from {recorded.redacted()!r}, not {source.redacted()!r}; "
-                    "mixing sources in one sweep is refused: use a new sweep folder"
+                    "mixing sources in one sweep is refused: use a new sweep folder, or --replace-source "
+                    "(docs/sources.md, Changing a sweep's source)"
                 )
             return recorded
         self.config["source"] = source.to_config()
         _write_atomic(self.path / SWEEP_FILE, tomli_w.dumps(self.config))
         return source
+
+    def unbind_source(self) -> None:
+        """Forget the recorded source (a run that recorded it found it gives no image)."""
+        if self.config.pop("source", None) is not None:
+            _write_atomic(self.path / SWEEP_FILE, tomli_w.dumps(self.config))
+
+    def replace_source(self, source: Source, mix: bool = False) -> tuple[Source, int]:
+        """Record ``source`` in place of the recorded one. Returns ``(source, requeued)``.
+
+        Done blocks fetched from the old source with no tile image (all 404/empty: the old
+        template was wrong) are queued again and their shards deleted, and unfinished
+        shards are deleted, so that nothing of the old source's answers stays. Done blocks
+        that hold tiles of the old source would mix two sources' imagery in one sweep:
+        refused unless ``mix`` (they are then kept as they are)."""
+        from .queue import State
+
+        recorded = self.source
+        if recorded is None or recorded.to_config() == source.to_config():
+            return self.bind_source(source), 0
+        queue = self.queue
+        kept = queue.stats(window=1.0).results.ok
+        if kept and not mix:
+            raise UsageError(
+                f"done blocks of sweep {str(self.path)!r} hold {kept:,} tiles from {recorded.redacted()!r}; replacing "
+                "the source would mix imagery of two sources: pass --mix-sources to keep them, or use a new sweep folder"
+            )
+        store = self.store
+        empty_done = []
+        for b in queue.blocks(State.DONE):
+            row = queue.get(b.id)
+            if row is not None and not row["n_ok"]:
+                empty_done.append(b)
+        for b in empty_done:
+            self.store.shard_path(b.tile).unlink(missing_ok=True)
+        requeued = queue.requeue([b.id for b in empty_done], f"source replaced: {recorded.redacted()} gave no image")
+        if not mix:
+            store.discard_partials()
+        self.config["source"] = source.to_config()
+        _write_atomic(self.path / SWEEP_FILE, tomli_w.dumps(self.config))
+        return source, requeued
 
     @property
     def store(self) -> TileStore:
@@ -389,7 +432,17 @@ class Sweep:
             plan={k: v for k, v in self.plan_config.items() if k not in ("area",)},
             results={"ok": r.ok, "empty": r.empty, "failed": r.failed, "bytes": r.bytes, "retries": r.retries},
             predictions=_ledger_summary(self.path),
+            dead=self._dead_blocks() if blocks["dead"] else [],
         )
+
+    def _dead_blocks(self, n: int = 10) -> list[dict[str, Any]]:
+        """The first ``n`` dead blocks with their attempts and last error (why they died)."""
+        out = []
+        for d in self.queue.dead():
+            out.append({"block": f"{d.block.z}/{d.block.x}/{d.block.y}", "attempts": d.attempts, "error": d.error})
+            if len(out) >= n:
+                break
+        return out
 
     def query(self, sql: str, memory_limit: str | None = None, threads: int | None = None) -> Any:
         """Run DuckDB SQL over this sweep's ``predictions``, ``tiles``, ``blocks`` and

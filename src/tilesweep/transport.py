@@ -25,8 +25,13 @@ import pycurl
 
 __all__ = ["CurlTransport", "Response", "curl_reason"]
 
-MAX_BODY_BYTES = 64 * 2**20
-"""Bodies above this (64 MiB) are refused: no map tile is that large."""
+MAX_BODY_BYTES = 4 * 2**20
+"""Default limit of one body (4 MiB): a 512 px JPEG is ~50-150 KB and a lossless 512 px
+PNG at most ~1 MB, so no map tile is that large (``FetchSettings.max_tile_bytes``)."""
+
+E_OVER_BUDGET = -2
+"""``Response.error`` of a transfer cut because the bodies in flight together would pass
+the transport's ``max_inflight_bytes`` (transient: it is tried again later)."""
 
 
 class Response(NamedTuple):
@@ -58,7 +63,8 @@ _REASONS: dict[int, tuple[str, bool]] = {
     getattr(pycurl, "E_WEIRD_SERVER_REPLY", 8): ("bad response", True),
     getattr(pycurl, "E_BAD_CONTENT_ENCODING", 61): ("bad response", True),
     pycurl.E_TOO_MANY_REDIRECTS: ("too many redirects", False),
-    pycurl.E_FILESIZE_EXCEEDED: (f"body over {MAX_BODY_BYTES // 2**20} MiB", False),
+    pycurl.E_FILESIZE_EXCEEDED: ("body over the tile byte limit", False),
+    E_OVER_BUDGET: ("bodies in flight over the byte budget", True),
     pycurl.E_UNSUPPORTED_PROTOCOL: ("unsupported protocol", False),
     pycurl.E_URL_MALFORMAT: ("malformed url", False),
     getattr(pycurl, "E_PEER_FAILED_VERIFICATION", 60): ("tls certificate not trusted", False),
@@ -90,6 +96,13 @@ class CurlTransport:
     - ``connect_timeout_s``, ``total_timeout_s``: seconds (millisecond resolution).
     - ``read_timeout_s``: the longest silence while a response arrives, in seconds,
       rounded up to a whole second (libcurl's low-speed limit: under 1 byte/s for that long).
+    - ``min_speed_bps``: a transfer slower than this (bytes/s) for ``read_timeout_s`` is cut
+      ("timeout"): silence, and a server that trickles a few bytes a second.
+    - ``max_body_bytes``: a body over this is cut (``E_FILESIZE_EXCEEDED``), from its
+      ``Content-Length`` before it is read, and while it is read when it has none (chunked).
+    - ``max_inflight_bytes``: the bytes of all bodies being received together; a transfer
+      whose next chunk would pass it is cut with :data:`E_OVER_BUDGET`. 0: no budget. So
+      memory in flight is bounded in bytes, not only in requests.
     - ``headers``: sent with every request (``User-Agent`` among them).
     - ``trust_env``: honour ``http_proxy`` / ``https_proxy`` / ``no_proxy`` and ``~/.netrc``.
     """
@@ -104,8 +117,16 @@ class CurlTransport:
         total_timeout_s: float = 60.0,
         headers: dict[str, str] | None = None,
         trust_env: bool = False,
+        min_speed_bps: int = 1,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_inflight_bytes: int = 0,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._max_body = int(max_body_bytes)
+        self._budget = int(max_inflight_bytes)
+        self._total_ms = max(1, round(total_timeout_s * 1000))
+        self.inflight_bytes = 0  # bytes of the bodies being received now
+        self.max_inflight_bytes_seen = 0
         self._multi = pycurl.CurlMulti()
         m = self._multi
         m.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
@@ -122,9 +143,9 @@ class CurlTransport:
             (pycurl.MAXREDIRS, 5),
             (pycurl.CONNECTTIMEOUT_MS, max(1, round(connect_timeout_s * 1000))),
             (pycurl.TIMEOUT_MS, max(1, round(total_timeout_s * 1000))),
-            (pycurl.LOW_SPEED_LIMIT, 1),
+            (pycurl.LOW_SPEED_LIMIT, max(1, int(min_speed_bps))),
             (pycurl.LOW_SPEED_TIME, max(1, math.ceil(read_timeout_s))),
-            (pycurl.MAXFILESIZE_LARGE, MAX_BODY_BYTES),
+            (pycurl.MAXFILESIZE_LARGE, self._max_body),
             (pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in (headers or {}).items()]),
         ]
         if not trust_env:
@@ -143,21 +164,25 @@ class CurlTransport:
 
     # --- requests ----------------------------------------------------------------------
 
-    async def get(self, url: str) -> Response:
+    async def get(self, url: str, timeout_s: float | None = None) -> Response:
         """GET ``url``; never raises for what the network or server does (see
-        :class:`Response`), only on cancellation (the transfer is dropped) or when closed."""
+        :class:`Response`), only on cancellation (the transfer is dropped) or when closed.
+        ``timeout_s``: this request's whole time, instead of ``total_timeout_s``."""
         if self._closed:
             raise RuntimeError("transport is closed")
         c = self._free.pop() if self._free else self._new_handle()
         chunks: list[bytes] = []
         fut: asyncio.Future[Response] = self._loop.create_future()
         c.setopt(pycurl.URL, url)
+        c.setopt(pycurl.TIMEOUT_MS, self._total_ms if timeout_s is None else max(1, round(timeout_s * 1000)))
         # HTTPS: wait for the TLS handshake (ALPN) to tell whether a connection can carry
         # many requests (HTTP/2) before opening more. Cleartext HTTP/1.1 would only learn
         # that from a first response, holding every other request back until then.
         c.setopt(pycurl.PIPEWAIT, url.startswith("https:"))
-        c.setopt(pycurl.WRITEFUNCTION, chunks.append)
+        c.setopt(pycurl.WRITEFUNCTION, self._writer(c, chunks))
         c.chunks = chunks
+        c.size = 0  # body bytes received (counted in inflight_bytes until it ends)
+        c.over = 0  # why the write callback cut the transfer: E_FILESIZE_EXCEEDED / E_OVER_BUDGET
         c.future = fut
         self._multi.add_handle(c)
         self._active.add(c)
@@ -174,6 +199,31 @@ class CurlTransport:
                 self._recycle(c)
                 self._kick()
 
+    def _writer(self, c: pycurl.Curl, chunks: list[bytes]):  # type: ignore[no-untyped-def]
+        """The write callback of one request: keeps the chunks, and cuts the transfer
+        (returns 0: libcurl ends it with a write error) when the body passes
+        ``max_body_bytes`` (a chunked body has no length for MAXFILESIZE to check first) or
+        the bodies in flight would pass ``max_inflight_bytes``."""
+        append = chunks.append
+        limit, budget = self._max_body, self._budget
+
+        def write(chunk: bytes) -> int | None:
+            n = len(chunk)
+            if c.size + n > limit:
+                c.over = pycurl.E_FILESIZE_EXCEEDED
+                return 0
+            if budget and self.inflight_bytes + n > budget:
+                c.over = E_OVER_BUDGET
+                return 0
+            c.size += n
+            self.inflight_bytes += n
+            if self.inflight_bytes > self.max_inflight_bytes_seen:
+                self.max_inflight_bytes_seen = self.inflight_bytes
+            append(chunk)
+            return None
+
+        return write
+
     def _new_handle(self) -> pycurl.Curl:
         c = pycurl.Curl()
         for opt, value in self._options:
@@ -181,6 +231,13 @@ class CurlTransport:
         return c
 
     def _recycle(self, c: pycurl.Curl) -> None:
+        self.inflight_bytes -= c.size
+        c.size = 0
+        if c.chunks is not None:
+            # The idle handle's write callback still refers to this list until its next
+            # request: empty it, or every pooled handle keeps its last body alive
+            # (156 cut 4 MiB bodies held 630 MB after they had failed).
+            c.chunks.clear()
         c.chunks = c.future = None
         if len(self._free) < self._max_handles and not self._closed:
             self._free.append(c)
@@ -192,6 +249,9 @@ class CurlTransport:
         self._multi.remove_handle(c)
         fut: asyncio.Future[Response] = c.future
         if not fut.done():
+            if error and c.over:  # cut by our write callback (CURLE_WRITE_ERROR): say why
+                error, message = c.over, ("body over the byte limit" if c.over == pycurl.E_FILESIZE_EXCEEDED
+                                          else "bodies in flight over the byte budget")
             if error:
                 fut.set_result(Response(0, b"", None, None, error, message))
             else:

@@ -74,6 +74,10 @@ class WorkerSettings:
     max_blocks: int = 0
     max_attempts: int = 5
     settle_s: float = 30.0  # on a stop, how long to wait for the consumer's last commit
+    # A sweep with no tile image yet: when its first this-many blocks (at most the blocks
+    # in progress) get none either (all 404/empty, or all unreachable), stop: the template
+    # or host is wrong. 0: never. See Worker._probation.
+    probe_blocks: int = 4
 
 
 @dataclass
@@ -97,6 +101,11 @@ class WorkerCounters:
         for k, v in other.fetch.items():
             if isinstance(v, (int, float)):
                 self.fetch[k] = self.fetch.get(k, 0) + v
+
+
+class SourceUnusable(SourceError):
+    """The first blocks of a sweep got no tile image at all (every tile 404 or empty, or
+    the host unreachable): the source is wrong, not the tiles. See Worker._probation."""
 
 
 async def _cancel_all(tasks: set) -> None:  # type: ignore[type-arg]
@@ -197,6 +206,9 @@ class Worker:
         self.counters = WorkerCounters()
         self.stopping = False
         self._auth_streak = 0
+        self._probe_ok = False  # a tile image came in this run (or the sweep has some)
+        self._probe_sweep: bool | None = None  # the sweep had no tile image when we looked
+        self._held: list[int] = []  # blocks fetched with no image, waiting on the probe
         # SQLite and fsync calls block; each gets its own thread so the loop keeps fetching.
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="tilesweep-queue")
         self._io_threads = ThreadPoolExecutor(4, thread_name_prefix="tilesweep-store")
@@ -259,6 +271,7 @@ class Worker:
         if sum(st.blocks.values()):
             tiles_per_block = max(1, min(tiles_per_block, sum(st.tiles.values()) // sum(st.blocks.values())))
         max_blocks = self.settings.max_blocks or max(2, 2 * -(-self.fetch_settings.concurrency // tiles_per_block))
+        self._max_blocks = max_blocks
         self._to_ack: dict[int, BlockResult] = {}
         self._active: dict[int, Lease] = {}
         # Requests in flight over all blocks: `concurrency` at most, cut when the server
@@ -485,6 +498,7 @@ class Worker:
                 failures, retries = await self._fetch_into(
                     todo, lambda r, st: writer.append(r.tile, st, r.data), lambda: self._locked(lock, writer.flush)
                 )
+                await self._probation(block)
                 if failures:
                     await self._locked(lock, lambda: self._abort_quietly(writer))
                     await self._failed(block, failures)
@@ -512,6 +526,7 @@ class Worker:
                 return
             got: list[TileResult] = []
             failures, retries = await self._fetch_into(block.tile_list(self.zoom), lambda r, st: got.append(r), None)
+            await self._probation(block)
             if failures:
                 await self._failed(block, failures)
                 return
@@ -540,6 +555,46 @@ class Worker:
             f"{len(failures)} of {block.tiles} tiles failed; first: {first.tile.z}/{first.tile.x}/{first.tile.y}: {first.error or 'failed'}",
         )
 
+    async def _probation(self, block: Block) -> None:
+        """Called when a block is fetched. While this worker has seen no tile image and the
+        sweep holds none, a block with none either (every tile 404, empty, or failed: a
+        wrong template, host or port) waits here, neither acked nor nacked. The first image
+        anywhere in this worker lets the waiting blocks go on. When the first
+        ``probe_blocks`` blocks (at most the blocks in progress) all wait, or no other block
+        can come, the run stops with :class:`SourceUnusable`: the leases are released
+        without counting an attempt, nothing is acked, and the CLI records no source."""
+        limit = self.settings.probe_blocks
+        if self._probe_ok or not limit:
+            return
+        if self._probe_sweep is None:
+            self._probe_sweep = (await self._db(self.queue.stats, 1.0)).results.ok == 0
+        if not self._probe_sweep:
+            self._probe_ok = True
+            return
+        self._held.append(block.id)
+        try:
+            while not self._probe_ok:
+                # only once no block that could still bring an image is being fetched
+                if len(self._held) >= len(self._active) and (
+                    len(self._held) >= min(limit, self._max_blocks) or not await self._db(self.queue.count, State.PENDING)
+                ):
+                    if (await self._db(self.queue.stats, 1.0)).results.ok:  # another worker got images
+                        self._probe_ok = True
+                        break
+                    raise SourceUnusable(self._probe_message())
+                await asyncio.sleep(0.1)
+        finally:
+            self._held.remove(block.id)
+
+    def _probe_message(self) -> str:
+        st = self.fetcher.stats
+        answers = ", ".join(f"{reason} x {n:,}" for reason, n in st.by_reason.most_common(3)) or "nothing"
+        return (
+            f"source {self.source.redacted()} gave no tile image for the first {len(self._held)} blocks "
+            f"({st.results:,} tiles; it answered: {answers}): check the template (z/x/y order, {{-y}} for TMS, "
+            "the host and port); nothing was recorded"
+        )
+
     def _check_auth(self, result: TileResult) -> None:
         """Stop the whole run when the source refuses every request (401/403 in a row): a
         wrong token must cost one clear line, not every block's attempts."""
@@ -553,6 +608,8 @@ class Worker:
                 )
         elif result.status in _STATUS:
             self._auth_streak = 0
+        if result.status == "ok":
+            self._probe_ok = True
 
     def _finished(self, block_id: int, summary: Any, retries: int = 0) -> None:
         self._to_ack[block_id] = BlockResult(summary.ok, summary.empty, summary.failed, summary.bytes, retries, stored=1)

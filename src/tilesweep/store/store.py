@@ -117,6 +117,18 @@ class TileStore:
         if path.exists():
             partial_paths(path)[1].unlink(missing_ok=True)
 
+    def discard_partials(self) -> int:
+        """Delete every unfinished shard and its journal (tiles fetched from a source that
+        is being replaced, or that never gave an image); returns how many. Only call it
+        while no writer runs (a writer's lock is on the file being deleted)."""
+        n = 0
+        for block in self.partial_blocks():
+            data, journal = partial_paths(self.shard_path(block))
+            data.unlink(missing_ok=True)
+            journal.unlink(missing_ok=True)
+            n += 1
+        return n
+
     def writer(self, block: Tile) -> ShardWriter:
         """A writer for the block: new, resumed from an unfinished shard, or (for a finished
         one) already finished, whose ``finish()`` returns the summary."""
