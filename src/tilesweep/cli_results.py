@@ -88,7 +88,7 @@ def show_result(rel: Any, limit: int, started: float, title: str | None = None) 
     names = list(schema.names) if schema is not None else list(rel.columns)
     for name, field in zip(names, schema or []):
         numeric = pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_decimal(field.type)
-        table.add_column(name, justify="right" if numeric else "left")
+        table.add_column(name, justify="right" if numeric else "left", min_width=min(len(name), 12), overflow="fold")
     for row in shown:
         table.add_row(*(_cell(row[n]) for n in names))
     if names:
