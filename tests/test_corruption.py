@@ -208,3 +208,14 @@ def test_verify_still_reports_a_kept_shard_that_is_gone(sweep):
     assert res.returncode == 1 and "1 done blocks have no shard" in res.stderr
     res = tilesweep("verify", sweep, "--repair")
     assert "1 blocks queued again" in res.stdout
+
+
+def test_tiles_get_of_a_tile_whose_shard_is_gone_names_the_file(sweep):
+    shard = biggest_shard(sweep)
+    with ShardReader(shard) as r:
+        t = from_tile_id(int(r.ids[np.nonzero(r.records["status"] == Status.OK)[0][0]]))
+    shard.unlink()
+    res = tilesweep("tiles", "get", sweep, f"{t.z}/{t.x}/{t.y}", check=False)
+    assert res.returncode == 1 and res.stdout == ""
+    one_line_error(res, str(shard), "missing", "verify", "--repair")
+    assert "not fetched yet" not in res.stderr

@@ -699,6 +699,8 @@ def tiles_get(
         with sweep.store as store:
             record = store.get_record(t)
         planned = record is not None or _in_plan(sweep, t)
+        if record is None and planned:
+            _raise_if_shard_lost(sweep, t)
     if record is None or record[1] is None:
         if not planned:
             state = "not in the sweep's plan (not fetched, and never will be)"
@@ -714,6 +716,26 @@ def tiles_get(
     else:
         sys.stdout.buffer.write(record[1])
         sys.stdout.buffer.flush()
+
+
+def _raise_if_shard_lost(sweep: Sweep, t) -> None:  # type: ignore[no-untyped-def]
+    """A planned tile with no record: when its block is done and its tiles were kept, the
+    shard is gone (deleted or moved), which is not "not fetched yet": CorruptShardError."""
+    from .queue import State
+    from .tiles import Tile, parent
+
+    for z in range(min(sweep.block_zoom, t.z), -1, -1):
+        row = sweep.queue.get(tile_id(parent(t, z)))
+        if row is not None:
+            try:
+                path = sweep.store.shard_path(Tile(row["z"], row["x"], row["y"]))
+            except ValueError:  # a block zoom this store does not keep: nothing to say
+                return
+            if row["state"] is State.DONE and row.get("stored") != 0 and not path.exists():
+                exc = CorruptShardError("missing (deleted or moved?) though its block is done")
+                exc.path = path
+                raise exc
+            return
 
 
 def _in_plan(sweep: Sweep, t) -> bool:  # type: ignore[no-untyped-def]
