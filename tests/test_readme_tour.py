@@ -12,6 +12,7 @@ must be backgrounded with ``&`` in the README, as a user would type it.
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -38,9 +39,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tour_script(block: str, port: int) -> str:
-    """The bash script that runs the block as written (see the module doc)."""
-    block = re.sub(r"\b8080\b", str(port), block)
+def tour_script(block: str, port: int | None = None) -> str:
+    """The bash script that runs the block as written (see the module doc): every port a
+    line names with ``--port N`` becomes a free one (``port`` for the first, in tests)."""
+    for i, n in enumerate(dict.fromkeys(re.findall(r"--port[ =](\d+)", block))):
+        block = re.sub(rf"\b{n}\b", str(port if port is not None and i == 0 else free_port()), block)
     lines = []
     logical = ""
     for raw in block.splitlines():
@@ -68,31 +71,48 @@ _tour_wait_port() {
 
 
 def test_the_extraction_keeps_commands_and_waits_for_servers():
-    block = "source x\n# a comment\ntilesweep sim serve --port 8080 &\ntilesweep fetch s \\\n  --source 'http://127.0.0.1:8080/{z}'\n"
+    block = ("source x\n# a comment\ntilesweep sim serve --port 8080 &\ntilesweep fetch s \\\n  --source 'http://127.0.0.1:8080/{z}'\n"
+             "tilesweep view s --port 8765 &  # http://127.0.0.1:8765/\n")
     script = tour_script(block, 9999)
     assert "tilesweep sim serve --port 9999 &\n_tour_wait_port 9999\n" in script
     assert "tilesweep fetch s    --source 'http://127.0.0.1:9999/{z}'" in script
-    assert "8080" not in script
+    assert "8080" not in script and "8765" not in script
+    view = re.search(r"tilesweep view s --port (\d+) &  # http://127.0.0.1:(\d+)/\n_tour_wait_port (\d+)\n", script)
+    assert view and len(set(view.groups())) == 1, script
 
 
+TOUR_TIMEOUT_S = 840  # about a minute on an idle 2-core machine; much more when it is shared
+
+
+@pytest.mark.timeout(TOUR_TIMEOUT_S + 60)
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "activate").is_file() and not (Path(sys.prefix) / "bin" / "activate").is_file(),
                     reason="the tour sources .venv/bin/activate: no virtual environment to link")
 def test_the_readme_tour_runs_as_written(tmp_path):
     block = tour_block(README.read_text(encoding="utf-8"))
-    script = tour_script(block, free_port())
+    script = tour_script(block)
     venv = ROOT / ".venv" if (ROOT / ".venv" / "bin" / "activate").is_file() else Path(sys.prefix)
     (tmp_path / ".venv").symlink_to(venv)
     if (ROOT / "examples").is_dir():
         shutil.copytree(ROOT / "examples", tmp_path / "examples")
     (tmp_path / "tour.sh").write_text(script)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    env.update({"COLUMNS": "200", "NO_COLOR": "1"})
+    env.update({"COLUMNS": "200", "NO_COLOR": "1", "PS4": "+ [$SECONDS s] "})
+    # its own process group: on a timeout the simulator it started goes too
+    proc = subprocess.Popen(["bash", "-x", "tour.sh"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
     try:
-        res = subprocess.run(["bash", "tour.sh"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=420)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the tour ran past 420 s\nstdout: {exc.stdout}\nstderr: {exc.stderr}")
-    assert res.returncode == 0, f"the tour stopped (exit {res.returncode})\nstdout: {res.stdout[-4000:]}\nstderr: {res.stderr[-4000:]}"
-    assert "Traceback" not in res.stderr
+        stdout, stderr = proc.communicate(timeout=TOUR_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the tour ran past {TOUR_TIMEOUT_S} s\nstdout: {stdout[-4000:]}\nstderr: {stderr[-4000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, f"the tour stopped (exit {proc.returncode})\nstdout: {stdout[-4000:]}\nstderr: {stderr[-4000:]}"
+    assert "Traceback" not in stderr, stderr[-4000:]
     # what the tour says it makes
     assert (tmp_path / "t.jpg").read_bytes()[:3] == b"\xff\xd8\xff", "tiles get wrote a JPEG"
     assert (tmp_path / "bern.pmtiles").read_bytes()[:7] == b"PMTiles"
