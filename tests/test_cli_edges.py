@@ -3,7 +3,6 @@ nothing half-written; all run `tilesweep` as a real subprocess against real file
 
 import os
 import socket
-import sqlite3
 import subprocess
 from pathlib import Path
 

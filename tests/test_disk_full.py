@@ -4,7 +4,6 @@ command finishes the job. The disk is a real, small tmpfs (mounting one needs ro
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 from helpers.cli import status_json, tilesweep
