@@ -185,6 +185,30 @@ def test_a_stop_signal_during_start_up_stops_the_workers_started_so_far(tmp_path
     assert st["blocks_leased"] == 0 and st["blocks_done"] < 16, st
 
 
+def test_the_stop_message_says_only_what_is_true(tmp_path, slow_sim):
+    """A block leased by another live process stays leased after our stop, and the stop's
+    message says so instead of claiming every lease was released."""
+    import socket
+
+    sweep = plan(tmp_path)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        with SqliteQueue(sweep / "queue.sqlite") as q:
+            (held,) = q.lease(1, ttl=600, owner=f"{socket.gethostname()}:{other.pid}:other")
+        p = start("fetch", sweep, "--source", slow_sim.template(), "--workers", 2, "--concurrency", 4, "--quiet")
+        assert wait_for(lambda: len(live_owners(sweep)) >= 2 or p.poll() is not None)
+        assert p.poll() is None
+        os.kill(p.pid, signal.SIGINT)
+        err = finish(p)
+        assert p.returncode == 130, err
+        assert "still leased by other processes: 1 block" in err, err
+        with SqliteQueue(sweep / "queue.sqlite") as q:
+            assert q.owners() == {held.owner: 1}  # ours released, the other's kept
+    finally:
+        other.kill()
+        other.wait()
+
+
 # --- what a stop keeps, what a kill loses ------------------------------------------------
 
 

@@ -533,7 +533,7 @@ def _stopped(sweep: Sweep, kept: str, hint: str) -> None:
         leased = 0
     released = "this run's unfinished leases were released"
     if leased:
-        released += f"; {leased:,} blocks are still leased by other processes (`tilesweep status`)"
+        released += f"; still leased by other processes: {plural(leased, 'block')} (`tilesweep status`)"
     err.print(f"stopped: {kept} and {released}; {hint}", highlight=False)
     raise typer.Exit(exit_status())
 
