@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .area import load_area
-from .errors import UsageError
+from .errors import UsageError, WorkerDied
 from .plan import PlanSpec
 from .sim.cli import app as sim_app
 from .store.shard import CorruptShardError
@@ -1040,6 +1040,9 @@ def _main() -> None:
     except UsageError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except WorkerDied as exc:  # the others went on; the same command finishes the sweep
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except OSError as exc:
         err.print(f"[bold red]error:[/] {_os_error_line(exc)}", highlight=False, soft_wrap=True)
         sys.exit(1 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 2)

@@ -13,6 +13,12 @@ class UsageError(ValueError):
     the bad value. Raise it before anything is written."""
 
 
+class WorkerDied(RuntimeError):
+    """One or more worker processes died (killed by a signal, or an unexpected error)
+    while the others went on; the blocks they held went back to the queue. The CLI prints
+    its message as one line and exits with status 1: the same command finishes the sweep."""
+
+
 def check_output_file(path: str | os.PathLike[str], what: str = "output") -> Path:
     """``path`` as a :class:`Path` if a file can be written there; :class:`UsageError`
     naming it when its folder is missing, is not a folder, is not writable, or the path is

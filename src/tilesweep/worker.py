@@ -40,11 +40,11 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Protocol
+from typing import Any, Awaitable, Callable, Iterable, NoReturn, Protocol
 
 from . import signals
 from .diskspace import disk_full, is_disk_full, keep_reserve, release_leases
-from .errors import UsageError
+from .errors import UsageError, WorkerDied
 from .fetch import Fetcher, FetchSettings, SourceError, TileResult
 from .limits import AdaptiveLimit
 from .queue import Block, BlockResult, Lease, SqliteQueue, State
@@ -732,9 +732,11 @@ def _worker_main(args: tuple, progress: "mp.Queue[tuple[int, WorkerCounters]]", 
         return
     except OSError as exc:
         if not is_disk_full(exc):
-            raise
+            report_crash(progress, index, exc, worker.orphaned())
         progress.put((index, ("disk full", os.fspath(exc.filename or sweep_folder_of(args)))))  # the parent raises it
         return
+    except Exception as exc:  # a bug, a bad file: the parent names it when the others end
+        report_crash(progress, index, exc, worker.orphaned())
     finally:
         if worker.orphaned():
             # Nobody reads `progress` now: what sits in its buffer must not hold up our
@@ -744,6 +746,70 @@ def _worker_main(args: tuple, progress: "mp.Queue[tuple[int, WorkerCounters]]", 
         return
     progress.put((index, counters))
     progress.put((index, None))  # type: ignore[arg-type]
+
+
+def crash_line(exc: BaseException) -> str:
+    """A worker's unexpected error as one line: its type and its message's first line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def report_crash(progress: Any, index: int, exc: BaseException, orphaned: bool) -> NoReturn:
+    """End a worker process on an unexpected error: one line to the parent (no traceback
+    on the terminal; its leases were released on the way out), exit status 1."""
+    if not orphaned:
+        progress.put((index, ("crashed", crash_line(exc))))
+    raise SystemExit(1)
+
+
+class WorkerDeaths:
+    """The worker processes of a run that died (killed by a signal, or an unexpected
+    error): their leases are ended at once (``free``) so that the others take the blocks
+    up, and :meth:`error` is the one line the command ends with (exit 1)."""
+
+    def __init__(self, sweep_path: Path) -> None:
+        self.sweep_path = Path(sweep_path)
+        self.died: dict[int, tuple[int | None, int | None]] = {}  # index: (pid, exit code)
+        self.causes: dict[int, str] = {}  # index: the error it reported
+        self.freed = True
+
+    def __bool__(self) -> bool:
+        return bool(self.died)
+
+    def cause(self, index: int, line: str) -> None:
+        self.causes[index] = line
+
+    def dead(self, index: int, proc: Any, free: bool = True) -> None:
+        self.died[index] = (proc.pid, proc.exitcode)
+        if free:
+            self.free()
+
+    def free(self) -> None:
+        """End the leases of this host's dead workers (theirs among them) now."""
+        try:
+            with SqliteQueue(self.sweep_path / "queue.sqlite") as q:
+                expire_dead_local_owners(q)
+        except Exception:  # noqa: BLE001 - then they expire after their ttl
+            self.freed = False
+
+    def _how(self, index: int) -> str:
+        code = self.died[index][1]
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exit status {code}"
+        cause = self.causes.get(index)
+        return f"{how}: {cause}" if cause else how
+
+    def error(self) -> WorkerDied:
+        dead = sorted(self.died)
+        what = ", ".join(f"worker {i} (pid {self.died[i][0]}) died ({self._how(i)})" for i in dead)
+        they = "it" if len(dead) == 1 else "they"
+        back = "went back to the queue" if self.freed else f"go back to the queue as {they} expire"
+        return WorkerDied(f"{what}; the blocks {they} held {back}; run the same command to finish the sweep")
 
 
 def sweep_folder_of(worker_args: tuple) -> Path:  # type: ignore[type-arg]
@@ -815,7 +881,7 @@ def run_workers(
                     break
                 p.start()
             procs = [p for p in procs if p.pid is not None]
-            return _watch_workers(procs, progress, stop, on_progress, stop_requested, signalled)
+            return _watch_workers(procs, progress, stop, on_progress, stop_requested, signalled, WorkerDeaths(sweep_path))
         except KeyboardInterrupt:  # a second signal: the workers were killed
             stop.set()
             _drain_until_exit(procs, progress, {})
@@ -823,9 +889,13 @@ def run_workers(
 
 
 def _watch_workers(procs: list, progress: Any, stop: Any, on_progress: Callable[[WorkerCounters], None] | None,  # type: ignore[type-arg]
-                   stop_requested: Callable[[], bool] | None, signalled: Callable[[], bool]) -> WorkerCounters:
+                   stop_requested: Callable[[], bool] | None, signalled: Callable[[], bool],
+                   deaths: WorkerDeaths | None = None) -> WorkerCounters:
     """run_workers' loop: sum the workers' progress until they exit; a stop (signal,
-    ``stop_requested``) sets their event and waits for them to release their leases."""
+    ``stop_requested``) sets their event and waits for them to release their leases.
+    A worker that dies (a signal, an unexpected error) is no stop: its leases are ended
+    at once, the others go on, and the end raises WorkerDied naming it."""
+    deaths = deaths if deaths is not None else WorkerDeaths(Path("."))
     workers = len(procs)
     latest: dict[int, WorkerCounters] = {}
     running = set(range(workers))
@@ -841,17 +911,23 @@ def _watch_workers(procs: list, progress: Any, stop: Any, on_progress: Callable[
         while running:
             if stop.is_set() or (stop_requested is not None and stop_requested()):
                 raise KeyboardInterrupt
+            for i, p in enumerate(procs):  # each turn: many workers' reports leave no Empty
+                if i in running and not p.is_alive():
+                    running.discard(i)
+                    if p.exitcode != 0:
+                        deaths.dead(i, p)
+            if not running:
+                break
             try:
                 index, counters = progress.get(timeout=0.5)
             except KeyboardInterrupt:
                 raise
             except Exception:  # queue.Empty
-                for i, p in enumerate(procs):
-                    if i in running and not p.is_alive():
-                        running.discard(i)
                 continue
             if counters is None:
                 running.discard(index)
+            elif isinstance(counters, tuple) and counters[0] == "crashed":  # it exits 1 next
+                deaths.cause(index, counters[1])
             elif isinstance(counters, str):  # a worker stopped on a UsageError
                 stop.set()  # the others stop cleanly and release their leases
                 _drain_until_exit(procs, progress, latest)
@@ -870,7 +946,21 @@ def _watch_workers(procs: list, progress: Any, stop: Any, on_progress: Callable[
         _drain_until_exit(procs, progress, latest)
     for p in procs:
         p.join()
+    while True:  # the last words of workers seen to exit before they were read
+        try:
+            index, counters = progress.get(timeout=0.05)
+        except Exception:  # queue.Empty
+            break
+        if isinstance(counters, tuple) and counters[0] == "crashed":
+            deaths.cause(index, counters[1])
+        elif isinstance(counters, WorkerCounters):
+            latest[index] = counters
+    for i, p in enumerate(procs):
+        if p.exitcode != 0 and i not in deaths.died and not stopping:
+            deaths.dead(i, p)
     result = total()
     if stopping or result.interrupted or signalled():
         raise KeyboardInterrupt
+    if deaths:
+        raise deaths.error()
     return result

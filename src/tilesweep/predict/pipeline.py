@@ -582,6 +582,8 @@ def predict_sweep(
             raise errors[0]
         if signalled():
             raise KeyboardInterrupt
+        if procs is not None and procs.deaths:  # a worker died; the others went on without it
+            raise procs.deaths.error()
         return report
     except BaseException:
         for fp in live_procs:  # failed before its loop (e.g. a second signal): stop them

@@ -34,7 +34,7 @@ from .. import signals
 from ..errors import UsageError
 from ..fetch import TileResult
 from ..queue import Block, BlockResult
-from ..worker import Worker, WorkerCounters, progress_reporter
+from ..worker import Worker, WorkerCounters, WorkerDeaths, progress_reporter, report_crash
 from .sink import ledger_block_result
 
 _END = None
@@ -112,6 +112,11 @@ def _worker_main(args: tuple, index: int, blocks: Any, commits: Any, progress: A
             return
         progress.put((index, str(exc)))
         return
+    except Exception as exc:  # a bug, a bad file: the parent names it when the run ends
+        if consumer.orphaned():
+            for q in (blocks, progress, commits):
+                q.cancel_join_thread()
+        report_crash(progress, index, exc, consumer.orphaned())
     if consumer.orphaned():
         # Nobody reads our queues any more: a block still in a queue's buffer would hold
         # up our exit forever (the queue's feeder thread blocks on the full pipe).
@@ -137,6 +142,9 @@ class FetchProcesses:
         self.stop_ev = ctx.Event()
         self.latest: dict[int, WorkerCounters] = {}
         self.owner_of: dict[int, int] = {}
+        # Workers that died (a signal, an error): the run goes on without them; their
+        # leases end when the run does (a block they handed over may still be committed).
+        self.deaths = WorkerDeaths(args[0])
         self.lock = threading.Lock()
         self.procs = [
             ctx.Process(
@@ -176,6 +184,9 @@ class FetchProcesses:
                 return
             if isinstance(c, str):
                 raise UsageError(c)
+            if isinstance(c, tuple):  # ("crashed", line): it exits 1 next
+                self.deaths.cause(index, c[1])
+                continue
             with self.lock:
                 self.latest[index] = c
 
@@ -188,7 +199,8 @@ class FetchProcesses:
             except queue_mod.Empty:
                 for i, p in enumerate(self.procs):
                     if i not in ended and p.exitcode not in (None, 0):  # died without its last word
-                        raise UsageError(f"fetch worker {i} exited with status {p.exitcode}") from None
+                        ended.add(i)  # the others go on; the run ends naming it
+                        self.deaths.dead(i, p, free=False)
                 continue
             if payload is _END:
                 ended.add(index)
@@ -220,7 +232,9 @@ class FetchProcesses:
                             item = q.get_nowait()
                         except queue_mod.Empty:
                             break
-                        if q is self.progress_q and not isinstance(item[1], str):
+                        if q is self.progress_q and isinstance(item[1], tuple):
+                            self.deaths.cause(item[0], item[1][1])  # ("crashed", line)
+                        elif q is self.progress_q and not isinstance(item[1], str):
                             with self.lock:
                                 self.latest[item[0]] = item[1]
                 time.sleep(0.05)
@@ -235,6 +249,11 @@ class FetchProcesses:
             self._progress()
         except UsageError:
             pass
+        for i, p in enumerate(self.procs):
+            if p.exitcode != 0 and i not in self.deaths.died and not stop:
+                self.deaths.dead(i, p, free=False)
+        if self.deaths:
+            self.deaths.free()  # the pipeline is done with what they handed over
 
 
 __all__ = ["FetchProcesses", "QueueConsumer"]

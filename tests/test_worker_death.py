@@ -1,0 +1,108 @@
+"""A worker process that dies is never silent (issue 16: a stop is a stop).
+
+`fetch --workers N` and `run --workers N` (streamed and --keep-tiles): a worker killed
+from outside (SIGKILL) or crashed by an unexpected error does not stop the others, its
+blocks go back to the queue at once, and the command exits 1 with one line naming the
+worker, its pid and how it died. Rerunning the same command finishes the sweep.
+
+Real processes, real signals, real HTTP to the simulator on loopback, real SQLite."""
+
+import os
+import re
+import signal
+import shutil
+
+import pytest
+from helpers.cli import status_json, tilesweep
+from test_signals import children, finish, live_owners, plan, start, wait_for
+
+from tilesweep.queue import SqliteQueue
+from tilesweep.sim import Faults, World, run_in_thread
+
+COMMANDS = {
+    "fetch": ("fetch",),
+    "run": ("run", "--model", "demo"),
+    "run-keep-tiles": ("run", "--model", "demo", "--keep-tiles"),
+}
+
+
+@pytest.fixture(scope="module")
+def slow_sim():
+    # ~300 ms a tile: 2 workers with 2 requests each take ~12 s for the 156 tiles
+    with run_in_thread(World(seed=5), Faults(latency_ms=300, seed=3)) as srv:
+        yield srv
+
+
+def _worker_holding_a_lease(p, sweep):
+    """The pid of one of ``p``'s worker processes once it holds a lease (or None)."""
+    found = []
+
+    def look():
+        if p.poll() is not None:
+            return True
+        kids = set(children(p.pid))
+        found[:] = [int(o.split(":")[1]) for o in live_owners(sweep) if int(o.split(":")[1]) in kids]
+        return bool(found)
+
+    wait_for(look, every=0.02)
+    return found[0] if found else None
+
+
+@pytest.mark.parametrize("mode", list(COMMANDS))
+def test_a_worker_killed_from_outside_is_reported_and_its_blocks_go_back(tmp_path, slow_sim, mode):
+    sweep = plan(tmp_path)
+    args = (*COMMANDS[mode], sweep, "--source", slow_sim.template(), "--workers", 2, "--concurrency", 4, "--quiet")
+    p = start(*args)
+    victim = _worker_holding_a_lease(p, sweep)
+    assert victim is not None and p.poll() is None, "no worker held a lease before the end: slow the source down"
+    os.kill(victim, signal.SIGKILL)
+    err = finish(p, timeout=120)
+    assert p.returncode == 1, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if f"pid {victim}" in ln]
+    assert len(lines) == 1, err
+    assert re.search(rf"worker \d+ \(pid {victim}\) died", lines[0]) and "SIGKILL" in lines[0], err
+    assert "back to the queue" in lines[0], err
+    st = status_json(sweep)
+    assert st["blocks_leased"] == 0 and st["blocks_dead"] == 0, st
+    # the other worker carried on: the sweep is (nearly) done; a rerun finishes it
+    res = tilesweep(*args, timeout=600)
+    assert res.returncode == 0, res.stderr
+    st = status_json(sweep)
+    assert st["blocks_done"] == 16 and st["blocks_leased"] == 0 and st["blocks_dead"] == 0, st
+
+
+def _block_in_the_way(sweep):
+    """A folder where the first block's shard goes: the worker that leases the block
+    fails to write it (IsADirectoryError, not a full disk). Returns the folder."""
+    with SqliteQueue(sweep / "queue.sqlite") as q:
+        block = next(iter(q.blocks()))
+    bz, x, y = block.tile
+    path = sweep / "tiles" / str(bz) / str(x) / f"{y}.shard"  # TileStore.shard_path
+    path.mkdir(parents=True)
+    (path / "x").write_bytes(b"")  # not empty: nothing may remove it on the way
+    return path
+
+
+@pytest.mark.parametrize("mode", ["fetch", "run-keep-tiles"])
+def test_a_worker_that_raises_says_why_in_one_line_and_nothing_hangs(tmp_path, mode):
+    """Every worker that leases the bad block crashes; once all have died the command
+    stops at once (exit 1) with one line naming the error, and no traceback."""
+    with run_in_thread(World(seed=5)) as fast:
+        sweep = plan(tmp_path)
+        in_the_way = _block_in_the_way(sweep)
+        args = (*COMMANDS[mode], sweep, "--source", fast.template(), "--workers", 2, "--concurrency", 4, "--quiet")
+        p = start(*args)
+        err = finish(p, timeout=120)
+        assert p.returncode == 1, err
+        assert "Traceback" not in err, err
+        assert re.search(r"worker \d+ \(pid \d+\) died", err), err
+        assert "IsADirectoryError" in err, err
+        assert len([ln for ln in err.splitlines() if "died" in ln]) == 1, err
+        st = status_json(sweep)
+        assert st["blocks_leased"] == 0 and st["blocks_dead"] == 0, st
+        shutil.rmtree(in_the_way)
+        res = tilesweep(*args, timeout=600)
+        assert res.returncode == 0, res.stderr
+        st = status_json(sweep)
+        assert st["blocks_done"] == 16 and st["blocks_leased"] == 0, st
