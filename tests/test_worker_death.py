@@ -106,3 +106,24 @@ def test_a_worker_that_raises_says_why_in_one_line_and_nothing_hangs(tmp_path, m
         assert res.returncode == 0, res.stderr
         st = status_json(sweep)
         assert st["blocks_done"] == 16 and st["blocks_leased"] == 0, st
+
+
+def test_a_streaming_worker_that_raises_is_named_and_the_others_finish(tmp_path, slow_sim):
+    """`run --workers 2`: worker 1 raises on its first block (the test hook read by
+    QueueConsumer); worker 0 streams the rest of the sweep, and the run exits 1 naming
+    worker 1 and its error in one line, no traceback. The same command then finishes."""
+    sweep = plan(tmp_path)
+    args = (*COMMANDS["run"], sweep, "--source", slow_sim.template(), "--workers", 2, "--concurrency", 4, "--quiet")
+    p = start(*args, env={"TILESWEEP_TEST_CRASH_WORKER": "1"})
+    err = finish(p, timeout=180)
+    assert p.returncode == 1, err
+    assert "Traceback" not in err, err
+    (line,) = [ln for ln in err.splitlines() if "died" in ln]
+    assert re.search(r"worker 1 \(pid \d+\) died \(exit status 1: RuntimeError: test crash of worker 1", line), err
+    st = status_json(sweep)
+    assert st["blocks_leased"] == 0 and st["blocks_dead"] == 0, st
+    assert st["blocks_done"] >= 8, st  # worker 0 went on
+    res = tilesweep(*args, timeout=600)
+    assert res.returncode == 0, res.stderr
+    st = status_json(sweep)
+    assert st["blocks_done"] == 16 and st["blocks_leased"] == 0, st

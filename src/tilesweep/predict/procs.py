@@ -53,6 +53,9 @@ class QueueConsumer:
         # importing would read 1 and never learn that its parent is gone.
         self.parent = parent
         self.closed = False  # the prediction process said it will commit nothing more
+        # A test hook (tests/test_worker_death.py): worker N fails on the first block it
+        # hands over, as a bug would, to show that the run goes on and names it.
+        self._crash = os.environ.get("TILESWEEP_TEST_CRASH_WORKER") == str(index)
 
     def orphaned(self) -> bool:
         """The prediction process is gone: it will never read again."""
@@ -76,6 +79,8 @@ class QueueConsumer:
         return ledger_block_result(self.ledger, self.model_key, block.id)
 
     def take(self, block: Block, results: list[TileResult]) -> bool:
+        if self._crash:
+            raise RuntimeError(f"test crash of worker {self.index} (TILESWEEP_TEST_CRASH_WORKER)")
         ok = [r for r in results if r.status == "ok"]
         x = np.fromiter((r.tile.x for r in ok), np.int64, len(ok))
         y = np.fromiter((r.tile.y for r in ok), np.int64, len(ok))
