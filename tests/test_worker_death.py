@@ -11,10 +11,11 @@ import os
 import re
 import signal
 import shutil
+import time
 
 import pytest
 from helpers.cli import status_json, tilesweep
-from test_signals import children, finish, live_owners, plan, start, wait_for
+from test_signals import TESTS, children, finish, live_owners, plan, start, wait_for
 
 from tilesweep.queue import SqliteQueue
 from tilesweep.sim import Faults, World, run_in_thread
@@ -127,3 +128,26 @@ def test_a_streaming_worker_that_raises_is_named_and_the_others_finish(tmp_path,
     assert res.returncode == 0, res.stderr
     st = status_json(sweep)
     assert st["blocks_done"] == 16 and st["blocks_leased"] == 0, st
+
+
+def test_a_streaming_worker_killed_while_it_hands_a_block_over_does_not_hang_the_run(tmp_path):
+    """`run --workers 2` with a slow model: the blocks queue is full and the workers sit
+    in the middle of writing blocks (bigger than a pipe's buffer) to it. A kill -9 then
+    must not leave a half message, or a lock, that hangs the run."""
+    with run_in_thread(World(seed=5)) as fast:
+        sweep = plan(tmp_path)
+        args = ("run", sweep, "--model", "helpers.slow_model:score", "--batch", 4, "--source", fast.template(),
+                "--workers", 2, "--concurrency", 4, "--quiet")
+        p = start(*args, env={"TILESWEEP_TEST_SLEEP": "0.3"})
+        victim = _worker_holding_a_lease(p, sweep)
+        assert victim is not None and p.poll() is None
+        time.sleep(2)  # the queues fill up
+        os.kill(victim, signal.SIGKILL)
+        err = finish(p, timeout=120)
+        assert p.returncode == 1, err
+        assert re.search(rf"worker \d+ \(pid {victim}\) died \(killed by SIGKILL\)", err), err
+        assert status_json(sweep)["blocks_leased"] == 0
+        helpers = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))  # helpers.slow_model
+        res = tilesweep(*args, timeout=600, env={"TILESWEEP_TEST_SLEEP": "0", "PYTHONPATH": helpers})
+        assert res.returncode == 0, res.stderr
+        assert status_json(sweep)["blocks_done"] == 16
