@@ -23,6 +23,7 @@ import pytest
 from helpers.cli import ENV, status_json, tilesweep
 
 import tilesweep as ts
+import tilesweep.convert as ts_convert
 from tilesweep.sim import World, run_in_thread
 from tilesweep.store import Status, TileStore
 from tilesweep.sweep import Sweep
@@ -307,6 +308,59 @@ def test_convert_infers_types_over_every_row(tmp_path):
     a = ts.query(f"SELECT zone, count(*) FROM '{tmp_path}/fhv_*.csv' GROUP BY zone ORDER BY zone").fetchall()
     b = ts.query(f"SELECT zone, count(*) FROM '{out}' GROUP BY zone ORDER BY zone").fetchall()
     assert a == b and len(a) == 265
+
+
+def test_convert_files_with_different_columns(tmp_path):
+    """Files are joined by column name (a column one file lacks is NULL there), with the
+    types inferred over all rows given to the write; the default memory limit applies."""
+    (tmp_path / "a.csv").write_text("id,name\n1,x\n2,y\n")
+    (tmp_path / "b.csv").write_text("id,score\n3,1.5\n4,\n")
+    (tmp_path / "c.csv").write_text("id,name\n5,\n")
+    seen = []
+    real = ts_convert.connect
+
+    def spy(memory_limit=None, threads=None):
+        seen.append(memory_limit)
+        return real(memory_limit, threads)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ts_convert, "connect", spy)
+        report = ts_convert.convert([tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"], tmp_path / "o.parquet")
+    assert seen == [ts_convert.DEFAULT_MEMORY_LIMIT] == ["512MB"]
+    assert report.rows == 5 and dict(report.columns) == {"id": "BIGINT", "name": "VARCHAR", "score": "DOUBLE"}
+    rows = ts.query(f"SELECT id, name, score FROM '{tmp_path / 'o.parquet'}' ORDER BY id").fetchall()
+    assert rows == [(1, "x", None), (2, "y", None), (3, None, 1.5), (4, None, None), (5, None, None)]
+
+
+def test_cli_start_up_imports_only_what_the_command_needs(tmp_path):
+    """`tilesweep --help`, `query` and `convert` do not import the sweep's machinery
+    (numpy, shapely, the store, the simulator's world, onnxruntime, aiohttp): on a 2-core
+    notebook those imports were most of a second before any work."""
+    probe = (
+        "import sys\n"
+        "from tilesweep.cli import main\n"
+        "sys.argv = ['tilesweep', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = ('shapely', 'pandas', 'onnxruntime', 'aiohttp', 'asyncio', 'tilesweep.sweep', 'tilesweep.store',\n"
+        "         'tilesweep.plan', 'tilesweep.area', 'tilesweep.sim.world', 'tilesweep.worker', 'tilesweep.fetch')\n"
+        "print('LOADED', sorted(m for m in heavy if m in sys.modules))\n"
+        "print('ARRAYS', sorted(m for m in ('numpy', 'pyarrow', 'duckdb') if m in sys.modules))\n"
+    )
+    (tmp_path / "a.csv").write_text("x\n1\n")
+
+    def loaded(*args):
+        res = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True, env=ENV,
+                             timeout=120, cwd=tmp_path)
+        lines = dict(ln.split(" ", 1) for ln in res.stdout.splitlines() if ln.startswith(("LOADED", "ARRAYS")))
+        assert "LOADED" in lines, res.stdout + res.stderr
+        return lines["LOADED"], lines["ARRAYS"]
+
+    assert loaded("--help") == ("[]", "[]")
+    assert loaded("query", "--help") == ("[]", "[]")
+    assert loaded("query", "select 1")[0] == "[]"
+    assert loaded("query", "select 1 AS a", "-o", tmp_path / "o.csv")[0] == "[]"
+    assert loaded("convert", tmp_path / "a.csv", tmp_path / "a.parquet")[0] == "[]"
+    assert (tmp_path / "o.csv").read_text().split() == ["a", "1"] and (tmp_path / "a.parquet").is_file()
 
 
 def test_convert_bad_input(tmp_path):

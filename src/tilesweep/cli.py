@@ -14,19 +14,26 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .area import load_area
+from ._lazy import LazyName
 from .errors import UsageError, WorkerDied
-from .plan import PlanSpec
 from .sim.cli import app as sim_app
-from .store.shard import CorruptShardError
-from .sweep import Sweep, SweepStatus
-from .tiles import parse_tile, tile_id
+
+# Imported when a command first uses them (numpy, shapely, the store): `tilesweep --help`,
+# `query` and `convert` start without them (tilesweep._lazy).
+load_area = LazyName("tilesweep.area", "load_area")
+PlanSpec = LazyName("tilesweep.plan", "PlanSpec")
+CorruptShardError = LazyName("tilesweep.store.shard", "CorruptShardError")
+Sweep = LazyName("tilesweep.sweep", "Sweep")
+parse_tile = LazyName("tilesweep.tiles", "parse_tile")
+tile_id = LazyName("tilesweep.tiles", "tile_id")
+if TYPE_CHECKING:
+    from .sweep import SweepStatus
 
 app = typer.Typer(
     name="tilesweep",
@@ -1055,7 +1062,7 @@ def _main() -> None:
         err.print(f"[bold red]error:[/] {os.strerror(errno.ENOSPC)} (ENOSPC) writing a database{f' under {where!r}' if where else ''}: {exc}",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
-    except CorruptShardError as exc:  # `tiles get`, `export`: the data is bad, not the input
+    except CorruptShardError.if_imported() as exc:  # `tiles get`, `export`: the data is bad, not the input
         err.print(f"[bold red]error:[/] {_corrupt_line(exc)}", highlight=False, soft_wrap=True)
         sys.exit(1)
 

@@ -11,10 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import pyarrow as pa
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from .errors import UsageError
 
@@ -74,6 +72,9 @@ def query(
 def show_result(rel: Any, limit: int, started: float, title: str | None = None) -> int:
     """Print the first ``limit`` rows of a relation as a table, then the row count of the
     whole result and the time; the rest of the rows stream past uncounted in memory."""
+    import pyarrow as pa
+    from rich.table import Table
+
     from .sql import stream
 
     shown: list[dict[str, Any]] = []
@@ -110,7 +111,7 @@ def _cell(v: Any) -> str:
 
 def convert(
     paths: list[str] = typer.Argument(..., help="Input CSV files (globs allowed), then the output .parquet file."),
-    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help=MEMORY_HELP),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="DuckDB memory limit (default 512MB: the whole process stays under 1 GB; a conversion streams, more does not make it faster)."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,6 +19,9 @@ def view(
     pmtiles: Optional[Path] = typer.Option(None, "--pmtiles", help="Show imagery from this PMTiles archive (`tilesweep export`) instead."),
 ) -> None:
     """Serve SWEEP_DIR on a local web map: imagery, prediction overlay, area, progress."""
+    import asyncio
+    import signal
+
     from .view.server import LOOPBACK, Viewer, serve
 
     if not 0 <= port <= 65535:

@@ -26,9 +26,6 @@ from typing import Callable, Iterator
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
-import shapely
 
 from .durable import replace_durably
 from .errors import UsageError
@@ -114,6 +111,8 @@ def _sql_path(p: Path) -> str:
 
 def tile_polygons(z: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Shapely squares of XYZ tiles (counter-clockwise exterior, lon/lat degrees)."""
+    import shapely
+
     n = np.ldexp(1.0, np.asarray(z, np.int64))
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
@@ -143,6 +142,8 @@ def geometry_source(columns: list[str], geometry: str = "auto") -> str:
 
 def batch_geometry(batch: pa.RecordBatch, source: str) -> np.ndarray:
     """The shapely geometries of a batch's rows (None where a row has none)."""
+    import shapely
+
     names = {n.lower(): n for n in batch.schema.names}
     if source == "point":
         lon = batch.column(names["lon"]).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -231,6 +232,8 @@ def quote_literal_key(name: str) -> str:
 
 
 def _write_geojson(batches: Iterator[pa.RecordBatch], tmp: Path, source: str, on_batch) -> int:  # type: ignore[no-untyped-def]
+    import shapely
+
     n = 0
     with open(tmp, "w", encoding="utf-8") as f:
         f.write('{"type":"FeatureCollection","features":[\n')
@@ -263,6 +266,8 @@ def _finite(row: dict) -> dict:  # type: ignore[type-arg]
 
 
 def _add_geometry(batch: pa.RecordBatch, source: str, kind: str) -> tuple[pa.RecordBatch, np.ndarray]:
+    import shapely
+
     geoms = batch_geometry(batch, source)
     if kind == "wkb":
         col = pa.array(shapely.to_wkb(geoms), pa.binary())
@@ -274,6 +279,9 @@ def _add_geometry(batch: pa.RecordBatch, source: str, kind: str) -> tuple[pa.Rec
 
 
 def _write_geoparquet(batches: Iterator[pa.RecordBatch], tmp: Path, source: str, on_batch) -> int:  # type: ignore[no-untyped-def]
+    import pyarrow.parquet as pq
+    import shapely
+
     writer: pq.ParquetWriter | None = None
     n = 0
     bbox = [np.inf, np.inf, -np.inf, -np.inf]
@@ -314,6 +322,8 @@ def _write_geoparquet(batches: Iterator[pa.RecordBatch], tmp: Path, source: str,
 
 
 def _write_csv(batches: Iterator[pa.RecordBatch], tmp: Path, source: str, on_batch) -> int:  # type: ignore[no-untyped-def]
+    import pyarrow.csv as pacsv
+
     writer: pacsv.CSVWriter | None = None
     n = 0
     try:

@@ -56,7 +56,7 @@ DUCKDB_CONFIG = {
 SWEEP_TABLES = ("predictions", "tiles", "blocks", "plan")
 BATCH_ROWS = 65_536
 _STATES = {0: "pending", 1: "leased", 2: "done", 3: "dead"}
-_TILE_STATUS = pa.array(["ok", "empty", "failed"])
+_TILE_STATUS = ("ok", "empty", "failed")  # pa.array() of it imports pandas: made when used
 _MISSING_TABLE = re.compile(r"Table with name (\S+) does not exist", re.IGNORECASE)
 
 
@@ -274,7 +274,7 @@ def _tiles_batch(zoom: int, buf: list[tuple[np.ndarray, ...]]) -> pa.RecordBatch
     x, y, block, status, length = (np.concatenate([b[i] for b in buf]) for i in range(5))
     return pa.RecordBatch.from_arrays(
         [pa.array(np.full(len(x), zoom, np.int8)), pa.array(x.astype(np.int32)), pa.array(y.astype(np.int32)),
-         pa.array(block), _TILE_STATUS.take(pa.array(status)), pa.array(length)],
+         pa.array(block), pa.array(_TILE_STATUS).take(pa.array(status)), pa.array(length)],
         schema=TILES_SCHEMA,
     )
 

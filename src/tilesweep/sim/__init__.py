@@ -13,11 +13,11 @@ See docs/simulator.md for the world's design, the routes and the fault model.
 from importlib import import_module
 from typing import Any
 
-from ..tiles import Tile
-
 # Names are imported on first use (PEP 562), so that `tilesweep fetch` does not pay for
-# the simulator's web server (aiohttp) just because the CLI lists `tilesweep sim`.
+# the simulator's web server (aiohttp) just because the CLI lists `tilesweep sim`, nor
+# `tilesweep query` for numpy (tilesweep.tiles).
 _WHERE = {
+    "Tile": ".tiles",  # tilesweep.tiles
     "FAULT_KINDS": "faults", "Faults": "faults",
     "SimServer": "server", "run_in_thread": "server", "serve": "server", "sim_server": "server",
     "as_geometry": "truth", "iter_truth": "truth", "read_truth": "truth", "tile_has_tower": "truth",

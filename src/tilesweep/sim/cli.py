@@ -7,17 +7,16 @@ top-level ``tilesweep`` command prints it as one line and exits with status 2).
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..area import load_area
 from ..errors import UsageError
-from ..tiles import Tile, tile_at
-from .faults import Faults
-from .world import MAX_SIM_ZOOM, SIZES, World, normalise_format
+
+# The world (numpy), areas (shapely), faults and tiles are imported by the commands that
+# use them: every `tilesweep` command builds this group, and `tilesweep query` or
+# `tilesweep --help` should not pay for the simulator's imports.
 
 app = typer.Typer(
     help="The built-in imagery simulator: serve tiles with faults, ground truth, static tile trees.",
@@ -29,12 +28,16 @@ MAX_RENDER_TILES = 200_000
 
 
 def _check_zoom(zoom: int) -> int:
+    from .world import MAX_SIM_ZOOM
+
     if not 0 <= zoom <= MAX_SIM_ZOOM:
         raise UsageError(f"zoom {zoom} is outside 0..{MAX_SIM_ZOOM} (the simulator's zooms)")
     return zoom
 
 
 def _check_format(fmt: str) -> str:
+    from .world import normalise_format
+
     try:
         return normalise_format(fmt)
     except ValueError as exc:
@@ -42,6 +45,8 @@ def _check_format(fmt: str) -> str:
 
 
 def _check_size(size: int) -> int:
+    from .world import SIZES
+
     if size not in SIZES:
         raise UsageError(f"tile size {size} is not 256 or 512")
     return size
@@ -71,7 +76,10 @@ def serve(
     fault_seed: int = typer.Option(0, "--fault-seed", help="Seed of the fault draws: same seed, same faults."),
 ) -> None:
     """Serve simulated tiles over HTTP until Ctrl-C: /{z}/{x}/{y}.jpg, @2x, /tms/..., /q/{quadkey}.jpg."""
+    from ..area import load_area
+    from .faults import Faults
     from .server import serve as _serve
+    from .world import World
 
     if not 0 <= port <= 65535:
         raise UsageError(f"port {port} is outside 0..65535")
@@ -106,7 +114,9 @@ def truth(
     """Write the exact tower positions (lon, lat, line_id, tower_id) inside AREA."""
     from .truth import truth_format, write_truth
 
+    from ..area import load_area
     from ..errors import check_output_file
+    from .world import World
 
     truth_format(output)
     check_output_file(output, "output")
@@ -116,6 +126,9 @@ def truth(
 
 
 def _render_chunk(args: tuple[int, int, list[tuple[int, int, int]], str, str, int, int]) -> int:
+    from ..tiles import Tile
+    from .world import World
+
     seed, _, tiles, directory, fmt, size, quality = args
     world = World(seed)
     ext = "jpg" if fmt == "jpeg" else fmt
@@ -143,6 +156,11 @@ def render(
     force: bool = typer.Option(False, "--force", help=f"Allow more than {MAX_RENDER_TILES:,} tiles."),
 ) -> None:
     """Render every tile of AREA's bbox at --zoom into DIR/z/x/y.EXT (a tree nginx can serve)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ..area import load_area
+    from ..tiles import tile_at
+
     _check_zoom(zoom)
     f = _check_format(fmt)
     _check_size(size)
