@@ -111,9 +111,7 @@ def convert(
         with atomic_output(out) as tmp:
             _run_with_progress(con, lambda: rel.to_parquet(str(tmp), compression="zstd", row_group_size=int(row_group_size)),
                                on_progress)
-        import pyarrow.parquet as pq
-
-        rows = pq.read_metadata(out).num_rows
+        rows = int(con.execute("SELECT sum(num_rows) FROM parquet_file_metadata(?)", [str(out)]).fetchone()[0] or 0)
     finally:
         con.close()
     return ConvertReport(len(files), sum(f.stat().st_size for f in files), rows, out.stat().st_size,

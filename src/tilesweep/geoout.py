@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import duckdb
-import numpy as np
-import pyarrow as pa
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
 
 from .durable import replace_durably
 from .errors import UsageError
@@ -111,6 +114,7 @@ def _sql_path(p: Path) -> str:
 
 def tile_polygons(z: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Shapely squares of XYZ tiles (counter-clockwise exterior, lon/lat degrees)."""
+    import numpy as np
     import shapely
 
     n = np.ldexp(1.0, np.asarray(z, np.int64))
@@ -142,6 +146,8 @@ def geometry_source(columns: list[str], geometry: str = "auto") -> str:
 
 def batch_geometry(batch: pa.RecordBatch, source: str) -> np.ndarray:
     """The shapely geometries of a batch's rows (None where a row has none)."""
+    import numpy as np
+    import pyarrow as pa
     import shapely
 
     names = {n.lower(): n for n in batch.schema.names}
@@ -262,10 +268,11 @@ def _write_geojson(batches: Iterator[pa.RecordBatch], tmp: Path, source: str, on
 
 
 def _finite(row: dict) -> dict:  # type: ignore[type-arg]
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
 def _add_geometry(batch: pa.RecordBatch, source: str, kind: str) -> tuple[pa.RecordBatch, np.ndarray]:
+    import pyarrow as pa
     import shapely
 
     geoms = batch_geometry(batch, source)
@@ -279,6 +286,7 @@ def _add_geometry(batch: pa.RecordBatch, source: str, kind: str) -> tuple[pa.Rec
 
 
 def _write_geoparquet(batches: Iterator[pa.RecordBatch], tmp: Path, source: str, on_batch) -> int:  # type: ignore[no-untyped-def]
+    import numpy as np
     import pyarrow.parquet as pq
     import shapely
 

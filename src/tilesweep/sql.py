@@ -29,6 +29,7 @@ the query) become :class:`tilesweep.errors.UsageError` with DuckDB's first line.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -39,13 +40,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import duckdb
-import numpy as np
-import pyarrow as pa
 
 from .errors import UsageError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
     from .sweep import Sweep
+
+# numpy and pyarrow are imported by the functions that use them: `tilesweep query -o`
+# and `tilesweep convert` need neither (DuckDB writes the file).
 
 DUCKDB_CONFIG = {
     "autoinstall_known_extensions": "false",
@@ -166,6 +171,8 @@ class SweepTables:
 
     def build(self, name: str) -> bool:
         """Create ``name`` if it is one of the sweep's and not built yet; False otherwise."""
+        import pyarrow as pa
+
         if name not in SWEEP_TABLES or name in self.built:
             return False
         if name == "predictions":
@@ -232,19 +239,36 @@ def models(sweep_path: Path) -> list[dict[str, object]]:
     ]
 
 
-TILES_SCHEMA = pa.schema([("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64()),
+@functools.cache
+def _schema(name: str) -> pa.Schema:
+    """The Arrow schema of the ``tiles``, ``plan`` or ``blocks`` table (also the module
+    attributes TILES_SCHEMA, PLAN_SCHEMA, BLOCKS_SCHEMA)."""
+    import pyarrow as pa
+
+    if name == "tiles":
+        return pa.schema([("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64()),
                           ("status", pa.string()), ("bytes", pa.int64())])
-PLAN_SCHEMA = pa.schema([("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64())])
-BLOCKS_SCHEMA = pa.schema([
-    ("block", pa.int64()), ("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("tiles", pa.int32()),
-    ("state", pa.string()), ("attempts", pa.int32()), ("last_error", pa.string()), ("owner", pa.string()),
-    ("lease_until", pa.timestamp("ms", tz="UTC")), ("done_at", pa.timestamp("ms", tz="UTC")),
-    ("ok", pa.int32()), ("empty", pa.int32()), ("failed", pa.int32()), ("bytes", pa.int64()), ("retries", pa.int32()),
-])
+    if name == "plan":
+        return pa.schema([("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64())])
+    return pa.schema([
+        ("block", pa.int64()), ("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("tiles", pa.int32()),
+        ("state", pa.string()), ("attempts", pa.int32()), ("last_error", pa.string()), ("owner", pa.string()),
+        ("lease_until", pa.timestamp("ms", tz="UTC")), ("done_at", pa.timestamp("ms", tz="UTC")),
+        ("ok", pa.int32()), ("empty", pa.int32()), ("failed", pa.int32()), ("bytes", pa.int64()), ("retries", pa.int32()),
+    ])
+
+
+def __getattr__(name: str) -> object:
+    if name in ("TILES_SCHEMA", "PLAN_SCHEMA", "BLOCKS_SCHEMA"):
+        return _schema(name.split("_")[0].lower())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def tiles_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """The store's index as record batches: one shard open at a time, no tile bytes read."""
+    import numpy as np
+    import pyarrow as pa
+
     from .store.shard import ShardReader
     from .tiles import tile_id
 
@@ -267,15 +291,18 @@ def tiles_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
         if buf:
             yield _tiles_batch(zoom, buf)
 
-    return TILES_SCHEMA, gen()
+    return _schema("tiles"), gen()
 
 
 def _tiles_batch(zoom: int, buf: list[tuple[np.ndarray, ...]]) -> pa.RecordBatch:
+    import numpy as np
+    import pyarrow as pa
+
     x, y, block, status, length = (np.concatenate([b[i] for b in buf]) for i in range(5))
     return pa.RecordBatch.from_arrays(
         [pa.array(np.full(len(x), zoom, np.int8)), pa.array(x.astype(np.int32)), pa.array(y.astype(np.int32)),
          pa.array(block), pa.array(_TILE_STATUS).take(pa.array(status)), pa.array(length)],
-        schema=TILES_SCHEMA,
+        schema=_schema("tiles"),
     )
 
 
@@ -297,6 +324,8 @@ def _queue_rows(sweep: "Sweep", sql: str) -> Iterator[list[tuple]]:  # type: ign
 
 def blocks_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """The queue's rows as record batches, read-only, in block id order."""
+    import pyarrow as pa
+
     sql = ("SELECT id, z, x, y, tiles, state, attempts, last_error, owner, lease_until, done_at, "
            "n_ok, n_empty, n_failed, n_bytes, n_retries FROM blocks ORDER BY id")
 
@@ -304,7 +333,7 @@ def blocks_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]
         for rows in _queue_rows(sweep, sql):
             cols = list(zip(*rows))
             arrays = []
-            for i, field in enumerate(BLOCKS_SCHEMA):
+            for i, field in enumerate(_schema("blocks")):
                 vals = list(cols[i])
                 if i == 5:
                     vals = [_STATES.get(v, str(v)) for v in vals]
@@ -313,18 +342,21 @@ def blocks_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]
                     arrays.append(pa.array(vals, pa.int64()).cast(field.type))
                     continue
                 arrays.append(pa.array(vals, field.type))
-            yield pa.RecordBatch.from_arrays(arrays, schema=BLOCKS_SCHEMA)
+            yield pa.RecordBatch.from_arrays(arrays, schema=_schema("blocks"))
 
-    return BLOCKS_SCHEMA, gen()
+    return _schema("blocks"), gen()
 
 
 def plan_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """The planned tiles (every block's masked descendants) as record batches."""
+    import numpy as np
+    import pyarrow as pa
+
     zoom = sweep.zoom
-    return PLAN_SCHEMA, (
+    return _schema("plan"), (
         pa.RecordBatch.from_arrays(
             [pa.array(np.full(len(x), zoom, np.int8)), pa.array(x.astype(np.int32)), pa.array(y.astype(np.int32)),
-             pa.array(b)], schema=PLAN_SCHEMA)
+             pa.array(b)], schema=_schema("plan"))
         for x, y, b in planned_tiles(sweep)
     )
 
@@ -333,6 +365,8 @@ def planned_tiles(sweep: "Sweep") -> Iterator[tuple[np.ndarray, np.ndarray, np.n
     """``(x, y, block id)`` int64 arrays of the planned tiles, about BATCH_ROWS at a time,
     in block id order (read-only from the queue). Blocks may sit at several zooms
     (adaptive blocks): each one's descendants are taken at the sweep's zoom."""
+    import numpy as np
+
     from .plan import mask_cells
 
     zoom = sweep.zoom
@@ -368,6 +402,8 @@ def stream(rel: duckdb.DuckDBPyRelation, rows: int = BATCH_ROWS) -> Iterator[pa.
     """The relation's result as Arrow record batches of about ``rows`` rows, streamed (the
     whole result never sits in memory; an empty result is one empty batch, with its
     schema); DuckDB errors become :class:`UsageError`."""
+    import pyarrow as pa
+
     try:
         reader = rel.to_arrow_reader(rows) if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch(rows)
         seen = False
