@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-sweep
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test lint venv bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,12 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/python -m tilesweep.demo --dir $(DEMO_DIR)
 
-test: $(VENV)/.installed-test
+# Lint first (seconds): ruff for bugs pyflakes and bugbear see, then mypy; settings in pyproject.toml.
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-test
@@ -39,4 +44,4 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/memory.py  # needs nginx
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache build src/*.egg-info
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info

@@ -154,7 +154,7 @@ def _parse_geojson(body: str, where: str) -> Polygon | MultiPolygon:
     if not geometries:
         raise UsageError(f"area file {where!r} holds no geometry")
     parts = [_polygonal(g, where) for g in geometries]
-    return shapely.union_all(parts) if len(parts) > 1 else parts[0]
+    return _polygonal(shapely.union_all(parts), where) if len(parts) > 1 else parts[0]
 
 
 def _polygonal(geom: Any, where: str) -> Polygon | MultiPolygon:
@@ -189,5 +189,7 @@ def _finish(geom: Polygon | MultiPolygon, source: str) -> Area:
         raise UsageError(f"area {source!r} lies outside the Web-Mercator world (|lat| > {MAX_LAT:.4f})")
     if isinstance(clipped, shapely.GeometryCollection) and not isinstance(clipped, MultiPolygon):
         clipped = shapely.union_all([g for g in clipped.geoms if g.area > 0])
+    if not isinstance(clipped, (Polygon, MultiPolygon)):  # pragma: no cover - polygons clip to polygons
+        raise UsageError(f"area {source!r} clipped to the Web-Mercator world is a {clipped.geom_type}, not polygons")
     shapely.prepare(clipped)
     return Area(clipped, source)

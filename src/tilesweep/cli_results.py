@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 out = Console()
 err = Console(stderr=True)
@@ -142,8 +145,8 @@ class _Progress:
     """A progress bar on stderr (only on a terminal and unless quiet), 0..100."""
 
     def __init__(self, quiet: bool, what: str) -> None:
-        self.bar = None
-        self.task = None
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
         if not quiet and err.is_terminal:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -111,7 +111,8 @@ def convert(
         with atomic_output(out) as tmp:
             _run_with_progress(con, lambda: rel.to_parquet(str(tmp), compression="zstd", row_group_size=int(row_group_size)),
                                on_progress)
-        rows = int(con.execute("SELECT sum(num_rows) FROM parquet_file_metadata(?)", [str(out)]).fetchone()[0] or 0)
+        row = con.execute("SELECT sum(num_rows) FROM parquet_file_metadata(?)", [str(out)]).fetchone()
+        rows = int(row[0] or 0) if row is not None else 0
     finally:
         con.close()
     return ConvertReport(len(files), sum(f.stat().st_size for f in files), rows, out.stat().st_size,

@@ -22,7 +22,7 @@ import math
 import os
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import duckdb
 
@@ -154,7 +154,7 @@ def batch_geometry(batch: pa.RecordBatch, source: str) -> np.ndarray:
     if source == "point":
         lon = batch.column(names["lon"]).to_numpy(zero_copy_only=False).astype(np.float64)
         lat = batch.column(names["lat"]).to_numpy(zero_copy_only=False).astype(np.float64)
-        return shapely.points(lon, lat)
+        return np.asarray(shapely.points(lon, lat))
     if source == "tile":
         cols = [batch.column(names[k]).to_numpy(zero_copy_only=False) for k in ("z", "x", "y")]
         return tile_polygons(*cols)
@@ -276,6 +276,7 @@ def _add_geometry(batch: pa.RecordBatch, source: str, kind: str) -> tuple[pa.Rec
     import shapely
 
     geoms = batch_geometry(batch, source)
+    col: pa.Array[Any]
     if kind == "wkb":
         col = pa.array(shapely.to_wkb(geoms), pa.binary())
     else:
@@ -304,9 +305,10 @@ def _write_geoparquet(batches: Iterator[pa.RecordBatch], tmp: Path, source: str,
                 known = {"point": ["Point"], "tile": ["Polygon"]}.get(source, [])
                 first = {"version": GEOPARQUET_VERSION, "primary_column": "geometry",
                          "columns": {"geometry": {"encoding": "WKB", "geometry_types": known}}}
-                writer = pq.ParquetWriter(tmp, out.schema.with_metadata({"geo": json.dumps(first)}), compression="zstd")
+                schema = out.schema.with_metadata({"geo": json.dumps(first)})
+                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
             if batch.num_rows:
-                writer.write_batch(out.replace_schema_metadata(writer.schema.metadata))
+                writer.write_batch(out.replace_schema_metadata(schema.metadata))
                 b = shapely.total_bounds(geoms)
                 if np.isfinite(b).all():
                     bbox = [min(bbox[0], b[0]), min(bbox[1], b[1]), max(bbox[2], b[2]), max(bbox[3], b[3])]

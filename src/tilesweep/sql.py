@@ -72,7 +72,7 @@ def connect(memory_limit: str | None = None, threads: int | None = None) -> duck
     if threads is not None and not 1 <= int(threads) <= 1024:
         raise UsageError(f"threads {threads} must be in 1..1024")
     spill = tempfile.mkdtemp(prefix="tilesweep-duckdb-")
-    config = dict(DUCKDB_CONFIG, temp_directory=spill)
+    config: dict[str, str | bool | int | float | list[str]] = {**DUCKDB_CONFIG, "temp_directory": spill}
     try:
         con = duckdb.connect(":memory:", config=config)
     except duckdb.Error as exc:  # pragma: no cover - a broken DuckDB install
@@ -245,17 +245,20 @@ def _schema(name: str) -> pa.Schema:
     attributes TILES_SCHEMA, PLAN_SCHEMA, BLOCKS_SCHEMA)."""
     import pyarrow as pa
 
+    cols: list[tuple[str, pa.DataType]]
     if name == "tiles":
-        return pa.schema([("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64()),
-                          ("status", pa.string()), ("bytes", pa.int64())])
-    if name == "plan":
-        return pa.schema([("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64())])
-    return pa.schema([
-        ("block", pa.int64()), ("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("tiles", pa.int32()),
-        ("state", pa.string()), ("attempts", pa.int32()), ("last_error", pa.string()), ("owner", pa.string()),
-        ("lease_until", pa.timestamp("ms", tz="UTC")), ("done_at", pa.timestamp("ms", tz="UTC")),
-        ("ok", pa.int32()), ("empty", pa.int32()), ("failed", pa.int32()), ("bytes", pa.int64()), ("retries", pa.int32()),
-    ])
+        cols = [("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64()),
+                ("status", pa.string()), ("bytes", pa.int64())]
+    elif name == "plan":
+        cols = [("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64())]
+    else:
+        cols = [
+            ("block", pa.int64()), ("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("tiles", pa.int32()),
+            ("state", pa.string()), ("attempts", pa.int32()), ("last_error", pa.string()), ("owner", pa.string()),
+            ("lease_until", pa.timestamp("ms", tz="UTC")), ("done_at", pa.timestamp("ms", tz="UTC")),
+            ("ok", pa.int32()), ("empty", pa.int32()), ("failed", pa.int32()), ("bytes", pa.int64()), ("retries", pa.int32()),
+        ]
+    return pa.schema(cols)
 
 
 def __getattr__(name: str) -> object:
@@ -267,7 +270,6 @@ def __getattr__(name: str) -> object:
 def tiles_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """The store's index as record batches: one shard open at a time, no tile bytes read."""
     import numpy as np
-    import pyarrow as pa
 
     from .store.shard import ShardReader
     from .tiles import tile_id

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, cast
 
 import pycurl
 
@@ -86,6 +87,17 @@ def _ca_bundle() -> str | None:
     except ImportError:  # pragma: no cover - certifi is a dependency
         return None
     return certifi.where()
+
+
+class _Handle(pycurl.Curl):
+    """A libcurl easy handle with the state of the request it carries (none while pooled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: list[bytes] | None = None  # the body so far
+        self.size = 0  # body bytes received (counted in inflight_bytes until it ends)
+        self.over = 0  # why the write callback cut the transfer: E_FILESIZE_EXCEEDED / E_OVER_BUDGET
+        self.future: asyncio.Future[Response] | None = None  # the caller's answer
 
 
 class CurlTransport:
@@ -155,8 +167,8 @@ class CurlTransport:
         ca = _ca_bundle()
         if ca:
             self._options.append((pycurl.CAINFO, ca))
-        self._free: list[pycurl.Curl] = []
-        self._active: set[pycurl.Curl] = set()
+        self._free: list[_Handle] = []
+        self._active: set[_Handle] = set()
         self._watched: dict[int, int] = {}  # fd -> pycurl.POLL_IN | POLL_OUT | POLL_INOUT
         self._timer: asyncio.TimerHandle | None = None
         self._kick_scheduled = False
@@ -181,8 +193,8 @@ class CurlTransport:
         c.setopt(pycurl.PIPEWAIT, url.startswith("https:"))
         c.setopt(pycurl.WRITEFUNCTION, self._writer(c, chunks))
         c.chunks = chunks
-        c.size = 0  # body bytes received (counted in inflight_bytes until it ends)
-        c.over = 0  # why the write callback cut the transfer: E_FILESIZE_EXCEEDED / E_OVER_BUDGET
+        c.size = 0
+        c.over = 0
         c.future = fut
         self._multi.add_handle(c)
         self._active.add(c)
@@ -199,7 +211,7 @@ class CurlTransport:
                 self._recycle(c)
                 self._kick()
 
-    def _writer(self, c: pycurl.Curl, chunks: list[bytes]):  # type: ignore[no-untyped-def]
+    def _writer(self, c: _Handle, chunks: list[bytes]) -> Callable[[bytes], int | None]:
         """The write callback of one request: keeps the chunks, and cuts the transfer
         (returns 0: libcurl ends it with a write error) when the body passes
         ``max_body_bytes`` (a chunked body has no length for MAXFILESIZE to check first) or
@@ -224,13 +236,13 @@ class CurlTransport:
 
         return write
 
-    def _new_handle(self) -> pycurl.Curl:
-        c = pycurl.Curl()
+    def _new_handle(self) -> _Handle:
+        c = _Handle()
         for opt, value in self._options:
             c.setopt(opt, value)
         return c
 
-    def _recycle(self, c: pycurl.Curl) -> None:
+    def _recycle(self, c: _Handle) -> None:
         self.inflight_bytes -= c.size
         c.size = 0
         if c.chunks is not None:
@@ -244,10 +256,12 @@ class CurlTransport:
         else:
             c.close()
 
-    def _finish(self, c: pycurl.Curl, error: int, message: str) -> None:
+    def _finish(self, c: _Handle, error: int, message: str) -> None:
         self._active.discard(c)
         self._multi.remove_handle(c)
-        fut: asyncio.Future[Response] = c.future
+        fut, chunks = c.future, c.chunks
+        if fut is None or chunks is None:  # only a request's handle is in the multi
+            raise RuntimeError("libcurl finished a handle that carries no request")
         if not fut.done():
             if error and c.over:  # cut by our write callback (CURLE_WRITE_ERROR): say why
                 error, message = c.over, ("body over the byte limit" if c.over == pycurl.E_FILESIZE_EXCEEDED
@@ -257,7 +271,7 @@ class CurlTransport:
             else:
                 retry_after = c.getinfo(pycurl.RETRY_AFTER) or None
                 fut.set_result(Response(
-                    c.getinfo(pycurl.RESPONSE_CODE), b"".join(c.chunks), c.getinfo(pycurl.CONTENT_TYPE),
+                    c.getinfo(pycurl.RESPONSE_CODE), b"".join(chunks), c.getinfo(pycurl.CONTENT_TYPE),
                     float(retry_after) if retry_after else None,
                 ))
         self._recycle(c)
@@ -318,10 +332,11 @@ class CurlTransport:
                 break
         while True:
             left, ok, failed = m.info_read()
+            # Every handle in the multi is one of ours (get() adds only _Handles).
             for c in ok:
-                self._finish(c, 0, "")
+                self._finish(cast(_Handle, c), 0, "")
             for c, error, message in failed:
-                self._finish(c, error, message)
+                self._finish(cast(_Handle, c), error, message)
             if ok or failed:
                 self._kick()  # a freed connection may let a parked transfer start
             if not left:

@@ -159,7 +159,10 @@ def generate_cell(seed: int, cx: int, cy: int, density: float, water) -> CellLin
         bbox = (float(allv[:, 0].min()), float(allv[:, 1].min()), float(allv[:, 0].max()), float(allv[:, 1].max()))
     else:
         bbox = (0.0, 0.0, -1.0, -1.0)
-    cat = (lambda a, dt: np.concatenate(a).astype(dt) if a else np.zeros(0, dt))  # noqa: E731
+
+    def cat(a: list[np.ndarray], dt: type[np.generic]) -> np.ndarray:
+        return np.concatenate(a).astype(dt) if a else np.zeros(0, dt)
+
     return CellLines(
         cat(txs, np.float64), cat(tys, np.float64), cat(angs, np.float64),
         cat(lids, np.int64), cat(tids, np.int64), tuple(polys), tuple(poly_ids), bbox,

@@ -15,6 +15,7 @@ points on their shared edge, so the result stays continuous across tile edges.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 _M1 = np.uint64(0xFF51AFD7ED558CCD)
 _M2 = np.uint64(0xC4CEB9FE1A85EC53)
@@ -64,7 +65,7 @@ def key(*parts: int) -> int:
     return h
 
 
-def hash2(ix: np.ndarray, iy: np.ndarray, k: int) -> np.ndarray:
+def hash2(ix: npt.ArrayLike, iy: npt.ArrayLike, k: int) -> np.ndarray:
     """uint64 hash of integer lattice coordinates under key ``k`` (broadcasts)."""
     a = np.atleast_1d(np.asarray(ix).astype(np.int64).astype(np.uint64))
     b = np.atleast_1d(np.asarray(iy).astype(np.int64).astype(np.uint64))
@@ -77,7 +78,7 @@ def unit(h: np.ndarray) -> np.ndarray:
     return (h >> _S11).astype(np.float64) * _INV53
 
 
-def rand2(ix: np.ndarray, iy: np.ndarray, k: int) -> np.ndarray:
+def rand2(ix: npt.ArrayLike, iy: npt.ArrayLike, k: int) -> np.ndarray:
     """Uniform [0, 1) per lattice point."""
     return unit(hash2(ix, iy, k))
 

@@ -102,7 +102,8 @@ def write_parquet(towers: Iterable[Tower], path: str | os.PathLike[str], batch: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("lon", pa.float64()), ("lat", pa.float64()), ("line_id", pa.int64()), ("tower_id", pa.int64())])
+    cols: list[tuple[str, pa.DataType]] = [("lon", pa.float64()), ("lat", pa.float64()), ("line_id", pa.int64()), ("tower_id", pa.int64())]
+    schema = pa.schema(cols)
     path = Path(path)
     tmp = _atomic(path)
     n = 0
@@ -111,7 +112,7 @@ def write_parquet(towers: Iterable[Tower], path: str | os.PathLike[str], batch: 
             buf: list[Tower] = []
 
             def flush() -> None:
-                cols = list(zip(*buf)) if buf else [[], [], [], []]
+                cols: list[tuple[Any, ...]] = list(zip(*buf)) if buf else [(), (), (), ()]
                 w.write_table(pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, schema)], schema=schema))
                 buf.clear()
 
@@ -140,7 +141,7 @@ def read_truth(path: str | os.PathLike[str]) -> list[Tower]:
     if truth_format(path) == "parquet":
         import pyarrow.parquet as pq
 
-        t = pq.read_table(path)
+        t = pq.read_table(os.fspath(path))
         return [Tower(*row) for row in zip(*(t.column(c).to_pylist() for c in ("lon", "lat", "line_id", "tower_id")))]
     with open(path, encoding="utf-8") as f:
         doc = json.load(f)

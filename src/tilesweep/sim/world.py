@@ -315,7 +315,7 @@ class World:
             r1 = N.unit(h)
             r2 = (h & np.uint64(0xFFFFF)).astype(np.float32) * np.float32(1.0 / 0x100000)
             colr = _FIELD_PALETTE[(r1 * len(_FIELD_PALETTE)).astype(np.intp)]
-            bright = (0.9 + 0.2 * r2).astype(np.float32)
+            bright: np.ndarray = (0.9 + 0.2 * r2).astype(np.float32)
             periods = np.array([4.0, 5.5, 7.0, 9.0])
             if periods[-1] > 3 * res:
                 pi = (r2 * 4).astype(np.intp)
@@ -340,7 +340,7 @@ class World:
     def _forest_colour(self, g: N.Grid, kc: float) -> np.ndarray:
         base = np.array([0.17, 0.26, 0.12], np.float32)
         col = np.broadcast_to(base, (g.size, g.size, 3)).astype(np.float32)
-        b = np.ones((g.size, g.size), np.float32)
+        b: np.ndarray = np.ones((g.size, g.size), np.float32)
         for lam, amp in ((60.0, 0.12), (8.0, 0.30), (3.5, 0.18)):
             t = g.noise(self._k[_CROWN] + int(lam), lam)
             if t is not None:

@@ -210,7 +210,7 @@ class TileStore:
 
     def _scan(self, suffix: str, block_zoom: int | None = None) -> list[tuple[int, int]]:
         base = self.root / str(self.block_zoom if block_zoom is None else block_zoom)
-        out = []
+        out: list[tuple[int, int]] = []
         try:
             xdirs = list(os.scandir(base))
         except FileNotFoundError:
@@ -269,7 +269,7 @@ class TileStore:
         fsync_dir(path.parent)
         return dest
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         """Counts over finished shards (tiles ok/empty/failed, bytes of OK tiles) plus the
         unfinished shards and the records durable in them."""
         out = {"shards": 0, "partial_shards": 0, "partial_tiles": 0, "ok": 0, "empty": 0, "failed": 0, "bytes": 0, "corrupt_shards": 0}
@@ -337,5 +337,5 @@ class TileStore:
     def __enter__(self) -> "TileStore":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
