@@ -120,7 +120,7 @@ def convert(
 
 
 def _run_with_progress(con: duckdb.DuckDBPyConnection, write: Callable[[], object], on_progress: Callable[[float], None] | None) -> None:
-    result: dict[str, object] = {}
+    result: dict[str, BaseException] = {}
 
     def work() -> None:
         try:
@@ -148,6 +148,6 @@ def _run_with_progress(con: duckdb.DuckDBPyConnection, write: Callable[[], objec
     if isinstance(error, duckdb.Error):
         raise as_usage_error(error)
     if error is not None:
-        raise error  # type: ignore[misc]
+        raise error
     if on_progress is not None:
         on_progress(100.0)

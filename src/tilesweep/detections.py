@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, overload
 
 import duckdb
 import numpy as np
@@ -25,7 +25,7 @@ import shapely
 
 from .errors import UsageError
 from .geoout import check_writable, output_format, tile_polygons, write_batches
-from .sql import SweepTables, connect, models, quote_ident, quote_literal, run, stream
+from .sql import LedgerModel, SweepTables, connect, models, quote_ident, quote_literal, run, stream
 
 if TYPE_CHECKING:
     from .sweep import Sweep
@@ -52,7 +52,11 @@ def check_threshold(threshold: float | None) -> float | None:
     return t
 
 
-def choose_model(sweep_path: Path, model: str | None, required: bool = True) -> dict[str, Any] | None:
+@overload
+def choose_model(sweep_path: Path, model: str | None, required: Literal[True] = True) -> LedgerModel: ...
+@overload
+def choose_model(sweep_path: Path, model: str | None, required: bool) -> LedgerModel | None: ...
+def choose_model(sweep_path: Path, model: str | None, required: bool = True) -> LedgerModel | None:
     """The ledger's model named ``model`` (by name or folder), or the only one; a
     :class:`UsageError` names the choices when it is ambiguous or unknown."""
     found = models(sweep_path)
@@ -82,7 +86,7 @@ def score_sql(labels: list[str]) -> tuple[str, str]:
     return score, label
 
 
-def detections_sql(model: dict[str, Any], threshold: float | None, bbox: tuple[float, float, float, float] | None = None) -> str:
+def detections_sql(model: LedgerModel, threshold: float | None, bbox: tuple[float, float, float, float] | None = None) -> str:
     """The SELECT of a model's detections over the ``predictions`` view."""
     labels = list(model["labels"])
     score, label = score_sql(labels)
@@ -116,8 +120,11 @@ def detections(
     m = choose_model(sw.path, model)
     con = con if con is not None else connect(memory_limit, threads)
     geom = _area_geometry(area)
-    bbox = None if geom is None else tuple(float(v) for v in shapely.bounds(geom))
-    return run(con, detections_sql(m, threshold, bbox), SweepTables(con, sw))  # type: ignore[arg-type]
+    bbox = None
+    if geom is not None:
+        w, s, e, n = (float(v) for v in shapely.bounds(geom))
+        bbox = (w, s, e, n)
+    return run(con, detections_sql(m, threshold, bbox), SweepTables(con, sw))
 
 
 def _area_geometry(area: Any) -> Any:
@@ -168,7 +175,7 @@ def export_detections(
                           geometry, on_batch=on_rows)
     finally:
         con.close()
-    return DetectionsReport(n, str(m["name"]), threshold, time.perf_counter() - started, out)  # type: ignore[index]
+    return DetectionsReport(n, m["name"], threshold, time.perf_counter() - started, out)
 
 
 def _inside(batches: Iterator[pa.RecordBatch], area: Any, geometry: str) -> Iterator[pa.RecordBatch]:
@@ -196,7 +203,7 @@ def apply_threshold(model: Any, threshold: float | None, sweep_path: Path) -> An
     if threshold is None:
         return model
     for m in models(sweep_path):
-        if m["name"] == model.name and m["digest"] == model.digest and not math.isclose(float(m["threshold"]), threshold):  # type: ignore[arg-type]
+        if m["name"] == model.name and m["digest"] == model.digest and not math.isclose(m["threshold"], threshold):
             raise UsageError(
                 f"predictions of {model.name} in {str(sweep_path)!r} were written with threshold {m['threshold']:g}, "
                 f"not {threshold:g}; use `tilesweep detections --threshold {threshold:g}` to cut the scores anew"

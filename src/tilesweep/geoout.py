@@ -237,7 +237,7 @@ def quote_literal_key(name: str) -> str:
     return quote_ident(name)
 
 
-def _write_geojson(batches: Iterator[pa.RecordBatch], tmp: Path, source: str, on_batch) -> int:  # type: ignore[no-untyped-def]
+def _write_geojson(batches: Iterator[pa.RecordBatch], tmp: Path, source: str, on_batch: Callable[[int], None] | None) -> int:
     import shapely
 
     n = 0
@@ -267,7 +267,7 @@ def _write_geojson(batches: Iterator[pa.RecordBatch], tmp: Path, source: str, on
     return n
 
 
-def _finite(row: dict) -> dict:  # type: ignore[type-arg]
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
@@ -286,7 +286,7 @@ def _add_geometry(batch: pa.RecordBatch, source: str, kind: str) -> tuple[pa.Rec
     return pa.RecordBatch.from_arrays(arrays, names=names + ["geometry"]), geoms
 
 
-def _write_geoparquet(batches: Iterator[pa.RecordBatch], tmp: Path, source: str, on_batch) -> int:  # type: ignore[no-untyped-def]
+def _write_geoparquet(batches: Iterator[pa.RecordBatch], tmp: Path, source: str, on_batch: Callable[[int], None] | None) -> int:
     import numpy as np
     import pyarrow.parquet as pq
     import shapely
@@ -331,7 +331,7 @@ def _write_geoparquet(batches: Iterator[pa.RecordBatch], tmp: Path, source: str,
     return n
 
 
-def _write_csv(batches: Iterator[pa.RecordBatch], tmp: Path, source: str, on_batch) -> int:  # type: ignore[no-untyped-def]
+def _write_csv(batches: Iterator[pa.RecordBatch], tmp: Path, source: str, on_batch: Callable[[int], None] | None) -> int:
     import pyarrow.csv as pacsv
 
     writer: pacsv.CSVWriter | None = None

@@ -37,7 +37,7 @@ import sqlite3
 import tempfile
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, TypedDict
 
 import duckdb
 
@@ -221,7 +221,17 @@ def prediction_parts(sweep_path: Path) -> list[Path]:
     return [root / n for n in names if (root / n).is_file()]
 
 
-def models(sweep_path: Path) -> list[dict[str, object]]:
+class LedgerModel(TypedDict):
+    """One model of a sweep's prediction ledger (see :func:`models`)."""
+
+    name: str
+    digest: str
+    folder: str
+    labels: list[str]
+    threshold: float
+
+
+def models(sweep_path: Path) -> list[LedgerModel]:
     """The models of a sweep's ledger: name, digest, folder, labels (list), threshold."""
     from .predict.sink import LEDGER_FILE, PREDICTIONS_DIR
 
@@ -234,7 +244,7 @@ def models(sweep_path: Path) -> list[dict[str, object]]:
     finally:
         db.close()
     return [
-        {"name": n, "digest": d, "folder": f, "labels": [x for x in str(lb).split(",") if x], "threshold": float(t)}
+        LedgerModel(name=n, digest=d, folder=f, labels=[x for x in str(lb).split(",") if x], threshold=float(t))
         for n, d, f, lb, t in rows
     ]
 
@@ -308,7 +318,7 @@ def _tiles_batch(zoom: int, buf: list[tuple[np.ndarray, ...]]) -> pa.RecordBatch
     )
 
 
-def _queue_rows(sweep: "Sweep", sql: str) -> Iterator[list[tuple]]:  # type: ignore[type-arg]
+def _queue_rows(sweep: "Sweep", sql: str) -> Iterator[list[tuple[Any, ...]]]:
     from .sweep import QUEUE_FILE
 
     path = sweep.path / QUEUE_FILE

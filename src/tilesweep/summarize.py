@@ -25,7 +25,7 @@ import shapely
 from .detections import check_threshold, choose_model, score_sql
 from .errors import UsageError
 from .predict.sink import centres
-from .sql import SweepTables, connect, planned_tiles, quote_literal, run, stream
+from .sql import LedgerModel, SweepTables, connect, planned_tiles, quote_literal, run, stream
 
 if TYPE_CHECKING:
     from .sweep import Sweep
@@ -92,7 +92,7 @@ def _xy(rel: duckdb.DuckDBPyRelation) -> Iterator[tuple[np.ndarray, np.ndarray]]
                b.column("y").to_numpy(zero_copy_only=False).astype(np.int64))
 
 
-def _sources(model: dict[str, Any] | None, threshold: float | None) -> dict[str, str | None]:
+def _sources(model: LedgerModel | None, threshold: float | None) -> dict[str, str | None]:
     """SQL of the tiles (x, y) that count as fetched, predicted and detections."""
     fetched = ("SELECT x, y FROM tiles WHERE status = 'ok' UNION ALL "
                "SELECT DISTINCT x, y FROM predictions WHERE block NOT IN (SELECT DISTINCT block FROM tiles)")

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from .server import SimServer
 
 # The world (numpy), areas (shapely), faults and tiles are imported by the commands that
 # use them: every `tilesweep` command builds this group, and `tilesweep query` or
@@ -96,7 +99,7 @@ def serve(
         coverage=load_area(coverage) if coverage else None, rate_limit=rate_limit, seed=fault_seed,
     )
 
-    def ready(srv) -> None:  # type: ignore[no-untyped-def]
+    def ready(srv: SimServer) -> None:
         typer.echo(f"serving world seed {seed} at {srv.template()} (also @2x, /tms/, /q/{{quadkey}}); faults: {faults.describe()}")
 
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -46,6 +47,9 @@ CORRIDORS_PER_CELL = 20.0
 MAX_CORRIDORS = 48
 N_CELLS = int(math.ceil(2 * ORIGIN_SHIFT_M / CELL_M))
 WORLD_M = 2 * ORIGIN_SHIFT_M
+
+WaterTest = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""``water(X, Y) -> bool array``: whether each point (renderer metres) lies in water."""
 
 
 def scale_factor(y_merc: np.ndarray | float) -> np.ndarray | float:
@@ -109,7 +113,7 @@ def _towers_along(v: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, 
     return np.concatenate(pts), np.concatenate(angs)
 
 
-def generate_cell(seed: int, cx: int, cy: int, density: float, water) -> CellLines:  # type: ignore[no-untyped-def]
+def generate_cell(seed: int, cx: int, cy: int, density: float, water: WaterTest) -> CellLines:
     """All lines of home cell (cx, cy). ``water(X, Y) -> bool array`` drops towers in water."""
     rng = np.random.default_rng([seed & 0xFFFFFFFFFFFF, (seed >> 48) & 0xFFFF, cx, cy, 0x7011])
     lam = CORRIDORS_PER_CELL * density * (0.6 + 0.8 * rng.random())
@@ -172,7 +176,7 @@ def generate_cell(seed: int, cx: int, cy: int, density: float, water) -> CellLin
 class PowerLines:
     """The power lines of one world: cached per cell, queried by box."""
 
-    def __init__(self, seed: int, density: float, water) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, seed: int, density: float, water: WaterTest) -> None:
         self.seed = seed
         self.density = density
         self._water = water

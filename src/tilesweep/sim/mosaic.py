@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..tiles import Tile, lnglat_to_fraction, tile_at
-from .world import World
+from .world import AreaLike, World
 
 DEMO_AREA = (8.5, 47.3, 8.6, 47.4)
 
@@ -28,7 +28,7 @@ def mosaic(world: World, origin: Tile, cols: int = 4, rows: int = 3) -> np.ndarr
     return out
 
 
-def best_window(world: World, area=DEMO_AREA, z: int = 18, cols: int = 4, rows: int = 3) -> Tile:  # type: ignore[no-untyped-def]
+def best_window(world: World, area: AreaLike = DEMO_AREA, z: int = 18, cols: int = 4, rows: int = 3) -> Tile:
     """The top-left tile of the cols x rows window (around some tower) holding most towers."""
     towers = world.towers(area)
     tiles = [tile_at(t.lon, t.lat, z) for t in towers]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Union
 
 import numpy as np
 from PIL import Image
@@ -30,6 +30,15 @@ from ..tiles import (
 )
 from . import noise as N
 from .lines import PowerLines, scale_factor
+
+if TYPE_CHECKING:
+    from shapely.geometry.base import BaseGeometry
+
+    from ..area import Area
+
+AreaLike = Union["Area", "BaseGeometry", tuple[float, float, float, float], str]
+"""What :meth:`World.towers` takes as an area: an Area, a shapely geometry in degrees,
+a ``(west, south, east, north)`` box, or a bbox/file string."""
 
 MAX_SIM_ZOOM = 20
 """Deepest zoom the simulator renders (about 15 cm per pixel at the equator)."""
@@ -175,7 +184,7 @@ class World:
         """Whether a tower centre lies in the tile."""
         return bool(self.towers_in_tile(tile))
 
-    def iter_towers(self, area) -> Iterator[Tower]:  # type: ignore[no-untyped-def]
+    def iter_towers(self, area: AreaLike) -> Iterator[Tower]:
         """Stream the towers inside ``area`` (an :class:`~tilesweep.area.Area`, a shapely
         geometry, a ``(west, south, east, north)`` box or a bbox/file string), cell row by
         cell row, without holding the whole area in memory."""
@@ -208,7 +217,7 @@ class World:
                 break
             y = yn
 
-    def towers(self, area) -> list[Tower]:  # type: ignore[no-untyped-def]
+    def towers(self, area: AreaLike) -> list[Tower]:
         """The towers inside ``area`` (see :meth:`iter_towers`), by tower id within bands."""
         return list(self.iter_towers(area))
 
