@@ -49,9 +49,9 @@ def test_retry_dead_puts_blocks_back(tmp_path):
     sweep = tmp_path / "s"
     tilesweep("plan", BBOX, sweep, "-z", 17)
     # Kill two blocks the way workers do, through the queue's own API.
-    from tilesweep.queue import SqliteQueue
+    from tilesweep.sweep import open_sweep_queue
 
-    with SqliteQueue(sweep / "queue.sqlite", max_attempts=1) as q:
+    with open_sweep_queue(sweep, max_attempts=1) as q:
         for lease in q.lease(2, 60.0, "test-worker"):
             q.nack(lease.block.id, "HTTP 500 three times")
     st = status_json(sweep)
