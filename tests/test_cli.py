@@ -72,6 +72,8 @@ BAD = [
     (["plan", "missing.geojson", "{dir}", "-z", "17"], "missing.geojson"),
     (["plan", "{bad_geojson}", "{dir}", "-z", "17"], "not valid JSON"),
     (["plan", BBOX, "{dir}", "-z", "17", "--max-tiles", "0"], "max tiles 0"),
+    (["plan", BBOX, "{dir}", "-z", "17", "--queue", "mysql://u@h/db"], "queue URL 'mysql://u@h/db' is not one of"),
+    (["plan", BBOX, "{dir}", "-z", "17", "--queue", "postgresql://u:secret@h:5432"], "queue URL 'postgresql://u@h:5432' names no database"),
     (["status", "{dir}"], "holds no plan"),
     (["retry", "{dir}"], "needs --dead"),
 ]
