@@ -20,6 +20,7 @@ import pytest
 from helpers.cli import tilesweep
 from helpers.pgserver import PASSWORD
 from tilesweep.queue import Block, State, open_queue, stage_queue
+from tilesweep.sim import World, run_in_thread
 
 WORKER = Path(__file__).parent / "helpers" / "queue_worker.py"
 BBOX = "7.40,46.90,7.50,47.00"
@@ -116,22 +117,27 @@ def test_server_restarted_mid_sweep_workers_reconnect_nothing_lost(pg_server, pg
         assert all(q.get(i)["attempts"] > 1 or q.get(i)["lost"] == 0 for i in repeated)
 
 
-def test_plan_on_the_server_records_the_url_without_the_password(pg_server, tmp_path):
+def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulator(pg_server, tmp_path):
+    """plan --queue postgresql://, then a plain `fetch` with 2 worker processes against the
+    simulator: every planned tile fetched once, `status` adds up, and the password (given
+    even inside the URL) is in no file of the sweep and no output."""
     sweep = tmp_path / "s"
     url = pg_server.url().replace("tilesweep@", f"tilesweep:{PASSWORD}@")  # even given in the URL
-    res = tilesweep("plan", BBOX, sweep, "-z", 15, "--queue", url, env=PG_ENV)
+    res = tilesweep("plan", BBOX, sweep, "-z", 15, "--block-zoom", 13, "--queue", url, env=PG_ENV)
     recorded = tomllib.loads((sweep / "sweep.toml").read_text())["queue"]["url"]
     assert recorded.startswith(pg_server.url() + "?schema=tilesweep_") and PASSWORD not in recorded
     assert not (sweep / "queue.sqlite").exists()
-    st = json.loads(tilesweep("status", sweep, "--json", env=PG_ENV).stdout)  # the password: from the environment
-    assert st["blocks_pending"] == st["blocks_total"] > 0 and st["mismatch"] is None
-    again = tilesweep("plan", BBOX, sweep, "-z", 15, "--queue", pg_server.url(), env=PG_ENV)
-    assert "already planned" in again.stdout
-    for text in [res.stdout, res.stderr, again.stdout, again.stderr, *(p.read_bytes().decode("utf-8", "replace")
-                                                                       for p in sweep.rglob("*") if p.is_file())]:
+    with run_in_thread(World(seed=3)) as sim:
+        fetched = tilesweep("fetch", sweep, "--source", sim.template(), "--workers", 2, env=PG_ENV)
+    st = json.loads(tilesweep("status", sweep, "--json", env=PG_ENV).stdout)
+    assert st["blocks_done"] == st["blocks_total"] > 1 and st["mismatch"] is None
+    assert st["tiles_ok"] + st["tiles_empty"] == st["tiles_total"] and st["tiles_ok"] > 0
+    assert len(list((sweep / "tiles").rglob("*.shard"))) == st["blocks_total"]
+    for text in [res.stdout, res.stderr, fetched.stdout, fetched.stderr,
+                 *(p.read_bytes().decode("utf-8", "replace") for p in sweep.rglob("*") if p.is_file())]:
         assert PASSWORD not in text
     with open_queue(recorded) as q:
-        assert q.stats().blocks[State.PENDING] == st["blocks_total"]
+        assert q.owners() == {} and q.stats().attempts_total == st["blocks_total"]
 
 
 def test_server_trouble_is_one_line_naming_it_and_nothing_written(pg_server, tmp_path, monkeypatch):

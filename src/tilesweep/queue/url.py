@@ -218,5 +218,10 @@ def stage_queue(url: str, base: str | os.PathLike[str]) -> StagedQueue:
     from .postgres import stage
 
     if u.schema is None:
+        given = u.text
         u = parse_queue_url(with_schema(u.text, new_schema_name()))
+        try:
+            return stage(u)
+        except UsageError as exc:  # name the URL as the user gave it, not with our schema
+            raise UsageError(str(exc).replace(repr(u.text), repr(given))) from None
     return stage(u)
