@@ -172,6 +172,9 @@ def test_server_trouble_is_one_line_naming_it_and_nothing_written(pg_server, tmp
         assert words in str(exc.value) and "\n" not in str(exc.value) and PASSWORD not in str(exc.value)
         assert not target.exists()
     monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    with pytest.raises(UsageError, match="no tile at zoom 15 after sampling"):  # fails once the schema is staged
+        Sweep.plan(target, area, PlanSpec(zoom=15, fraction=1e-9), queue=pg_server.url())
+    assert not target.exists()
     import psycopg
 
     with psycopg.connect(pg_server.admin_dsn + " dbname=tilesweep") as db:  # no schema left behind by any test
