@@ -127,6 +127,12 @@ def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulato
     recorded = tomllib.loads((sweep / "sweep.toml").read_text())["queue"]["url"]
     assert recorded.startswith(pg_server.url() + "?schema=tilesweep_") and PASSWORD not in recorded
     assert not (sweep / "queue.sqlite").exists()
+    from tilesweep.area import load_area
+    from tilesweep.plan import PlanSpec
+    from tilesweep.sweep import Sweep
+
+    again, created = Sweep.plan(sweep, load_area(BBOX), PlanSpec(zoom=15, block_zoom=13), queue=url)  # the same plan
+    assert not created and again.queue_url == recorded
     with run_in_thread(World(seed=3)) as sim:
         fetched = tilesweep("fetch", sweep, "--source", sim.template(), "--workers", 2, env=PG_ENV)
     st = json.loads(tilesweep("status", sweep, "--json", env=PG_ENV).stdout)

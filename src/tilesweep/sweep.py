@@ -35,7 +35,7 @@ from . import __version__
 from .area import Area
 from .errors import UsageError
 from .plan import BlockChunk, PlanSpec, estimate_plan, pack_mask, plan_blocks
-from .queue import DEFAULT_URL, Block, Queue, StagedQueue, State, open_queue, parse_queue_url, stage_queue
+from .queue import DEFAULT_URL, Block, Queue, StagedQueue, State, open_queue, parse_queue_url, redact, stage_queue
 from .sources import Source
 from .store import TileStore
 
@@ -520,7 +520,7 @@ def _same_queue(url: str, recorded: str) -> bool:
         return False
     if a.kind == "sqlite":
         return a.path == b.path and a.relative == b.relative
-    return a.conninfo == b.conninfo and a.schema in (None, b.schema)
+    return redact(a.conninfo or "") == redact(b.conninfo or "") and a.schema in (None, b.schema)
 
 
 def queue_url(path: str | os.PathLike[str]) -> str:
