@@ -163,12 +163,19 @@ class PostgresQueue:
 
     def _run(self, op: Callable[[Any], _T]) -> _T:
         """Run ``op(connection)``; on a lost connection, reconnect and run it again, for up
-        to ``reconnect_s`` seconds (the server rolled an interrupted transaction back)."""
+        to ``reconnect_s`` seconds (the server rolled an interrupted transaction back); a
+        transaction the server rolled back (deadlock, serialisation) is run again too."""
         deadline = time.monotonic() + self.reconnect_s
         delay = 0.05
         while True:
             try:
                 return op(self._conn())
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):  # rolled back: again
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(delay, 0.5))
+                delay = min(delay * 2, 2.0)
+                continue
             except psycopg.OperationalError:
                 if not (self._db.closed or self._db.broken) or time.monotonic() >= deadline:
                     raise
