@@ -133,7 +133,6 @@ class PostgresQueue:
         self.max_attempts = max_attempts
         self.max_lost = max_lost
         self.reconnect_s = reconnect_s
-        self._first_lease_known = False
         self._pid = os.getpid()
         self._db = _connect(url, None)
         try:
@@ -234,27 +233,28 @@ class PostgresQueue:
         if n < 1 or ttl <= 0:
             raise ValueError(f"lease needs n >= 1 and ttl > 0 (got n={n}, ttl={ttl})")
 
-        def op(db: Any) -> tuple[float, list[tuple[Any, ...]]]:
-            (now,) = db.execute(f"SELECT {_NOW}").fetchone()
-            self._expire(db, now)
-            until = now + ttl
-            rows = db.execute(
-                f"""UPDATE blocks SET state = {State.LEASED}, owner = %s, lease_until = %s, attempts = attempts + 1
-                    WHERE id IN (SELECT id FROM blocks WHERE state = {State.PENDING} ORDER BY priority LIMIT %s
-                                 FOR UPDATE SKIP LOCKED)
-                    RETURNING {_BLOCK_COLS}, attempts, priority""",
-                (owner, until, n),
+        def op(db: Any) -> list[tuple[Any, ...]]:
+            # Two statements, each atomic on its own (autocommit): expired leases back to
+            # pending, then the lease with the owner's heartbeat (one round trip each).
+            self._expire(db, None)
+            return db.execute(
+                f"""WITH leased AS (
+                        UPDATE blocks SET state = {State.LEASED}, owner = %(owner)s, lease_until = {_NOW} + %(ttl)s,
+                            attempts = attempts + 1
+                        WHERE id IN (SELECT id FROM blocks WHERE state = {State.PENDING} ORDER BY priority LIMIT %(n)s
+                                     FOR UPDATE SKIP LOCKED)
+                        RETURNING {_BLOCK_COLS}, attempts, priority, lease_until),
+                    seen AS (INSERT INTO owners VALUES (%(owner)s, {_NOW})
+                             ON CONFLICT (owner) DO UPDATE SET seen_at = EXCLUDED.seen_at),
+                    first AS (INSERT INTO meta SELECT 'first_lease_at', {_NOW}::text WHERE EXISTS (SELECT 1 FROM leased)
+                              ON CONFLICT DO NOTHING)
+                    SELECT * FROM leased""",
+                {"owner": owner, "ttl": float(ttl), "n": int(n)},
             ).fetchall()
-            self._seen(db, owner, now)
-            if rows and not self._first_lease_known:
-                db.execute("INSERT INTO meta VALUES ('first_lease_at', %s) ON CONFLICT DO NOTHING", (repr(now),))
-            return until, rows
 
-        until, rows = self._txn(op)
-        if rows:
-            self._first_lease_known = True
+        rows = self._run(op)
         rows.sort(key=lambda r: r[6])
-        return [Lease(_block(r), owner, until, int(r[5])) for r in rows]
+        return [Lease(_block(r), owner, float(r[7]), int(r[5])) for r in rows]
 
     @staticmethod
     def _seen(db: Any, owner: str, now: float) -> None:
@@ -375,7 +375,7 @@ class PostgresQueue:
 
         return self._txn(op)
 
-    def _expire(self, db: Any, now: float) -> int:
+    def _expire(self, db: Any, now: float | None) -> int:
         """Expired leases go back to pending, counted as lost; dead after ``max_lost``.
         Rows another transaction holds are skipped (it is expiring or acking them)."""
         cur = db.execute(
@@ -386,7 +386,7 @@ class PostgresQueue:
                          || 'it held this block (a block that crashes its worker?); last error before: '
                          || COALESCE(NULLIF(last_error, %s), 'none')
                     ELSE %s END
-                WHERE id IN (SELECT id FROM blocks WHERE state = {State.LEASED} AND lease_until < %s
+                WHERE id IN (SELECT id FROM blocks WHERE state = {State.LEASED} AND lease_until < COALESCE(%s, {_NOW})
                              FOR UPDATE SKIP LOCKED)""",
             (self.max_lost, self.max_lost, _EXPIRED_ERROR, _EXPIRED_ERROR, now),
         )
