@@ -212,6 +212,8 @@ class Sweep:
             raise UsageError(f"sweep folder {str(p)!r} is not writable")
         staged: StagedQueue | None = None
         try:
+            for stale in p.glob("*.partial*"):  # left by a plan that was killed
+                stale.unlink()
             staged = stage_queue(queue or DEFAULT_URL, p)
             return cls._plan_into(p, area, spec, fingerprint, on_chunk, staged)
         except BaseException:  # Ctrl-C, a full disk, a bug: leave nothing half-written
@@ -233,9 +235,6 @@ class Sweep:
         cls, p: Path, area: Area, spec: PlanSpec, fingerprint: str, on_chunk: Callable[[BlockChunk], None] | None,
         staged: StagedQueue,
     ) -> tuple["Sweep", bool]:
-        for stale in p.glob("*.partial*"):
-            if not stale.name.startswith(QUEUE_FILE + ".partial"):  # the staged queue's own files
-                stale.unlink()
         tiles = blocks = 0
         zooms = [spec.zoom + 1, -1]  # coarsest, finest block zoom planned
         started = time.time()
