@@ -74,6 +74,7 @@ BAD = [
     (["plan", BBOX, "{dir}", "-z", "17", "--max-tiles", "0"], "max tiles 0"),
     (["plan", BBOX, "{dir}", "-z", "17", "--queue", "mysql://u@h/db"], "queue URL 'mysql://u@h/db' is not one of"),
     (["plan", BBOX, "{dir}", "-z", "17", "--queue", "postgresql://u:secret@h:5432"], "queue URL 'postgresql://u@h:5432' names no database"),
+    (["plan", BBOX, "{dir}", "-z", "17", "--queue", "sqlite:///{dir}-nowhere/q.sqlite"], "-nowhere' does not exist"),
     (["status", "{dir}"], "holds no plan"),
     (["retry", "{dir}"], "needs --dead"),
 ]
