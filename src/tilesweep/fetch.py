@@ -266,7 +266,7 @@ class Fetcher:
             headers=headers,
             trust_env=s.trust_env,
             min_speed_bps=s.min_speed_bps,
-            max_body_bytes=s.max_tile_bytes,
+            max_body_bytes=self._body_limit(),
             max_inflight_bytes=s.max_inflight_bytes,
         )
 
@@ -348,7 +348,7 @@ class Fetcher:
         if st.in_flight > st.max_in_flight:
             st.max_in_flight = st.in_flight
         try:
-            r = await transport.get(self.source.url(tile), timeout_s)
+            r = await transport.get(self._url(tile), timeout_s)
         finally:
             st.in_flight -= 1
         code = r.status
@@ -357,7 +357,7 @@ class Fetcher:
         if r.error:
             reason, transient = curl_reason(r.error)
             if r.error == pycurl.E_FILESIZE_EXCEEDED:
-                reason = f"body over {self.settings.max_tile_bytes:,} bytes (max tile bytes)"
+                reason = f"body over {self._body_limit():,} bytes (max tile bytes)"
             return _Attempt("retry" if transient else "fatal", None, reason, None, None)
         phrase = f"http {code}"
         if code in (404, 204):
@@ -369,6 +369,19 @@ class Fetcher:
         if 200 < code < 300:
             return _Attempt("retry", None, f"{phrase} (expected 200)", code, None)
         return _Attempt("fatal", None, f"{phrase} {_reason_phrase(code)}".rstrip(), code, None)
+
+    def _url(self, tile: Tile) -> str:
+        """The URL of one request (a super-tile fetcher asks for areas: tilesweep.supertile)."""
+        return self.source.url(tile)
+
+    def _body_limit(self) -> int:
+        """The most bytes one body may have."""
+        return self.settings.max_tile_bytes
+
+    def expect(self, tiles: Iterable[Tile]) -> Callable[[], None]:
+        """Hear which tiles will be asked for next (a block's): a super-tile fetcher groups
+        them into requests; this one needs nothing. Returns the call that forgets them."""
+        return _nothing
 
     def _judge(self, body: bytes, content_type: str | None) -> _Attempt:
         # A body shorter than its Content-Length never gets here: libcurl reports it
@@ -487,6 +500,10 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not math.isfinite(secs):
         return None
     return max(0.0, secs)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _reason_phrase(code: int) -> str:

@@ -45,7 +45,8 @@ from typing import Any, Awaitable, Callable, Iterable, NoReturn, Protocol
 from . import signals
 from .diskspace import disk_full, is_disk_full, keep_reserve, release_leases
 from .errors import UsageError, WorkerDied
-from .fetch import Fetcher, FetchSettings, SourceError, TileResult
+from .fetch import FetchSettings, SourceError, TileResult
+from .supertile import open_fetcher
 from .limits import AdaptiveLimit
 from .queue import Block, BlockResult, Lease, SqliteQueue, State
 from .sources import Source
@@ -286,7 +287,7 @@ class Worker:
         do_block = self._stream_block if self.consumer else self._do_block
         clean = False
         try:
-            async with Fetcher(self.source, self.fetch_settings) as fetcher:
+            async with open_fetcher(self.source, self.fetch_settings) as fetcher:  # super-tiles for a bbox source
                 self.fetcher = fetcher
                 fetcher.on_throttle = self._slots.on_throttle
                 while True:
@@ -668,6 +669,7 @@ class Worker:
                 tasks.add(task)
                 task.add_done_callback(finished.put_nowait)
 
+        forget = self.fetcher.expect(todo)  # a super-tile fetcher groups them into requests
         feeder = asyncio.ensure_future(feed())
         try:
             for _ in range(len(todo)):
@@ -701,6 +703,7 @@ class Worker:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(feeder, *tasks, return_exceptions=True)
+            forget()
         return failures, retries
 
 
