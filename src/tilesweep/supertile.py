@@ -28,7 +28,10 @@ accounting are the same as for single tiles.
   that does not cut) falls back to one request per tile. 401/403 fail the tiles at once.
 - **Stats.** ``requests`` counts HTTP requests (a super-tile is one); ``ok``/``empty``/
   ``failed`` count tiles; ``bytes`` counts the bytes received; ``super_requests`` and
-  ``fallbacks`` (super-tiles asked for again tile by tile) are counted on the fetcher.
+  ``fallbacks`` (super-tiles asked for again tile by tile) are counted on the fetcher. The
+  first tile of a super-tile carries its request's ``attempts``, the others 0 (they had no
+  request of their own), so ``requests == sum(attempts)`` and a block's ``retries`` count
+  requests repeated, as for single tiles (a super-tile that fell back is not in the sum).
 """
 
 from __future__ import annotations
@@ -208,10 +211,11 @@ class SuperTileFetcher(Fetcher):
                 self._log_fallback(label, str(exc))
                 return None
             st.ok += k - 1
-            return {t: TileResult(t, OK, data, r.attempts, None, r.http_status) for t, data in zip(wanted, parts)}
+            return {t: TileResult(t, OK, data, r.attempts if i == 0 else 0, None, r.http_status)
+                    for i, (t, data) in enumerate(zip(wanted, parts))}
         if r.status == EMPTY:
             st.empty += k - 1
-            return {t: TileResult(t, EMPTY, None, r.attempts, None, r.http_status) for t in wanted}
+            return {t: TileResult(t, EMPTY, None, r.attempts if i == 0 else 0, None, r.http_status) for i, t in enumerate(wanted)}
         reason = (r.error or "failed").split(": ", 1)[-1]
         if r.http_status not in (401, 403) and "not retried" in reason:
             # the server will not give this super-tile right: ask tile by tile
@@ -220,8 +224,8 @@ class SuperTileFetcher(Fetcher):
             self._log_fallback(label, reason)
             return None
         st.failed += k - 1
-        return {t: TileResult(t, FAILED, None, r.attempts, f"tile {t.z}/{t.x}/{t.y}: {label}: {reason}", r.http_status)
-                for t in wanted}
+        return {t: TileResult(t, FAILED, None, r.attempts if i == 0 else 0, f"tile {t.z}/{t.x}/{t.y}: {label}: {reason}", r.http_status)
+                for i, t in enumerate(wanted)}
 
     def _log_fallback(self, label: str, reason: str) -> None:
         from .fetch import log

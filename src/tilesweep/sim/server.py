@@ -147,9 +147,12 @@ class SimServer:
         max_tracked_tiles: int = 1_000_000,
         workers: int | None = None,
         quality: int = 85,
+        area_faults: Faults | None = None,
     ) -> None:
         self.world = world if world is not None else World(0)
         self.faults = faults if faults is not None else Faults()
+        # faults of area requests of more than one tile (super-tiles); None: ``faults``
+        self.area_faults = area_faults
         self.host = host
         self.port = port
         self.quality = quality
@@ -306,13 +309,12 @@ class SimServer:
             await asyncio.sleep(delay)
         fmt = normalise_format(ext)
         size = 512 if scale else 256
-        return await self._answer(request, kind, lambda: self._render(tile, size, fmt), fmt)
+        return await self._answer(request, kind, lambda: self._render(tile, size, fmt), fmt, f)
 
-    async def _answer(self, request: web.Request, kind: str | None, render: Any, fmt: str) -> web.StreamResponse:
-        """The response of a request whose fault is ``kind`` (None: none); ``render()`` gives
-        the right body (awaited only when one is sent)."""
+    async def _answer(self, request: web.Request, kind: str | None, render: Any, fmt: str, f: Faults) -> web.StreamResponse:
+        """The response of a request whose fault is ``kind`` (None: none), drawn from ``f``;
+        ``render()`` gives the right body (awaited only when one is sent)."""
         st = self.stats
-        f = self.faults
         if kind == "http_500":
             st[kind] += 1
             return web.Response(status=500, text="internal server error\n")
@@ -456,6 +458,8 @@ class SimServer:
             st["not_found"] += 1
             return web.Response(status=404, text="outside coverage\n")
         attempt = self._attempts.next(("area", z, x0, y0, nx, ny))  # type: ignore[arg-type]
+        if self.area_faults is not None and nx * ny > 1:
+            f = self.area_faults
         kind = f.draw(z, x0, y0, attempt, n=nx) if f.any_fault else None
         delay = f.latency_s(z, x0, y0, attempt, n=nx)
         if delay > 0:
@@ -463,7 +467,7 @@ class SimServer:
         if kind is None:
             st["area_tiles"] += nx * ny
         return await self._answer(request, kind, lambda: self._cached(("area", z, x0, y0, nx, ny, fmt), self._encode_area,
-                                                                      z, x0, y0, nx, ny, fmt), fmt)
+                                                                      z, x0, y0, nx, ny, fmt), fmt, f)
 
 
 def _mercator(lon: float, lat: float) -> tuple[float, float]:
