@@ -98,7 +98,7 @@ def serve(
     )
 
     def ready(srv) -> None:  # type: ignore[no-untyped-def]
-        typer.echo(f"serving world seed {seed} at {srv.template()} (also @2x, /tms/, /q/{{quadkey}}); faults: {faults.describe()}")
+        typer.echo(f"serving world seed {seed} at {srv.template()} (also @2x, /tms/, /q/{{quadkey}}, /wms GetMap and /static/ bbox images); faults: {faults.describe()}")
 
     try:
         _serve(World(seed), faults, host=host, port=port, cache_mb=cache_mb, workers=workers, quality=quality, ready=ready)

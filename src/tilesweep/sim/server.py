@@ -238,7 +238,7 @@ class SimServer:
         return web.Response(text="ok\n")
 
     async def _stats(self, request: web.Request) -> web.Response:
-        body = {k: self.stats.get(k, 0) for k in ("requests", *OUTCOMES, "renders", "cache_hits")}
+        body = {k: self.stats.get(k, 0) for k in ("requests", *OUTCOMES, "renders", "cache_hits", "bytes")}
         body["cache_tiles"] = len(self._cache)
         body["cache_bytes"] = self._cache.bytes
         return web.json_response(body)
@@ -362,6 +362,7 @@ class SimServer:
             await resp.write_eof()
             return resp
         st["ok"] += 1
+        st["bytes"] += len(body)
         return web.Response(body=body, content_type=ctype, headers={"Cache-Control": "max-age=86400"})
 
     async def _render(self, tile: Tile, size: int, fmt: str) -> bytes:
