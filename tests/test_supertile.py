@@ -204,3 +204,25 @@ def test_super_tiles_larger_than_the_blocks_are_refused():
     with pytest.raises(UsageError) as e:
         check_blocks(src, ZOOM, ZOOM - 2)  # 4 x 4 blocks (plan --block-zoom 16)
     assert "--super 8 needs blocks of at least 8 x 8 tiles; this sweep's blocks are 4 x 4" in str(e.value)
+
+
+def test_png_and_the_jpeg_fallback_keep_the_pixels(expected):
+    """PNG is cut without loss of pixels; JPEG without libturbojpeg is re-encoded at 95
+    (close, not exact). The lossless JPEG crop is the byte-for-byte tests above."""
+    import numpy as np
+
+    from tilesweep.decode import decode
+    from tilesweep.sim.world import encode
+    from tilesweep.tilecut import CutError, _jpeg_reencoded, cut
+
+    tiles = [Tile(ZOOM, X0 + i, Y0 + j) for j in range(2) for i in range(2)]
+    pixels = [decode(expected[t]) for t in tiles]
+    mosaic = np.concatenate([np.concatenate(pixels[:2], axis=1), np.concatenate(pixels[2:], axis=1)], axis=0)
+    cells = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    for got, want in zip(cut(encode(mosaic, "png"), 256, cells), pixels):
+        assert got[:8] == b"\x89PNG\r\n\x1a\n" and np.array_equal(decode(got), want)
+    boxes = [(c * 256, r * 256, 256, 256) for c, r in cells]
+    for got, want in zip(_jpeg_reencoded(encode(mosaic, "jpeg", 95), boxes), pixels):
+        assert np.abs(decode(got).astype(int) - want).mean() < 3
+    with pytest.raises(CutError):
+        cut(b"GIF89a" + bytes(100), 256, cells)
