@@ -10,12 +10,13 @@ import shutil
 import tomllib
 
 import pytest
-from helpers.cli import status_json, tilesweep
+from helpers.cli import tilesweep
 
 from tilesweep.errors import UsageError
 from tilesweep.sim import Faults, World, run_in_thread
 from tilesweep.sources import Source, parse_source
 from tilesweep.store import Status, TileStore
+from tilesweep.sweep import Sweep
 from tilesweep.supertile import SuperTileFetcher, check_blocks
 from tilesweep.tiles import Tile, bounds, xy_bounds
 
@@ -76,6 +77,12 @@ class Counted:
 
     def __getitem__(self, key):
         return self.after.get(key, 0) - self.before.get(key, 0)
+
+
+def status_json(sweep):
+    """`tilesweep status --json`, in process (a subprocess costs seconds on a loaded machine)."""
+    with Sweep.open(sweep) as sw:
+        return sw.status().to_json()
 
 
 def stored(sweep):
