@@ -444,11 +444,14 @@ class Fetcher:
 def fetch_tiles(source: Source, tiles: Iterable[Tile], settings: FetchSettings = FetchSettings()) -> Iterator[TileResult]:
     """Synchronous :meth:`Fetcher.fetch_many` for scripts and tests: runs its own event loop
     (uvloop when installed) in a background thread and yields results as they complete.
-    Closing the iterator early cancels what is in flight."""
+    Closing the iterator early cancels what is in flight. A bbox source is fetched by
+    super-tiles (:func:`tilesweep.supertile.open_fetcher`)."""
     loop = _uvloop.new_event_loop() if _uvloop is not None else asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="tilesweep-fetch", daemon=True)
     thread.start()
-    fetcher = Fetcher(source, settings)
+    from .supertile import open_fetcher  # here: supertile builds on this module
+
+    fetcher = open_fetcher(source, settings)  # a SuperTileFetcher for a bbox source
     agen = fetcher.fetch_many(tiles)
     end = object()
 
