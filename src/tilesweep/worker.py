@@ -46,11 +46,11 @@ from . import signals
 from .diskspace import disk_full, is_disk_full, keep_reserve, release_leases
 from .errors import UsageError, WorkerDied
 from .fetch import FetchSettings, SourceError, TileResult
-from .supertile import open_fetcher
 from .limits import AdaptiveLimit
 from .queue import Block, BlockResult, Lease, SqliteQueue, State
 from .sources import Source
 from .store import ShardBusyError, Status, TileStore
+from .supertile import open_fetcher
 from .tiles import tile_id
 
 _STATUS = {"ok": Status.OK, "empty": Status.EMPTY}
