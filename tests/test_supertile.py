@@ -13,6 +13,7 @@ import pytest
 from helpers.cli import tilesweep
 
 from tilesweep.errors import UsageError
+from tilesweep.fetch import FetchSettings
 from tilesweep.sim import Faults, World, run_in_thread
 from tilesweep.sources import Source, parse_source
 from tilesweep.store import Status, TileStore
@@ -164,11 +165,12 @@ def test_truncated_super_tiles_are_retried_whole(srv, sweep, expected):
 
 
 def test_static_image_route_cuts_and_counts_requests(srv, expected):
-    """The static-image placeholders ({bbox_4326}), and the fetcher's accounting in process."""
+    """The static-image placeholders ({bbox_4326}), and the fetcher's accounting in process:
+    requests, attempts, and requests (not tiles) in flight."""
 
     async def go():
         src = parse_source(srv.template(scheme="static"), supertile=4)
-        async with SuperTileFetcher(src) as f:
+        async with SuperTileFetcher(src, FetchSettings(concurrency=4)) as f:
             got = {r.tile: r async for r in f.fetch_many(TILES)}
             return got, f.stats.snapshot(), f.super_requests
 
@@ -177,6 +179,7 @@ def test_static_image_route_cuts_and_counts_requests(srv, expected):
     assert {t: r.data for t, r in got.items()} == expected
     assert st["requests"] == supers + 2 == SUPER_GROUPS + 2 == c["requests"]
     assert st["ok"] == len(TILES) and sum(r.attempts for r in got.values()) == st["requests"]
+    assert st["max_in_flight"] == 4  # concurrency counts requests: a super-tile's tiles share one slot
 
 
 def test_bbox_placeholders_and_the_recorded_config(monkeypatch):

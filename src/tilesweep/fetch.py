@@ -383,6 +383,11 @@ class Fetcher:
         them into requests; this one needs nothing. Returns the call that forgets them."""
         return _nothing
 
+    def holds_slot(self, tile: Tile) -> bool:
+        """Whether fetching ``tile`` is a request of its own, to count against the requests
+        in flight (a super-tile's other tiles share their first tile's request)."""
+        return True
+
     def _judge(self, body: bytes, content_type: str | None) -> _Attempt:
         # A body shorter than its Content-Length never gets here: libcurl reports it
         # (CURLE_PARTIAL_FILE, "truncated").
@@ -400,14 +405,16 @@ class Fetcher:
     # --- many tiles ----------------------------------------------------------------------
 
     async def fetch_many(self, tiles: Iterable[Tile] | AsyncIterable[Tile]) -> AsyncIterator[TileResult]:
-        """Results in completion order, at most ``concurrency`` tiles in flight; tiles are
-        pulled from ``tiles`` (sync or async iterable) only as slots free up. Raises
+        """Results in completion order, at most ``concurrency`` requests in flight (a tile
+        that shares a super-tile's request takes no slot); tiles are pulled from ``tiles``
+        (sync or async iterable) only as slots free up. Raises
         :class:`SourceError` after ``auth_failures_to_stop`` 401/403 results in a row.
         Leaving early (``break``) cancels the tiles still in flight; wrap it in
         ``contextlib.aclosing`` to make that immediate."""
         limit = self.settings.concurrency
         done: asyncio.Queue[asyncio.Task[TileResult]] = asyncio.Queue()
         pending: set[asyncio.Task[TileResult]] = set()
+        sharing: set[asyncio.Task[TileResult]] = set()  # tiles that share another's request
         if hasattr(tiles, "__aiter__"):
             ait = tiles.__aiter__()  # type: ignore[union-attr]
             it = None
@@ -417,7 +424,7 @@ class Fetcher:
         exhausted = False
         try:
             while True:
-                while not exhausted and len(pending) < limit:
+                while not exhausted and len(pending) - len(sharing) < limit:
                     try:
                         tile = next(it) if it is not None else await ait.__anext__()  # type: ignore[union-attr]
                     except (StopIteration, StopAsyncIteration):
@@ -426,10 +433,13 @@ class Fetcher:
                     task = asyncio.ensure_future(self.fetch(tile))
                     task.add_done_callback(done.put_nowait)
                     pending.add(task)
+                    if not self.holds_slot(tile):
+                        sharing.add(task)
                 if not pending:
                     return
                 task = await done.get()
                 pending.discard(task)
+                sharing.discard(task)
                 yield task.result()  # SourceError from fetch() ends the stream here
         finally:
             for task in pending:

@@ -26,6 +26,11 @@ accounting are the same as for single tiles.
   with the super-tile's reason, and the block is nacked as for single tiles. An answer the
   server will not give right (a wrong pixel size, a 4xx other than 401/403/404, an image
   that does not cut) falls back to one request per tile. 401/403 fail the tiles at once.
+- **Requests in flight.** ``concurrency`` (``--concurrency``) counts requests: an
+  announced tile that shares a super-tile's request takes no slot
+  (:meth:`~SuperTileFetcher.holds_slot`), so 256 in flight are 256 super-tiles, not 16.
+  When a super-tile falls back, its other tiles' single requests are bounded by a
+  semaphore of ``concurrency`` of their own.
 - **Stats.** ``requests`` counts HTTP requests (a super-tile is one); ``ok``/``empty``/
   ``failed`` count tiles; ``bytes`` counts the bytes received; ``super_requests`` and
   ``fallbacks`` (super-tiles asked for again tile by tile) are counted on the fetcher. The
@@ -81,10 +86,11 @@ def check_blocks(source: Source, zoom: int, block_zoom: int) -> None:
 
 
 class _Group:
-    __slots__ = ("wanted", "task")
+    __slots__ = ("wanted", "task", "leader")
 
-    def __init__(self, wanted: set[Tile]) -> None:
+    def __init__(self, wanted: set[Tile], leader: Tile) -> None:
         self.wanted = wanted
+        self.leader = leader  # the first announced: its request slot is the group's
         self.task: asyncio.Future[dict[Tile, TileResult] | None] | None = None
 
 
@@ -103,6 +109,8 @@ class SuperTileFetcher(Fetcher):
         if self.n == 1:
             self.min_tiles = 2  # a group of one tile is one tile: never a group
         self._groups: dict[tuple[int, int, int], _Group] = {}
+        # single requests of super-tiles that fell back, beyond the group's own slot
+        self._spare = asyncio.Semaphore(max(1, settings.concurrency))
         self.super_requests = 0  # super-tiles asked for (each retried as one request)
         self.fallbacks = 0  # super-tiles whose tiles were asked for one by one instead
 
@@ -148,13 +156,14 @@ class SuperTileFetcher(Fetcher):
         ``min_tiles`` of them becomes one request. Returns the call that forgets them (and
         cancels their requests still in flight): call it when the block is over."""
         n = self.n
-        by: defaultdict[tuple[int, int, int], set[Tile]] = defaultdict(set)
+        by: defaultdict[tuple[int, int, int], list[Tile]] = defaultdict(list)
         for t in tiles:
-            by[(t[0], t[1] // n, t[2] // n)].add(Tile(*t))
+            by[(t[0], t[1] // n, t[2] // n)].append(Tile(*t))
         mine: list[tuple[tuple[int, int, int], _Group]] = []
-        for key, wanted in by.items():
+        for key, listed in by.items():
+            wanted = set(listed)
             if len(wanted) >= self.min_tiles:
-                g = _Group(wanted)
+                g = _Group(wanted, listed[0])
                 self._groups[key] = g
                 mine.append((key, g))
 
@@ -166,6 +175,12 @@ class SuperTileFetcher(Fetcher):
                     g.task.cancel()
 
         return forget
+
+    def holds_slot(self, tile: Tile) -> bool:
+        """False for an announced tile of a super-tile other than its first: it shares the
+        first one's request, so it takes no request slot (``--concurrency`` counts requests)."""
+        g = self._groups.get((tile[0], tile[1] // self.n, tile[2] // self.n))
+        return g is None or tile not in g.wanted or tile == g.leader
 
     async def fetch(self, tile: Tile) -> TileResult:
         """One tile: cut from its super-tile's answer when it was announced with enough
@@ -185,7 +200,10 @@ class SuperTileFetcher(Fetcher):
                 del self._groups[key]
         r = results.pop(tile, None) if results is not None else None
         if r is None:  # the super-tile fell back to single requests
-            return await self._request(tile, 1)
+            if tile == g.leader:
+                return await self._request(tile, 1)  # in the group's slot
+            async with self._spare:  # the others took no slot: bound them here
+                return await self._request(tile, 1)
         return r
 
     async def _fetch_group(self, key: tuple[int, int, int], g: _Group) -> dict[Tile, TileResult] | None:
@@ -234,9 +252,9 @@ class SuperTileFetcher(Fetcher):
 
     async def fetch_many(self, tiles: Iterable[Tile] | AsyncIterable[Tile]) -> AsyncIterator[TileResult]:
         """As :meth:`Fetcher.fetch_many`, announcing the input in windows of
-        ``max(concurrency, 4 n^2)`` tiles, so that tiles of one super-tile that come
-        together (a block's, or any order near it) share one request."""
-        size = max(self.settings.concurrency, 4 * self.n * self.n)
+        ``concurrency * n^2`` tiles (at most 65,536), so that tiles of one super-tile that
+        come near each other (a block's, or any order near it) share one request."""
+        size = min(65536, max(self.settings.concurrency, 4) * self.n * self.n)
         async for chunk in _windows(tiles, size):
             forget = self.expect(chunk)
             try:

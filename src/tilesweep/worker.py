@@ -625,11 +625,12 @@ class Worker:
         finally:
             writer.abort()
 
-    async def _fetch_released(self, tile: Any) -> TileResult:
+    async def _fetch_released(self, tile: Any, held: bool = True) -> TileResult:
         try:
             result = await self.fetcher.fetch(tile)
         finally:
-            self._slots.release()
+            if held:
+                self._slots.release()
         if result.attempts == 1:
             self._slots.on_success()
         return result
@@ -660,11 +661,14 @@ class Worker:
 
         async def feed() -> None:
             for tile in todo:
-                await self._slots.acquire()
+                held = self.fetcher.holds_slot(tile)  # not a super-tile's tile that shares its request
+                if held:
+                    await self._slots.acquire()
                 try:
-                    task = asyncio.ensure_future(self._fetch_released(tile))
+                    task = asyncio.ensure_future(self._fetch_released(tile, held))
                 except BaseException:
-                    self._slots.release()
+                    if held:
+                        self._slots.release()
                     raise
                 tasks.add(task)
                 task.add_done_callback(finished.put_nowait)
