@@ -271,7 +271,10 @@ class Worker:
         st = self.queue.stats(window=1.0)  # blocks of a sample hold fewer: keep `concurrency` busy
         if sum(st.blocks.values()):
             tiles_per_block = max(1, min(tiles_per_block, sum(st.tiles.values()) // sum(st.blocks.values())))
-        max_blocks = self.settings.max_blocks or max(2, 2 * -(-self.fetch_settings.concurrency // tiles_per_block))
+        # tiles one request brings (super-tiles: N x N), so blocks enough to keep `concurrency`
+        # requests busy; at most 16x the blocks of a tile source (memory of the blocks held)
+        per_request = min(16, self.source.supertile ** 2)
+        max_blocks = self.settings.max_blocks or max(2, 2 * -(-self.fetch_settings.concurrency * per_request // tiles_per_block))
         self._max_blocks = max_blocks
         self._to_ack: dict[int, BlockResult] = {}
         self._active: dict[int, Lease] = {}
