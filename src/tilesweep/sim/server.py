@@ -386,7 +386,12 @@ class SimServer:
     def _encode_area(self, z: int, x0: int, y0: int, nx: int, ny: int, fmt: str) -> bytes:
         import numpy as np
 
-        rows = [np.concatenate([self._pixels(Tile(z, x0 + i, y0 + j)) for i in range(nx)], axis=1) for j in range(ny)]
+        blank = np.full((256, 256, 3), 255, np.uint8)  # a tile outside coverage: white, as a WMS draws no data
+
+        def pixels(t: Tile) -> Any:
+            return self._pixels(t) if self.faults.coverage is None or self._is_covered(t) else blank
+
+        rows = [np.concatenate([pixels(Tile(z, x0 + i, y0 + j)) for i in range(nx)], axis=1) for j in range(ny)]
         return encode(np.concatenate(rows, axis=0), fmt, self.quality)
 
     async def _cached(self, key: Any, fn: Any, *args: Any) -> bytes:
