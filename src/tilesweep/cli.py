@@ -177,6 +177,7 @@ def fetch(
     tile_budget: float = typer.Option(120.0, "--tile-budget", help="Seconds one tile may take over all its retries, per lease (bounds what one bad tile costs its block)."),
     replace_source: bool = typer.Option(False, "--replace-source", help="Record --source in place of the sweep's source (done blocks with no image are fetched again; see docs/sources.md)."),
     mix_sources: bool = typer.Option(False, "--mix-sources", help="With --replace-source: keep done blocks that hold the old source's tiles."),
+    supertile: Optional[int] = typer.Option(None, "--super", help="With a bbox --source ({bbox} {width} {height}: WMS, static images): ask for N x N tiles per request (2, 4, 8, 16) and cut them."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
 ) -> None:
     """Fetch the planned tiles of SWEEP_DIR into its store (tiles/), resumably.
@@ -192,7 +193,7 @@ def fetch(
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "fetch"):
         new_source = sweep.source is None
-        src = _bind_source(sweep, source, header, replace_source, mix_sources)
+        src = _bind_source(sweep, source, header, replace_source, mix_sources, supertile)
         before = sweep.status()
         meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet)
         try:
@@ -267,12 +268,19 @@ def _positive_seconds(value: float, option: str) -> float:
     return value
 
 
-def _bind_source(sweep: Sweep, source: str | None, header: list[str], replace: bool = False, mix: bool = False):  # type: ignore[no-untyped-def]
+def _bind_source(sweep: Sweep, source: str | None, header: list[str], replace: bool = False, mix: bool = False,  # type: ignore[no-untyped-def]
+                 supertile: int | None = None):
     """The sweep's source: ``--source`` (recorded on first use) or the recorded one;
-    ``replace``: record ``--source`` in place of the recorded one (Sweep.replace_source)."""
+    ``replace``: record ``--source`` in place of the recorded one (Sweep.replace_source);
+    ``supertile``: ``--super N`` (tiles on a side of one bbox request)."""
     from .sources import parse_source
+    from .supertile import check_blocks
 
-    given = None if source is None else parse_source(source, header)
+    if supertile is not None and source is None:
+        raise UsageError("--super needs --source (a bbox template: the super-tile size belongs to the source)")
+    given = None if source is None else parse_source(source, header, supertile=supertile)
+    if given is not None:
+        check_blocks(given, sweep.zoom, sweep.block_zoom)
     if given is None and header:
         raise UsageError("--header needs --source (the headers belong to a source)")
     if (replace or mix) and given is None:
@@ -491,6 +499,7 @@ def run(
     tile_budget: float = typer.Option(120.0, "--tile-budget", help="Seconds one tile may take over all its retries, per lease."),
     replace_source: bool = typer.Option(False, "--replace-source", help="Record --source in place of the sweep's source (see docs/sources.md)."),
     mix_sources: bool = typer.Option(False, "--mix-sources", help="With --replace-source: keep done blocks that hold the old source's tiles."),
+    supertile: Optional[int] = typer.Option(None, "--super", help="With a bbox --source: ask for N x N tiles per request (2, 4, 8, 16) and cut them (docs/sources.md)."),
     batch: int = typer.Option(64, "--batch", "-b", help="Model inputs per predict call."),
     threads: int = typer.Option(2, "--threads", "-t", help="Decode threads."),
     part_rows: int = typer.Option(65536, "--part-rows", help="Rows per Parquet part (group commit)."),
@@ -519,7 +528,7 @@ def run(
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch or a run
         the_model = apply_threshold(_load_model(model, device, model_threads), threshold, sweep.path)  # before the source is recorded
         new_source = sweep.source is None
-        src = _bind_source(sweep, source, header, replace_source, mix_sources)
+        src = _bind_source(sweep, source, header, replace_source, mix_sources, supertile)
         try:
             if keep_tiles:
                 _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
