@@ -1,7 +1,9 @@
 """Exports of a TileStore: one PMTiles v3 archive (streamed), MBTiles, or a z/x/y folder.
 
-Every export writes to ``<out>.partial`` and renames it into place at the end, so a failed
-or interrupted export leaves nothing half-written under the output name.
+Every export writes to ``<out>.partial`` and publishes it through the storage seam at the
+end (:meth:`tilesweep.storage.LocalStorage.publish` with ``replace=True``: fsync, atomic
+rename over an earlier export, fsync of the folder), so a failed or interrupted export
+leaves nothing half-written under the output name.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ..durable import replace_durably
 from ..errors import UsageError
 from ..imageformat import image_format
+from ..storage import LocalStorage
 from ..tiles import Tile, bounds, tms_y
 from .shard import Status
 from .store import TileStore
@@ -225,8 +227,9 @@ def export_pmtiles(
     first = _first_ok_tile(store, blocks)
     fmt = _format_name(tile_type, first)
     z = store.zoom
-    tmp = _partial(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    storage = LocalStorage(out_path.parent)
+    tmp = storage.staging_path(out_path.name)  # <out>.partial, a stale one removed
     entries_f = tempfile.TemporaryFile(dir=out_path.parent, prefix=".pmtiles-entries-")
     try:
         with open(tmp, "w+b", buffering=1 << 20) as out:
@@ -314,7 +317,7 @@ def export_pmtiles(
             out.write(root)
             out.flush()
             size = out.seek(0, os.SEEK_END)
-        replace_durably(tmp, out_path)
+        storage.publish(tmp, out_path.name, replace=True)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -347,9 +350,9 @@ def export_mbtiles(store: TileStore, out_path: Path, name: str | None = None, ba
     out_path = Path(out_path)
     fmt = _format_name(None, _first_ok_tile(store, blocks))
     z = store.zoom
-    tmp = _partial(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.unlink(missing_ok=True)
+    storage = LocalStorage(out_path.parent)
+    tmp = storage.staging_path(out_path.name)  # <out>.partial, a stale one removed
     n = 0
     xmin = ymin = 1 << 62
     xmax = ymax = -1
@@ -386,7 +389,7 @@ def export_mbtiles(store: TileStore, out_path: Path, name: str | None = None, ba
             con.commit()
         finally:
             con.close()
-        replace_durably(tmp, out_path)
+        storage.publish(tmp, out_path.name, replace=True)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -8,8 +8,9 @@ written it is two files next to each other::
                         bytes it points at are fsynced
 
 :meth:`ShardWriter.finish` appends the index (the same records, sorted by tile id) and a
-footer to the data file, fsyncs it and renames it to ``{y}.shard``. Byte layout and the
-crash-safety argument: ``docs/store.md``.
+footer to the data file and publishes it as ``{y}.shard`` through the storage seam
+(:meth:`tilesweep.storage.LocalStorage.publish`: fsync, rename without replacing, fsync of
+the folder). Byte layout and the crash-safety argument: ``docs/store.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from ..durable import fsync_dir
+from ..storage import AlreadyPublished, LocalStorage
 from ..tiles import Tile, descendant_id_range, from_tile_id, tile_id, tile_id_array, zoom_base_id
 
 MAGIC = b"TSSHARD\x00"
@@ -197,6 +199,7 @@ class ShardWriter:
         if not 0 <= self.block.z <= self.zoom:
             raise ValueError(f"block {self.block} is not above zoom {self.zoom}")
         self.data_path, self.idx_path = partial_paths(self.path)
+        self._storage = LocalStorage(self.path.parent)  # the partial is its staging file for key {y}.shard
         self._id_lo, self._id_hi = descendant_id_range(self.block, self.zoom)
         self._id_table: np.ndarray | None = None  # ids of the block's tiles, [y, x] within it
         self._pending: list[tuple[int, int, int, int, int]] = []
@@ -222,6 +225,7 @@ class ShardWriter:
         self._durable = set(recs["id"].tolist())
         self._summary = summarize(recs)
         self.idx_path.unlink(missing_ok=True)  # a crash between rename and unlink leaves it
+        _remove_stale_partial(self.data_path)
         self._closed = True
 
     def _open_partial(self) -> None:
@@ -232,6 +236,11 @@ class ShardWriter:
         except BlockingIOError:
             os.close(fd)
             raise ShardBusyError(f"another writer holds {self.data_path}") from None
+        if self.path.exists():  # another writer published the block since our first look
+            os.unlink(self.data_path)  # ours under the lock: nobody writes it
+            os.close(fd)
+            self._open_finished()
+            return
         f = os.fdopen(fd, "r+b", buffering=1 << 20)
         self._f = f
         self._idx_fd = os.open(self.idx_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -372,8 +381,10 @@ class ShardWriter:
         self._pending_ids = set()
 
     def finish(self) -> ShardSummary:
-        """Flush, append the sorted index and footer, fsync, rename to ``{y}.shard``, fsync
-        the folder, drop the sidecar. Idempotent: a finished shard returns its summary."""
+        """Flush, append the sorted index and footer, publish as ``{y}.shard`` (fsync,
+        rename unless it exists, fsync the folder), drop the sidecar. Idempotent: a finished
+        shard returns its summary; when another writer published the block first, its
+        shard stands and its summary is returned (the first shard wins)."""
         if self._summary is not None:
             return self._summary
         self.flush()
@@ -390,9 +401,14 @@ class ShardWriter:
         self._f.write(index)
         self._f.write(footer)
         self._f.flush()
-        os.fsync(self._f.fileno())
-        os.rename(self.data_path, self.path)
-        fsync_dir(self.path.parent)
+        try:  # fsync, rename to {y}.shard unless it exists, fsync the folder
+            self._storage.publish(self.data_path, self.path.name)
+        except AlreadyPublished:  # another writer published the block first: its shard stands
+            self.data_path.unlink(missing_ok=True)
+            self._close_files()
+            self._open_finished()
+            assert self._summary is not None
+            return self._summary
         self._close_files()
         self.idx_path.unlink(missing_ok=True)
         self._summary = summarize(recs)
@@ -430,6 +446,27 @@ class ShardWriter:
                 self._close_files()
         except Exception:
             pass
+
+
+def _remove_stale_partial(data_path: Path) -> None:
+    """Delete a ``{y}.shard.partial`` left beside a finished shard (a crash between the
+    link and the unlink of the seam's fallback, or a writer that lost the race to publish),
+    unless a writer still holds it."""
+    try:
+        fd = os.open(data_path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return
+    try:
+        os.unlink(data_path)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
 
 
 _CANON: dict[int, list[np.ndarray]] = {}

@@ -1,0 +1,441 @@
+"""The storage seam: where a sweep publishes what it makes (finished shards, prediction
+parts, exports), on a local folder or an object store.
+
+The interface is the one an object store offers, not POSIX: immutable objects under
+``/``-separated keys, **create-if-absent** publication, whole and ranged reads, listing by
+prefix, deletion. No mmap, flock or rename in it. A writer always follows one rule:
+
+1. write the object's bytes to a **staging file** (:meth:`Storage.staging_path`: a local
+   temp name that readers and listings never see);
+2. make it durable (fsync, done by :meth:`Storage.publish` for local storage; an object
+   store's PUT is durable once it returns);
+3. **publish** it atomically under its key with create-if-absent semantics: of two
+   writers racing on one key exactly one wins, the other gets :class:`AlreadyPublished`
+   and the winner's bytes stay. ``replace=True`` (exports, which overwrite an earlier
+   export of the same name) publishes atomically over an existing object instead.
+
+Only then does the caller report the output durable (and the block get acked).
+
+Local crash argument (:class:`LocalStorage`). The staging file is ``{key}.partial`` next
+to the final name, in the same folder and so on the same file system. ``publish``
+
+- ``fsync``s the staging file: its bytes are on disk before any name points at them;
+- renames it to the key with ``renameat2(RENAME_NOREPLACE)``: atomic, and it fails with
+  ``EEXIST`` when the key exists (create-if-absent). Where the kernel or file system
+  lacks it (``EINVAL``/``ENOSYS``), ``link(staging, key)`` (atomic, ``EEXIST`` too) and
+  then ``unlink(staging)``;
+- ``fsync``s the folder: the new name survives a power cut.
+
+A reader opens the key or nothing: there is no instant at which the key names a partly
+written file. A crash before the rename leaves only ``{key}.partial``, which listings
+skip and its writer's next open deletes or resumes (shards resume theirs, docs/store.md);
+nothing is visible. A crash after it leaves the key whole. With the ``link`` fallback a
+crash between ``link`` and ``unlink`` leaves the staging name as a second link to the
+published file: every writer here therefore unlinks a stale staging file before it
+creates a new one (never truncates one in place), and a shard writer that finds its key
+published deletes the staging file.
+
+Object-store crash argument (:class:`ObjectStorage`). Staging files live on local disk
+(a temp folder); publication is one PUT with ``If-None-Match: *`` (``mode="create"``).
+S3 makes an object visible whole or not at all, and answers a second creator 412
+Precondition Failed (or 409 ConditionalRequestConflict while a racing PUT is in flight,
+which is retried and then answers 412). A crash before the PUT returns leaves at most a
+local staging file; no object is visible.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterator
+from urllib.parse import urlparse
+
+from .durable import fsync_dir, fsync_file
+from .errors import UsageError
+
+STAGING_SUFFIX = ".partial"
+"""Suffix of a staging file; keys never end with it, and listings skip such names."""
+
+
+class AlreadyPublished(FileExistsError):
+    """A create-if-absent publication lost: another writer published ``key`` first (its
+    object stays as it was). ``url`` names the object."""
+
+    def __init__(self, url: str, key: str) -> None:
+        super().__init__(errno.EEXIST, f"{url} already exists (published by another writer)")
+        self.url = url
+        self.key = key
+
+
+class StorageError(UsageError):
+    """A storage location that cannot be used: a bucket that does not exist, credentials
+    the server refuses, an endpoint that does not answer, a URL of an unknown kind. The
+    message is one line naming what failed; the CLI exits 2 (it is a :class:`UsageError`)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One published object: its key (relative to the storage's root) and size in bytes."""
+
+    key: str
+    size: int
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or key.endswith("/") or key.endswith(STAGING_SUFFIX):
+        raise StorageError(f"bad storage key {key!r}: relative, '/'-separated, not ending in '/' or {STAGING_SUFFIX!r}")
+    if any(p in ("", ".", "..") for p in key.split("/")):
+        raise StorageError(f"bad storage key {key!r}: empty, '.' or '..' part")
+    return key
+
+
+class Storage(ABC):
+    """Immutable objects under ``/``-separated keys below one root (module doc).
+
+    Every method is safe to call from several threads; a :class:`Storage` may be used by
+    many processes and machines at once (create-if-absent settles races)."""
+
+    url: str
+    """Where the root is (a folder path or ``s3://bucket/prefix``), without credentials."""
+
+    @abstractmethod
+    def staging_path(self, key: str) -> Path:
+        """A local file name to write ``key``'s bytes to before :meth:`publish`: never seen
+        by readers or :meth:`list`; its folder exists. A stale file there is removed."""
+
+    @abstractmethod
+    def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
+        """Make the local file ``staged`` durable and publish it atomically as ``key``;
+        ``staged`` is gone afterwards. Create-if-absent: :class:`AlreadyPublished` when
+        ``key`` exists (``staged`` is left for the caller to delete), unless ``replace``."""
+
+    def put(self, key: str, data: bytes, *, replace: bool = False) -> None:
+        """Publish ``data`` as ``key`` (through a staging file), create-if-absent as
+        :meth:`publish`."""
+        staged = self.staging_path(key)
+        try:
+            with open(staged, "xb") as f:
+                f.write(data)
+            self.publish(staged, key, replace=replace)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """Size in bytes of a published object; ``FileNotFoundError`` when absent."""
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    @abstractmethod
+    def read(self, key: str) -> bytes:
+        """The whole object; ``FileNotFoundError`` when absent."""
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes from byte ``start`` (fewer at the object's end);
+        ``FileNotFoundError`` when absent."""
+
+    @abstractmethod
+    def open_read(self, key: str) -> IO[bytes]:
+        """A seekable binary reader (range reads on an object store), for pyarrow /
+        Parquet readers; close it."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Published objects whose key starts with ``prefix`` (any order; staging files are
+        never listed)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object (nothing happens when it is absent)."""
+
+    def local_path(self, key: str) -> Path | None:
+        """The object's file when the storage is a local folder (for memory-mapped
+        reads), else None."""
+        return None
+
+
+# --- local folder -------------------------------------------------------------------------
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_libc: Any = None
+_have_renameat2 = True
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Atomically rename ``src`` to ``dst`` unless ``dst`` exists (``FileExistsError``):
+    ``renameat2(RENAME_NOREPLACE)``, or ``link`` + ``unlink`` where that is missing."""
+    global _libc, _have_renameat2
+    if _have_renameat2:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            if not hasattr(_libc, "renameat2"):
+                _have_renameat2 = False
+        if _have_renameat2:
+            if _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+                raise OSError(err, os.strerror(err), str(dst))
+    os.link(src, dst)  # EEXIST when dst exists
+    os.unlink(src)
+
+
+class LocalStorage(Storage):
+    """Objects as files under a folder: ``root/{key}``; staging files ``root/{key}.partial``
+    (module doc: the crash argument). Folders are created as keys need them."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def staging_path(self, key: str) -> Path:
+        p = self._path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        staged = p.with_name(p.name + STAGING_SUFFIX)
+        staged.unlink(missing_ok=True)  # never truncate in place: it may be a link to `key`
+        return staged
+
+    def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
+        final = self._path(key)
+        fsync_file(staged)
+        if replace:
+            os.replace(staged, final)
+        else:
+            try:
+                rename_noreplace(staged, final)
+            except FileExistsError:
+                raise AlreadyPublished(str(final), key) from None
+        fsync_dir(final.parent)
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def read(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with open(self._path(key), "rb") as f:
+            return os.pread(f.fileno(), length, start)
+
+    def open_read(self, key: str) -> IO[bytes]:
+        return open(self._path(key), "rb")
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        head, _, _ = prefix.rpartition("/")
+        base = self.root / head if head else self.root
+        yield from self._walk(base, f"{head}/" if head else "", prefix)
+
+    def _walk(self, folder: Path, rel: str, prefix: str) -> Iterator[ObjectInfo]:
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for e in entries:
+            key = rel + e.name
+            if e.is_dir(follow_symlinks=False):
+                if key.startswith(prefix) or prefix.startswith(key + "/"):
+                    yield from self._walk(Path(e.path), key + "/", prefix)
+            elif key.startswith(prefix) and not e.name.endswith(STAGING_SUFFIX):
+                try:
+                    yield ObjectInfo(key, e.stat().st_size)
+                except FileNotFoundError:
+                    pass
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.url!r})"
+
+
+# --- object store (obstore) -----------------------------------------------------------------
+
+ENV_HINT = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL / AWS_REGION"
+
+
+class ObjectStorage(Storage):
+    """Objects in an S3-compatible bucket (``s3://bucket/prefix``) through obstore (the
+    ``s3`` extra). Credentials, endpoint and region come from the environment only
+    (``AWS_*`` variables, as the AWS tools read them; ``AWS_ALLOW_HTTP=true`` for a plain
+    http endpoint); the URL never holds them. Opening checks the bucket with one listing
+    request: a bucket that does not exist, refused credentials or an endpoint that does
+    not answer raise :class:`StorageError` naming it. Staging files go to ``staging``
+    (default: a fresh temp folder)."""
+
+    def __init__(self, url: str, *, staging: str | os.PathLike[str] | None = None, max_retries: int = 3, **config: Any) -> None:
+        try:
+            import obstore  # noqa: F401
+            from obstore.store import S3Store
+        except ImportError:  # pragma: no cover - depends on the install
+            raise StorageError(f"{url}: object storage needs obstore (pip install 'tilesweep[s3]')") from None
+        from datetime import timedelta
+
+        u = urlparse(url)
+        if u.scheme != "s3" or not u.netloc:
+            raise StorageError(f"bad storage URL {url!r}: expected s3://bucket/prefix")
+        if u.username or u.password or u.query:
+            raise StorageError(f"storage URL {_strip(url)!r} must not hold credentials or options; set {ENV_HINT}")
+        self.bucket = u.netloc
+        self.prefix = u.path.strip("/")
+        self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self._staging = Path(staging) if staging is not None else Path(tempfile.mkdtemp(prefix="tilesweep-staging-"))
+        retry = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=30)}
+        kwargs: dict[str, Any] = {"retry_config": retry, "client_options": {"connect_timeout": "5s"}}
+        if self.prefix:
+            kwargs["prefix"] = self.prefix
+        kwargs.update(config)
+        try:
+            self._store = S3Store(self.bucket, **kwargs)
+        except Exception as e:
+            raise StorageError(f"{self.url}: cannot configure the S3 client: {_first_line(e)}") from None
+        self.check()
+
+    def check(self) -> None:
+        """One listing request: :class:`StorageError` naming the bucket when it does not
+        exist, the credentials are refused, or the endpoint does not answer."""
+        import obstore
+
+        try:
+            obstore.list_with_delimiter(self._store, None)
+        except Exception as e:
+            raise self._error(e) from None
+
+    def _error(self, e: Exception) -> StorageError:
+        from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
+
+        text = str(e)
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT") or "the default AWS endpoint"
+        if "NoSuchBucket" in text:
+            return StorageError(f"{self.url}: bucket {self.bucket!r} does not exist at {endpoint}")
+        if isinstance(e, (PermissionDeniedError, UnauthenticatedError)) or any(
+            w in text for w in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403 Forbidden")
+        ):
+            return StorageError(f"{self.url}: credentials refused by {endpoint} (set {ENV_HINT})")
+        if "error sending request" in text or "Connect" in text or "dns error" in text:
+            return StorageError(f"{self.url}: cannot reach {endpoint}")
+        return StorageError(f"{self.url}: {_first_line(e)}")
+
+    def _key(self, key: str) -> str:
+        return _check_key(key)
+
+    def staging_path(self, key: str) -> Path:
+        p = self._staging / _check_key(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        staged = p.with_name(p.name + STAGING_SUFFIX)
+        staged.unlink(missing_ok=True)
+        return staged
+
+    def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        k = self._key(key)
+        mode = "overwrite" if replace else "create"
+        for attempt in range(8):
+            try:
+                obstore.put(self._store, k, Path(staged), mode=mode)
+                break
+            except (AlreadyExistsError, PreconditionError):
+                raise AlreadyPublished(f"{self.url}/{k}", key) from None
+            except Exception as e:
+                text = str(e)
+                if ("409" in text or "ConditionalRequestConflict" in text) and attempt < 7:
+                    continue  # a racing conditional PUT in flight: ask again, 412 follows if it won
+                if "412" in text or "PreconditionFailed" in text:
+                    raise AlreadyPublished(f"{self.url}/{k}", key) from None
+                raise self._error(e) from None
+        Path(staged).unlink(missing_ok=True)
+
+    def size(self, key: str) -> int:
+        import obstore
+
+        return int(obstore.head(self._store, self._key(key))["size"])
+
+    def read(self, key: str) -> bytes:
+        import obstore
+
+        return bytes(obstore.get(self._store, self._key(key)).bytes())
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        import obstore
+
+        if length <= 0:
+            return b""
+        size = self.size(key)
+        end = min(start + length, size)
+        if start >= end:
+            return b""
+        return bytes(obstore.get_range(self._store, self._key(key), start=start, end=end))
+
+    def open_read(self, key: str) -> IO[bytes]:
+        import obstore
+
+        return obstore.open_reader(self._store, self._key(key))  # type: ignore[return-value]
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        import obstore
+
+        try:
+            for batch in obstore.list(self._store, prefix or None):
+                for m in batch:
+                    if m["path"].startswith(prefix):
+                        yield ObjectInfo(m["path"], int(m["size"]))
+        except FileNotFoundError:
+            return
+
+    def delete(self, key: str) -> None:
+        import obstore
+
+        try:
+            obstore.delete(self._store, self._key(key))
+        except FileNotFoundError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"ObjectStorage({self.url!r})"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _strip(url: str) -> str:
+    u = urlparse(url)
+    return f"{u.scheme}://{u.hostname or ''}{u.path}"
+
+
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """True when ``location`` is an object-store URL (``s3://...``), not a folder."""
+    return isinstance(location, str) and "://" in location and not location.startswith("file://")
+
+
+def open_storage(location: str | os.PathLike[str], **options: Any) -> Storage:
+    """The storage at ``location``: a folder path or ``file://`` URL (:class:`LocalStorage`)
+    or ``s3://bucket/prefix`` (:class:`ObjectStorage`; ``options`` go to it).
+    :class:`StorageError` for any other scheme."""
+    if isinstance(location, str) and location.startswith("file://"):
+        return LocalStorage(urlparse(location).path)
+    if not is_url(location):
+        return LocalStorage(location)
+    scheme = str(location).split("://", 1)[0]
+    if scheme == "s3":
+        return ObjectStorage(str(location), **options)
+    raise StorageError(f"storage URL {_strip(str(location))!r}: unsupported scheme {scheme!r} (a folder, file:// or s3://)")
