@@ -6,7 +6,8 @@ The interface is the one an object store offers, not POSIX: immutable objects un
 prefix, deletion. No mmap, flock or rename in it. A writer always follows one rule:
 
 1. write the object's bytes to a **staging file** (:meth:`Storage.staging_path`: a local
-   temp name that readers and listings never see);
+   temp name that readers and listings never see, of this writer's own unless it is the
+   key's only writer);
 2. make it durable (fsync, done by :meth:`Storage.publish` for local storage; an object
    store's PUT is durable once it returns);
 3. **publish** it atomically under its key with create-if-absent semantics: of two
@@ -16,8 +17,9 @@ prefix, deletion. No mmap, flock or rename in it. A writer always follows one ru
 
 Only then does the caller report the output durable (and the block get acked).
 
-Local crash argument (:class:`LocalStorage`). The staging file is ``{key}.partial`` next
-to the final name, in the same folder and so on the same file system. ``publish``
+Local crash argument (:class:`LocalStorage`). The staging file is ``{key}.partial`` (or
+``{key}.{pid}-{random}.partial``) next to the final name, in the same folder and so on the
+same file system. ``publish``
 
 - ``fsync``s the staging file: its bytes are on disk before any name points at them;
 - renames it to the key with ``renameat2(RENAME_NOREPLACE)``: atomic, and it fails with
@@ -47,7 +49,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import io
 import os
+import secrets
 import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -104,9 +108,12 @@ class Storage(ABC):
     """Where the root is (a folder path or ``s3://bucket/prefix``), without credentials."""
 
     @abstractmethod
-    def staging_path(self, key: str) -> Path:
-        """A local file name to write ``key``'s bytes to before :meth:`publish`: never seen
-        by readers or :meth:`list`; its folder exists. A stale file there is removed."""
+    def staging_path(self, key: str, *, unique: bool = True) -> Path:
+        """A local file name to write ``key``'s bytes to before :meth:`publish`, never seen
+        by readers or :meth:`list`; its folder exists. ``unique``: a name of this writer's
+        own (``{name}.{pid}-{random}.partial``), so racing writers of one key never share
+        one; else ``{name}.partial``, for a caller that is the key's only writer (an export
+        under its name), a stale file there removed first."""
 
     @abstractmethod
     def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
@@ -165,6 +172,15 @@ class Storage(ABC):
         return None
 
 
+def _staging(p: Path, unique: bool) -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if unique:
+        return p.with_name(f"{p.name}.{os.getpid()}-{secrets.token_hex(6)}{STAGING_SUFFIX}")
+    staged = p.with_name(p.name + STAGING_SUFFIX)
+    staged.unlink(missing_ok=True)  # never truncate in place: it may be a link to the key
+    return staged
+
+
 # --- local folder -------------------------------------------------------------------------
 
 _AT_FDCWD = -100
@@ -203,12 +219,8 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def staging_path(self, key: str) -> Path:
-        p = self._path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        staged = p.with_name(p.name + STAGING_SUFFIX)
-        staged.unlink(missing_ok=True)  # never truncate in place: it may be a link to `key`
-        return staged
+    def staging_path(self, key: str, *, unique: bool = True) -> Path:
+        return _staging(self._path(key), unique)
 
     def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
         final = self._path(key)
@@ -298,7 +310,10 @@ class ObjectStorage(Storage):
         self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self._staging = Path(staging) if staging is not None else Path(tempfile.mkdtemp(prefix="tilesweep-staging-"))
         retry = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=30)}
-        kwargs: dict[str, Any] = {"retry_config": retry, "client_options": {"connect_timeout": "5s"}}
+        client: dict[str, Any] = {"connect_timeout": "5s"}
+        if os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true", "yes"):
+            client["allow_http"] = True  # client options given here replace the environment's
+        kwargs: dict[str, Any] = {"retry_config": retry, "client_options": client}
         if self.prefix:
             kwargs["prefix"] = self.prefix
         kwargs.update(config)
@@ -336,12 +351,8 @@ class ObjectStorage(Storage):
     def _key(self, key: str) -> str:
         return _check_key(key)
 
-    def staging_path(self, key: str) -> Path:
-        p = self._staging / _check_key(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        staged = p.with_name(p.name + STAGING_SUFFIX)
-        staged.unlink(missing_ok=True)
-        return staged
+    def staging_path(self, key: str, *, unique: bool = True) -> Path:
+        return _staging(self._staging / _check_key(key), unique)
 
     def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
         import obstore
@@ -388,13 +399,14 @@ class ObjectStorage(Storage):
     def open_read(self, key: str) -> IO[bytes]:
         import obstore
 
-        return obstore.open_reader(self._store, self._key(key))  # type: ignore[return-value]
+        return _ObjectReader(obstore.open_reader(self._store, self._key(key)))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         import obstore
 
+        head = prefix.rpartition("/")[0]  # obstore lists whole path segments: filter the rest
         try:
-            for batch in obstore.list(self._store, prefix or None):
+            for batch in obstore.list(self._store, head or None):
                 for m in batch:
                     if m["path"].startswith(prefix):
                         yield ObjectInfo(m["path"], int(m["size"]))
@@ -411,6 +423,43 @@ class ObjectStorage(Storage):
 
     def __repr__(self) -> str:
         return f"ObjectStorage({self.url!r})"
+
+
+class _ObjectReader(io.RawIOBase):
+    """obstore's ``ReadableFile`` (range requests behind ``seek``/``read``) as a standard
+    binary file object: a context manager, ``readinto``, what pyarrow's readers expect."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__()
+        self._f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return int(self._f.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._f.tell())
+
+    def read(self, size: int | None = -1) -> bytes:
+        return bytes(self._f.read() if size is None or size < 0 else self._f.read(size))
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
 
 
 def _first_line(e: BaseException) -> str:

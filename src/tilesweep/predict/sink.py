@@ -338,7 +338,7 @@ class PredictionSink:
             table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
             stem = f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
             name = f"{self.folder_name}/{stem}.parquet"
-            tmp = self.storage.staging_path(name)  # {stem}.parquet.partial beside it
+            tmp = self.storage.staging_path(name, unique=False)  # {stem}.parquet.partial beside it
             pq.write_table(table, tmp, compression="zstd")
             self.storage.publish(tmp, name)  # create-if-absent: a part is never overwritten
             size = self.storage.size(name)

