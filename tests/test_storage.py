@@ -248,3 +248,41 @@ def test_a_shard_writer_that_loses_the_publish_race_keeps_the_first_shard(tmp_pa
     assert summary.ok == 4, "the published shard's summary, not this writer's"
     assert store.get(tiles[0]) == b"first:" + bytes([tiles[0].x & 255])
     assert sorted(p.name for p in store.shard_path(block).parent.iterdir()) == ["200.shard"]
+
+
+def test_export_to_s3_publishes_the_same_archive_and_bad_targets_exit_2(s3_server, tmp_path, monkeypatch):
+    """`tilesweep export SWEEP s3://bucket/prefix/name.pmtiles`: the object, read back
+    with ranged reads by the official PMTiles reader, holds every stored tile; an existing object is not replaced without --force; a missing bucket or refused
+    credentials are one line, exit 2, and nothing is written."""
+    from helpers.cli import tilesweep
+    from pmtiles.reader import all_tiles
+
+    from tilesweep.sim import World, run_in_thread
+    from tilesweep.store import TileStore
+
+    env = s3_server.env()
+    sweep = tmp_path / "s"
+    with run_in_thread(World(seed=3)) as sim:
+        tilesweep("plan", "8.500,47.300,8.508,47.305", sweep, "--zoom", 18, "--block-zoom", 16)
+        tilesweep("fetch", sweep, "--source", sim.template(), "--quiet")
+    prefix = f"s3://{seaweed.BUCKET}/exports-{uuid.uuid4().hex[:8]}"
+    r = tilesweep("export", sweep, f"{prefix}/sweep.pmtiles", env=env)
+    assert f"wrote {prefix}/sweep.pmtiles (pmtiles)" in r.stdout
+    r = tilesweep("export", sweep, f"{prefix}/sweep.pmtiles", env=env, check=False)
+    assert r.returncode == 2 and "exists; pass --force" in r.stderr and "Traceback" not in r.stderr
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    st = open_storage(prefix)
+    got = dict(all_tiles(lambda offset, length: st.read_range("sweep.pmtiles", offset, length)))  # range reads
+    store = TileStore(sweep / "tiles", 18, 16)
+    want = {tuple(t): data for t, data in store.iter_tiles()}
+    assert got == want and len(want) > 20
+    assert [o.key for o in st.list()] == ["sweep.pmtiles"], "no staging object"
+    cases = [
+        ({}, "s3://no-such-bucket/x/sweep.pmtiles", "bucket 'no-such-bucket' does not exist"),
+        ({"AWS_SECRET_ACCESS_KEY": "wrong"}, f"{prefix}/other.pmtiles", "credentials refused"),
+    ]
+    for over, url, needle in cases:
+        r = tilesweep("export", sweep, url, env={**env, **over}, check=False)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert [o.key for o in st.list()] == ["sweep.pmtiles"]

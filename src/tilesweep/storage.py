@@ -290,7 +290,7 @@ class ObjectStorage(Storage):
     http endpoint); the URL never holds them. Opening checks the bucket with one listing
     request: a bucket that does not exist, refused credentials or an endpoint that does
     not answer raise :class:`StorageError` naming it. Staging files go to ``staging``
-    (default: a fresh temp folder)."""
+    (default: ``$TMPDIR/tilesweep-staging/{bucket}/{prefix}``)."""
 
     def __init__(self, url: str, *, staging: str | os.PathLike[str] | None = None, max_retries: int = 3, **config: Any) -> None:
         try:
@@ -308,7 +308,9 @@ class ObjectStorage(Storage):
         self.bucket = u.netloc
         self.prefix = u.path.strip("/")
         self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-        self._staging = Path(staging) if staging is not None else Path(tempfile.mkdtemp(prefix="tilesweep-staging-"))
+        if staging is None:  # local disk, per bucket and prefix; staging names are per writer
+            staging = Path(tempfile.gettempdir(), "tilesweep-staging", self.bucket, *self.prefix.split("/"))
+        self._staging = Path(staging)
         retry = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=30)}
         client: dict[str, Any] = {"connect_timeout": "5s"}
         if os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true", "yes"):
@@ -474,6 +476,15 @@ def _strip(url: str) -> str:
 def is_url(location: str | os.PathLike[str]) -> bool:
     """True when ``location`` is an object-store URL (``s3://...``), not a folder."""
     return isinstance(location, str) and "://" in location and not location.startswith("file://")
+
+
+def split_url(location: str) -> tuple[str, str]:
+    """``(parent, name)`` of an object URL ``s3://bucket/prefix/name``: the storage to open
+    and the key in it. :class:`StorageError` when there is no name after the bucket."""
+    parent, _, name = location.rstrip("/").rpartition("/")
+    if "://" not in parent or parent.endswith("://") or not name:
+        raise StorageError(f"object URL {_strip(location)!r} needs a name after the bucket (s3://bucket/prefix/name)")
+    return parent, name
 
 
 def open_storage(location: str | os.PathLike[str], **options: Any) -> Storage:
