@@ -286,3 +286,54 @@ def test_export_to_s3_publishes_the_same_archive_and_bad_targets_exit_2(s3_serve
         r = tilesweep("export", sweep, url, env={**env, **over}, check=False)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert [o.key for o in st.list()] == ["sweep.pmtiles"]
+
+
+def test_a_tile_store_on_s3_two_machines_race_on_a_block_one_shard_wins(s3_server, tmp_path, monkeypatch):
+    """A TileStore at s3://bucket/prefix: unfinished shards stay in each machine's local
+    staging folder (resumable), finished ones are published create-if-absent. Two
+    machines writing one block: the first shard stands, the second writer gets its
+    summary; a writer that stops before finishing publishes nothing; readers on a third
+    machine see exactly the published shards, tile for tile, and export them."""
+    from pmtiles.reader import MmapSource, all_tiles
+
+    from tilesweep.store import Status, TileStore, export_pmtiles
+    from tilesweep.tiles import Tile, tile_id
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    url = f"s3://{seaweed.BUCKET}/store-{uuid.uuid4().hex[:8]}/tiles"
+    a = TileStore(url, 18, 14, staging=tmp_path / "machine-a")
+    b = TileStore(url, 18, 14, staging=tmp_path / "machine-b")
+    b1, b2, b3 = Tile(14, 8580, 5737), Tile(14, 8581, 5737), Tile(14, 8580, 5738)
+
+    def tiles_of(block, n=6):
+        return [Tile(18, (block.x << 4) + i, (block.y << 4) + i) for i in range(n)]
+
+    wa, wb = a.writer(b1), b.writer(b1)  # both machines leased the block
+    for t in tiles_of(b1):
+        wa.append(t, Status.OK, b"A" * (100 + t.x % 7))
+        wb.append(t, Status.OK, b"B" * 50)
+    assert wa.finish().ok == 6
+    assert wb.finish() == wa.finish(), "the loser returns the published shard's summary"
+    assert not list((tmp_path / "machine-b").rglob("*.partial")), "the loser's partial is gone"
+    with a.writer(b2) as w:
+        w.append(tiles_of(b2)[0], Status.OK, b"two")
+        w.append(tiles_of(b2)[1], Status.EMPTY, None)
+        w.finish()
+    w = a.writer(b3)  # stops (or is killed) after a flush: durable locally, not published
+    w.append(tiles_of(b3)[0], Status.OK, b"three")
+    w.flush()
+    w.abort()
+
+    c = TileStore(url, 18, 14, staging=tmp_path / "machine-c")
+    assert sorted(c.blocks()) == sorted([b1, b2]) and c.is_complete(b1) and not c.is_complete(b3)
+    assert all(c.get(t) == b"A" * (100 + t.x % 7) for t in tiles_of(b1))
+    assert c.get_record(tiles_of(b2)[1]) == (Status.EMPTY, None)
+    assert c.verify().ok == 2 and c.stats()["tiles"] == 8
+    assert a.partial_blocks() == [b3] and c.partial_blocks() == []
+    with a.writer(b3) as again:  # the same machine resumes it
+        assert again.done_ids == {tile_id(tiles_of(b3)[0])}
+    export_pmtiles(c, tmp_path / "c.pmtiles")
+    with open(tmp_path / "c.pmtiles", "rb") as f:
+        got = dict(all_tiles(MmapSource(f)))
+    assert got == {tuple(t): data for t, data in c.iter_tiles()} and len(got) == 7

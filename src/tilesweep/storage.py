@@ -310,7 +310,8 @@ class ObjectStorage(Storage):
         self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         if staging is None:  # local disk, per bucket and prefix; staging names are per writer
             staging = Path(tempfile.gettempdir(), "tilesweep-staging", self.bucket, *self.prefix.split("/"))
-        self._staging = Path(staging)
+        self.staging = Path(staging)
+        """Local folder of staging files (and of unfinished shards: their resume state)."""
         retry = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=30)}
         client: dict[str, Any] = {"connect_timeout": "5s"}
         if os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true", "yes"):
@@ -354,7 +355,7 @@ class ObjectStorage(Storage):
         return _check_key(key)
 
     def staging_path(self, key: str, *, unique: bool = True) -> Path:
-        return _staging(self._staging / _check_key(key), unique)
+        return _staging(self.staging / _check_key(key), unique)
 
     def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
         import obstore

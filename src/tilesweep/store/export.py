@@ -65,7 +65,7 @@ def _first_ok_tile(store: TileStore, blocks: list[Tile] | None = None) -> bytes:
             ok = np.nonzero(r.records["status"] == Status.OK)[0]
             if len(ok):
                 return r.data(int(ok[0]))
-    raise UsageError(f"tile store {store.root} has no OK tiles to export")
+    raise UsageError(f"tile store {store.location} has no OK tiles to export")
 
 
 def _lnglat_bounds(z: int, xmin: int, ymin: int, xmax: int, ymax: int) -> tuple[float, float, float, float]:

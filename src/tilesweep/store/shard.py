@@ -27,7 +27,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from ..durable import fsync_dir
-from ..storage import AlreadyPublished, LocalStorage
+from ..storage import AlreadyPublished, LocalStorage, Storage
 from ..tiles import Tile, descendant_id_range, from_tile_id, tile_id, tile_id_array, zoom_base_id
 
 MAGIC = b"TSSHARD\x00"
@@ -87,7 +87,7 @@ class CorruptShardError(Exception):
     fail their crc32 when read. ``path`` is the shard's file (set by :class:`ShardReader`),
     ``tile`` the tile whose bytes failed, when that is what failed; ``str()`` is the reason."""
 
-    path: Path | None = None
+    path: Path | str | None = None  # a str: an object's URL (a store on object storage)
     tile: Tile | None = None
 
     def describe(self) -> str:
@@ -192,14 +192,23 @@ class ShardWriter:
     its FIRST record: the second ``append`` is ignored and returns False. Not thread-safe;
     one writer per block at a time (enforced with an exclusive ``flock``)."""
 
-    def __init__(self, path: Path, zoom: int, block: Tile) -> None:
+    def __init__(self, path: Path, zoom: int, block: Tile, *, storage: Storage | None = None, key: str | None = None) -> None:
+        """``path``: the finished shard's file; with ``storage`` (an object store), the
+        local staging name the partial files go beside, and ``key`` the object that
+        :meth:`finish` publishes."""
         self.path = Path(path)
         self.zoom = int(zoom)
         self.block = Tile(*block)
         if not 0 <= self.block.z <= self.zoom:
             raise ValueError(f"block {self.block} is not above zoom {self.zoom}")
         self.data_path, self.idx_path = partial_paths(self.path)
-        self._storage = LocalStorage(self.path.parent)  # the partial is its staging file for key {y}.shard
+        if storage is None:  # the partial is the staging file of the key {y}.shard
+            self._storage: Storage = LocalStorage(self.path.parent)
+            self._key = self.path.name
+        else:
+            if key is None:
+                raise ValueError("a ShardWriter on a storage needs the shard's key")
+            self._storage, self._key = storage, key
         self._id_lo, self._id_hi = descendant_id_range(self.block, self.zoom)
         self._id_table: np.ndarray | None = None  # ids of the block's tiles, [y, x] within it
         self._pending: list[tuple[int, int, int, int, int]] = []
@@ -210,17 +219,20 @@ class ShardWriter:
         self._f = None
         self._idx_fd = -1
         self._closed = False
-        if self.path.exists():
+        if self._published():
             self._open_finished()
         else:
             self._open_partial()
 
     # -- opening ---------------------------------------------------------------------------
 
+    def _published(self) -> bool:
+        return self._storage.exists(self._key)
+
     def _open_finished(self) -> None:
-        with ShardReader(self.path) as r:
+        with ShardReader.open(self._storage, self._key) as r:
             if r.zoom != self.zoom or r.block != self.block:
-                raise ValueError(f"{self.path} holds block {r.block} at zoom {r.zoom}, not {self.block} at {self.zoom}")
+                raise ValueError(f"{r.path} holds block {r.block} at zoom {r.zoom}, not {self.block} at {self.zoom}")
             recs = r.records.copy()
         self._durable = set(recs["id"].tolist())
         self._summary = summarize(recs)
@@ -236,7 +248,7 @@ class ShardWriter:
         except BlockingIOError:
             os.close(fd)
             raise ShardBusyError(f"another writer holds {self.data_path}") from None
-        if self.path.exists():  # another writer published the block since our first look
+        if self._published():  # another writer published the block since our first look
             os.unlink(self.data_path)  # ours under the lock: nobody writes it
             os.close(fd)
             self._open_finished()
@@ -402,7 +414,7 @@ class ShardWriter:
         self._f.write(footer)
         self._f.flush()
         try:  # fsync, rename to {y}.shard unless it exists, fsync the folder
-            self._storage.publish(self.data_path, self.path.name)
+            self._storage.publish(self.data_path, self._key)
         except AlreadyPublished:  # another writer published the block first: its shard stands
             self.data_path.unlink(missing_ok=True)
             self._close_files()
@@ -530,7 +542,30 @@ class ShardReader:
     a read (docs/store.md, Measured); ``check=False`` is for callers that check on their own
     (:meth:`verify`)."""
 
-    def __init__(self, path: Path) -> None:
+    @classmethod
+    def open(cls, storage: Storage, key: str) -> "ShardReader":
+        """The finished shard ``key`` of a storage: memory-mapped from a local folder, else
+        read whole (one GET; a shard is a few MB). ``FileNotFoundError`` when absent."""
+        local = storage.local_path(key)
+        if local is not None:
+            return cls(local)
+        return cls(f"{storage.url}/{key}", data=storage.read(key))
+
+    def __init__(self, path: Path | str, data: bytes | None = None) -> None:
+        """``path``: a shard file (memory-mapped); with ``data`` (a shard's bytes, read
+        from object storage), the URL that names it in errors."""
+        if data is not None:
+            self.path: Path | str = str(path)
+            size = len(data)
+            self._mm: mmap.mmap | bytes = data
+            try:
+                if size < HEADER_SIZE + FOOTER_SIZE:
+                    raise CorruptShardError(f"object truncated ({size} bytes)")
+                self._open(size)
+            except CorruptShardError as exc:
+                exc.path = self.path
+                raise
+            return
         self.path = Path(path)
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -695,10 +730,11 @@ class ShardReader:
 
     def close(self) -> None:
         self.records = None  # type: ignore[assignment]
-        try:
-            self._mm.close()
-        except BufferError:
-            pass
+        if isinstance(self._mm, mmap.mmap):
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
 
     def __enter__(self) -> "ShardReader":
         return self
