@@ -15,6 +15,7 @@ the folder). Byte layout and the crash-safety argument: ``docs/store.md``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -481,6 +482,46 @@ def _remove_stale_partial(data_path: Path) -> None:
         os.close(fd)
 
 
+class RangedShard:
+    """A finished shard on object storage, read by byte ranges: its size (HEAD), its head
+    and its tail (footer + index, the last 64 KiB) when opened, then each tile with one
+    ranged GET, or the whole data region with one while :meth:`holding` it (a walk over
+    every tile). Memory: the tail, plus the data region only while held. Sliced like the
+    ``mmap`` of a local shard."""
+
+    TAIL = 64 * 1024
+
+    def __init__(self, storage: Storage, key: str) -> None:
+        self._storage, self._key = storage, key
+        self.size = storage.size(key)  # FileNotFoundError when absent
+        start = max(0, self.size - self.TAIL)
+        self._segments: list[tuple[int, bytes]] = [(start, storage.read_range(key, start, self.size - start))]
+        if start > 0:
+            self._segments.append((0, storage.read_range(key, 0, HEADER_SIZE)))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, sl: slice) -> bytes:
+        start, stop = sl.indices(self.size)[:2]
+        if stop <= start:
+            return b""
+        for off, buf in self._segments:
+            if off <= start and stop <= off + len(buf):
+                return buf[start - off : stop - off]
+        return self._storage.read_range(self._key, start, stop - start)
+
+    @contextlib.contextmanager
+    def holding(self, start: int, stop: int) -> Iterator[None]:
+        """Keep bytes ``start..stop`` in memory (one GET) inside the ``with``."""
+        seg = (start, self._storage.read_range(self._key, start, stop - start))
+        self._segments.insert(0, seg)
+        try:
+            yield
+        finally:
+            self._segments.remove(seg)
+
+
 _CANON: dict[int, list[np.ndarray]] = {}
 
 
@@ -545,19 +586,19 @@ class ShardReader:
     @classmethod
     def open(cls, storage: Storage, key: str) -> "ShardReader":
         """The finished shard ``key`` of a storage: memory-mapped from a local folder, else
-        read whole (one GET; a shard is a few MB). ``FileNotFoundError`` when absent."""
+        read by ranges (:class:`RangedShard`). ``FileNotFoundError`` when absent."""
         local = storage.local_path(key)
         if local is not None:
             return cls(local)
-        return cls(f"{storage.url}/{key}", data=storage.read(key))
+        return cls(f"{storage.url}/{key}", data=RangedShard(storage, key))
 
-    def __init__(self, path: Path | str, data: bytes | None = None) -> None:
-        """``path``: a shard file (memory-mapped); with ``data`` (a shard's bytes, read
-        from object storage), the URL that names it in errors."""
+    def __init__(self, path: Path | str, data: "bytes | RangedShard | None" = None) -> None:
+        """``path``: a shard file (memory-mapped); with ``data`` (a shard's bytes, or a
+        :class:`RangedShard` on object storage), the URL that names it in errors."""
         if data is not None:
             self.path: Path | str = str(path)
             size = len(data)
-            self._mm: mmap.mmap | bytes = data
+            self._mm: mmap.mmap | bytes | RangedShard = data
             try:
                 if size < HEADER_SIZE + FOOTER_SIZE:
                     raise CorruptShardError(f"object truncated ({size} bytes)")
@@ -589,7 +630,7 @@ class ShardReader:
         self.zoom, self.block = unpack_header(mm[:HEADER_SIZE])
         if not self.block.z <= self.zoom:
             raise CorruptShardError(f"block zoom {self.block.z} below zoom {self.zoom}")
-        ioff, count, icrc, fcrc, fmagic = FOOTER.unpack_from(mm, size - FOOTER_SIZE)
+        ioff, count, icrc, fcrc, fmagic = FOOTER.unpack(mm[size - FOOTER_SIZE : size])
         if fmagic != FOOTER_MAGIC:
             raise CorruptShardError("no footer (truncated or unfinished)")
         if zlib.crc32(mm[size - FOOTER_SIZE : size - FOOTER_SIZE + 20]) != fcrc:
@@ -690,9 +731,17 @@ class ShardReader:
         ``check``: see :meth:`data`."""
         xs, ys = self.coords()
         z = self.zoom
-        for i, (x, y, st) in enumerate(zip(xs.tolist(), ys.tolist(), self._status)):
-            if status is None or st == status:
-                yield Tile(z, x, y), Status(st), self.data(i, check)
+        with self._whole_data():
+            for i, (x, y, st) in enumerate(zip(xs.tolist(), ys.tolist(), self._status)):
+                if status is None or st == status:
+                    yield Tile(z, x, y), Status(st), self.data(i, check)
+
+    def _whole_data(self) -> "contextlib.AbstractContextManager[None]":
+        """While open, a shard on object storage holds its tile data (one ranged GET)
+        instead of reading tile by tile."""
+        if isinstance(self._mm, RangedShard):
+            return self._mm.holding(HEADER_SIZE, self.index_offset)
+        return contextlib.nullcontext()
 
     # -- checking --------------------------------------------------------------------------
 
@@ -721,11 +770,12 @@ class ShardReader:
             if np.any(recs["offset"][ok] < HEADER_SIZE) or np.any(end[ok] > self.index_offset):
                 return "tile bytes outside the data region"
             mm = self._mm
-            for i in np.nonzero(ok)[0].tolist():
-                o = self._offsets[i]
-                if zlib.crc32(mm[o : o + self._lengths[i]]) != int(recs["crc"][i]):
-                    t = from_tile_id(int(ids[i]))
-                    return f"crc mismatch in tile {t}"
+            with self._whole_data():
+                for i in np.nonzero(ok)[0].tolist():
+                    o = self._offsets[i]
+                    if zlib.crc32(mm[o : o + self._lengths[i]]) != int(recs["crc"][i]):
+                        t = from_tile_id(int(ids[i]))
+                        return f"crc mismatch in tile {t}"
         return None
 
     def close(self) -> None:

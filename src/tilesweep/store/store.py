@@ -58,7 +58,8 @@ class TileStore:
     writers keep their unfinished shards on local disk (``staging``, default
     ``$TMPDIR/tilesweep-staging/...``) and publish each finished shard with one
     create-if-absent PUT, so two machines racing on one block never both publish it;
-    readers GET a shard whole (an LRU of ``max_open``, default 8, shards in memory)."""
+    readers use ranged GETs (:class:`~tilesweep.store.shard.RangedShard`: an LRU of
+    ``max_open``, default 64, shard indexes in memory; one GET per tile)."""
 
     def __init__(
         self, root: Path | str, zoom: int, block_zoom: int, max_open: int | None = None, coarsest: int | None = None,
@@ -77,7 +78,7 @@ class TileStore:
             storage = open_storage(root) if not is_url(root) else open_storage(root, **({} if staging is None else {"staging": staging}))
             if isinstance(storage, ObjectStorage):
                 self.storage = storage
-                max_open = 8 if max_open is None else max_open
+                max_open = 64 if max_open is None else max_open
             else:  # file://
                 root = storage.url
         max_open = default_max_open() if max_open is None else max_open
