@@ -47,9 +47,10 @@ from .diskspace import disk_full, is_disk_full, keep_reserve, release_leases
 from .errors import UsageError, WorkerDied
 from .fetch import Fetcher, FetchSettings, SourceError, TileResult
 from .limits import AdaptiveLimit
-from .queue import Block, BlockResult, Lease, SqliteQueue, State
+from .queue import Block, BlockResult, Lease, Queue, State
 from .sources import Source
 from .store import ShardBusyError, Status, TileStore
+from .sweep import open_sweep_queue
 from .tiles import tile_id
 
 _STATUS = {"ok": Status.OK, "empty": Status.EMPTY}
@@ -114,7 +115,7 @@ async def _cancel_all(tasks: set) -> None:  # type: ignore[type-arg]
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def expire_dead_local_owners(queue: SqliteQueue) -> int:
+def expire_dead_local_owners(queue: Queue) -> int:
     """End the leases of workers on this host whose process is gone (killed, crashed), so
     that a restart picks their blocks up at once instead of after the lease ttl. Returns
     how many blocks were freed. A pid reused by another process only means we wait."""
@@ -263,7 +264,7 @@ class Worker:
                 loop.add_signal_handler(sig, self._interrupt, sig)
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 pass
-        self.queue = SqliteQueue(self.sweep_path / "queue.sqlite", max_attempts=self.settings.max_attempts)
+        self.queue = open_sweep_queue(self.sweep_path, max_attempts=self.settings.max_attempts)
         # coarsest=0: adaptive blocks lie at any zoom up to block_zoom (the finest)
         self.store = None if self.consumer else TileStore(self.sweep_path / "tiles", self.zoom, self.block_zoom, coarsest=0)
         tiles_per_block = 1 << (2 * (self.zoom - self.block_zoom))
@@ -339,7 +340,7 @@ class Worker:
             except Exception as exc:
                 if not is_disk_full(exc):
                     raise
-                raise disk_full(self.queue.path) from None  # one line, ENOSPC and the path
+                raise disk_full(getattr(self.queue, "path", self.sweep_path)) from None  # one line, ENOSPC and the path
             finally:  # also on a full disk, where the acks cannot be written: release_leases makes room
                 await self._db(release_leases, self.queue, self.owner, self.sweep_path)
             self._report()
@@ -787,7 +788,7 @@ class WorkerDeaths:
     def free(self) -> None:
         """End the leases of this host's dead workers (theirs among them) now."""
         try:
-            with SqliteQueue(self.sweep_path / "queue.sqlite") as q:
+            with open_sweep_queue(self.sweep_path) as q:
                 expire_dead_local_owners(q)
         except Exception:  # noqa: BLE001 - then they expire after their ttl
             self.freed = False
