@@ -823,7 +823,7 @@ def tiles_stats(
 @app.command()
 def export(
     sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
-    output: Path = typer.Argument(..., help="Output: a .pmtiles or .mbtiles file, or a folder for --format dir."),
+    output_arg: str = typer.Argument(..., metavar="OUTPUT", help="Output: a .pmtiles or .mbtiles file (or s3://bucket/prefix/name), or a folder for --format dir."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="pmtiles, mbtiles or dir; default from OUTPUT's suffix."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
 ) -> None:
@@ -831,8 +831,13 @@ def export(
 
     The PMTiles v3 archive is clustered (Hilbert order). Export streams: memory does not
     grow with the number of tiles."""
+    from .storage import is_url
     from .store import export_dir, export_mbtiles, export_pmtiles
 
+    if is_url(output_arg):
+        _export_to_url(sweep_dir, output_arg, fmt, force)
+        return
+    output = Path(output_arg)
     kind = fmt or {".pmtiles": "pmtiles", ".mbtiles": "mbtiles"}.get(output.suffix.lower())
     if kind is None:
         raise UsageError(f"cannot tell the format of {str(output)!r}: use a .pmtiles or .mbtiles name, or --format dir")
@@ -869,6 +874,33 @@ def export(
         store.close()
     tiles = summary.get("tiles", summary.get("addressed_tiles", 0))
     out.print(f"wrote {str(output)} ({kind}): {tiles:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
+
+
+def _export_to_url(sweep_dir: Path, url: str, fmt: Optional[str], force: bool) -> None:
+    """`export SWEEP s3://bucket/prefix/name.pmtiles`: staged on local disk, published
+    through the storage seam (replacing an earlier object only with --force)."""
+    from pathlib import PurePosixPath
+
+    from .store import export_mbtiles, export_pmtiles
+    from .store.export import export_target
+
+    kind = fmt or {".pmtiles": "pmtiles", ".mbtiles": "mbtiles"}.get(PurePosixPath(url).suffix.lower())
+    if kind not in ("pmtiles", "mbtiles"):
+        raise UsageError(f"cannot export {url!r} as {kind or 'an unknown format'}: to object storage, a .pmtiles or .mbtiles name")
+    with Sweep.open(sweep_dir) as sweep:
+        storage, key = export_target(url)  # StorageError (exit 2): bucket, credentials, endpoint
+        if storage.exists(key) and not force:
+            raise UsageError(f"{url!r} exists; pass --force to replace it")
+        store = sweep.store
+        blocks = _export_blocks(sweep, sweep_dir, store)
+        started = time.perf_counter()
+        if kind == "pmtiles":
+            meta = {"name": sweep.path.name, "description": f"tilesweep export: {sweep.describe_plan()}"}
+            summary = export_pmtiles(store, url, metadata=meta, blocks=blocks, replace=force)
+        else:
+            summary = export_mbtiles(store, url, blocks=blocks, replace=force)
+        store.close()
+    out.print(f"wrote {url} ({kind}): {summary['tiles']:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
 
 
 def _export_blocks(sweep: Sweep, sweep_dir: Path, store) -> list:  # type: ignore[no-untyped-def]

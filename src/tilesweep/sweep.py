@@ -534,12 +534,11 @@ def open_sweep_queue(path: str | os.PathLike[str], max_attempts: int = 5) -> Que
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Publish ``text`` as ``path`` through the storage seam: staged under a ``.partial``
+    name, fsynced, renamed over ``path``, folder fsynced."""
+    from .storage import LocalStorage
+
+    LocalStorage(path.parent).put(path.name, text.encode("utf-8"), replace=True)
 
 
 def _ledger_summary(path: Path) -> list[dict[str, Any]]:
