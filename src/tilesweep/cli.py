@@ -984,6 +984,7 @@ def _human_hours(h: float) -> str:
 # (results: query/convert/detections/summarize; view: the web viewer).
 from .cli_view import register as _register_view; _register_view(app)  # noqa: E402
 from .cli_results import register as _register_results; _register_results(app)  # noqa: E402
+from .cli_lines import register as _register_lines; _register_lines(app)  # noqa: E402
 
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"

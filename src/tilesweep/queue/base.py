@@ -161,3 +161,6 @@ class Queue(Protocol):
         """Counts by state and recent throughput."""
 
     def close(self) -> None: ...
+
+    def blocks_by_id(self, ids: Iterable[int]) -> Iterator[Block]:
+        """The queued blocks among ``ids`` (any state, id order); ids not queued are left out."""

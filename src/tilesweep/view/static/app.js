@@ -35,6 +35,11 @@ function blocksUrl() {
   return `${location.origin}/blocks/{z}/{x}/{y}.mvt?v=${encodeURIComponent(v)}`;
 }
 
+function linesUrl() {
+  const v = state.progressVersion || "0";
+  return `api/lines.geojson?model=${encodeURIComponent(state.model)}&t=${state.threshold.toFixed(2)}&v=${encodeURIComponent(v)}`;
+}
+
 function tileFilter() {
   return ["all", ["==", ["get", "kind"], "tile"], [">=", ["get", "s"], state.threshold]];
 }
@@ -44,7 +49,15 @@ function addOverlay(map) {
   if (map.getLayer("squares")) map.removeLayer("squares");
   if (map.getLayer("squares-line")) map.removeLayer("squares-line");
   if (map.getSource("overlay")) map.removeSource("overlay");
+  if (map.getLayer("lines")) map.removeLayer("lines");
+  if (map.getSource("lines")) map.removeSource("lines");
   if (!state.model) return;
+  // traced power lines (tilesweep lines): computed by the server from the detections
+  map.addSource("lines", { type: "geojson", data: linesUrl() });
+  map.addLayer({
+    id: "lines", type: "line", source: "lines",
+    paint: { "line-color": "#00e5ff", "line-width": 3, "line-opacity": ["interpolate", ["linear"], ["get", "confidence"], 0, 0.35, 1, 1] },
+  }, "area-line");
   map.addSource("overlay", { type: "vector", tiles: [overlayUrl()], minzoom: 0, maxzoom: state.info.zoom, bounds: state.info.bbox });
   map.addLayer({
     id: "cells", type: "fill", source: "overlay", "source-layer": "overlay",
@@ -93,7 +106,10 @@ function setThreshold(t) {
   map.setFilter("squares", tileFilter());
   map.setFilter("squares-line", tileFilter());
   clearTimeout(state._tTimer);
-  state._tTimer = setTimeout(() => map.getSource("overlay").setTiles([overlayUrl()]), 150);
+  state._tTimer = setTimeout(() => {
+    map.getSource("overlay").setTiles([overlayUrl()]);
+    if (map.getSource("lines")) map.getSource("lines").setData(linesUrl());
+  }, 150);
 }
 
 function table(rows) {
@@ -129,6 +145,7 @@ async function refreshProgress() {
     if (!first) {
       state.map.getSource("blocks").setTiles([blocksUrl()]);
       if (state.map.getSource("overlay")) state.map.getSource("overlay").setTiles([overlayUrl()]);
+      if (state.map.getSource("lines")) state.map.getSource("lines").setData(linesUrl());
       await loadModels();
     }
   }
@@ -241,7 +258,7 @@ async function main() {
   await refreshProgress();
   await loadModels();
   $("legend").innerHTML = `zoom &ge; ${Math.max(0, info.zoom - info.overlay.square_levels)}: tiles scoring &ge; threshold, coloured by score; ` +
-    `below: detections per cell (up to ${4 ** info.overlay.cell_levels} cells per overlay tile), red = more.`;
+    `below: detections per cell (up to ${4 ** info.overlay.cell_levels} cells per overlay tile), red = more; cyan: detections traced into power lines.`;
   $("model").addEventListener("change", (e) => { state.model = e.target.value; addOverlay(map); });
   $("threshold").addEventListener("input", (e) => setThreshold(parseFloat(e.target.value)));
   $("download").addEventListener("click", download);
