@@ -23,6 +23,7 @@ THRESHOLD_HELP = "Score in 0..1 at or above which a tile is a detection; default
 def register(app: typer.Typer) -> None:
     """Add `lines` and `densify` to ``app``."""
     app.command("lines")(lines)
+    app.command("densify")(densify)
 
 
 def lines(
@@ -43,3 +44,33 @@ def lines(
     rule = "its own label" if report.threshold is None else f"score >= {report.threshold:g}"
     out.print(f"wrote {report.lines:,} lines joining {report.towers:,} towers ({report.detections:,} detections of "
               f"{report.model}, {rule}) to {output} in {report.seconds:.2f} s", highlight=False)
+
+
+def densify(
+    sweep_dir: Path = typer.Argument(..., help="Sweep folder with predictions."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help=THRESHOLD_HELP),
+    radius: int = typer.Option(1, "--radius", "-r", help="Add the tiles within this many tiles of each detection (0..16)."),
+    along: bool = typer.Option(False, "--along", help="Also the tiles a line through two nearby detections (200..1000 m apart) would cross, one spacing past each."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Plan nothing once the sweep has this many densify rounds."),
+) -> None:
+    """Plan one densify round: the unplanned tiles around a model's detections become new
+    blocks in the queue (`tilesweep run` fetches and predicts them; `status` lists rounds).
+
+    The same sweep and predictions give the same tiles. A round cut short (a kill) is
+    completed by the next densify."""
+    from .densify import DensifySettings
+    from .densify import densify as plan_densify
+    from .sweep import Sweep
+    from .sweeplock import SweepLock
+
+    settings = DensifySettings(radius=radius, along=along)
+    with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):
+        report = plan_densify(sweep, model, threshold, settings, rounds)
+    if report.completed:
+        out.print(f"completed an earlier round cut short: {report.completed:,} blocks queued", highlight=False)
+    if report.tiles:
+        out.print(f"densify round {report.round}: {report.tiles:,} new tiles in {report.blocks:,} blocks around "
+                  f"{report.detections:,} detections; `tilesweep run {sweep_dir}` fetches them", highlight=False)
+    else:
+        out.print(f"no new tiles to plan ({report.detections:,} detections, {report.round} rounds so far)", highlight=False)

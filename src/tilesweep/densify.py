@@ -285,6 +285,16 @@ def detection_tiles(sweep: "Sweep", model: str | None, threshold: float | None) 
     return x, y, str(m["name"])
 
 
+def finest_block_zoom(sweep: "Sweep") -> int:
+    """The zoom of the finest block cells the plan's spec allows (adaptive: the base cells
+    of ``block_tiles``, e.g. zoom 14 at zoom 18; fixed: the block zoom). The sweep records
+    the finest zoom its blocks *use*, which for a sparse sample can be much coarser."""
+    pc = sweep.plan_config
+    if "block_tiles" not in pc:
+        return sweep.block_zoom
+    return sweep.zoom - min(sweep.zoom, (int(pc["block_tiles"]).bit_length() - 1) // 2)
+
+
 def plan_round(sweep: "Sweep", model: str | None = None, threshold: float | None = None,
                settings: DensifySettings = DensifySettings()) -> tuple[RoundPlan, str]:
     """The next round's blocks (nothing is written): the candidate tiles around the
@@ -309,7 +319,7 @@ def plan_round(sweep: "Sweep", model: str | None = None, threshold: float | None
     zooms = range(sweep.block_zoom, min(sweep.block_zoom_min, _min_round_zoom(sweep.path)) - 1, -1)
     planned, found = _queued(sweep.queue, z, cx, cy, zooms)
     nx_, ny_ = cx[~planned], cy[~planned]
-    blocks = group_blocks(sweep.queue, z, nx_, ny_, sweep.block_zoom, set(found)) if len(nx_) else []
+    blocks = group_blocks(sweep.queue, z, nx_, ny_, finest_block_zoom(sweep), set(found)) if len(nx_) else []
     return RoundPlan(blocks, len(dx), n_candidates), name
 
 
@@ -416,9 +426,10 @@ def densify(sweep: "Sweep", model: str | None = None, threshold: float | None = 
     plan, name = plan_round(sweep, model, threshold, settings)
     if not plan.blocks:
         return DensifyReport(last, 0, 0, plan.detections, completed, time.perf_counter() - started)
-    coarsest = min(b.z for b in plan.blocks)
-    if coarsest < sweep.block_zoom_min:  # the store probes block zooms down to this one
-        sweep.config["plan"]["block_zoom_min"] = coarsest
+    coarsest, finest = min(b.z for b in plan.blocks), max(b.z for b in plan.blocks)
+    if coarsest < sweep.block_zoom_min or finest > sweep.block_zoom:  # the store probes block zooms in this range
+        pc = sweep.config["plan"]
+        pc["block_zoom_min"], pc["block_zoom"] = min(coarsest, sweep.block_zoom_min), max(finest, sweep.block_zoom)
         _write_atomic(sweep.path / SWEEP_FILE, tomli_w.dumps(sweep.config))
     seed = int(sweep.plan_config.get("seed", 0))
     prio = block_priority_array(seed, np.array([b.z for b in plan.blocks]), np.array([b.x for b in plan.blocks]),

@@ -1,0 +1,134 @@
+"""Densify around detections, and traced lines, on a real sampled sweep: the simulator over
+loopback, the demo model, `tilesweep` subprocesses killed with SIGKILL mid-round.
+
+The accounting must hold whatever is killed when: every planned tile (the sample's and
+each round's) is predicted exactly once, `status` adds up, and each tile's round is known."""
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from helpers.cli import popen, status_json, tilesweep
+
+from tilesweep.densify import DensifySettings, plan_round
+from tilesweep.queue import SqliteQueue
+from tilesweep.sim import Faults, World, run_in_thread
+from tilesweep.sweep import Sweep
+
+TOWER_BBOX = "8.505,47.340,8.531,47.354"  # 320 zoom-18 tiles, 47 of them hold a tower (seed 5)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    # a little latency per tile, so that a run lasts long enough to be killed in the middle
+    with run_in_thread(World(seed=5), Faults(latency_ms=60, seed=3)) as srv:
+        yield srv
+
+
+def rows(sweep: Path):
+    parts = sorted((sweep / "predictions").glob("*/part-*.parquet"))
+    return ds.dataset(parts, format="parquet").to_table(columns=["z", "x", "y", "block", "label"]).to_pylist() if parts else []
+
+
+def planned(sweep: Path):
+    """Every planned tile -> its block id, from the queue's blocks and their tile sets."""
+    with SqliteQueue(sweep / "queue.sqlite") as q:
+        return {tuple(t): b.id for b in q.blocks() for t in b.tile_list(18)}
+
+
+def run_args(sweep, sim):
+    return ["run", sweep, "--source", sim.template(), "--model", "demo", "--concurrency", "4", "--quiet"]
+
+
+def test_densify_after_kill_9_mid_round_predicts_every_tile_once(tmp_path, sim):
+    sweep = tmp_path / "s"
+    tilesweep("plan", TOWER_BBOX, sweep, "--zoom", 18, "--fraction", 0.2, "--seed", 1)
+    tilesweep(*run_args(sweep, sim))
+    sample = planned(sweep)
+    assert 40 <= len(sample) <= 90
+    detected = sum(r["label"] for r in rows(sweep))
+    assert detected >= 3
+
+    # same sweep, same predictions: same round (a pure function of them)
+    with Sweep.open(sweep) as sw:
+        first, _ = plan_round(sw, settings=DensifySettings(radius=1, along=True))
+        again, _ = plan_round(sw, settings=DensifySettings(radius=1, along=True))
+    assert first.blocks == again.blocks and first.blocks and first.detections == detected
+
+    # a round killed -9 between its record and its queue put: status says so, densify completes it
+    res = tilesweep("densify", sweep, "--radius", 1, "--along", check=False, env={"TILESWEEP_TEST_KILL_DENSIFY": "recorded"})
+    assert res.returncode == -signal.SIGKILL
+    st = status_json(sweep)
+    assert "densify" in st["mismatch"] and st["tiles_total"] == len(sample) + first.tiles
+    res = tilesweep("densify", sweep, "--radius", 1, "--along")
+    assert "completed an earlier round cut short" in res.stdout and "no new tiles" in res.stdout
+    db = sqlite3.connect(sweep / "densify.sqlite")
+    blocks_a = db.execute("SELECT * FROM round_blocks ORDER BY id").fetchall()
+    assert [(b[2], b[3], b[4], b[5], b[6]) for b in blocks_a] == [tuple(b) for b in first.blocks]
+    st = status_json(sweep)
+    (r1,) = st["densify"]
+    assert r1["round"] == 1 and r1["detections"] == detected and r1["tiles"] == sum(b[5] for b in blocks_a)
+    assert st["tiles_total"] == len(sample) + r1["tiles"] and st["tiles_pending"] == r1["tiles"] and st["mismatch"] is None
+
+    # the round's new tiles lie near detections, are new, and nest inside the sample's cells
+    plan = planned(sweep)
+    new = {t: b for t, b in plan.items() if t not in sample}
+    assert len(new) == r1["tiles"] and set(plan) >= set(sample)
+    assert {b[0] for b in blocks_a} == set(new.values())
+
+    # run the round, killed -9 at random moments, then to the end
+    rng, kills = random.Random(12), 0
+    for _ in range(2):
+        p = popen(*run_args(sweep, sim))
+        lock, deadline = sweep / "predictions" / ".lock", time.monotonic() + 60
+        while p.poll() is None and time.monotonic() < deadline and (not lock.exists() or f"(pid {p.pid})" not in lock.read_text()):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.3, 1.5))
+        if p.poll() is not None:
+            break
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        kills += 1
+    assert kills >= 1
+    tilesweep(*run_args(sweep, sim))
+    st = status_json(sweep)
+    assert st["mismatch"] is None and st["tiles_done"] == st["tiles_total"] == len(plan)
+    got = rows(sweep)
+    keys = [(r["z"], r["x"], r["y"]) for r in got]
+    assert len(keys) == len(set(keys)) == len(plan), "a tile predicted twice or not at all"
+    assert {(r["z"], r["x"], r["y"]): r["block"] for r in got} == plan
+    assert st["predictions"][0]["blocks"] == st["blocks_total"]
+
+    # a second round starts from what the first found; traced lines come out of all of it
+    res = tilesweep("densify", sweep, "--radius", 1, "--along", "--rounds", 1)
+    assert "no new tiles" in res.stdout  # --rounds 1: the sweep has its one round
+    out = tmp_path / "lines.geojson"
+    res = tilesweep("lines", sweep, "-o", out)
+    doc = json.loads(out.read_text())
+    assert doc["features"] and {f["geometry"]["type"] for f in doc["features"]} == {"LineString"}
+    assert f"wrote {len(doc['features'])} lines" in res.stdout
+
+
+def test_densify_and_lines_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    sweep = tmp_path / "s"
+    tilesweep("plan", TOWER_BBOX, sweep, "--zoom", 18, "--fraction", 0.2)
+    for args, message in [
+        (["--radius", "17"], "radius 17 is outside 0..16"),
+        (["--radius", "0"], "radius 0 without --along"),
+        (["--threshold", "1.5"], "threshold 1.5 is outside 0..1"),
+        ([], "has no predictions yet"),
+        (["/nonexistent"], "holds no plan"),
+    ]:
+        target = [] if args[:1] == ["/nonexistent"] else [sweep]
+        res = tilesweep("densify", *target, *args, check=False)
+        assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)
+    assert not (sweep / "densify.sqlite").exists()
+    for out, message in [("l.geojson", "no predictions yet")]:
+        res = tilesweep("lines", sweep, "-o", tmp_path / out, check=False)
+        assert res.returncode == 2 and message in res.stderr and not (tmp_path / out).exists(), res.stderr
