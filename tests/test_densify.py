@@ -76,7 +76,7 @@ def test_densify_after_kill_9_mid_round_predicts_every_tile_once(tmp_path, sim):
     assert r1["round"] == 1 and r1["detections"] == detected and r1["tiles"] == sum(b[5] for b in blocks_a)
     assert st["tiles_total"] == len(sample) + r1["tiles"] and st["tiles_pending"] == r1["tiles"] and st["mismatch"] is None
 
-    # the round's new tiles lie near detections, are new, and nest inside the sample's cells
+    # the round's tiles are all new, each in one of its blocks; the sample's are untouched
     plan = planned(sweep)
     new = {t: b for t, b in plan.items() if t not in sample}
     assert len(new) == r1["tiles"] and set(plan) >= set(sample)
@@ -96,18 +96,20 @@ def test_densify_after_kill_9_mid_round_predicts_every_tile_once(tmp_path, sim):
         p.wait()
         kills += 1
     assert kills >= 1
-    tilesweep(*run_args(sweep, sim))
+    # the same command goes on, and with --densify plans and runs the next round too
+    res = tilesweep(*run_args(sweep, sim), "--densify", 1, "--densify-along", "--densify-rounds", 2)
     st = status_json(sweep)
-    assert st["mismatch"] is None and st["tiles_done"] == st["tiles_total"] == len(plan)
+    assert [r["round"] for r in st["densify"]] == [1, 2] and "densify round 2:" in res.stdout, res.stdout
+    plan = planned(sweep)
+    assert st["mismatch"] is None and st["tiles_done"] == st["tiles_total"] == len(plan) == len(sample) + sum(r["tiles"] for r in st["densify"])
     got = rows(sweep)
     keys = [(r["z"], r["x"], r["y"]) for r in got]
     assert len(keys) == len(set(keys)) == len(plan), "a tile predicted twice or not at all"
     assert {(r["z"], r["x"], r["y"]): r["block"] for r in got} == plan
     assert st["predictions"][0]["blocks"] == st["blocks_total"]
+    res = tilesweep("densify", sweep, "--radius", 1, "--along", "--rounds", 2)
+    assert "no new tiles" in res.stdout  # --rounds 2: the sweep has its two rounds
 
-    # a second round starts from what the first found; traced lines come out of all of it
-    res = tilesweep("densify", sweep, "--radius", 1, "--along", "--rounds", 1)
-    assert "no new tiles" in res.stdout  # --rounds 1: the sweep has its one round
     out = tmp_path / "lines.geojson"
     res = tilesweep("lines", sweep, "-o", out)
     doc = json.loads(out.read_text())

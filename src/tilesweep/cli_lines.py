@@ -74,3 +74,31 @@ def densify(
                   f"{report.detections:,} detections; `tilesweep run {sweep_dir}` fetches them", highlight=False)
     else:
         out.print(f"no new tiles to plan ({report.detections:,} detections, {report.round} rounds so far)", highlight=False)
+
+
+def run_rounds(sweep, model: str, threshold: Optional[float], radius: Optional[int], along: bool, max_rounds: int,  # type: ignore[no-untyped-def]
+               run_once) -> None:
+    """`run --densify R`: ``run_once()``, then a densify round around the detections, and
+    run again, until a round plans no new tile or the sweep has ``max_rounds`` rounds.
+    Without ``radius``, just ``run_once()``. Settings are checked before the first run."""
+    if radius is None:
+        run_once()
+        return
+    from .densify import DensifySettings, densify
+
+    settings = DensifySettings(radius=radius, along=along)
+    if max_rounds < 1:
+        from .errors import UsageError
+
+        raise UsageError(f"densify rounds {max_rounds} must be at least 1")
+    while True:
+        run_once()
+        report = densify(sweep, model, threshold, settings, max_rounds)
+        if report.completed:
+            out.print(f"completed an earlier densify round cut short: {report.completed:,} blocks queued", highlight=False)
+        if not report.tiles and not report.completed:
+            out.print(f"densify: no new tiles around {report.detections:,} detections after {report.round} rounds", highlight=False)
+            return
+        if report.tiles:
+            out.print(f"densify round {report.round}: {report.tiles:,} new tiles in {report.blocks:,} blocks around "
+                      f"{report.detections:,} detections", highlight=False)
