@@ -61,7 +61,7 @@ BENT = [(0, 0), (1800, 0), (3400, 600), (5000, 600)]  # turns of ~20.6 and ~20.6
 
 
 def test_straight_line_with_tile_centre_jitter():
-    pts = jitter(towers_along(STRAIGHT), 50, seed=1)
+    pts = jitter(towers_along(STRAIGHT), 30, seed=1)
     lines = trace(pts)
     assert len(lines) == 1
     assert lines[0].towers == len(pts)
@@ -71,7 +71,7 @@ def test_straight_line_with_tile_centre_jitter():
 
 
 def test_bending_line_is_one_line():
-    pts = jitter(towers_along(BENT), 40, seed=2)
+    pts = jitter(towers_along(BENT), 30, seed=2)
     (line,) = trace(pts)
     assert line.towers == len(pts)
     assert near(line.geometry, truth_line(BENT), 60)
@@ -127,8 +127,11 @@ def test_neighbouring_detections_of_one_tower_merge():
     towers = find_towers(lon, lat, merge_m=160)
     assert len(towers.lon) == len(pts)
     assert sorted(towers.detections.tolist()) == [2] * (len(pts) - 3) + [3] * 3
-    (line,) = trace(doubled)
+    (line,) = trace(doubled, merge_m=160)
     assert line.towers == len(pts)
+    east = np.concatenate([pts, pts + [104, 0]])
+    (line,) = trace(east)  # by default neighbouring tiles' detections stay apart, on the same line
+    assert line.towers == len(east)
 
 
 def test_same_detections_in_any_order_same_lines():
@@ -149,8 +152,8 @@ def test_short_chains_and_no_detections():
     assert trace(pts, min_towers=4) == []
 
 
-@pytest.mark.parametrize("kw", [{"merge_m": 0}, {"max_span_m": 100}, {"max_turn_deg": 120}, {"max_ratio": 0.5},
-                                {"min_towers": 1}, {"smooth": 4}])
+@pytest.mark.parametrize("kw", [{"merge_m": 0}, {"max_gap_m": 50}, {"max_span_m": 500}, {"max_turn_deg": 120},
+                                {"tolerance_m": 0}, {"min_towers": 1}])
 def test_bad_settings(kw):
     with pytest.raises(UsageError):
         TraceSettings(**kw)

@@ -41,34 +41,38 @@ from .tiles import EARTH_RADIUS_M
 class TraceSettings:
     """How detections become lines.
 
-    merge_m: detections closer than this (ground metres, > 0) are one tower; the default
-    joins the centres of neighbouring zoom-18 tiles (diagonal ~150 m at 47 degrees).
-    max_span_m: the longest span between two towers of a line (> merge_m), a missing tower
-    included (two spans of up to 450 m). max_turn_deg: the largest turn at a tower (0..90).
-    max_ratio: how much longer one span may be than the next (>= 1; a gap of one missing
-    tower doubles a span, and is allowed on top). min_towers: towers a line needs (>= 2).
-    smooth: towers per smoothing window (odd, 0 or 1: none; >= 5 fits a parabola)."""
+    merge_m: detections closer than this (ground metres, > 0; complete linkage, so a
+    group is at most this wide) are one tower. The default merges nothing at zoom 18
+    (tile centres are >= ~100 m apart): a tower that lights up its neighbour tile gives two
+    points on its line, which the runs below absorb, while merging them would pull towers
+    of parallel circuits together. tolerance_m: how far (> 0)
+    a tower may stand from its line's straight run: tile centres are up to half a tile
+    off, and parallel circuits 55 m apart are traced as one corridor. max_gap_m: the
+    longest gap between two towers of one straight run (> merge_m; spans are 250..450 m).
+    max_span_m: the longest gap (>= max_gap_m) between two runs joined into one line, at a
+    bend or across a missing tower (two spans). max_turn_deg: the
+    largest turn where two runs join (0..90). min_towers: towers a run needs (>= 2)."""
 
-    merge_m: float = 160.0
+    merge_m: float = 60.0
+    tolerance_m: float = 45.0
+    max_gap_m: float = 550.0
     max_span_m: float = 1000.0
     max_turn_deg: float = 35.0
-    max_ratio: float = 1.6
     min_towers: int = 3
-    smooth: int = 5
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.merge_m) and self.merge_m > 0):
             raise UsageError(f"merge distance {self.merge_m} m must be > 0")
-        if not (math.isfinite(self.max_span_m) and self.max_span_m > self.merge_m):
-            raise UsageError(f"max span {self.max_span_m} m must be larger than the merge distance {self.merge_m} m")
+        if not (math.isfinite(self.tolerance_m) and self.tolerance_m > 0):
+            raise UsageError(f"tolerance {self.tolerance_m} m must be > 0")
+        if not (math.isfinite(self.max_gap_m) and self.max_gap_m > self.merge_m):
+            raise UsageError(f"max gap {self.max_gap_m} m must be larger than the merge distance {self.merge_m} m")
+        if not (math.isfinite(self.max_span_m) and self.max_span_m >= self.max_gap_m):
+            raise UsageError(f"max span {self.max_span_m} m must be at least the max gap {self.max_gap_m} m")
         if not 0 <= self.max_turn_deg <= 90:
             raise UsageError(f"max turn {self.max_turn_deg} degrees is outside 0..90")
-        if not (math.isfinite(self.max_ratio) and self.max_ratio >= 1):
-            raise UsageError(f"max span ratio {self.max_ratio} must be >= 1")
         if not isinstance(self.min_towers, int) or self.min_towers < 2:
             raise UsageError(f"min towers {self.min_towers} must be an integer >= 2")
-        if not isinstance(self.smooth, int) or self.smooth < 0 or (self.smooth > 1 and self.smooth % 2 == 0):
-            raise UsageError(f"smoothing window {self.smooth} must be 0, 1 or an odd number of towers")
 
 
 class Towers(NamedTuple):
@@ -119,8 +123,7 @@ def find_towers(lon: Sequence[float], lat: Sequence[float], score: Sequence[floa
     """Merge detections closer than ``merge_m`` ground metres (single linkage) into
     towers at their score-weighted mean, in a canonical order (west to east, then south
     to north)."""
-    from networkx.utils import UnionFind
-    from scipy.spatial import cKDTree
+    from scipy.cluster.hierarchy import fcluster, linkage
 
     lon_a = np.asarray(lon, np.float64)
     lat_a = np.asarray(lat, np.float64)
@@ -133,11 +136,13 @@ def find_towers(lon: Sequence[float], lat: Sequence[float], score: Sequence[floa
     order = np.lexsort((lat_a, lon_a))
     lon_a, lat_a, s = lon_a[order], lat_a[order], s[order]
     gx, gy, _ = _ground_frame(lon_a, lat_a)
-    pairs = cKDTree(np.column_stack([gx, gy])).query_pairs(merge_m, output_type="ndarray")
-    uf = UnionFind(range(len(lon_a)))
-    for a, b in pairs.tolist():
-        uf.union(a, b)
-    groups = sorted((sorted(g) for g in uf.to_sets()), key=lambda g: g[0])
+    if len(lon_a) > 1:
+        # complete linkage: a group is at most merge_m across, so the towers of parallel
+        # circuits, or of one line, never chain into one
+        labels = fcluster(linkage(np.column_stack([gx, gy]), method="complete"), t=merge_m, criterion="distance")
+    else:
+        labels = np.ones(1, np.int64)
+    groups = sorted((np.flatnonzero(labels == k).tolist() for k in np.unique(labels)), key=lambda g: g[0])
     out_lon, out_lat, out_s, out_n = [], [], [], []
     mx, my = _to_metres(lon_a, lat_a)
     for g in groups:
@@ -153,10 +158,6 @@ def find_towers(lon: Sequence[float], lat: Sequence[float], score: Sequence[floa
     return Towers(lon_t[o], lat_t[o], np.array(out_s)[o], np.array(out_n, np.int64)[o])
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
-
-
 def line_confidence(towers: int, mean_score: float, spans: np.ndarray) -> float:
     """Confidence that a chain of towers is a line, in 0..1: the towers' mean score, times
     ``1 - exp(-(towers - 1) / 3)`` (more towers, more sure), times ``exp(-cv**2)`` where
@@ -167,59 +168,174 @@ def line_confidence(towers: int, mean_score: float, spans: np.ndarray) -> float:
     return float(np.clip(mean_score, 0, 1) * (1 - math.exp(-(towers - 1) / 3)) * math.exp(-cv * cv))
 
 
-def link_towers(x: np.ndarray, y: np.ndarray, settings: TraceSettings = TraceSettings()) -> list[list[int]]:
-    """Chains of tower indices (each a path, in order along it) from tower positions in a
-    metric frame (metres): see the module docstring, steps 2 to 4 (without smoothing).
-    Chains of a single tower are included."""
-    import networkx as nx
-    from networkx.utils import UnionFind
+def find_segments(x: np.ndarray, y: np.ndarray, settings: TraceSettings = TraceSettings(), chunk: int = 2048) -> list[np.ndarray]:
+    """Straight runs of towers: tower indices in order along each run, from positions in
+    a metric frame (metres). Greedy and deterministic: of the lines through two towers at
+    most ``max_gap_m`` apart (a KD-tree's pairs), the one with the most towers within
+    ``tolerance_m`` of it in one run (no gap over ``max_gap_m``; ties: the smaller sum of
+    distances, then the first pair) is taken, its towers leave the pool, and again, while
+    a run holds ``min_towers``. Cost: pairs x towers per run found (pairs in chunks)."""
     from scipy.spatial import cKDTree
 
     n = len(x)
-    if n == 0:
+    pts = np.column_stack([x, y]).astype(np.float64)
+    if n < settings.min_towers:
         return []
-    pts = np.column_stack([x, y])
-    pairs = cKDTree(pts).query_pairs(settings.max_span_m, output_type="ndarray")
-    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))] if len(pairs) else pairs.reshape(0, 2)
+    pairs = cKDTree(pts).query_pairs(settings.max_span_m, output_type="ndarray")  # longer baselines aim better
+    if not len(pairs):
+        return []
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    fresh = np.ones(n, bool)  # towers on no run yet: runs are seeded and counted by these
+    idx = np.arange(n)
+    out: list[np.ndarray] = []
+    while True:
+        live = pairs[fresh[pairs[:, 0]] & fresh[pairs[:, 1]]]
+        if not len(live) or int(fresh.sum()) < settings.min_towers:
+            break
+        best: tuple[int, float, int] | None = None
+        best_members: np.ndarray | None = None
+        for c0 in range(0, len(live), chunk):
+            pa, pb = live[c0 : c0 + chunk, 0], live[c0 : c0 + chunk, 1]
+            d = pts[pb] - pts[pa]
+            d /= np.linalg.norm(d, axis=1, keepdims=True)
+            rel = pts[None, :, :] - pts[pa][:, None, :]
+            t = rel[..., 0] * d[:, None, 0] + rel[..., 1] * d[:, None, 1]
+            e = np.abs(rel[..., 0] * -d[:, None, 1] + rel[..., 1] * d[:, None, 0])
+            t = np.where(e <= settings.tolerance_m, t, np.inf)
+            order = np.argsort(t, axis=1, kind="stable")
+            ts = np.take_along_axis(t, order, axis=1)
+            finite = np.isfinite(ts)
+            with np.errstate(invalid="ignore"):
+                gaps = np.diff(ts, axis=1)
+            breaks = ~(gaps <= settings.max_gap_m)  # nan / inf gaps break too
+            run = np.concatenate([np.zeros((len(ts), 1), np.int64), np.cumsum(breaks, axis=1)], axis=1)
+            pos_a = np.argmax(order == pa[:, None], axis=1)
+            same = (run == run[np.arange(len(ts)), pos_a][:, None]) & finite
+            # towers already on a run (a crossing, a shared tower) carry a run on but do not count
+            count = (same & fresh[order]).sum(axis=1)
+            err = np.where(same, np.take_along_axis(e, order, axis=1), 0.0).sum(axis=1)
+            for k in np.lexsort((np.arange(len(count)), err, -count))[:1].tolist():
+                cand = (int(count[k]), float(err[k]), c0 + k)
+                if best is None or (-cand[0], cand[1], cand[2]) < (-best[0], best[1], best[2]):
+                    best = cand
+                    best_members = idx[order[k][same[k]]]
+        if best is None or best[0] < settings.min_towers:
+            break
+        assert best_members is not None
+        for _ in range(2):  # refit the run's line to all its towers and take the run again
+            best_members = _run_near(pts, best_members, settings)
+        out.append(best_members)
+        fresh[best_members] = False
+    return out
+
+
+def _run_near(pts: np.ndarray, members: np.ndarray, settings: TraceSettings) -> np.ndarray:
+    """The towers within ``tolerance_m`` of the least-squares line of ``members``, in the
+    run (no gap over ``max_gap_m``) that holds most of them, in order along it."""
+    c, u, _, _ = _fit(pts[members])
+    rel = pts - c
+    t = rel @ u
+    e = np.abs(rel @ np.array([-u[1], u[0]]))
+    near = np.flatnonzero(e <= settings.tolerance_m)
+    near = near[np.argsort(t[near], kind="stable")]
+    run = np.concatenate([[0], np.cumsum(np.diff(t[near]) > settings.max_gap_m)])
+    ids, counts = np.unique(run[np.isin(near, members)], return_counts=True)
+    keep = near[run == ids[np.argmax(counts)]] if len(ids) else members
+    return keep if len(keep) >= len(members) else members
+
+
+def _fit(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Total-least-squares line of points: centre, unit direction, extreme projections."""
+    c = pts.mean(axis=0)
+    u = np.linalg.svd(pts - c, full_matrices=False)[2][0]
+    t = (pts - c) @ u
+    if t[0] > t[-1]:
+        u, t = -u, -t
+    return c, u, float(t.min()), float(t.max())
+
+
+def join_segments(pts: np.ndarray, segments: list[np.ndarray], settings: TraceSettings = TraceSettings()) -> list[list[int]]:
+    """Chains of segment indices: segment ends at most ``max_span_m`` apart whose
+    directions turn by at most ``max_turn_deg`` join, nearest first, each end once,
+    no cycle (``networkx``). Each chain is in order along it."""
+    import networkx as nx
+    from networkx.utils import UnionFind
+
+    fits = [_fit(pts[s]) for s in segments]
+    ends = []  # (segment, which end: 0 start, 1 end, point, outward direction)
+    for i, (c, u, t0, t1) in enumerate(fits):
+        ends.append((i, 0, c + u * t0, -u))
+        ends.append((i, 1, c + u * t1, u))
     cos_turn = math.cos(math.radians(settings.max_turn_deg))
-    nbrs: list[list[int]] = [[] for _ in range(n)]
-    for a, b in pairs.tolist():
-        nbrs[a].append(b)
-        nbrs[b].append(a)
-
-    def fits(prev: int, at: int, nxt: int, gap_ok: bool = True) -> bool:
-        """Whether prev -> at -> nxt turns little and keeps the spacing."""
-        u, v = pts[at] - pts[prev], pts[nxt] - pts[at]
-        lu, lv = float(np.hypot(*u)), float(np.hypot(*v))
-        if lu == 0 or lv == 0 or float(np.dot(u, v)) / (lu * lv) < cos_turn:
-            return False
-        r = max(lu, lv) / min(lu, lv)
-        return r <= settings.max_ratio or (gap_ok and r <= 2 * settings.max_ratio)
-
-    def support_at(at: int, other: int) -> int:
-        return int(any(fits(w, at, other, gap_ok=False) for w in nbrs[at] if w != other))
-
     cands = []
-    for a, b in pairs.tolist():
-        d = float(np.hypot(*(pts[a] - pts[b])))
-        cands.append((-(support_at(a, b) + support_at(b, a)), d, a, b))
+    for a in range(len(ends)):
+        for b in range(a + 1, len(ends)):
+            (i, _, p, du), (j, _, q, dv) = ends[a], ends[b]
+            dist = float(np.hypot(*(q - p)))
+            if i == j or dist > settings.max_span_m or float(np.dot(du, -dv)) < cos_turn:
+                continue
+            if dist > settings.tolerance_m:
+                g = (q - p) / dist
+                aligned = float(np.dot(g, du)) >= cos_turn and float(np.dot(-g, dv)) >= cos_turn
+                w = q - p
+                lateral = max(abs(float(du[0] * w[1] - du[1] * w[0])), abs(float(dv[0] * w[1] - dv[1] * w[0])))
+                if not aligned and lateral > 2 * settings.tolerance_m:
+                    continue  # the gap must run on along both segments (or they overlap, side by side)
+            cands.append((dist, a, b))
     cands.sort()
+    used: set[int] = set()
+    uf = UnionFind(range(len(segments)))
     g = nx.Graph()
-    g.add_nodes_from(range(n))
-    uf = UnionFind(range(n))
-    for _, _, a, b in cands:
-        if g.degree(a) >= 2 or g.degree(b) >= 2 or uf[a] == uf[b]:
+    g.add_nodes_from(range(len(segments)))
+    for _, a, b in cands:
+        i, j = ends[a][0], ends[b][0]
+        if a in used or b in used or uf[i] == uf[j]:
             continue
-        if any(not fits(w, a, b) for w in g.neighbors(a)) or any(not fits(a, b, w) for w in g.neighbors(b)):
-            continue
-        g.add_edge(a, b)
-        uf.union(a, b)
+        used.update((a, b))
+        uf.union(i, j)
+        g.add_edge(i, j)
     chains = []
     for comp in nx.connected_components(g):
-        ends = sorted(v for v in comp if g.degree(v) <= 1)
-        chains.append(list(nx.dfs_preorder_nodes(g, ends[0])))
-    chains.sort(key=lambda c: min(c))
+        start = min(v for v in comp if g.degree(v) <= 1)
+        chains.append(list(nx.dfs_preorder_nodes(g, start)))
+    chains.sort(key=min)
     return chains
+
+
+def _polyline(pts: np.ndarray, segments: list[np.ndarray], chain: list[int], settings: TraceSettings) -> tuple[np.ndarray, list[int]]:
+    """Vertices (metric frame) of a chain of segments, each segment's fitted line from its
+    first to its last tower, joined at the intersection of neighbouring fitted lines (when
+    they meet near both ends; else end to end), and the towers in order."""
+    import shapely
+
+    lines = []
+    towers: list[int] = []
+    for k, si in enumerate(chain):
+        c, u, t0, t1 = _fit(pts[segments[si]])
+        a, b = c + u * t0, c + u * t1
+        members = segments[si][np.argsort((pts[segments[si]] - c) @ u)]
+        if lines:
+            pa, pb = lines[-1]
+            if min(np.hypot(*(a - pb)), np.hypot(*(a - pa))) > min(np.hypot(*(b - pb)), np.hypot(*(b - pa))):
+                a, b, members = b, a, members[::-1]
+            if k == 1 and np.hypot(*(pa - a)) < np.hypot(*(pb - a)):
+                lines[-1] = (pb, pa)
+                towers.reverse()
+        lines.append((a, b))
+        towers.extend(members.tolist())
+    verts = [lines[0][0]]
+    for (a0, b0), (a1, b1) in zip(lines[:-1], lines[1:]):
+        ext = settings.max_span_m
+        u0, u1 = (b0 - a0) / max(np.hypot(*(b0 - a0)), 1e-9), (b1 - a1) / max(np.hypot(*(b1 - a1)), 1e-9)
+        x = shapely.intersection(shapely.LineString([a0, b0 + u0 * ext]), shapely.LineString([a1 - u1 * ext, b1]))
+        if isinstance(x, shapely.Point) and not x.is_empty and min(np.hypot(*(np.array(x.coords[0]) - b0)), np.hypot(*(np.array(x.coords[0]) - a1))) <= ext:
+            verts.append(np.array(x.coords[0]))
+        elif np.hypot(*(b0 - a1)) <= 2 * settings.tolerance_m or np.dot(b0 - a0, a1 - b0) < 0:
+            verts.append((b0 + a1) / 2)  # they meet end to end, or overlap side by side
+        else:
+            verts.extend([b0, a1])
+    verts.append(lines[-1][1])
+    return np.array(verts), list(dict.fromkeys(towers))  # a tower shared by two runs counts once
 
 
 def trace_lines(lon: Sequence[float], lat: Sequence[float], score: Sequence[float] | None = None,
@@ -228,30 +344,25 @@ def trace_lines(lon: Sequence[float], lat: Sequence[float], score: Sequence[floa
     (default 1), best confidence first (ties: west first). Deterministic: the same set of
     detections gives the same lines in any order."""
     import shapely
-    from scipy.signal import savgol_filter
 
     towers = find_towers(lon, lat, score, settings.merge_m)
     if len(towers.lon) < settings.min_towers:
         return []
     mx, my = _to_metres(towers.lon, towers.lat)
     k = math.cos(math.radians(float(np.mean(towers.lat))))
+    pts = np.column_stack([mx * k, my * k])
+    segments = find_segments(pts[:, 0], pts[:, 1], settings)
     out = []
-    for chain in link_towers(mx * k, my * k, settings):
-        if len(chain) < settings.min_towers:
-            continue
-        cx, cy = mx[chain], my[chain]
-        if cx[0] > cx[-1] or (cx[0] == cx[-1] and cy[0] > cy[-1]):
-            cx, cy, chain = cx[::-1], cy[::-1], chain[::-1]
-        win = min(settings.smooth, len(chain) if len(chain) % 2 else len(chain) - 1)
-        if win >= 3:
-            order = 2 if win >= 5 else 1
-            cx, cy = savgol_filter(cx, win, order, mode="interp"), savgol_filter(cy, win, order, mode="interp")
-        lo, la = _to_degrees(cx, cy)
-        ground = np.hypot(np.diff(mx[chain]), np.diff(my[chain])) * np.cos(np.radians(towers.lat[chain][:-1]))
-        mean_score = float(np.mean(towers.score[chain]))
+    for chain in join_segments(pts, segments, settings):
+        verts, members = _polyline(pts, segments, chain, settings)
+        if verts[0][0] > verts[-1][0]:
+            verts = verts[::-1]
+        lo, la = _to_degrees(verts[:, 0] / k, verts[:, 1] / k)
+        spans = np.concatenate([np.diff(np.sort((pts[segments[si]] - _fit(pts[segments[si]])[0]) @ _fit(pts[segments[si]])[1])) for si in chain])
+        mean_score = float(np.mean(towers.score[members]))
         out.append(TracedLine(
-            shapely.linestrings(np.column_stack([lo, la])), len(chain), float(ground.sum()),
-            mean_score, line_confidence(len(chain), mean_score, ground),
+            shapely.linestrings(np.column_stack([lo, la])), len(members), float(np.sum(np.hypot(*np.diff(verts, axis=0).T))),
+            mean_score, line_confidence(len(members), mean_score, spans),
         ))
     out.sort(key=lambda t: (-t.confidence, t.geometry.coords[0]))  # type: ignore[attr-defined]
     return out
