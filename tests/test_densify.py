@@ -12,11 +12,13 @@ import sqlite3
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.dataset as ds
 import pytest
 from helpers.cli import popen, status_json, tilesweep
 
-from tilesweep.densify import DensifySettings, plan_round
+from tilesweep.densify import DensifySettings, densify, plan_round
+from tilesweep.errors import UsageError
 from tilesweep.queue import SqliteQueue
 from tilesweep.sim import Faults, World, run_in_thread
 from tilesweep.sweep import Sweep
@@ -122,15 +124,35 @@ def test_densify_and_lines_bad_input_is_one_line_and_writes_nothing(tmp_path):
     tilesweep("plan", TOWER_BBOX, sweep, "--zoom", 18, "--fraction", 0.2)
     for args, message in [
         (["--radius", "17"], "radius 17 is outside 0..16"),
-        (["--radius", "0"], "radius 0 without --along"),
-        (["--threshold", "1.5"], "threshold 1.5 is outside 0..1"),
         ([], "has no predictions yet"),
-        (["/nonexistent"], "holds no plan"),
     ]:
-        target = [] if args[:1] == ["/nonexistent"] else [sweep]
-        res = tilesweep("densify", *target, *args, check=False)
+        res = tilesweep("densify", sweep, *args, check=False)
         assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)
+    for kw, message in [({"radius": 0}, "radius 0 without --along"), ({"extend": 5}, "extend 5 is outside 0..4"),
+                        ({"pair_m": 100}, "pair distances")]:
+        with pytest.raises(UsageError, match=message):
+            DensifySettings(**kw)
+    with Sweep.open(sweep) as sw, pytest.raises(UsageError, match="rounds 0 must be at least 1"):
+        densify(sw, max_rounds=0)
     assert not (sweep / "densify.sqlite").exists()
     for out, message in [("l.geojson", "no predictions yet")]:
         res = tilesweep("lines", sweep, "-o", tmp_path / out, check=False)
         assert res.returncode == 2 and message in res.stderr and not (tmp_path / out).exists(), res.stderr
+
+
+def test_a_round_whose_cells_are_all_taken_goes_below_the_block_zoom(tmp_path):
+    """Many rounds over one place take every ancestor cell of a tile, up to zoom 0: the next
+    round's block is a finer cell (down to the tile itself), still sharing no tile."""
+    from tilesweep.densify import group_blocks
+    from tilesweep.plan import pack_tiles
+    from tilesweep.queue import Block
+
+    z, x, y = 18, 137316, 91872
+    with SqliteQueue(tmp_path / "q.sqlite") as q:
+        other = (x ^ 1, y)  # each taken cell holds another tile, never (x, y)
+        q.put((Block(bz, x >> (z - bz), y >> (z - bz), 1,
+                     pack_tiles(z - bz, (x >> (z - bz)) << (z - bz), (y >> (z - bz)) << (z - bz), [other[0]], [other[1]])), 0)
+              for bz in range(0, 16))
+        (block,) = group_blocks(q, z, np.array([x]), np.array([y]), 14, set())
+    assert (block.z, block.x, block.y, block.tiles) == (16, x >> 2, y >> 2, 1)
+    assert [tuple(t) for t in block.tile_list(z)] == [(z, x, y)]

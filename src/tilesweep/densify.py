@@ -232,14 +232,16 @@ def _queued(queue: Any, z: int, x: np.ndarray, y: np.ndarray, zooms: Iterable[in
 def group_blocks(queue: Any, z: int, x: np.ndarray, y: np.ndarray, finest: int, taken: set[int]) -> list[Block]:
     """New blocks for new tiles (z, x, y): grouped by their cell at the ``finest`` block
     zoom; a group whose cell is already a block (``taken``, or found in the queue) moves up
-    to the parent cell, merged with the other groups there, until its cell is free. Blocks
-    in id order."""
+    to the parent cell, merged with the other groups there, until its cell is free; past
+    zoom 0 (many rounds over one place) it moves down below ``finest`` instead, to the
+    tile's own cell at worst. Blocks in id order."""
     out: list[Block] = []
     cur_x, cur_y = np.asarray(x, np.int64), np.asarray(y, np.int64)
-    bz = finest
-    while len(cur_x):
-        if bz < 0:
-            raise RuntimeError("no free block cell for densified tiles up to zoom 0")  # pragma: no cover
+    # up from the finest block zoom to zoom 0, then down below it to the tiles themselves
+    # (a tile's own cell is never taken: the tile is not planned)
+    for bz in [*range(finest, -1, -1), *range(finest + 1, z + 1)]:
+        if not len(cur_x):
+            break
         d = z - bz
         cx, cy = cur_x >> d, cur_y >> d
         ids = tile_id_array(bz, cx, cy).astype(np.int64)
@@ -258,7 +260,8 @@ def group_blocks(queue: Any, z: int, x: np.ndarray, y: np.ndarray, finest: int, 
             out.append(Block(bz, bx, by, e - s, packed))
             taken.add(int(free_ids[s]))
         cur_x, cur_y = cur_x[busy], cur_y[busy]
-        bz -= 1
+    if len(cur_x):  # pragma: no cover - a tile's own cell is always free
+        raise RuntimeError(f"no free block cell for {len(cur_x)} densified tiles")
     out.sort(key=lambda b: b.id)
     return out
 
