@@ -127,11 +127,13 @@ def main() -> None:
         total = None
         for name, fraction, densify in CONFIGS:
             sweep = work / f"{name}{' ' + densify if densify else ''}".replace(" ", "-").replace("%", "pc").replace("+", "and")
-            if not (sweep / "sweep.toml").exists():
+            again = (sweep / "sweep.toml").exists()  # --keep: a sweep of an earlier run (another simulator port)
+            if not again:
                 plan = ["plan", area, sweep, "--zoom", ZOOM] + (["--fraction", fraction, "--seed", 1] if fraction < 1 else [])
                 tilesweep(*plan)
             t0 = time.perf_counter()
-            run = ["run", sweep, "--source", sim.template(), "--model", "demo", "--concurrency", 32, "--quiet"]
+            run = ["run", sweep, "--source", sim.template(), "--model", "demo", "--concurrency", 32, "--quiet",
+                   *(["--replace-source", "--mix-sources"] if again else [])]
             tilesweep(*run, *(DENSIFY[densify] + ["--densify-rounds", 40] if densify else []))
             seconds = time.perf_counter() - t0
             tiles = fetched_tiles(sweep)
