@@ -156,3 +156,35 @@ def test_a_round_whose_cells_are_all_taken_goes_below_the_block_zoom(tmp_path):
         (block,) = group_blocks(q, z, np.array([x]), np.array([y]), 14, set())
     assert (block.z, block.x, block.y, block.tiles) == (16, x >> 2, y >> 2, 1)
     assert [tuple(t) for t in block.tile_list(z)] == [(z, x, y)]
+
+
+def test_nested_round_shards_are_read_and_exported_in_tile_order(tmp_path):
+    """A store whose shards nest (a sample's coarse block, rounds' finer blocks inside it,
+    tile-disjoint): every tile reads back from its own shard, and the PMTiles export is in
+    global tile-id order (a reader's binary search finds every tile)."""
+    from pmtiles.reader import MmapSource, Reader
+
+    from tilesweep.store import Status, TileStore, export_pmtiles
+    from tilesweep.tiles import Tile, children
+
+    outer = Tile(6, 33, 22)
+    mid, inner = children(outer, 8)[5], children(outer, 10)[77]
+    owner = {}
+    for t in children(outer, 12):
+        owner[t] = inner if t in set(children(inner, 12)) and t.x % 2 else mid if t in set(children(mid, 12)) and t.y % 3 else outer
+        if owner[t] is outer and (t.x + t.y) % 5:
+            del owner[t]  # a sparse sample
+    store = TileStore(tmp_path / "tiles", 12, 10, coarsest=6)
+    want = {t: b"\xff\xd8\xff" + f"{t.x},{t.y}".encode() for t in owner}
+    for block in (outer, mid, inner):
+        w = store.writer(block)
+        for t in sorted((t for t in owner if owner[t] == block), key=lambda t: (t.y, t.x)):
+            w.append(t, Status.OK, want[t])
+        w.finish()
+    assert {owner[t] for t in owner} == {outer, mid, inner}
+    assert all(store.get(t) == want[t] for t in want)
+    out = tmp_path / "nested.pmtiles"
+    assert export_pmtiles(store, out, run_length=False)["tiles"] == len(want)
+    with open(out, "rb") as f:
+        r = Reader(MmapSource(f))
+        assert all(r.get(t.z, t.x, t.y) == want[t] for t in want)
