@@ -116,7 +116,7 @@ def test_densify_after_kill_9_mid_round_predicts_every_tile_once(tmp_path, sim):
     res = tilesweep("lines", sweep, "-o", out)
     doc = json.loads(out.read_text())
     assert doc["features"] and {f["geometry"]["type"] for f in doc["features"]} == {"LineString"}
-    assert f"wrote {len(doc['features'])} lines" in res.stdout
+    assert f"wrote {len(doc['features'])} lines (" in res.stdout
 
 
 def test_densify_and_lines_bad_input_is_one_line_and_writes_nothing(tmp_path):

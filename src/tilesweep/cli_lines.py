@@ -42,8 +42,8 @@ def lines(
 
     report = export_lines(sweep_dir, output, model=model, threshold=threshold, settings=TraceSettings(min_towers=min_towers))
     rule = "its own label" if report.threshold is None else f"score >= {report.threshold:g}"
-    out.print(f"wrote {report.lines:,} lines joining {report.towers:,} towers ({report.detections:,} detections of "
-              f"{report.model}, {rule}) to {output} in {report.seconds:.2f} s", highlight=False)
+    out.print(f"wrote {report.lines:,} lines ({report.towers:,} towers on them) from {report.detections:,} detections of "
+              f"{report.model} ({rule}) to {output} in {report.seconds:.2f} s", highlight=False)
 
 
 def densify(
