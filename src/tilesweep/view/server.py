@@ -547,7 +547,10 @@ class Viewer:
         key = (folder, round(t, 4), tuple(ledger_parts(self.path, m.key)))
         cache = self.__dict__.setdefault("_lines_cache", {})
         if key not in cache:
-            lines, _, name = sweep_lines(self.path, model=m.name, threshold=t)
+            try:
+                lines, _, name = sweep_lines(self.path, model=m.name, threshold=t)
+            except Exception as exc:  # noqa: BLE001 - e.g. a run's first part not committed yet: the next refresh tries again
+                return {"type": "FeatureCollection", "features": [], "properties": {"error": f"{type(exc).__name__}: {exc}"}}
             cache.clear()
             cache[key] = lines_geojson(lines, name)
         return cache[key]  # type: ignore[no-any-return]

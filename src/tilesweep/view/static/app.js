@@ -40,6 +40,23 @@ function linesUrl() {
   return `api/lines.geojson?model=${encodeURIComponent(state.model)}&t=${state.threshold.toFixed(2)}&v=${encodeURIComponent(v)}`;
 }
 
+// The lines are fetched here, not by the map: a refresh that overtakes another, or a
+// sweep whose parts are being written, is then simply tried again at the next refresh.
+async function refreshLines() {
+  const map = state.map;
+  if (!map || !map.getSource("lines")) return;
+  const url = linesUrl();
+  state.linesUrl = url;
+  try {
+    const r = await fetch(url);
+    if (!r.ok || state.linesUrl !== url) return;
+    const doc = await r.json();
+    if (state.linesUrl === url && map.getSource("lines")) map.getSource("lines").setData(doc);
+  } catch (e) {
+    // the next progress refresh tries again
+  }
+}
+
 function tileFilter() {
   return ["all", ["==", ["get", "kind"], "tile"], [">=", ["get", "s"], state.threshold]];
 }
@@ -53,11 +70,12 @@ function addOverlay(map) {
   if (map.getSource("lines")) map.removeSource("lines");
   if (!state.model) return;
   // traced power lines (tilesweep lines): computed by the server from the detections
-  map.addSource("lines", { type: "geojson", data: linesUrl() });
+  map.addSource("lines", { type: "geojson", data: { type: "FeatureCollection", features: [] } });
   map.addLayer({
     id: "lines", type: "line", source: "lines",
     paint: { "line-color": "#00e5ff", "line-width": 3, "line-opacity": ["interpolate", ["linear"], ["get", "confidence"], 0, 0.35, 1, 1] },
   }, "area-line");
+  refreshLines();
   map.addSource("overlay", { type: "vector", tiles: [overlayUrl()], minzoom: 0, maxzoom: state.info.zoom, bounds: state.info.bbox });
   map.addLayer({
     id: "cells", type: "fill", source: "overlay", "source-layer": "overlay",
@@ -108,7 +126,7 @@ function setThreshold(t) {
   clearTimeout(state._tTimer);
   state._tTimer = setTimeout(() => {
     map.getSource("overlay").setTiles([overlayUrl()]);
-    if (map.getSource("lines")) map.getSource("lines").setData(linesUrl());
+    refreshLines();
   }, 150);
 }
 
@@ -145,7 +163,7 @@ async function refreshProgress() {
     if (!first) {
       state.map.getSource("blocks").setTiles([blocksUrl()]);
       if (state.map.getSource("overlay")) state.map.getSource("overlay").setTiles([overlayUrl()]);
-      if (state.map.getSource("lines")) state.map.getSource("lines").setData(linesUrl());
+      refreshLines();
       await loadModels();
     }
   }
