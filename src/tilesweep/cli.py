@@ -508,6 +508,9 @@ def run(
     model_threads: Optional[int] = typer.Option(None, "--model-threads", help="CPU threads of one model batch."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Score in 0..1 at or above which a tile is labelled (default: the model's own)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
+    densify: Optional[int] = typer.Option(None, "--densify", help="Then plan the unplanned tiles within R tiles of each detection and run them, round after round, until a round finds no new tile (`tilesweep densify`)."),
+    densify_along: bool = typer.Option(False, "--densify-along", help="With --densify: also the tiles along the line through two nearby detections."),
+    densify_rounds: int = typer.Option(20, "--densify-rounds", help="With --densify: most densify rounds in the sweep."),
 ) -> None:
     """Fetch and predict in one go, the usual command.
 
@@ -529,14 +532,20 @@ def run(
         the_model = apply_threshold(_load_model(model, device, model_threads), threshold, sweep.path)  # before the source is recorded
         new_source = sweep.source is None
         src = _bind_source(sweep, source, header, replace_source, mix_sources, supertile)
-        try:
-            if keep_tiles:
-                _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
-            else:
-                _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
-        except UsageError:  # e.g. the source gave no image at all: record nothing of it
-            _forget_source(sweep, new_source)
-            raise
+
+        def run_once() -> None:
+            try:
+                if keep_tiles:
+                    _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
+                else:
+                    _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
+            except UsageError:  # e.g. the source gave no image at all: record nothing of it
+                _forget_source(sweep, new_source)
+                raise
+
+        from .cli_lines import run_rounds  # --densify: run, densify, run again (tilesweep.densify)
+
+        run_rounds(sweep, the_model.name, threshold, densify, densify_along, densify_rounds, run_once)
 
 
 _STOPPED_RUN = ("committed predictions are durable", "run the same command to go on")
@@ -994,6 +1003,9 @@ def _print_status(sweep: Sweep, st: SweepStatus) -> None:
             f"{r['failed']:,} failed; {r['retries']:,} requests retried after transient faults"
         )
     out.print(f"throughput {st.throughput:,.1f} tiles/s over the last {st.window_s:.0f} s, ETA {eta}, {st.attempts_total:,} leases taken")
+    for r in st.densify:
+        out.print(f"densify round {r['round']}: {r['tiles']:,} tiles in {r['blocks']:,} blocks around {r['detections']:,} detections "
+                  f"of {r['model']} (radius {r['radius']}{', along lines' if r['along'] else ''})", highlight=False)
     if st.dead:
         more = st.blocks["dead"] - len(st.dead)
         err.print(f"[bold red]{st.blocks['dead']:,} dead blocks[/], last errors" + (f" (first {len(st.dead)}):" if more else ":"))
@@ -1032,6 +1044,7 @@ def _human_hours(h: float) -> str:
 # (results: query/convert/detections/summarize; view: the web viewer).
 from .cli_view import register as _register_view; _register_view(app)  # noqa: E402
 from .cli_results import register as _register_results; _register_results(app)  # noqa: E402
+from .cli_lines import register as _register_lines; _register_lines(app)  # noqa: E402
 
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"

@@ -475,8 +475,8 @@ class _Merger:
         total = sum(n.count for n in nodes)
         if all(n.whole for n in nodes) and total <= self.n:
             full = [n for n in nodes if n.count]
-            tx = np.concatenate([n.tx for n in full]) if full else np.zeros(0, np.int64)  # type: ignore[misc]
-            ty = np.concatenate([n.ty for n in full]) if full else np.zeros(0, np.int64)  # type: ignore[misc]
+            tx = np.concatenate([n.tx for n in full]) if full else np.zeros(0, np.int64)
+            ty = np.concatenate([n.ty for n in full]) if full else np.zeros(0, np.int64)
             self.push(_Node(z - 1, px, py, True, total, tx, ty))
             return
         for n in nodes:

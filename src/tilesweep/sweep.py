@@ -97,6 +97,7 @@ class SweepStatus:
     results: dict[str, int] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
     dead: list[dict[str, Any]] = field(default_factory=list)  # the first dead blocks: block, attempts, error
+    densify: list[dict[str, Any]] = field(default_factory=list)  # densify rounds (tilesweep.densify.rounds)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tiles_total": self.tiles_total, "blocks_total": self.blocks_total}
@@ -114,6 +115,7 @@ class SweepStatus:
             plan=self.plan,
             predictions=self.predictions,
             dead_blocks=self.dead,
+            densify=self.densify,
         )
         return out
 
@@ -441,18 +443,24 @@ class Sweep:
         remaining = tiles["pending"] + tiles["leased"]
         eta = remaining / throughput if throughput > 0 else (0.0 if remaining == 0 else None)
         summary = self.summary()
+        from .densify import rounds as densify_rounds
+
+        rounds = densify_rounds(self.path)  # densify rounds add blocks to the plan
+        planned_tiles = summary.tiles + sum(int(r["tiles"]) for r in rounds)
+        planned_blocks = summary.blocks + sum(int(r["blocks"]) for r in rounds)
         mismatch = None
-        if sum(tiles.values()) != summary.tiles or sum(blocks.values()) != summary.blocks:
+        if sum(tiles.values()) != planned_tiles or sum(blocks.values()) != planned_blocks:
             mismatch = (
                 f"queue holds {sum(blocks.values())} blocks / {sum(tiles.values())} tiles "
-                f"but the plan has {summary.blocks} blocks / {summary.tiles} tiles"
+                f"but the plan has {planned_blocks} blocks / {planned_tiles} tiles"
+                + (" (with its densify rounds: a round cut short? `tilesweep densify` completes it)" if rounds else "")
             )
         elif stats.unbalanced:
             mismatch = f"{stats.unbalanced} done blocks have results that do not add up to their planned tiles"
         r = stats.results
         return SweepStatus(
-            tiles_total=summary.tiles,
-            blocks_total=summary.blocks,
+            tiles_total=planned_tiles,
+            blocks_total=planned_blocks,
             blocks=blocks,
             tiles=tiles,
             attempts_total=int(stats.attempts_total),
@@ -464,6 +472,7 @@ class Sweep:
             results={"ok": r.ok, "empty": r.empty, "failed": r.failed, "bytes": r.bytes, "retries": r.retries},
             predictions=_ledger_summary(self.path),
             dead=self._dead_blocks() if blocks["dead"] else [],
+            densify=rounds,
         )
 
     def _dead_blocks(self, n: int = 10) -> list[dict[str, Any]]:

@@ -206,6 +206,43 @@ def _build_directories(entries_f: IO[bytes], n: int, out: IO[bytes], leaves_star
         leaf_size *= 2
 
 
+def _ok_runs(store: TileStore, blocks: Any) -> Any:
+    """``(xs, ys, tile ids, data_of(k))`` of the OK tiles of ``blocks`` (in tile order), in
+    global tile-id order: one run per shard, or one per group of nested shards (a densify
+    round's blocks nest in the sample's cells, tile-disjoint), whose records are merged by
+    id (their readers stay open while the run is read)."""
+    import contextlib
+
+    from ..tiles import descendant_id_range
+
+    def runs(group: list[Tile]) -> Any:
+        with contextlib.ExitStack() as stack:
+            readers = [stack.enter_context(store.open_shard(b)) for b in group]
+            parts = []
+            for which, r in enumerate(readers):
+                sel = np.nonzero(r.records["status"] == Status.OK)[0]
+                xs, ys = r.coords()
+                parts.append((xs[sel], ys[sel], r.ids[sel], np.full(len(sel), which), sel))
+            xs, ys, ids, ri, ii = (np.concatenate([p[k] for p in parts]) for k in range(5))
+            if not len(ids):
+                return
+            order = np.argsort(ids, kind="stable")
+            xs, ys, ids, ri, ii = xs[order], ys[order], ids[order], ri[order].tolist(), ii[order].tolist()
+            yield xs, ys, ids.tolist(), lambda k: readers[ri[k]].data(ii[k])
+
+    group: list[Tile] = []
+    end = -1
+    for block in blocks:
+        start, stop = descendant_id_range(Tile(*block), store.zoom)
+        if group and start >= end:
+            yield from runs(group)
+            group, end = [], -1
+        group.append(Tile(*block))
+        end = max(end, stop)
+    if group:
+        yield from runs(group)
+
+
 def export_pmtiles(
     store: TileStore,
     out_path: Path | str,
@@ -275,29 +312,23 @@ def export_pmtiles(
                     lens.clear()
                     runs.clear()
 
-            for block in store.blocks() if blocks is None else blocks:
-                with store.open_shard(block) as r:
-                    sel = np.nonzero(r.records["status"] == Status.OK)[0]
-                    if not len(sel):
+            for xs, ys, tids, data_of in _ok_runs(store, store.blocks() if blocks is None else blocks):
+                xmin, xmax = min(xmin, int(xs.min())), max(xmax, int(xs.max()))
+                ymin, ymax = min(ymin, int(ys.min())), max(ymax, int(ys.max()))
+                addressed += len(tids)
+                for k, tid in enumerate(tids):
+                    data = data_of(k)
+                    if run_length and tid == cur_id + cur_run and data == cur_data:
+                        cur_run += 1
                         continue
-                    xs, ys = r.coords()
-                    xs, ys = xs[sel], ys[sel]
-                    xmin, xmax = min(xmin, int(xs.min())), max(xmax, int(xs.max()))
-                    ymin, ymax = min(ymin, int(ys.min())), max(ymax, int(ys.max()))
-                    addressed += len(sel)
-                    for i, tid in zip(sel.tolist(), r.ids[sel].tolist()):
-                        data = r.data(i)
-                        if run_length and tid == cur_id + cur_run and data == cur_data:
-                            cur_run += 1
-                            continue
-                        if cur_id >= 0:
-                            ids.append(cur_id)
-                            offs.append(cur_off)
-                            lens.append(cur_len)
-                            runs.append(cur_run)
-                        out.write(data)
-                        cur_id, cur_off, cur_len, cur_run, cur_data = tid, pos, len(data), 1, data
-                        pos += len(data)
+                    if cur_id >= 0:
+                        ids.append(cur_id)
+                        offs.append(cur_off)
+                        lens.append(cur_len)
+                        runs.append(cur_run)
+                    out.write(data)
+                    cur_id, cur_off, cur_len, cur_run, cur_data = tid, pos, len(data), 1, data
+                    pos += len(data)
                 if len(ids) >= 65536:
                     spill()
             ids.append(cur_id)

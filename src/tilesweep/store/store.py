@@ -111,14 +111,19 @@ class TileStore:
         if z != self.zoom:
             raise ValueError(f"tile {z}/{x}/{y} is not at the store's zoom {self.zoom}")
         if len(self.block_zooms) > 1:
+            # densify rounds nest blocks (tile-disjoint): a shard that does not hold the tile is passed over
             for bz in self.block_zooms:
                 d = z - bz
-                if (bz, x >> d, y >> d) in self._readers:
+                r = self._readers.get((bz, x >> d, y >> d))
+                if r is not None and r.find(tile) >= 0:
                     return Tile(bz, x >> d, y >> d)
             for bz in self.block_zooms:
                 d = z - bz
-                if self.is_complete(Tile(bz, x >> d, y >> d)):
-                    return Tile(bz, x >> d, y >> d)
+                b = Tile(bz, x >> d, y >> d)
+                if self.is_complete(b):
+                    r = self.reader(b)
+                    if r is None or r.find(tile) >= 0:
+                        return b
         return Tile(self.block_zoom, x >> self._d, y >> self._d)
 
     def shard_key(self, block: Tile) -> str:
@@ -194,7 +199,7 @@ class TileStore:
         d = self._d
         key = (self.block_zoom, x >> d, y >> d)
         r = self._readers.get(key)
-        if r is None:
+        if r is None or (len(self.block_zooms) > 1 and r.find(tile) < 0):
             r = self.reader(self.block_of(tile))
             if r is None:
                 return None

@@ -100,10 +100,10 @@ def encode_squares(
     _varint(2, body)
     _bytes_field(1, layer.encode(), body)
     body += features
-    for k in keys:
-        _bytes_field(3, k.encode(), body)
-    for v in value_list:
-        _bytes_field(4, v, body)
+    for name in keys:
+        _bytes_field(3, name.encode(), body)
+    for value in value_list:
+        _bytes_field(4, value, body)
     _field(5, 0, body)
     _varint(extent, body)
     out = bytearray()

@@ -9,6 +9,7 @@ Routes (all GET; anything else is 404, or 405 for another method)::
     /api/progress                   blocks pending / leased / done / dead, predicted blocks
     /api/tile?z&x&y[&model]         one tile: lon/lat, block and its state, scores, label
     /api/detections.geojson?model&t&bbox   the detections in a box, as a download
+    /api/lines.geojson?model&t      the detections traced into power lines (tilesweep.trace)
     /imagery/{z}/{x}/{y}            a tile from the store, or proxied from the sweep's source
     /overlay/{model}/{z}/{x}/{y}.mvt?t    prediction overlay (tilesweep.view.overlay)
     /blocks/{z}/{x}/{y}.mvt         blocks done / leased / dead, for the progress layer
@@ -34,7 +35,7 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -183,6 +184,7 @@ class Viewer:
         r.add_get("/api/progress", self._progress)
         r.add_get("/api/tile", self._tile)
         r.add_get("/api/detections.geojson", self._detections)
+        r.add_get("/api/lines.geojson", self._lines)
         r.add_get("/imagery/{z}/{x}/{y}", self._imagery)
         r.add_get("/overlay/{model}/{z}/{x}/{y}.mvt", self._overlay)
         r.add_get("/blocks/{z}/{x}/{y}.mvt", self._blocks)
@@ -336,9 +338,9 @@ class Viewer:
                 if not data:
                     continue
                 try:
-                    im = Image.open(io.BytesIO(data))
-                    im.draft("RGB", (cell, cell))
-                    im = im.convert("RGBA").resize((cell, cell), Image.BILINEAR)
+                    src = Image.open(io.BytesIO(data))
+                    src.draft("RGB", (cell, cell))
+                    im = src.convert("RGBA").resize((cell, cell), Image.Resampling.BILINEAR)
                 except Exception:  # an undecodable tile stays a hole
                     continue
                 if canvas is None:
@@ -347,7 +349,8 @@ class Viewer:
         if canvas is None:
             return None
         buf = io.BytesIO()
-        if canvas.getextrema()[3][0] < 255:  # holes: keep them transparent
+        alpha = canvas.getextrema()[-1]  # RGBA: the alpha band's (min, max)
+        if isinstance(alpha, tuple) and alpha[0] < 255:  # holes: keep them transparent
             canvas.save(buf, "PNG")
         else:
             canvas.convert("RGB").save(buf, "JPEG", quality=85)
@@ -534,11 +537,38 @@ class Viewer:
         )
 
 
+    def lines(self, folder: str, t: float) -> dict[str, Any]:
+        """The model's detections at score >= t traced into lines, recomputed only when
+        the ledger's parts change."""
+        from ..traced import lines_geojson, sweep_lines
+        from .overlay import ledger_parts
+
+        m = self.overlay.model(folder)
+        assert m is not None
+        key = (folder, round(t, 4), tuple(ledger_parts(self.path, m.key)))
+        cache = self.__dict__.setdefault("_lines_cache", {})
+        if key not in cache:
+            try:
+                lines, _, name = sweep_lines(self.path, model=m.name, threshold=t)
+            except Exception as exc:  # noqa: BLE001 - e.g. a run's first part not committed yet: the next refresh tries again
+                return {"type": "FeatureCollection", "features": [], "properties": {"error": f"{type(exc).__name__}: {exc}"}}
+            cache.clear()
+            cache[key] = lines_geojson(lines, name)
+        return cache[key]  # type: ignore[no-any-return]
+
+    async def _lines(self, request: web.Request) -> web.Response:
+        folder = self._model(request.query.get("model"))
+        t = _threshold(request.query.get("t", "0.5"))
+        doc = await self._run(self.lines, folder, t)
+        return web.Response(body=json.dumps(doc).encode(), content_type="application/geo+json",
+                            headers={"Cache-Control": "no-cache"})
+
+
 # --- helpers -----------------------------------------------------------------------------
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     resp = await handler(request)
     resp.headers.setdefault("X-Content-Type-Options", "nosniff")
     return resp
@@ -589,7 +619,7 @@ _HOST = re.compile(r"^(127\.0\.0\.1|localhost|\[::1\])(:\d+)?$")
 
 
 @web.middleware
-async def _loopback_host(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+async def _loopback_host(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Served on loopback, answer only requests addressed to loopback: a web page whose
     name an attacker re-points at 127.0.0.1 (DNS rebinding) sends its own Host and is refused."""
     if not _HOST.match(request.headers.get("Host", "")):
@@ -610,8 +640,8 @@ async def serve(viewer: Viewer, host: str, port: int, on_ready: Callable[[str], 
         if exc.errno == errno.EADDRINUSE:
             raise UsageError(f"port {port} on {host} is in use; pass another --port (or --port 0 for any free one)") from None
         raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
-    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-    real_port = sockets[0].getsockname()[1] if sockets else port
+    addresses = runner.addresses  # the port we got (port 0: a free one)
+    real_port = addresses[0][1] if addresses else port
     shown = f"[{host}]" if ":" in host else host
     on_ready(f"http://{shown}:{real_port}/")
     for folder in list(viewer.overlay._models):  # warm the overlay cache in the background
