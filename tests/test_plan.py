@@ -12,7 +12,6 @@ from tilesweep.errors import UsageError
 from tilesweep.queue import Block
 from tilesweep.plan import (
     PlanSpec,
-    block_tiles,
     cover_blocks,
     mask_cells,
     pack_mask,
