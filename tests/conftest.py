@@ -32,3 +32,43 @@ def tables_quick(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), "--quick", "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     return res, out
+
+
+@pytest.fixture(scope="session")
+def fetched_template(tmp_path_factory):
+    """``get(bbox, zoom, block_zoom, world_seed)``: a sweep planned and fetched (tiles in the
+    store, no predictions) from a simulator of that world seed, made once per session for
+    each set of arguments. Read-only: a test that writes to it takes ``fetched_copy``. Its
+    sweep.toml names a simulator that has gone by then: tests of what reads the store
+    (predict, tiles, export, verify) use it, not those that fetch again."""
+    from helpers.cli import tilesweep
+
+    from tilesweep.sim import World, run_in_thread
+
+    made: dict[tuple, Path] = {}
+
+    def get(bbox: str, zoom: int, block_zoom: int, world_seed: int) -> Path:
+        key = (bbox, zoom, block_zoom, world_seed)
+        if key not in made:
+            folder = tmp_path_factory.mktemp("fetched") / "s"
+            with run_in_thread(World(seed=world_seed)) as sim:
+                tilesweep("plan", bbox, folder, "--zoom", zoom, "--block-zoom", block_zoom)
+                tilesweep("fetch", folder, "--source", sim.template(), "--quiet")
+            made[key] = folder
+        return made[key]
+
+    return get
+
+
+@pytest.fixture
+def fetched_copy(fetched_template, tmp_path):
+    """``copy(bbox, zoom, block_zoom, world_seed, name="s")``: a copy of that fetched
+    sweep (``fetched_template``) at ``tmp_path / name``, this test's own to change."""
+    import shutil
+
+    def copy(bbox: str, zoom: int, block_zoom: int, world_seed: int, name: str = "s") -> Path:
+        dest = tmp_path / name
+        shutil.copytree(fetched_template(bbox, zoom, block_zoom, world_seed), dest)
+        return dest
+
+    return copy
