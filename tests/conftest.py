@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.pgserver import pg_server  # noqa: F401 - a session-wide PostgreSQL server on loopback
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -78,12 +78,17 @@ def plan(
     rate: float = typer.Option(1000.0, "--rate", help="Tiles/s assumed for the time estimate."),
     tile_kb: float = typer.Option(20.0, "--tile-kb", help="KB per tile assumed for the size estimate."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan summary as one JSON object."),
+    queue: Optional[str] = typer.Option(None, "--queue", help="Queue URL: postgresql://user@host:port/db (a shared server; password from PGPASSWORD or ~/.pgpass) or sqlite:///path; default SWEEP_DIR/queue.sqlite."),
 ) -> None:
     """Plan AREA at --zoom into SWEEP_DIR: blocks of tiles, sampled and shuffled, queued."""
     if rate <= 0:
         raise UsageError(f"rate {rate:g} must be > 0 tiles/s")
     if tile_kb <= 0:
         raise UsageError(f"tile size {tile_kb:g} KB must be > 0")
+    if queue is not None:
+        from .queue import parse_queue_url
+
+        parse_queue_url(queue)  # a bad URL: one line, before the area is read
     spec = PlanSpec(zoom=zoom, block_zoom=block_zoom, fraction=fraction, seed=seed, max_tiles=max_tiles, block_tiles=block_tiles)
     the_area = load_area(area)
     if dry_run:
@@ -97,11 +102,11 @@ def plan(
             counted[1] += len(chunk)
             status.update(f"planning... {counted[0]:,} tiles in {counted[1]:,} blocks")
 
-        sweep, created = Sweep.plan(sweep_dir, the_area, spec, on_chunk=progress, allow_huge=allow_huge)
+        sweep, created = Sweep.plan(sweep_dir, the_area, spec, on_chunk=progress, allow_huge=allow_huge, queue=queue)
     summary = sweep.summary()
     size, hours = summary.estimate(tile_kb=tile_kb, rate=rate)
     if as_json:
-        out.print_json(json.dumps({**sweep.plan_config, "created": created, "estimate_bytes": size, "estimate_hours": hours}))
+        out.print_json(json.dumps({**sweep.plan_config, "queue": sweep.queue_url, "created": created, "estimate_bytes": size, "estimate_hours": hours}))
         return
     verb = "planned" if created else "already planned (same plan, nothing changed)"
     out.print(f"[bold]{sweep_dir}[/]: {verb}")
@@ -109,6 +114,8 @@ def plan(
         f"  {summary.tiles:,} tiles at zoom {summary.zoom} in {summary.blocks:,} {summary.describe_blocks()}, "
         f"area {summary.area_km2:,.1f} km2"
     )
+    if queue is not None:
+        out.print(f"  queue: {sweep.queue_url}", highlight=False)
     out.print(f"  estimate: {_human_bytes(size)} at {tile_kb:g} KB/tile, {_human_hours(hours)} at {rate:,.0f} tiles/s")
 
 
@@ -170,6 +177,7 @@ def fetch(
     tile_budget: float = typer.Option(120.0, "--tile-budget", help="Seconds one tile may take over all its retries, per lease (bounds what one bad tile costs its block)."),
     replace_source: bool = typer.Option(False, "--replace-source", help="Record --source in place of the sweep's source (done blocks with no image are fetched again; see docs/sources.md)."),
     mix_sources: bool = typer.Option(False, "--mix-sources", help="With --replace-source: keep done blocks that hold the old source's tiles."),
+    supertile: Optional[int] = typer.Option(None, "--super", help="With a bbox --source ({bbox} {width} {height}: WMS, static images): ask for N x N tiles per request (2, 4, 8, 16) and cut them."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
 ) -> None:
     """Fetch the planned tiles of SWEEP_DIR into its store (tiles/), resumably.
@@ -185,7 +193,7 @@ def fetch(
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "fetch"):
         new_source = sweep.source is None
-        src = _bind_source(sweep, source, header, replace_source, mix_sources)
+        src = _bind_source(sweep, source, header, replace_source, mix_sources, supertile)
         before = sweep.status()
         meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet)
         try:
@@ -260,12 +268,19 @@ def _positive_seconds(value: float, option: str) -> float:
     return value
 
 
-def _bind_source(sweep: Sweep, source: str | None, header: list[str], replace: bool = False, mix: bool = False):  # type: ignore[no-untyped-def]
+def _bind_source(sweep: Sweep, source: str | None, header: list[str], replace: bool = False, mix: bool = False,  # type: ignore[no-untyped-def]
+                 supertile: int | None = None):
     """The sweep's source: ``--source`` (recorded on first use) or the recorded one;
-    ``replace``: record ``--source`` in place of the recorded one (Sweep.replace_source)."""
+    ``replace``: record ``--source`` in place of the recorded one (Sweep.replace_source);
+    ``supertile``: ``--super N`` (tiles on a side of one bbox request)."""
     from .sources import parse_source
+    from .supertile import check_blocks
 
-    given = None if source is None else parse_source(source, header)
+    if supertile is not None and source is None:
+        raise UsageError("--super needs --source (a bbox template: the super-tile size belongs to the source)")
+    given = None if source is None else parse_source(source, header, supertile=supertile)
+    if given is not None:
+        check_blocks(given, sweep.zoom, sweep.block_zoom)
     if given is None and header:
         raise UsageError("--header needs --source (the headers belong to a source)")
     if (replace or mix) and given is None:
@@ -425,7 +440,7 @@ def _predict_summary(sweep: Sweep, sweep_dir: Path, the_model, report, not_fetch
     blocks are dead)."""
     from .predict.sink import model_folder, reconcile
 
-    rec = reconcile(sweep.path, sweep.path / "queue.sqlite", the_model.name, the_model.digest)
+    rec = reconcile(sweep.path, sweep.queue, the_model.name, the_model.digest)
     st = sweep.status()
     folder = sweep.predictions_path / model_folder(the_model.name, the_model.digest)
     out.print(_predict_line(report), highlight=False)
@@ -484,6 +499,7 @@ def run(
     tile_budget: float = typer.Option(120.0, "--tile-budget", help="Seconds one tile may take over all its retries, per lease."),
     replace_source: bool = typer.Option(False, "--replace-source", help="Record --source in place of the sweep's source (see docs/sources.md)."),
     mix_sources: bool = typer.Option(False, "--mix-sources", help="With --replace-source: keep done blocks that hold the old source's tiles."),
+    supertile: Optional[int] = typer.Option(None, "--super", help="With a bbox --source: ask for N x N tiles per request (2, 4, 8, 16) and cut them (docs/sources.md)."),
     batch: int = typer.Option(64, "--batch", "-b", help="Model inputs per predict call."),
     threads: int = typer.Option(2, "--threads", "-t", help="Decode threads."),
     part_rows: int = typer.Option(65536, "--part-rows", help="Rows per Parquet part (group commit)."),
@@ -512,7 +528,7 @@ def run(
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch or a run
         the_model = apply_threshold(_load_model(model, device, model_threads), threshold, sweep.path)  # before the source is recorded
         new_source = sweep.source is None
-        src = _bind_source(sweep, source, header, replace_source, mix_sources)
+        src = _bind_source(sweep, source, header, replace_source, mix_sources, supertile)
         try:
             if keep_tiles:
                 _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
@@ -529,12 +545,12 @@ _STOPPED_RUN = ("committed predictions are durable", "run the same command to go
 def _stopped(sweep: Sweep, kept: str, hint: str) -> None:
     """After a stop (Ctrl-C, SIGTERM): say what is kept and, truthfully, whether blocks are
     still leased (by other processes: ours were released), then exit 130 or 143."""
-    from .queue import SqliteQueue, State
+    from .queue import State
     from .signals import exit_status, mark_reported
 
     mark_reported()
     try:
-        with SqliteQueue(sweep.path / "queue.sqlite") as q:
+        with sweep.open_queue() as q:
             leased = q.count(State.LEASED)
     except Exception:  # noqa: BLE001 - the message must not fail
         leased = 0
@@ -747,13 +763,13 @@ def _raise_if_shard_lost(sweep: Sweep, t) -> None:  # type: ignore[no-untyped-de
 
 def _in_plan(sweep: Sweep, t) -> bool:  # type: ignore[no-untyped-def]
     """Whether tile ``t`` (at the sweep's zoom) is one of the sweep's planned tiles."""
-    from .queue.sqlite import _block
+    from .queue import Block
     from .tiles import parent
 
     for z in range(min(sweep.block_zoom, t.z), -1, -1):  # adaptive blocks lie at any zoom up to block_zoom
         row = sweep.queue.get(tile_id(parent(t, z)))
         if row is not None:  # blocks never overlap: the first ancestor found is t's block
-            block = _block((row["z"], row["x"], row["y"], row["tiles"], row["mask"]))
+            block = Block(row["z"], row["x"], row["y"], row["tiles"], row["mask"])
             return t in block.tile_list(sweep.zoom)
     return False
 

@@ -38,11 +38,11 @@ from ..decode import decode, fit
 from ..errors import UsageError
 from ..fetch import FetchSettings, TileResult
 from ..model.base import Model, check_scores, predict_pixels
-from ..queue import Block, BlockResult, SqliteQueue, State
+from ..queue import Block, BlockResult, State
 from ..sources import Source
 from ..store import Status
 from ..store.shard import CorruptShardError, ShardReader
-from ..sweep import QUEUE_FILE
+from ..sweep import open_sweep_queue
 from ..worker import Worker, WorkerCounters, WorkerSettings
 from .procs import FetchProcesses
 from .sink import LEDGER_FILE, BlockRows, PredictionSink
@@ -390,7 +390,7 @@ def predict_sweep(
             yield from first
             if follow is None:
                 return
-            q = SqliteQueue(sweep.path / QUEUE_FILE)  # this thread's own connection
+            q = open_sweep_queue(sweep.path)  # this thread's own connection
             try:
                 while True:
                     more = follow()  # asked before looking, so the last look sees everything
@@ -637,7 +637,7 @@ def _requeue_corrupt(sweep: Any, store: Any, block: Block, exc: CorruptShardErro
     anew; the rest of the prediction goes on."""
     report.corrupt_shards.append(exc.describe())
     store.quarantine(block.tile)
-    q = SqliteQueue(sweep.path / QUEUE_FILE)  # this thread's own connection
+    q = open_sweep_queue(sweep.path)  # this thread's own connection
     try:
         q.requeue([block.id], f"shard corrupt when read for prediction: {exc}")
     finally:

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from ..durable import fsync_dir, replace_durably
 from ..errors import UsageError
-from ..queue import BlockResult
+from ..queue import BlockResult, Queue
 
 PREDICTIONS_DIR = "predictions"
 LEDGER_FILE = "ledger.sqlite"
@@ -529,25 +529,44 @@ class Reconciliation(NamedTuple):
         return None
 
 
-def reconcile(sweep_path: Path, queue_path: Path, name: str, digest: str) -> Reconciliation:
-    """Check a model's predictions against the fetch results, block by block (read-only)."""
+def reconcile(sweep_path: Path, queue: Queue, name: str, digest: str) -> Reconciliation:
+    """Check a model's predictions against the fetch results, block by block (read-only):
+    the ledger and the queue's done blocks are both read in block id order and merged, so
+    memory does not grow with the number of blocks."""
     ledger = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
-    db = sqlite3.connect(f"file:{queue_path}?mode=ro", uri=True)
+    done_results = queue.results()
+    if not ledger.is_file():
+        return Reconciliation(0, 0, 0, sum(1 for _ in done_results), 0)
+    blocks = rows = fetched = done = mismatched = 0
+    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     try:
-        (done,) = db.execute("SELECT COUNT(*) FROM blocks WHERE state = 2").fetchone()
-        if not ledger.is_file():
-            return Reconciliation(0, 0, 0, int(done), 0)
-        db.execute("ATTACH DATABASE ? AS l", (f"file:{ledger}?mode=ro",))
-        r = db.execute(
-            """SELECT COUNT(*), COALESCE(SUM(p.rows), 0), COALESCE(SUM(b.n_ok), 0),
-                      COALESCE(SUM(p.rows != b.n_ok OR p.empty != b.n_empty OR p.failed != b.n_failed
-                                   OR b.n_ok IS NULL), 0)
-               FROM l.predicted p LEFT JOIN blocks b ON b.id = p.block_id WHERE p.model_key = ?""",
+        cur = db.execute(
+            "SELECT block_id, rows, empty, failed FROM predicted WHERE model_key = ? ORDER BY block_id",
             (model_key(name, digest),),
-        ).fetchone()
+        )
+        head = next(done_results, None)
+        for bid, n_rows, n_empty, n_failed in cur:
+            while head is not None and head[0] < bid:  # done, not predicted by this model
+                done += 1
+                head = next(done_results, None)
+            blocks += 1
+            rows += int(n_rows)
+            r = None  # not done, or done without results
+            if head is not None and head[0] == bid:
+                r = head[1]
+                done += 1
+                head = next(done_results, None)
+            if r is None:
+                mismatched += 1
+                continue
+            fetched += int(r.ok)
+            mismatched += int((n_rows, n_empty, n_failed) != (r.ok, r.empty, r.failed))
+        while head is not None:
+            done += 1
+            head = next(done_results, None)
     finally:
         db.close()
-    return Reconciliation(int(r[0]), int(r[1]), int(r[2]), int(done), int(r[3]))
+    return Reconciliation(blocks, rows, fetched, done, mismatched)
 
 
 class Dropped(NamedTuple):
