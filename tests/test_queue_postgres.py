@@ -185,3 +185,21 @@ def test_server_trouble_is_one_line_naming_it_and_nothing_written(pg_server, tmp
 
     with psycopg.connect(pg_server.admin_dsn + " dbname=tilesweep") as db:  # no schema left behind by any test
         assert db.execute("SELECT COUNT(*) FROM pg_namespace WHERE nspname LIKE '%\\_partial'").fetchone() == (0,)
+
+
+def test_a_password_in_the_url_is_used_and_a_reserved_word_is_a_schema_like_any_other(pg_server, tmp_path, monkeypatch):
+    """No PGPASSWORD: the password given in a URL without ?schema= still reaches the
+    server; a schema named `user` (a reserved word) is planned, published and opened."""
+    monkeypatch.delenv("PGPASSWORD")
+    staged = stage_queue(pg_server.url().replace("tilesweep@", f"tilesweep:{PASSWORD}@"), tmp_path)
+    assert PASSWORD not in staged.url
+    staged.discard()
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    staged = stage_queue(pg_server.url("user"), tmp_path)
+    staged.queue.put([(Block(12, 1, 2, 256), 0)])
+    staged.publish()
+    try:
+        with open_queue(staged.url) as q:
+            assert [b.id for b in q.blocks()] == [Block(12, 1, 2, 256).id]
+    finally:
+        staged.discard()

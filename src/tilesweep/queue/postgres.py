@@ -35,8 +35,10 @@ from .url import QueueURL, StagedQueue
 
 try:
     import psycopg
+    from psycopg import sql
 except ImportError:  # the `postgres` extra is not installed
     psycopg = None  # type: ignore[assignment]
+    sql = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = 2
 MAX_LOST = 20
@@ -104,8 +106,14 @@ def _connect(u: QueueURL, schema: str | None) -> Any:
     except psycopg.Error as exc:
         raise UsageError(f"queue {u.text!r}: cannot connect: {_one_line(exc)}") from None
     if schema is not None:
-        conn.execute(f"SET search_path TO {schema}")  # validated: [a-z_][a-z0-9_]*
+        conn.execute(_ident("SET search_path TO {}", schema))
     return conn
+
+
+def _ident(statement: str, *names: str) -> Any:
+    """``statement`` with its ``{}`` replaced by ``names`` quoted as identifiers (a schema
+    named like a reserved word, ``user`` or ``select``, is then a name like any other)."""
+    return sql.SQL(statement).format(*map(sql.Identifier, names))
 
 
 def _schema_exists(conn: Any, schema: str) -> bool:
@@ -139,7 +147,7 @@ class PostgresQueue:
             if not _schema_exists(self._db, self.schema):
                 raise UsageError(f"queue {self.url!r}: schema {self.schema!r} does not exist on the server "
                                  "(never planned there, or dropped)")
-            self._db.execute(f"SET search_path TO {self.schema}")
+            self._db.execute(_ident("SET search_path TO {}", self.schema))
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except BaseException:
             self._db.close()
@@ -539,9 +547,9 @@ def stage(u: QueueURL) -> StagedQueue:
         if _schema_exists(admin, final):
             raise UsageError(f"queue {u.text!r}: schema {final!r} already holds a queue (another sweep's?)")
         with admin.transaction():
-            admin.execute(f"DROP SCHEMA IF EXISTS {partial} CASCADE")  # a plan killed earlier
-            admin.execute(f"CREATE SCHEMA {partial}")
-            admin.execute(f"SET LOCAL search_path TO {partial}")
+            admin.execute(_ident("DROP SCHEMA IF EXISTS {} CASCADE", partial))  # a plan killed earlier
+            admin.execute(_ident("CREATE SCHEMA {}", partial))
+            admin.execute(_ident("SET LOCAL search_path TO {}", partial))
             for stmt in filter(str.strip, _TABLES.split(";")):
                 admin.execute(stmt)
     except psycopg.Error as exc:
@@ -555,7 +563,7 @@ def stage(u: QueueURL) -> StagedQueue:
 
     def publish() -> None:
         try:
-            admin.execute(f"ALTER SCHEMA {partial} RENAME TO {final}")
+            admin.execute(_ident("ALTER SCHEMA {} RENAME TO {}", partial, final))
             published.append(True)
         finally:
             admin.close()
@@ -563,9 +571,9 @@ def stage(u: QueueURL) -> StagedQueue:
     def discard() -> None:
         db = admin if not admin.closed and not admin.broken else _connect(u, None)
         try:
-            db.execute(f"DROP SCHEMA IF EXISTS {partial} CASCADE")
+            db.execute(_ident("DROP SCHEMA IF EXISTS {} CASCADE", partial))
             if published:
-                db.execute(f"DROP SCHEMA IF EXISTS {final} CASCADE")
+                db.execute(_ident("DROP SCHEMA IF EXISTS {} CASCADE", final))
         finally:
             db.close()
             admin.close()
