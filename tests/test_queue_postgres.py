@@ -19,6 +19,7 @@ import pytest
 
 from helpers.cli import tilesweep
 from helpers.pgserver import PASSWORD
+from tilesweep.errors import UsageError
 from tilesweep.queue import Block, State, open_queue, stage_queue
 from tilesweep.sim import World, run_in_thread
 
@@ -203,3 +204,20 @@ def test_a_password_in_the_url_is_used_and_a_reserved_word_is_a_schema_like_any_
             assert [b.id for b in q.blocks()] == [Block(12, 1, 2, 256).id]
     finally:
         staged.discard()
+
+
+def test_two_plans_of_one_schema_at_once_the_second_fails_and_the_first_is_intact(pg_server, tmp_path):
+    first = stage_queue(pg_server.url("twice"), tmp_path)
+    try:
+        first.queue.put([(Block(12, i, 0, 256), i) for i in range(5)])
+        res = tilesweep("plan", BBOX, tmp_path / "s2", "-z", 15, "--queue", pg_server.url("twice"), env=PG_ENV, check=False)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res
+        assert "another plan" in res.stderr and "twice" in res.stderr and not (tmp_path / "s2").exists()
+        first.queue.put([(Block(12, 9, 1, 256), 9)])
+        first.publish()
+        with open_queue(first.url) as q:
+            assert q.count(State.PENDING) == 6
+        with pytest.raises(UsageError, match="already holds a queue"):  # the lock ended with the plan
+            stage_queue(pg_server.url("twice"), tmp_path)
+    finally:
+        first.discard()

@@ -539,11 +539,19 @@ def _record(row: tuple[Any, ...]) -> BlockRecord:
 
 def stage(u: QueueURL) -> StagedQueue:
     """A new, empty queue for a plan at ``u`` (its schema must not exist yet): filled in
-    ``<schema>_partial``, published by renaming that schema (atomic), dropped on discard."""
+    ``<schema>_partial``, published by renaming that schema (atomic), dropped on discard.
+    One plan at a time per schema: a session advisory lock on the schema's name is held
+    from here to publish or discard, and a second plan meanwhile is a :class:`UsageError`."""
     assert u.schema is not None
     final, partial = u.schema, u.schema + "_partial"
     admin = _connect(u, None)
     try:
+        # Held by this session until publish or discard closes it: a second plan of the same
+        # schema fails now, instead of dropping this one's partial schema and both writing
+        # into the new one. It also makes dropping a partial left by a killed plan safe.
+        (mine,) = admin.execute("SELECT pg_try_advisory_lock(hashtext(%s))", ("tilesweep.stage." + final,)).fetchone()
+        if not mine:
+            raise UsageError(f"queue {u.text!r}: another plan is creating schema {final!r} right now")
         if _schema_exists(admin, final):
             raise UsageError(f"queue {u.text!r}: schema {final!r} already holds a queue (another sweep's?)")
         with admin.transaction():
