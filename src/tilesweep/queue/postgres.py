@@ -3,9 +3,11 @@
 Same contract, counters and schema semantics as :class:`tilesweep.queue.SqliteQueue`
 (schema 2): ``pending -> leased(owner, until) -> done``, ``failures`` (nacks) against
 ``max_attempts``, ``lost`` (expired leases) against ``max_lost``, dead blocks with their
-last error, results recorded by (group) acks. A lease is ``UPDATE ... WHERE id IN (SELECT
-... ORDER BY priority LIMIT n FOR UPDATE SKIP LOCKED)``: concurrent leasers skip each
-other's rows instead of waiting, and never share a block. Expired leases are returned
+last error, results recorded by (group) acks. A lease is ``WITH picked AS MATERIALIZED
+(SELECT id ... ORDER BY priority LIMIT n FOR UPDATE SKIP LOCKED) UPDATE ... FROM picked
+WHERE state = pending``: the pick runs exactly once (materialised, whatever plan the
+planner chooses), concurrent leasers skip each other's rows instead of waiting, and never
+share a block. Expired leases are returned
 with ``SKIP LOCKED`` too, and acks lock their rows in id order, so no two workers can
 deadlock. Lease times are the server's clock (``clock_timestamp()``), so machines whose
 clocks disagree still agree on expiry.
@@ -246,11 +248,13 @@ class PostgresQueue:
             # pending, then the lease with the owner's heartbeat (one round trip each).
             self._expire(db, None)
             return db.execute(
-                f"""WITH leased AS (
-                        UPDATE blocks SET state = {State.LEASED}, owner = %(owner)s, lease_until = {_NOW} + %(ttl)s,
-                            attempts = attempts + 1
-                        WHERE id IN (SELECT id FROM blocks WHERE state = {State.PENDING} ORDER BY priority LIMIT %(n)s
-                                     FOR UPDATE SKIP LOCKED)
+                f"""WITH picked AS MATERIALIZED (
+                        SELECT id FROM blocks WHERE state = {State.PENDING} ORDER BY priority LIMIT %(n)s
+                        FOR UPDATE SKIP LOCKED),
+                    leased AS (
+                        UPDATE blocks b SET state = {State.LEASED}, owner = %(owner)s, lease_until = {_NOW} + %(ttl)s,
+                            attempts = b.attempts + 1
+                        FROM picked WHERE b.id = picked.id AND b.state = {State.PENDING}
                         RETURNING {_BLOCK_COLS}, attempts, priority, lease_until),
                     seen AS (INSERT INTO owners VALUES (%(owner)s, {_NOW})
                              ON CONFLICT (owner) DO UPDATE SET seen_at = EXCLUDED.seen_at),
@@ -387,16 +391,18 @@ class PostgresQueue:
         """Expired leases go back to pending, counted as lost; dead after ``max_lost``.
         Rows another transaction holds are skipped (it is expiring or acking them)."""
         cur = db.execute(
-            f"""UPDATE blocks SET state = CASE WHEN lost + 1 >= %s THEN {State.DEAD} ELSE {State.PENDING} END,
+            f"""WITH picked AS MATERIALIZED (
+                    SELECT id FROM blocks WHERE state = {State.LEASED} AND lease_until < COALESCE(%s, {_NOW})
+                    FOR UPDATE SKIP LOCKED)
+                UPDATE blocks b SET state = CASE WHEN lost + 1 >= %s THEN {State.DEAD} ELSE {State.PENDING} END,
                 lost = lost + 1, owner = NULL, lease_until = NULL,
                 last_error = CASE WHEN lost + 1 >= %s
                     THEN 'lease lost ' || (lost + 1) || ' times: its worker died, crashed or stalled each time '
                          || 'it held this block (a block that crashes its worker?); last error before: '
                          || COALESCE(NULLIF(last_error, %s), 'none')
                     ELSE %s END
-                WHERE id IN (SELECT id FROM blocks WHERE state = {State.LEASED} AND lease_until < COALESCE(%s, {_NOW})
-                             FOR UPDATE SKIP LOCKED)""",
-            (self.max_lost, self.max_lost, _EXPIRED_ERROR, _EXPIRED_ERROR, now),
+                FROM picked WHERE b.id = picked.id AND b.state = {State.LEASED}""",
+            (now, self.max_lost, self.max_lost, _EXPIRED_ERROR, _EXPIRED_ERROR),
         )
         return int(cur.rowcount)
 
