@@ -221,3 +221,30 @@ def test_two_plans_of_one_schema_at_once_the_second_fails_and_the_first_is_intac
             stage_queue(pg_server.url("twice"), tmp_path)
     finally:
         first.discard()
+
+
+def test_a_lease_whose_reply_is_lost_is_repeated_without_leasing_a_second_batch(pg_url):
+    """The lease statement commits, then the connection drops before its reply (injected at
+    the driver): the retried call returns the same blocks, and the owner holds only those."""
+    import psycopg
+
+    fill(pg_url, 10)
+    q = open_queue(pg_url)
+    conn = q._conn()
+    real = conn.execute
+    cut = []
+
+    def execute(query, params=None, **kw):
+        cur = real(query, params, **kw)
+        if not cut and "picked" in str(query) and "leased" in str(query):
+            cut.append(cur.fetchall())
+            conn.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return cur
+
+    conn.execute = execute
+    leases = q.lease(3, ttl=60, owner="w")
+    assert len(cut[0]) == 3 and sorted(lease.block.id for lease in leases) == sorted(Block(*r[:5]).id for r in cut[0])
+    assert q.owners() == {"w": 3} and q.stats().attempts_total == 3
+    assert len(q.lease(3, ttl=60, owner="w")) == 3 and q.owners() == {"w": 6}  # a new call leases anew
+    q.close()

@@ -16,8 +16,8 @@ Connections: one per queue object (open one per process: a connection is never u
 across ``fork``). A dropped connection (a server restart, ``pg_terminate_backend``, a
 network cut) is reconnected and the operation retried for up to ``reconnect_s`` seconds:
 an interrupted transaction was rolled back by the server, and every operation is safe to
-repeat (acks and releases are idempotent; a repeated lease at worst leaves leases that
-expire). Owners' heartbeats (``owners_seen``) are kept in an ``owners`` table, updated by
+repeat (acks and releases are idempotent, a nack given its owner is too, and a repeated
+lease returns what its first try leased). Owners' heartbeats (``owners_seen``) are kept in an ``owners`` table, updated by
 every lease and extend.
 
 The password is never in a URL tilesweep records or prints: libpq reads it from
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
@@ -76,7 +77,7 @@ CREATE INDEX blocks_pending ON blocks(priority) WHERE state = {State.PENDING};
 CREATE INDEX blocks_leased ON blocks(lease_until) WHERE state = {State.LEASED};
 CREATE INDEX blocks_done ON blocks(done_at) WHERE state = {State.DONE};
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE owners (owner TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL);
+CREATE TABLE owners (owner TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL, last_lease TEXT, last_ids BIGINT[]);
 INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}')
 """
 _NOW = "extract(epoch from clock_timestamp())::float8"
@@ -158,6 +159,12 @@ class PostgresQueue:
         if version != SCHEMA_VERSION:
             self._db.close()
             raise UsageError(f"queue {self.url!r} has queue schema {version}, not {SCHEMA_VERSION} (this tilesweep)")
+        (has,) = self._db.execute(
+            """SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = %s AND table_name = 'owners'
+               AND column_name IN ('last_lease', 'last_ids')""", (self.schema,)).fetchone()
+        if has < 2:  # planned before leases recorded their token: add the columns (idempotent)
+            self._db.execute("ALTER TABLE owners ADD COLUMN IF NOT EXISTS last_lease TEXT, "
+                             "ADD COLUMN IF NOT EXISTS last_ids BIGINT[]")
 
     # --- connections ----------------------------------------------------------------------
 
@@ -239,11 +246,27 @@ class PostgresQueue:
 
     def lease(self, n: int, ttl: float, owner: str) -> list[Lease]:
         """Lease up to ``n`` pending blocks for ``ttl`` seconds, lowest priority first;
-        expired leases are returned to pending first."""
+        expired leases are returned to pending first.
+
+        Each call has a token, recorded with the ids it leased in the owner's row (same
+        statement): a call repeated after its reply was lost returns the blocks its first
+        try leased (those the owner still holds) instead of leasing a second batch."""
         if n < 1 or ttl <= 0:
             raise ValueError(f"lease needs n >= 1 and ttl > 0 (got n={n}, ttl={ttl})")
+        token = secrets.token_hex(8)
+        tries = []
 
         def op(db: Any) -> list[tuple[Any, ...]]:
+            tries.append(1)
+            if len(tries) > 1:  # the first try may have committed before its reply was lost
+                row = db.execute("SELECT last_ids FROM owners WHERE owner = %s AND last_lease = %s",
+                                 (owner, token)).fetchone()
+                if row is not None:
+                    return db.execute(
+                        f"""SELECT {_BLOCK_COLS}, attempts, priority, lease_until FROM blocks
+                            WHERE id = ANY(%s) AND state = {State.LEASED} AND owner = %s""",
+                        (row[0] or [], owner),
+                    ).fetchall()
             # Two statements, each atomic on its own (autocommit): expired leases back to
             # pending, then the lease with the owner's heartbeat (one round trip each).
             self._expire(db, None)
@@ -255,13 +278,15 @@ class PostgresQueue:
                         UPDATE blocks b SET state = {State.LEASED}, owner = %(owner)s, lease_until = {_NOW} + %(ttl)s,
                             attempts = b.attempts + 1
                         FROM picked WHERE b.id = picked.id AND b.state = {State.PENDING}
-                        RETURNING {_BLOCK_COLS}, attempts, priority, lease_until),
-                    seen AS (INSERT INTO owners VALUES (%(owner)s, {_NOW})
-                             ON CONFLICT (owner) DO UPDATE SET seen_at = EXCLUDED.seen_at),
+                        RETURNING {_BLOCK_COLS}, attempts, priority, lease_until, b.id AS id),
+                    seen AS (INSERT INTO owners
+                             SELECT %(owner)s, {_NOW}, %(token)s, COALESCE((SELECT array_agg(id) FROM leased), '{{}}')
+                             ON CONFLICT (owner) DO UPDATE SET seen_at = EXCLUDED.seen_at,
+                                 last_lease = EXCLUDED.last_lease, last_ids = EXCLUDED.last_ids),
                     first AS (INSERT INTO meta SELECT 'first_lease_at', {_NOW}::text WHERE EXISTS (SELECT 1 FROM leased)
                               ON CONFLICT DO NOTHING)
-                    SELECT * FROM leased""",
-                {"owner": owner, "ttl": float(ttl), "n": int(n)},
+                    SELECT {_BLOCK_COLS}, attempts, priority, lease_until FROM leased""",
+                {"owner": owner, "ttl": float(ttl), "n": int(n), "token": token},
             ).fetchall()
 
         rows = self._run(op)
@@ -270,7 +295,7 @@ class PostgresQueue:
 
     @staticmethod
     def _seen(db: Any, owner: str, now: float) -> None:
-        db.execute("INSERT INTO owners VALUES (%s, %s) ON CONFLICT (owner) DO UPDATE SET seen_at = EXCLUDED.seen_at",
+        db.execute("INSERT INTO owners (owner, seen_at) VALUES (%s, %s) ON CONFLICT (owner) DO UPDATE SET seen_at = EXCLUDED.seen_at",
                    (owner, now))
 
     def ack(self, ids: Iterable[int], results: Mapping[int, BlockResult] | None = None) -> int:
@@ -301,16 +326,19 @@ class PostgresQueue:
 
         return self._txn(op)
 
-    def nack(self, block_id: int, error: str) -> State:
+    def nack(self, block_id: int, error: str, owner: str | None = None) -> State:
         """Give a block back after a failure with ``error`` kept: pending again, or dead once
-        ``max_attempts`` attempts have failed. Returns the new state (DONE if it was done)."""
+        ``max_attempts`` attempts have failed. Returns the new state (DONE if it was done).
+        With ``owner``, only while ``owner`` holds its lease (so a repeated nack, or one
+        after the lease was lost, changes nothing and returns the block's state)."""
+        held = "" if owner is None else f" AND state = {State.LEASED} AND owner = %s"
 
         def op(db: Any) -> State:
             row = db.execute(
                 f"""UPDATE blocks SET state = CASE WHEN failures + 1 >= %s THEN {State.DEAD} ELSE {State.PENDING} END,
                     failures = failures + 1, owner = NULL, lease_until = NULL, last_error = %s
-                    WHERE id = %s AND state != {State.DONE} RETURNING state""",
-                (self.max_attempts, error, int(block_id)),
+                    WHERE id = %s AND state != {State.DONE}{held} RETURNING state""",
+                (self.max_attempts, error, int(block_id), *(() if owner is None else (owner,))),
             ).fetchone()
             if row is None:
                 exists = db.execute("SELECT state FROM blocks WHERE id = %s", (int(block_id),)).fetchone()
