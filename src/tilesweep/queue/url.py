@@ -8,8 +8,9 @@
   is tilesweep's own parameter (the sweep's tables live in that schema, so one database
   holds many sweeps); every other parameter goes to libpq. The password never belongs in
   the URL: libpq takes it from ``PGPASSWORD``, ``~/.pgpass`` or its other environment
-  variables. A URL given with one is accepted, but only its redacted form is ever
-  recorded or printed.
+  variables. A URL given with one (``user:pw@host``, or any parameter whose name holds
+  "password") is accepted and connects with it, but only its redacted form is ever
+  recorded or printed. ``NAME``: ``[a-z_][a-z0-9_]{0,47}``, not starting with ``pg_``.
 
 Bad URLs raise :class:`tilesweep.errors.UsageError` naming the URL (redacted).
 """
