@@ -338,3 +338,37 @@ def test_a_tile_store_on_s3_two_machines_race_on_a_block_one_shard_wins(s3_serve
     with open(tmp_path / "c.pmtiles", "rb") as f:
         got = dict(all_tiles(MmapSource(f)))
     assert got == {tuple(t): data for t, data in c.iter_tiles()} and len(got) == 7
+
+
+def test_s3_failures_are_storage_errors_whatever_digits_the_key_holds(s3_server, tmp_path, monkeypatch):
+    """The endpoint stops answering after the store was opened: every request is one
+    StorageError line, never AlreadyPublished or an empty read because the key (and so the
+    URL in obstore's message) holds 409/412/416; a shard writer whose publish failed keeps
+    its partial (resumable), and a file:// URL naming a host is refused."""
+    from obstore.store import S3Store
+
+    from tilesweep.store import Status, TileStore
+    from tilesweep.tiles import Tile
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    store = TileStore(f"s3://{seaweed.BUCKET}/gone-{uuid.uuid4().hex[:8]}", 18, 14, staging=tmp_path / "staging")
+    st = store.storage
+    block = Tile(14, 412, 1033)  # key 14/412/1033.shard
+    w = store.writer(block)
+    w.append(Tile(18, 412 << 4, 1033 << 4), Status.OK, b"tile bytes")
+    w.flush()
+    dead = S3Store(seaweed.BUCKET, prefix=st.prefix, endpoint="http://127.0.0.1:9", client_options={"allow_http": True},
+                   retry_config={"max_retries": 0, "retry_timeout": __import__("datetime").timedelta(seconds=1)})
+    monkeypatch.setattr(st, "_store", dead)  # the endpoint went away
+    with pytest.raises(StorageError, match="cannot reach"):
+        w.finish()
+    assert w.data_path.exists() and w.data_path.stat().st_size > 32, "the finished partial is kept"
+    for call in (lambda: st.put("12/412/1033.shard", b"x"), lambda: st.put("12/409/1.shard", b"x"),
+                 lambda: st.read_range("12/416/1.shard", 0, 10), lambda: st.size("a"), lambda: list(st.list("a/"))):
+        with pytest.raises(StorageError, match="cannot reach") as e:
+            call()
+        assert len(str(e.value).splitlines()) == 1
+    with pytest.raises(StorageError, match="names host 'tiles'"):
+        open_storage("file://tiles/store")
+    assert open_storage(f"file://localhost{tmp_path}").url == str(tmp_path)

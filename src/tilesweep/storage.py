@@ -47,10 +47,12 @@ local staging file; no object is visible.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import io
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -368,27 +370,42 @@ class ObjectStorage(Storage):
             try:
                 obstore.put(self._store, k, Path(staged), mode=mode)
                 break
-            except (AlreadyExistsError, PreconditionError):
-                raise AlreadyPublished(f"{self.url}/{k}", key) from None
             except Exception as e:
-                text = str(e)
-                if ("409" in text or "ConditionalRequestConflict" in text) and attempt < 7:
-                    time.sleep(0.05 * 2**attempt)  # a racing conditional PUT in flight: ask again, 412 follows if it won
+                code = _s3_status(e)
+                if code == 409 and attempt < 7:  # ConditionalRequestConflict: a racing conditional PUT in flight
+                    time.sleep(0.05 * 2**attempt)  # ask again: 412 follows if it won
                     continue
-                if "412" in text or "PreconditionFailed" in text:
+                if isinstance(e, (AlreadyExistsError, PreconditionError)) or code == 412:
                     raise AlreadyPublished(f"{self.url}/{k}", key) from None
                 raise self._error(e) from None
         Path(staged).unlink(missing_ok=True)
 
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """obstore's errors as :class:`StorageError` (one line naming what failed), except
+        not-found, which stays ``FileNotFoundError``."""
+        try:
+            yield
+        except (FileNotFoundError, StorageError):
+            raise
+        except Exception as e:
+            from obstore.exceptions import NotFoundError
+
+            if isinstance(e, NotFoundError):
+                raise FileNotFoundError(errno.ENOENT, f"{self.url}: {_first_line(e)}") from None
+            raise self._error(e) from None
+
     def size(self, key: str) -> int:
         import obstore
 
-        return int(obstore.head(self._store, self._key(key))["size"])
+        with self._errors():
+            return int(obstore.head(self._store, self._key(key))["size"])
 
     def read(self, key: str) -> bytes:
         import obstore
 
-        return bytes(obstore.get(self._store, self._key(key)).bytes())
+        with self._errors():
+            return bytes(obstore.get(self._store, self._key(key)).bytes())
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         import obstore
@@ -400,7 +417,7 @@ class ObjectStorage(Storage):
         except FileNotFoundError:
             raise
         except Exception as e:
-            if "416" in str(e):
+            if _s3_status(e) == 416:  # the range starts past the object's end
                 self.size(key)  # FileNotFoundError when absent
                 return b""
             raise self._error(e) from None
@@ -408,17 +425,19 @@ class ObjectStorage(Storage):
     def open_read(self, key: str) -> IO[bytes]:
         import obstore
 
-        return _ObjectReader(obstore.open_reader(self._store, self._key(key)))
+        with self._errors():
+            return _ObjectReader(obstore.open_reader(self._store, self._key(key)))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         import obstore
 
         head = prefix.rpartition("/")[0]  # obstore lists whole path segments: filter the rest
         try:
-            for batch in obstore.list(self._store, head or None):
-                for m in batch:
-                    if m["path"].startswith(prefix):
-                        yield ObjectInfo(m["path"], int(m["size"]))
+            with self._errors():
+                for batch in obstore.list(self._store, head or None):
+                    for m in batch:
+                        if m["path"].startswith(prefix):
+                            yield ObjectInfo(m["path"], int(m["size"]))
         except FileNotFoundError:
             return
 
@@ -426,7 +445,8 @@ class ObjectStorage(Storage):
         import obstore
 
         try:
-            obstore.delete(self._store, self._key(key))
+            with self._errors():
+                obstore.delete(self._store, self._key(key))
         except FileNotFoundError:
             pass
 
@@ -471,6 +491,26 @@ class _ObjectReader(io.RawIOBase):
         super().close()
 
 
+_STATUS = re.compile(r"status code: (\d{3})\b")
+_S3_CODES = {"ConditionalRequestConflict": 409, "PreconditionFailed": 412, "InvalidRange": 416}
+
+
+def _s3_status(e: BaseException) -> int | None:
+    """The HTTP status a failed S3 request got, from obstore's message ("... returned
+    non-2xx status code: 416 Range Not Satisfiable") or the S3 error code in the answer
+    (``<Code>InvalidRange</Code>``); None for a failure without an answer (a refused
+    connection, a timeout). Never a bare number elsewhere in the text: the text holds the
+    request's URL, and keys such as ``12/412/1033.shard`` hold digits."""
+    text = str(e)
+    m = _STATUS.search(text)
+    if m:
+        return int(m.group(1))
+    for name, code in _S3_CODES.items():
+        if f"<Code>{name}</Code>" in text:
+            return code
+    return None
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
@@ -499,7 +539,10 @@ def open_storage(location: str | os.PathLike[str], **options: Any) -> Storage:
     or ``s3://bucket/prefix`` (:class:`ObjectStorage`; ``options`` go to it).
     :class:`StorageError` for any other scheme."""
     if isinstance(location, str) and location.startswith("file://"):
-        return LocalStorage(urlparse(location).path)
+        u = urlparse(location)
+        if u.netloc not in ("", "localhost"):  # file://tiles/store would open /store
+            raise StorageError(f"bad file URL {location!r}: names host {u.netloc!r}; use file:///absolute/path or a plain folder path")
+        return LocalStorage(u.path)
     if not is_url(location):
         return LocalStorage(location)
     scheme = str(location).split("://", 1)[0]

@@ -417,9 +417,11 @@ class ShardWriter:
         try:  # fsync, rename to {y}.shard unless it exists, fsync the folder
             self._storage.publish(self.data_path, self._key)
         except AlreadyPublished:  # another writer published the block first: its shard stands
+            # Read and check the published shard before dropping ours (still locked): a
+            # shard that cannot be opened raises and our partial stays, resumable.
+            self._open_finished()
             self.data_path.unlink(missing_ok=True)
             self._close_files()
-            self._open_finished()
             assert self._summary is not None
             return self._summary
         self._close_files()
@@ -697,9 +699,14 @@ class ShardReader:
     def data(self, i: int, check: bool = True) -> bytes:
         """Bytes of record ``i`` (b"" for a non-OK record); with ``check``, a tile whose
         bytes fail their crc32 raises :class:`CorruptShardError`."""
-        o = self._offsets[i]
-        data = self._mm[o : o + self._lengths[i]]
-        if check and data and zlib.crc32(data) != self._crcs[i]:
+        o, n = self._offsets[i], self._lengths[i]
+        data = self._mm[o : o + n]
+        if len(data) != n:  # a short read (object storage): never an empty tile
+            t = from_tile_id(int(self.ids[i]))
+            exc = CorruptShardError(f"tile {t.z}/{t.x}/{t.y}: read {len(data)} of {n} bytes")
+            exc.path, exc.tile = self.path, t
+            raise exc
+        if check and n and zlib.crc32(data) != self._crcs[i]:
             self._bad_tile(i)
         return data
 
