@@ -372,3 +372,32 @@ def test_s3_failures_are_storage_errors_whatever_digits_the_key_holds(s3_server,
     with pytest.raises(StorageError, match="names host 'tiles'"):
         open_storage("file://tiles/store")
     assert open_storage(f"file://localhost{tmp_path}").url == str(tmp_path)
+
+
+def test_a_file_system_without_renameat2_or_hard_links_still_publishes(tmp_path, monkeypatch):
+    """FUSE mounts (gcsfuse, rclone, s3fs), vboxsf and 9p answer renameat2 flags with
+    EINVAL and link with EPERM: publishing falls back to check-then-rename, still
+    create-if-absent for a second publisher, and a shard is finished and read back."""
+    import errno as errno_mod
+
+    from tilesweep.store import Status, TileStore
+    from tilesweep.tiles import Tile
+
+    def no_links(src, dst, *a, **k):
+        raise PermissionError(errno_mod.EPERM, "Operation not permitted", str(dst))
+
+    monkeypatch.setattr(storage_mod, "_have_renameat2", False)
+    monkeypatch.setattr(os, "link", no_links)
+    st = LocalStorage(tmp_path / "root")
+    st.put("a/one", b"first")
+    staged = st.staging_path("a/one")
+    staged.write_bytes(b"second")
+    with pytest.raises(AlreadyPublished):
+        st.publish(staged, "a/one")
+    assert st.read("a/one") == b"first" and staged.read_bytes() == b"second"
+    store = TileStore(tmp_path / "store", 18, 14)
+    tile = Tile(18, 100 << 4, 200 << 4)
+    with store.writer(Tile(14, 100, 200)) as w:
+        w.append(tile, Status.OK, b"tile")
+        assert w.finish().ok == 1
+    assert TileStore(tmp_path / "store", 18, 14).get(tile) == b"tile"

@@ -25,7 +25,10 @@ same file system. ``publish``
 - renames it to the key with ``renameat2(RENAME_NOREPLACE)``: atomic, and it fails with
   ``EEXIST`` when the key exists (create-if-absent). Where the kernel or file system
   lacks it (``EINVAL``/``ENOSYS``), ``link(staging, key)`` (atomic, ``EEXIST`` too) and
-  then ``unlink(staging)``;
+  then ``unlink(staging)``; where hard links are missing too (``EPERM``/``ENOSYS``/
+  ``EOPNOTSUPP``: FUSE mounts, vboxsf, 9p), a check that the key is absent, then
+  ``rename``: create-if-absent only because every local writer holds a lock while it
+  publishes (a shard's flocked partial, a prediction sink's ``.lock``);
 - ``fsync``s the folder: the new name survives a power cut.
 
 A reader opens the key or nothing: there is no instant at which the key names a partly
@@ -194,7 +197,9 @@ _have_renameat2 = True
 
 def rename_noreplace(src: Path, dst: Path) -> None:
     """Atomically rename ``src`` to ``dst`` unless ``dst`` exists (``FileExistsError``):
-    ``renameat2(RENAME_NOREPLACE)``, or ``link`` + ``unlink`` where that is missing."""
+    ``renameat2(RENAME_NOREPLACE)``, or ``link`` + ``unlink`` where that is missing, or
+    (a file system with neither) a check for ``dst`` then ``rename``, atomic only against
+    writers that hold a lock while they publish."""
     global _libc, _have_renameat2
     if _have_renameat2:
         if _libc is None:
@@ -207,8 +212,25 @@ def rename_noreplace(src: Path, dst: Path) -> None:
             err = ctypes.get_errno()
             if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
                 raise OSError(err, os.strerror(err), str(dst))
-    os.link(src, dst)  # EEXIST when dst exists
+    try:
+        os.link(src, dst)  # EEXIST when dst exists
+    except OSError as e:
+        if e.errno not in _NO_LINKS:
+            raise
+        # No hard links either (FUSE mounts such as gcsfuse, rclone, s3fs; vboxsf; 9p):
+        # check, then rename. Not atomic against a second unlocked writer of the same key;
+        # every local writer here holds a lock while it publishes (a shard's partial is
+        # flocked, a prediction sink holds its .lock), so only racing exports of one name
+        # could both publish, the last one's bytes standing.
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+        return
     os.unlink(src)
+
+
+_NO_LINKS = {errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+"""``link`` errors of file systems without hard links."""
 
 
 class LocalStorage(Storage):
