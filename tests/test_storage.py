@@ -266,8 +266,9 @@ def test_export_to_s3_publishes_the_same_archive_and_bad_targets_exit_2(s3_serve
         tilesweep("plan", "8.500,47.300,8.508,47.305", sweep, "--zoom", 18, "--block-zoom", 16)
         tilesweep("fetch", sweep, "--source", sim.template(), "--quiet")
     prefix = f"s3://{seaweed.BUCKET}/exports-{uuid.uuid4().hex[:8]}"
-    r = tilesweep("export", sweep, f"{prefix}/sweep.pmtiles", env=env)
+    r = tilesweep("export", sweep, f"{prefix}/sweep.pmtiles", "--staging", tmp_path / "stage", env=env)
     assert f"wrote {prefix}/sweep.pmtiles (pmtiles)" in r.stdout
+    assert (tmp_path / "stage").is_dir() and not [p for p in (tmp_path / "stage").rglob("*") if p.is_file()]
     r = tilesweep("export", sweep, f"{prefix}/sweep.pmtiles", env=env, check=False)
     assert r.returncode == 2 and "exists; pass --force" in r.stderr and "Traceback" not in r.stderr
     for k, v in env.items():
@@ -334,7 +335,19 @@ def test_a_tile_store_on_s3_two_machines_race_on_a_block_one_shard_wins(s3_serve
     assert a.partial_blocks() == [b3] and c.partial_blocks() == []
     with a.writer(b3) as again:  # the same machine resumes it
         assert again.done_ids == {tile_id(tiles_of(b3)[0])}
+    gets: list[tuple[str, int]] = []
+    real_range = type(c.storage).read_range
+
+    def counted(self, key, start, length):
+        gets.append((key, length))
+        return real_range(self, key, start, length)
+
+    monkeypatch.setattr(type(c.storage), "read_range", counted)
+    c.close()
     export_pmtiles(c, tmp_path / "c.pmtiles")
+    monkeypatch.setattr(type(c.storage), "read_range", real_range)
+    assert len([g for g in gets if g[0].endswith(f"{b1.y}.shard") and "8580/" in g[0]]) <= 4, (
+        "block 1's tiles come from one held GET, not one each", gets)
     with open(tmp_path / "c.pmtiles", "rb") as f:
         got = dict(all_tiles(MmapSource(f)))
     assert got == {tuple(t): data for t, data in c.iter_tiles()} and len(got) == 7
@@ -401,3 +414,27 @@ def test_a_file_system_without_renameat2_or_hard_links_still_publishes(tmp_path,
         w.append(tile, Status.OK, b"tile")
         assert w.finish().ok == 1
     assert TileStore(tmp_path / "store", 18, 14).get(tile) == b"tile"
+
+
+def test_s3_single_writer_publish_streams_a_multipart_upload_after_a_check(s3_server, tmp_path, monkeypatch):
+    """An export is its name's one writer: it is published by a streamed multipart
+    upload (no 5 GiB single-PUT limit, not read into memory), create-if-absent by a HEAD
+    before it; shards keep the atomic conditional PUT."""
+    import obstore
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    st = open_storage(f"s3://{seaweed.BUCKET}/mp-{uuid.uuid4().hex[:8]}", staging=tmp_path / "stage")
+    monkeypatch.setattr(storage_mod, "MULTIPART_CHUNK", 5 * 1024**2)  # S3's smallest part
+    staged = st.staging_path("big.pmtiles", unique=False)
+    payload = os.urandom(1024) * (11 * 1024)  # 11 MiB: three parts
+    staged.write_bytes(payload)
+    st.publish(staged, "big.pmtiles", single_writer=True)
+    assert not staged.exists() and st.read("big.pmtiles") == payload
+    etag = obstore.head(st._store, "big.pmtiles")["e_tag"]
+    assert etag and etag.strip('"').endswith("-3"), f"a multipart upload's ETag names its parts: {etag}"
+    staged.write_bytes(b"again")
+    with pytest.raises(AlreadyPublished):
+        st.publish(staged, "big.pmtiles", single_writer=True)
+    st.publish(staged, "big.pmtiles", replace=True)
+    assert st.read("big.pmtiles") == b"again"

@@ -122,10 +122,17 @@ class Storage(ABC):
         under its name), a stale file there removed first."""
 
     @abstractmethod
-    def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
+    def publish(self, staged: Path, key: str, *, replace: bool = False, single_writer: bool = False) -> None:
         """Make the local file ``staged`` durable and publish it atomically as ``key``;
         ``staged`` is gone afterwards. Create-if-absent: :class:`AlreadyPublished` when
-        ``key`` exists (``staged`` is left for the caller to delete), unless ``replace``."""
+        ``key`` exists (``staged`` is left for the caller to delete), unless ``replace``.
+
+        ``single_writer``: the caller is the key's only writer (an export under its name),
+        so create-if-absent may be a check before the upload instead of one atomic
+        request. An object store then streams a multipart upload of any size (a
+        conditional PUT is one request of at most :data:`SINGLE_PUT_MAX` bytes, held in
+        memory); two writers racing on the key within one upload could both publish, the
+        last one's bytes standing. A local folder publishes atomically either way."""
 
     def put(self, key: str, data: bytes, *, replace: bool = False) -> None:
         """Publish ``data`` as ``key`` (through a staging file), create-if-absent as
@@ -247,7 +254,7 @@ class LocalStorage(Storage):
     def staging_path(self, key: str, *, unique: bool = True) -> Path:
         return _staging(self._path(key), unique)
 
-    def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
+    def publish(self, staged: Path, key: str, *, replace: bool = False, single_writer: bool = False) -> None:
         final = self._path(key)
         fsync_file(staged)
         if replace:
@@ -304,6 +311,14 @@ class LocalStorage(Storage):
 
 
 # --- object store (obstore) -----------------------------------------------------------------
+
+SINGLE_PUT_MAX = 5 * 1024**3
+"""Bytes one S3 PUT takes (AWS's limit). A create-if-absent publication (a shard) is one
+conditional PUT, which obstore sends whole from memory."""
+
+MULTIPART_CHUNK = 16 * 1024**2
+"""Part size of the streamed multipart uploads of :meth:`ObjectStorage.publish` with
+``replace`` or ``single_writer`` (S3 allows 10,000 parts: objects up to 160 GiB)."""
 
 ENV_HINT = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL / AWS_REGION"
 
@@ -382,15 +397,25 @@ class ObjectStorage(Storage):
     def staging_path(self, key: str, *, unique: bool = True) -> Path:
         return _staging(self.staging / _check_key(key), unique)
 
-    def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
+    def publish(self, staged: Path, key: str, *, replace: bool = False, single_writer: bool = False) -> None:
         import obstore
         from obstore.exceptions import AlreadyExistsError, PreconditionError
 
         k = self._key(key)
-        mode = "overwrite" if replace else "create"
+        if replace or single_writer:  # a streamed multipart upload, any size
+            if not replace and self.exists(key):
+                raise AlreadyPublished(f"{self.url}/{k}", key)
+            with self._errors():
+                obstore.put(self._store, k, Path(staged), mode="overwrite", chunk_size=MULTIPART_CHUNK)
+            Path(staged).unlink(missing_ok=True)
+            return
+        size = Path(staged).stat().st_size
+        if size > SINGLE_PUT_MAX:
+            raise StorageError(f"{self.url}/{k}: {size:,} bytes is more than one create-if-absent PUT takes "
+                               f"({SINGLE_PUT_MAX:,}); use smaller blocks (a higher --block-zoom)")
         for attempt in range(8):
             try:
-                obstore.put(self._store, k, Path(staged), mode=mode)
+                obstore.put(self._store, k, Path(staged), mode="create")
                 break
             except Exception as e:
                 code = _s3_status(e)

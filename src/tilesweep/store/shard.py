@@ -775,6 +775,12 @@ class ShardReader:
                 if status is None or st == status:
                     yield Tile(z, x, y), Status(st), self.data(i, check)
 
+    def holding_data(self) -> "contextlib.AbstractContextManager[None]":
+        """Inside the ``with``, a shard on object storage keeps its tile data in memory
+        (one ranged GET) so that reading many of its tiles costs no request each; a local
+        (memory-mapped) shard needs nothing."""
+        return self._whole_data()
+
     def _whole_data(self) -> "contextlib.AbstractContextManager[None]":
         """While open, a shard on object storage holds its tile data (one ranged GET)
         instead of reading tile by tile."""
