@@ -53,23 +53,24 @@ LOCAL_MAX = 256
 class DaskAddress:
     """Where the loops run: ``local`` workers of a LocalCluster started here (1..256), or
     the ``scheduler`` address of a running cluster. ``connect_timeout_s``: how long to
-    wait for the scheduler (> 0)."""
+    wait for the scheduler (> 0); None: Dask's ``distributed.comm.timeouts.connect``
+    (30 s unless configured, e.g. ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=5s``)."""
 
     text: str
     local: int | None = None
     scheduler: str | None = None
-    connect_timeout_s: float = 10.0
+    connect_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if (self.local is None) == (self.scheduler is None):
             raise UsageError(f"--dask {self.text!r}: give local:N or a scheduler address")
         if self.local is not None and not 1 <= self.local <= LOCAL_MAX:
             raise UsageError(f"--dask {self.text!r}: local workers must be in 1..{LOCAL_MAX}")
-        if not self.connect_timeout_s > 0:
+        if self.connect_timeout_s is not None and not self.connect_timeout_s > 0:
             raise UsageError(f"--dask connect timeout {self.connect_timeout_s:g} must be > 0 seconds")
 
 
-def parse_dask_address(text: str, connect_timeout_s: float = 10.0) -> DaskAddress:
+def parse_dask_address(text: str, connect_timeout_s: float | None = None) -> DaskAddress:
     """``local:N`` or ``tcp://host:port`` / ``tls://host:port``; :class:`UsageError`
     naming ``text`` for anything else."""
     t = str(text).strip()
@@ -203,7 +204,8 @@ class _Cluster:
             self.client = distributed.Client(self.cluster, set_as_default=False)
         else:
             try:
-                self.client = distributed.Client(address.scheduler, timeout=address.connect_timeout_s, set_as_default=False)
+                timeout = {} if address.connect_timeout_s is None else {"timeout": address.connect_timeout_s}
+                self.client = distributed.Client(address.scheduler, set_as_default=False, **timeout)
             except (OSError, TimeoutError) as exc:
                 raise UsageError(f"--dask {address.text!r}: the scheduler cannot be reached ({_first_line(exc)})") from None
 
