@@ -973,6 +973,9 @@ def _print_status(sweep: Sweep, st: SweepStatus) -> None:
             f"{r['failed']:,} failed; {r['retries']:,} requests retried after transient faults"
         )
     out.print(f"throughput {st.throughput:,.1f} tiles/s over the last {st.window_s:.0f} s, ETA {eta}, {st.attempts_total:,} leases taken")
+    for m in st.machines:  # each machine's worker loops (lease owners) and rate
+        out.print(f"  machine {m['host']}: {plural(len(m['owners']), 'loop')}, {plural(m['blocks_leased'], 'block')} leased, "
+                  f"{m['tiles_done']:,} tiles done in the window ({m['tiles_per_s']:,.1f} tiles/s)", highlight=False)
     if st.dead:
         more = st.blocks["dead"] - len(st.dead)
         err.print(f"[bold red]{st.blocks['dead']:,} dead blocks[/], last errors" + (f" (first {len(st.dead)}):" if more else ":"))
