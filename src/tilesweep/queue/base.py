@@ -232,8 +232,9 @@ class Queue(Protocol):
         """``(block id, results)`` of every done block in id order (streams); None for a
         block acked without results."""
 
-    def records(self) -> Iterator[BlockRecord]:
-        """Every block's record in id order (streams; for queries over the queue)."""
+    def records(self, lo: int | None = None, hi: int | None = None) -> Iterator[BlockRecord]:
+        """Every block's record in id order (streams; for queries over the queue); with
+        ``lo``/``hi``, only ids in ``[lo, hi)`` (a quadtree cell's blocks: the viewer)."""
 
     def close(self) -> None: ...
 

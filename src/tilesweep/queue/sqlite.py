@@ -359,9 +359,10 @@ class SqliteQueue:
         row = self._db.execute(f"SELECT {_RECORD_COLS} FROM blocks WHERE id = ?", (int(block_id),)).fetchone()
         return None if row is None else _record(row)
 
-    def records(self) -> Iterator[BlockRecord]:
-        """Every block's record in id order (streams)."""
-        for row in self._db.execute(f"SELECT {_RECORD_COLS} FROM blocks ORDER BY id"):
+    def records(self, lo: int | None = None, hi: int | None = None) -> Iterator[BlockRecord]:
+        """Every block's record in id order (streams), or those with ids in ``[lo, hi)``."""
+        lo_, hi_ = (-1 if lo is None else int(lo)), ((1 << 62) if hi is None else int(hi))
+        for row in self._db.execute(f"SELECT {_RECORD_COLS} FROM blocks WHERE id >= ? AND id < ? ORDER BY id", (lo_, hi_)):
             yield _record(row)
 
     def results(self) -> Iterator[tuple[int, BlockResult | None]]:
