@@ -178,6 +178,7 @@ def fetch(
     replace_source: bool = typer.Option(False, "--replace-source", help="Record --source in place of the sweep's source (done blocks with no image are fetched again; see docs/sources.md)."),
     mix_sources: bool = typer.Option(False, "--mix-sources", help="With --replace-source: keep done blocks that hold the old source's tiles."),
     dask: Optional[str] = typer.Option(None, "--dask", help="Run the worker loops on Dask: local:N (N worker processes here) or tcp://scheduler:8786 (one loop per worker thread); --concurrency and --rate are then per loop (docs/scale-out.md)."),
+    supertile: Optional[int] = typer.Option(None, "--super", help="With a bbox --source ({bbox} {width} {height}: WMS, static images): ask for N x N tiles per request (2, 4, 8, 16) and cut them."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
 ) -> None:
     """Fetch the planned tiles of SWEEP_DIR into its store (tiles/), resumably.
@@ -194,7 +195,7 @@ def fetch(
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "fetch"):
         new_source = sweep.source is None
-        src = _bind_source(sweep, source, header, replace_source, mix_sources)
+        src = _bind_source(sweep, source, header, replace_source, mix_sources, supertile)
         before = sweep.status()
         meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet)
         try:
@@ -281,12 +282,19 @@ def _positive_seconds(value: float, option: str) -> float:
     return value
 
 
-def _bind_source(sweep: Sweep, source: str | None, header: list[str], replace: bool = False, mix: bool = False):  # type: ignore[no-untyped-def]
+def _bind_source(sweep: Sweep, source: str | None, header: list[str], replace: bool = False, mix: bool = False,  # type: ignore[no-untyped-def]
+                 supertile: int | None = None):
     """The sweep's source: ``--source`` (recorded on first use) or the recorded one;
-    ``replace``: record ``--source`` in place of the recorded one (Sweep.replace_source)."""
+    ``replace``: record ``--source`` in place of the recorded one (Sweep.replace_source);
+    ``supertile``: ``--super N`` (tiles on a side of one bbox request)."""
     from .sources import parse_source
+    from .supertile import check_blocks
 
-    given = None if source is None else parse_source(source, header)
+    if supertile is not None and source is None:
+        raise UsageError("--super needs --source (a bbox template: the super-tile size belongs to the source)")
+    given = None if source is None else parse_source(source, header, supertile=supertile)
+    if given is not None:
+        check_blocks(given, sweep.zoom, sweep.block_zoom)
     if given is None and header:
         raise UsageError("--header needs --source (the headers belong to a source)")
     if (replace or mix) and given is None:
@@ -505,6 +513,7 @@ def run(
     tile_budget: float = typer.Option(120.0, "--tile-budget", help="Seconds one tile may take over all its retries, per lease."),
     replace_source: bool = typer.Option(False, "--replace-source", help="Record --source in place of the sweep's source (see docs/sources.md)."),
     mix_sources: bool = typer.Option(False, "--mix-sources", help="With --replace-source: keep done blocks that hold the old source's tiles."),
+    supertile: Optional[int] = typer.Option(None, "--super", help="With a bbox --source: ask for N x N tiles per request (2, 4, 8, 16) and cut them (docs/sources.md)."),
     batch: int = typer.Option(64, "--batch", "-b", help="Model inputs per predict call."),
     threads: int = typer.Option(2, "--threads", "-t", help="Decode threads."),
     part_rows: int = typer.Option(65536, "--part-rows", help="Rows per Parquet part (group commit)."),
@@ -514,6 +523,9 @@ def run(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Score in 0..1 at or above which a tile is labelled (default: the model's own)."),
     dask: Optional[str] = typer.Option(None, "--dask", help="Fetch on Dask (tiles kept in the store, predicted here): local:N (N worker processes here) or tcp://scheduler:8786 (one loop per worker thread); --concurrency and --rate are then per loop (docs/scale-out.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
+    densify: Optional[int] = typer.Option(None, "--densify", help="Then plan the unplanned tiles within R tiles of each detection and run them, round after round, until a round finds no new tile (`tilesweep densify`)."),
+    densify_along: bool = typer.Option(False, "--densify-along", help="With --densify: also the tiles along the line through two nearby detections."),
+    densify_rounds: int = typer.Option(20, "--densify-rounds", help="With --densify: most densify rounds in the sweep."),
 ) -> None:
     """Fetch and predict in one go, the usual command.
 
@@ -535,19 +547,25 @@ def run(
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch or a run
         the_model = apply_threshold(_load_model(model, device, model_threads), threshold, sweep.path)  # before the source is recorded
         new_source = sweep.source is None
-        src = _bind_source(sweep, source, header, replace_source, mix_sources)
-        try:
-            if dask_address is not None:
-                from . import cli_dask
+        src = _bind_source(sweep, source, header, replace_source, mix_sources, supertile)
 
-                cli_dask.run(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, dask_address, quiet)
-            elif keep_tiles:
-                _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
-            else:
-                _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
-        except UsageError:  # e.g. the source gave no image at all: record nothing of it
-            _forget_source(sweep, new_source)
-            raise
+        def run_once() -> None:
+            try:
+                if dask_address is not None:
+                    from . import cli_dask
+
+                    cli_dask.run(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, dask_address, quiet)
+                elif keep_tiles:
+                    _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
+                else:
+                    _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
+            except UsageError:  # e.g. the source gave no image at all: record nothing of it
+                _forget_source(sweep, new_source)
+                raise
+
+        from .cli_lines import run_rounds  # --densify: run, densify, run again (tilesweep.densify)
+
+        run_rounds(sweep, the_model.name, threshold, densify, densify_along, densify_rounds, run_once)
 
 
 _STOPPED_RUN = ("committed predictions are durable", "run the same command to go on")
@@ -834,7 +852,7 @@ def tiles_stats(
 @app.command()
 def export(
     sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
-    output: Path = typer.Argument(..., help="Output: a .pmtiles or .mbtiles file, or a folder for --format dir."),
+    output_arg: str = typer.Argument(..., metavar="OUTPUT", help="Output: a .pmtiles or .mbtiles file (or s3://bucket/prefix/name), or a folder for --format dir."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="pmtiles, mbtiles or dir; default from OUTPUT's suffix."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
 ) -> None:
@@ -842,8 +860,13 @@ def export(
 
     The PMTiles v3 archive is clustered (Hilbert order). Export streams: memory does not
     grow with the number of tiles."""
+    from .storage import is_url
     from .store import export_dir, export_mbtiles, export_pmtiles
 
+    if is_url(output_arg):
+        _export_to_url(sweep_dir, output_arg, fmt, force)
+        return
+    output = Path(output_arg)
     kind = fmt or {".pmtiles": "pmtiles", ".mbtiles": "mbtiles"}.get(output.suffix.lower())
     if kind is None:
         raise UsageError(f"cannot tell the format of {str(output)!r}: use a .pmtiles or .mbtiles name, or --format dir")
@@ -880,6 +903,33 @@ def export(
         store.close()
     tiles = summary.get("tiles", summary.get("addressed_tiles", 0))
     out.print(f"wrote {str(output)} ({kind}): {tiles:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
+
+
+def _export_to_url(sweep_dir: Path, url: str, fmt: Optional[str], force: bool) -> None:
+    """`export SWEEP s3://bucket/prefix/name.pmtiles`: staged on local disk, published
+    through the storage seam (replacing an earlier object only with --force)."""
+    from pathlib import PurePosixPath
+
+    from .store import export_mbtiles, export_pmtiles
+    from .store.export import export_target
+
+    kind = fmt or {".pmtiles": "pmtiles", ".mbtiles": "mbtiles"}.get(PurePosixPath(url).suffix.lower())
+    if kind not in ("pmtiles", "mbtiles"):
+        raise UsageError(f"cannot export {url!r} as {kind or 'an unknown format'}: to object storage, a .pmtiles or .mbtiles name")
+    with Sweep.open(sweep_dir) as sweep:
+        storage, key = export_target(url)  # StorageError (exit 2): bucket, credentials, endpoint
+        if storage.exists(key) and not force:
+            raise UsageError(f"{url!r} exists; pass --force to replace it")
+        store = sweep.store
+        blocks = _export_blocks(sweep, sweep_dir, store)
+        started = time.perf_counter()
+        if kind == "pmtiles":
+            meta = {"name": sweep.path.name, "description": f"tilesweep export: {sweep.describe_plan()}"}
+            summary = export_pmtiles(store, url, metadata=meta, blocks=blocks, replace=force)
+        else:
+            summary = export_mbtiles(store, url, blocks=blocks, replace=force)
+        store.close()
+    out.print(f"wrote {url} ({kind}): {summary['tiles']:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
 
 
 def _export_blocks(sweep: Sweep, sweep_dir: Path, store) -> list:  # type: ignore[no-untyped-def]
@@ -976,6 +1026,9 @@ def _print_status(sweep: Sweep, st: SweepStatus) -> None:
     for m in st.machines:  # each machine's worker loops (lease owners) and rate
         out.print(f"  machine {m['host']}: {plural(len(m['owners']), 'loop')}, {plural(m['blocks_leased'], 'block')} leased, "
                   f"{m['tiles_done']:,} tiles done in the window ({m['tiles_per_s']:,.1f} tiles/s)", highlight=False)
+    for r in st.densify:
+        out.print(f"densify round {r['round']}: {r['tiles']:,} tiles in {r['blocks']:,} blocks around {r['detections']:,} detections "
+                  f"of {r['model']} (radius {r['radius']}{', along lines' if r['along'] else ''})", highlight=False)
     if st.dead:
         more = st.blocks["dead"] - len(st.dead)
         err.print(f"[bold red]{st.blocks['dead']:,} dead blocks[/], last errors" + (f" (first {len(st.dead)}):" if more else ":"))
@@ -1014,6 +1067,7 @@ def _human_hours(h: float) -> str:
 # (results: query/convert/detections/summarize; view: the web viewer).
 from .cli_view import register as _register_view; _register_view(app)  # noqa: E402
 from .cli_results import register as _register_results; _register_results(app)  # noqa: E402
+from .cli_lines import register as _register_lines; _register_lines(app)  # noqa: E402
 
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"

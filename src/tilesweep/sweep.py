@@ -100,6 +100,7 @@ class SweepStatus:
     # per machine (host): its lease owners (worker loops) leasing now or done in the window,
     # blocks leased now, blocks and tiles done in the window, tiles/s, last heartbeat
     machines: list[dict[str, Any]] = field(default_factory=list)
+    densify: list[dict[str, Any]] = field(default_factory=list)  # densify rounds (tilesweep.densify.rounds)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tiles_total": self.tiles_total, "blocks_total": self.blocks_total}
@@ -118,6 +119,7 @@ class SweepStatus:
             predictions=self.predictions,
             dead_blocks=self.dead,
             machines=self.machines,
+            densify=self.densify,
         )
         return out
 
@@ -445,18 +447,24 @@ class Sweep:
         remaining = tiles["pending"] + tiles["leased"]
         eta = remaining / throughput if throughput > 0 else (0.0 if remaining == 0 else None)
         summary = self.summary()
+        from .densify import rounds as densify_rounds
+
+        rounds = densify_rounds(self.path)  # densify rounds add blocks to the plan
+        planned_tiles = summary.tiles + sum(int(r["tiles"]) for r in rounds)
+        planned_blocks = summary.blocks + sum(int(r["blocks"]) for r in rounds)
         mismatch = None
-        if sum(tiles.values()) != summary.tiles or sum(blocks.values()) != summary.blocks:
+        if sum(tiles.values()) != planned_tiles or sum(blocks.values()) != planned_blocks:
             mismatch = (
                 f"queue holds {sum(blocks.values())} blocks / {sum(tiles.values())} tiles "
-                f"but the plan has {summary.blocks} blocks / {summary.tiles} tiles"
+                f"but the plan has {planned_blocks} blocks / {planned_tiles} tiles"
+                + (" (with its densify rounds: a round cut short? `tilesweep densify` completes it)" if rounds else "")
             )
         elif stats.unbalanced:
             mismatch = f"{stats.unbalanced} done blocks have results that do not add up to their planned tiles"
         r = stats.results
         return SweepStatus(
-            tiles_total=summary.tiles,
-            blocks_total=summary.blocks,
+            tiles_total=planned_tiles,
+            blocks_total=planned_blocks,
             blocks=blocks,
             tiles=tiles,
             attempts_total=int(stats.attempts_total),
@@ -469,6 +477,7 @@ class Sweep:
             predictions=_ledger_summary(self.path),
             dead=self._dead_blocks() if blocks["dead"] else [],
             machines=machines(self.queue.owner_stats(window), window),
+            densify=rounds,
         )
 
     def _dead_blocks(self, n: int = 10) -> list[dict[str, Any]]:
@@ -558,12 +567,11 @@ def open_sweep_queue(path: str | os.PathLike[str], max_attempts: int = 5) -> Que
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Publish ``text`` as ``path`` through the storage seam: staged under a ``.partial``
+    name, fsynced, renamed over ``path``, folder fsynced."""
+    from .storage import LocalStorage
+
+    LocalStorage(path.parent).put(path.name, text.encode("utf-8"), replace=True)
 
 
 def _ledger_summary(path: Path) -> list[dict[str, Any]]:

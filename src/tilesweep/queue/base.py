@@ -241,3 +241,6 @@ class Queue(Protocol):
     def __enter__(self) -> "Queue": ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+    def blocks_by_id(self, ids: Iterable[int]) -> Iterator[Block]:
+        """The queued blocks among ``ids`` (any state, id order); ids not queued are left out."""

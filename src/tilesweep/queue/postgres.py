@@ -532,6 +532,17 @@ class PostgresQueue:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def blocks_by_id(self, ids: Iterable[int]) -> Iterator[Block]:
+        """The queued blocks among ``ids`` (any state), in id order; ids not queued are
+        left out (densify: which cells are taken)."""
+        wanted = sorted({int(i) for i in ids})
+        if not wanted:
+            return
+        rows = self._run(lambda db: db.execute(
+            f"SELECT {_BLOCK_COLS} FROM blocks WHERE id = ANY(%s) ORDER BY id", (wanted,)).fetchall())
+        for row in rows:
+            yield _block(row)
+
 
 def _block(row: tuple[Any, ...]) -> Block:
     mask = row[4]

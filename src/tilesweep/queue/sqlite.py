@@ -424,3 +424,13 @@ class SqliteQueue:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def blocks_by_id(self, ids: Iterable[int], batch: int = 500) -> Iterator[Block]:
+        """The queued blocks among ``ids`` (any state), in id order within each batch of
+        ``batch`` ids; ids not queued are left out (densify: which cells are taken)."""
+        ids = sorted({int(i) for i in ids})
+        for start in range(0, len(ids), batch):
+            part = ids[start : start + batch]
+            marks = ", ".join("?" * len(part))
+            for row in self._db.execute(f"SELECT {_BLOCK_COLS} FROM blocks WHERE id IN ({marks}) ORDER BY id", part):
+                yield _block(row)
