@@ -134,7 +134,7 @@ def worker_loop(spec: LoopSpec, stop: Any) -> WorkerCounters:
     """One worker's loop over the sweep until its queue has nothing pending or ``stop``
     is set (anything with ``is_set()``). The one place a Dask task meets the worker."""
     return Worker(Path(spec.sweep_path), spec.zoom, spec.block_zoom, spec.source, spec.fetch, spec.worker,
-                  stop_event=stop).run()
+                  on_progress=lambda c: None, stop_event=stop).run()  # on_progress: the counters carry the fetch stats
 
 
 def _dask_task(spec: LoopSpec, stop_name: str) -> WorkerCounters:
