@@ -210,8 +210,7 @@ class _Cluster:
                 raise UsageError(f"--dask {address.text!r}: the scheduler cannot be reached ({_first_line(exc)})") from None
 
     def threads(self) -> int:
-        info = self.client.scheduler_info()
-        return max(1, sum(int(w.get("nthreads", 1)) for w in info.get("workers", {}).values()))
+        return max(1, sum(int(n) for n in self.client.nthreads().values()))
 
     def close(self) -> None:
         try:
@@ -278,6 +277,8 @@ def _run_loops(sweep: Any, cluster: _Cluster, addr: DaskAddress, source: Source,
             if not stopped and stop_requested():
                 stop_event.set()
                 stopped = True
+            if any(f.status == "error" and isinstance(f.exception(), UsageError) for f in futures):
+                stop_event.set()  # bad input (a source with no image): the other loops stop too
             running = sum(1 for f in futures if not f.done())
             if on_progress is not None:
                 on_progress(_progress(q, running, started))
