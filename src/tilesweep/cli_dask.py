@@ -16,7 +16,7 @@ class _ClusterLine:
     def __init__(self, quiet: bool) -> None:
         from .cli import _LiveLines
 
-        self.lines = _LiveLines(quiet)
+        self.lines: Any = _LiveLines(quiet)
         self.latest: Any = None
 
     def __enter__(self) -> "_ClusterLine":

@@ -49,6 +49,16 @@ __all__ = [
 LOCAL_MAX = 256
 
 
+def _distributed() -> Any:
+    """The ``distributed`` module (the dask extra), untyped; :class:`UsageError` without it."""
+    import importlib
+
+    try:
+        return importlib.import_module("distributed")
+    except ImportError:
+        raise UsageError("--dask needs the dask extra: pip install 'tilesweep[dask]'") from None
+
+
 @dataclass(frozen=True)
 class DaskAddress:
     """Where the loops run: ``local`` workers of a LocalCluster started here (1..256), or
@@ -107,11 +117,10 @@ class _StopFlag:
     the Dask Event (the loop looks often; the scheduler is asked twice a second)."""
 
     def __init__(self, name: str) -> None:
-        from distributed import Event, get_client
-
+        d = _distributed()
         self._flag = threading.Event()
         # the client named here: found from the task's thread only, not from the watcher's
-        self._event = Event(name, client=get_client())
+        self._event = d.Event(name, client=d.get_client())
         self._thread = threading.Thread(target=self._watch, name="tilesweep-dask-stop", daemon=True)
         self._thread.start()
 
@@ -182,10 +191,7 @@ class _Cluster:
     """A Dask client, and the LocalCluster it owns for ``local:N``."""
 
     def __init__(self, address: DaskAddress) -> None:
-        try:
-            import distributed
-        except ImportError:
-            raise UsageError("--dask needs the dask extra: pip install 'tilesweep[dask]'") from None
+        distributed = _distributed()
         self.cluster: Any = None
         if address.local is not None:
             import signal
@@ -201,7 +207,7 @@ class _Cluster:
             finally:
                 if old is not None:
                     signal.signal(signal.SIGINT, old)
-            self.client = distributed.Client(self.cluster, set_as_default=False)
+            self.client: Any = distributed.Client(self.cluster, set_as_default=False)
         else:
             try:
                 timeout = {} if address.connect_timeout_s is None else {"timeout": address.connect_timeout_s}
@@ -259,16 +265,14 @@ def fetch_on_dask(
 def _run_loops(sweep: Any, cluster: _Cluster, addr: DaskAddress, source: Source, fetch: FetchSettings | None,
                worker: WorkerSettings | None, on_progress: Callable[[ClusterProgress], None] | None,
                stop_requested: Callable[[], bool], poll_s: float) -> ClusterReport:
-    from distributed import Event
-
     spec = LoopSpec(str(Path(sweep.path).resolve()), sweep.zoom, sweep.block_zoom, source,
                     fetch or FetchSettings(), worker or WorkerSettings())
     started = time.monotonic()
     report = ClusterReport()
     stop_name = f"tilesweep-stop-{secrets.token_hex(8)}"
-    stop_event = Event(stop_name, client=cluster.client)
+    stop_event: Any = _distributed().Event(stop_name, client=cluster.client)
     n = addr.local or cluster.threads()
-    futures = [cluster.client.submit(_dask_task, spec, stop_name, pure=False, key=f"tilesweep-loop-{i}-{stop_name}")
+    futures: list[Any] = [cluster.client.submit(_dask_task, spec, stop_name, pure=False, key=f"tilesweep-loop-{i}-{stop_name}")
                for i in range(n)]
     report.loops = n
     stopped = False
