@@ -13,6 +13,12 @@ throwaway PostgreSQL is started on 127.0.0.1 (Debian's binaries, tests/helpers/p
 
 Every run checks that each block was leased and acked exactly once (none lost, none done
 twice) and that the queue then counts them all done; the script exits 1 when one did not.
+
+``--fetch N``: the full fetch instead, from nginx on loopback answering every path with one
+JPEG (benchmarks/blocks.py's server), of a dense N-tile zoom-18 plan on the SQLite queue:
+``tilesweep fetch --workers P`` against ``tilesweep fetch --dask local:P`` (the same loops
+as Dask tasks; ``-c`` is the total in flight, split per loop), start-up included, wall
+seconds and tiles/s per loop, one run each.
 """
 
 from __future__ import annotations
@@ -88,10 +94,15 @@ def main() -> None:
     ap.add_argument("--procs", default="1,2,4,8", help="process counts (default 1,2,4,8)")
     ap.add_argument("--quick", action="store_true", help="300 blocks, 1 and 2 processes (a few seconds; the test suite runs it)")
     ap.add_argument("--pg", help="a PostgreSQL URL to use (password from PGPASSWORD / ~/.pgpass); default: start one")
+    ap.add_argument("--fetch", type=int, default=0, help="tiles of a full fetch from nginx instead (see the doc)")
+    ap.add_argument("-c", "--concurrency", type=int, default=256, help="--fetch: requests in flight in all (default 256)")
     a = ap.parse_args()
     if a.quick:
         a.blocks, a.procs = 300, "1,2"
     counts = [int(x) for x in a.procs.split(",")]
+    if a.fetch:
+        fetch_table(a.fetch, counts, a.concurrency)
+        return
     console = Console()
     server = None
     tmp = Path(tempfile.mkdtemp(prefix="tilesweep-scale-"))
@@ -142,6 +153,53 @@ def main() -> None:
             shutil.rmtree(server.root, ignore_errors=True)
     if bad:
         sys.exit(1)
+
+
+def fetch_table(n_tiles: int, counts: list[int], concurrency: int) -> None:
+    """``fetch --workers P`` vs ``fetch --dask local:P`` from nginx (see the module doc)."""
+    import json
+    import shutil
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from blocks import AnyTileNginx, timed
+    from fetch import area_for
+
+    from tilesweep.sim import World
+    from tilesweep.tiles import Tile
+
+    py = sys.executable
+    work = Path(tempfile.mkdtemp(prefix="tilesweep-scale-fetch-"))
+    root = work / "www"
+    root.mkdir()
+    (root / "tile.jpg").write_bytes(World(seed=0).render(Tile(18, 137000, 92000)))
+    bbox, _ = area_for(n_tiles)
+    template = work / "plan"
+    subprocess.run([py, "-m", "tilesweep", "plan", ",".join(f"{v:.7f}" for v in bbox), str(template), "--zoom", "18"],
+                   check=True, stdout=subprocess.DEVNULL)
+    console = Console()
+    table = Table(title=f"full fetch from nginx on loopback, -c {concurrency} in all ({os.cpu_count()} CPUs), start-up included")
+    for col in ("how", "loops", "tiles", "wall s", "tiles/s", "tiles/s per loop", "peak RSS MB"):
+        table.add_column(col, justify="left" if col == "how" else "right")
+    try:
+        with AnyTileNginx(root, work / "nginx") as server:
+            for n in counts:
+                for how in ("--workers", "--dask"):
+                    sweep = work / f"run-{how.strip('-')}-{n}"
+                    shutil.copytree(template, sweep)
+                    loops = ["--workers", str(n), "-c", str(concurrency)] if how == "--workers" else \
+                        ["--dask", f"local:{n}", "-c", str(max(1, concurrency // n))]
+                    r = timed([py, "-m", "tilesweep", "fetch", str(sweep), "--source", server.url + "/{z}/{x}/{y}.jpg", *loops, "-q"])
+                    st = json.loads(subprocess.run([py, "-m", "tilesweep", "status", str(sweep), "--json"],
+                                                   capture_output=True, text=True).stdout)
+                    assert st["tiles_ok"] == st["tiles_total"] and st["mismatch"] is None, st
+                    rate = st["tiles_total"] / r["seconds"]
+                    table.add_row(f"fetch {how} {'local:' if how == '--dask' else ''}{n}", str(n), f"{st['tiles_total']:,}",
+                                  f"{r['seconds']:.1f}", f"{rate:,.0f}", f"{rate / n:,.0f}", f"{r['rss_mb']:.0f}")
+                    shutil.rmtree(sweep)
+        console.print(table)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

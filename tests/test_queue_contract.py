@@ -67,6 +67,21 @@ def test_put_lease_in_priority_order_never_twice(make):
     assert q.owners() == {"w": 50} and q.count(State.LEASED) == 50
 
 
+def test_owner_stats_count_each_owners_leases_and_acks(make):
+    """What `status` groups by machine: leases now and acks in the window, per owner."""
+    q = make()
+    q.put(make_blocks(5))
+    a = [lease.block.id for lease in q.lease(3, ttl=60, owner="m1:10:aa")]
+    b = [lease.block.id for lease in q.lease(2, ttl=60, owner="m2:20:bb")]
+    q.ack(a[:2])
+    st = {o.owner: o for o in q.owner_stats(window=300)}
+    assert set(st) == {"m1:10:aa", "m2:20:bb"} and st["m1:10:aa"].host == "m1"
+    assert (st["m1:10:aa"].leased, st["m1:10:aa"].done_blocks, st["m1:10:aa"].done_tiles) == (1, 2, 512)
+    assert (st["m2:20:bb"].leased, st["m2:20:bb"].done_blocks) == (2, 0)
+    q.ack(a[2:] + b)
+    assert sum(o.done_tiles for o in q.owner_stats(window=300)) == 5 * 256 and not q.owners()
+
+
 def test_blocks_keep_their_mask_and_records_have_every_field(make):
     q = make()
     mask = np.zeros((4, 4), bool)

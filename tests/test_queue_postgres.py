@@ -118,10 +118,11 @@ def test_server_restarted_mid_sweep_workers_reconnect_nothing_lost(pg_server, pg
         assert all(q.get(i)["attempts"] > 1 or q.get(i)["lost"] == 0 for i in repeated)
 
 
-def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulator(pg_server, tmp_path):
-    """plan --queue postgresql://, then a plain `fetch` with 2 worker processes against the
-    simulator: every planned tile fetched once, `status` adds up, and the password (given
-    even inside the URL) is in no file of the sweep and no output."""
+def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulator(pg_server, tmp_path, monkeypatch):
+    """plan --queue postgresql://, then `fetch --dask local:2` (the loops of a Dask
+    LocalCluster lease from the server) against the simulator: every planned tile fetched
+    once, `status` adds up (per machine too), the viewer reads the queue, and the password
+    (given even inside the URL) is in no file of the sweep and no output."""
     sweep = tmp_path / "s"
     url = pg_server.url().replace("tilesweep@", f"tilesweep:{PASSWORD}@")  # even given in the URL
     res = tilesweep("plan", BBOX, sweep, "-z", 15, "--block-zoom", 13, "--queue", url, env=PG_ENV)
@@ -135,9 +136,23 @@ def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulato
     again, created = Sweep.plan(sweep, load_area(BBOX), PlanSpec(zoom=15, block_zoom=13), queue=url)  # the same plan
     assert not created and again.queue_url == recorded
     with run_in_thread(World(seed=3)) as sim:
-        fetched = tilesweep("fetch", sweep, "--source", sim.template(), "--workers", 2, env=PG_ENV)
+        dask = ("--dask", "local:2") if _has_dask() else ("--workers", 2)
+        fetched = tilesweep("fetch", sweep, "--source", sim.template(), *dask, env=PG_ENV)
     st = json.loads(tilesweep("status", sweep, "--json", env=PG_ENV).stdout)
     assert st["blocks_done"] == st["blocks_total"] > 1 and st["mismatch"] is None
+    (machine,) = st["machines"]  # one host; its loops acked every tile, their heartbeats kept
+    assert machine["tiles_done"] == st["tiles_total"] and machine["last_seen"] > 0 and len(machine["owners"]) >= 1
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    from tilesweep.view.server import Viewer
+
+    viewer = Viewer(sweep)  # it used to read queue.sqlite: "has no queue.sqlite"
+    assert viewer.progress()["blocks"]["done"] == st["blocks_total"]
+    from tilesweep.tiles import tile_at
+    from tilesweep.view.mvt import encode_squares
+
+    t = tile_at(7.45, 46.95, 15)
+    assert viewer.tile_info(t)["block"]["state"] == "done"
+    assert viewer.blocks_tile(10, t.x >> 5, t.y >> 5) != encode_squares("blocks", [])  # the blocks of a cell
     assert st["tiles_ok"] + st["tiles_empty"] == st["tiles_total"] and st["tiles_ok"] > 0
     assert len(list((sweep / "tiles").rglob("*.shard"))) == st["blocks_total"]
     for text in [res.stdout, res.stderr, fetched.stdout, fetched.stderr,
@@ -145,6 +160,14 @@ def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulato
         assert PASSWORD not in text
     with open_queue(recorded) as q:
         assert q.owners() == {} and q.stats().attempts_total == st["blocks_total"]
+
+
+def _has_dask() -> bool:
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def test_server_trouble_is_one_line_naming_it_and_nothing_written(pg_server, tmp_path, monkeypatch):

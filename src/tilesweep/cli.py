@@ -177,6 +177,7 @@ def fetch(
     tile_budget: float = typer.Option(120.0, "--tile-budget", help="Seconds one tile may take over all its retries, per lease (bounds what one bad tile costs its block)."),
     replace_source: bool = typer.Option(False, "--replace-source", help="Record --source in place of the sweep's source (done blocks with no image are fetched again; see docs/sources.md)."),
     mix_sources: bool = typer.Option(False, "--mix-sources", help="With --replace-source: keep done blocks that hold the old source's tiles."),
+    dask: Optional[str] = typer.Option(None, "--dask", help="Run the worker loops on Dask: local:N (N worker processes here) or tcp://scheduler:8786 (one loop per worker thread); --concurrency and --rate are then per loop (docs/scale-out.md)."),
     supertile: Optional[int] = typer.Option(None, "--super", help="With a bbox --source ({bbox} {width} {height}: WMS, static images): ask for N x N tiles per request (2, 4, 8, 16) and cut them."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
 ) -> None:
@@ -189,6 +190,7 @@ def fetch(
 
     settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts,
                                                 max_tile_bytes=max_tile_bytes, tile_budget=tile_budget)
+    dask_address = None if dask is None else _dask_address(dask)
     from .sweeplock import SweepLock
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "fetch"):
@@ -198,9 +200,14 @@ def fetch(
         meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet)
         try:
             with meter:
-                counters = run_workers(
-                    sweep.path, sweep.zoom, sweep.block_zoom, src, settings, worker_settings, workers, meter.update
-                )
+                if dask_address is not None:
+                    from . import cli_dask
+
+                    counters = cli_dask.fetch(sweep, dask_address, src, settings, worker_settings, quiet)
+                else:
+                    counters = run_workers(
+                        sweep.path, sweep.zoom, sweep.block_zoom, src, settings, worker_settings, workers, meter.update
+                    )
         except KeyboardInterrupt:
             _stopped(sweep, "fetched tiles are durable", "run the same command to resume")
         except UsageError:  # e.g. the source gave no image at all: record nothing of it
@@ -250,6 +257,13 @@ def _fetch_settings(workers: int, concurrency: int, rate: float | None, retries:
         tile_budget_s=_positive_seconds(tile_budget, "--tile-budget"),
     )
     return settings, WorkerSettings(lease_ttl_s=lease_ttl, max_attempts=max_attempts)
+
+
+def _dask_address(text: str):  # type: ignore[no-untyped-def]
+    """A checked ``--dask`` value (before anything is opened or written)."""
+    from .cluster import parse_dask_address
+
+    return parse_dask_address(text)
 
 
 def _parse_bytes(text: str, option: str) -> int:
@@ -507,6 +521,7 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     model_threads: Optional[int] = typer.Option(None, "--model-threads", help="CPU threads of one model batch."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Score in 0..1 at or above which a tile is labelled (default: the model's own)."),
+    dask: Optional[str] = typer.Option(None, "--dask", help="Fetch on Dask (tiles kept in the store, predicted here): local:N (N worker processes here) or tcp://scheduler:8786 (one loop per worker thread); --concurrency and --rate are then per loop (docs/scale-out.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
     densify: Optional[int] = typer.Option(None, "--densify", help="Then plan the unplanned tiles within R tiles of each detection and run them, round after round, until a round finds no new tile (`tilesweep densify`)."),
     densify_along: bool = typer.Option(False, "--densify-along", help="With --densify: also the tiles along the line through two nearby detections."),
@@ -526,6 +541,7 @@ def run(
 
     check_threshold(threshold)
     settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads)
+    dask_address = None if dask is None else _dask_address(dask)
     from .sweeplock import SweepLock
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch or a run
@@ -535,7 +551,11 @@ def run(
 
         def run_once() -> None:
             try:
-                if keep_tiles:
+                if dask_address is not None:
+                    from . import cli_dask
+
+                    cli_dask.run(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, dask_address, quiet)
+                elif keep_tiles:
                     _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
                 else:
                     _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
@@ -1006,6 +1026,9 @@ def _print_status(sweep: Sweep, st: SweepStatus) -> None:
             f"{r['failed']:,} failed; {r['retries']:,} requests retried after transient faults"
         )
     out.print(f"throughput {st.throughput:,.1f} tiles/s over the last {st.window_s:.0f} s, ETA {eta}, {st.attempts_total:,} leases taken")
+    for m in st.machines:  # each machine's worker loops (lease owners) and rate
+        out.print(f"  machine {m['host']}: {plural(len(m['owners']), 'loop')}, {plural(m['blocks_leased'], 'block')} leased, "
+                  f"{m['tiles_done']:,} tiles done in the window ({m['tiles_per_s']:,.1f} tiles/s)", highlight=False)
     for r in st.densify:
         out.print(f"densify round {r['round']}: {r['tiles']:,} tiles in {r['blocks']:,} blocks around {r['detections']:,} detections "
                   f"of {r['model']} (radius {r['radius']}{', along lines' if r['along'] else ''})", highlight=False)

@@ -113,6 +113,23 @@ class QueueStats:
     unbalanced: int = 0
 
 
+class OwnerStats(NamedTuple):
+    """One lease owner (``host:pid:random``, see :func:`tilesweep.worker.new_owner`): the
+    blocks it leases now, the blocks and tiles it acked in the last ``window`` seconds,
+    and when it was last seen (its heartbeat, Unix seconds; None where the backend keeps
+    none: SQLite)."""
+
+    owner: str
+    leased: int
+    done_blocks: int
+    done_tiles: int
+    seen_at: float | None = None
+
+    @property
+    def host(self) -> str:
+        return self.owner.partition(":")[0]
+
+
 class BlockRecord(TypedDict):
     """One block's whole record in a queue (inspection, ``verify``, tests): the same keys
     on every backend. Times are Unix seconds; ``n_*`` and ``stored`` are None until acked
@@ -179,6 +196,10 @@ class Queue(Protocol):
     def owners(self) -> dict[str, int]:
         """Owners of current leases and how many blocks each holds."""
 
+    def owner_stats(self, window: float = 300.0) -> list[OwnerStats]:
+        """Every owner that leases now or acked in the last ``window`` seconds, by owner
+        (``status`` groups them by host: each machine's loops and rates)."""
+
     def expire(self, owner: str) -> int:
         """End ``owner``'s leases now (the owner is known to be dead)."""
 
@@ -212,8 +233,9 @@ class Queue(Protocol):
         """``(block id, results)`` of every done block in id order (streams); None for a
         block acked without results."""
 
-    def records(self) -> Iterator[BlockRecord]:
-        """Every block's record in id order (streams; for queries over the queue)."""
+    def records(self, lo: int | None = None, hi: int | None = None) -> Iterator[BlockRecord]:
+        """Every block's record in id order (streams; for queries over the queue); with
+        ``lo``/``hi``, only ids in ``[lo, hi)`` (a quadtree cell's blocks: the viewer)."""
 
     def close(self) -> None: ...
 

@@ -33,7 +33,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 from ..errors import UsageError
-from .base import RECORD_FIELDS, Block, BlockRecord, BlockResult, DeadBlock, Lease, QueueStats, State
+from .base import RECORD_FIELDS, Block, BlockRecord, BlockResult, DeadBlock, Lease, OwnerStats, QueueStats, State
 from .url import QueueURL, StagedQueue
 
 try:
@@ -71,7 +71,8 @@ CREATE TABLE blocks (
     n_retries   INTEGER,
     failures    INTEGER NOT NULL DEFAULT 0,
     lost        INTEGER NOT NULL DEFAULT 0,
-    stored      SMALLINT
+    stored      SMALLINT,
+    done_by     TEXT                      -- the owner whose lease it was when acked (status per machine)
 );
 CREATE INDEX blocks_pending ON blocks(priority) WHERE state = {State.PENDING};
 CREATE INDEX blocks_leased ON blocks(lease_until) WHERE state = {State.LEASED};
@@ -111,6 +112,13 @@ def _connect(u: QueueURL, schema: str | None) -> Any:
     if schema is not None:
         conn.execute(_ident("SET search_path TO {}", schema))
     return conn
+
+
+def _ensure_done_by(db: Any) -> None:
+    """Add ``blocks.done_by`` to a queue planned before it existed (idempotent)."""
+    if db.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                  "AND table_name = 'blocks' AND column_name = 'done_by'").fetchone() is None:
+        db.execute("ALTER TABLE blocks ADD COLUMN IF NOT EXISTS done_by TEXT")
 
 
 def _ident(statement: str, *names: str) -> Any:
@@ -165,6 +173,7 @@ class PostgresQueue:
         if has < 2:  # planned before leases recorded their token: add the columns (idempotent)
             self._db.execute("ALTER TABLE owners ADD COLUMN IF NOT EXISTS last_lease TEXT, "
                              "ADD COLUMN IF NOT EXISTS last_ids BIGINT[]")
+        self._run(_ensure_done_by)
 
     # --- connections ----------------------------------------------------------------------
 
@@ -316,7 +325,7 @@ class PostgresQueue:
         def op(db: Any) -> int:
             db.execute("SELECT id FROM blocks WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (rows,))  # lock order: no deadlock
             cur = db.execute(
-                f"""UPDATE blocks b SET state = {State.DONE}, done_at = {_NOW}, owner = NULL, lease_until = NULL,
+                f"""UPDATE blocks b SET state = {State.DONE}, done_at = {_NOW}, done_by = b.owner, owner = NULL, lease_until = NULL,
                     n_ok = v.ok, n_empty = v.empty, n_failed = v.failed, n_bytes = v.bytes, n_retries = v.retries,
                     stored = v.stored, last_error = NULL
                     FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::int[], %s::bigint[], %s::int[], %s::smallint[])
@@ -389,6 +398,24 @@ class PostgresQueue:
         server clock): its last lease or extend, i.e. its heartbeat."""
         rows = self._run(lambda db: db.execute("SELECT owner, seen_at FROM owners ORDER BY owner").fetchall())
         return {str(o): float(t) for o, t in rows}
+
+    def owner_stats(self, window: float = 300.0) -> list[OwnerStats]:
+        """Owners leasing now or that acked in the last ``window`` seconds (server clock),
+        with their heartbeats."""
+        def op(db: Any) -> tuple[list[Any], list[Any]]:
+            leased = db.execute(f"SELECT owner, COUNT(*) FROM blocks WHERE state = {State.LEASED} GROUP BY owner").fetchall()
+            done = db.execute(
+                f"""SELECT done_by, COUNT(*), COALESCE(SUM(tiles), 0) FROM blocks
+                    WHERE state = {State.DONE} AND done_at >= {_NOW} - %s AND done_by IS NOT NULL GROUP BY done_by""",
+                (float(window),)).fetchall()
+            return leased, done
+
+        leased_rows, done_rows = self._run(op)
+        leased = {str(o): int(n) for o, n in leased_rows}
+        done = {str(o): (int(nb), int(nt)) for o, nb, nt in done_rows}
+        seen = self.owners_seen()
+        return [OwnerStats(o, leased.get(o, 0), *done.get(o, (0, 0)), seen.get(o))
+                for o in sorted(set(leased) | set(done))]
 
     def expire(self, owner: str) -> int:
         """End ``owner``'s leases now, as if they had expired (each a lost lease)."""
@@ -478,9 +505,10 @@ class PostgresQueue:
         row = self._run(lambda db: db.execute(f"SELECT {_RECORD_COLS} FROM blocks WHERE id = %s", (int(block_id),)).fetchone())
         return None if row is None else _record(row)
 
-    def records(self) -> Iterator[BlockRecord]:
-        """Every block's record in id order (streams)."""
-        for row in self._stream(f"SELECT {_RECORD_COLS} FROM blocks ORDER BY id"):
+    def records(self, lo: int | None = None, hi: int | None = None) -> Iterator[BlockRecord]:
+        """Every block's record in id order (streams), or those with ids in ``[lo, hi)``."""
+        lo_, hi_ = (-1 if lo is None else int(lo)), ((1 << 62) if hi is None else int(hi))
+        for row in self._stream(f"SELECT {_RECORD_COLS} FROM blocks WHERE id >= %s AND id < %s ORDER BY id", (lo_, hi_)):
             yield _record(row)
 
     def results(self) -> Iterator[tuple[int, BlockResult | None]]:
