@@ -364,6 +364,11 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     model_threads: Optional[int] = typer.Option(None, "--model-threads", help="CPU threads of one model batch (default: the runtime's choice)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Score in 0..1 at or above which a tile is labelled (default: the model's own)."),
+    # issue 13: where tiles are decoded, and the PyTorch model's precision and memory order
+    decode: str = typer.Option("auto", "--decode", help="Where tiles are decoded: auto (gpu for a PyTorch model on CUDA with torchvision, processes on more than 4 cores, else threads), threads, processes (shared memory) or gpu (nvJPEG)."),
+    decode_processes: Optional[int] = typer.Option(None, "--decode-processes", help="Decode processes with --decode processes (default: half the cores, 2..8)."),
+    precision: str = typer.Option("fp32", "--precision", help="PyTorch models: fp32, or bf16 / fp16 mixed precision (autocast)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="PyTorch models: weights and inputs in channels_last memory order."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
 ) -> None:
     """Score the fetched tiles of SWEEP_DIR with a model into Parquet parts (predictions/).
@@ -375,10 +380,10 @@ def predict(
     from .detections import apply_threshold, check_threshold
 
     check_threshold(threshold)
-    settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads)
+    settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads, decode, decode_processes)
     with Sweep.open(sweep_dir) as sweep:
         sweep.queue  # a sweep without its queue is a one-line error before anything loads
-        the_model = apply_threshold(_load_model(model, device, model_threads), threshold, sweep.path)
+        the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep.path)
         meter = _PredictMeter(quiet)
         try:
             with meter:
@@ -392,8 +397,15 @@ def predict(
         _predict_summary(sweep, sweep_dir, the_model, report, "run `tilesweep fetch`, then predict again")
 
 
-def _predict_settings(batch: int, threads: int, part_rows: int, part_seconds: float, model_threads: int | None):  # type: ignore[no-untyped-def]
+def _predict_settings(batch: int, threads: int, part_rows: int, part_seconds: float, model_threads: int | None,  # type: ignore[no-untyped-def]
+                      decode: str = "auto", decode_processes: int | None = None):
     from .predict import PredictSettings
+    from .predict.decoding import DECODE_MODES
+
+    if decode not in DECODE_MODES:
+        raise UsageError(f"decode {decode!r} is not auto, threads, processes or gpu")
+    if decode_processes is not None and not 1 <= decode_processes <= 256:
+        raise UsageError(f"decode processes {decode_processes} must be in 1..256")
 
     if not 1 <= batch <= 65536:
         raise UsageError(f"batch {batch} must be in 1..65536")
@@ -405,16 +417,17 @@ def _predict_settings(batch: int, threads: int, part_rows: int, part_seconds: fl
         raise UsageError(f"part seconds {part_seconds:g} must be > 0")
     if model_threads is not None and not 1 <= model_threads <= 256:
         raise UsageError(f"model threads {model_threads} must be in 1..256")
-    return PredictSettings(batch=batch, threads=threads, part_rows=part_rows, part_seconds=part_seconds)
+    return PredictSettings(batch=batch, threads=threads, part_rows=part_rows, part_seconds=part_seconds,
+                           decode=decode, decode_processes=decode_processes)
 
 
-def _load_model(spec: str, device: str, model_threads: int | None):  # type: ignore[no-untyped-def]
+def _load_model(spec: str, device: str, model_threads: int | None, precision: str = "fp32", channels_last: bool = False):  # type: ignore[no-untyped-def]
     """Load and probe the model: a model that does not load or answers in the wrong shape
     is a one-line error before anything is written."""
     from .model import load_model
     from .predict import probe
 
-    the_model = load_model(spec, device=device, threads=model_threads)  # type: ignore[arg-type]
+    the_model = load_model(spec, device=device, threads=model_threads, precision=precision, channels_last=channels_last)  # type: ignore[arg-type]
     probe(the_model)
     return the_model
 
@@ -491,6 +504,11 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     model_threads: Optional[int] = typer.Option(None, "--model-threads", help="CPU threads of one model batch."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Score in 0..1 at or above which a tile is labelled (default: the model's own)."),
+    # issue 13: where tiles are decoded, and the PyTorch model's precision and memory order
+    decode: str = typer.Option("auto", "--decode", help="Where tiles are decoded: auto (gpu for a PyTorch model on CUDA with torchvision, processes on more than 4 cores, else threads), threads, processes (shared memory) or gpu (nvJPEG)."),
+    decode_processes: Optional[int] = typer.Option(None, "--decode-processes", help="Decode processes with --decode processes (default: half the cores, 2..8)."),
+    precision: str = typer.Option("fp32", "--precision", help="PyTorch models: fp32, or bf16 / fp16 mixed precision (autocast)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="PyTorch models: weights and inputs in channels_last memory order."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
 ) -> None:
     """Fetch and predict in one go, the usual command.
@@ -506,11 +524,11 @@ def run(
     from .detections import apply_threshold, check_threshold
 
     check_threshold(threshold)
-    settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads)
+    settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads, decode, decode_processes)
     from .sweeplock import SweepLock
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch or a run
-        the_model = apply_threshold(_load_model(model, device, model_threads), threshold, sweep.path)  # before the source is recorded
+        the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep.path)  # before the source is recorded
         new_source = sweep.source is None
         src = _bind_source(sweep, source, header, replace_source, mix_sources)
         try:
@@ -632,6 +650,9 @@ def _predict_line(r) -> str:  # type: ignore[no-untyped-def]
         + f"), {plural(r.parts, 'part')} written, "
         f"{r.tiles_per_s:,.0f} tiles/s, model busy {r.model_busy:.0%}, {r.wall_s:,.1f} s"
         + (f"\n  stages: {stages}; bottleneck {r.bottleneck()}" if r.tiles else "")
+        # issue 13: which stage bounds the run, by how much, the model's wait; decode deaths
+        + (f"\n  {r.bound_line()}; decode {r.decode}" if r.tiles and hasattr(r, "bound_line") else "")
+        + "".join(f"\n  warning: {d}" for d in getattr(r, "decode_deaths", []))
     )
 
 

@@ -44,6 +44,8 @@ from ..store import Status
 from ..store.shard import CorruptShardError, ShardReader
 from ..sweep import QUEUE_FILE
 from ..worker import Worker, WorkerCounters, WorkerSettings
+from .bounds import bound_line, model_wait
+from .decoding import ProcessDecode, choose_decode, concat, default_processes, gpu_decode_work
 from .procs import FetchProcesses
 from .sink import LEDGER_FILE, BlockRows, PredictionSink
 
@@ -64,11 +66,17 @@ class StageMeter:
     tiles: int = 0
     busy_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    wait_s: float = 0.0  # issue 13: seconds spent waiting for input (the model stage)
+    processes: bool = False  # issue 13: ``threads`` counts processes (decode processes)
 
     def add(self, tiles: int, busy_s: float) -> None:
         with self.lock:
             self.tiles += tiles
             self.busy_s += busy_s
+
+    def waited(self, seconds: float) -> None:
+        with self.lock:
+            self.wait_s += seconds
 
     def busy(self, wall_s: float) -> float:
         """Share of the stage's thread time spent working, 0..1."""
@@ -109,13 +117,17 @@ class StreamFetch:
 class PredictSettings:
     """``batch``: model inputs per ``predict`` call; ``threads``: decode threads;
     ``part_rows`` / ``part_seconds``: group commit bounds; ``queue_blocks``: blocks each
-    queue between stages may hold."""
+    queue between stages may hold. ``decode``: where tiles are decoded, ``auto``,
+    ``threads``, ``processes`` or ``gpu`` (:mod:`.decoding`); ``decode_processes``: how
+    many with ``processes`` (None: half the cores, 2..8)."""
 
     batch: int = 64
     threads: int = 2
     part_rows: int = 65536
     part_seconds: float = 60.0
     queue_blocks: int = 4
+    decode: str = "auto"  # issue 13
+    decode_processes: int | None = None  # issue 13
 
 
 @dataclass
@@ -141,6 +153,8 @@ class PredictReport:
     corrupt_shards: list[str] = field(default_factory=list)
     adopted_parts: int = 0
     fetch: WorkerCounters | None = None  # with stream=: the fetch's counters
+    decode: str = ""  # issue 13: the decode mode used, and why (auto)
+    decode_deaths: list[str] = field(default_factory=list)  # issue 13: decode processes that died (their blocks were decoded again)
     stages: dict[str, StageMeter] = field(default_factory=dict)
     queues: dict[str, "queue_mod.Queue[Any]"] = field(default_factory=dict, repr=False)
 
@@ -168,6 +182,16 @@ class PredictReport:
         top = max(others, key=lambda s: s.busy(self.wall_s))
         return top.name if top.busy(self.wall_s) >= 0.5 else "input (every stage waits for tiles)"
 
+    def bound_line(self) -> str:
+        """Which stage bounds the run and by how much, and the model's wait for input
+        (:func:`.bounds.bound_line`)."""
+        return bound_line(self)
+
+    @property
+    def model_wait(self) -> float:
+        """Share of the wall time the model waited for input, 0..1."""
+        return model_wait(self)
+
     def queue_fill(self) -> dict[str, float]:
         return {k: q.qsize() / q.maxsize for k, q in self.queues.items() if q.maxsize}
 
@@ -175,7 +199,7 @@ class PredictReport:
 class _Work:
     """One block on its way through the stages."""
 
-    __slots__ = ("block", "x", "y", "data", "empty", "failed", "inputs", "owner", "bad", "raw", "cursor")
+    __slots__ = ("block", "x", "y", "data", "empty", "failed", "inputs", "owner", "bad", "raw", "cursor", "slots")
 
     def __init__(self, block: Block, x: np.ndarray, y: np.ndarray, data: list[bytes], empty: int, failed: int) -> None:
         self.block = block
@@ -186,6 +210,7 @@ class _Work:
         self.bad: np.ndarray | None = None
         self.raw: np.ndarray | None = None
         self.cursor = 0
+        self.slots: list[int] = []  # issue 13: shared-memory slots holding ``inputs`` (decode processes)
 
 
 def blocks_to_predict(sweep: Any, predicted: set[int]) -> list[Block]:
@@ -224,6 +249,10 @@ def predict_sweep(
     spec = info.input
     n_labels = len(info.labels)
     report = PredictReport()
+    # issue 13: where decoding happens (threads here, decode processes, the GPU)
+    decode_mode, why = choose_decode(s.decode, model)
+    report.decode = f"{decode_mode} ({why})"
+    n_dec = {"threads": s.threads, "processes": 1, "gpu": 1}[decode_mode]  # consumers of the read queue
     sink = PredictionSink(
         sweep.path, sweep.zoom, model.name, model.digest, info.labels, info.threshold,
         part_rows=s.part_rows, part_seconds=s.part_seconds,
@@ -248,13 +277,25 @@ def predict_sweep(
         if stream is not None:
             meters["fetch"] = FlowMeter("fetch")
         meters.update({name: StageMeter(name, threads) for name, threads in
-                       (("decode", s.threads), ("model", 1), ("sink", 1))})
+                       (("decode", n_dec), ("model", 1), ("sink", 1))})
         report.stages = meters
         q_read: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks)
         q_dec: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks)
         q_sink: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks * 4)
         report.queues = {"read": q_read, "decode": q_dec, "sink": q_sink}
         stop = threading.Event()
+        proc_decode: ProcessDecode | None = None  # issue 13
+        gpu_decoder: Any = None
+        if decode_mode == "processes":
+            n_procs = s.decode_processes or default_processes()
+            meters["decode"].threads, meters["decode"].processes = n_procs, True
+            proc_decode = ProcessDecode(n_procs, spec.size, spec.fit, batch=s.batch, queue_blocks=s.queue_blocks,
+                                        stop=stop, stopped=_Stopped, n_labels=n_labels, meter=meters["decode"])
+            cleanup.callback(proc_decode.close)
+        elif decode_mode == "gpu":
+            from .gpudecode import GpuDecoder
+
+            gpu_decoder = GpuDecoder(spec.size, spec.fit)
 
         def on_signal() -> None:  # SIGINT/SIGTERM: stop leasing, commit what is whole, release
             stop.set()
@@ -365,7 +406,7 @@ def predict_sweep(
                     if stop.is_set():
                         raise _Stopped
             finally:
-                for _ in range(s.threads):
+                for _ in range(n_dec):
                     put(q_read, _END)
 
         def fetch_loop() -> None:
@@ -416,6 +457,11 @@ def predict_sweep(
                     if work is _END:
                         return
                     t0 = time.perf_counter()
+                    if gpu_decoder is not None:  # issue 13: the block's JPEGs in one nvJPEG call
+                        gpu_decode_work(gpu_decoder, work, n_labels)
+                        m.add(len(work.bad), time.perf_counter() - t0)
+                        put(q_dec, work)
+                        continue
                     parts, owners = [], []
                     bad = np.zeros(len(work.data), bool)
                     for i, data in enumerate(work.data):
@@ -441,6 +487,8 @@ def predict_sweep(
             if len(work.owner):
                 np.maximum.at(scores, work.owner, work.raw)
             scores[work.bad] = np.nan
+            if proc_decode is not None:  # issue 13: the model is done with the block's slot
+                proc_decode.release(work)
             put(q_sink, BlockRows(work.block.id, work.block.z, work.x, work.y, scores, work.empty, work.failed, time.time(), work.bad))
 
         def model_loop() -> None:
@@ -450,8 +498,10 @@ def predict_sweep(
             ended = 0
             try:
                 while True:
-                    while avail < s.batch and ended < s.threads:
+                    while avail < s.batch and ended < n_dec:
+                        tw = time.perf_counter()
                         work = get(q_dec)
+                        m.waited(time.perf_counter() - tw)  # issue 13: the model waits for input
                         if work is _END:
                             ended += 1
                         elif len(work.inputs) == 0:
@@ -465,7 +515,7 @@ def predict_sweep(
                     if avail == 0:
                         while pending:
                             finish(pending.popleft())
-                        if ended >= s.threads:
+                        if ended >= n_dec:
                             return
                         continue
                     chunks, refs, need = [], [], s.batch
@@ -479,7 +529,7 @@ def predict_sweep(
                             work.cursor += take
                             need -= take
                     t0 = time.perf_counter()
-                    batch = np.concatenate(chunks)
+                    batch = concat(chunks)  # issue 13: numpy, or torch tensors decoded on the GPU
                     out = check_scores(_call_model(model, batch), len(batch), info, model.name)
                     t1 = time.perf_counter()
                     k = 0
@@ -542,7 +592,19 @@ def predict_sweep(
                         on_closed()
 
         threads = [threading.Thread(target=guarded(read), name="predict-read", daemon=True)]
-        threads += [threading.Thread(target=guarded(decode_loop), name=f"predict-decode-{i}", daemon=True) for i in range(s.threads)]
+        if proc_decode is not None:  # issue 13: one thread sends blocks to the decode processes, one gathers them
+            pd = proc_decode
+
+            def gather() -> None:
+                try:
+                    pd.gather(lambda w: put(q_dec, w))
+                finally:
+                    put(q_dec, _END)
+
+            threads += [threading.Thread(target=guarded(lambda: pd.dispatch(lambda: get(q_read), _END)), name="predict-decode-send", daemon=True),
+                        threading.Thread(target=guarded(gather), name="predict-decode-gather", daemon=True)]
+        else:
+            threads += [threading.Thread(target=guarded(decode_loop), name=f"predict-decode-{i}", daemon=True) for i in range(n_dec)]
         threads += [threading.Thread(target=guarded(model_loop), name="predict-model", daemon=True),
                     threading.Thread(target=guarded(sink_loop), name="predict-sink", daemon=True)]
         if stream is not None:
@@ -558,6 +620,8 @@ def predict_sweep(
             report.parts, report.bytes = st.parts, st.bytes
             report.empty, report.failed, report.undecodable = st.empty, st.failed, st.undecodable
             report.model_nan = st.model_nan
+            if proc_decode is not None:
+                report.decode_deaths = list(proc_decode.deaths)
 
         running[0] = len(threads)
         for t in threads:

@@ -1,0 +1,86 @@
+"""`--decode threads|processes` end to end (issue 13): the same scores from either, decode
+processes that die are replaced by decoding in the run's own process, a stop leaves no
+shared memory behind, and bad values are one line.
+
+A real simulator over loopback, real `tilesweep` processes, the parts read back."""
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from helpers.cli import popen, tilesweep
+
+from tilesweep.predict.shmring import SHM_PREFIX
+from tilesweep.sim import World, run_in_thread
+
+TESTS = Path(__file__).parent
+BBOX = "8.505,47.340,8.512,47.345"  # 36 zoom-18 tiles in 4 blocks of zoom 16 (world seed 5)
+
+
+@pytest.fixture(scope="module")
+def fetched(tmp_path_factory):
+    sweep = tmp_path_factory.mktemp("decode") / "s"
+    with run_in_thread(World(seed=5)) as sim:
+        tilesweep("plan", BBOX, sweep, "--zoom", 18, "--block-zoom", 16)
+        tilesweep("fetch", sweep, "--source", sim.template(), "--quiet")
+    return sweep
+
+
+def scores(sweep):
+    folder = next(p for p in (sweep / "predictions").iterdir() if p.is_dir())
+    t = pq.read_table(folder).sort_by([("x", "ascending"), ("y", "ascending")])
+    return list(zip(t["x"].to_pylist(), t["y"].to_pylist(), t["tower"].to_pylist()))
+
+
+def segments(pid):
+    return list(Path("/dev/shm").glob(f"{SHM_PREFIX}{pid}-*"))
+
+
+def test_decode_processes_give_the_scores_of_decode_threads_even_when_they_die(tmp_path, fetched):
+    runs = {}
+    # each decode process exits (status 3, as a bug would) when its second job comes: the
+    # first blocks are decoded in the processes, the rest in the run's own process
+    for mode, env in (("threads", {}), ("processes", {"TILESWEEP_TEST_DECODE_CRASH": "1"})):
+        sweep = tmp_path / mode
+        shutil.copytree(fetched, sweep)
+        res = tilesweep("predict", sweep, "--model", "demo", "-q", "--decode", mode, "--decode-processes", 2, "--batch", 8, env=env)
+        runs[mode] = (scores(sweep), res.stdout)
+    want, out = runs["threads"]
+    assert len(want) == 36 and len({s for _, _, s in want}) > 10
+    assert "decode threads (asked for)" in out and "bounds the run at" in out and "model waits for input" in out
+    got, out = runs["processes"]
+    assert got == want, "decode processes score exactly as decode threads"
+    assert "decode processes (asked for)" in out
+    assert out.count("warning: decode process") == 2 and "(exit status 3)" in out, out
+
+
+def test_a_stopped_run_leaves_no_shared_memory(tmp_path, fetched):
+    sweep = tmp_path / "s"
+    shutil.copytree(fetched, sweep)
+    p = popen("predict", sweep, "--model", "helpers.slow_model:score", "-q", "--decode", "processes",
+              "--decode-processes", 2, "--batch", 8, "--part-seconds", 0.5, cwd=TESTS)
+    lock, deadline = sweep / "predictions" / ".lock", time.monotonic() + 60
+    while p.poll() is None and time.monotonic() < deadline and not segments(p.pid):
+        time.sleep(0.05)
+    assert segments(p.pid), "the run made its ring"
+    time.sleep(1.0)
+    os.kill(p.pid, signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 143, (out, err)
+    assert "stopped: committed parts are durable" in err and "Traceback" not in err
+    assert segments(p.pid) == [], "SIGTERM unlinks the ring"
+    assert lock.exists()
+
+
+@pytest.mark.parametrize("args,line", [
+    (("--decode", "fast"), "decode 'fast' is not auto, threads, processes or gpu"),
+    (("--precision", "bf16"), "model demo is not a PyTorch model: precision bf16 applies to PyTorch models only"),
+])
+def test_bad_decode_and_precision_values_are_one_line(tmp_path, fetched, args, line):
+    res = tilesweep("predict", fetched, "--model", "demo", *args, check=False)
+    assert res.returncode == 2 and res.stderr.strip().endswith(line), res.stderr
+    assert "Traceback" not in res.stderr
