@@ -43,10 +43,28 @@ def default_processes(n_cores: int | None = None) -> int:
     return max(2, min(8, (n_cores or cores()) // 2))
 
 
-def choose_decode(mode: str, model: Any, n_cores: int | None = None) -> tuple[str, str]:
+SLOT_INPUTS = 256
+"""Model inputs one shared-memory slot holds: a block of the default 256 tiles."""
+
+
+def ring_slots(processes: int, batch: int, queue_blocks: int) -> int:
+    """Slots of the ring for ``processes`` decode processes (see :class:`ProcessDecode`)."""
+    return processes * 2 + queue_blocks + -(-batch // max(1, SLOT_INPUTS // 4)) + 3
+
+
+def ring_bytes(processes: int, size: int, batch: int, queue_blocks: int) -> int:
+    """Shared memory the ring of :func:`ring_slots` takes for ``size`` px inputs."""
+    from .shmring import RingSpec
+
+    return RingSpec("", ring_slots(processes, batch, queue_blocks), SLOT_INPUTS, size).total_bytes
+
+
+def choose_decode(mode: str, model: Any, n_cores: int | None = None, ring: int | None = None) -> tuple[str, str]:
     """``(mode, why)``: the decode mode to use for ``model`` (see the module doc); ``why``
-    says in a few words why ``auto`` chose it. A mode that cannot run here (``gpu``
-    without torchvision's GPU decode) is a one-line :class:`UsageError`."""
+    says in a few words why ``auto`` chose it. ``ring``: the bytes of shared memory
+    ``processes`` would take; ``auto`` does not choose it when ``/dev/shm`` lacks them. A
+    mode that cannot run here (``gpu`` without torchvision's GPU decode) is a one-line
+    :class:`UsageError`."""
     if mode not in DECODE_MODES:
         raise UsageError(f"decode {mode!r} is not auto, threads, processes or gpu")
     n = n_cores or cores()
@@ -66,6 +84,11 @@ def choose_decode(mode: str, model: Any, n_cores: int | None = None) -> tuple[st
         if ok:
             return "gpu", "the model runs on CUDA and torchvision decodes JPEG there"
     if n > 4:
+        from .shmring import shm_free_bytes
+
+        free = shm_free_bytes()
+        if ring is not None and free is not None and ring > free * 0.9:
+            return "threads", f"{n} cores, but /dev/shm has {free / 2**20:,.0f} MiB free, not the {ring / 2**20:,.0f} MiB decode processes need"
         return "processes", f"{n} cores"
     return "threads", f"{n} cores"
 
@@ -95,13 +118,14 @@ class ProcessDecode:
 
     def __init__(self, processes: int, size: int, how: Any, *, batch: int, queue_blocks: int,
                  stop: threading.Event, stopped: type[BaseException], n_labels: int, meter: Any,
-                 capacity: int = 256) -> None:
+                 capacity: int = SLOT_INPUTS) -> None:
         from .shmring import DecodePool
 
         self.capacity = capacity
         self.small = max(1, capacity // 4)
+        slots = ring_slots(processes, batch, queue_blocks) if capacity == SLOT_INPUTS else None
         extra = queue_blocks + -(-batch // self.small) + 3
-        self.pool = DecodePool(processes, size, how, capacity=capacity, extra_slots=extra)
+        self.pool = DecodePool(processes, size, how, capacity=capacity, slots=slots, extra_slots=extra)
         self.stop, self.stopped = stop, stopped
         self.n_labels, self.meter = n_labels, meter
         self.size = size
@@ -216,4 +240,4 @@ def gpu_decode_work(decoder: Any, work: Any, n_labels: int) -> None:
     work.data = []
 
 
-__all__ = ["DECODE_MODES", "DecodeMode", "ProcessDecode", "choose_decode", "concat", "cores", "default_processes", "gpu_decode_work"]
+__all__ = ["DECODE_MODES", "SLOT_INPUTS", "DecodeMode", "ProcessDecode", "choose_decode", "concat", "cores", "default_processes", "gpu_decode_work", "ring_bytes", "ring_slots"]

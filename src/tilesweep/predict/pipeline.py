@@ -45,7 +45,7 @@ from ..store.shard import CorruptShardError, ShardReader
 from ..sweep import QUEUE_FILE
 from ..worker import Worker, WorkerCounters, WorkerSettings
 from .bounds import bound_line, model_wait
-from .decoding import ProcessDecode, choose_decode, concat, default_processes, gpu_decode_work
+from .decoding import ProcessDecode, choose_decode, concat, default_processes, gpu_decode_work, ring_bytes
 from .procs import FetchProcesses
 from .sink import LEDGER_FILE, BlockRows, PredictionSink
 
@@ -250,7 +250,8 @@ def predict_sweep(
     n_labels = len(info.labels)
     report = PredictReport()
     # issue 13: where decoding happens (threads here, decode processes, the GPU)
-    decode_mode, why = choose_decode(s.decode, model)
+    n_procs = s.decode_processes or default_processes()
+    decode_mode, why = choose_decode(s.decode, model, ring=ring_bytes(n_procs, spec.size, s.batch, s.queue_blocks))
     report.decode = f"{decode_mode} ({why})"
     n_dec = {"threads": s.threads, "processes": 1, "gpu": 1}[decode_mode]  # consumers of the read queue
     sink = PredictionSink(
@@ -287,7 +288,6 @@ def predict_sweep(
         proc_decode: ProcessDecode | None = None  # issue 13
         gpu_decoder: Any = None
         if decode_mode == "processes":
-            n_procs = s.decode_processes or default_processes()
             meters["decode"].threads, meters["decode"].processes = n_procs, True
             proc_decode = ProcessDecode(n_procs, spec.size, spec.fit, batch=s.batch, queue_blocks=s.queue_blocks,
                                         stop=stop, stopped=_Stopped, n_labels=n_labels, meter=meters["decode"])
