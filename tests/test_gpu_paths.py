@@ -64,10 +64,10 @@ def test_mixed_precision_and_channels_last_give_the_fp32_scores_within_tolerance
         try:
             m = TorchModel(_net(), meta, name="net", device="cpu", precision=precision, channels_last=True)
             got = m.predict_pixels(pixels)
-        except RuntimeError as exc:  # an older CPU build without fp16 autocast
+        except RuntimeError:  # an older CPU build without fp16 autocast
             if precision == "fp16":
                 continue
-            raise exc
+            raise
         assert got.dtype == np.float32 and got.shape == ref.shape
         diff = np.abs(got - ref).max()
         assert 0 < diff < tol, f"{precision}: largest difference {diff:.4f} (tolerance {tol})"

@@ -174,7 +174,7 @@ class ProcessDecode:
                     if self._sent_all.is_set() and self._outstanding == 0 and not self._direct:
                         return
                 continue
-            work, i, n = d.key
+            work, i, _ = d.key
             with self._lock:
                 parts = self._parts[id(work)]
                 parts[i] = d
