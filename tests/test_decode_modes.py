@@ -84,3 +84,19 @@ def test_bad_decode_and_precision_values_are_one_line(tmp_path, fetched, args, l
     res = tilesweep("predict", fetched, "--model", "demo", *args, check=False)
     assert res.returncode == 2 and res.stderr.strip().endswith(line), res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_the_bound_line_names_the_stage_of_least_capacity_and_by_how_much():
+    from tilesweep.predict import FlowMeter, PredictReport, StageMeter
+
+    r = PredictReport(wall_s=10.0)
+    fetch = FlowMeter("fetch", tiles=60_000)
+    fetch.blocked(8.0)  # busy 20%: could fetch 30,000 tiles/s
+    decode = StageMeter("decode", threads=6, tiles=60_000, busy_s=54.0, processes=True)  # 90% of 6: 6,667/s
+    model = StageMeter("model", tiles=60_000, busy_s=2.5)  # 24,000/s
+    model.waited(7.0)
+    r.stages = {"fetch": fetch, "decode": decode, "model": model, "sink": StageMeter("sink", tiles=60_000, busy_s=0.5)}
+    assert r.bound_line() == ("decode bounds the run at 6,667 tiles/s (90% busy over 6 processes); "
+                              "next model at 24,000 tiles/s (3.6x); model waits for input 70%")
+    decode.busy_s = 12.0  # now every stage waits for tiles
+    assert r.bound_line().startswith("no stage bounds the run, each waits for tiles (the least capacity: model at 24,000 tiles/s, 25% busy)")

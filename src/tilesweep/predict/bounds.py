@@ -46,7 +46,9 @@ def model_wait(report: Any) -> float:
 
 def bound_line(report: Any) -> str:
     """One line for the closing report: ``decode bounds the run at 6,600 tiles/s (89% busy
-    over 6 processes); next model at 26,700 tiles/s (4.0x); model waits for input 70%``."""
+    over 6 processes); next model at 26,700 tiles/s (4.0x); model waits for input 70%``;
+    when the stage of least capacity is busy less than half the time, no stage bounds the run
+    (the tiles come slower than any stage takes them: the source, or fetch processes)."""
     b = bound(report)
     if b is None:
         return ""
@@ -55,9 +57,13 @@ def bound_line(report: Any) -> str:
     workers = getattr(m, "threads", 1)
     unit = "processes" if getattr(m, "processes", False) else "threads"
     over = f" over {workers} {unit}" if workers > 1 else ""
-    line = f"{s0} bounds the run at {c0:,.0f} tiles/s ({m.busy(report.wall_s):.0%} busy{over})"
-    if s1 is not None and c1 is not None:
-        line += f"; next {s1} at {c1:,.0f} tiles/s ({c1 / c0:.1f}x)"
+    busy = m.busy(report.wall_s)
+    if busy < 0.5:  # every stage waits: the tiles come slower than any stage could take them
+        line = f"no stage bounds the run, each waits for tiles (the least capacity: {s0} at {c0:,.0f} tiles/s, {busy:.0%} busy{over})"
+    else:
+        line = f"{s0} bounds the run at {c0:,.0f} tiles/s ({busy:.0%} busy{over})"
+        if s1 is not None and c1 is not None:
+            line += f"; next {s1} at {c1:,.0f} tiles/s ({c1 / c0:.1f}x)"
     return line + f"; model waits for input {model_wait(report):.0%}"
 
 
