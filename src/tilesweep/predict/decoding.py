@@ -174,7 +174,12 @@ class ProcessDecode:
                     if self._sent_all.is_set() and self._outstanding == 0 and not self._direct:
                         return
                 continue
-            work, i, _ = d.key
+            work, i, n = d.key
+            if n > 1:  # a part of a block over several slots: copied out and its slot freed now,
+                # so a block of any size passes through a ring of any size
+                d.pixels, d.owner = np.array(d.pixels), np.array(d.owner)
+                self.pool.release(d.slot)
+                d.slot = -1
             with self._lock:
                 parts = self._parts[id(work)]
                 parts[i] = d
@@ -200,13 +205,14 @@ class ProcessDecode:
             inputs, owners = [], []
             offset = 0  # piece j holds the block's tiles offset .. offset + len(p.bad)
             for p in parts:
-                inputs.append(np.array(p.pixels))
+                inputs.append(np.array(p.pixels) if p.slot >= 0 else p.pixels)
                 owners.append(p.owner.astype(np.int64) + offset)
                 if p.extra is not None:
                     inputs.append(p.extra)
                     owners.append(p.extra_owner.astype(np.int64) + offset)
                 offset += len(p.bad)
-                self.pool.release(p.slot)
+                if p.slot >= 0:
+                    self.pool.release(p.slot)
             work.inputs = np.concatenate(inputs) if inputs else np.zeros((0, self.size, self.size, 3), np.uint8)
             work.owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
             work.slots = []
