@@ -10,7 +10,7 @@
 #      onnxruntime has it (the image's onnxruntime is the CPU build; onnxruntime-gpu is a
 #      wheel of ~250 MB, over the 64 MiB a call can carry: then it says so and skips)
 #
-# Prepared on the workstation, in the repository root, into .gpu/ (git-ignored through
+# Prepared on the workstation by benchmarks/prepare_device_check.sh, into .gpu/ (git-ignored through
 # .git/info/exclude), then carried with the working tree (carry: [".gpu"]):
 #   .gpu/whl/  cp312 wheels the GPU image lacks: pycurl simplejpeg shapely tomli_w duckdb
 #              (pip download --no-deps --only-binary=:all: --python-version 3.12 ...)

@@ -2,7 +2,7 @@
 # Prepare .gpu/ for benchmarks/device_check.sh, on the workstation, in the repository root:
 # the cp312 wheels the GPU image lacks and this machine's nginx with its libraries (the GPU
 # machine has no network and no nginx). .gpu/ is kept out of git (.git/info/exclude) and
-# travels with the device call (carry: [".gpu"]); it is about 35 MB of the 64 MiB a call
+# travels with the device call (carry: [".gpu"]); it is about 40 MB of the 64 MiB a call
 # may carry. Then, on the device tool: run(command="bash benchmarks/device_check.sh",
 # carry=[".gpu"], timeout_s=540), and copy $OUT's files to benchmarks/results/.
 set -euo pipefail
