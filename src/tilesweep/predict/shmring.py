@@ -238,9 +238,12 @@ def _decode_main(spec: RingSpec, size: int, how: Fit, tasks: Connection, results
     busy_s)`` out, until ``None`` or the parent's end of the pipe closes."""
     import signal
 
-    # A stop is the parent's business: it closes our pipe when it is done with us.
+    # A stop is the parent's business: it closes our pipe when it is done with us. (Both
+    # signals were blocked from before our start, so a Ctrl-C to the terminal's process group
+    # while we imported printed no traceback of ours.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     ring = ShmRing.attach(spec)
     crash_after = int(os.environ.get("TILESWEEP_TEST_DECODE_CRASH", "0") or 0)  # a test hook: die as a bug would
     done = 0
@@ -319,6 +322,11 @@ class DecodePool:
         self.busy_s = 0.0
         self.procs: list[_Proc] = []
         ctx = mp.get_context("spawn")
+        import signal
+
+        # the children inherit a mask with the stop signals blocked until they ignore them;
+        # here they are held, then delivered, as soon as the processes are started
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             for i in range(processes):
                 t_recv, t_send = ctx.Pipe(duplex=False)
@@ -330,8 +338,10 @@ class DecodePool:
                 r_send.close()
                 self.procs.append(_Proc(i, p, t_send, r_recv))
         except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
             self.close()
             raise
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         self._reader = threading.Thread(target=self._read_results, name="tilesweep-decode-results", daemon=True)
         self._reader.start()
 
