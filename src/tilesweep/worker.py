@@ -49,10 +49,9 @@ from .fetch import Fetcher, FetchSettings, SourceError, TileResult
 from .limits import AdaptiveLimit
 from .queue import Block, BlockResult, Lease, SqliteQueue, State
 from .sources import Source
-from .store import ShardBusyError, Status, TileStore
+from .block import TileStatus
+from .store import ShardBusyError, TileStore
 from .tiles import tile_id
-
-_STATUS = {"ok": Status.OK, "empty": Status.EMPTY}
 
 
 @dataclass(frozen=True)
@@ -530,7 +529,7 @@ class Worker:
             if failures:
                 await self._failed(block, failures)
                 return
-            ok = sum(1 for r in got if r.status == "ok")
+            ok = sum(1 for r in got if r.status is TileStatus.OK)
             self._handed[block.id] = BlockResult(ok, len(got) - ok, 0, sum(len(r.data or b"") for r in got), retries, stored=0)
             loop = asyncio.get_running_loop()
             # shielded: a block being handed over when a stop comes still lands whole
@@ -606,9 +605,9 @@ class Worker:
                     f"source {self.source.redacted()} answered HTTP {result.http_status} to {self._auth_streak} tiles "
                     "in a row: check the token, headers or URL"
                 )
-        elif result.status in _STATUS:
+        elif result.status.stored:
             self._auth_streak = 0
-        if result.status == "ok":
+        if result.status is TileStatus.OK:
             self._probe_ok = True
 
     def _finished(self, block_id: int, summary: Any, retries: int = 0) -> None:
@@ -636,7 +635,7 @@ class Worker:
     async def _fetch_into(
         self,
         todo: list,  # type: ignore[type-arg]
-        on_result: Callable[[TileResult, Status], Any],
+        on_result: Callable[[TileResult, TileStatus], Any],
         flush: Callable[[], Awaitable[Any]] | None,
     ) -> tuple[list[TileResult], int]:
         """Fetch ``todo``, passing each ok or empty result to ``on_result`` and awaiting
@@ -676,12 +675,12 @@ class Worker:
                 result = task.result()
                 retries += max(0, result.attempts - 1)
                 self._check_auth(result)
-                status = _STATUS.get(result.status)
-                if status is None:
+                status = result.status
+                if not status.stored:
                     failures.append(result)
                     continue
                 on_result(result, status)
-                if status is Status.OK:
+                if status is TileStatus.OK:
                     self.counters.tiles_ok += 1
                     self.counters.bytes += len(result.data or b"")
                 else:

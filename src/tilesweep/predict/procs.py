@@ -33,7 +33,7 @@ import numpy as np
 from .. import signals
 from ..errors import UsageError
 from ..fetch import TileResult
-from ..queue import Block, BlockResult
+from ..block import Block, BlockResult, TileStatus
 from ..worker import Worker, WorkerCounters, WorkerDeaths, progress_reporter, report_crash
 from .sink import ledger_block_result
 
@@ -81,7 +81,7 @@ class QueueConsumer:
     def take(self, block: Block, results: list[TileResult]) -> bool:
         if self._crash:
             raise RuntimeError(f"test crash of worker {self.index} (TILESWEEP_TEST_CRASH_WORKER)")
-        ok = [r for r in results if r.status == "ok"]
+        ok = [r for r in results if r.status is TileStatus.OK]
         x = np.fromiter((r.tile.x for r in ok), np.int64, len(ok))
         y = np.fromiter((r.tile.y for r in ok), np.int64, len(ok))
         return self._put((self.index, (block, x, y, [r.data for r in ok], len(results) - len(ok))))
