@@ -43,7 +43,7 @@ from ..queue import SqliteQueue, State
 from ..sources import Source
 from ..store.shard import CorruptShardError, ShardReader
 from ..sweep import QUEUE_FILE
-from ..worker import Worker, WorkerCounters, WorkerSettings
+from ..runner import Worker, WorkerCounters, WorkerSettings
 from .procs import FetchProcesses
 from .sink import LEDGER_FILE, BlockRows, PredictionSink
 
