@@ -38,12 +38,12 @@ from ..decode import decode, fit
 from ..errors import UsageError
 from ..fetch import FetchSettings, TileResult
 from ..model.base import Model, check_scores, predict_pixels
-from ..queue import Block, BlockResult, SqliteQueue, State
+from ..block import Block, BlockResult, TileStatus
+from ..queue import SqliteQueue, State
 from ..sources import Source
-from ..store import Status
 from ..store.shard import CorruptShardError, ShardReader
 from ..sweep import QUEUE_FILE
-from ..worker import Worker, WorkerCounters, WorkerSettings
+from ..runner import Worker, WorkerCounters, WorkerSettings
 from .bounds import bound_line, model_wait
 from .decoding import ProcessDecode, choose_decode, concat, default_processes, gpu_decode_work, ring_bytes
 from .procs import FetchProcesses
@@ -389,14 +389,14 @@ def predict_sweep(
                     with reader:
                         st = np.asarray(reader.records["status"])
                         xs, ys = reader.coords()
-                        ok = np.nonzero(st == Status.OK)[0]
+                        ok = np.nonzero(st == TileStatus.OK)[0]
                         try:  # every tile's crc is checked: no model scores flipped bytes
                             data = [reader.data(int(i)) for i in ok]
                         except CorruptShardError as exc:
                             data = None
                             bad = exc
                         if data is not None:
-                            work = _Work(block, xs[ok], ys[ok], data, int(np.sum(st == Status.EMPTY)), int(np.sum(st == Status.FAILED)))
+                            work = _Work(block, xs[ok], ys[ok], data, int(np.sum(st == TileStatus.EMPTY)), int(np.sum(st == TileStatus.FAILED)))
                     if data is None:
                         _requeue_corrupt(sweep, store, block, bad, report)
                         continue
@@ -678,7 +678,7 @@ class _StreamConsumer:
         return self.sink.block_result(block.id) if block.id in self.predicted else None
 
     def take(self, block: Block, results: list[TileResult]) -> bool:
-        ok = [r for r in results if r.status == "ok"]
+        ok = [r for r in results if r.status is TileStatus.OK]
         x = np.fromiter((r.tile.x for r in ok), np.int64, len(ok))
         y = np.fromiter((r.tile.y for r in ok), np.int64, len(ok))
         work = _Work(block, x, y, [r.data for r in ok], len(results) - len(ok), 0)  # type: ignore[misc]
