@@ -48,21 +48,25 @@ def _net():
     return body.eval()
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch is not None and torch.cuda.is_available() else [])
+
+
 @needs_torch
-def test_mixed_precision_and_channels_last_give_the_fp32_scores_within_tolerance(jpegs):
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_precision_and_channels_last_give_the_fp32_scores_within_tolerance(jpegs, device):
     from tilesweep.model.torchmodel import TorchModel
 
     pixels = np.concatenate([fit(decode(d), 128) for d in jpegs])
     net = _net()
     meta = {k: getattr(net, k) for k in ("input_size", "labels", "mean", "std")}
-    ref = TorchModel(net, meta, name="net", device="cpu").predict_pixels(pixels)
+    ref = TorchModel(net, meta, name="net", device=device).predict_pixels(pixels)
     assert ref.std() > 1e-3, "the scores must vary for the comparison to mean anything"
-    cl = TorchModel(_net(), meta, name="net", device="cpu", channels_last=True)
+    cl = TorchModel(_net(), meta, name="net", device=device, channels_last=True)
     assert cl.channels_last
     assert np.abs(cl.predict_pixels(pixels) - ref).max() < 1e-5
     for precision, tol in (("bf16", BF16_TOLERANCE), ("fp16", BF16_TOLERANCE / 10)):
         try:
-            m = TorchModel(_net(), meta, name="net", device="cpu", precision=precision, channels_last=True)
+            m = TorchModel(_net(), meta, name="net", device=device, precision=precision, channels_last=True)
             got = m.predict_pixels(pixels)
         except RuntimeError:  # an older CPU build without fp16 autocast
             if precision == "fp16":
@@ -70,7 +74,8 @@ def test_mixed_precision_and_channels_last_give_the_fp32_scores_within_tolerance
             raise
         assert got.dtype == np.float32 and got.shape == ref.shape
         diff = np.abs(got - ref).max()
-        assert 0 < diff < tol, f"{precision}: largest difference {diff:.4f} (tolerance {tol})"
+        assert 0 < diff < tol, f"{precision} on {device}: largest difference {diff:.4f} (tolerance {tol})"
+        print(f"{precision} on {device}: largest score difference to fp32 {diff:.5f}")
 
 
 def test_precision_is_refused_for_a_model_that_is_not_pytorch():
