@@ -33,15 +33,15 @@ export PATH=$PWD/.gpu/bin:$PATH
   python3 -c "from tilesweep.predict.gpudecode import gpu_decode_available as g; print('gpu decode:', g())"
   nginx -v 2>&1
 } 2>&1 | tee "$OUT/machine.txt"
-# (step timeouts add up to 530 s, inside one call's 600; a usual run takes about 5 minutes)
+# (step timeouts add up to 540 s, inside one call's 600; a usual run takes about 5 minutes)
 timeout 90 python3 -m pytest -q -rs -s -p no:cacheprovider tests/test_gpu_paths.py tests/test_shmring.py 2>&1 | tee "$OUT/tests.txt"
 # 40,960 tiles: about 60 s to render on 16 cores (once), then 6-12 s per m or e.
 TILES=${TILES:-40960}
 COMMON=(--tiles "$TILES" --device cuda --workers 8 --concurrency 512 --cache /tmp/bench-cache --timeout 200 --threads 6
         --run-workers 6 --decode-processes 8)
-timeout 200 python3 benchmarks/predict.py "${COMMON[@]}" --model benchmarks.gpu_models:demo --batch 256 \
+timeout 230 python3 benchmarks/predict.py "${COMMON[@]}" --model benchmarks.gpu_models:demo --batch 256 \
   --decode threads,processes,gpu 2>&1 | tee "$OUT/demo.txt"
-timeout 150 python3 benchmarks/predict.py "${COMMON[@]}" --model benchmarks.gpu_models:heavy --batch 128 \
+timeout 130 python3 benchmarks/predict.py "${COMMON[@]}" --model benchmarks.gpu_models:heavy --batch 128 \
   --decode auto --precision fp32,bf16 --channels-last 2>&1 | tee "$OUT/heavy.txt"
 if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
   timeout 90 python3 benchmarks/predict.py "${COMMON[@]}" --model demo --batch 256 --decode processes 2>&1 | tee "$OUT/onnx-cuda.txt"
