@@ -318,6 +318,7 @@ class DecodePool:
         self._done: deque[Decoded] = deque()
         self._seq = 0
         self._closed = False
+        self._error: BaseException | None = None
         self.deaths: list[str] = []
         self.busy_s = 0.0
         self.procs: list[_Proc] = []
@@ -424,6 +425,14 @@ class DecodePool:
                 self._send(target, seq, key, slot, datas)
 
     def _read_results(self) -> None:
+        try:
+            self._read_loop()
+        except BaseException as exc:  # a bug here must not leave get() waiting forever
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
+    def _read_loop(self) -> None:
         while not self._closed:
             with self._cond:
                 live = [p for p in self.procs if p.alive]
@@ -457,6 +466,8 @@ class DecodePool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._done:
+                if self._error is not None:
+                    raise RuntimeError(f"the decode pool's reader failed: {self._error!r}") from self._error
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
