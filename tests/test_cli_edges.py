@@ -91,6 +91,9 @@ BAD = [
     (["predict", "{sweep}", "--model", "demo", "--batch", "0"], "batch 0 must be in 1..65536"),
     (["predict", "{sweep}", "--model", "{mine}"], "is a folder, not a model file"),
     (["predict", "{sweep}", "--model", "{onnx_dir}"], "is a folder, not a model file"),
+    (["fetch", "{sweep}", "--source", "http://127.0.0.1:9/{{z}}/{{x}}/{{y}}.jpg", "--super", "4"], "--super 4 needs a bbox template"),
+    (["fetch", "{sweep}", "--source", "http://127.0.0.1:9/wms?BBOX={{bbox}}&W={{width}}", "--super", "4"], "and {width} and {height}"),
+    (["fetch", "{sweep}", "--super", "4"], "--super needs --source"),
     (["sim", "serve", "--port", "1", "--host", "999.1.1.1"], "cannot listen on 999.1.1.1:1"),
     (["sim", "serve", "--port", "1", "--host", "10.255.255.254"], "cannot listen on 10.255.255.254:1"),
 ]

@@ -51,12 +51,14 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol
 from . import signals
 from .diskspace import disk_full, is_disk_full, keep_reserve, release_leases
 from .errors import UsageError
-from .fetch import Fetcher, FetchSettings, SourceError, TileResult
-from .limits import AdaptiveLimit
-from .queue import Block, BlockResult, Lease, SqliteQueue, State
-from .sources import Source
 from .block import TileStatus
+from .fetch import FetchSettings, SourceError, TileResult
+from .limits import AdaptiveLimit
+from .queue import Block, BlockResult, Lease, Queue, State
+from .sources import Source
 from .store import ShardBusyError, TileStore
+from .supertile import open_fetcher
+from .sweep import open_sweep_queue
 from .tiles import tile_id
 
 
@@ -125,7 +127,7 @@ async def _cancel_all(tasks: set) -> None:  # type: ignore[type-arg]
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def expire_dead_local_owners(queue: SqliteQueue) -> int:
+def expire_dead_local_owners(queue: Queue) -> int:
     """End the leases of workers on this host whose process is gone (killed, crashed), so
     that a restart picks their blocks up at once instead of after the lease ttl. Returns
     how many blocks were freed. A pid reused by another process only means we wait."""
@@ -303,7 +305,7 @@ class Worker:
                 loop.add_signal_handler(sig, self._interrupt, sig)
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 pass
-        self.queue = SqliteQueue(self.sweep_path / "queue.sqlite", max_attempts=self.settings.max_attempts)
+        self.queue = open_sweep_queue(self.sweep_path, max_attempts=self.settings.max_attempts)
         # coarsest=0: adaptive blocks lie at any zoom up to block_zoom (the finest)
         self.output = None if self.consumer else ShardStoreOutput(self.sweep_path, self.zoom, self.block_zoom)
         self.store = None if self.output is None else self.output.store
@@ -311,7 +313,10 @@ class Worker:
         st = self.queue.stats(window=1.0)  # blocks of a sample hold fewer: keep `concurrency` busy
         if sum(st.blocks.values()):
             tiles_per_block = max(1, min(tiles_per_block, sum(st.tiles.values()) // sum(st.blocks.values())))
-        max_blocks = self.settings.max_blocks or max(2, 2 * -(-self.fetch_settings.concurrency // tiles_per_block))
+        # tiles one request brings (super-tiles: N x N), so blocks enough to keep `concurrency`
+        # requests busy; at most 16x the blocks of a tile source (memory of the blocks held)
+        per_request = min(16, self.source.supertile ** 2)
+        max_blocks = self.settings.max_blocks or max(2, 2 * -(-self.fetch_settings.concurrency * per_request // tiles_per_block))
         self._max_blocks = max_blocks
         self._to_ack: dict[int, BlockResult] = {}
         self._active: dict[int, Lease] = {}
@@ -327,7 +332,7 @@ class Worker:
         do_block = self._stream_block if self.consumer else self._do_block
         clean = False
         try:
-            async with Fetcher(self.source, self.fetch_settings) as fetcher:
+            async with open_fetcher(self.source, self.fetch_settings) as fetcher:  # super-tiles for a bbox source
                 self.fetcher = fetcher
                 fetcher.on_throttle = self._slots.on_throttle
                 while True:
@@ -380,7 +385,7 @@ class Worker:
             except Exception as exc:
                 if not is_disk_full(exc):
                     raise
-                raise disk_full(self.queue.path) from None  # one line, ENOSPC and the path
+                raise disk_full(getattr(self.queue, "path", self.sweep_path)) from None  # one line, ENOSPC and the path
             finally:  # also on a full disk, where the acks cannot be written: release_leases makes room
                 await self._db(release_leases, self.queue, self.owner, self.sweep_path)
             self._report()
@@ -666,11 +671,12 @@ class Worker:
         finally:
             writer.abort()
 
-    async def _fetch_released(self, tile: Any) -> TileResult:
+    async def _fetch_released(self, tile: Any, held: bool = True) -> TileResult:
         try:
             result = await self.fetcher.fetch(tile)
         finally:
-            self._slots.release()
+            if held:
+                self._slots.release()
         if result.attempts == 1:
             self._slots.on_success()
         return result
@@ -701,15 +707,19 @@ class Worker:
 
         async def feed() -> None:
             for tile in todo:
-                await self._slots.acquire()
+                held = self.fetcher.holds_slot(tile)  # not a super-tile's tile that shares its request
+                if held:
+                    await self._slots.acquire()
                 try:
-                    task = asyncio.ensure_future(self._fetch_released(tile))
+                    task = asyncio.ensure_future(self._fetch_released(tile, held))
                 except BaseException:
-                    self._slots.release()
+                    if held:
+                        self._slots.release()
                     raise
                 tasks.add(task)
                 task.add_done_callback(finished.put_nowait)
 
+        forget = self.fetcher.expect(todo)  # a super-tile fetcher groups them into requests
         feeder = asyncio.ensure_future(feed())
         try:
             for _ in range(len(todo)):
@@ -743,6 +753,7 @@ class Worker:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(feeder, *tasks, return_exceptions=True)
+            forget()
         return failures, retries
 
 

@@ -42,11 +42,11 @@ from ..errors import UsageError
 from ..fetch import FetchSettings, TileResult
 from ..model.base import Model, check_scores, predict_pixels
 from ..block import Block, BlockResult, TileStatus
-from ..queue import SqliteQueue, State
+from ..queue import State
 from ..sources import Source
 from ..store.shard import CorruptShardError, ShardReader
-from ..sweep import QUEUE_FILE
 from ..runner import Worker, WorkerCounters, WorkerSettings
+from ..sweep import open_sweep_queue
 from .procs import FetchProcesses
 from .sink import LEDGER_FILE, BlockRows, PredictionSink
 
@@ -528,7 +528,7 @@ class _Pipeline:
         follow = self.follow
         if follow is None:
             return
-        q = SqliteQueue(self.sweep.path / QUEUE_FILE)  # this thread's own connection
+        q = open_sweep_queue(self.sweep.path)  # this thread's own connection
         try:
             while True:
                 more = follow()  # asked before looking, so the last look sees everything
@@ -758,7 +758,7 @@ def _requeue_corrupt(sweep: Any, store: Any, block: Block, exc: CorruptShardErro
     anew; the rest of the prediction goes on."""
     report.corrupt_shards.append(exc.describe())
     store.quarantine(block.tile)
-    q = SqliteQueue(sweep.path / QUEUE_FILE)  # this thread's own connection
+    q = open_sweep_queue(sweep.path)  # this thread's own connection
     try:
         q.requeue([block.id], f"shard corrupt when read for prediction: {exc}")
     finally:
