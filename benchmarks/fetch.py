@@ -20,6 +20,17 @@ open/read of curl's one-file-per-tile folder. The page cache is warm for both.
     .venv/bin/python benchmarks/fetch.py --quick     # ~3,000 tiles, checks the script works
     .venv/bin/python benchmarks/fetch.py --tiles 5000 --concurrency 128 --repeat 3
 
+`--super` instead compares super-tile requests (one WMS GetMap for n x n tiles, cut into
+tiles: tilesweep.supertile) with per-tile requests, n = 2, 4, 8, against the simulator
+(`tilesweep sim serve` in its own process, caches warm) and nginx (static files: the
+simulator's tiles and its super-tile images, named by bbox): requests, bytes on the wire,
+tiles/s and the ratios against per-tile requests, every stored tile checked against the
+per-tile run byte for byte; then, for n = 4, how full a super-tile must be to pay (a
+sparse plan wants only some of its tiles), with and without 30 ms of server latency:
+
+    .venv/bin/python benchmarks/fetch.py --super             # 1,024 tiles (4 blocks)
+    .venv/bin/python benchmarks/fetch.py --super --quick     # 256 tiles
+
 The tree is rendered once (~22 ms/tile/core) and cached under
 ~/.cache/tilesweep-bench/tree-z18-seed0 (override with --cache); later runs reuse it. Needs
 nginx (/usr/sbin/nginx), curl and aria2c on PATH; a missing client is shown as such.
@@ -118,8 +129,9 @@ def free_port() -> int:
 class Nginx:
     """nginx in the foreground with a generated config in ``tmp``, serving ``root``."""
 
-    def __init__(self, root: Path, tmp: Path, workers: int) -> None:
+    def __init__(self, root: Path, tmp: Path, workers: int, log: bool = False) -> None:
         self.root, self.tmp, self.workers = root, tmp, workers
+        self.log = tmp / "access.log" if log else None  # body bytes of each request, one line each
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -139,7 +151,7 @@ pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections {nofile // 2}; multi_accept on; }}
 http {{
-    access_log off;
+    {"log_format bytes '$body_bytes_sent'; access_log " + str(self.log) + " bytes;" if self.log else "access_log off;"}
     sendfile on;
     tcp_nopush on;
     keepalive_requests 100000;
@@ -155,7 +167,7 @@ http {{
     server {{
         listen 127.0.0.1:{self.port} backlog=8192;
         root {self.root};
-        location = /nginx_status {{ stub_status; }}
+        location = /nginx_status {{ stub_status; access_log off; }}
     }}
 }}
 """)
@@ -175,6 +187,16 @@ http {{
         """Active client connections now (less the one asking)."""
         with urllib.request.urlopen(f"{self.url}/nginx_status", timeout=2) as r:
             return int(r.read().split(b"\n", 1)[0].split(b":")[1]) - 1
+
+    def served(self) -> tuple[int, int]:
+        """(requests, body bytes) logged so far (needs ``log=True``; the status page's own
+        requests are left out)."""
+        n = size = 0
+        if self.log is not None and self.log.exists():
+            for line in self.log.read_text().split():
+                n += 1
+                size += int(line)
+        return n, size
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -420,6 +442,249 @@ def read_back(store_dir: Path, files_dir: Path, tiles: list[Tile], n: int) -> li
     return rows
 
 
+# --- super-tiles (issue 12) ---------------------------------------------------------------
+
+SUPER_NS = (2, 4, 8)
+
+
+class SimProcess:
+    """`tilesweep sim serve` in its own process (so it does not share the client's core)."""
+
+    def __init__(self, tmp: Path, latency_ms: float = 0.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = ["--latency-ms", str(latency_ms)] if latency_ms else []
+        self.log = tmp / f"sim-{self.port}.log"
+
+    def __enter__(self) -> "SimProcess":
+        self.proc = subprocess.Popen([PY, "-m", "tilesweep", "sim", "serve", "--port", str(self.port), "--workers", "2",
+                                      "--cache-mb", "1024", *self.args], stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        for _ in range(300):
+            try:
+                self.stats()
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    sys.exit(f"the simulator exited: {self.log.read_text()}")
+                time.sleep(0.1)
+        sys.exit("the simulator did not start within 30 s")
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/stats", timeout=5) as r:
+            return json.loads(r.read())
+
+    def served(self) -> tuple[int, int]:
+        st = self.stats()
+        return st["requests"], st["bytes"]
+
+    def active(self) -> int:  # for ConnectionSampler: not counted here
+        return 0
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def wms_template(base: str) -> str:
+    return f"{base}/wms?SERVICE=WMS&REQUEST=GetMap&LAYERS=world&SRS=EPSG:3857&BBOX={{bbox}}&WIDTH={{width}}&HEIGHT={{height}}&FORMAT=image/jpeg"
+
+
+def nginx_tree(sim: SimProcess, tiles: list[Tile], root: Path) -> str:
+    """Static files for nginx from the simulator: tiles at z/x/y.jpg, super-tile images at
+    bbox/{bbox}/{W}x{H}.jpg (the names the bbox template asks for). Returns the template."""
+    from tilesweep.fetch import fetch_tiles
+    from tilesweep.sources import parse_source
+
+    for r in fetch_tiles(parse_source(sim.url + "/{z}/{x}/{y}.jpg"), tiles):
+        path = root / f"{r.tile.z}/{r.tile.x}/{r.tile.y}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(r.data or b"")
+    template = "http://nginx/bbox/{bbox}/{width}x{height}.jpg"
+    for n in SUPER_NS:
+        src, wms = parse_source(template, supertile=n), parse_source(wms_template(sim.url), supertile=n)
+        for nw in sorted({Tile(t.z, t.x - t.x % n, t.y - t.y % n) for t in tiles}):
+            with urllib.request.urlopen(wms.area_url(nw, n), timeout=60) as resp:
+                body = resp.read()
+            path = root / src.area_url(nw, n).split("://nginx/", 1)[1]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(body)
+    return template
+
+
+def super_runs(server, template: dict, plan_dir: Path, work: Path, c: int, name: str, rate: float | None = None) -> list[dict]:
+    """`tilesweep fetch` of the plan per tile and with --super n: one row each."""
+    rows = []
+    for n in (1, *SUPER_NS):
+        sweep = work / f"{name}-n{n}"
+        shutil.rmtree(sweep, ignore_errors=True)
+        shutil.copytree(plan_dir, sweep)
+        src = template["tile"] if n == 1 else template["bbox"]
+        cmd = [PY, "-m", "tilesweep", "fetch", str(sweep), "--source", src, "-c", str(c), "-q"] + (["--super", str(n)] if n > 1 else [])
+        cmd += ["--rate", str(rate)] if rate else []
+        req0, bytes0 = server.served()
+        r = measure(cmd, work / f"{name}-n{n}.log", 600, server)
+        req1, bytes1 = server.served()
+        with Sweep.open(sweep) as sw:
+            st = sw.status().to_json()
+        r.update(n=n, requests=req1 - req0, wire=bytes1 - bytes0, tiles=st["tiles_ok"], stored=st["bytes_fetched"], sweep=sweep)
+        r["tps"] = fetcher_speed(template["tile"] if n == 1 else template["bbox"], n, tiles_of(plan_dir), c, rate)
+        rows.append(r)
+    return rows
+
+
+def tiles_of(plan_dir: Path) -> list[Tile]:
+    with Sweep.open(plan_dir) as sw:
+        return [t for b in sw.queue.blocks() for t in b.tile_list(ZOOM)]
+
+
+def fetcher_speed(template: str, n: int, tiles: list[Tile], c: int, rate: float | None, repeat: int = 3) -> float:
+    """Tiles/s of the fetcher alone (in this process, results dropped), best of ``repeat``:
+    the command's start-up (a few seconds on a loaded machine) would swamp a small run."""
+    import asyncio
+
+    from tilesweep.fetch import FetchSettings
+    from tilesweep.sources import parse_source
+    from tilesweep.supertile import open_fetcher
+
+    src = parse_source(template, supertile=n if n > 1 else None)
+
+    async def once() -> float:
+        async with open_fetcher(src, FetchSettings(concurrency=c, rate=rate)) as f:
+            t0 = time.perf_counter()
+            ok = sum([r.status == "ok" async for r in f.fetch_many(tiles)])
+            dt = time.perf_counter() - t0
+        if ok != len(tiles):
+            err.print(f"[red]{template} n={n}: {ok} of {len(tiles)} tiles ok[/]")
+        return ok / dt
+
+    return max(asyncio.run(once()) for _ in range(repeat))
+
+
+def same_tiles(a: Path, b: Path) -> tuple[int, int]:
+    """(tiles, tiles whose bytes differ) between two fetched sweeps."""
+    sa, sb = TileStore(a / "tiles", ZOOM, BLOCK_ZOOM, coarsest=0), TileStore(b / "tiles", ZOOM, BLOCK_ZOOM, coarsest=0)
+    n = differ = 0
+    for tile, data in sa.iter_tiles():
+        n += 1
+        differ += sb.get(tile) != data
+    sa.close()
+    sb.close()
+    return n, differ
+
+
+def fill_rows(sim_url: str, tiles: list[Tile], n: int = 4, rate: float | None = None) -> list[tuple[int, dict, dict]]:
+    """For k = 1, 2, 4, 8, 16 wanted tiles of each n x n super-tile (the first k in row
+    order): the same tiles fetched in process as super-tiles and one by one."""
+    import asyncio
+
+    from tilesweep.sources import parse_source
+    from tilesweep.supertile import SuperTileFetcher
+
+    groups: dict[Tile, list[Tile]] = {}
+    for t in sorted(tiles, key=lambda t: (t.y, t.x)):
+        groups.setdefault(Tile(t.z, t.x - t.x % n, t.y - t.y % n), []).append(t)
+    src = parse_source(wms_template(sim_url), supertile=n)
+
+    from tilesweep.fetch import FetchSettings
+
+    async def one(want: list[Tile], min_tiles: int) -> dict:
+        async with SuperTileFetcher(src, FetchSettings(rate=rate), min_tiles=min_tiles) as f:
+            t0 = time.perf_counter()
+            ok = sum([r.status == "ok" async for r in f.fetch_many(want)])
+            return dict(seconds=time.perf_counter() - t0, ok=ok, requests=f.stats.requests, wire=f.stats.bytes)
+
+    out = []
+    for k in (1, 2, 4, 8, 16):
+        want = [t for g in groups.values() for t in g[:k]]
+        out.append((k, asyncio.run(one(want, 1)), asyncio.run(one(want, n * n + 1))))
+    return out
+
+
+def super_benchmark(n_tiles: int, c: int, quick: bool, keep: bool) -> None:
+    bbox, rng = area_for(n_tiles)
+    work = Path(tempfile.mkdtemp(prefix="tilesweep-super-bench-"))
+    load0 = os.getloadavg()[0]
+    try:
+        plan_dir = work / "plan"
+        subprocess.run([PY, "-m", "tilesweep", "plan", ",".join(map(str, bbox)), str(plan_dir), "--zoom", str(ZOOM), "--json"],
+                       check=True, stdout=subprocess.DEVNULL)
+        with Sweep.open(plan_dir) as sw:
+            tiles = [t for b in sw.queue.blocks() for t in b.tile_list(ZOOM)]
+        from tilesweep.sources import parse_source
+        from tilesweep.tilecut import jpeg_cut_mode
+
+        err.print(f"{len(tiles):,} tiles; JPEG cut: {jpeg_cut_mode()}")
+        table = Table(title=f"super-tile requests vs per-tile requests: `tilesweep fetch` of {len(tiles):,} zoom-18 JPEG tiles, "
+                            f"one worker, loopback, {os.cpu_count()} cores")
+        for col in ("server", "in flight", "n x n", "requests", "wire MB", "stored MB", "fetch command s", "fetcher tiles/s",
+                    "requests vs per-tile", "wire bytes vs per-tile", "tiles/s vs per-tile", "peak RSS", "same bytes"):
+            table.add_column(col.strip(), justify="left" if col == "server" else "right")
+        results: dict[str, list[dict]] = {}
+        in_flight: dict[str, int] = {}
+        rate = 200.0
+        with SimProcess(work) as sim:
+            err.print("warming the simulator (renders every tile once, encodes every super-tile image once)...")
+            urllib.request.urlopen(parse_source(wms_template(sim.url)).url(tiles[0])).read()  # from now on it keeps pixels
+            root = work / "tree"
+            ngx_template = nginx_tree(sim, tiles, root)  # fetches every tile and super-tile image: the cache is warm
+            sim_templates = {"tile": sim.url + "/{z}/{x}/{y}.jpg", "bbox": wms_template(sim.url)}
+            with Nginx(root, work / "nginx", 1, log=True) as ngx:
+                runs = [("simulator", sim, sim_templates, None),
+                        ("nginx", ngx, {"tile": ngx.url + "/{z}/{x}/{y}.jpg", "bbox": ngx_template.replace("http://nginx", ngx.url)}, None),
+                        (f"sim, {rate:g} req/s", sim, sim_templates, rate)]
+                for name, server, template, r in runs:
+                    err.print(f"{name}: per tile, then --super {', '.join(map(str, SUPER_NS))}...")
+                    results[name] = super_runs(server, template, plan_dir, work, c, name.split(",")[0] + ("-rate" if r else ""), r)
+                    in_flight[name] = c
+            err.print("how full must a super-tile be (n = 4, in process)...")
+            fills = {"none": fill_rows(sim.url, tiles), f"{rate:g}/s": fill_rows(sim.url, tiles[:256], rate=rate)}
+        lat, few = 50, 16
+        with SimProcess(work, latency_ms=lat) as slow:
+            name = f"sim, {lat} ms latency"
+            err.print(f"{name}, {few} in flight: warming, then per tile and --super {', '.join(map(str, SUPER_NS))}...")
+            urllib.request.urlopen(parse_source(wms_template(slow.url)).url(tiles[0])).read()
+            nginx_tree(slow, tiles, work / "tree-slow")  # fetches every tile and super-tile image once
+            results[name] = super_runs(slow, {"tile": slow.url + "/{z}/{x}/{y}.jpg", "bbox": wms_template(slow.url)},
+                                       plan_dir, work, few, "slow")
+            in_flight[name] = few
+        for name, rows in results.items():
+            base = rows[0]
+            for r in rows:
+                tps, btps = r["tps"], base["tps"]
+                count, differ = same_tiles(base["sweep"], r["sweep"]) if r is not base else (r["tiles"], 0)
+                ok = r["tiles"] == len(tiles) and r["rc"] == 0
+                table.add_row(name, str(in_flight[name]), "per tile" if r["n"] == 1 else f"{r['n']}x{r['n']}", f"{r['requests']:,}",
+                              f"{r['wire'] / 1e6:.2f}", f"{r['stored'] / 1e6:.2f}", f"{r['seconds']:.2f}",
+                              f"{tps:,.0f}" + ("" if ok else f" ({r['tiles']:,} of {len(tiles):,})"),
+                              f"{r['requests'] / base['requests']:.3f}", f"{r['wire'] / base['wire']:.3f}", f"{tps / btps:.2f}x",
+                              f"{r['rss_mb']:.0f} MB", "-" if r is base else f"{count - differ:,} of {count:,}")
+        con.print(table)
+        t2 = Table(title="how full a 4x4 super-tile must be to pay: k of its 16 tiles wanted, fetched in one process "
+                         "as super-tiles (cut to the k) and one by one, from the simulator; with no rate cap and at 200 requests/s")
+        for col in ("rate cap", "k of 16", "tiles", "super: requests", "super: wire MB", "super: tiles/s",
+                    "single: requests", "single: wire MB", "single: tiles/s", "super vs single tiles/s"):
+            t2.add_column(col, justify="right")
+        for lat, rows in fills.items():
+            for k, sup, one in rows:
+                t2.add_row(lat, str(k), f"{sup['ok']:,}", f"{sup['requests']:,}", f"{sup['wire'] / 1e6:.2f}",
+                           f"{sup['ok'] / sup['seconds']:,.0f}", f"{one['requests']:,}", f"{one['wire'] / 1e6:.2f}",
+                           f"{one['ok'] / one['seconds']:,.0f}", f"{(sup['ok'] / sup['seconds']) / (one['ok'] / one['seconds']):.2f}x")
+        con.print(t2)
+        con.print(f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after. 'wire' is the bodies the server sent; "
+                  "'stored' the tiles' bytes in the shards. 'same bytes': tiles equal to the per-tile run's. "
+                  "Requests, bytes and 'same bytes' are of `tilesweep fetch` (queue, shards); 'fetch command s' includes its "
+                  "start-up (seconds on a loaded machine); 'fetcher tiles/s' is the fetcher alone in this process, the same "
+                  f"tiles, best of 3. 'in flight' counts requests (a super-tile is one).")
+        bad = [f"{name} n={r['n']}" for name, rows in results.items() for r in rows if r["tiles"] != len(tiles) or r["rc"] != 0]
+        if bad:
+            sys.exit(f"runs that did not fetch every tile: {', '.join(bad)}")
+    finally:
+        if keep:
+            err.print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
@@ -440,7 +705,12 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--sparse", action="store_true", help="instead: a 0.001 sample against a dense plan of the same "
                     "tile count, adaptive and fixed blocks (benchmarks/blocks.py, part 2; issue 15)")
+    ap.add_argument("--super", action="store_true", help="instead: super-tile requests (n = 2, 4, 8) against per-tile "
+                    "requests, against the simulator and nginx (issue 12)")
     a = ap.parse_args()
+    if a.super:
+        super_benchmark(256 if a.quick else (a.tiles if a.tiles != 20_000 else 1024), a.concurrency, a.quick, a.keep)
+        return
     if a.sparse:
         from blocks import SPARSE_BBOX, fetch_table, print_fetch
 

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.pgserver import pg_server  # noqa: F401 - a session-wide PostgreSQL server on loopback
+
 
 @pytest.fixture
 def write_geojson(tmp_path: Path):

@@ -10,7 +10,7 @@ import pytest
 from helpers.cli import status_json, tilesweep
 
 from tilesweep.plan import tile_hash
-from tilesweep.queue import SqliteQueue
+from tilesweep.sweep import open_sweep_queue
 from tilesweep.sim import World, run_in_thread
 from tilesweep.sweep import Sweep
 from tilesweep.tiles import Tile
@@ -36,7 +36,7 @@ def sparse(tmp_path_factory, sim):
 
 
 def planned(sweep):
-    with SqliteQueue(sweep / "queue.sqlite") as q:
+    with open_sweep_queue(sweep) as q:
         blocks = list(q.blocks())
     return blocks, {t for b in blocks for t in b.tile_list(ZOOM)}
 

@@ -49,9 +49,9 @@ def test_retry_dead_puts_blocks_back(tmp_path):
     sweep = tmp_path / "s"
     tilesweep("plan", BBOX, sweep, "-z", 17)
     # Kill two blocks the way workers do, through the queue's own API.
-    from tilesweep.queue import SqliteQueue
+    from tilesweep.sweep import open_sweep_queue
 
-    with SqliteQueue(sweep / "queue.sqlite", max_attempts=1) as q:
+    with open_sweep_queue(sweep, max_attempts=1) as q:
         for lease in q.lease(2, 60.0, "test-worker"):
             q.nack(lease.block.id, "HTTP 500 three times")
     st = status_json(sweep)
@@ -72,6 +72,9 @@ BAD = [
     (["plan", "missing.geojson", "{dir}", "-z", "17"], "missing.geojson"),
     (["plan", "{bad_geojson}", "{dir}", "-z", "17"], "not valid JSON"),
     (["plan", BBOX, "{dir}", "-z", "17", "--max-tiles", "0"], "max tiles 0"),
+    (["plan", BBOX, "{dir}", "-z", "17", "--queue", "mysql://u@h/db"], "queue URL 'mysql://u@h/db' is not one of"),
+    (["plan", BBOX, "{dir}", "-z", "17", "--queue", "postgresql://u:secret@h:5432"], "queue URL 'postgresql://u@h:5432' names no database"),
+    (["plan", BBOX, "{dir}", "-z", "17", "--queue", "sqlite:///{dir}-nowhere/q.sqlite"], "-nowhere' does not exist"),
     (["status", "{dir}"], "holds no plan"),
     (["retry", "{dir}"], "needs --dead"),
 ]

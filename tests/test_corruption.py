@@ -3,13 +3,14 @@ their crc32, and a corrupt or missing shard is one line naming it and `verify --
 never silent, never a traceback (issue 16). Real processes, real HTTP to the simulator,
 real shards with bytes flipped on disk."""
 
-import sqlite3
 
 import numpy as np
 import pytest
 from helpers.cli import status_json, tilesweep
 
-from tilesweep.queue import SqliteQueue, State
+from tilesweep.queue import State
+
+from tilesweep.sweep import open_sweep_queue
 from tilesweep.sim import World, run_in_thread
 from tilesweep.store import ShardReader, Status, TileStore
 from tilesweep.tiles import Tile, from_tile_id
@@ -137,7 +138,7 @@ def test_export_leaves_out_a_dead_blocks_shard(sweep):
         block = r.block
         in_block = {from_tile_id(int(i)) for i in r.ids[r.records["status"] == Status.OK]}
     # the block goes dead through the queue's own contract: leased and failed once
-    q = SqliteQueue(sweep / "queue.sqlite", max_attempts=1)
+    q = open_sweep_queue(sweep, max_attempts=1)
     from tilesweep.tiles import tile_id
 
     q.requeue([tile_id(block)], "test")
@@ -172,7 +173,7 @@ def test_predict_requeues_a_corrupt_block_and_scores_the_rest(sweep, sim):
     assert not shard.exists() and shard.with_name(shard.name + ".corrupt").exists()
     from tilesweep.tiles import tile_id
 
-    q = SqliteQueue(sweep / "queue.sqlite")
+    q = open_sweep_queue(sweep)
     row = q.get(tile_id(block))
     q.close()
     assert row["state"] is State.PENDING and "crc mismatch" in row["last_error"]
@@ -196,9 +197,8 @@ def test_verify_on_a_streamed_sweep_expects_no_shards(tmp_path, sim):
     res = tilesweep("verify", sweep, "--repair")
     assert "queued again" not in res.stdout
     assert status_json(sweep)["blocks_done"] == 16
-    db = sqlite3.connect(sweep / "queue.sqlite")
-    assert db.execute("SELECT COUNT(*) FROM blocks WHERE stored = 0").fetchone()[0] == 16
-    db.close()
+    with open_sweep_queue(sweep) as q:
+        assert sum(1 for r in q.records() if r["stored"] == 0) == 16
 
 
 def test_verify_still_reports_a_kept_shard_that_is_gone(sweep):

@@ -12,7 +12,7 @@ import time
 import pytest
 from helpers.cli import popen, status_json, tilesweep
 
-from tilesweep.queue import SqliteQueue
+from tilesweep.sweep import open_sweep_queue
 from tilesweep.sim import Faults, World, run_in_thread
 from tilesweep.store import Status, TileStore
 from tilesweep.tiles import Tile
@@ -147,7 +147,7 @@ def test_sigkill_at_random_instants_then_resume(tmp_path, expected):
         # The restart frees the leases of the killed workers (same host, pid gone) at once.
         tilesweep("fetch", sweep, "--max-attempts", 20, timeout=600)
     assert_complete(sweep, expected)
-    with SqliteQueue(sweep / "queue.sqlite") as q:
+    with open_sweep_queue(sweep) as q:
         assert any(q.get(b.id)["attempts"] > 1 for b in q.blocks()), "no lease was ever taken over"
 
 
@@ -157,7 +157,7 @@ def _wait_for_live_leases(sweep, p, deadline_s=60.0):
 
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline and p.poll() is None:
-        with SqliteQueue(sweep / "queue.sqlite") as q:
+        with open_sweep_queue(sweep) as q:
             if any(_alive(int(o.split(":")[1])) for o in q.owners()):
                 return
         time.sleep(0.05)

@@ -21,6 +21,7 @@ from tilesweep.predict import BlockRows, PredictionSink
 from tilesweep.queue import State
 from tilesweep.sim import World, run_in_thread
 from tilesweep.store import Status, TileStore
+from tilesweep.sweep import open_sweep_queue
 from tilesweep.tiles import Tile
 
 TESTS = Path(__file__).parent
@@ -197,18 +198,14 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, sim):
 
 def queue_rows(sweep):
     """(id, state, n_ok, n_empty, n_failed) of every block of the fetch queue."""
-    db = sqlite3.connect(sweep / "queue.sqlite", timeout=10)
-    try:
-        return sorted(db.execute("SELECT id, state, n_ok, n_empty, n_failed FROM blocks").fetchall())
-    finally:
-        db.close()
+    with open_sweep_queue(sweep) as q:
+        return sorted((r["id"], int(r["state"]), r["n_ok"], r["n_empty"], r["n_failed"]) for r in q.records())
 
 
 def planned_tiles(sweep, block_zoom):
     """Every planned tile of a sweep (the world is cloud-free: every planned tile is ok)."""
-    from tilesweep.queue import SqliteQueue
 
-    with SqliteQueue(sweep / "queue.sqlite") as q:
+    with open_sweep_queue(sweep) as q:
         return {t for b in q.blocks() for t in b.tile_list(ZOOM)}
 
 
@@ -254,6 +251,29 @@ def test_run_fetches_and_predicts_in_one_go_and_resumes(tmp_path, mode):
     assert ledger(sweep)[:2] == (16, 156)
 
 
+def test_keep_tiles_is_the_python_apis_too(tmp_path, sim):
+    """`run --keep-tiles` from Python: predict_sweep(stream=StreamFetch(..., keep_tiles=True))
+    packs every tile into the store and predicts each once (fetch processes store and ack,
+    the pipeline follows them); report.fetch holds the fetch's final counters."""
+    from tilesweep.fetch import FetchSettings
+    from tilesweep.model import load_model
+    from tilesweep.predict import StreamFetch, predict_sweep
+    from tilesweep.sources import parse_source
+    from tilesweep.sweep import Sweep
+
+    folder = tmp_path / "k"
+    tilesweep("plan", SMALL_BBOX, folder, "--zoom", ZOOM, "--block-zoom", 16)
+    with Sweep.open(folder) as sweep:
+        src = sweep.bind_source(parse_source(sim.template(), []))
+        report = predict_sweep(sweep, load_model("demo"), stream=StreamFetch(src, FetchSettings(concurrency=8), keep_tiles=True))
+    expected = planned_tiles(folder, 16)
+    assert ok_tiles(folder, 16) == expected
+    table, _ = read_predictions(folder)
+    assert_exactly_once(table, expected)
+    assert report.tiles == len(expected) and report.fetch is not None and report.fetch.tiles_ok == len(expected)
+    assert status_json(folder)["blocks_done"] == 16
+
+
 def test_streamed_run_survives_sigkill_at_random_instants(tmp_path):
     """Kill the streaming `run` with SIGKILL again and again (blocks leased, parts half
     written, parts written but not acked in the queue): the runs that follow finish the
@@ -283,7 +303,6 @@ def test_streamed_run_survives_sigkill_at_random_instants(tmp_path):
 def test_fetch_processes_stop_when_the_run_process_is_killed(tmp_path):
     """SIGKILL to the run process alone (its fetch processes live on): they notice, stop,
     release their leases and exit, even while waiting to hand a block over."""
-    from tilesweep.queue import SqliteQueue
     from tilesweep.sim import Faults
     from tilesweep.worker import _alive
 
@@ -295,7 +314,7 @@ def test_fetch_processes_stop_when_the_run_process_is_killed(tmp_path):
         deadline = time.monotonic() + 60
         owners = {}
         while time.monotonic() < deadline and p.poll() is None:
-            with SqliteQueue(sweep / "queue.sqlite") as q:
+            with open_sweep_queue(sweep) as q:
                 owners = q.owners()
             if len(owners) == 2:
                 break
@@ -320,11 +339,8 @@ def test_a_block_predicted_but_not_acked_is_acked_without_fetching(tmp_path, sim
     tilesweep("plan", SMALL_BBOX, sweep, "--zoom", ZOOM, "--block-zoom", 16)
     tilesweep("run", sweep, "--model", "demo", "--source", sim.template(), "--quiet")
     before = queue_rows(sweep)
-    db = sqlite3.connect(sweep / "queue.sqlite")
-    db.execute("UPDATE blocks SET state = ?, n_ok = NULL, n_empty = NULL, n_failed = NULL WHERE id IN "
-               "(SELECT id FROM blocks ORDER BY id LIMIT 5)", (int(State.PENDING),))
-    db.commit()
-    db.close()
+    with open_sweep_queue(sweep) as q:
+        assert q.requeue([b.id for b in q.blocks()][:5]) == 5
     toml = sweep / "sweep.toml"
     toml.write_text(toml.read_text().replace(sim.template(), "http://127.0.0.1:9/{z}/{x}/{y}.jpg"))
     res = tilesweep("run", sweep, "--model", "demo", "--retries", 0, "--timeout", 2, "--quiet")
@@ -423,11 +439,8 @@ def test_run_refuses_a_bad_model_before_fetching(tmp_path, sim):
 
 
 def done_blocks(sweep):
-    db = sqlite3.connect(sweep / "queue.sqlite", timeout=10)
-    try:
-        return db.execute("SELECT COUNT(*) FROM blocks WHERE state = ?", (int(State.DONE),)).fetchone()[0]
-    finally:
-        db.close()
+    with open_sweep_queue(sweep) as q:
+        return q.count(State.DONE)
 
 
 @pytest.mark.parametrize("mode", list(RUN_MODES))

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from helpers.cli import ENV, status_json, tilesweep
 
-from tilesweep.queue import SqliteQueue, State
+from tilesweep.queue import State
+
+from tilesweep.sweep import open_sweep_queue
 from tilesweep.sim import Faults, World, run_in_thread
 from tilesweep.worker import _alive
 
@@ -65,16 +67,13 @@ def wait_for(predicate, deadline_s=90.0, every=0.05):
 
 
 def queue_counts(sweep):
-    db = sqlite3.connect(sweep / "queue.sqlite", timeout=30)
-    try:
-        return dict(db.execute("SELECT state, COUNT(*) FROM blocks GROUP BY state").fetchall())
-    finally:
-        db.close()
+    with open_sweep_queue(sweep) as q:
+        return {int(s): n for s, n in q.stats(window=1.0).blocks.items() if n}
 
 
 def live_owners(sweep):
     """Lease owners (host:pid:...) whose process is alive."""
-    with SqliteQueue(sweep / "queue.sqlite") as q:
+    with open_sweep_queue(sweep) as q:
         return [o for o in q.owners() if _alive(int(o.split(":")[1]))]
 
 
@@ -193,7 +192,7 @@ def test_the_stop_message_says_only_what_is_true(tmp_path, slow_sim):
     sweep = plan(tmp_path)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        with SqliteQueue(sweep / "queue.sqlite") as q:
+        with open_sweep_queue(sweep) as q:
             (held,) = q.lease(1, ttl=600, owner=f"{socket.gethostname()}:{other.pid}:other")
         p = start("fetch", sweep, "--source", slow_sim.template(), "--workers", 2, "--concurrency", 4, "--quiet")
         assert wait_for(lambda: len(live_owners(sweep)) >= 2 or p.poll() is not None)
@@ -202,7 +201,7 @@ def test_the_stop_message_says_only_what_is_true(tmp_path, slow_sim):
         err = finish(p)
         assert p.returncode == 130, err
         assert "still leased by other processes: 1 block" in err, err
-        with SqliteQueue(sweep / "queue.sqlite") as q:
+        with open_sweep_queue(sweep) as q:
             assert q.owners() == {held.owner: 1}  # ours released, the other's kept
     finally:
         other.kill()
@@ -267,7 +266,7 @@ def test_kill_9_again_and_again_does_not_kill_blocks(tmp_path, slow_sim):
         kills += 1
     assert kills >= 6, "the fetch finished before it could be killed: slow the source down"
     assert status_json(sweep)["blocks_dead"] == 0
-    with SqliteQueue(sweep / "queue.sqlite") as q:
+    with open_sweep_queue(sweep) as q:
         assert any(q.get(b.id)["lost"] > 0 for b in q.blocks()), "no kill ever cost a lease"
     tilesweep("fetch", sweep, "--quiet", timeout=600)
     st = status_json(sweep)

@@ -82,6 +82,13 @@ def test_serves_the_page_tiles_and_overlay_and_refuses_the_rest_read_only(sweep)
         tile = json.loads(get(url + f"api/tile?z={ZOOM}&x={p['x']}&y={p['y']}")[2])
         assert tile["predictions"][0]["scores"]["tower"] == pytest.approx(p["tower"], abs=1e-3)
         assert tile["predictions"][0]["label"] is True and tile["block"]["state"] == "done" and tile["block"]["z"] == 14
+        # traced lines: a layer computed from the detections (tilesweep.trace)
+        status, headers, body = get(url + f"api/lines.geojson?model={model}&t=0.5")
+        doc = json.loads(body)
+        assert status == 200 and headers["Content-Type"].startswith("application/geo+json") and doc["type"] == "FeatureCollection"
+        assert doc["features"] and {f["geometry"]["type"] for f in doc["features"]} == {"LineString"}
+        assert all(3 <= f["properties"]["towers"] <= len(det["features"]) for f in doc["features"])
+        assert all(0 < f["properties"]["confidence"] <= 1 for f in doc["features"])
         progress = json.loads(get(url + "api/progress")[2])
         assert progress["blocks"]["done"] == 4 and progress["predicted_blocks"] == {model: 4}
 
@@ -97,6 +104,7 @@ def test_serves_the_page_tiles_and_overlay_and_refuses_the_rest_read_only(sweep)
             ("/api/tile?z=18&x=a&y=1", 400), ("/api/tile?z=3&x=0&y=0", 400),
             ("/api/detections.geojson?model=nosuch&bbox=0,0,1,1", 404),
             (f"/api/detections.geojson?model={model}&bbox=1,2", 400),
+            ("/api/lines.geojson?model=nosuch", 404), (f"/api/lines.geojson?model={model}&t=2", 400),
         ]:
             assert raw(url, target) == want, target
         assert raw(url, "/api/info", "POST") == 405 and raw(url, "/", "DELETE") == 405

@@ -17,7 +17,7 @@ import pytest
 from helpers.cli import status_json, tilesweep
 from test_signals import TESTS, children, finish, live_owners, plan, start, wait_for
 
-from tilesweep.queue import SqliteQueue
+from tilesweep.sweep import open_sweep_queue
 from tilesweep.sim import Faults, World, run_in_thread
 
 COMMANDS = {
@@ -76,7 +76,7 @@ def test_a_worker_killed_from_outside_is_reported_and_its_blocks_go_back(tmp_pat
 def _block_in_the_way(sweep):
     """A folder where the first block's shard goes: the worker that leases the block
     fails to write it (IsADirectoryError, not a full disk). Returns the folder."""
-    with SqliteQueue(sweep / "queue.sqlite") as q:
+    with open_sweep_queue(sweep) as q:
         block = next(iter(q.blocks()))
     bz, x, y = block.tile
     path = sweep / "tiles" / str(bz) / str(x) / f"{y}.shard"  # TileStore.shard_path

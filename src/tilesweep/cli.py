@@ -78,12 +78,17 @@ def plan(
     rate: float = typer.Option(1000.0, "--rate", help="Tiles/s assumed for the time estimate."),
     tile_kb: float = typer.Option(20.0, "--tile-kb", help="KB per tile assumed for the size estimate."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan summary as one JSON object."),
+    queue: Optional[str] = typer.Option(None, "--queue", help="Queue URL: postgresql://user@host:port/db (a shared server; password from PGPASSWORD or ~/.pgpass) or sqlite:///path; default SWEEP_DIR/queue.sqlite."),
 ) -> None:
     """Plan AREA at --zoom into SWEEP_DIR: blocks of tiles, sampled and shuffled, queued."""
     if rate <= 0:
         raise UsageError(f"rate {rate:g} must be > 0 tiles/s")
     if tile_kb <= 0:
         raise UsageError(f"tile size {tile_kb:g} KB must be > 0")
+    if queue is not None:
+        from .queue import parse_queue_url
+
+        parse_queue_url(queue)  # a bad URL: one line, before the area is read
     spec = PlanSpec(zoom=zoom, block_zoom=block_zoom, fraction=fraction, seed=seed, max_tiles=max_tiles, block_tiles=block_tiles)
     the_area = load_area(area)
     if dry_run:
@@ -97,11 +102,11 @@ def plan(
             counted[1] += len(chunk)
             status.update(f"planning... {counted[0]:,} tiles in {counted[1]:,} blocks")
 
-        sweep, created = Sweep.plan(sweep_dir, the_area, spec, on_chunk=progress, allow_huge=allow_huge)
+        sweep, created = Sweep.plan(sweep_dir, the_area, spec, on_chunk=progress, allow_huge=allow_huge, queue=queue)
     summary = sweep.summary()
     size, hours = summary.estimate(tile_kb=tile_kb, rate=rate)
     if as_json:
-        out.print_json(json.dumps({**sweep.plan_config, "created": created, "estimate_bytes": size, "estimate_hours": hours}))
+        out.print_json(json.dumps({**sweep.plan_config, "queue": sweep.queue_url, "created": created, "estimate_bytes": size, "estimate_hours": hours}))
         return
     verb = "planned" if created else "already planned (same plan, nothing changed)"
     out.print(f"[bold]{sweep_dir}[/]: {verb}")
@@ -109,6 +114,8 @@ def plan(
         f"  {summary.tiles:,} tiles at zoom {summary.zoom} in {summary.blocks:,} {summary.describe_blocks()}, "
         f"area {summary.area_km2:,.1f} km2"
     )
+    if queue is not None:
+        out.print(f"  queue: {sweep.queue_url}", highlight=False)
     out.print(f"  estimate: {_human_bytes(size)} at {tile_kb:g} KB/tile, {_human_hours(hours)} at {rate:,.0f} tiles/s")
 
 
@@ -170,6 +177,7 @@ def fetch(
     tile_budget: float = typer.Option(120.0, "--tile-budget", help="Seconds one tile may take over all its retries, per lease (bounds what one bad tile costs its block)."),
     replace_source: bool = typer.Option(False, "--replace-source", help="Record --source in place of the sweep's source (done blocks with no image are fetched again; see docs/sources.md)."),
     mix_sources: bool = typer.Option(False, "--mix-sources", help="With --replace-source: keep done blocks that hold the old source's tiles."),
+    supertile: Optional[int] = typer.Option(None, "--super", help="With a bbox --source ({bbox} {width} {height}: WMS, static images): ask for N x N tiles per request (2, 4, 8, 16) and cut them."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
 ) -> None:
     """Fetch the planned tiles of SWEEP_DIR into its store (tiles/), resumably.
@@ -185,7 +193,7 @@ def fetch(
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "fetch"):
         new_source = sweep.source is None
-        src = _bind_source(sweep, source, header, replace_source, mix_sources)
+        src = _bind_source(sweep, source, header, replace_source, mix_sources, supertile)
         before = sweep.status()
         meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet)
         try:
@@ -218,30 +226,21 @@ def fetch(
 def _fetch_settings(workers: int, concurrency: int, rate: float | None, retries: int, timeout: float, lease_ttl: float, max_attempts: int,  # type: ignore[no-untyped-def]
                     max_tile_bytes: str = "4MiB", tile_budget: float = 120.0):
     """(FetchSettings per worker, WorkerSettings) from the options of `fetch` and `run`."""
-    from .fetch import FetchSettings
-    from .worker import WorkerSettings
+    from .worker import FetchWorkers, WorkerSettings
 
-    if workers < 1 or workers > 256:
-        raise UsageError(f"workers {workers} must be in 1..256")
-    if concurrency < workers:
-        raise UsageError(f"concurrency {concurrency} must be at least the number of workers ({workers})")
-    if lease_ttl < 3:
-        raise UsageError(f"lease ttl {lease_ttl:g} must be >= 3 seconds")
-    if max_attempts < 1:
-        raise UsageError(f"max attempts {max_attempts} must be >= 1")
+    # The settings objects check their values (one-line UsageError); the CLI only words
+    # what names its own flags.
+    share = FetchWorkers(workers, concurrency, rate)
+    worker_settings = WorkerSettings(lease_ttl_s=lease_ttl, max_attempts=max_attempts)
     if not 0 < timeout < float("inf"):
         raise UsageError(f"--timeout {timeout:g} must be a number of seconds > 0")
-    settings = FetchSettings(
-        concurrency=-(-concurrency // workers),
-        rate=None if rate is None else rate / workers,
+    settings = share.fetch_settings(
         retries=retries,
         total_timeout_s=timeout,
-        max_tile_bytes=(tile_bytes := _parse_bytes(max_tile_bytes, "--max-tile-bytes")),
-        # the in-flight byte budget (256 MiB by default) is shared by the workers
-        max_inflight_bytes=max(tile_bytes, FetchSettings.max_inflight_bytes // workers),
+        max_tile_bytes=_parse_bytes(max_tile_bytes, "--max-tile-bytes"),
         tile_budget_s=_positive_seconds(tile_budget, "--tile-budget"),
     )
-    return settings, WorkerSettings(lease_ttl_s=lease_ttl, max_attempts=max_attempts)
+    return settings, worker_settings
 
 
 def _parse_bytes(text: str, option: str) -> int:
@@ -260,12 +259,19 @@ def _positive_seconds(value: float, option: str) -> float:
     return value
 
 
-def _bind_source(sweep: Sweep, source: str | None, header: list[str], replace: bool = False, mix: bool = False):  # type: ignore[no-untyped-def]
+def _bind_source(sweep: Sweep, source: str | None, header: list[str], replace: bool = False, mix: bool = False,  # type: ignore[no-untyped-def]
+                 supertile: int | None = None):
     """The sweep's source: ``--source`` (recorded on first use) or the recorded one;
-    ``replace``: record ``--source`` in place of the recorded one (Sweep.replace_source)."""
+    ``replace``: record ``--source`` in place of the recorded one (Sweep.replace_source);
+    ``supertile``: ``--super N`` (tiles on a side of one bbox request)."""
     from .sources import parse_source
+    from .supertile import check_blocks
 
-    given = None if source is None else parse_source(source, header)
+    if supertile is not None and source is None:
+        raise UsageError("--super needs --source (a bbox template: the super-tile size belongs to the source)")
+    given = None if source is None else parse_source(source, header, supertile=supertile)
+    if given is not None:
+        check_blocks(given, sweep.zoom, sweep.block_zoom)
     if given is None and header:
         raise UsageError("--header needs --source (the headers belong to a source)")
     if (replace or mix) and given is None:
@@ -399,26 +405,10 @@ def predict(
 
 def _predict_settings(batch: int, threads: int, part_rows: int, part_seconds: float, model_threads: int | None,  # type: ignore[no-untyped-def]
                       decode: str = "auto", decode_processes: int | None = None):
-    from .predict import PredictSettings
-    from .predict.decoding import DECODE_MODES
+    from .predict import PredictSettings  # checks its values (one-line UsageError)
 
-    if decode not in DECODE_MODES:
-        raise UsageError(f"decode {decode!r} is not auto, threads, processes or gpu")
-    if decode_processes is not None and not 1 <= decode_processes <= 256:
-        raise UsageError(f"decode processes {decode_processes} must be in 1..256")
-
-    if not 1 <= batch <= 65536:
-        raise UsageError(f"batch {batch} must be in 1..65536")
-    if not 1 <= threads <= 256:
-        raise UsageError(f"threads {threads} must be in 1..256")
-    if part_rows < 1:
-        raise UsageError(f"part rows {part_rows} must be >= 1")
-    if part_seconds <= 0:
-        raise UsageError(f"part seconds {part_seconds:g} must be > 0")
-    if model_threads is not None and not 1 <= model_threads <= 256:
-        raise UsageError(f"model threads {model_threads} must be in 1..256")
-    return PredictSettings(batch=batch, threads=threads, part_rows=part_rows, part_seconds=part_seconds,
-                           decode=decode, decode_processes=decode_processes)
+    return PredictSettings(batch=batch, threads=threads, part_rows=part_rows, part_seconds=part_seconds, model_threads=model_threads,
+                           decode=decode, decode_processes=decode_processes)  # issue 13: decode
 
 
 def _load_model(spec: str, device: str, model_threads: int | None, precision: str = "fp32", channels_last: bool = False):  # type: ignore[no-untyped-def]
@@ -438,7 +428,7 @@ def _predict_summary(sweep: Sweep, sweep_dir: Path, the_model, report, not_fetch
     blocks are dead)."""
     from .predict.sink import model_folder, reconcile
 
-    rec = reconcile(sweep.path, sweep.path / "queue.sqlite", the_model.name, the_model.digest)
+    rec = reconcile(sweep.path, sweep.queue, the_model.name, the_model.digest)
     st = sweep.status()
     folder = sweep.predictions_path / model_folder(the_model.name, the_model.digest)
     out.print(_predict_line(report), highlight=False)
@@ -497,6 +487,7 @@ def run(
     tile_budget: float = typer.Option(120.0, "--tile-budget", help="Seconds one tile may take over all its retries, per lease."),
     replace_source: bool = typer.Option(False, "--replace-source", help="Record --source in place of the sweep's source (see docs/sources.md)."),
     mix_sources: bool = typer.Option(False, "--mix-sources", help="With --replace-source: keep done blocks that hold the old source's tiles."),
+    supertile: Optional[int] = typer.Option(None, "--super", help="With a bbox --source: ask for N x N tiles per request (2, 4, 8, 16) and cut them (docs/sources.md)."),
     batch: int = typer.Option(64, "--batch", "-b", help="Model inputs per predict call."),
     threads: int = typer.Option(2, "--threads", "-t", help="Decode threads."),
     part_rows: int = typer.Option(65536, "--part-rows", help="Rows per Parquet part (group commit)."),
@@ -510,6 +501,9 @@ def run(
     precision: str = typer.Option("fp32", "--precision", help="PyTorch models: fp32, or bf16 / fp16 mixed precision (autocast)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="PyTorch models: weights and inputs in channels_last memory order."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
+    densify: Optional[int] = typer.Option(None, "--densify", help="Then plan the unplanned tiles within R tiles of each detection and run them, round after round, until a round finds no new tile (`tilesweep densify`)."),
+    densify_along: bool = typer.Option(False, "--densify-along", help="With --densify: also the tiles along the line through two nearby detections."),
+    densify_rounds: int = typer.Option(20, "--densify-rounds", help="With --densify: most densify rounds in the sweep."),
 ) -> None:
     """Fetch and predict in one go, the usual command.
 
@@ -530,15 +524,18 @@ def run(
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch or a run
         the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep.path)  # before the source is recorded
         new_source = sweep.source is None
-        src = _bind_source(sweep, source, header, replace_source, mix_sources)
-        try:
-            if keep_tiles:
-                _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
-            else:
-                _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
-        except UsageError:  # e.g. the source gave no image at all: record nothing of it
-            _forget_source(sweep, new_source)
-            raise
+        src = _bind_source(sweep, source, header, replace_source, mix_sources, supertile)
+
+        def run_once() -> None:
+            try:
+                _run(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, keep_tiles, quiet)
+            except UsageError:  # e.g. the source gave no image at all: record nothing of it
+                _forget_source(sweep, new_source)
+                raise
+
+        from .cli_lines import run_rounds  # --densify: run, densify, run again (tilesweep.densify)
+
+        run_rounds(sweep, the_model.name, threshold, densify, densify_along, densify_rounds, run_once)
 
 
 _STOPPED_RUN = ("committed predictions are durable", "run the same command to go on")
@@ -547,12 +544,12 @@ _STOPPED_RUN = ("committed predictions are durable", "run the same command to go
 def _stopped(sweep: Sweep, kept: str, hint: str) -> None:
     """After a stop (Ctrl-C, SIGTERM): say what is kept and, truthfully, whether blocks are
     still leased (by other processes: ours were released), then exit 130 or 143."""
-    from .queue import SqliteQueue, State
+    from .queue import State
     from .signals import exit_status, mark_reported
 
     mark_reported()
     try:
-        with SqliteQueue(sweep.path / "queue.sqlite") as q:
+        with sweep.open_queue() as q:
             leased = q.count(State.LEASED)
     except Exception:  # noqa: BLE001 - the message must not fail
         leased = 0
@@ -563,8 +560,9 @@ def _stopped(sweep: Sweep, kept: str, hint: str) -> None:
     raise typer.Exit(exit_status())
 
 
-def _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet) -> None:  # type: ignore[no-untyped-def]
-    """`tilesweep run`: fetch (an asyncio thread, or worker processes) -> decode -> model -> sink."""
+def _run(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, keep_tiles, quiet) -> None:  # type: ignore[no-untyped-def]
+    """`tilesweep run`: fetch -> decode -> model -> sink, streamed (an asyncio thread, or
+    worker processes) or, with --keep-tiles, through the store (tilesweep.predict.keep)."""
     from .predict import StreamFetch, predict_sweep
 
     before = sweep.status()
@@ -577,66 +575,15 @@ def _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, w
             fetch_lines[:] = [fetch_meter.line(r.fetch)]
         meter.update(r)
 
-    meter = _PredictMeter(quiet, lambda: fetch_lines[0] if fetch_lines else "starting")
+    meter = _PredictMeter(quiet, lambda: fetch_lines[0] if fetch_lines else ("starting workers" if keep_tiles else "starting"))
     try:
         with meter:
             report = predict_sweep(sweep, the_model, settings, on_progress=on_progress,
-                                   stream=StreamFetch(src, fetch_settings, worker_settings, workers))
+                                   stream=StreamFetch(src, fetch_settings, worker_settings, workers, keep_tiles=keep_tiles))
     except KeyboardInterrupt:
         _stopped(sweep, *_STOPPED_RUN)
     if report.fetch is not None:
         out.print(fetch_meter.line(report.fetch, final=True), highlight=False)
-    _predict_summary(sweep, sweep_dir, the_model, report, "run the same command again", dead_is_error=True)
-
-
-def _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet) -> None:  # type: ignore[no-untyped-def]
-    """`tilesweep run --keep-tiles`: fetch worker processes write the store while this
-    process predicts each block once it is durable."""
-    import threading
-
-    from .predict import predict_sweep
-    from .worker import run_workers
-
-    before = sweep.status()
-    fetch_meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet=True)
-    fetched: dict[str, object] = {}
-    latest: list[object] = []
-    interrupted = threading.Event()  # Ctrl-C reached this process: stop the workers too
-
-    def on_fetch(c) -> None:  # type: ignore[no-untyped-def]
-        latest[:] = [c]
-        fetch_meter.update(c)
-
-    fetched_all = threading.Event()
-
-    def fetch_all() -> None:
-        try:
-            fetched["counters"] = run_workers(
-                sweep.path, sweep.zoom, sweep.block_zoom, src, fetch_settings, worker_settings, workers,
-                on_fetch, in_process=False, stop_requested=interrupted.is_set,
-            )
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            fetched["error"] = exc
-        finally:
-            fetched_all.set()
-
-    fetcher = threading.Thread(target=fetch_all, name="tilesweep-fetch", daemon=True)
-    fetcher.start()
-    meter = _PredictMeter(quiet, lambda: fetch_meter.line(latest[0]) if latest else "starting workers")
-    try:
-        with meter:
-            report = predict_sweep(sweep, the_model, settings, on_progress=meter.update, follow=lambda: not fetched_all.is_set())
-        fetched_all.wait()  # not Thread.join: a Ctrl-C inside join() can lose the thread (CPython gh-90882)
-    except KeyboardInterrupt:
-        interrupted.set()
-        fetched_all.wait()  # the workers release their leases and stop
-        _stopped(sweep, *_STOPPED_RUN)
-    error = fetched.get("error")
-    if isinstance(error, KeyboardInterrupt):
-        _stopped(sweep, *_STOPPED_RUN)
-    if error is not None:
-        raise error  # type: ignore[misc]
-    out.print(fetch_meter.line(fetched["counters"], final=True), highlight=False)  # type: ignore[arg-type]
     _predict_summary(sweep, sweep_dir, the_model, report, "run the same command again", dead_is_error=True)
 
 
@@ -768,13 +715,13 @@ def _raise_if_shard_lost(sweep: Sweep, t) -> None:  # type: ignore[no-untyped-de
 
 def _in_plan(sweep: Sweep, t) -> bool:  # type: ignore[no-untyped-def]
     """Whether tile ``t`` (at the sweep's zoom) is one of the sweep's planned tiles."""
-    from .queue.sqlite import _block
+    from .queue import Block
     from .tiles import parent
 
     for z in range(min(sweep.block_zoom, t.z), -1, -1):  # adaptive blocks lie at any zoom up to block_zoom
         row = sweep.queue.get(tile_id(parent(t, z)))
         if row is not None:  # blocks never overlap: the first ancestor found is t's block
-            block = _block((row["z"], row["x"], row["y"], row["tiles"], row["mask"]))
+            block = Block(row["z"], row["x"], row["y"], row["tiles"], row["mask"])
             return t in block.tile_list(sweep.zoom)
     return False
 
@@ -828,7 +775,7 @@ def tiles_stats(
 @app.command()
 def export(
     sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
-    output: Path = typer.Argument(..., help="Output: a .pmtiles or .mbtiles file, or a folder for --format dir."),
+    output_arg: str = typer.Argument(..., metavar="OUTPUT", help="Output: a .pmtiles or .mbtiles file (or s3://bucket/prefix/name), or a folder for --format dir."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="pmtiles, mbtiles or dir; default from OUTPUT's suffix."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
 ) -> None:
@@ -836,8 +783,13 @@ def export(
 
     The PMTiles v3 archive is clustered (Hilbert order). Export streams: memory does not
     grow with the number of tiles."""
+    from .storage import is_url
     from .store import export_dir, export_mbtiles, export_pmtiles
 
+    if is_url(output_arg):
+        _export_to_url(sweep_dir, output_arg, fmt, force)
+        return
+    output = Path(output_arg)
     kind = fmt or {".pmtiles": "pmtiles", ".mbtiles": "mbtiles"}.get(output.suffix.lower())
     if kind is None:
         raise UsageError(f"cannot tell the format of {str(output)!r}: use a .pmtiles or .mbtiles name, or --format dir")
@@ -874,6 +826,33 @@ def export(
         store.close()
     tiles = summary.get("tiles", summary.get("addressed_tiles", 0))
     out.print(f"wrote {str(output)} ({kind}): {tiles:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
+
+
+def _export_to_url(sweep_dir: Path, url: str, fmt: Optional[str], force: bool) -> None:
+    """`export SWEEP s3://bucket/prefix/name.pmtiles`: staged on local disk, published
+    through the storage seam (replacing an earlier object only with --force)."""
+    from pathlib import PurePosixPath
+
+    from .store import export_mbtiles, export_pmtiles
+    from .store.export import export_target
+
+    kind = fmt or {".pmtiles": "pmtiles", ".mbtiles": "mbtiles"}.get(PurePosixPath(url).suffix.lower())
+    if kind not in ("pmtiles", "mbtiles"):
+        raise UsageError(f"cannot export {url!r} as {kind or 'an unknown format'}: to object storage, a .pmtiles or .mbtiles name")
+    with Sweep.open(sweep_dir) as sweep:
+        storage, key = export_target(url)  # StorageError (exit 2): bucket, credentials, endpoint
+        if storage.exists(key) and not force:
+            raise UsageError(f"{url!r} exists; pass --force to replace it")
+        store = sweep.store
+        blocks = _export_blocks(sweep, sweep_dir, store)
+        started = time.perf_counter()
+        if kind == "pmtiles":
+            meta = {"name": sweep.path.name, "description": f"tilesweep export: {sweep.describe_plan()}"}
+            summary = export_pmtiles(store, url, metadata=meta, blocks=blocks, replace=force)
+        else:
+            summary = export_mbtiles(store, url, blocks=blocks, replace=force)
+        store.close()
+    out.print(f"wrote {url} ({kind}): {summary['tiles']:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
 
 
 def _export_blocks(sweep: Sweep, sweep_dir: Path, store) -> list:  # type: ignore[no-untyped-def]
@@ -967,6 +946,9 @@ def _print_status(sweep: Sweep, st: SweepStatus) -> None:
             f"{r['failed']:,} failed; {r['retries']:,} requests retried after transient faults"
         )
     out.print(f"throughput {st.throughput:,.1f} tiles/s over the last {st.window_s:.0f} s, ETA {eta}, {st.attempts_total:,} leases taken")
+    for r in st.densify:
+        out.print(f"densify round {r['round']}: {r['tiles']:,} tiles in {r['blocks']:,} blocks around {r['detections']:,} detections "
+                  f"of {r['model']} (radius {r['radius']}{', along lines' if r['along'] else ''})", highlight=False)
     if st.dead:
         more = st.blocks["dead"] - len(st.dead)
         err.print(f"[bold red]{st.blocks['dead']:,} dead blocks[/], last errors" + (f" (first {len(st.dead)}):" if more else ":"))
@@ -1005,6 +987,7 @@ def _human_hours(h: float) -> str:
 # (results: query/convert/detections/summarize; view: the web viewer).
 from .cli_view import register as _register_view; _register_view(app)  # noqa: E402
 from .cli_results import register as _register_results; _register_results(app)  # noqa: E402
+from .cli_lines import register as _register_lines; _register_lines(app)  # noqa: E402
 
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"

@@ -268,7 +268,7 @@ class Fetcher:
             headers=headers,
             trust_env=s.trust_env,
             min_speed_bps=s.min_speed_bps,
-            max_body_bytes=s.max_tile_bytes,
+            max_body_bytes=self._body_limit(),
             max_inflight_bytes=s.max_inflight_bytes,
         )
 
@@ -350,7 +350,7 @@ class Fetcher:
         if st.in_flight > st.max_in_flight:
             st.max_in_flight = st.in_flight
         try:
-            r = await transport.get(self.source.url(tile), timeout_s)
+            r = await transport.get(self._url(tile), timeout_s)
         finally:
             st.in_flight -= 1
         code = r.status
@@ -359,7 +359,7 @@ class Fetcher:
         if r.error:
             reason, transient = curl_reason(r.error)
             if r.error == pycurl.E_FILESIZE_EXCEEDED:
-                reason = f"body over {self.settings.max_tile_bytes:,} bytes (max tile bytes)"
+                reason = f"body over {self._body_limit():,} bytes (max tile bytes)"
             return _Attempt("retry" if transient else "fatal", None, reason, None, None)
         phrase = f"http {code}"
         if code in (404, 204):
@@ -371,6 +371,24 @@ class Fetcher:
         if 200 < code < 300:
             return _Attempt("retry", None, f"{phrase} (expected 200)", code, None)
         return _Attempt("fatal", None, f"{phrase} {_reason_phrase(code)}".rstrip(), code, None)
+
+    def _url(self, tile: Tile) -> str:
+        """The URL of one request (a super-tile fetcher asks for areas: tilesweep.supertile)."""
+        return self.source.url(tile)
+
+    def _body_limit(self) -> int:
+        """The most bytes one body may have."""
+        return self.settings.max_tile_bytes
+
+    def expect(self, tiles: Iterable[Tile]) -> Callable[[], None]:
+        """Hear which tiles will be asked for next (a block's): a super-tile fetcher groups
+        them into requests; this one needs nothing. Returns the call that forgets them."""
+        return _nothing
+
+    def holds_slot(self, tile: Tile) -> bool:
+        """Whether fetching ``tile`` is a request of its own, to count against the requests
+        in flight (a super-tile's other tiles share their first tile's request)."""
+        return True
 
     def _judge(self, body: bytes, content_type: str | None) -> _Attempt:
         # A body shorter than its Content-Length never gets here: libcurl reports it
@@ -389,14 +407,16 @@ class Fetcher:
     # --- many tiles ----------------------------------------------------------------------
 
     async def fetch_many(self, tiles: Iterable[Tile] | AsyncIterable[Tile]) -> AsyncIterator[TileResult]:
-        """Results in completion order, at most ``concurrency`` tiles in flight; tiles are
-        pulled from ``tiles`` (sync or async iterable) only as slots free up. Raises
+        """Results in completion order, at most ``concurrency`` requests in flight (a tile
+        that shares a super-tile's request takes no slot); tiles are pulled from ``tiles``
+        (sync or async iterable) only as slots free up. Raises
         :class:`SourceError` after ``auth_failures_to_stop`` 401/403 results in a row.
         Leaving early (``break``) cancels the tiles still in flight; wrap it in
         ``contextlib.aclosing`` to make that immediate."""
         limit = self.settings.concurrency
         done: asyncio.Queue[asyncio.Task[TileResult]] = asyncio.Queue()
         pending: set[asyncio.Task[TileResult]] = set()
+        sharing: set[asyncio.Task[TileResult]] = set()  # tiles that share another's request
         if hasattr(tiles, "__aiter__"):
             ait = tiles.__aiter__()  # type: ignore[union-attr]
             it = None
@@ -406,7 +426,7 @@ class Fetcher:
         exhausted = False
         try:
             while True:
-                while not exhausted and len(pending) < limit:
+                while not exhausted and len(pending) - len(sharing) < limit:
                     try:
                         tile = next(it) if it is not None else await ait.__anext__()  # type: ignore[union-attr]
                     except (StopIteration, StopAsyncIteration):
@@ -415,10 +435,13 @@ class Fetcher:
                     task = asyncio.ensure_future(self.fetch(tile))
                     task.add_done_callback(done.put_nowait)
                     pending.add(task)
+                    if not self.holds_slot(tile):
+                        sharing.add(task)
                 if not pending:
                     return
                 task = await done.get()
                 pending.discard(task)
+                sharing.discard(task)
                 yield task.result()  # SourceError from fetch() ends the stream here
         finally:
             for task in pending:
@@ -433,11 +456,14 @@ class Fetcher:
 def fetch_tiles(source: Source, tiles: Iterable[Tile], settings: FetchSettings = FetchSettings()) -> Iterator[TileResult]:
     """Synchronous :meth:`Fetcher.fetch_many` for scripts and tests: runs its own event loop
     (uvloop when installed) in a background thread and yields results as they complete.
-    Closing the iterator early cancels what is in flight."""
+    Closing the iterator early cancels what is in flight. A bbox source is fetched by
+    super-tiles (:func:`tilesweep.supertile.open_fetcher`)."""
     loop = _uvloop.new_event_loop() if _uvloop is not None else asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="tilesweep-fetch", daemon=True)
     thread.start()
-    fetcher = Fetcher(source, settings)
+    from .supertile import open_fetcher  # here: supertile builds on this module
+
+    fetcher = open_fetcher(source, settings)  # a SuperTileFetcher for a bbox source
     agen = fetcher.fetch_many(tiles)
     end = object()
 
@@ -489,6 +515,10 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not math.isfinite(secs):
         return None
     return max(0.0, secs)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _reason_phrase(code: int) -> str:

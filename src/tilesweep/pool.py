@@ -148,11 +148,11 @@ class WorkerDeaths:
 
     def free(self) -> None:
         """End the leases of this host's dead workers (theirs among them) now."""
-        from .queue import SqliteQueue
         from .runner import expire_dead_local_owners
+        from .sweep import open_sweep_queue
 
         try:
-            with SqliteQueue(self.sweep_path / "queue.sqlite") as q:
+            with open_sweep_queue(self.sweep_path) as q:
                 expire_dead_local_owners(q)
         except Exception:  # noqa: BLE001 - then they expire after their ttl
             self.freed = False

@@ -7,28 +7,30 @@ block's output is durable; the runner then acks it in a group commit, with its c
 One runner is one event loop with one :class:`~tilesweep.fetch.Fetcher`; it runs in a
 process of its own under ``fetch --workers N`` (:mod:`tilesweep.worker`, over
 :mod:`tilesweep.pool`), or in a thread of the prediction process (``run``). It keeps a few
-blocks in progress so that the fetcher always has ``concurrency`` requests to make, and:
+blocks in progress so that the fetcher always has ``concurrency`` requests to make. Its
+output is one of two:
 
-1. opens (or resumes) the block's shard and skips tiles already durable in it;
-2. fetches the rest; every result (ok or empty) is appended, flushed in small groups
-   (data fsynced before the index that points at it);
-3. finishes the shard (final index, atomic rename), then acks the block in a group commit
-   with its counts. A crash anywhere in between leaves either a resumable partial shard or
-   a finished one that the next lease acks at once: nothing lost, nothing stored twice;
-4. if some tile still fails after the fetcher's retries, the block is nacked with the
-   reason (its good tiles stay durable); after the queue's max attempts it goes dead, and
-   ``tilesweep retry --dead`` puts it back.
+- **the shard store** (:class:`ShardStoreOutput`: ``tilesweep fetch``, ``run
+  --keep-tiles``). The runner opens (or resumes) the block's shard and skips tiles already
+  durable in it; fetches the rest, appending every ok or empty result, fsynced by time
+  (data before the index that points at it); finishes the shard (final index, atomic
+  rename), then acks the block in a group commit with its counts. A crash anywhere in
+  between leaves either a resumable partial shard or a finished one that the next lease
+  acks at once: nothing lost, nothing stored twice.
+- **a** :class:`BlockConsumer` (``Worker(consumer=...)``: ``tilesweep run``, the
+  prediction pipeline). Nothing is stored: the runner fetches a whole block into memory,
+  hands it over and keeps the lease until the consumer reports the block durable
+  (:meth:`Worker.committed`); then it acks it.
+
+Either way, if some tile still fails after the fetcher's retries, the block is nacked with
+the reason (stored good tiles stay durable); after the queue's max attempts it goes dead,
+and ``tilesweep retry --dead`` puts it back.
 
 Leases are extended while a block is in progress. Ctrl-C (SIGINT/SIGTERM) stops leasing,
 makes what was fetched durable and releases unfinished leases without counting an attempt.
 A runner in a worker process knows its parent's pid from its first instruction (it is
 passed in, not read with ``os.getppid()`` after the imports, when an early orphan already
 sees 1) and stops the same way when its parent is gone.
-
-A *streaming* runner (``Worker(consumer=...)``, what ``tilesweep run`` uses) stores
-nothing: it fetches a whole block into memory, hands it to a :class:`BlockConsumer` (the
-prediction pipeline) and keeps the lease until the consumer reports the block durable
-(:meth:`Worker.committed`); then it acks it.
 """
 
 from __future__ import annotations
@@ -48,12 +50,15 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 from . import signals
 from .diskspace import disk_full, is_disk_full, keep_reserve, release_leases
-from .fetch import Fetcher, FetchSettings, SourceError, TileResult
-from .limits import AdaptiveLimit
-from .queue import Block, BlockResult, Lease, SqliteQueue, State
-from .sources import Source
+from .errors import UsageError
 from .block import TileStatus
+from .fetch import FetchSettings, SourceError, TileResult
+from .limits import AdaptiveLimit
+from .queue import Block, BlockResult, Lease, Queue, State
+from .sources import Source
 from .store import ShardBusyError, TileStore
+from .supertile import open_fetcher
+from .sweep import open_sweep_queue
 from .tiles import tile_id
 
 
@@ -80,6 +85,12 @@ class WorkerSettings:
     # in progress) get none either (all 404/empty, or all unreachable), stop: the template
     # or host is wrong. 0: never. See Worker._probation.
     probe_blocks: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.lease_ttl_s >= 3:
+            raise UsageError(f"lease ttl {self.lease_ttl_s:g} must be >= 3 seconds")
+        if self.max_attempts < 1:
+            raise UsageError(f"max attempts {self.max_attempts} must be >= 1")
 
 
 @dataclass
@@ -116,7 +127,7 @@ async def _cancel_all(tasks: set) -> None:  # type: ignore[type-arg]
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def expire_dead_local_owners(queue: SqliteQueue) -> int:
+def expire_dead_local_owners(queue: Queue) -> int:
     """End the leases of workers on this host whose process is gone (killed, crashed), so
     that a restart picks their blocks up at once instead of after the lease ttl. Returns
     how many blocks were freed. A pid reused by another process only means we wait."""
@@ -170,6 +181,35 @@ class BlockConsumer(Protocol):
 
     def end(self) -> None:
         """No more blocks will come."""
+
+
+class ShardStoreOutput:
+    """The shard store as a runner's output (``tilesweep fetch``, ``run --keep-tiles``):
+    a block's tiles are appended to its shard as they come, fsynced by time (a crash loses
+    at most ``flush_every_s`` of one block), and the block's output is durable once its
+    shard is finished and renamed; the runner acks it then. Its calls block (the runner
+    makes them in its I/O threads)."""
+
+    def __init__(self, sweep_path: Path, zoom: int, block_zoom: int) -> None:
+        # coarsest=0: adaptive blocks lie at any zoom up to block_zoom (the finest)
+        self.store = TileStore(Path(sweep_path) / "tiles", zoom, block_zoom, coarsest=0)
+
+    def done_result(self, block: Block) -> BlockResult | None:
+        """The counts of a block whose shard is finished already (a worker died between
+        the rename and the ack), its leftovers discarded; None: fetch it."""
+        if not self.store.is_complete(block.tile):
+            return None
+        self.store.discard_leftovers(block.tile)
+        s = self.store.reader(block.tile).summary()  # type: ignore[union-attr]
+        return BlockResult(s.ok, s.empty, s.failed, s.bytes, 0, stored=1)
+
+    def open(self, block: Block) -> Any:
+        """The block's shard writer (resuming a partial shard; ``ShardBusyError`` when
+        another writer holds it)."""
+        return self.store.writer(block.tile)
+
+    def close(self) -> None:
+        self.store.close()
 
 
 class Worker:
@@ -265,14 +305,18 @@ class Worker:
                 loop.add_signal_handler(sig, self._interrupt, sig)
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 pass
-        self.queue = SqliteQueue(self.sweep_path / "queue.sqlite", max_attempts=self.settings.max_attempts)
+        self.queue = open_sweep_queue(self.sweep_path, max_attempts=self.settings.max_attempts)
         # coarsest=0: adaptive blocks lie at any zoom up to block_zoom (the finest)
-        self.store = None if self.consumer else TileStore(self.sweep_path / "tiles", self.zoom, self.block_zoom, coarsest=0)
+        self.output = None if self.consumer else ShardStoreOutput(self.sweep_path, self.zoom, self.block_zoom)
+        self.store = None if self.output is None else self.output.store
         tiles_per_block = 1 << (2 * (self.zoom - self.block_zoom))
         st = self.queue.stats(window=1.0)  # blocks of a sample hold fewer: keep `concurrency` busy
         if sum(st.blocks.values()):
             tiles_per_block = max(1, min(tiles_per_block, sum(st.tiles.values()) // sum(st.blocks.values())))
-        max_blocks = self.settings.max_blocks or max(2, 2 * -(-self.fetch_settings.concurrency // tiles_per_block))
+        # tiles one request brings (super-tiles: N x N), so blocks enough to keep `concurrency`
+        # requests busy; at most 16x the blocks of a tile source (memory of the blocks held)
+        per_request = min(16, self.source.supertile ** 2)
+        max_blocks = self.settings.max_blocks or max(2, 2 * -(-self.fetch_settings.concurrency * per_request // tiles_per_block))
         self._max_blocks = max_blocks
         self._to_ack: dict[int, BlockResult] = {}
         self._active: dict[int, Lease] = {}
@@ -288,7 +332,7 @@ class Worker:
         do_block = self._stream_block if self.consumer else self._do_block
         clean = False
         try:
-            async with Fetcher(self.source, self.fetch_settings) as fetcher:
+            async with open_fetcher(self.source, self.fetch_settings) as fetcher:  # super-tiles for a bbox source
                 self.fetcher = fetcher
                 fetcher.on_throttle = self._slots.on_throttle
                 while True:
@@ -341,13 +385,13 @@ class Worker:
             except Exception as exc:
                 if not is_disk_full(exc):
                     raise
-                raise disk_full(self.queue.path) from None  # one line, ENOSPC and the path
+                raise disk_full(getattr(self.queue, "path", self.sweep_path)) from None  # one line, ENOSPC and the path
             finally:  # also on a full disk, where the acks cannot be written: release_leases makes room
                 await self._db(release_leases, self.queue, self.owner, self.sweep_path)
             self._report()
             self.queue.close()
-            if self.store is not None:
-                self.store.close()
+            if self.output is not None:
+                self.output.close()
             self._db_thread.shutdown()
             self._io_threads.shutdown()
             if self._hand_thread is not None:
@@ -479,15 +523,16 @@ class Worker:
 
     async def _do_block(self, lease: Lease) -> None:
         block = lease.block
-        assert self.store is not None  # a storing worker
+        output = self.output
+        assert output is not None  # a storing runner
         try:
-            if self.store.is_complete(block.tile):  # finished by a worker that died before its ack
-                await self._io(self.store.discard_leftovers, block.tile)
-                summary = await self._io(lambda: self.store.reader(block.tile).summary())
-                self._finished(block.id, summary)
+            done = await self._io(output.done_result, block)
+            if done is not None:  # finished by a worker that died before its ack: ack now
+                self._to_ack[block.id] = done
+                self.counters.blocks_done += 1
                 return
             try:
-                writer = await self._io(self.store.writer, block.tile)
+                writer = await self._io(output.open, block)
             except ShardBusyError as exc:  # a stalled worker that lost its lease still writes it
                 await self._db(self.queue.nack, block.id, f"shard busy: {exc}")
                 return
@@ -626,11 +671,12 @@ class Worker:
         finally:
             writer.abort()
 
-    async def _fetch_released(self, tile: Any) -> TileResult:
+    async def _fetch_released(self, tile: Any, held: bool = True) -> TileResult:
         try:
             result = await self.fetcher.fetch(tile)
         finally:
-            self._slots.release()
+            if held:
+                self._slots.release()
         if result.attempts == 1:
             self._slots.on_success()
         return result
@@ -661,15 +707,19 @@ class Worker:
 
         async def feed() -> None:
             for tile in todo:
-                await self._slots.acquire()
+                held = self.fetcher.holds_slot(tile)  # not a super-tile's tile that shares its request
+                if held:
+                    await self._slots.acquire()
                 try:
-                    task = asyncio.ensure_future(self._fetch_released(tile))
+                    task = asyncio.ensure_future(self._fetch_released(tile, held))
                 except BaseException:
-                    self._slots.release()
+                    if held:
+                        self._slots.release()
                     raise
                 tasks.add(task)
                 task.add_done_callback(finished.put_nowait)
 
+        forget = self.fetcher.expect(todo)  # a super-tile fetcher groups them into requests
         feeder = asyncio.ensure_future(feed())
         try:
             for _ in range(len(todo)):
@@ -703,6 +753,7 @@ class Worker:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(feeder, *tasks, return_exceptions=True)
+            forget()
         return failures, retries
 
 

@@ -13,6 +13,13 @@ tile size, request headers). Placeholders, filled per tile by :meth:`Source.url`
 ``${NAME}``     the environment variable ``NAME``, read at request time
 ==============  ==========================================================================
 
+A *bbox template* asks for an area instead (a WMS ``GetMap`` or a static-image API):
+``{bbox}`` (EPSG:3857 metres ``minx,miny,maxx,maxy``) or ``{bbox_4326}`` (degrees
+``west,south,east,north``) with ``{width}`` and ``{height}`` (pixels). With
+``supertile=n`` (2, 4, 8 or 16) one request asks for an n x n block of tiles aligned to
+the n-multiple grid, cut into tiles by :mod:`tilesweep.supertile`; with ``supertile=1``
+each tile is its own request.
+
 Secrets stay out of the template: write ``?access_token=${MAPBOX_TOKEN}`` (or a header
 ``Authorization: Bearer ${TOKEN}``) and the token is read from the environment each time a
 URL is built. The template, ``to_config()``, ``str()``, ``repr()`` and ``redacted()`` keep
@@ -40,8 +47,14 @@ _TOKEN = re.compile(r"\$\{([^}]*)\}|\{([^{}]*)\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
-PLACEHOLDERS = ("z", "x", "y", "-y", "q", "quadkey", "s")
-"""Tile placeholders a template may use (``${NAME}`` aside)."""
+PLACEHOLDERS = ("z", "x", "y", "-y", "q", "quadkey", "s", "bbox", "bbox_4326", "width", "height")
+"""Placeholders a template may use (``${NAME}`` aside): tile ones, or bbox ones."""
+
+BBOX_PLACEHOLDERS = ("bbox", "bbox_4326", "width", "height")
+"""The placeholders of a bbox (WMS / static-image) template."""
+
+SUPERTILE_SIZES = (1, 2, 4, 8, 16)
+"""Tiles on a side of one bbox request (``Source.supertile``, ``--super``)."""
 
 _SECRET_PARAMS = re.compile(
     r"(?i)([?&;](?:access_token|accesstoken|token|api_key|apikey|key|secret|signature|sig|password|pass|auth|client_secret)=)([^&#]*)"
@@ -57,13 +70,15 @@ class Source:
     ``template`` is kept unexpanded (``${NAME}`` tokens in place); ``headers`` values may
     also hold ``${NAME}``. ``tile_size`` is the pixel size the server returns (512 for
     ``@2x`` templates). ``name`` is a short label for logs and status (a preset name, or the
-    template's host)."""
+    template's host). ``supertile``: tiles on a side of one request of a bbox template
+    (1, 2, 4, 8 or 16; only 1 for a tile template)."""
 
     template: str
     subdomains: tuple[str, ...] = ("a", "b", "c")
     tile_size: int = 256
     headers: Mapping[str, str] = field(default_factory=dict)
     name: str = ""
+    supertile: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "subdomains", tuple(self.subdomains))
@@ -73,16 +88,36 @@ class Source:
             object.__setattr__(self, "name", host.replace("{s}.", "").replace("${", "").strip("{}$"))
         object.__setattr__(self, "_parts", _compile(self.template, self.subdomains))
         object.__setattr__(self, "_env", env_names(self))
+        if self.supertile not in SUPERTILE_SIZES or isinstance(self.supertile, bool):
+            raise UsageError(f"super-tile size {self.supertile!r} is not one of {', '.join(map(str, SUPERTILE_SIZES))} (tiles on a side)")
+        if self.supertile > 1 and not self.is_bbox:
+            raise UsageError(
+                f"--super {self.supertile} needs a bbox template ({{bbox}} or {{bbox_4326}} with {{width}} and {{height}}: "
+                f"a WMS GetMap or a static-image API); {redact_url(self.template)!r} asks for one tile per request"
+            )
 
     def __hash__(self) -> int:
-        return hash((self.template, self.subdomains, self.tile_size, tuple(sorted(self.headers.items())), self.name))
+        return hash((self.template, self.subdomains, self.tile_size, tuple(sorted(self.headers.items())), self.name, self.supertile))
+
+    @property
+    def is_bbox(self) -> bool:
+        """Whether the template asks for an area (``{bbox}``...) rather than one tile."""
+        return any(k == 2 and t in BBOX_PLACEHOLDERS for k, t in self._parts)  # type: ignore[attr-defined]
 
     # --- filling -------------------------------------------------------------------------
 
     def url(self, tile: Tile) -> str:
         """The URL of ``tile``, environment tokens expanded now (``UsageError`` names an
-        unset variable, never a value). Do not log the result: log :meth:`redacted`."""
+        unset variable, never a value). Do not log the result: log :meth:`redacted`. A bbox
+        template asks for the tile's own box, ``tile_size`` px each way."""
+        return self.area_url(tile, 1)
+
+    def area_url(self, tile: Tile, n: int = 1) -> str:
+        """The URL of the ``n`` x ``n`` tiles whose north-west tile is ``tile`` (a bbox
+        template: its box, ``n * tile_size`` px each way); ``n`` 1 for a tile template."""
         z, x, y = tile
+        if n != 1 and not self.is_bbox:
+            raise ValueError(f"a tile template asks for one tile per request, not {n} x {n}")
         out: list[str] = []
         for kind, text in self._parts:  # type: ignore[attr-defined]
             if kind == 0:
@@ -99,8 +134,14 @@ class Source:
                 out.append(str((1 << z) - 1 - y))
             elif text == "q":
                 out.append(quadkey(Tile(z, x, y)))
-            else:  # "s"
+            elif text == "s":
                 out.append(self.subdomains[(x + y) % len(self.subdomains)])
+            elif text in ("width", "height"):
+                out.append(str(n * self.tile_size))
+            elif text == "bbox":
+                out.append(",".join(_num(v) for v in mercator_bbox(z, x, y, n)))
+            else:  # "bbox_4326"
+                out.append(",".join(_num(v) for v in lonlat_bbox(z, x, y, n)))
         return "".join(out)
 
     def request_headers(self) -> dict[str, str]:
@@ -133,14 +174,18 @@ class Source:
     # --- config --------------------------------------------------------------------------
 
     def to_config(self) -> dict[str, Any]:
-        """A plain dict (TOML/JSON-ready), environment tokens unexpanded."""
-        return {
+        """A plain dict (TOML/JSON-ready), environment tokens unexpanded (``supertile``
+        only when it is not 1, so tile sources keep the config they always had)."""
+        d: dict[str, Any] = {
             "name": self.name,
             "template": self.template,
             "subdomains": list(self.subdomains),
             "tile_size": self.tile_size,
             "headers": dict(self.headers),
         }
+        if self.supertile != 1:
+            d["supertile"] = self.supertile
+        return d
 
     @classmethod
     def from_config(cls, d: Mapping[str, Any]) -> "Source":
@@ -148,7 +193,7 @@ class Source:
         require the environment variables to be set yet."""
         if not isinstance(d, Mapping) or "template" not in d:
             raise UsageError(f"source config {d!r} has no 'template'")
-        unknown = sorted(set(d) - {"name", "template", "subdomains", "tile_size", "headers"})
+        unknown = sorted(set(d) - {"name", "template", "subdomains", "tile_size", "headers", "supertile"})
         if unknown:
             raise UsageError(f"source config has unknown key {unknown[0]!r}")
         headers = d.get("headers") or {}
@@ -167,6 +212,7 @@ class Source:
                 tile_size=_tile_size(d.get("tile_size", 256)),
                 headers=dict(headers),
                 name=str(d.get("name") or ""),
+                supertile=d.get("supertile", 1),
             ),
             check_env=False,
         )
@@ -182,12 +228,15 @@ def parse_source(
     subdomains: tuple[str, ...] | None = None,
     tile_size: int | None = None,
     check_env: bool = True,
+    supertile: int | None = None,
 ) -> Source:
     """A :class:`Source` from a preset name or a URL template, plus ``"Name: value"`` header
     strings (``--header`` on the CLI). ``UsageError`` names the bad value: an unknown
     preset, a scheme other than http(s), a template missing ``{z}``/``{x}``/``{y}`` (or
-    ``{-y}``, or ``{q}``), an unknown ``{placeholder}``, a malformed header, or (with
-    ``check_env``) an environment variable that is not set."""
+    ``{-y}``, or ``{q}``, or a bbox template's ``{bbox}`` with ``{width}`` and ``{height}``),
+    an unknown ``{placeholder}``, a malformed header, a ``supertile`` (``--super``) other
+    than 1, 2, 4, 8, 16 or with a tile template, or (with ``check_env``) an environment
+    variable that is not set."""
     spec = spec.strip()
     if spec in PRESETS:
         base = PRESETS[spec]
@@ -205,6 +254,7 @@ def parse_source(
         tile_size=_tile_size(tile_size) if tile_size is not None else base.tile_size,
         headers=hdrs,
         name=base.name,
+        supertile=supertile if supertile is not None else base.supertile,
     )
     return _validated(src, check_env=check_env)
 
@@ -272,7 +322,16 @@ def _compile(template: str, subdomains: tuple[str, ...]) -> tuple[tuple[int, str
     if scheme not in SCHEMES:
         raise UsageError(f"template {redact_url(template)!r} is not an http:// or https:// URL")
     have = {t for k, t in parts if k == 2}
-    if not ("q" in have or ({"z", "x"} <= have and have & {"y", "-y"})):
+    if have & set(BBOX_PLACEHOLDERS):
+        tile_kind = sorted(have & {"z", "x", "y", "-y", "q"})
+        if tile_kind:
+            raise UsageError(f"template {redact_url(template)!r} mixes {{{tile_kind[0]}}} with a bbox placeholder: use one kind")
+        if not (have & {"bbox", "bbox_4326"} and {"width", "height"} <= have) or {"bbox", "bbox_4326"} <= have:
+            raise UsageError(
+                f"template {redact_url(template)!r} needs one of {{bbox}} (EPSG:3857) or {{bbox_4326}} (degrees), "
+                "and {width} and {height}"
+            )
+    elif not ("q" in have or ({"z", "x"} <= have and have & {"y", "-y"})):
         raise UsageError(
             f"template {redact_url(template)!r} needs {{z}}, {{x}} and {{y}} (or {{-y}} for TMS), or {{q}} for a quadkey"
         )
@@ -303,6 +362,30 @@ def _tile_size(v: Any) -> int:
     if n not in (256, 512) or n != v:
         raise UsageError(f"tile size {v!r} is not 256 or 512")
     return n
+
+
+def mercator_bbox(z: int, x: int, y: int, n: int = 1) -> tuple[float, float, float, float]:
+    """EPSG:3857 ``(minx, miny, maxx, maxy)`` in metres of the ``n`` x ``n`` zoom-``z``
+    tiles whose north-west tile is ``x, y``."""
+    from .tiles import xy_bounds
+
+    minx, _, _, maxy = xy_bounds(Tile(z, x, y))
+    _, miny, maxx, _ = xy_bounds(Tile(z, x + n - 1, y + n - 1))
+    return (minx, miny, maxx, maxy)
+
+
+def lonlat_bbox(z: int, x: int, y: int, n: int = 1) -> tuple[float, float, float, float]:
+    """``(west, south, east, north)`` in degrees of the same tiles as :func:`mercator_bbox`."""
+    from .tiles import bounds
+
+    w, _, _, north = bounds(Tile(z, x, y))
+    _, s, e, _ = bounds(Tile(z, x + n - 1, y + n - 1))
+    return (w, s, e, north)
+
+
+def _num(v: float) -> str:
+    """A coordinate with enough digits (1e-9 m / 1e-11 degrees) and no float noise."""
+    return f"{v:.9f}".rstrip("0").rstrip(".")
 
 
 def _env(name: str) -> str:
@@ -347,4 +430,7 @@ PRESETS: dict[str, Source] = {
 """Named sources; see docs/sources.md for coverage and licence notes."""
 
 
-__all__ = ["Source", "PRESETS", "PLACEHOLDERS", "parse_source", "parse_header", "redact_url", "env_names"]
+__all__ = [
+    "Source", "PRESETS", "PLACEHOLDERS", "BBOX_PLACEHOLDERS", "SUPERTILE_SIZES", "parse_source", "parse_header",
+    "redact_url", "env_names", "mercator_bbox", "lonlat_bbox",
+]

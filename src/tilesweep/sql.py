@@ -306,18 +306,37 @@ def _tiles_batch(zoom: int, buf: list[tuple[np.ndarray, ...]]) -> pa.RecordBatch
     )
 
 
-def _queue_rows(sweep: "Sweep", sql: str) -> Iterator[list[tuple]]:  # type: ignore[type-arg]
+def _queue_rows(sweep: "Sweep", columns: str) -> Iterator[list[tuple]]:  # type: ignore[type-arg]
+    """The queue's ``columns`` (comma-separated record fields) of every block in id order,
+    in lists of rows: read-only from the folder's SQLite file, or through the queue's
+    ``records()`` on any other backend."""
+    from .queue import DEFAULT_URL
     from .sweep import QUEUE_FILE
 
+    if sweep.queue_url != DEFAULT_URL:
+        names = [c.strip() for c in columns.split(",")]
+        q = sweep.open_queue()
+        try:
+            rows: list[tuple] = []  # type: ignore[type-arg]
+            for r in q.records():
+                rows.append(tuple(r[n] for n in names))  # type: ignore[literal-required]
+                if len(rows) >= BATCH_ROWS // 8:
+                    yield rows
+                    rows = []
+            if rows:
+                yield rows
+        finally:
+            q.close()
+        return
     path = sweep.path / QUEUE_FILE
     if not path.is_file():
         raise UsageError(f"sweep folder {str(sweep.path)!r} has no {QUEUE_FILE}")
     # DuckDB pulls the batches on a thread of its own.
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60, check_same_thread=False)
     try:
-        cur = db.execute(sql)
-        while rows := cur.fetchmany(BATCH_ROWS // 8):
-            yield rows
+        cur = db.execute(f"SELECT {columns} FROM blocks ORDER BY id")
+        while batch := cur.fetchmany(BATCH_ROWS // 8):
+            yield batch
     finally:
         db.close()
 
@@ -326,8 +345,8 @@ def blocks_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]
     """The queue's rows as record batches, read-only, in block id order."""
     import pyarrow as pa
 
-    sql = ("SELECT id, z, x, y, tiles, state, attempts, last_error, owner, lease_until, done_at, "
-           "n_ok, n_empty, n_failed, n_bytes, n_retries FROM blocks ORDER BY id")
+    sql = ("id, z, x, y, tiles, state, attempts, last_error, owner, lease_until, done_at, "
+           "n_ok, n_empty, n_failed, n_bytes, n_retries")
 
     def gen() -> Iterator[pa.RecordBatch]:
         for rows in _queue_rows(sweep, sql):
@@ -375,7 +394,7 @@ def planned_tiles(sweep: "Sweep") -> Iterator[tuple[np.ndarray, np.ndarray, np.n
     ys: list[np.ndarray] = []
     bs: list[np.ndarray] = []
     n = 0
-    for rows in _queue_rows(sweep, "SELECT id, z, x, y, mask FROM blocks ORDER BY id"):
+    for rows in _queue_rows(sweep, "id, z, x, y, mask"):
         for bid, bz, bx, by, mask in rows:
             levels = zoom - int(bz)
             cells = mask_cells(mask, levels)  # (rows, cols) of a bit mask or tile list; None: all

@@ -4,7 +4,9 @@ A sweep folder holds::
 
     sweep.toml      the plan: area, zoom, block zoom, sampling, counts, fingerprint
     area.geojson    the area, as planned (after clipping to the Web-Mercator world)
-    queue.sqlite    the durable block queue (see tilesweep.queue)
+    queue.sqlite    the durable block queue (see tilesweep.queue), unless the plan put it
+                    elsewhere: sweep.toml's [queue] url (sqlite:queue.sqlite by default;
+                    postgresql://user@host:port/db?schema=NAME for a shared server)
     tiles/          the tile store: one shard per block (see tilesweep.store)
     predictions/    Parquet parts of model scores and their ledger (see tilesweep.predict)
 
@@ -33,7 +35,7 @@ from . import __version__
 from .area import Area
 from .errors import UsageError
 from .plan import BlockChunk, PlanSpec, estimate_plan, pack_mask, plan_blocks
-from .queue import Block, SqliteQueue, State
+from .queue import DEFAULT_URL, Block, Queue, StagedQueue, State, open_queue, parse_queue_url, redact, stage_queue
 from .sources import Source
 from .store import TileStore
 
@@ -95,6 +97,7 @@ class SweepStatus:
     results: dict[str, int] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
     dead: list[dict[str, Any]] = field(default_factory=list)  # the first dead blocks: block, attempts, error
+    densify: list[dict[str, Any]] = field(default_factory=list)  # densify rounds (tilesweep.densify.rounds)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tiles_total": self.tiles_total, "blocks_total": self.blocks_total}
@@ -112,6 +115,7 @@ class SweepStatus:
             plan=self.plan,
             predictions=self.predictions,
             dead_blocks=self.dead,
+            densify=self.densify,
         )
         return out
 
@@ -133,7 +137,7 @@ class Sweep:
     def __init__(self, path: Path, config: dict[str, Any]):
         self.path = path
         self.config = config
-        self._queue: SqliteQueue | None = None
+        self._queue: Queue | None = None
 
     # --- opening and planning ---------------------------------------------------------------
 
@@ -158,6 +162,7 @@ class Sweep:
         spec: PlanSpec,
         on_chunk: Callable[[BlockChunk], None] | None = None,
         allow_huge: bool = False,
+        queue: str | None = None,
     ) -> tuple["Sweep", bool]:
         """Plan ``area`` under ``spec`` into the folder ``path``.
 
@@ -167,12 +172,21 @@ class Sweep:
         estimate (:func:`tilesweep.plan.estimate_plan`) is absurdly large and not
         ``allow_huge``. ``on_chunk`` sees each chunk of blocks as it is queued (for
         progress). An interrupted or failed plan (Ctrl-C included) leaves nothing: the
-        partial files are removed, and the folder too when this call created it."""
+        partial files are removed, and the folder too when this call created it.
+        ``queue``: the queue's URL (:mod:`tilesweep.queue.url`); default the folder's own
+        ``queue.sqlite``. The sweep records it without a password."""
         p = Path(path)
         fingerprint = plan_fingerprint(area, spec)
+        if queue is not None:
+            parse_queue_url(queue)  # a bad URL: one line, before anything is written
         if (p / SWEEP_FILE).exists():
             existing = cls.open(p)
             if existing.config.get("plan", {}).get("fingerprint") == fingerprint:
+                if queue is not None and not _same_queue(queue, existing.queue_url):
+                    raise UsageError(
+                        f"sweep folder {str(p)!r} already holds this plan on queue {existing.queue_url!r}, "
+                        f"not {parse_queue_url(queue).text!r}; use another folder"
+                    )
                 return existing, False
             raise UsageError(
                 f"sweep folder {str(p)!r} already holds a different plan "
@@ -198,10 +212,16 @@ class Sweep:
             raise UsageError(f"sweep folder {str(p)!r} cannot be created: {exc.strerror}") from None
         if not os.access(p, os.W_OK | os.X_OK):  # EROFS even for root
             raise UsageError(f"sweep folder {str(p)!r} is not writable")
+        staged: StagedQueue | None = None
         try:
-            return cls._plan_into(p, area, spec, fingerprint, on_chunk)
+            for stale in p.glob("*.partial*"):  # left by a plan that was killed
+                stale.unlink()
+            staged = stage_queue(queue or DEFAULT_URL, p)
+            return cls._plan_into(p, area, spec, fingerprint, on_chunk, staged)
         except BaseException:  # Ctrl-C, a full disk, a bug: leave nothing half-written
-            for name in (QUEUE_FILE, AREA_FILE):
+            if staged is not None:
+                staged.discard()  # published, but no sweep.toml yet: removed too
+            for name in (AREA_FILE,):
                 (p / name).unlink(missing_ok=True)  # renamed in, but no sweep.toml yet
             for stale in p.glob("*.partial*"):
                 stale.unlink(missing_ok=True)
@@ -214,29 +234,26 @@ class Sweep:
 
     @classmethod
     def _plan_into(
-        cls, p: Path, area: Area, spec: PlanSpec, fingerprint: str, on_chunk: Callable[[BlockChunk], None] | None
+        cls, p: Path, area: Area, spec: PlanSpec, fingerprint: str, on_chunk: Callable[[BlockChunk], None] | None,
+        staged: StagedQueue,
     ) -> tuple["Sweep", bool]:
-        queue_tmp = p / (QUEUE_FILE + ".partial")
-        for stale in p.glob("*.partial*"):
-            stale.unlink()
         tiles = blocks = 0
         zooms = [spec.zoom + 1, -1]  # coarsest, finest block zoom planned
         started = time.time()
-        with SqliteQueue(queue_tmp) as queue:
-            for chunk in plan_blocks(area.geometry, spec):
-                queue.put(_queue_rows(chunk, spec))
-                tiles += int(chunk.counts.sum())
-                blocks += len(chunk)
-                if chunk.z is not None and len(chunk):
-                    zooms = [min(zooms[0], int(chunk.z.min())), max(zooms[1], int(chunk.z.max()))]
-                if on_chunk is not None:
-                    on_chunk(chunk)
+        for chunk in plan_blocks(area.geometry, spec):
+            staged.queue.put(_queue_rows(chunk, spec))
+            tiles += int(chunk.counts.sum())
+            blocks += len(chunk)
+            if chunk.z is not None and len(chunk):
+                zooms = [min(zooms[0], int(chunk.z.min())), max(zooms[1], int(chunk.z.max()))]
+            if on_chunk is not None:
+                on_chunk(chunk)
         if blocks == 0:
             raise UsageError(f"area {area.source!r} has no tile at zoom {spec.zoom} after sampling; nothing planned")
         area_tmp = p / (AREA_FILE + ".partial")
         area_tmp.write_text(json.dumps(area.to_geojson()), encoding="utf-8")
         os.replace(area_tmp, p / AREA_FILE)
-        os.replace(queue_tmp, p / QUEUE_FILE)
+        staged.publish()
         plan: dict[str, Any] = {
             "area": AREA_FILE,
             "area_source": area.source,
@@ -258,7 +275,7 @@ class Sweep:
         if spec.adaptive:
             plan["block_tiles"] = spec.block_tiles
             plan["block_zoom_min"] = zooms[0]
-        config = {"sweep": {"format": FORMAT_VERSION, "tilesweep": __version__}, "plan": plan}
+        config = {"sweep": {"format": FORMAT_VERSION, "tilesweep": __version__}, "plan": plan, "queue": {"url": staged.url}}
         _write_atomic(p / SWEEP_FILE, tomli_w.dumps(config))
         return cls(p, config), True
 
@@ -302,19 +319,35 @@ class Sweep:
         return text
 
     @property
-    def queue(self) -> SqliteQueue:
-        """The sweep's queue (opened on first use, one connection per process)."""
-        if self._queue is None:
-            path = self.path / QUEUE_FILE
+    def queue_url(self) -> str:
+        """The URL of the sweep's queue, as recorded (never with a password); sweeps
+        planned before queues had URLs use the folder's ``queue.sqlite``."""
+        return str(self.config.get("queue", {}).get("url", DEFAULT_URL))
+
+    def open_queue(self, max_attempts: int = 5) -> Queue:
+        """A new connection to the sweep's queue (the caller closes it): for a thread or
+        process of its own. :class:`UsageError` when it is missing, corrupt or unreachable."""
+        url = self.queue_url
+        if parse_queue_url(url).kind == "sqlite":
+            path = parse_queue_url(url).resolve(self.path)
             if not path.is_file():
-                raise UsageError(f"sweep folder {str(self.path)!r} has no {QUEUE_FILE}")
+                raise UsageError(f"sweep folder {str(self.path)!r} has no {QUEUE_FILE}" if url == DEFAULT_URL
+                                 else f"sweep {str(self.path)!r}: its queue {str(path)!r} does not exist")
             if path.stat().st_size == 0:
                 raise UsageError(f"{str(path)!r} is empty: the sweep's queue is lost; plan again into a new folder")
             try:
-                self._queue = SqliteQueue(path)
-                self._queue._db.execute("SELECT id FROM blocks LIMIT 1").fetchall()
+                q = open_queue(url, self.path, max_attempts=max_attempts)
+                q.get(0)  # reads a page: a corrupt file fails here
             except sqlite3.DatabaseError as exc:
                 raise UsageError(f"{str(path)!r} is not a readable queue ({exc}): corrupt? plan again into a new folder") from None
+            return q
+        return open_queue(url, self.path, max_attempts=max_attempts)
+
+    @property
+    def queue(self) -> Queue:
+        """The sweep's queue (opened on first use, one connection per process)."""
+        if self._queue is None:
+            self._queue = self.open_queue()
         return self._queue
 
     @property
@@ -410,18 +443,24 @@ class Sweep:
         remaining = tiles["pending"] + tiles["leased"]
         eta = remaining / throughput if throughput > 0 else (0.0 if remaining == 0 else None)
         summary = self.summary()
+        from .densify import rounds as densify_rounds
+
+        rounds = densify_rounds(self.path)  # densify rounds add blocks to the plan
+        planned_tiles = summary.tiles + sum(int(r["tiles"]) for r in rounds)
+        planned_blocks = summary.blocks + sum(int(r["blocks"]) for r in rounds)
         mismatch = None
-        if sum(tiles.values()) != summary.tiles or sum(blocks.values()) != summary.blocks:
+        if sum(tiles.values()) != planned_tiles or sum(blocks.values()) != planned_blocks:
             mismatch = (
                 f"queue holds {sum(blocks.values())} blocks / {sum(tiles.values())} tiles "
-                f"but the plan has {summary.blocks} blocks / {summary.tiles} tiles"
+                f"but the plan has {planned_blocks} blocks / {planned_tiles} tiles"
+                + (" (with its densify rounds: a round cut short? `tilesweep densify` completes it)" if rounds else "")
             )
         elif stats.unbalanced:
             mismatch = f"{stats.unbalanced} done blocks have results that do not add up to their planned tiles"
         r = stats.results
         return SweepStatus(
-            tiles_total=summary.tiles,
-            blocks_total=summary.blocks,
+            tiles_total=planned_tiles,
+            blocks_total=planned_blocks,
             blocks=blocks,
             tiles=tiles,
             attempts_total=int(stats.attempts_total),
@@ -433,6 +472,7 @@ class Sweep:
             results={"ok": r.ok, "empty": r.empty, "failed": r.failed, "bytes": r.bytes, "retries": r.retries},
             predictions=_ledger_summary(self.path),
             dead=self._dead_blocks() if blocks["dead"] else [],
+            densify=rounds,
         )
 
     def _dead_blocks(self, n: int = 10) -> list[dict[str, Any]]:
@@ -480,13 +520,34 @@ def _queue_rows(chunk: BlockChunk, spec: PlanSpec):  # type: ignore[no-untyped-d
         yield block, int(chunk.priority[i])
 
 
+def _same_queue(url: str, recorded: str) -> bool:
+    """Whether ``url`` names the ``recorded`` queue (a server URL without ``?schema=``
+    matches the recorded one on the same server)."""
+    a, b = parse_queue_url(url), parse_queue_url(recorded)
+    if a.kind != b.kind:
+        return False
+    if a.kind == "sqlite":
+        return a.path == b.path and a.relative == b.relative
+    return redact(a.conninfo or "") == redact(b.conninfo or "") and a.schema in (None, b.schema)
+
+
+def queue_url(path: str | os.PathLike[str]) -> str:
+    """The queue URL recorded by the sweep at ``path`` (its folder's ``queue.sqlite`` when
+    none is recorded)."""
+    return Sweep.open(path).queue_url
+
+
+def open_sweep_queue(path: str | os.PathLike[str], max_attempts: int = 5) -> Queue:
+    """A new connection to the queue of the sweep at ``path`` (the caller closes it)."""
+    return Sweep.open(path).open_queue(max_attempts=max_attempts)
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Publish ``text`` as ``path`` through the storage seam: staged under a ``.partial``
+    name, fsynced, renamed over ``path``, folder fsynced."""
+    from .storage import LocalStorage
+
+    LocalStorage(path.parent).put(path.name, text.encode("utf-8"), replace=True)
 
 
 def _ledger_summary(path: Path) -> list[dict[str, Any]]:

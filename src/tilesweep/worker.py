@@ -12,10 +12,12 @@ The runner's names are re-exported here (``Worker``, ``WorkerSettings``,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from . import signals
+from .errors import UsageError
 from .fetch import FetchSettings
 from .pool import (  # noqa: F401 - re-exported
     Crashed,
@@ -42,6 +44,34 @@ from .runner import (  # noqa: F401 - re-exported: their home before the runner 
     new_owner,
 )
 from .sources import Source
+
+
+@dataclass(frozen=True)
+class FetchWorkers:
+    """``workers`` fetch processes (1..256) sharing one budget: ``concurrency`` requests in
+    flight over all of them (at least one each), ``rate`` requests/s over all (None: no
+    cap). :meth:`fetch_settings` is each one's share, as :class:`FetchSettings`."""
+
+    workers: int = 1
+    concurrency: int = 256
+    rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.workers > 256:
+            raise UsageError(f"workers {self.workers} must be in 1..256")
+        if self.concurrency < self.workers:
+            raise UsageError(f"concurrency {self.concurrency} must be at least the number of workers ({self.workers})")
+
+    def fetch_settings(self, **options: Any) -> FetchSettings:
+        """One worker's :class:`FetchSettings`: its share of the concurrency, the rate and
+        the in-flight byte budget (256 MiB by default, shared), with ``options`` as given."""
+        tile_bytes = options.get("max_tile_bytes", FetchSettings.max_tile_bytes)
+        return FetchSettings(
+            concurrency=-(-self.concurrency // self.workers),
+            rate=None if self.rate is None else self.rate / self.workers,
+            max_inflight_bytes=max(tile_bytes, FetchSettings.max_inflight_bytes // self.workers),
+            **options,
+        )
 
 
 def sweep_folder_of(worker_args: tuple) -> Path:  # type: ignore[type-arg]
@@ -152,6 +182,6 @@ def _watch_workers(pool: ProcessPool, on_progress: Callable[[WorkerCounters], No
 
 
 __all__ = [
-    "BlockConsumer", "Runner", "SourceUnusable", "Worker", "WorkerCounters", "WorkerDeaths", "WorkerSettings",
+    "BlockConsumer", "FetchWorkers", "Runner", "SourceUnusable", "Worker", "WorkerCounters", "WorkerDeaths", "WorkerSettings",
     "expire_dead_local_owners", "new_owner", "run_workers",
 ]

@@ -9,8 +9,9 @@ Layout under ``SWEEP/predictions/``::
 
 **Group commit.** :meth:`PredictionSink.add` buffers the rows of whole blocks; when the
 buffer holds ``part_rows`` rows (or ``part_seconds`` passed) :meth:`commit` writes them
-as one part: temp file, fsync, atomic rename, fsync of the folder; then it records the
-part and all its blocks in the ledger in one SQLite transaction. A block is *predicted*
+as one part, published through the storage seam (:mod:`tilesweep.storage`: temp file,
+fsync, atomic create-if-absent rename, fsync of the folder); then it records the part and
+all its blocks in the ledger (the commit record) in one SQLite transaction. A block is *predicted*
 iff the ledger says so.
 
 **Crash argument.** A crash before the rename leaves a ``.partial`` file: deleted on the
@@ -47,9 +48,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..durable import fsync_dir, replace_durably
+from ..durable import fsync_dir
 from ..errors import UsageError
 from ..block import BlockResult
+from ..queue import Queue
+from ..storage import LocalStorage
 from ..tiles import centres_array as centres  # re-exported: tile math lives in tilesweep.tiles
 
 PREDICTIONS_DIR = "predictions"
@@ -174,6 +177,7 @@ class PredictionSink:
         self.key = model_key(model_name, digest)
         self.folder_name = model_folder(model_name, digest)
         self.folder = self.root / self.folder_name
+        self.storage = LocalStorage(self.root)  # parts are its objects, keyed "{folder}/part-*.parquet"
         self.threshold = float(threshold)
         self.part_rows = int(part_rows)
         self.part_seconds = float(part_seconds)
@@ -240,24 +244,24 @@ class PredictionSink:
         for stale in self.folder.glob("*.partial"):
             stale.unlink()
         known = {r[0] for r in self.db.execute("SELECT name FROM parts WHERE model_key = ?", (self.key,))}
-        on_disk = {f"{self.folder_name}/{p.name}" for p in self.folder.glob("part-*.parquet")}
-        gone = known - on_disk
+        on_disk = {o.key: o.size for o in self.storage.list(f"{self.folder_name}/part-") if o.key.endswith(".parquet")}
+        gone = known - on_disk.keys()
         if gone:
             with _txn(self.db):
                 for name in gone:
                     self.db.execute("DELETE FROM predicted WHERE model_key = ? AND part = ?", (self.key, name))
                     self.db.execute("DELETE FROM parts WHERE name = ?", (name,))
             self.stats.forgotten_parts += len(gone)
-        for name in sorted(on_disk - known):
-            path = self.root / name
+        for name in sorted(on_disk.keys() - known):
             try:
-                meta = json.loads(pq.read_schema(path).metadata[META_KEY])
+                with self.storage.open_read(name) as f:
+                    meta = json.loads(pq.read_schema(f).metadata[META_KEY])
                 if meta["model_key"] != self.key:
                     raise ValueError("another model's part")
                 blocks = {int(k): v for k, v in meta["blocks"].items()}
                 rows = int(meta["rows"])
-            except Exception:  # not ours or unreadable: a renamed part is whole, so this is foreign
-                path.unlink()
+            except Exception:  # not ours or unreadable: a published part is whole, so this is foreign
+                self.storage.delete(name)
                 self.stats.deleted_orphans += 1
                 continue
             ids = list(blocks)
@@ -266,12 +270,12 @@ class PredictionSink:
                 for b in ids
             )
             if clash:
-                path.unlink()
+                self.storage.delete(name)
                 fsync_dir(self.folder)
                 self.stats.deleted_orphans += 1
                 continue
             with _txn(self.db):
-                self._record(name, rows, path.stat().st_size, blocks, adopted=True)
+                self._record(name, rows, on_disk[name], blocks, adopted=True)
             self.stats.adopted_parts += 1
 
     # --- writing --------------------------------------------------------------------------
@@ -326,12 +330,11 @@ class PredictionSink:
                     "blocks": {str(k): v for k, v in blocks.items()}}
             table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
             stem = f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
-            final = self.folder / f"{stem}.parquet"
-            tmp = self.folder / f"{stem}.parquet.partial"
+            name = f"{self.folder_name}/{stem}.parquet"
+            tmp = self.storage.staging_path(name, unique=False)  # {stem}.parquet.partial beside it
             pq.write_table(table, tmp, compression="zstd")
-            replace_durably(tmp, final)
-            name = f"{self.folder_name}/{final.name}"
-            size = final.stat().st_size
+            self.storage.publish(tmp, name)  # create-if-absent: a part is never overwritten
+            size = self.storage.size(name)
         with _txn(self.db):
             self._record(name, rows, size, blocks, adopted=False)
         s = self.stats
@@ -521,25 +524,44 @@ class Reconciliation(NamedTuple):
         return None
 
 
-def reconcile(sweep_path: Path, queue_path: Path, name: str, digest: str) -> Reconciliation:
-    """Check a model's predictions against the fetch results, block by block (read-only)."""
+def reconcile(sweep_path: Path, queue: Queue, name: str, digest: str) -> Reconciliation:
+    """Check a model's predictions against the fetch results, block by block (read-only):
+    the ledger and the queue's done blocks are both read in block id order and merged, so
+    memory does not grow with the number of blocks."""
     ledger = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
-    db = sqlite3.connect(f"file:{queue_path}?mode=ro", uri=True)
+    done_results = queue.results()
+    if not ledger.is_file():
+        return Reconciliation(0, 0, 0, sum(1 for _ in done_results), 0)
+    blocks = rows = fetched = done = mismatched = 0
+    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     try:
-        (done,) = db.execute("SELECT COUNT(*) FROM blocks WHERE state = 2").fetchone()
-        if not ledger.is_file():
-            return Reconciliation(0, 0, 0, int(done), 0)
-        db.execute("ATTACH DATABASE ? AS l", (f"file:{ledger}?mode=ro",))
-        r = db.execute(
-            """SELECT COUNT(*), COALESCE(SUM(p.rows), 0), COALESCE(SUM(b.n_ok), 0),
-                      COALESCE(SUM(p.rows != b.n_ok OR p.empty != b.n_empty OR p.failed != b.n_failed
-                                   OR b.n_ok IS NULL), 0)
-               FROM l.predicted p LEFT JOIN blocks b ON b.id = p.block_id WHERE p.model_key = ?""",
+        cur = db.execute(
+            "SELECT block_id, rows, empty, failed FROM predicted WHERE model_key = ? ORDER BY block_id",
             (model_key(name, digest),),
-        ).fetchone()
+        )
+        head = next(done_results, None)
+        for bid, n_rows, n_empty, n_failed in cur:
+            while head is not None and head[0] < bid:  # done, not predicted by this model
+                done += 1
+                head = next(done_results, None)
+            blocks += 1
+            rows += int(n_rows)
+            r = None  # not done, or done without results
+            if head is not None and head[0] == bid:
+                r = head[1]
+                done += 1
+                head = next(done_results, None)
+            if r is None:
+                mismatched += 1
+                continue
+            fetched += int(r.ok)
+            mismatched += int((n_rows, n_empty, n_failed) != (r.ok, r.empty, r.failed))
+        while head is not None:
+            done += 1
+            head = next(done_results, None)
     finally:
         db.close()
-    return Reconciliation(int(r[0]), int(r[1]), int(r[2]), int(done), int(r[3]))
+    return Reconciliation(blocks, rows, fetched, done, mismatched)
 
 
 class Dropped(NamedTuple):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Iterable, Iterator, Mapping, NamedTuple, Protocol
+from typing import Iterable, Iterator, Mapping, NamedTuple, Protocol, TypedDict
 
 from ..block import Block, BlockResult  # re-exported: the shared types live in tilesweep.block
 
@@ -65,9 +65,48 @@ class QueueStats:
     unbalanced: int = 0
 
 
+class BlockRecord(TypedDict):
+    """One block's whole record in a queue (inspection, ``verify``, tests): the same keys
+    on every backend. Times are Unix seconds; ``n_*`` and ``stored`` are None until acked
+    with results; ``attempts`` counts leases taken, ``failures`` nacks, ``lost`` expired
+    leases."""
+
+    id: int
+    z: int
+    x: int
+    y: int
+    tiles: int
+    mask: bytes | None
+    priority: int
+    state: State
+    owner: str | None
+    lease_until: float | None
+    attempts: int
+    last_error: str | None
+    done_at: float | None
+    n_ok: int | None
+    n_empty: int | None
+    n_failed: int | None
+    n_bytes: int | None
+    n_retries: int | None
+    failures: int
+    lost: int
+    stored: int | None
+
+
+RECORD_FIELDS: tuple[str, ...] = tuple(BlockRecord.__annotations__)
+
+
 class Queue(Protocol):
-    """A durable lease queue of blocks. The embedded implementation is
-    :class:`tilesweep.queue.SqliteQueue`; others (Postgres, Redis) keep the same contract."""
+    """A durable lease queue of blocks, opened from a URL by :func:`tilesweep.queue.open_queue`.
+
+    Implementations: :mod:`tilesweep.queue.sqlite` (one file, embedded) and
+    :mod:`tilesweep.queue.postgres` (a shared server); both pass the one contract suite
+    (tests/test_queue_contract.py). ``url`` names the queue without any password."""
+
+    url: str
+    max_attempts: int
+    max_lost: int
 
     def put(self, items: Iterable[tuple[Block, int]]) -> int:
         """Add ``(block, priority)`` pairs (lower priority is leased first); blocks already
@@ -112,4 +151,26 @@ class Queue(Protocol):
     def stats(self, window: float = 300.0) -> QueueStats:
         """Counts by state and recent throughput."""
 
+    def get(self, block_id: int) -> BlockRecord | None:
+        """One block's record, or None when it is not in the queue."""
+
+    def blocks(self, state: State | None = None, kept: bool | None = None) -> Iterator[Block]:
+        """Blocks (optionally of one state) in id order (streams). ``kept``: True, only
+        blocks whose tiles are meant to be in a shard (stored, or not known); False, only
+        blocks streamed without keeping their tiles; None, both."""
+
+    def results(self) -> Iterator[tuple[int, BlockResult | None]]:
+        """``(block id, results)`` of every done block in id order (streams); None for a
+        block acked without results."""
+
+    def records(self) -> Iterator[BlockRecord]:
+        """Every block's record in id order (streams; for queries over the queue)."""
+
     def close(self) -> None: ...
+
+    def __enter__(self) -> "Queue": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def blocks_by_id(self, ids: Iterable[int]) -> Iterator[Block]:
+        """The queued blocks among ``ids`` (any state, id order); ids not queued are left out."""

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
-from .base import Block, BlockResult, DeadBlock, Lease, QueueStats, State
+from .base import RECORD_FIELDS, Block, BlockRecord, BlockResult, DeadBlock, Lease, QueueStats, State
 
 SCHEMA_VERSION = 2
 _EXPIRED_ERROR = "lease expired (worker died or stalled)"
@@ -65,6 +65,15 @@ def _block(row: tuple) -> Block:  # type: ignore[type-arg]
     return Block(int(row[0]), int(row[1]), int(row[2]), int(row[3]), row[4])
 
 
+_RECORD_COLS = ", ".join(RECORD_FIELDS)
+
+
+def _record(row: tuple) -> BlockRecord:  # type: ignore[type-arg]
+    out = dict(zip(RECORD_FIELDS, row))
+    out["state"] = State(out["state"])
+    return out  # type: ignore[return-value]
+
+
 class SqliteQueue:
     """A durable lease queue of blocks in one SQLite file.
 
@@ -79,6 +88,7 @@ class SqliteQueue:
         if max_attempts < 1 or max_lost < 1:
             raise ValueError(f"max_attempts {max_attempts} and max_lost {max_lost} must be >= 1")
         self.path = Path(path)
+        self.url = "sqlite:///" + str(self.path.resolve()).lstrip("/")
         self.max_attempts = max_attempts
         self.max_lost = max_lost
         self._pid = os.getpid()
@@ -333,15 +343,22 @@ class SqliteQueue:
         for row in cur:
             yield DeadBlock(_block(row), int(row[5]), row[6])
 
-    def get(self, block_id: int) -> dict | None:  # type: ignore[type-arg]
-        """One block's row as a dict (for inspection and tests), or None."""
-        cur = self._db.execute("SELECT * FROM blocks WHERE id = ?", (int(block_id),))
-        row = cur.fetchone()
-        if row is None:
-            return None
-        out = dict(zip([d[0] for d in cur.description], row))
-        out["state"] = State(out["state"])
-        return out
+    def get(self, block_id: int) -> BlockRecord | None:
+        """One block's record (for inspection and tests), or None."""
+        row = self._db.execute(f"SELECT {_RECORD_COLS} FROM blocks WHERE id = ?", (int(block_id),)).fetchone()
+        return None if row is None else _record(row)
+
+    def records(self) -> Iterator[BlockRecord]:
+        """Every block's record in id order (streams)."""
+        for row in self._db.execute(f"SELECT {_RECORD_COLS} FROM blocks ORDER BY id"):
+            yield _record(row)
+
+    def results(self) -> Iterator[tuple[int, BlockResult | None]]:
+        """``(block id, results)`` of every done block in id order (streams)."""
+        for row in self._db.execute(
+            f"SELECT id, n_ok, n_empty, n_failed, n_bytes, n_retries, stored FROM blocks WHERE state = {State.DONE} ORDER BY id"
+        ):
+            yield int(row[0]), (None if row[1] is None else BlockResult(*row[1:]))
 
     def blocks(self, state: State | None = None, kept: bool | None = None) -> Iterator[Block]:
         """Blocks (optionally of one state) in id order, i.e. Hilbert order (streams).
@@ -395,3 +412,13 @@ class SqliteQueue:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def blocks_by_id(self, ids: Iterable[int], batch: int = 500) -> Iterator[Block]:
+        """The queued blocks among ``ids`` (any state), in id order within each batch of
+        ``batch`` ids; ids not queued are left out (densify: which cells are taken)."""
+        ids = sorted({int(i) for i in ids})
+        for start in range(0, len(ids), batch):
+            part = ids[start : start + batch]
+            marks = ", ".join("?" * len(part))
+            for row in self._db.execute(f"SELECT {_BLOCK_COLS} FROM blocks WHERE id IN ({marks}) ORDER BY id", part):
+                yield _block(row)

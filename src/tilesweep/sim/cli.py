@@ -70,6 +70,7 @@ def serve(
     truncate: float = typer.Option(0.0, "--truncate", help="Rate of truncated bodies, 0..1."),
     wrong_type: float = typer.Option(0.0, "--wrong-type", help="Rate of 200 text/html bodies, 0..1."),
     slow_body: float = typer.Option(0.0, "--slow-body", help="Rate of slowly trickled bodies, 0..1."),
+    wrong_size: float = typer.Option(0.0, "--wrong-size", help="Rate of images of half the pixel size asked for, 0..1."),
     slow_body_s: float = typer.Option(2.0, "--slow-body-s", help="Seconds a slow body takes."),
     coverage: Optional[str] = typer.Option(None, "--coverage", help="AREA with imagery; tiles outside answer 404."),
     rate_limit: Optional[float] = typer.Option(None, "--rate-limit", help="Requests/s per client IP; beyond: 429."),
@@ -91,13 +92,13 @@ def serve(
         raise UsageError(f"cache size {cache_mb:g} MB must be >= 0")
     faults = Faults(
         http_500=http_500, http_503=http_503, http_429=http_429, reset=reset, truncate=truncate,
-        wrong_type=wrong_type, slow_body=slow_body, retry_after=retry_after, slow_body_s=slow_body_s,
+        wrong_type=wrong_type, slow_body=slow_body, wrong_size=wrong_size, retry_after=retry_after, slow_body_s=slow_body_s,
         latency_ms=latency_ms, jitter_ms=jitter_ms,
         coverage=load_area(coverage) if coverage else None, rate_limit=rate_limit, seed=fault_seed,
     )
 
     def ready(srv) -> None:  # type: ignore[no-untyped-def]
-        typer.echo(f"serving world seed {seed} at {srv.template()} (also @2x, /tms/, /q/{{quadkey}}); faults: {faults.describe()}")
+        typer.echo(f"serving world seed {seed} at {srv.template()} (also @2x, /tms/, /q/{{quadkey}}, /wms GetMap and /static/ bbox images); faults: {faults.describe()}")
 
     try:
         _serve(World(seed), faults, host=host, port=port, cache_mb=cache_mb, workers=workers, quality=quality, ready=ready)

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import UsageError
 from . import noise as N
 
-FAULT_KINDS = ("http_500", "http_503", "http_429", "reset", "truncate", "wrong_type", "slow_body")
+FAULT_KINDS = ("http_500", "http_503", "http_429", "reset", "truncate", "wrong_type", "slow_body", "wrong_size")
 """Fault kinds drawn per request, in the order their rates are stacked on [0, 1)."""
 
 
@@ -30,6 +30,7 @@ class Faults:
       the connection is closed.
     - ``wrong_type``: status 200 with a ``text/html`` body (a captive or error page).
     - ``slow_body``: the right bytes, trickled over ``slow_body_s`` seconds.
+    - ``wrong_size``: status 200 with a good image of half the pixel size asked for.
     - ``latency_ms`` + uniform ``[0, jitter_ms]``: delay before every tile response.
     - ``coverage``: an :class:`~tilesweep.area.Area`, shapely geometry or ``(w, s, e, n)``;
       tiles that do not touch it answer 404.
@@ -44,6 +45,7 @@ class Faults:
     truncate: float = 0.0
     wrong_type: float = 0.0
     slow_body: float = 0.0
+    wrong_size: float = 0.0
     retry_after: float = 1.0
     slow_body_s: float = 2.0
     latency_ms: float = 0.0
@@ -79,9 +81,10 @@ class Faults:
     def any_fault(self) -> bool:
         return any(getattr(self, k) > 0 for k in FAULT_KINDS)
 
-    def draw(self, z: int, x: int, y: int, attempt: int) -> str | None:
-        """The fault kind of the ``attempt``-th request (0-based) for tile z/x/y, or None."""
-        u = self._u(z, x, y, attempt, 1)
+    def draw(self, z: int, x: int, y: int, attempt: int, n: int = 0) -> str | None:
+        """The fault kind of the ``attempt``-th request (0-based) for tile z/x/y, or None;
+        ``n`` > 0: for the n x n super-tile whose north-west tile is z/x/y (its own draws)."""
+        u = self._u(z, x, y, attempt, 1 + 16 * n)
         acc = 0.0
         for kind in FAULT_KINDS:
             acc += getattr(self, kind)
@@ -89,11 +92,11 @@ class Faults:
                 return kind
         return None
 
-    def latency_s(self, z: int, x: int, y: int, attempt: int) -> float:
-        """Delay before answering that request, seconds."""
+    def latency_s(self, z: int, x: int, y: int, attempt: int, n: int = 0) -> float:
+        """Delay before answering that request (``n``: as in :meth:`draw`), seconds."""
         if self.latency_ms <= 0 and self.jitter_ms <= 0:
             return 0.0
-        return (self.latency_ms + self.jitter_ms * self._u(z, x, y, attempt, 2)) / 1000.0
+        return (self.latency_ms + self.jitter_ms * self._u(z, x, y, attempt, 2 + 16 * n)) / 1000.0
 
     def _u(self, z: int, x: int, y: int, attempt: int, tag: int) -> float:
         h = N.key(self.seed, tag, z, x, y, attempt)

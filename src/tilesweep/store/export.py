@@ -1,7 +1,9 @@
 """Exports of a TileStore: one PMTiles v3 archive (streamed), MBTiles, or a z/x/y folder.
 
-Every export writes to ``<out>.partial`` and renames it into place at the end, so a failed
-or interrupted export leaves nothing half-written under the output name.
+Every export writes to ``<out>.partial`` (for an ``s3://`` output, on local disk) and
+publishes it through the storage seam at the end (:mod:`tilesweep.storage`: locally
+fsync, atomic rename over an earlier export, fsync of the folder; on S3 one PUT), so a
+failed or interrupted export leaves nothing half-written under the output name.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ..durable import replace_durably
 from ..errors import UsageError
 from ..imageformat import image_format
+from ..storage import LocalStorage, Storage, is_url, open_storage, split_url
 from ..tiles import Tile, bounds, tms_y
 from .shard import Status
 from .store import TileStore
@@ -63,13 +65,25 @@ def _first_ok_tile(store: TileStore, blocks: list[Tile] | None = None) -> bytes:
             ok = np.nonzero(r.records["status"] == Status.OK)[0]
             if len(ok):
                 return r.data(int(ok[0]))
-    raise UsageError(f"tile store {store.root} has no OK tiles to export")
+    raise UsageError(f"tile store {store.location} has no OK tiles to export")
 
 
 def _lnglat_bounds(z: int, xmin: int, ymin: int, xmax: int, ymax: int) -> tuple[float, float, float, float]:
     w, _, _, n = bounds(Tile(z, xmin, ymin))
     _, s, e, _ = bounds(Tile(z, xmax, ymax))
     return w, s, e, n
+
+
+def export_target(out: str | os.PathLike[str]) -> tuple[Storage, str]:
+    """``(storage, key)`` that an export to ``out`` publishes to: the folder of a path
+    (created), or the parent of an object URL ``s3://bucket/prefix/name.pmtiles``
+    (:class:`~tilesweep.storage.StorageError` when the bucket cannot be used)."""
+    if is_url(str(out)):
+        parent, name = split_url(str(out))
+        return open_storage(parent), name
+    p = Path(out)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return LocalStorage(p.parent), p.name
 
 
 def _partial(out: Path) -> Path:
@@ -192,15 +206,53 @@ def _build_directories(entries_f, n: int, out, leaves_start: int, min_leaf_size:
         leaf_size *= 2
 
 
+def _ok_runs(store: TileStore, blocks: Any) -> Any:
+    """``(xs, ys, tile ids, data_of(k))`` of the OK tiles of ``blocks`` (in tile order), in
+    global tile-id order: one run per shard, or one per group of nested shards (a densify
+    round's blocks nest in the sample's cells, tile-disjoint), whose records are merged by
+    id (their readers stay open while the run is read)."""
+    import contextlib
+
+    from ..tiles import descendant_id_range
+
+    def runs(group: list[Tile]) -> Any:
+        with contextlib.ExitStack() as stack:
+            readers = [stack.enter_context(store.open_shard(b)) for b in group]
+            parts = []
+            for ri, r in enumerate(readers):
+                sel = np.nonzero(r.records["status"] == Status.OK)[0]
+                xs, ys = r.coords()
+                parts.append((xs[sel], ys[sel], r.ids[sel], np.full(len(sel), ri), sel))
+            xs, ys, ids, ri, ii = (np.concatenate([p[k] for p in parts]) for k in range(5))
+            if not len(ids):
+                return
+            order = np.argsort(ids, kind="stable")
+            xs, ys, ids, ri, ii = xs[order], ys[order], ids[order], ri[order].tolist(), ii[order].tolist()
+            yield xs, ys, ids.tolist(), lambda k: readers[ri[k]].data(ii[k])
+
+    group: list[Tile] = []
+    end = -1
+    for block in blocks:
+        start, stop = descendant_id_range(Tile(*block), store.zoom)
+        if group and start >= end:
+            yield from runs(group)
+            group, end = [], -1
+        group.append(Tile(*block))
+        end = max(end, stop)
+    if group:
+        yield from runs(group)
+
+
 def export_pmtiles(
     store: TileStore,
-    out_path: Path,
+    out_path: Path | str,
     metadata: dict | None = None,
     tile_type: Any = None,
     *,
     min_leaf_size: int = 4096,
     run_length: bool = True,
     blocks: list[Tile] | None = None,
+    replace: bool = True,
 ) -> dict:
     """Write the store's OK tiles as one clustered PMTiles v3 archive, streaming.
 
@@ -217,17 +269,21 @@ def export_pmtiles(
     ``blocks``: export only these blocks (any order: they are put in tile order, which
     adaptive blocks of several zooms need; default: every finished shard). Every tile's
     crc32 is checked as it is copied: a corrupt or missing shard raises
-    :class:`~tilesweep.store.CorruptShardError` and nothing is left under ``out``."""
+    :class:`~tilesweep.store.CorruptShardError` and nothing is left under ``out``.
+
+    ``out_path``: a file path, or an object URL ``s3://bucket/prefix/name.pmtiles`` (staged
+    on local disk, then one PUT). ``replace``: publish over an existing output (the
+    default); False: create-if-absent, :class:`~tilesweep.storage.AlreadyPublished` when
+    it exists."""
     t0 = time.perf_counter()
-    out_path = Path(out_path)
     if blocks is not None:
         blocks = store.in_tile_order(blocks)
     first = _first_ok_tile(store, blocks)
     fmt = _format_name(tile_type, first)
     z = store.zoom
-    tmp = _partial(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    entries_f = tempfile.TemporaryFile(dir=out_path.parent, prefix=".pmtiles-entries-")
+    storage, key = export_target(out_path)
+    tmp = storage.staging_path(key, unique=False)  # <out>.partial, a stale one removed
+    entries_f = tempfile.TemporaryFile(dir=tmp.parent, prefix=".pmtiles-entries-")
     try:
         with open(tmp, "w+b", buffering=1 << 20) as out:
             out.write(b"\0" * DATA_START)
@@ -253,26 +309,20 @@ def export_pmtiles(
                     n_entries += len(ids)
                     ids.clear(), offs.clear(), lens.clear(), runs.clear()
 
-            for block in store.blocks() if blocks is None else blocks:
-                with store.open_shard(block) as r:
-                    sel = np.nonzero(r.records["status"] == Status.OK)[0]
-                    if not len(sel):
+            for xs, ys, tids, data_of in _ok_runs(store, store.blocks() if blocks is None else blocks):
+                xmin, xmax = min(xmin, int(xs.min())), max(xmax, int(xs.max()))
+                ymin, ymax = min(ymin, int(ys.min())), max(ymax, int(ys.max()))
+                addressed += len(tids)
+                for k, tid in enumerate(tids):
+                    data = data_of(k)
+                    if run_length and tid == cur_id + cur_run and data == cur_data:
+                        cur_run += 1
                         continue
-                    xs, ys = r.coords()
-                    xs, ys = xs[sel], ys[sel]
-                    xmin, xmax = min(xmin, int(xs.min())), max(xmax, int(xs.max()))
-                    ymin, ymax = min(ymin, int(ys.min())), max(ymax, int(ys.max()))
-                    addressed += len(sel)
-                    for i, tid in zip(sel.tolist(), r.ids[sel].tolist()):
-                        data = r.data(i)
-                        if run_length and tid == cur_id + cur_run and data == cur_data:
-                            cur_run += 1
-                            continue
-                        if cur_id >= 0:
-                            ids.append(cur_id), offs.append(cur_off), lens.append(cur_len), runs.append(cur_run)
-                        out.write(data)
-                        cur_id, cur_off, cur_len, cur_run, cur_data = tid, pos, len(data), 1, data
-                        pos += len(data)
+                    if cur_id >= 0:
+                        ids.append(cur_id), offs.append(cur_off), lens.append(cur_len), runs.append(cur_run)
+                    out.write(data)
+                    cur_id, cur_off, cur_len, cur_run, cur_data = tid, pos, len(data), 1, data
+                    pos += len(data)
                 if len(ids) >= 65536:
                     spill()
             ids.append(cur_id), offs.append(cur_off), lens.append(cur_len), runs.append(cur_run)
@@ -284,7 +334,7 @@ def export_pmtiles(
             root, leaves_len, leaf_size = _build_directories(entries_f, n_entries, out, leaves_start, min_leaf_size)
             w, s, e, nn = _lnglat_bounds(z, xmin, ymin, xmax, ymax)
             meta = {
-                "name": out_path.stem,
+                "name": Path(key).stem,
                 "format": fmt,
                 "type": "baselayer",
                 "minzoom": z,
@@ -314,7 +364,7 @@ def export_pmtiles(
             out.write(root)
             out.flush()
             size = out.seek(0, os.SEEK_END)
-        replace_durably(tmp, out_path)
+        storage.publish(tmp, key, replace=replace)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -338,18 +388,20 @@ def export_pmtiles(
 # --- MBTiles ----------------------------------------------------------------------------------
 
 
-def export_mbtiles(store: TileStore, out_path: Path, name: str | None = None, batch: int = 2000, blocks: list[Tile] | None = None) -> dict:
+def export_mbtiles(
+    store: TileStore, out_path: Path | str, name: str | None = None, batch: int = 2000, blocks: list[Tile] | None = None,
+    replace: bool = True,
+) -> dict:
     """Write the store's OK tiles to an MBTiles 1.3 file: ``metadata(name, value)`` with
     name, format (jpg/png/webp), minzoom, maxzoom, bounds, center; ``tiles`` with TMS rows
     (``tile_row = 2**z - 1 - y``) and a unique ``tile_index``. ``UsageError`` when the store
-    holds no OK tile. ``blocks`` and crc checks: as for :func:`export_pmtiles`."""
+    holds no OK tile. ``blocks``, crc checks, object URLs and ``replace``: as for
+    :func:`export_pmtiles`."""
     t0 = time.perf_counter()
-    out_path = Path(out_path)
     fmt = _format_name(None, _first_ok_tile(store, blocks))
     z = store.zoom
-    tmp = _partial(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.unlink(missing_ok=True)
+    storage, key = export_target(out_path)
+    tmp = storage.staging_path(key, unique=False)  # <out>.partial, a stale one removed
     n = 0
     xmin = ymin = 1 << 62
     xmax = ymax = -1
@@ -374,7 +426,7 @@ def export_mbtiles(store: TileStore, out_path: Path, name: str | None = None, ba
             con.execute("CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)")
             w, s, e, nn = _lnglat_bounds(z, xmin, ymin, xmax, ymax)
             meta = {
-                "name": name or out_path.stem,
+                "name": name or Path(key).stem,
                 "format": fmt,
                 "type": "baselayer",
                 "minzoom": str(z),
@@ -386,11 +438,12 @@ def export_mbtiles(store: TileStore, out_path: Path, name: str | None = None, ba
             con.commit()
         finally:
             con.close()
-        replace_durably(tmp, out_path)
+        size = tmp.stat().st_size
+        storage.publish(tmp, key, replace=replace)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"path": str(out_path), "tiles": n, "format": fmt, "bytes": out_path.stat().st_size, "seconds": time.perf_counter() - t0}
+    return {"path": str(out_path), "tiles": n, "format": fmt, "bytes": size, "seconds": time.perf_counter() - t0}
 
 
 # --- z/x/y folder -----------------------------------------------------------------------------

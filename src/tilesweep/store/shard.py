@@ -8,12 +8,14 @@ written it is two files next to each other::
                         bytes it points at are fsynced
 
 :meth:`ShardWriter.finish` appends the index (the same records, sorted by tile id) and a
-footer to the data file, fsyncs it and renames it to ``{y}.shard``. Byte layout and the
-crash-safety argument: ``docs/store.md``.
+footer to the data file and publishes it as ``{y}.shard`` through the storage seam
+(:meth:`tilesweep.storage.LocalStorage.publish`: fsync, rename without replacing, fsync of
+the folder). Byte layout and the crash-safety argument: ``docs/store.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -26,6 +28,7 @@ import numpy as np
 
 from ..durable import fsync_dir
 from ..block import TileStatus
+from ..storage import AlreadyPublished, LocalStorage, Storage
 from ..tiles import Tile, descendant_id_range, descendant_ranks, from_tile_id, hilbert_frame, tile_id, tile_id_array, zoom_base_id
 
 MAGIC = b"TSSHARD\x00"
@@ -79,7 +82,7 @@ class CorruptShardError(Exception):
     fail their crc32 when read. ``path`` is the shard's file (set by :class:`ShardReader`),
     ``tile`` the tile whose bytes failed, when that is what failed; ``str()`` is the reason."""
 
-    path: Path | None = None
+    path: Path | str | None = None  # a str: an object's URL (a store on object storage)
     tile: Tile | None = None
 
     def describe(self) -> str:
@@ -184,13 +187,23 @@ class ShardWriter:
     its FIRST record: the second ``append`` is ignored and returns False. Not thread-safe;
     one writer per block at a time (enforced with an exclusive ``flock``)."""
 
-    def __init__(self, path: Path, zoom: int, block: Tile) -> None:
+    def __init__(self, path: Path, zoom: int, block: Tile, *, storage: Storage | None = None, key: str | None = None) -> None:
+        """``path``: the finished shard's file; with ``storage`` (an object store), the
+        local staging name the partial files go beside, and ``key`` the object that
+        :meth:`finish` publishes."""
         self.path = Path(path)
         self.zoom = int(zoom)
         self.block = Tile(*block)
         if not 0 <= self.block.z <= self.zoom:
             raise ValueError(f"block {self.block} is not above zoom {self.zoom}")
         self.data_path, self.idx_path = partial_paths(self.path)
+        if storage is None:  # the partial is the staging file of the key {y}.shard
+            self._storage: Storage = LocalStorage(self.path.parent)
+            self._key = self.path.name
+        else:
+            if key is None:
+                raise ValueError("a ShardWriter on a storage needs the shard's key")
+            self._storage, self._key = storage, key
         self._id_lo, self._id_hi = descendant_id_range(self.block, self.zoom)
         self._id_table: np.ndarray | None = None  # ids of the block's tiles, [y, x] within it
         self._pending: list[tuple[int, int, int, int, int]] = []
@@ -201,21 +214,25 @@ class ShardWriter:
         self._f = None
         self._idx_fd = -1
         self._closed = False
-        if self.path.exists():
+        if self._published():
             self._open_finished()
         else:
             self._open_partial()
 
     # -- opening ---------------------------------------------------------------------------
 
+    def _published(self) -> bool:
+        return self._storage.exists(self._key)
+
     def _open_finished(self) -> None:
-        with ShardReader(self.path) as r:
+        with ShardReader.open(self._storage, self._key) as r:
             if r.zoom != self.zoom or r.block != self.block:
-                raise ValueError(f"{self.path} holds block {r.block} at zoom {r.zoom}, not {self.block} at {self.zoom}")
+                raise ValueError(f"{r.path} holds block {r.block} at zoom {r.zoom}, not {self.block} at {self.zoom}")
             recs = r.records.copy()
         self._durable = set(recs["id"].tolist())
         self._summary = summarize(recs)
         self.idx_path.unlink(missing_ok=True)  # a crash between rename and unlink leaves it
+        _remove_stale_partial(self.data_path)
         self._closed = True
 
     def _open_partial(self) -> None:
@@ -226,6 +243,11 @@ class ShardWriter:
         except BlockingIOError:
             os.close(fd)
             raise ShardBusyError(f"another writer holds {self.data_path}") from None
+        if self._published():  # another writer published the block since our first look
+            os.unlink(self.data_path)  # ours under the lock: nobody writes it
+            os.close(fd)
+            self._open_finished()
+            return
         f = os.fdopen(fd, "r+b", buffering=1 << 20)
         self._f = f
         self._idx_fd = os.open(self.idx_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -366,8 +388,10 @@ class ShardWriter:
         self._pending_ids = set()
 
     def finish(self) -> ShardSummary:
-        """Flush, append the sorted index and footer, fsync, rename to ``{y}.shard``, fsync
-        the folder, drop the sidecar. Idempotent: a finished shard returns its summary."""
+        """Flush, append the sorted index and footer, publish as ``{y}.shard`` (fsync,
+        rename unless it exists, fsync the folder), drop the sidecar. Idempotent: a finished
+        shard returns its summary; when another writer published the block first, its
+        shard stands and its summary is returned (the first shard wins)."""
         if self._summary is not None:
             return self._summary
         self.flush()
@@ -384,9 +408,14 @@ class ShardWriter:
         self._f.write(index)
         self._f.write(footer)
         self._f.flush()
-        os.fsync(self._f.fileno())
-        os.rename(self.data_path, self.path)
-        fsync_dir(self.path.parent)
+        try:  # fsync, rename to {y}.shard unless it exists, fsync the folder
+            self._storage.publish(self.data_path, self._key)
+        except AlreadyPublished:  # another writer published the block first: its shard stands
+            self.data_path.unlink(missing_ok=True)
+            self._close_files()
+            self._open_finished()
+            assert self._summary is not None
+            return self._summary
         self._close_files()
         self.idx_path.unlink(missing_ok=True)
         self._summary = summarize(recs)
@@ -426,6 +455,67 @@ class ShardWriter:
             pass
 
 
+def _remove_stale_partial(data_path: Path) -> None:
+    """Delete a ``{y}.shard.partial`` left beside a finished shard (a crash between the
+    link and the unlink of the seam's fallback, or a writer that lost the race to publish),
+    unless a writer still holds it."""
+    try:
+        fd = os.open(data_path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return
+    try:
+        os.unlink(data_path)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class RangedShard:
+    """A finished shard on object storage, read by byte ranges: its size (HEAD), its head
+    and its tail (footer + index, the last 64 KiB) when opened, then each tile with one
+    ranged GET, or the whole data region with one while :meth:`holding` it (a walk over
+    every tile). Memory: the tail, plus the data region only while held. Sliced like the
+    ``mmap`` of a local shard."""
+
+    TAIL = 64 * 1024
+
+    def __init__(self, storage: Storage, key: str) -> None:
+        self._storage, self._key = storage, key
+        self.size = storage.size(key)  # FileNotFoundError when absent
+        start = max(0, self.size - self.TAIL)
+        self._segments: list[tuple[int, bytes]] = [(start, storage.read_range(key, start, self.size - start))]
+        if start > 0:
+            self._segments.append((0, storage.read_range(key, 0, HEADER_SIZE)))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, sl: slice) -> bytes:
+        start, stop = sl.indices(self.size)[:2]
+        if stop <= start:
+            return b""
+        for off, buf in self._segments:
+            if off <= start and stop <= off + len(buf):
+                return buf[start - off : stop - off]
+        return self._storage.read_range(self._key, start, stop - start)
+
+    @contextlib.contextmanager
+    def holding(self, start: int, stop: int) -> Iterator[None]:
+        """Keep bytes ``start..stop`` in memory (one GET) inside the ``with``."""
+        seg = (start, self._storage.read_range(self._key, start, stop - start))
+        self._segments.insert(0, seg)
+        try:
+            yield
+        finally:
+            self._segments.remove(seg)
+
+
 # The Hilbert walk and the per-depth rank tables are tile math (tilesweep.tiles).
 _block_frame = hilbert_frame
 _local_ranks = descendant_ranks
@@ -440,7 +530,30 @@ class ShardReader:
     a read (docs/store.md, Measured); ``check=False`` is for callers that check on their own
     (:meth:`verify`)."""
 
-    def __init__(self, path: Path) -> None:
+    @classmethod
+    def open(cls, storage: Storage, key: str) -> "ShardReader":
+        """The finished shard ``key`` of a storage: memory-mapped from a local folder, else
+        read by ranges (:class:`RangedShard`). ``FileNotFoundError`` when absent."""
+        local = storage.local_path(key)
+        if local is not None:
+            return cls(local)
+        return cls(f"{storage.url}/{key}", data=RangedShard(storage, key))
+
+    def __init__(self, path: Path | str, data: "bytes | RangedShard | None" = None) -> None:
+        """``path``: a shard file (memory-mapped); with ``data`` (a shard's bytes, or a
+        :class:`RangedShard` on object storage), the URL that names it in errors."""
+        if data is not None:
+            self.path: Path | str = str(path)
+            size = len(data)
+            self._mm: mmap.mmap | bytes | RangedShard = data
+            try:
+                if size < HEADER_SIZE + FOOTER_SIZE:
+                    raise CorruptShardError(f"object truncated ({size} bytes)")
+                self._open(size)
+            except CorruptShardError as exc:
+                exc.path = self.path
+                raise
+            return
         self.path = Path(path)
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -464,7 +577,7 @@ class ShardReader:
         self.zoom, self.block = unpack_header(mm[:HEADER_SIZE])
         if not self.block.z <= self.zoom:
             raise CorruptShardError(f"block zoom {self.block.z} below zoom {self.zoom}")
-        ioff, count, icrc, fcrc, fmagic = FOOTER.unpack_from(mm, size - FOOTER_SIZE)
+        ioff, count, icrc, fcrc, fmagic = FOOTER.unpack(mm[size - FOOTER_SIZE : size])
         if fmagic != FOOTER_MAGIC:
             raise CorruptShardError("no footer (truncated or unfinished)")
         if zlib.crc32(mm[size - FOOTER_SIZE : size - FOOTER_SIZE + 20]) != fcrc:
@@ -565,9 +678,17 @@ class ShardReader:
         ``check``: see :meth:`data`."""
         xs, ys = self.coords()
         z = self.zoom
-        for i, (x, y, st) in enumerate(zip(xs.tolist(), ys.tolist(), self._status)):
-            if status is None or st == status:
-                yield Tile(z, x, y), Status(st), self.data(i, check)
+        with self._whole_data():
+            for i, (x, y, st) in enumerate(zip(xs.tolist(), ys.tolist(), self._status)):
+                if status is None or st == status:
+                    yield Tile(z, x, y), Status(st), self.data(i, check)
+
+    def _whole_data(self) -> "contextlib.AbstractContextManager[None]":
+        """While open, a shard on object storage holds its tile data (one ranged GET)
+        instead of reading tile by tile."""
+        if isinstance(self._mm, RangedShard):
+            return self._mm.holding(HEADER_SIZE, self.index_offset)
+        return contextlib.nullcontext()
 
     # -- checking --------------------------------------------------------------------------
 
@@ -596,19 +717,21 @@ class ShardReader:
             if np.any(recs["offset"][ok] < HEADER_SIZE) or np.any(end[ok] > self.index_offset):
                 return "tile bytes outside the data region"
             mm = self._mm
-            for i in np.nonzero(ok)[0].tolist():
-                o = self._offsets[i]
-                if zlib.crc32(mm[o : o + self._lengths[i]]) != int(recs["crc"][i]):
-                    t = from_tile_id(int(ids[i]))
-                    return f"crc mismatch in tile {t}"
+            with self._whole_data():
+                for i in np.nonzero(ok)[0].tolist():
+                    o = self._offsets[i]
+                    if zlib.crc32(mm[o : o + self._lengths[i]]) != int(recs["crc"][i]):
+                        t = from_tile_id(int(ids[i]))
+                        return f"crc mismatch in tile {t}"
         return None
 
     def close(self) -> None:
         self.records = None  # type: ignore[assignment]
-        try:
-            self._mm.close()
-        except BufferError:
-            pass
+        if isinstance(self._mm, mmap.mmap):
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
 
     def __enter__(self) -> "ShardReader":
         return self

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..durable import fsync_dir
+from ..storage import ObjectStorage, Storage, StorageError, is_url, open_storage
 from ..tiles import MAX_ZOOM, Tile, tile_id_array, zoom_base_id
 from .shard import (
     RECORD_SIZE,
@@ -51,10 +52,18 @@ class TileStore:
 
     Reads go through an LRU of at most ``max_open`` memory-mapped shards (one fd each;
     default :func:`default_max_open`). Not thread-safe: give each thread its own
-    ``TileStore``."""
+    ``TileStore``.
+
+    ``root`` may be an object-store URL (``s3://bucket/prefix``, :mod:`tilesweep.storage`):
+    writers keep their unfinished shards on local disk (``staging``, default
+    ``$TMPDIR/tilesweep-staging/...``) and publish each finished shard with one
+    create-if-absent PUT, so two machines racing on one block never both publish it;
+    readers use ranged GETs (:class:`~tilesweep.store.shard.RangedShard`: an LRU of
+    ``max_open``, default 64, shard indexes in memory; one GET per tile)."""
 
     def __init__(
-        self, root: Path, zoom: int, block_zoom: int, max_open: int | None = None, coarsest: int | None = None
+        self, root: Path | str, zoom: int, block_zoom: int, max_open: int | None = None, coarsest: int | None = None,
+        staging: Path | None = None,
     ) -> None:
         zoom, block_zoom = int(zoom), int(block_zoom)
         coarsest = block_zoom if coarsest is None else int(coarsest)
@@ -64,10 +73,18 @@ class TileStore:
             raise UsageError(f"block zoom {block_zoom} is outside 0..{zoom} (the tile zoom)")
         if not 0 <= coarsest <= block_zoom:
             raise UsageError(f"coarsest block zoom {coarsest} is outside 0..{block_zoom}")
+        self.storage: Storage | None = None  # set for a store on object storage
+        if isinstance(root, str) and "://" in root:
+            storage = open_storage(root) if not is_url(root) else open_storage(root, **({} if staging is None else {"staging": staging}))
+            if isinstance(storage, ObjectStorage):
+                self.storage = storage
+                max_open = 64 if max_open is None else max_open
+            else:  # file://
+                root = storage.url
         max_open = default_max_open() if max_open is None else max_open
         if max_open < 1:
             raise ValueError(f"max_open {max_open} must be at least 1")
-        self.root = Path(root)
+        self.root = Path(root) if self.storage is None else self.storage.staging  # local files: shards or partials
         self.zoom = zoom
         self.block_zoom = block_zoom
         self.max_open = max_open
@@ -77,7 +94,12 @@ class TileStore:
         self._readers: OrderedDict[tuple[int, int, int], ShardReader] = OrderedDict()
 
     def __repr__(self) -> str:
-        return f"TileStore({str(self.root)!r}, zoom={self.zoom}, block_zoom={self.block_zoom})"
+        return f"TileStore({self.location!r}, zoom={self.zoom}, block_zoom={self.block_zoom})"
+
+    @property
+    def location(self) -> str:
+        """The store's folder, or its URL on object storage."""
+        return str(self.root) if self.storage is None else self.storage.url
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -89,18 +111,29 @@ class TileStore:
         if z != self.zoom:
             raise ValueError(f"tile {z}/{x}/{y} is not at the store's zoom {self.zoom}")
         if len(self.block_zooms) > 1:
+            # densify rounds nest blocks (tile-disjoint): a shard that does not hold the tile is passed over
             for bz in self.block_zooms:
                 d = z - bz
-                if (bz, x >> d, y >> d) in self._readers:
+                r = self._readers.get((bz, x >> d, y >> d))
+                if r is not None and r.find(tile) >= 0:
                     return Tile(bz, x >> d, y >> d)
             for bz in self.block_zooms:
                 d = z - bz
-                if self.shard_path(Tile(bz, x >> d, y >> d)).exists():
-                    return Tile(bz, x >> d, y >> d)
+                b = Tile(bz, x >> d, y >> d)
+                if self.is_complete(b):
+                    r = self.reader(b)
+                    if r is None or r.find(tile) >= 0:
+                        return b
         return Tile(self.block_zoom, x >> self._d, y >> self._d)
 
+    def shard_key(self, block: Tile) -> str:
+        """``{bz}/{x}/{y}.shard``: the shard's key under the store's root."""
+        bz, x, y = block
+        return f"{bz}/{x}/{y}.shard"
+
     def shard_path(self, block: Tile) -> Path:
-        """``root/{bz}/{x}/{y}.shard`` (whether or not it exists)."""
+        """``root/{bz}/{x}/{y}.shard`` (whether or not it exists); on object storage, the
+        local staging name its unfinished shard lies beside."""
         bz, x, y = block
         if not self.block_zooms[-1] <= bz <= self.block_zoom:
             raise ValueError(f"block {bz}/{x}/{y} is not at the store's block zooms {self.block_zooms[-1]}..{self.block_zoom}")
@@ -108,13 +141,16 @@ class TileStore:
 
     def is_complete(self, block: Tile) -> bool:
         """True when the block's shard is finished (a re-leased block can just be acked)."""
+        if self.storage is not None:
+            self.shard_path(block)  # checks the block's zoom
+            return self.storage.exists(self.shard_key(block))
         return self.shard_path(block).exists()
 
     def discard_leftovers(self, block: Tile) -> None:
         """Remove the journal (``{y}.idx.partial``) that a crash between a shard's final
         rename and the journal's unlink leaves beside a finished shard."""
         path = self.shard_path(block)
-        if path.exists():
+        if self.is_complete(block):
             partial_paths(path)[1].unlink(missing_ok=True)
 
     def discard_partials(self) -> int:
@@ -133,6 +169,8 @@ class TileStore:
         """A writer for the block: new, resumed from an unfinished shard, or (for a finished
         one) already finished, whose ``finish()`` returns the summary."""
         self._evict(block)
+        if self.storage is not None:
+            return ShardWriter(self.shard_path(block), self.zoom, Tile(*block), storage=self.storage, key=self.shard_key(block))
         return ShardWriter(self.shard_path(block), self.zoom, Tile(*block))
 
     # -- reading ---------------------------------------------------------------------------
@@ -144,9 +182,8 @@ class TileStore:
         if r is not None:
             self._readers.move_to_end(key)
             return r
-        path = self.shard_path(Tile(*block))
         try:
-            r = ShardReader(path)
+            r = self._open_reader(Tile(*block))
         except FileNotFoundError:
             return None
         self._readers[key] = r
@@ -162,7 +199,7 @@ class TileStore:
         d = self._d
         key = (self.block_zoom, x >> d, y >> d)
         r = self._readers.get(key)
-        if r is None:
+        if r is None or (len(self.block_zooms) > 1 and r.find(tile) < 0):
             r = self.reader(self.block_of(tile))
             if r is None:
                 return None
@@ -180,8 +217,20 @@ class TileStore:
         """Blocks with a finished shard, in global Hilbert order of their tiles: by the
         first tile id of each block's descendants (blocks of several zooms interleave, and
         each is one contiguous id range at the tile zoom)."""
-        found = [Tile(bz, x, y) for bz in self.block_zooms for x, y in self._scan(".shard", bz)]
+        if self.storage is not None:
+            found = [Tile(bz, x, y) for bz in self.block_zooms for x, y in self._list_remote(bz)]
+        else:
+            found = [Tile(bz, x, y) for bz in self.block_zooms for x, y in self._scan(".shard", bz)]
         return iter(self.in_tile_order(found))
+
+    def _list_remote(self, block_zoom: int) -> list[tuple[int, int]]:
+        assert self.storage is not None
+        out = []
+        for o in self.storage.list(f"{block_zoom}/"):
+            parts = o.key.split("/")
+            if len(parts) == 3 and parts[1].isdigit() and parts[2].endswith(".shard") and parts[2][:-6].isdigit():
+                out.append((int(parts[1]), int(parts[2][:-6])))
+        return out
 
     def in_tile_order(self, blocks: Iterable[Tile]) -> list[Tile]:
         """``blocks`` sorted by the first tile id of their descendants at the store's zoom:
@@ -244,13 +293,19 @@ class TileStore:
     def open_shard(self, block: Tile) -> ShardReader:
         """A new reader of the block's finished shard (outside the LRU; close it). A missing
         shard raises :class:`CorruptShardError` naming the file, like a corrupt one."""
-        path = self.shard_path(Tile(*block))
         try:
-            return ShardReader(path)
+            return self._open_reader(Tile(*block))
         except FileNotFoundError:
             exc = CorruptShardError("missing (deleted or moved?)")
-            exc.path = path
+            exc.path = self.shard_path(Tile(*block)) if self.storage is None else f"{self.storage.url}/{self.shard_key(block)}"
             raise exc from None
+
+    def _open_reader(self, block: Tile) -> ShardReader:
+        """A reader of the block's finished shard; ``FileNotFoundError`` when there is none."""
+        if self.storage is not None:
+            self.shard_path(block)  # checks the block's zoom
+            return ShardReader.open(self.storage, self.shard_key(block))
+        return ShardReader(self.shard_path(block))
 
     def quarantine(self, block: Tile) -> Path | None:
         """Move the block's finished shard aside to ``{y}.shard.corrupt`` (``.corrupt.N``
@@ -258,6 +313,9 @@ class TileStore:
         again; the folder is fsynced. Returns the new path, None when there was no shard."""
         path = self.shard_path(Tile(*block))
         self._evict(block)
+        if self.storage is not None:
+            raise StorageError(f"{self.location}: moving a corrupt shard aside is not done on object storage yet; "
+                               f"delete {self.shard_key(block)} there")
         if not path.exists():
             return None
         dest = path.with_name(path.name + ".corrupt")
@@ -276,7 +334,7 @@ class TileStore:
         for block in self.blocks():
             out["shards"] += 1
             try:
-                with ShardReader(self.shard_path(block)) as r:
+                with self._open_reader(block) as r:
                     s = r.summary()
             except CorruptShardError:
                 out["corrupt_shards"] += 1
@@ -304,10 +362,9 @@ class TileStore:
         corrupt: list[tuple[Tile, str]] = []
         for block in list(self.blocks()):
             checked += 1
-            path = self.shard_path(block)
             self._evict(block)
             try:
-                with ShardReader(path) as r:
+                with self._open_reader(block) as r:
                     reason = r.verify()
                     if reason is None and (r.zoom != self.zoom or r.block != block):
                         reason = f"header says block {r.block} at zoom {r.zoom}"

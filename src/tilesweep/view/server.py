@@ -9,6 +9,7 @@ Routes (all GET; anything else is 404, or 405 for another method)::
     /api/progress                   blocks pending / leased / done / dead, predicted blocks
     /api/tile?z&x&y[&model]         one tile: lon/lat, block and its state, scores, label
     /api/detections.geojson?model&t&bbox   the detections in a box, as a download
+    /api/lines.geojson?model&t      the detections traced into power lines (tilesweep.trace)
     /imagery/{z}/{x}/{y}            a tile from the store, or proxied from the sweep's source
     /overlay/{model}/{z}/{x}/{y}.mvt?t    prediction overlay (tilesweep.view.overlay)
     /blocks/{z}/{x}/{y}.mvt         blocks done / leased / dead, for the progress layer
@@ -183,6 +184,7 @@ class Viewer:
         r.add_get("/api/progress", self._progress)
         r.add_get("/api/tile", self._tile)
         r.add_get("/api/detections.geojson", self._detections)
+        r.add_get("/api/lines.geojson", self._lines)
         r.add_get("/imagery/{z}/{x}/{y}", self._imagery)
         r.add_get("/overlay/{model}/{z}/{x}/{y}.mvt", self._overlay)
         r.add_get("/blocks/{z}/{x}/{y}.mvt", self._blocks)
@@ -532,6 +534,33 @@ class Viewer:
             headers={"Content-Disposition": f'attachment; filename="detections-{folder}-t{t:g}.geojson"',
                      "Cache-Control": "no-cache"},
         )
+
+
+    def lines(self, folder: str, t: float) -> dict[str, Any]:
+        """The model's detections at score >= t traced into lines, recomputed only when
+        the ledger's parts change."""
+        from ..traced import lines_geojson, sweep_lines
+        from .overlay import ledger_parts
+
+        m = self.overlay.model(folder)
+        assert m is not None
+        key = (folder, round(t, 4), tuple(ledger_parts(self.path, m.key)))
+        cache = self.__dict__.setdefault("_lines_cache", {})
+        if key not in cache:
+            try:
+                lines, _, name = sweep_lines(self.path, model=m.name, threshold=t)
+            except Exception as exc:  # noqa: BLE001 - e.g. a run's first part not committed yet: the next refresh tries again
+                return {"type": "FeatureCollection", "features": [], "properties": {"error": f"{type(exc).__name__}: {exc}"}}
+            cache.clear()
+            cache[key] = lines_geojson(lines, name)
+        return cache[key]  # type: ignore[no-any-return]
+
+    async def _lines(self, request: web.Request) -> web.Response:
+        folder = self._model(request.query.get("model"))
+        t = _threshold(request.query.get("t", "0.5"))
+        doc = await self._run(self.lines, folder, t)
+        return web.Response(body=json.dumps(doc).encode(), content_type="application/geo+json",
+                            headers={"Cache-Control": "no-cache"})
 
 
 # --- helpers -----------------------------------------------------------------------------

@@ -35,6 +35,28 @@ function blocksUrl() {
   return `${location.origin}/blocks/{z}/{x}/{y}.mvt?v=${encodeURIComponent(v)}`;
 }
 
+function linesUrl() {
+  const v = state.progressVersion || "0";
+  return `api/lines.geojson?model=${encodeURIComponent(state.model)}&t=${state.threshold.toFixed(2)}&v=${encodeURIComponent(v)}`;
+}
+
+// The lines are fetched here, not by the map: a refresh that overtakes another, or a
+// sweep whose parts are being written, is then simply tried again at the next refresh.
+async function refreshLines() {
+  const map = state.map;
+  if (!map || !map.getSource("lines")) return;
+  const url = linesUrl();
+  state.linesUrl = url;
+  try {
+    const r = await fetch(url);
+    if (!r.ok || state.linesUrl !== url) return;
+    const doc = await r.json();
+    if (state.linesUrl === url && map.getSource("lines")) map.getSource("lines").setData(doc);
+  } catch (e) {
+    // the next progress refresh tries again
+  }
+}
+
 function tileFilter() {
   return ["all", ["==", ["get", "kind"], "tile"], [">=", ["get", "s"], state.threshold]];
 }
@@ -44,7 +66,16 @@ function addOverlay(map) {
   if (map.getLayer("squares")) map.removeLayer("squares");
   if (map.getLayer("squares-line")) map.removeLayer("squares-line");
   if (map.getSource("overlay")) map.removeSource("overlay");
+  if (map.getLayer("lines")) map.removeLayer("lines");
+  if (map.getSource("lines")) map.removeSource("lines");
   if (!state.model) return;
+  // traced power lines (tilesweep lines): computed by the server from the detections
+  map.addSource("lines", { type: "geojson", data: { type: "FeatureCollection", features: [] } });
+  map.addLayer({
+    id: "lines", type: "line", source: "lines",
+    paint: { "line-color": "#00e5ff", "line-width": 3, "line-opacity": ["interpolate", ["linear"], ["get", "confidence"], 0, 0.35, 1, 1] },
+  }, "area-line");
+  refreshLines();
   map.addSource("overlay", { type: "vector", tiles: [overlayUrl()], minzoom: 0, maxzoom: state.info.zoom, bounds: state.info.bbox });
   map.addLayer({
     id: "cells", type: "fill", source: "overlay", "source-layer": "overlay",
@@ -93,7 +124,10 @@ function setThreshold(t) {
   map.setFilter("squares", tileFilter());
   map.setFilter("squares-line", tileFilter());
   clearTimeout(state._tTimer);
-  state._tTimer = setTimeout(() => map.getSource("overlay").setTiles([overlayUrl()]), 150);
+  state._tTimer = setTimeout(() => {
+    map.getSource("overlay").setTiles([overlayUrl()]);
+    refreshLines();
+  }, 150);
 }
 
 function table(rows) {
@@ -129,6 +163,7 @@ async function refreshProgress() {
     if (!first) {
       state.map.getSource("blocks").setTiles([blocksUrl()]);
       if (state.map.getSource("overlay")) state.map.getSource("overlay").setTiles([overlayUrl()]);
+      refreshLines();
       await loadModels();
     }
   }
@@ -241,7 +276,7 @@ async function main() {
   await refreshProgress();
   await loadModels();
   $("legend").innerHTML = `zoom &ge; ${Math.max(0, info.zoom - info.overlay.square_levels)}: tiles scoring &ge; threshold, coloured by score; ` +
-    `below: detections per cell (up to ${4 ** info.overlay.cell_levels} cells per overlay tile), red = more.`;
+    `below: detections per cell (up to ${4 ** info.overlay.cell_levels} cells per overlay tile), red = more; cyan: detections traced into power lines.`;
   $("model").addEventListener("change", (e) => { state.model = e.target.value; addOverlay(map); });
   $("threshold").addEventListener("input", (e) => setThreshold(parseFloat(e.target.value)));
   $("download").addEventListener("click", download);

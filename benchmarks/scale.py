@@ -1,0 +1,124 @@
+"""Scale-out benchmark, the queue part (issue 11): lease + ack blocks/s with 1, 2, 4 and 8
+worker processes on each queue backend, SQLite (one file) and PostgreSQL (a server).
+
+Each process opens the queue with ``open_queue(url)`` and loops lease(batch) -> ack(batch,
+results) until the queue is empty; no real work is done, so the numbers are the queue's own
+ceiling (a worker needs one lease and one ack per ``batch`` blocks of up to 256 tiles).
+Time runs from the moment every process is connected to the last ack. Without ``--pg``, a
+throwaway PostgreSQL is started on 127.0.0.1 (Debian's binaries, tests/helpers/pgserver.py).
+
+    .venv/bin/python benchmarks/scale.py                      # 4,000 blocks per run
+    .venv/bin/python benchmarks/scale.py --blocks 20000 --pg postgresql://me@db:5432/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tilesweep.queue import Block, BlockResult, open_queue, stage_queue
+
+TILES_PER_BLOCK = 256
+
+
+def fill(url: str, base: Path, n: int) -> str:
+    staged = stage_queue(url, base)
+    rng = random.Random(0)
+    staged.queue.put((Block(14, i % 4096, i // 4096, TILES_PER_BLOCK), rng.randrange(1 << 40)) for i in range(n))
+    staged.publish()
+    return staged.url
+
+
+def worker(url: str, owner: str, batch: int, ready: mp.Barrier, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    with open_queue(url) as q:
+        q.count(0)  # type: ignore[arg-type]  # connected before the clock starts
+        ready.wait()
+        done = 0
+        while leases := q.lease(batch, ttl=600, owner=owner):
+            ids = [lease.block.id for lease in leases]
+            q.ack(ids, {i: BlockResult(TILES_PER_BLOCK, 0, 0, 0, 0, 1) for i in ids})
+            done += len(ids)
+    out.put((done, time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def run(url: str, procs: int, batch: int) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    ready = ctx.Barrier(procs + 1)
+    out = ctx.Queue()
+    ps = [ctx.Process(target=worker, args=(url, f"w{i}", batch, ready, out)) for i in range(procs)]
+    for p in ps:
+        p.start()
+    ready.wait()
+    started = time.perf_counter()
+    results = [out.get(timeout=600) for _ in ps]
+    for p in ps:
+        p.join()
+    wall = max(r[1] for r in results) - started
+    blocks = sum(r[0] for r in results)
+    return {"blocks": blocks, "wall": wall, "rate": blocks / wall, "rss": max(r[2] for r in results)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--blocks", type=int, default=4000, help="blocks per run (default 4000)")
+    ap.add_argument("--batch", type=int, default=4, help="blocks per lease and ack (default 4)")
+    ap.add_argument("--procs", default="1,2,4,8", help="process counts (default 1,2,4,8)")
+    ap.add_argument("--pg", help="a PostgreSQL URL to use (password from PGPASSWORD / ~/.pgpass); default: start one")
+    a = ap.parse_args()
+    counts = [int(x) for x in a.procs.split(",")]
+    console = Console()
+    server = None
+    tmp = Path(tempfile.mkdtemp(prefix="tilesweep-scale-"))
+    pg = a.pg
+    if pg is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from helpers.pgserver import PASSWORD, PgServer, _bin
+
+        initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
+        if initdb and pg_ctl:
+            server = PgServer(initdb, pg_ctl)
+            server.init()
+            os.environ["PGPASSWORD"] = PASSWORD
+            pg = server.url()
+        else:
+            console.print("no PostgreSQL binaries (apt-get install postgresql) and no --pg: SQLite only")
+    table = Table(title=f"lease + ack, {a.blocks:,} blocks of {TILES_PER_BLOCK} tiles, {a.batch} blocks per lease "
+                        f"({os.cpu_count()} CPUs)")
+    for col in ("backend", "processes", "blocks/s", "tiles/s", "x 1 process", "wall s", "peak RSS MB"):
+        table.add_column(col, justify="right" if col not in ("backend",) else "left")
+    try:
+        backends = [("sqlite", "sqlite:///" + str(tmp / "q-{n}.sqlite").lstrip("/"))]
+        if pg is not None:
+            backends.append(("postgresql", pg))
+        for name, template in backends:
+            one = None
+            for n in counts:
+                url = fill(template.format(n=n) if name == "sqlite" else template, tmp, a.blocks)
+                r = run(url, n, a.batch)
+                assert r["blocks"] == a.blocks, r
+                one = one or r["rate"]
+                table.add_row(name, str(n), f"{r['rate']:,.0f}", f"{r['rate'] * TILES_PER_BLOCK:,.0f}",
+                              f"{r['rate'] / one:.2f}", f"{r['wall']:.2f}", f"{r['rss']:.0f}")
+        console.print(table)
+    finally:
+        if server is not None:
+            server.stop()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if server is not None:
+            shutil.rmtree(server.root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

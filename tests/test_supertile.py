@@ -1,0 +1,238 @@
+"""Super-tile requests (issue 12), for real: `tilesweep fetch --super 4` against the
+simulator's WMS route over loopback HTTP, real shards, real queue.
+
+The sweep is 9 x 6 zoom-18 tiles in one 16 x 16 block: with --super 4 that is five
+super-tiles (16, 16, 4, 8 and 8 tiles wanted) and one group of 2 tiles asked for one by
+one (below the quarter fill). Cut tiles must be byte for byte the simulator's own tiles."""
+
+import asyncio
+import shutil
+import tomllib
+
+import pytest
+from helpers.cli import tilesweep
+
+from tilesweep.errors import UsageError
+from tilesweep.fetch import FetchSettings
+from tilesweep.sim import Faults, World, run_in_thread
+from tilesweep.sources import Source, parse_source
+from tilesweep.store import Status, TileStore
+from tilesweep.sweep import Sweep
+from tilesweep.supertile import SuperTileFetcher, check_blocks
+from tilesweep.tiles import Tile, bounds, xy_bounds
+
+SEED = 5
+ZOOM = 18
+X0, Y0, NX, NY = 137312, 91872, 9, 6  # x0, y0 on the 16-grid: one zoom-14 block
+TILES = [Tile(ZOOM, X0 + i, Y0 + j) for j in range(NY) for i in range(NX)]
+SUPER_GROUPS = 5  # groups of 4 x 4 with >= 4 wanted tiles; one more group of 2 goes tile by tile
+
+
+def _bbox() -> str:
+    w, _, _, n = bounds(TILES[0])
+    _, s, e, _ = bounds(TILES[-1])
+    dx, dy = (e - w) / NX / 4, (n - s) / NY / 4  # a quarter tile inside: no neighbour touches it
+    return f"{w + dx:.7f},{s + dy:.7f},{e - dx:.7f},{n - dy:.7f}"
+
+
+@pytest.fixture(scope="module")
+def expected():
+    world = World(seed=SEED)
+    return {t: world.render(t) for t in TILES}
+
+
+@pytest.fixture(scope="module")
+def srv():
+    """One simulator for the module (its renders are cached); tests set ``area_faults``,
+    the faults of super-tile requests only, and read its counters as differences."""
+    with run_in_thread(World(seed=SEED)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    sweep = tmp_path_factory.mktemp("planned") / "s"
+    tilesweep("plan", _bbox(), sweep, "--zoom", ZOOM)
+    return sweep
+
+
+@pytest.fixture
+def sweep(tmp_path, planned):
+    shutil.copytree(planned, tmp_path / "s")
+    return tmp_path / "s"
+
+
+class Counted:
+    """The server's counters since the ``with`` began."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def __enter__(self):
+        self.before = dict(self.server.stats)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.area_faults = None
+        self.after = dict(self.server.stats)
+
+    def __getitem__(self, key):
+        return self.after.get(key, 0) - self.before.get(key, 0)
+
+
+def status_json(sweep):
+    """`tilesweep status --json`, in process (a subprocess costs seconds on a loaded machine)."""
+    with Sweep.open(sweep) as sw:
+        return sw.status().to_json()
+
+
+def stored(sweep):
+    store = TileStore(sweep / "tiles", ZOOM, ZOOM - 4, coarsest=0)
+    out = {}
+    for block in store.blocks():
+        for tile, status, data in store.reader(block).iter_records(status=None):
+            assert tile not in out
+            out[tile] = (status, data)
+    store.close()
+    return out
+
+
+def assert_complete(sweep, expected):
+    st = status_json(sweep)
+    assert st["tiles_done"] == st["tiles_total"] == len(TILES) and st["tiles_ok"] == len(TILES), st
+    assert st["blocks_dead"] == 0 and st["mismatch"] is None
+    got = stored(sweep)
+    assert set(got) == set(expected)
+    bad = [t for t, (status, data) in got.items() if status != Status.OK or data != expected[t]]
+    assert not bad, f"{len(bad)} tiles differ from the simulator's own, e.g. {bad[:2]}"
+    return st
+
+
+def test_super_tiles_store_the_same_bytes_as_single_tiles(tmp_path, srv, planned, expected):
+    sup, single = tmp_path / "super", tmp_path / "single"
+    shutil.copytree(planned, sup)
+    shutil.copytree(planned, single)
+    with Counted(srv) as c:
+        tilesweep("fetch", sup, "--source", srv.template(scheme="wms") + "&KEY=${SIM_KEY}", "--super", "4", "-q",
+                  env={"SIM_KEY": "s3cret-value"})
+    assert c["requests"] == c["area_requests"] == SUPER_GROUPS + 2  # five super-tiles, two tiles alone
+    assert c["area_tiles"] == 16 * SUPER_GROUPS + 2  # 28 cut tiles were not planned: dropped
+    with Counted(srv) as c:
+        tilesweep("fetch", single, "--source", srv.template(), "-q")
+    assert c["requests"] == len(TILES)
+    assert stored(single) == stored(sup)
+    assert_complete(sup, expected)
+    text = (sup / "sweep.toml").read_text()
+    cfg = tomllib.loads(text)["source"]
+    assert cfg["supertile"] == 4 and "${SIM_KEY}" in cfg["template"] and "s3cret" not in text
+
+
+def test_a_super_tile_of_the_wrong_size_falls_back_to_single_tiles(srv, sweep, expected):
+    with Counted(srv) as c:
+        srv.area_faults = Faults(wrong_size=1.0)
+        tilesweep("fetch", sweep, "--source", srv.template(scheme="wms"), "--super", "4", "-q")
+    assert c["wrong_size"] == SUPER_GROUPS  # each refused once, never cut
+    assert c["area_requests"] == SUPER_GROUPS + len(TILES)  # then every tile alone
+    assert assert_complete(sweep, expected)["fetch_retries"] == 0
+
+
+def test_a_super_tile_that_keeps_failing_fails_its_tiles_and_the_block_then_resumes(srv, sweep, expected):
+    with Counted(srv) as c:
+        srv.area_faults = Faults(http_500=1.0)
+        res = tilesweep("fetch", sweep, "--source", srv.template(scheme="wms"), "--super", "4", "-q",
+                        "--retries", "1", "--max-attempts", "2", check=False)
+    assert res.returncode == 1
+    st = status_json(sweep)
+    assert st["blocks_dead"] == 1 and st["tiles_done"] == 0, st
+    error = st["dead_blocks"][0]["error"]
+    assert "52 of 54 tiles failed" in error and "super-tile 18/" in error and "http 500 (2 attempts)" in error, error
+    assert c["http_500"] == SUPER_GROUPS * 2 * 2  # 2 attempts on each of 2 leases
+    # the two tiles asked for alone stayed durable: the next lease asks only for the super-tiles
+    tilesweep("retry", sweep, "--dead")
+    with Counted(srv) as c:
+        tilesweep("fetch", sweep, "-q")
+    assert c["area_requests"] == SUPER_GROUPS
+    assert_complete(sweep, expected)
+
+
+def test_truncated_super_tiles_are_retried_whole(srv, sweep, expected):
+    with Counted(srv) as c:
+        srv.area_faults = Faults(truncate=0.3, seed=2)
+        tilesweep("fetch", sweep, "--source", srv.template(scheme="wms"), "--super", "4", "-q")
+    assert c["truncate"] > 0
+    st = assert_complete(sweep, expected)
+    assert st["fetch_retries"] == c["truncate"] and c["area_requests"] == SUPER_GROUPS + 2 + c["truncate"]
+
+
+def test_static_image_route_cuts_and_counts_requests(srv, expected):
+    """The static-image placeholders ({bbox_4326}), and the fetcher's accounting in process:
+    requests, attempts, and requests (not tiles) in flight."""
+
+    async def go():
+        src = parse_source(srv.template(scheme="static"), supertile=4)
+        async with SuperTileFetcher(src, FetchSettings(concurrency=4)) as f:
+            got = {r.tile: r async for r in f.fetch_many(TILES)}
+            return got, f.stats.snapshot(), f.super_requests
+
+    with Counted(srv) as c:
+        got, st, supers = asyncio.run(go())
+    assert {t: r.data for t, r in got.items()} == expected
+    assert st["requests"] == supers + 2 == SUPER_GROUPS + 2 == c["requests"]
+    assert st["ok"] == len(TILES) and sum(r.attempts for r in got.values()) == st["requests"]
+    assert st["max_in_flight"] == 4  # concurrency counts requests: a super-tile's tiles share one slot
+
+
+def test_bbox_placeholders_and_the_recorded_config(monkeypatch):
+    monkeypatch.setenv("K", "v")
+    src = parse_source("https://wms.example/ows?SRS=EPSG:3857&BBOX={bbox}&WIDTH={width}&HEIGHT={height}&k=${K}", supertile=8)
+    minx, miny, maxx, maxy = xy_bounds(Tile(18, 137312, 91872))
+    url = src.area_url(Tile(18, 137312, 91872), 8)
+    box = [float(v) for v in url.split("BBOX=")[1].split("&")[0].split(",")]
+    side = maxx - minx
+    assert box == pytest.approx([minx, maxy - 8 * side, minx + 8 * side, maxy], abs=1e-6)
+    assert "WIDTH=2048&HEIGHT=2048" in url
+    assert Source.from_config(src.to_config()) == src
+    assert "supertile" not in parse_source("http://h/{z}/{x}/{y}.png").to_config()  # tile sources keep their config
+
+
+@pytest.mark.parametrize("template, n, words", [
+    ("http://h/{z}/{x}/{y}.jpg", 4, "needs a bbox template"),
+    ("http://h/wms?BBOX={bbox}", 1, "and {width} and {height}"),
+    ("http://h/{bbox}/{z}/{width}/{height}", 1, "mixes {z} with a bbox placeholder"),
+    ("http://h/{bbox}/{width}/{height}", 3, "super-tile size 3 is not one of 1, 2, 4, 8, 16"),
+])
+def test_bad_bbox_templates(template, n, words):
+    with pytest.raises(UsageError) as e:
+        parse_source(template, supertile=n)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_super_tiles_larger_than_the_blocks_are_refused():
+    """`fetch` calls this before it records the source (one line, exit 2)."""
+    src = parse_source("http://127.0.0.1:9/wms?BBOX={bbox}&W={width}&H={height}", supertile=8)
+    check_blocks(src, ZOOM, ZOOM - 3)  # 8 x 8 blocks: fits
+    with pytest.raises(UsageError) as e:
+        check_blocks(src, ZOOM, ZOOM - 2)  # 4 x 4 blocks (plan --block-zoom 16)
+    assert "--super 8 needs blocks of at least 8 x 8 tiles; this sweep's blocks are 4 x 4" in str(e.value)
+
+
+def test_png_and_the_jpeg_fallback_keep_the_pixels(expected):
+    """PNG is cut without loss of pixels; JPEG without libturbojpeg is re-encoded at 95
+    (close, not exact). The lossless JPEG crop is the byte-for-byte tests above."""
+    import numpy as np
+
+    from tilesweep.decode import decode
+    from tilesweep.sim.world import encode
+    from tilesweep.tilecut import CutError, _jpeg_reencoded, cut
+
+    tiles = [Tile(ZOOM, X0 + i, Y0 + j) for j in range(2) for i in range(2)]
+    pixels = [decode(expected[t]) for t in tiles]
+    mosaic = np.concatenate([np.concatenate(pixels[:2], axis=1), np.concatenate(pixels[2:], axis=1)], axis=0)
+    cells = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    for got, want in zip(cut(encode(mosaic, "png"), 256, cells), pixels):
+        assert got[:8] == b"\x89PNG\r\n\x1a\n" and np.array_equal(decode(got), want)
+    boxes = [(c * 256, r * 256, 256, 256) for c, r in cells]
+    for got, want in zip(_jpeg_reencoded(encode(mosaic, "jpeg", 95), boxes), pixels):
+        assert np.abs(decode(got).astype(int) - want).mean() < 3
+    with pytest.raises(CutError):
+        cut(b"GIF89a" + bytes(100), 256, cells)
