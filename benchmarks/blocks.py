@@ -13,7 +13,7 @@ nginx answers every tile path with one rendered JPEG (`try_files`), so the serve
 same whatever the tile and the numbers show what blocks cost the fetcher.
 
     .venv/bin/python benchmarks/blocks.py              # both parts, full size
-    .venv/bin/python benchmarks/blocks.py --quick      # a small area, a few seconds
+    .venv/bin/python benchmarks/blocks.py --quick      # a small area, two fractions, a few seconds
     .venv/bin/python benchmarks/blocks.py --part plan  # or fetch
 
 Needs nginx (`apt-get install -y nginx`) for part 2; without it part 2 is skipped, saying so.
@@ -213,7 +213,8 @@ def print_fetch(rows: list[dict], workers: int, concurrency: int, repeat: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["plan", "fetch", "both"], default="both")
-    ap.add_argument("--quick", action="store_true", help="a 0.5 M-tile country and a 1%% sample of a small box: checks the script works (exit 1 when the results are wrong)")
+    ap.add_argument("--quick", action="store_true", help="a 0.5 M-tile country at fractions 1 and 0.01 (dense and sampled) and a 1%% "
+                    "sample of a small box: checks the script works (exit 1 when the results are wrong)")
     ap.add_argument("--millions", type=float, default=100.0, help="size of the country in millions of zoom-18 tiles")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1, 0.01, 0.001])
     ap.add_argument("--workers", "-w", type=int, default=2)
@@ -222,8 +223,10 @@ def main() -> None:
     a = ap.parse_args()
     sparse_bbox, fraction = SPARSE_BBOX, 0.001
     if a.quick:
-        a.millions, a.repeat = 0.5, 1
-        sparse_bbox, fraction = "30.0,-0.3,30.6,0.3", 0.01
+        # one dense and one sampled fraction: the two ways a plan is made (0.1 and 0.001
+        # plan the same way as 0.01); a box of ~480 sampled tiles, ~190 fixed cells
+        a.millions, a.repeat, a.fractions = 0.5, 1, [1.0, 0.01]
+        sparse_bbox, fraction = "30.0,-0.15,30.3,0.15", 0.01
     from fetch import NGINX
 
     with tempfile.TemporaryDirectory(prefix="tilesweep-blocks-") as tmp:

@@ -1,9 +1,14 @@
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from helpers.pgserver import pg_server  # noqa: F401 - a session-wide PostgreSQL server on loopback
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -16,3 +21,56 @@ def write_geojson(tmp_path: Path):
         return p
 
     return write
+
+
+@pytest.fixture(scope="session")
+def tables_quick(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """``benchmarks/tables.py --quick --out R.json``, run once per session with every
+    engine (those not installed are skipped by the script, saying why): tests/test_tables_bench.py
+    reads its results, tests/test_benchmarks_quick.py its exit status and table. Returns
+    (the finished process, the JSON file's path)."""
+    out = tmp_path_factory.mktemp("tables-bench") / "r.json"
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), "--quick", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return res, out
+
+
+@pytest.fixture(scope="session")
+def fetched_template(tmp_path_factory):
+    """``get(bbox, zoom, block_zoom, world_seed)``: a sweep planned and fetched (tiles in the
+    store, no predictions) from a simulator of that world seed, made once per session for
+    each set of arguments. Read-only: a test that writes to it takes ``fetched_copy``. Its
+    sweep.toml names a simulator that has gone by then: tests of what reads the store
+    (predict, tiles, export, verify) use it, not those that fetch again."""
+    from helpers.cli import tilesweep
+
+    from tilesweep.sim import World, run_in_thread
+
+    made: dict[tuple, Path] = {}
+
+    def get(bbox: str, zoom: int, block_zoom: int, world_seed: int) -> Path:
+        key = (bbox, zoom, block_zoom, world_seed)
+        if key not in made:
+            folder = tmp_path_factory.mktemp("fetched") / "s"
+            with run_in_thread(World(seed=world_seed)) as sim:
+                tilesweep("plan", bbox, folder, "--zoom", zoom, "--block-zoom", block_zoom)
+                tilesweep("fetch", folder, "--source", sim.template(), "--quiet")
+            made[key] = folder
+        return made[key]
+
+    return get
+
+
+@pytest.fixture
+def fetched_copy(fetched_template, tmp_path):
+    """``copy(bbox, zoom, block_zoom, world_seed, name="s")``: a copy of that fetched
+    sweep (``fetched_template``) at ``tmp_path / name``, this test's own to change."""
+    import shutil
+
+    def copy(bbox: str, zoom: int, block_zoom: int, world_seed: int, name: str = "s") -> Path:
+        dest = tmp_path / name
+        shutil.copytree(fetched_template(bbox, zoom, block_zoom, world_seed), dest)
+        return dest
+
+    return copy

@@ -100,8 +100,8 @@ def ledger(sweep):
         db.close()
 
 
-def test_demo_model_finds_the_towers_of_a_fetched_sweep(tmp_path, sim):
-    sweep = fetched(tmp_path, sim, TOWER_BBOX, 14)
+def test_demo_model_finds_the_towers_of_a_fetched_sweep(fetched_copy):
+    sweep = fetched_copy(TOWER_BBOX, ZOOM, 14, WORLD_SEED)  # fetched once per session (tests/conftest.py)
     res = tilesweep("predict", sweep, "--model", "demo", "--quiet")
     expected = ok_tiles(sweep, 14)
     assert len(expected) == 320
@@ -133,8 +133,8 @@ def test_demo_model_finds_the_towers_of_a_fetched_sweep(tmp_path, sim):
     assert st["mismatch"] is None and st["tiles_ok"] == 320
 
 
-def test_sigkill_at_random_instants_then_resume(tmp_path, sim):
-    sweep = fetched(tmp_path, sim, SMALL_BBOX, 16)
+def test_sigkill_at_random_instants_then_resume(fetched_copy):
+    sweep = fetched_copy(SMALL_BBOX, ZOOM, 16, WORLD_SEED)  # fetched once per session (tests/conftest.py)
     expected = ok_tiles(sweep, 16)
     rng = random.Random(7)
     args = ("predict", sweep, "--model", "helpers.slow_model:score", "--batch", 4, "--threads", 1, "--part-rows", 8, "--quiet")

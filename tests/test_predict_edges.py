@@ -22,11 +22,9 @@ def sim():
 
 
 @pytest.fixture
-def sweep(tmp_path, sim):
-    s = tmp_path / "s"
-    tilesweep("plan", BBOX, s, "--zoom", 18, "--block-zoom", 16)
-    tilesweep("fetch", s, "--source", sim.template(), "--quiet")
-    return s
+def sweep(fetched_copy):
+    """The 156-tile sweep fetched from World(seed=5), fetched once per session (tests/conftest.py), this test's copy."""
+    return fetched_copy(BBOX, 18, 16, 5)
 
 
 def rows(sweep):

@@ -24,7 +24,6 @@ from helpers.cli import ENV, status_json, tilesweep
 
 import tilesweep as ts
 import tilesweep.convert as ts_convert
-from tilesweep.sim import World, run_in_thread
 from tilesweep.store import Status, TileStore
 from tilesweep.sweep import Sweep
 from tilesweep.tiles import Tile, bounds, center
@@ -37,12 +36,11 @@ EAST = [[8.518, 47.33], [8.54, 47.33], [8.54, 47.36], [8.518, 47.36], [8.518, 47
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, fetched_template):
     root = tmp_path_factory.mktemp("results")
     path = root / "s"
-    with run_in_thread(World(seed=5)) as sim:
-        tilesweep("plan", BBOX, path, "--zoom", ZOOM, "--block-zoom", 14)
-        tilesweep("fetch", path, "--source", sim.template(), "--quiet")
+    # planned and fetched from World(seed=5) once per session (tests/conftest.py); ours to predict into
+    shutil.copytree(fetched_template(BBOX, ZOOM, 14, 5), path)
     tilesweep("predict", path, "--model", "demo", "--quiet")
     tilesweep("predict", path, "--model", "helpers.models:greenness", "--threshold", "0.3", "--quiet",
               env={"PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)})

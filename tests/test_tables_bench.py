@@ -2,17 +2,10 @@
 benchmark the README quotes keeps running: every case exits 0 and the engines agree."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).parent.parent / "benchmarks" / "tables.py"
 
 
-def test_tables_benchmark_quick(tmp_path):
-    out = tmp_path / "r.json"
-    res = subprocess.run([sys.executable, str(BENCH), "--quick", "--engines", "duckdb,tilesweep,vaex", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)
+def test_tables_benchmark_quick(tables_quick):
+    res, out = tables_quick  # one run per session (tests/conftest.py), every engine asked for
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(out.read_text())
     cases = {(r["case"], r["input"].split(" ")[0]): r for r in doc["results"]}

@@ -96,8 +96,18 @@ def not_background(img: Image.Image) -> int:
     return differing(img, bg, tol=30)
 
 
-def test_page_loads_imagery_and_overlay_without_console_errors(browser, served):
+@pytest.fixture(scope="module")
+def served_page(browser, served):
+    """One page of the stored sweep's viewer, loaded once for the tests that read that page
+    (each leaves its layers as it found them)."""
     p = Page(browser, served)
+    yield p
+    p.close()
+
+
+def test_page_loads_imagery_and_overlay_without_console_errors(served_page, served):
+    p = served_page
+    layers = ["squares", "squares-line", "cells", "imagery"]
     try:
         assert p.errors() == [], p.errors()
         ok = {(s, u.split("/")[3]) for s, u, _ in p.responses if s == 200}
@@ -115,8 +125,9 @@ def test_page_loads_imagery_and_overlay_without_console_errors(browser, served):
         p.page.evaluate("() => window.tilesweep.map.setLayoutProperty('imagery', 'visibility', 'none')")
         p.settle()
         assert not_background(p.shot()) < not_background(bare) // 2, "the imagery is what fills the map"
-    finally:
-        p.close()
+    finally:  # the page as loaded, for the next test
+        p.page.evaluate(f"() => {json.dumps(layers)}.forEach(l => window.tilesweep.map.setLayoutProperty(l, 'visibility', 'visible'))")
+        p.settle()
 
 
 def test_imagery_from_a_pmtiles_archive_is_read_with_range_requests(browser, sweep, tmp_path):
@@ -137,8 +148,8 @@ def test_imagery_from_a_pmtiles_archive_is_read_with_range_requests(browser, swe
             p.close()
 
 
-def test_slider_cells_click_and_download(browser, served):
-    p = Page(browser, served)
+def test_slider_cells_click_and_download(served_page, served):
+    p = served_page
     try:
         page = p.page
         count = "() => window.tilesweep.map.queryRenderedFeatures({layers: ['squares']}).length"
@@ -164,7 +175,9 @@ def test_slider_cells_click_and_download(browser, served):
             page.locator("#threshold").fill(t)
             for z in (11, 7):
                 page.evaluate(f"() => window.tilesweep.map.jumpTo({{center: [{(W + E) / 2}, {(S + N) / 2}], zoom: {z}}})")
-                page.wait_for_timeout(300)  # the cells' URL follows the slider after 150 ms
+                # the cells' URL follows the slider after 150 ms: wait until the source has it
+                page.wait_for_function(f"() => window.tilesweep.map.getSource('overlay').tiles[0].includes('t={float(t):.2f}&')",
+                                       timeout=30_000)
                 p.settle()
                 assert page.evaluate(cells) == want > 0, (t, z)
         det = json.loads(get(served + f"api/detections.geojson?model={model}&t=0.5&bbox={bbox}")[2])
@@ -191,8 +204,10 @@ def test_slider_cells_click_and_download(browser, served):
         assert doc["type"] == "FeatureCollection" and 30 <= len(doc["features"]) <= len(det["features"])
         assert all(ft["properties"]["tower"] >= 0.5 for ft in doc["features"])
         assert p.errors() == [], p.errors()
-    finally:
-        p.close()
+    finally:  # the page as loaded, for a test after this one
+        page.locator("#threshold").fill("0.5")
+        page.evaluate("() => window.tilesweep.map.fitBounds(window.tilesweep.info.bbox, {padding: 20, animate: false})")
+        p.settle()
 
 
 def test_model_picker_switches_the_overlay(browser, sweep, tmp_path):
