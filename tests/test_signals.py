@@ -257,7 +257,7 @@ def test_kill_9_again_and_again_does_not_kill_blocks(tmp_path, slow_sim):
     kills = 0
     for _ in range(8):
         p = start(*args)
-        wait_for(lambda: live_owners(sweep) or p.poll() is not None)  # at work, holding leases
+        wait_for(lambda: live_owners(sweep) or p.poll() is not None)  # noqa: B023 - called at once; at work, holding leases
         time.sleep(rng.uniform(0.2, 1.5))  # then kill it at a random instant of its work
         if p.poll() is not None:
             break

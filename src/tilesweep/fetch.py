@@ -38,11 +38,12 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator, NamedTuple
 
 import pycurl
 
 from . import __version__
+from .block import TileStatus
 from .errors import UsageError
 from .imageformat import image_format, tile_sized
 from .sources import Source
@@ -56,7 +57,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 log = logging.getLogger(__name__)
 
-OK, EMPTY, FAILED = "ok", "empty", "failed"
+OK, EMPTY, FAILED = TileStatus.OK, TileStatus.EMPTY, TileStatus.FAILED  # the one tile-outcome encoding
 
 _OCTET = frozenset({"application/octet-stream", "binary/octet-stream"})
 
@@ -146,12 +147,13 @@ class FetchSettings:
 
 
 class TileResult(NamedTuple):
-    """What became of one tile: ``status`` is ``"ok"`` (``data`` holds the bytes),
-    ``"empty"`` (no tile there) or ``"failed"`` (``error`` says why). ``attempts`` counts
+    """What became of one tile: ``status`` is a :class:`~tilesweep.block.TileStatus`,
+    ``OK`` (``data`` holds the bytes), ``EMPTY`` (no tile there) or ``FAILED`` (``error``
+    says why); it also equals its word, ``"ok"``, ``"empty"``, ``"failed"``. ``attempts`` counts
     our requests; ``http_status`` is the last HTTP status, None if no response came."""
 
     tile: Tile
-    status: str
+    status: TileStatus
     data: bytes | None
     attempts: int
     error: str | None
@@ -217,7 +219,7 @@ class _RateLimiter:
 
 
 class _Attempt(NamedTuple):
-    kind: str  # ok | empty | retry | fatal
+    kind: TileStatus | str  # OK | EMPTY | "retry" | "fatal"
     data: bytes | None
     reason: str | None
     http_status: int | None
@@ -404,7 +406,7 @@ class Fetcher:
 
     # --- many tiles ----------------------------------------------------------------------
 
-    async def fetch_many(self, tiles: Iterable[Tile] | AsyncIterable[Tile]) -> AsyncIterator[TileResult]:
+    async def fetch_many(self, tiles: Iterable[Tile] | AsyncIterable[Tile]) -> AsyncGenerator[TileResult, None]:
         """Results in completion order, at most ``concurrency`` requests in flight (a tile
         that shares a super-tile's request takes no slot); tiles are pulled from ``tiles``
         (sync or async iterable) only as slots free up. Raises
@@ -416,10 +418,10 @@ class Fetcher:
         pending: set[asyncio.Task[TileResult]] = set()
         sharing: set[asyncio.Task[TileResult]] = set()  # tiles that share another's request
         if hasattr(tiles, "__aiter__"):
-            ait = tiles.__aiter__()  # type: ignore[union-attr]
+            ait = tiles.__aiter__()
             it = None
         else:
-            it = iter(tiles)  # type: ignore[arg-type]
+            it = iter(tiles)
             ait = None
         exhausted = False
         try:

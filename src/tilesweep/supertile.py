@@ -45,7 +45,7 @@ import asyncio
 import contextvars
 import math
 from collections import defaultdict
-from typing import AsyncIterable, AsyncIterator, Callable, Iterable
+from typing import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 
 from .errors import UsageError
 from .fetch import EMPTY, FAILED, OK, Fetcher, FetchSettings, TileResult, _Attempt
@@ -250,7 +250,7 @@ class SuperTileFetcher(Fetcher):
 
         log.info("%s from %s: %s; its tiles are asked for one by one", label, self.source.redacted(), reason)
 
-    async def fetch_many(self, tiles: Iterable[Tile] | AsyncIterable[Tile]) -> AsyncIterator[TileResult]:
+    async def fetch_many(self, tiles: Iterable[Tile] | AsyncIterable[Tile]) -> AsyncGenerator[TileResult, None]:
         """As :meth:`Fetcher.fetch_many`, announcing the input in windows of
         ``concurrency * n^2`` tiles (at most 65,536), so that tiles of one super-tile that
         come near each other (a block's, or any order near it) share one request."""

@@ -287,7 +287,8 @@ class Sweep:
 
     @property
     def plan_config(self) -> dict[str, Any]:
-        return self.config["plan"]
+        plan: dict[str, Any] = self.config["plan"]
+        return plan
 
     @property
     def zoom(self) -> int:
@@ -582,5 +583,5 @@ def _ledger_summary(path: Path) -> list[dict[str, Any]]:
     summary = ledger_summary(path)
     for m in summary:  # detections: the tiles the model labelled, at its threshold
         m["detections"] = m["positives"]
-        m["threshold"] = thresholds.get((m["model"], m["digest"]))
+        m["threshold"] = thresholds.get((str(m["model"]), str(m["digest"])))
     return summary

@@ -79,8 +79,12 @@ def predict_pixels(model: Model, pixels: np.ndarray) -> np.ndarray:
     than float32, and normalises them on the device), else :func:`tilesweep.decode.normalise`
     on the CPU, then ``predict``."""
     own = getattr(model, "predict_pixels", None)
-    if own is not None:
+    if own is not None and (isinstance(pixels, np.ndarray) or getattr(model, "accepts_device_pixels", False)):
         return own(pixels)  # type: ignore[no-any-return]
+    if not isinstance(pixels, np.ndarray):  # a torch tensor decoded on the GPU, for a model that wants numpy
+        pixels = pixels.cpu().numpy()
+        if own is not None:
+            return own(pixels)
     from ..decode import normalise
 
     spec = model.info.input
@@ -95,7 +99,7 @@ def _floats3(value: Any, key: str, where: str) -> tuple[float, float, float]:
         out = ()
     if len(out) != 3:
         raise UsageError(f"model {where}: {key} {value!r} is not three numbers")
-    return out  # type: ignore[return-value]
+    return out
 
 
 def info_from_metadata(

@@ -12,6 +12,10 @@ Streaming from the source, with nothing stored (what ``tilesweep run`` does)::
     from tilesweep.predict import StreamFetch
     predict_sweep(sweep, model, stream=StreamFetch(sweep.source))
 
+Fetching into the store and scoring each stored block (``tilesweep run --keep-tiles``)::
+
+    predict_sweep(sweep, model, stream=StreamFetch(sweep.source, workers=2, keep_tiles=True))
+
 Rows land in ``SWEEP/predictions/{model}/part-*.parquet``; ``predictions/ledger.sqlite``
 records which blocks are done (see :mod:`tilesweep.predict.sink` and docs/predict.md).
 """
@@ -20,9 +24,10 @@ from .pipeline import (
     FlowMeter, PredictReport, PredictSettings, StageMeter, StreamFetch, blocks_to_predict, predict_sweep, probe,
 )
 from .sink import (
-    BASE_COLUMNS, LEDGER_FILE, PREDICTIONS_DIR, BlockRows, PredictionSink, PredictionTotals, centres, ledger_totals,
+    BASE_COLUMNS, LEDGER_FILE, PREDICTIONS_DIR, BlockRows, PredictionSink, PredictionTotals, ledger_totals,
     model_folder, model_key,
 )
+from ..tiles import centres_array as centres  # the sink's name for it
 
 __all__ = [
     "BASE_COLUMNS", "LEDGER_FILE", "PREDICTIONS_DIR", "BlockRows", "FlowMeter", "PredictReport", "PredictSettings",

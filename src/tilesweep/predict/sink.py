@@ -42,7 +42,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -50,8 +50,10 @@ import pyarrow.parquet as pq
 
 from ..durable import fsync_dir
 from ..errors import UsageError
-from ..queue import BlockResult, Queue
+from ..block import BlockResult
+from ..queue import Queue
 from ..storage import LocalStorage
+from ..tiles import centres_array as centres  # noqa: F401 - re-exported: tile math lives in tilesweep.tiles
 
 PREDICTIONS_DIR = "predictions"
 LEDGER_FILE = "ledger.sqlite"
@@ -137,15 +139,6 @@ class CommitStats:
     busy_s: float = 0.0
 
 
-def centres(z: int, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Tile centres (lon, lat) in degrees, taken in Mercator space (vectorised
-    :func:`tilesweep.tiles.center`)."""
-    n = float(1 << z)
-    lon = (np.asarray(x, np.float64) + 0.5) / n * 360.0 - 180.0
-    lat = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * (np.asarray(y, np.float64) + 0.5) / n))))
-    return lon, lat
-
-
 class PredictionSink:
     """Group-committed prediction parts of one model in one sweep (see the module doc).
 
@@ -225,13 +218,14 @@ class PredictionSink:
             "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?)",
             (self.key, model_name, digest, self.folder_name, ",".join(self.labels), self.threshold),
         )
-        self._schema = pa.schema(
-            [("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64()),
-             ("lon", pa.float64()), ("lat", pa.float64())]
-            + [(lb, pa.float32()) for lb in self.labels]
-            + [("label", pa.bool_()), ("model", pa.string()), ("model_digest", pa.string()),
-               ("time", pa.timestamp("ms", tz="UTC"))]
-        )
+        fields: list[tuple[str, pa.DataType]] = [
+            ("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64()),
+            ("lon", pa.float64()), ("lat", pa.float64()),
+        ]
+        fields += [(lb, pa.float32()) for lb in self.labels]
+        fields += [("label", pa.bool_()), ("model", pa.string()), ("model_digest", pa.string()),
+                   ("time", pa.timestamp("ms", tz="UTC"))]
+        self._schema = pa.schema(fields)
         self.recover()
 
     # --- reading the ledger ---------------------------------------------------------------
@@ -377,17 +371,17 @@ class PredictionSink:
         block = np.concatenate([np.full(len(b.x), b.block_id, np.int64) for b in buf])
         at = np.concatenate([np.full(len(b.x), int(b.at * 1000), np.int64) for b in buf])
         lon, lat = centres(self.zoom, x, y)
-        invalid = np.isnan(scores).any(axis=1)
+        invalid = np.asarray(np.isnan(scores).any(axis=1))
         n = len(x)
-        cols: list[pa.Array] = [
+        cols: list[pa.Array[Any]] = [
             pa.array(np.full(n, self.zoom, np.int8)), pa.array(x), pa.array(y), pa.array(block),
             pa.array(lon), pa.array(lat),
         ]
         for i in range(len(self.labels)):
             cols.append(pa.array(scores[:, i], mask=invalid))
         cols += [
-            pa.array((scores >= self.threshold).any(axis=1), mask=invalid),
-            pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([self.model_name])).cast(pa.string()),
+            pa.array(np.asarray((scores >= self.threshold).any(axis=1)), mask=invalid),
+            pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), pa.array([self.model_name])).cast(pa.string()),
             pa.array([self.digest] * n, pa.string()) if n else pa.array([], pa.string()),
             pa.array(at).cast(pa.timestamp("ms", tz="UTC")),
         ]
@@ -485,7 +479,8 @@ def ledger_totals(sweep_path: Path, name: str, digest: str) -> PredictionTotals 
         (parts,) = db.execute("SELECT COUNT(*) FROM parts WHERE model_key = ?", (key,)).fetchone()
     finally:
         db.close()
-    return PredictionTotals(*map(int, r), int(parts))
+    blocks, rows, empty, failed, undecodable, positives = (int(v) for v in r)
+    return PredictionTotals(blocks, rows, empty, failed, undecodable, positives, int(parts))
 
 
 def ledger_summary(sweep_path: Path) -> list[dict[str, object]]:

@@ -21,15 +21,15 @@ import mmap
 import os
 import struct
 import zlib
-from enum import IntEnum
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import BinaryIO, Iterator, NamedTuple
 
 import numpy as np
 
 from ..durable import fsync_dir
+from ..block import TileStatus
 from ..storage import AlreadyPublished, LocalStorage, Storage
-from ..tiles import Tile, descendant_id_range, from_tile_id, tile_id, tile_id_array, zoom_base_id
+from ..tiles import Tile, descendant_id_range, descendant_ranks, from_tile_id, hilbert_frame, tile_id, tile_id_array, zoom_base_id
 
 MAGIC = b"TSSHARD\x00"
 """First 8 bytes of every shard file."""
@@ -63,15 +63,9 @@ _GRID_MAX_LEVELS = 8
 """Readers precompute a (dx, dy) -> record table for blocks up to 4**8 tiles."""
 
 
-class Status(IntEnum):
-    """What happened to one planned tile."""
-
-    OK = 0
-    """Fetched; the record points at its bytes."""
-    EMPTY = 1
-    """The source has no tile here (404/204); length 0."""
-    FAILED = 2
-    """Given up on after retries; length 0."""
+Status = TileStatus
+"""What happened to one planned tile: the package's one :class:`~tilesweep.block.TileStatus`
+(its value is the record's ``status`` byte)."""
 
 
 class ShardSummary(NamedTuple):
@@ -217,7 +211,7 @@ class ShardWriter:
         self._durable: set[int] = set()
         self._chunks: list[np.ndarray] = []
         self._summary: ShardSummary | None = None
-        self._f = None
+        self._f: BinaryIO | None = None  # the data file, open while the writer is
         self._idx_fd = -1
         self._closed = False
         if self._published():
@@ -342,7 +336,7 @@ class ShardWriter:
             if not data:
                 raise ValueError(f"tile {tile} is OK but has no bytes; record it as Status.EMPTY")
             n = len(data)
-            self._f.write(data)
+            self._file().write(data)
             self._pending.append((tid, self._pos, n, zlib.crc32(data), 0))
             self._pos += n
         else:
@@ -375,8 +369,8 @@ class ShardWriter:
             raise RuntimeError(f"shard writer for block {self.block} is closed")
         if not self._pending:
             return
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self._file().flush()
+        os.fsync(self._file().fileno())
         recs = _clean(make_records(self._pending))
         buf = recs.tobytes()
         while buf:
@@ -406,9 +400,9 @@ class ShardWriter:
         footer = FOOTER.pack(self._pos, len(recs), zlib.crc32(index), 0, FOOTER_MAGIC)
         fcrc = zlib.crc32(footer[:20])
         footer = footer[:20] + struct.pack("<I", fcrc) + FOOTER_MAGIC
-        self._f.write(index)
-        self._f.write(footer)
-        self._f.flush()
+        self._file().write(index)
+        self._file().write(footer)
+        self._file().flush()
         try:  # fsync, rename to {y}.shard unless it exists, fsync the folder
             self._storage.publish(self.data_path, self._key)
         except AlreadyPublished:  # another writer published the block first: its shard stands
@@ -442,10 +436,15 @@ class ShardWriter:
             os.close(self._idx_fd)
             self._idx_fd = -1
 
+    def _file(self) -> BinaryIO:
+        if self._f is None:
+            raise RuntimeError(f"shard writer for block {self.block} has no open data file")
+        return self._f
+
     def __enter__(self) -> "ShardWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         """Leaving the block aborts an unfinished writer (durable records are kept)."""
         if not self.finished:
             self.abort()
@@ -556,56 +555,9 @@ class RangedShard:
             self._segments.remove(seg)
 
 
-_CANON: dict[int, list[np.ndarray]] = {}
-
-
-def _block_frame(block: Tile) -> tuple[int, int, int]:
-    """``(hilbert index of the block at its zoom, c, s)``: the Hilbert walk over the
-    block's own bits, counting (mod 2) the complement (c) and swap (s) reflections that it
-    applies to every lower-order bit. Same walk as ``tiles._hilbert_index``."""
-    z, x, y = block
-    h = c = sw = 0
-    n = 1 << z
-    while n > 1:
-        n >>= 1
-        rx = 1 if x & n else 0
-        ry = 1 if y & n else 0
-        h += n * n * ((3 * rx) ^ ry)
-        x, y = x & (n - 1), y & (n - 1)
-        if ry == 0:
-            if rx == 1:
-                x, y = n - 1 - x, n - 1 - y
-                c ^= 1
-            x, y = y, x
-            sw ^= 1
-    return h, c, sw
-
-
-def _local_ranks(zoom: int, block: Tile) -> np.ndarray:
-    """Hilbert rank (tile id minus the block's first id) of each descendant, indexed by
-    ``dy * side + dx``.
-
-    Inside a block the curve is the canonical depth-``d`` curve seen through one of four
-    reflections (complement both axes and/or swap them, which commute), fixed by the
-    block's own bits. The four tables per depth are computed once, which makes opening a
-    shard cheap (no full-depth Hilbert computation per tile)."""
-    d = zoom - block.z
-    tables = _CANON.get(d)
-    if tables is None:
-        side = 1 << d
-        dy, dx = np.divmod(np.arange(side * side, dtype=np.int64), side)
-        tables = []
-        for c in (0, 1):
-            for sw in (0, 1):
-                tx, ty = (side - 1 - dx, side - 1 - dy) if c else (dx, dy)
-                if sw:
-                    tx, ty = ty, tx
-                t = tile_id_array(d, tx, ty) - np.uint64(((1 << (2 * d)) - 1) // 3)
-                t.flags.writeable = False
-                tables.append(t)
-        _CANON[d] = tables
-    _, c, sw = _block_frame(block)
-    return tables[2 * c + sw]
+# The Hilbert walk and the per-depth rank tables are tile math (tilesweep.tiles).
+_block_frame = hilbert_frame
+_local_ranks = descendant_ranks
 
 
 class ShardReader:
@@ -645,9 +597,9 @@ class ShardReader:
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < HEADER_SIZE + FOOTER_SIZE:
-                exc = CorruptShardError(f"file truncated ({size} bytes)")
-                exc.path = self.path
-                raise exc
+                err = CorruptShardError(f"file truncated ({size} bytes)")
+                err.path = self.path
+                raise err
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             self._open(size)
@@ -834,7 +786,7 @@ class ShardReader:
     def __enter__(self) -> "ShardReader":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __len__(self) -> int:
