@@ -136,23 +136,33 @@ def test_a_super_tile_of_the_wrong_size_falls_back_to_single_tiles(srv, sweep, e
     assert assert_complete(sweep, expected)["fetch_retries"] == 0
 
 
-def test_a_super_tile_that_keeps_failing_fails_its_tiles_and_the_block_then_resumes(srv, sweep, expected):
+def test_a_super_tile_that_keeps_failing_falls_back_to_single_tiles(srv, sweep, expected):
+    """Retries spent on a super-tile (5xx here; timeouts and byte-budget cuts alike) do not
+    fail its tiles: each alone may work (it does here), so they are asked for one by one."""
     with Counted(srv) as c:
         srv.area_faults = Faults(http_500=1.0)
-        res = tilesweep("fetch", sweep, "--source", srv.template(scheme="wms"), "--super", "4", "-q",
-                        "--retries", "1", "--max-attempts", "2", check=False)
-    assert res.returncode == 1
-    st = status_json(sweep)
-    assert st["blocks_dead"] == 1 and st["tiles_done"] == 0, st
-    error = st["dead_blocks"][0]["error"]
-    assert "52 of 54 tiles failed" in error and "super-tile 18/" in error and "http 500 (2 attempts)" in error, error
-    assert c["http_500"] == SUPER_GROUPS * 2 * 2  # 2 attempts on each of 2 leases
-    # the two tiles asked for alone stayed durable: the next lease asks only for the super-tiles
-    tilesweep("retry", sweep, "--dead")
-    with Counted(srv) as c:
-        tilesweep("fetch", sweep, "-q")
-    assert c["area_requests"] == SUPER_GROUPS
+        tilesweep("fetch", sweep, "--source", srv.template(scheme="wms"), "--super", "4", "-q",
+                  "--retries", "1", "--max-attempts", "1")
+    assert c["http_500"] == SUPER_GROUPS * 2  # 2 attempts each, then tile by tile
+    assert c["area_requests"] == SUPER_GROUPS * 2 + len(TILES)
     assert_complete(sweep, expected)
+
+
+def test_a_non_image_super_tile_falls_back_at_once(srv):
+    """A 200 that is no image for an area (a WMS ServiceException over MAXSIZE) is not
+    retried as a super-tile: its tiles are asked for alone, and all are ok."""
+    tiles = [Tile(ZOOM, X0 + i, Y0 + j) for j in range(2) for i in range(2)]  # one 2 x 2 super-tile
+
+    async def go():
+        src = parse_source(srv.template(scheme="wms"), supertile=2)
+        async with SuperTileFetcher(src, FetchSettings(retries=2, backoff_base_s=0.001)) as f:
+            return [r.status async for r in f.fetch_many(tiles)], f.fallbacks
+
+    with Counted(srv) as c:
+        srv.area_faults = Faults(wrong_type=1.0)
+        statuses, fallbacks = asyncio.run(go())
+    assert statuses == ["ok"] * 4 and fallbacks == 1
+    assert c["wrong_type"] == 1 and c["area_requests"] == 1 + 4
 
 
 def test_truncated_super_tiles_are_retried_whole(srv, sweep, expected):

@@ -21,11 +21,13 @@ accounting are the same as for single tiles.
   ``n * n * max_tile_bytes`` for a super-tile, and never above ``max_inflight_bytes``.
 - **Outcomes.** A super-tile answer that is ok gives each of its tiles ``ok`` (cut by
   :mod:`tilesweep.tilecut`), 404/204/empty gives each ``empty``, and transient faults
-  (5xx, 429, resets, timeouts, truncation, non-image bodies) are retried as one request
-  with the fetcher's backoff and tile budget; when they are spent, each tile is ``failed``
-  with the super-tile's reason, and the block is nacked as for single tiles. An answer the
-  server will not give right (a wrong pixel size, a 4xx other than 401/403/404, an image
-  that does not cut) falls back to one request per tile. 401/403 fail the tiles at once.
+  (5xx, 429, resets, timeouts, truncation, a transfer cut for the in-flight byte budget)
+  are retried as one request with the fetcher's backoff and tile budget; when they are
+  spent, the super-tile falls back to one request per tile (each with its own retries), as
+  does an answer the server will not give right (a wrong pixel size, a 200 that is no
+  image, e.g. a WMS ServiceException for a request over its MAXSIZE, a 4xx other than
+  401/403/404, a body over the limit, an image that does not cut). 401/403 fail the tiles
+  at once (and count once towards ``auth_failures_to_stop``: one request).
 - **Requests in flight.** ``concurrency`` (``--concurrency``) counts requests: an
   announced tile that shares a super-tile's request takes no slot
   (:meth:`~SuperTileFetcher.holds_slot`), so 256 in flight are 256 super-tiles, not 16.
@@ -128,9 +130,13 @@ class SuperTileFetcher(Fetcher):
 
     def _judge(self, body: bytes, content_type: str | None) -> _Attempt:
         a = super()._judge(body, content_type)
+        n = _n.get()
+        if a.kind == "retry" and n > 1:
+            # a 200 that is no image for an area (a WMS ServiceException for a request over
+            # the server's MAXSIZE): asking again gets the same; ask tile by tile at once
+            return a._replace(kind="fatal")
         if a.kind != OK:
             return a
-        n = _n.get()
         if n == 1 and len(body) > self.settings.max_tile_bytes:  # the transport allows a super-tile's bytes
             return _Attempt("fatal", None, f"body over {self.settings.max_tile_bytes:,} bytes (max tile bytes)", 200, None)
         want = n * self.source.tile_size
@@ -235,8 +241,10 @@ class SuperTileFetcher(Fetcher):
             st.empty += k - 1
             return {t: TileResult(t, EMPTY, None, r.attempts if i == 0 else 0, None, r.http_status) for i, t in enumerate(wanted)}
         reason = (r.error or "failed").split(": ", 1)[-1]
-        if r.http_status not in (401, 403) and "not retried" in reason:
-            # the server will not give this super-tile right: ask tile by tile
+        if r.http_status not in (401, 403):
+            # the server will not give this super-tile right (a wrong size, a non-image 200,
+            # a 4xx), or not within its retries (5xx, timeouts, cut for the byte budget):
+            # each tile alone may well work, so ask tile by tile rather than fail them
             st.failed -= 1
             self.fallbacks += 1
             self._log_fallback(label, reason)
