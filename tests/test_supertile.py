@@ -246,3 +246,26 @@ def test_png_and_the_jpeg_fallback_keep_the_pixels(expected):
         assert np.abs(decode(got).astype(int) - want).mean() < 3
     with pytest.raises(CutError):
         cut(b"GIF89a" + bytes(100), 256, cells)
+
+
+def test_a_refused_super_tile_counts_once_towards_the_auth_stop(sweep):
+    """401 to a super-tile fails its 16 tiles at once, but it is one refusal (one request),
+    not 16: seven refused requests stay under auth_failures_to_stop=10 (the block dies)."""
+    from helpers.hostile import hostile_server
+
+    from tilesweep.worker import Worker, WorkerSettings
+
+    def refuse(handler):
+        handler.send_response(401)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with hostile_server("refuse", _refuse=refuse) as (template, counts):
+        base = template.split("/{z}")[0]
+        with Sweep.open(sweep) as sw:
+            src = sw.bind_source(parse_source(base + "/wms?SRS=EPSG:3857&BBOX={bbox}&WIDTH={width}&HEIGHT={height}", supertile=4))
+        fetch = FetchSettings(auth_failures_to_stop=10, retries=1, backoff_base_s=0.001)
+        Worker(sweep, ZOOM, ZOOM - 4, src, fetch, WorkerSettings(probe_blocks=0, max_attempts=1)).run()
+    assert counts["requests"] == SUPER_GROUPS + 2  # each refused once, not retried
+    st = status_json(sweep)
+    assert st["blocks_dead"] == 1 and "401" in st["dead_blocks"][0]["error"], st

@@ -605,10 +605,12 @@ class Worker:
         wrong token must cost one clear line, not every block's attempts."""
         limit = self.fetch_settings.auth_failures_to_stop
         if result.http_status in (401, 403):
+            if not result.attempts:  # a super-tile's other tiles: its one request is counted once
+                return
             self._auth_streak += 1
             if limit and self._auth_streak >= limit:
                 raise SourceError(
-                    f"source {self.source.redacted()} answered HTTP {result.http_status} to {self._auth_streak} tiles "
+                    f"source {self.source.redacted()} answered HTTP {result.http_status} to {self._auth_streak} requests "
                     "in a row: check the token, headers or URL"
                 )
         elif result.status in _STATUS:
