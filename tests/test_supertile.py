@@ -269,3 +269,77 @@ def test_a_refused_super_tile_counts_once_towards_the_auth_stop(sweep):
     assert counts["requests"] == SUPER_GROUPS + 2  # each refused once, not retried
     st = status_json(sweep)
     assert st["blocks_dead"] == 1 and "401" in st["dead_blocks"][0]["error"], st
+
+
+def test_cut_tiles_carry_no_markers_and_are_bounded_in_bytes(expected):
+    """A super-tile's APPn/COM markers (an ICC profile, EXIF, XMP) are not copied into each
+    tile, and a cut tile over max tile bytes is a CutError (the super-tile falls back)."""
+    import numpy as np
+
+    from tilesweep.decode import decode
+    from tilesweep.sim.world import encode
+    from tilesweep.tilecut import CutError, cut
+
+    tiles = [Tile(ZOOM, X0 + i, Y0 + j) for j in range(2) for i in range(2)]
+    pixels = [decode(expected[t]) for t in tiles]
+    mosaic = encode(np.concatenate([np.concatenate(pixels[:2], axis=1), np.concatenate(pixels[2:], axis=1)], axis=0), "jpeg", 90)
+    com = b"\xff\xfe" + (60002).to_bytes(2, "big") + b"x" * 60000  # a 60 kB comment, twice
+    fat = mosaic[:2] + com + com + mosaic[2:]
+    cells = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    plain, cut_fat = cut(mosaic, 256, cells), cut(fat, 256, cells)
+    assert [len(b) for b in cut_fat] == [len(b) for b in plain] and max(map(len, plain)) < 60000
+    assert all(np.array_equal(decode(a), decode(b)) for a, b in zip(cut_fat, plain))
+    with pytest.raises(CutError, match=r"tile has [\d,]+ bytes, over 1,024"):
+        cut(mosaic, 256, cells, max_bytes=1024)
+
+
+def test_a_super_tile_body_counts_in_flight_until_it_is_cut(srv, monkeypatch):
+    """The body waiting for (and in) the cutter is still in the in-flight byte budget."""
+    import tilesweep.supertile as supertile
+
+    seen, fetchers = [], []
+    real_cut = supertile.cut
+
+    def cut_seen(body, *args):  # the real cut, noting the bytes in flight as it starts
+        seen.append((fetchers[0]._transport.inflight_bytes, len(body)))
+        return real_cut(body, *args)
+
+    monkeypatch.setattr(supertile, "cut", cut_seen)
+    tiles = [Tile(ZOOM, X0 + i, Y0 + j) for j in range(2) for i in range(2)]
+
+    async def go():
+        async with SuperTileFetcher(parse_source(srv.template(scheme="wms"), supertile=2)) as f:
+            fetchers.append(f)
+            return [r.status async for r in f.fetch_many(tiles)], f._transport.inflight_bytes
+
+    statuses, after = asyncio.run(go())
+    assert statuses == ["ok"] * 4 and after == 0
+    assert len(seen) == 1 and seen[0][0] >= seen[0][1] > 0, seen
+
+
+def test_single_requests_of_a_fallback_have_one_tiles_body_limit():
+    """Tiles asked for alone may have max tile bytes, not the super-tile's n * n times that:
+    an 8 MB answer to a tile is cut from its Content-Length before it is read."""
+    from helpers.hostile import hostile_server
+
+    def answer(handler):
+        if "WIDTH=512" in handler.path:  # the super-tile: refused (it falls back)
+            handler.send_response(400)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+        else:
+            handler._zeros()
+
+    tiles = [Tile(ZOOM, X0 + i, Y0 + j) for j in range(2) for i in range(2)]
+    with hostile_server("answer", _answer=answer, body_bytes=8 * 2**20) as (template, counts):
+        src = parse_source(template.split("/{z}")[0] + "/wms?BBOX={bbox}&WIDTH={width}&HEIGHT={height}", supertile=2)
+
+        async def go():
+            async with SuperTileFetcher(src, FetchSettings(max_tile_bytes=3 * 2**20, retries=0)) as f:
+                got = [r async for r in f.fetch_many(tiles)]
+                return got, f._transport.max_inflight_bytes_seen
+
+        got, seen = asyncio.run(go())
+    assert counts["requests"] == 1 + 4 and [r.status for r in got] == ["failed"] * 4
+    assert all("body over 3,145,728 bytes" in r.error for r in got), got[0].error
+    assert seen < 2**20  # nothing of the 8 MB bodies was received

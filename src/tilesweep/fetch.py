@@ -348,7 +348,7 @@ class Fetcher:
         if st.in_flight > st.max_in_flight:
             st.max_in_flight = st.in_flight
         try:
-            r = await transport.get(self._url(tile), timeout_s)
+            r = await transport.get(self._url(tile), timeout_s, self._body_limit())
         finally:
             st.in_flight -= 1
         code = r.status

@@ -122,8 +122,10 @@ class SuperTileFetcher(Fetcher):
         return self.source.area_url(tile, _n.get())
 
     def _body_limit(self) -> int:
+        """``max_tile_bytes`` per tile of the request being made (a single: one tile's)."""
         s = self.settings
-        limit = s.max_tile_bytes * self.n * self.n
+        n = _n.get()
+        limit = s.max_tile_bytes * n * n
         if s.max_inflight_bytes:
             limit = min(limit, s.max_inflight_bytes)
         return min(limit, 2**31)
@@ -225,15 +227,21 @@ class SuperTileFetcher(Fetcher):
         label = f"super-tile {z}/{nw.x}/{nw.y} ({n}x{n})"
         if r.status == OK:
             assert r.data is not None
+            # the body still counts against the in-flight byte budget until it is cut
+            held = self._hold_bytes(len(r.data))
             try:
                 parts = await asyncio.get_running_loop().run_in_executor(
-                    None, cut, r.data, self.source.tile_size, [(t.x - nw.x, t.y - nw.y) for t in wanted])
+                    None, cut, r.data, self.source.tile_size, [(t.x - nw.x, t.y - nw.y) for t in wanted],
+                    self.settings.max_tile_bytes)
             except CutError as exc:
                 st.ok -= 1
                 st.by_reason["cannot cut"] += 1
                 self.fallbacks += 1
                 self._log_fallback(label, str(exc))
                 return None
+            finally:
+                held()
+                r = r._replace(data=None)
             st.ok += k - 1
             return {t: TileResult(t, OK, data, r.attempts if i == 0 else 0, None, r.http_status)
                     for i, (t, data) in enumerate(zip(wanted, parts))}
@@ -253,6 +261,19 @@ class SuperTileFetcher(Fetcher):
         return {t: TileResult(t, FAILED, None, r.attempts if i == 0 else 0, f"tile {t.z}/{t.x}/{t.y}: {label}: {reason}", r.http_status)
                 for i, t in enumerate(wanted)}
 
+    def _hold_bytes(self, nbytes: int) -> Callable[[], None]:
+        """Count ``nbytes`` (a received body) in the transport's bytes in flight; returns
+        the call that stops counting them."""
+        transport = self._transport
+        if transport is None:
+            return _nothing
+        transport.inflight_bytes += nbytes
+
+        def release() -> None:
+            transport.inflight_bytes -= nbytes
+
+        return release
+
     def _log_fallback(self, label: str, reason: str) -> None:
         from .fetch import log
 
@@ -270,6 +291,10 @@ class SuperTileFetcher(Fetcher):
                     yield r
             finally:
                 forget()
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _windows(tiles: Iterable[Tile] | AsyncIterable[Tile], size: int) -> AsyncIterator[list[Tile]]:

@@ -52,26 +52,35 @@ class CutError(ValueError):
     """An image that cannot be cut into tiles (broken, or a format we do not cut)."""
 
 
-def cut(body: bytes, tile_px: int, cells: Sequence[tuple[int, int]]) -> list[bytes]:
+def cut(body: bytes, tile_px: int, cells: Sequence[tuple[int, int]], max_bytes: int = 0) -> list[bytes]:
     """The tiles of an image of whole tiles: for each ``(column, row)`` in ``cells``
     (counted from the north-west, in tiles of ``tile_px`` pixels), that tile's encoded
     bytes, in the image's own format. The caller has checked the image's size.
-    :class:`CutError` for a broken image or a format other than JPEG, PNG and WebP."""
+    :class:`CutError` for a broken image, a format other than JPEG, PNG and WebP, or a cut
+    tile over ``max_bytes`` bytes (0: no limit). A JPEG's APPn and COM markers (EXIF, ICC,
+    XMP) are not copied into the tiles: a profile of megabytes would be in every one."""
     fmt = image_format(body)
     boxes = [(c * tile_px, r * tile_px, tile_px, tile_px) for c, r in cells]
     try:
         if fmt == "jpeg":
             tj = _turbojpeg()
             if tj is not None:
-                return [bytes(b) for b in tj.crop_multiple(body, boxes)]
-            return _jpeg_reencoded(body, boxes)
-        if fmt in ("png", "webp"):
-            return _pixels_kept(body, boxes, fmt)
+                out = [bytes(b) for b in tj.crop_multiple(body, boxes, copynone=True)]
+            else:
+                out = _jpeg_reencoded(body, boxes)
+        elif fmt in ("png", "webp"):
+            out = _pixels_kept(body, boxes, fmt)
+        else:
+            raise CutError(f"cannot cut a {fmt or 'non-image'} body into tiles (JPEG, PNG and WebP can be cut)")
     except CutError:
         raise
     except Exception as exc:  # the libraries raise OSError, ValueError, RuntimeError...
         raise CutError(f"cannot cut the {fmt} image ({len(body):,} bytes): {exc}") from None
-    raise CutError(f"cannot cut a {fmt or 'non-image'} body into tiles (JPEG, PNG and WebP can be cut)")
+    if max_bytes:
+        big = max(len(b) for b in out) if out else 0
+        if big > max_bytes:
+            raise CutError(f"a cut {fmt} tile has {big:,} bytes, over {max_bytes:,} (max tile bytes)")
+    return out
 
 
 def _jpeg_reencoded(body: bytes, boxes: list[tuple[int, int, int, int]]) -> list[bytes]:
