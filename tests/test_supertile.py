@@ -343,3 +343,22 @@ def test_single_requests_of_a_fallback_have_one_tiles_body_limit():
     assert counts["requests"] == 1 + 4 and [r.status for r in got] == ["failed"] * 4
     assert all("body over 3,145,728 bytes" in r.error for r in got), got[0].error
     assert seen < 2**20  # nothing of the 8 MB bodies was received
+
+
+def test_super_tiles_in_flight_are_bounded_by_the_byte_budget(srv):
+    """--concurrency counts requests, but a super-tile carries n * n tiles' bytes: no more
+    are in flight than the in-flight budget holds (here 512 KiB / (4 x 64 KiB) = 2)."""
+    from tilesweep.supertile import EXPECTED_TILE_BYTES
+
+    async def go():
+        src = parse_source(srv.template(scheme="wms"), supertile=2)
+        fs = FetchSettings(concurrency=16, max_tile_bytes=256 * 2**10, max_inflight_bytes=8 * EXPECTED_TILE_BYTES)
+        async with SuperTileFetcher(src, fs) as f:
+            got = [r.status async for r in f.fetch_many(TILES)]
+            return got, f.stats.max_in_flight, f.max_super_in_flight, f.super_requests
+
+    with Counted(srv) as c:
+        srv.area_faults = Faults(latency_ms=30)
+        statuses, peak, cap, supers = asyncio.run(go())
+    assert statuses == ["ok"] * len(TILES) and cap == 2 and supers == c["area_requests"] == 15
+    assert peak == 2

@@ -31,6 +31,10 @@ accounting are the same as for single tiles.
 - **Requests in flight.** ``concurrency`` (``--concurrency``) counts requests: an
   announced tile that shares a super-tile's request takes no slot
   (:meth:`~SuperTileFetcher.holds_slot`), so 256 in flight are 256 super-tiles, not 16.
+  Super-tile requests are also bounded by the in-flight byte budget: at most
+  ``max_inflight_bytes // (n * n * EXPECTED_TILE_BYTES)`` at once (64 of 8 x 8 tiles in
+  the 256 MiB default; ``max_super_in_flight``), so a full ``concurrency`` of big answers
+  is not cut for the budget and retried; the others wait (holding their slot).
   When a super-tile falls back, its other tiles' single requests are bounded by a
   semaphore of ``concurrency`` of their own.
 - **Stats.** ``requests`` counts HTTP requests (a super-tile is one); ``ok``/``empty``/
@@ -59,6 +63,11 @@ from .tiles import Tile
 DEFAULT_MIN_FILL = 0.25
 """A super-tile is asked for when at least this share of its n x n tiles is wanted
 (``min_tiles = ceil(fill * n * n)``): see docs/sources.md, "Super-tiles", for the measure."""
+
+EXPECTED_TILE_BYTES = 64 * 2**10
+"""Bytes of one tile assumed when bounding super-tiles in flight by the in-flight byte
+budget (a 256 px aerial JPEG is 15-50 kB): at most ``max_inflight_bytes // (n * n *
+EXPECTED_TILE_BYTES)`` super-tile requests at once (64 of 8 x 8 in the 256 MiB default)."""
 
 _n: contextvars.ContextVar[int] = contextvars.ContextVar("tilesweep_supertile_n", default=1)
 """Tiles on a side of the request being made in this task (1: a single tile)."""
@@ -113,6 +122,11 @@ class SuperTileFetcher(Fetcher):
         self._groups: dict[tuple[int, int, int], _Group] = {}
         # single requests of super-tiles that fell back, beyond the group's own slot
         self._spare = asyncio.Semaphore(max(1, settings.concurrency))
+        # super-tile requests in flight: as many as the in-flight byte budget holds at
+        # EXPECTED_TILE_BYTES a tile (more would be cut for the budget and retried)
+        budget = settings.max_inflight_bytes
+        self.max_super_in_flight = max(1, budget // (self.n * self.n * EXPECTED_TILE_BYTES)) if budget else settings.concurrency
+        self._super_slots = asyncio.Semaphore(self.max_super_in_flight)
         self.super_requests = 0  # super-tiles asked for (each retried as one request)
         self.fallbacks = 0  # super-tiles whose tiles were asked for one by one instead
 
@@ -223,7 +237,8 @@ class SuperTileFetcher(Fetcher):
         k = len(wanted)
         st = self.stats
         self.super_requests += 1
-        r = await self._request(nw, n)
+        async with self._super_slots:
+            r = await self._request(nw, n)
         label = f"super-tile {z}/{nw.x}/{nw.y} ({n}x{n})"
         if r.status == OK:
             assert r.data is not None
@@ -315,4 +330,4 @@ async def _windows(tiles: Iterable[Tile] | AsyncIterable[Tile], size: int) -> As
         yield chunk
 
 
-__all__ = ["DEFAULT_MIN_FILL", "SuperTileFetcher", "check_blocks", "open_fetcher"]
+__all__ = ["DEFAULT_MIN_FILL", "EXPECTED_TILE_BYTES", "SuperTileFetcher", "check_blocks", "open_fetcher"]
