@@ -96,6 +96,17 @@ def check_blocks(source: Source, zoom: int, block_zoom: int) -> None:
         raise UsageError(f"--super {n} is more tiles on a side than zoom {zoom} has ({1 << zoom})")
 
 
+def tiles_per_request(n: int, tiles_per_block: float, block_tiles: int, min_fill: float = DEFAULT_MIN_FILL) -> float:
+    """Tiles one request is expected to bring, at most 16 (the worker leases this many
+    times a tile source's blocks): ``n * n`` times the share of a block's ``block_tiles``
+    cells that are planned (``tiles_per_block`` of them, e.g. a sample's), when that fills
+    a super-tile to ``min_fill``; else 1 (too sparse to group: single requests)."""
+    if n <= 1 or block_tiles <= 0:
+        return 1.0
+    per_cell = n * n * min(1.0, tiles_per_block / block_tiles)
+    return min(16.0, per_cell) if per_cell >= max(1, math.ceil(min_fill * n * n)) else 1.0
+
+
 class _Group:
     __slots__ = ("wanted", "task", "leader")
 
@@ -330,4 +341,4 @@ async def _windows(tiles: Iterable[Tile] | AsyncIterable[Tile], size: int) -> As
         yield chunk
 
 
-__all__ = ["DEFAULT_MIN_FILL", "EXPECTED_TILE_BYTES", "SuperTileFetcher", "check_blocks", "open_fetcher"]
+__all__ = ["DEFAULT_MIN_FILL", "EXPECTED_TILE_BYTES", "SuperTileFetcher", "check_blocks", "open_fetcher", "tiles_per_request"]

@@ -50,7 +50,7 @@ from .limits import AdaptiveLimit
 from .queue import Block, BlockResult, Lease, Queue, State
 from .sources import Source
 from .store import ShardBusyError, Status, TileStore
-from .supertile import open_fetcher
+from .supertile import open_fetcher, tiles_per_request
 from .sweep import open_sweep_queue
 from .tiles import tile_id
 
@@ -272,10 +272,10 @@ class Worker:
         st = self.queue.stats(window=1.0)  # blocks of a sample hold fewer: keep `concurrency` busy
         if sum(st.blocks.values()):
             tiles_per_block = max(1, min(tiles_per_block, sum(st.tiles.values()) // sum(st.blocks.values())))
-        # tiles one request brings (super-tiles: N x N), so blocks enough to keep `concurrency`
-        # requests busy; at most 16x the blocks of a tile source (memory of the blocks held)
-        per_request = min(16, self.source.supertile ** 2)
-        max_blocks = self.settings.max_blocks or max(2, 2 * -(-self.fetch_settings.concurrency * per_request // tiles_per_block))
+        # tiles one request brings (super-tiles: up to N x N, 1 where too sparse to group), so
+        # blocks enough to keep `concurrency` requests busy; at most 16x a tile source's
+        per_request = tiles_per_request(self.source.supertile, tiles_per_block, 1 << (2 * (self.zoom - self.block_zoom)))
+        max_blocks = self.settings.max_blocks or max(2, 2 * int(-(-self.fetch_settings.concurrency * per_request // tiles_per_block)))
         self._max_blocks = max_blocks
         self._to_ack: dict[int, BlockResult] = {}
         self._active: dict[int, Lease] = {}
