@@ -383,3 +383,24 @@ def test_a_sparse_sample_leases_blocks_as_for_single_tiles(tmp_path, srv):
     st = status_json(sweep)
     assert st["blocks_done"] == 4 and 60 < st["tiles_ok"] < 160, st
     assert worker._max_blocks == 2 * -(-16 // (st["tiles_total"] // 4))
+
+
+def test_fallback_singles_take_the_workers_slots(srv, sweep, expected):
+    """A super-tile that falls back asks for its tiles within the worker's --concurrency
+    (its request slots), not a second --concurrency of its own."""
+    from tilesweep.worker import Worker, WorkerSettings
+
+    with Sweep.open(sweep) as sw:
+        src = sw.bind_source(parse_source(srv.template(scheme="wms"), supertile=4))
+    worker = Worker(sweep, ZOOM, ZOOM - 4, src, FetchSettings(concurrency=4), WorkerSettings(probe_blocks=0))
+    tile_faults = srv.faults
+    try:
+        with Counted(srv) as c:
+            srv.area_faults = Faults(wrong_size=1.0)
+            srv.faults = Faults(latency_ms=20)  # single tiles take a while: they overlap
+            worker.run()
+    finally:
+        srv.faults = tile_faults
+    assert c["wrong_size"] == SUPER_GROUPS
+    assert_complete(sweep, expected)
+    assert worker.fetcher.stats.max_in_flight <= 4

@@ -236,6 +236,9 @@ class Fetcher:
         self._rate = _RateLimiter(settings.rate) if settings.rate else None
         self._rng = random.Random()
         self.on_throttle: Callable[[], None] | None = None  # called for every 429 / 503 answer
+        # the caller's request slots (acquire/release: the worker's AdaptiveLimit), taken by
+        # requests the caller did not start (a super-tile's fallback singles); None: our own
+        self.request_slots: Any = None
         self._auth_streak = 0  # 401/403 results since the last ok or empty one
         self._auth_reason = ""
 

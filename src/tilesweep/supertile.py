@@ -35,8 +35,10 @@ accounting are the same as for single tiles.
   ``max_inflight_bytes // (n * n * EXPECTED_TILE_BYTES)`` at once (64 of 8 x 8 tiles in
   the 256 MiB default; ``max_super_in_flight``), so a full ``concurrency`` of big answers
   is not cut for the budget and retried; the others wait (holding their slot).
-  When a super-tile falls back, its other tiles' single requests are bounded by a
-  semaphore of ``concurrency`` of their own.
+  When a super-tile falls back, its other tiles' single requests take the caller's
+  request slots (``request_slots``: the worker's, so they count in ``--concurrency`` and
+  shrink with its 429/503 throttle), or under :meth:`fetch_many` a semaphore of
+  ``concurrency`` of their own.
 - **Stats.** ``requests`` counts HTTP requests (a super-tile is one); ``ok``/``empty``/
   ``failed`` count tiles; ``bytes`` counts the bytes received; ``super_requests`` and
   ``fallbacks`` (super-tiles asked for again tile by tile) are counted on the fetcher. The
@@ -235,8 +237,15 @@ class SuperTileFetcher(Fetcher):
         if r is None:  # the super-tile fell back to single requests
             if tile == g.leader:
                 return await self._request(tile, 1)  # in the group's slot
-            async with self._spare:  # the others took no slot: bound them here
+            slots = self.request_slots  # the others took no slot: take the caller's (the worker's)
+            if slots is None:
+                async with self._spare:  # or bound them here (fetch_many)
+                    return await self._request(tile, 1)
+            await slots.acquire()
+            try:
                 return await self._request(tile, 1)
+            finally:
+                slots.release()
         return r
 
     async def _fetch_group(self, key: tuple[int, int, int], g: _Group) -> dict[Tile, TileResult] | None:

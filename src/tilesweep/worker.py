@@ -294,6 +294,7 @@ class Worker:
             async with open_fetcher(self.source, self.fetch_settings) as fetcher:  # super-tiles for a bbox source
                 self.fetcher = fetcher
                 fetcher.on_throttle = self._slots.on_throttle
+                fetcher.request_slots = self._slots  # a super-tile's fallback singles take these too
                 while True:
                     self._poll_commits()
                     self._look_for_stop()
