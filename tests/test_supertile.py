@@ -404,3 +404,26 @@ def test_fallback_singles_take_the_workers_slots(srv, sweep, expected):
     assert c["wrong_size"] == SUPER_GROUPS
     assert_complete(sweep, expected)
     assert worker.fetcher.stats.max_in_flight <= 4
+
+
+def test_re_encoded_cuts_keep_greyscale_and_lossy_webp():
+    """The re-encoding cuts keep what the source is: a greyscale JPEG stays greyscale (the
+    fallback without libturbojpeg), a lossy WebP stays lossy (not ~4x its bytes lossless)."""
+    import io
+
+    import numpy as np
+    import simplejpeg
+    from PIL import Image
+
+    from tilesweep.tilecut import _jpeg_reencoded, cut
+
+    rng = np.random.default_rng(1)
+    grey = (rng.random((512, 512, 1)) * 60 + np.linspace(0, 180, 512)[None, :, None]).astype(np.uint8)
+    gjpeg = simplejpeg.encode_jpeg(grey, colorspace="GRAY", colorsubsampling="Gray")
+    tiles = _jpeg_reencoded(gjpeg, [(0, 0, 256, 256), (256, 256, 256, 256)])
+    assert [simplejpeg.decode_jpeg_header(t)[2] for t in tiles] == ["Gray", "Gray"]
+    buf = io.BytesIO()
+    Image.fromarray(np.repeat(grey, 3, axis=2)).save(buf, "WEBP", quality=80)
+    webp = buf.getvalue()
+    parts = cut(webp, 256, [(0, 0), (1, 0), (0, 1), (1, 1)])
+    assert all(p[12:16] == b"VP8 " for p in parts) and sum(map(len, parts)) < 2 * len(webp)
