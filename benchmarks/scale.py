@@ -9,6 +9,10 @@ throwaway PostgreSQL is started on 127.0.0.1 (Debian's binaries, tests/helpers/p
 
     .venv/bin/python benchmarks/scale.py                      # 4,000 blocks per run
     .venv/bin/python benchmarks/scale.py --blocks 20000 --pg postgresql://me@db:5432/bench
+    .venv/bin/python benchmarks/scale.py --quick              # 300 blocks, 1 and 2 processes
+
+Every run checks that each block was leased and acked exactly once (none lost, none done
+twice) and that the queue then counts them all done; the script exits 1 when one did not.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tilesweep.queue import Block, BlockResult, open_queue, stage_queue
+from tilesweep.queue import Block, BlockResult, State, open_queue, stage_queue
 
 TILES_PER_BLOCK = 256
 
@@ -43,15 +47,17 @@ def worker(url: str, owner: str, batch: int, ready: mp.Barrier, out: mp.Queue) -
     with open_queue(url) as q:
         q.count(0)  # type: ignore[arg-type]  # connected before the clock starts
         ready.wait()
-        done = 0
+        done: list[int] = []
         while leases := q.lease(batch, ttl=600, owner=owner):
             ids = [lease.block.id for lease in leases]
             q.ack(ids, {i: BlockResult(TILES_PER_BLOCK, 0, 0, 0, 0, 1) for i in ids})
-            done += len(ids)
+            done.extend(ids)
     out.put((done, time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
 def run(url: str, procs: int, batch: int) -> dict[str, float]:
+    """One run: ``procs`` processes drain the queue at ``url``. ``lost`` and ``twice``:
+    blocks of the queue never acked, and blocks acked by more than one lease (both must be 0)."""
     ctx = mp.get_context("spawn")
     ready = ctx.Barrier(procs + 1)
     out = ctx.Queue()
@@ -64,8 +70,15 @@ def run(url: str, procs: int, batch: int) -> dict[str, float]:
     for p in ps:
         p.join()
     wall = max(r[1] for r in results) - started
-    blocks = sum(r[0] for r in results)
-    return {"blocks": blocks, "wall": wall, "rate": blocks / wall, "rss": max(r[2] for r in results)}
+    acked = [i for r in results for i in r[0]]
+    with open_queue(url) as q:
+        planned = {b.id for b in q.blocks()}
+        done = q.count(State.DONE)
+    lost = len(planned - set(acked)) + (len(planned) - done)
+    twice = len(acked) - len(set(acked))
+    blocks = len(acked)
+    return {"blocks": blocks, "wall": wall, "rate": blocks / wall, "rss": max(r[2] for r in results),
+            "lost": lost, "twice": twice}
 
 
 def main() -> None:
@@ -73,8 +86,11 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=4000, help="blocks per run (default 4000)")
     ap.add_argument("--batch", type=int, default=4, help="blocks per lease and ack (default 4)")
     ap.add_argument("--procs", default="1,2,4,8", help="process counts (default 1,2,4,8)")
+    ap.add_argument("--quick", action="store_true", help="300 blocks, 1 and 2 processes (a few seconds; the test suite runs it)")
     ap.add_argument("--pg", help="a PostgreSQL URL to use (password from PGPASSWORD / ~/.pgpass); default: start one")
     a = ap.parse_args()
+    if a.quick:
+        a.blocks, a.procs = 300, "1,2"
     counts = [int(x) for x in a.procs.split(",")]
     console = Console()
     server = None
@@ -91,11 +107,12 @@ def main() -> None:
             os.environ["PGPASSWORD"] = PASSWORD
             pg = server.url()
         else:
-            console.print("no PostgreSQL binaries (apt-get install postgresql) and no --pg: SQLite only")
+            console.print("PostgreSQL skipped: no PostgreSQL binaries (apt-get install postgresql) and no --pg: SQLite only")
     table = Table(title=f"lease + ack, {a.blocks:,} blocks of {TILES_PER_BLOCK} tiles, {a.batch} blocks per lease "
                         f"({os.cpu_count()} CPUs)")
-    for col in ("backend", "processes", "blocks/s", "tiles/s", "x 1 process", "wall s", "peak RSS MB"):
+    for col in ("backend", "processes", "blocks/s", "tiles/s", "x 1 process", "wall s", "peak RSS MB", "lost", "twice"):
         table.add_column(col, justify="right" if col not in ("backend",) else "left")
+    bad = []
     try:
         backends = [("sqlite", "sqlite:///" + str(tmp / "q-{n}.sqlite").lstrip("/"))]
         if pg is not None:
@@ -105,11 +122,16 @@ def main() -> None:
             for n in counts:
                 url = fill(template.format(n=n) if name == "sqlite" else template, tmp, a.blocks)
                 r = run(url, n, a.batch)
-                assert r["blocks"] == a.blocks, r
+                if r["lost"] or r["twice"] or r["blocks"] != a.blocks:
+                    bad.append(f"{name}, {n} processes: {r['blocks']} of {a.blocks} blocks acked, "
+                               f"{r['lost']} lost, {r['twice']} done twice")
                 one = one or r["rate"]
                 table.add_row(name, str(n), f"{r['rate']:,.0f}", f"{r['rate'] * TILES_PER_BLOCK:,.0f}",
-                              f"{r['rate'] / one:.2f}", f"{r['wall']:.2f}", f"{r['rss']:.0f}")
+                              f"{r['rate'] / one:.2f}", f"{r['wall']:.2f}", f"{r['rss']:.0f}",
+                              str(r["lost"]), str(r["twice"]))
         console.print(table)
+        for line in bad:
+            print(f"FAILED: {line}", file=sys.stderr)
     finally:
         if server is not None:
             server.stop()
@@ -118,6 +140,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if server is not None:
             shutil.rmtree(server.root, ignore_errors=True)
+    if bad:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -192,3 +192,19 @@ def test_concurrent_processes_never_share_a_block(queue_url, tmp_path):
     with open_queue(queue_url) as q:
         st = q.stats()
         assert st.blocks[State.DONE] == 400 and st.attempts_total == 400
+
+
+def test_nack_given_its_owner_is_safe_to_repeat_after_another_leased_the_block(make):
+    """A's nack commits but its reply is lost; B leases the block; A's nack is repeated:
+    nothing changes (B still holds it, one failure), where a nack without owner still works."""
+    q = make()
+    q.put(make_blocks(2))
+    a, other = q.lease(2, ttl=60, owner="A")
+    assert q.nack(a.block.id, "boom", owner="A") == State.PENDING
+    (b,) = q.lease(1, ttl=60, owner="B")
+    assert b.block.id == a.block.id
+    assert q.nack(a.block.id, "boom", owner="A") == State.LEASED  # the repeat: not A's lease any more
+    rec = q.get(a.block.id)
+    assert rec["failures"] == 1 and rec["owner"] == "B" and q.extend([b.block.id], 60, "B") == [b.block.id]
+    assert q.nack(other.block.id, "late", owner="B") == State.LEASED and q.get(other.block.id)["failures"] == 0
+    assert q.nack(other.block.id, "x") == State.PENDING  # no owner: as before

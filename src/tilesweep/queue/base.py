@@ -166,8 +166,9 @@ class Queue(Protocol):
     def ack(self, ids: Iterable[int], results: Mapping[int, BlockResult] | None = None) -> int:
         """Mark blocks done (idempotent); returns how many changed state."""
 
-    def nack(self, block_id: int, error: str) -> State:
-        """Give a block back after a failure: pending again, or dead after max failed attempts."""
+    def nack(self, block_id: int, error: str, owner: str | None = None) -> State:
+        """Give a block back after a failure: pending again, or dead after max failed attempts.
+        With ``owner``, only while ``owner`` holds the lease (so it is safe to repeat)."""
 
     def extend(self, ids: Iterable[int], ttl: float, owner: str) -> list[int]:
         """Push the leases ``owner`` still holds to ``ttl`` seconds from now; returns their ids."""

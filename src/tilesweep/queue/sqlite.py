@@ -228,15 +228,18 @@ class SqliteQueue:
             )
             return db.total_changes - before
 
-    def nack(self, block_id: int, error: str) -> State:
+    def nack(self, block_id: int, error: str, owner: str | None = None) -> State:
         """Give a block back after a failure with ``error`` kept: pending again, or dead once
-        ``max_attempts`` attempts have failed. Returns the new state (DONE if it was done)."""
+        ``max_attempts`` attempts have failed. Returns the new state (DONE if it was done).
+        With ``owner``, only while ``owner`` holds its lease (a repeated or late nack changes
+        nothing and returns the block's state)."""
+        held = "" if owner is None else f" AND state = {State.LEASED} AND owner = ?"
         with self._write() as db:
             row = db.execute(
                 f"""UPDATE blocks SET state = CASE WHEN failures + 1 >= ? THEN {State.DEAD} ELSE {State.PENDING} END,
                     failures = failures + 1, owner = NULL, lease_until = NULL, last_error = ?
-                    WHERE id = ? AND state != {State.DONE} RETURNING state""",
-                (self.max_attempts, error, int(block_id)),
+                    WHERE id = ? AND state != {State.DONE}{held} RETURNING state""",
+                (self.max_attempts, error, int(block_id), *(() if owner is None else (owner,))),
             ).fetchone()
             if row is None:
                 exists = db.execute("SELECT state FROM blocks WHERE id = ?", (int(block_id),)).fetchone()
