@@ -835,6 +835,7 @@ def export(
     output_arg: str = typer.Argument(..., metavar="OUTPUT", help="Output: a .pmtiles or .mbtiles file (or s3://bucket/prefix/name), or a folder for --format dir."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="pmtiles, mbtiles or dir; default from OUTPUT's suffix."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    staging: Optional[Path] = typer.Option(None, "--staging", help="For an s3:// OUTPUT: the local folder the archive is written to before its upload (room for all of it); default SWEEP/.staging."),
 ) -> None:
     """Export the fetched tiles to one PMTiles archive, an MBTiles file or a z/x/y tree.
 
@@ -844,7 +845,7 @@ def export(
     from .store import export_dir, export_mbtiles, export_pmtiles
 
     if is_url(output_arg):
-        _export_to_url(sweep_dir, output_arg, fmt, force)
+        _export_to_url(sweep_dir, output_arg, fmt, force, staging)
         return
     output = Path(output_arg)
     kind = fmt or {".pmtiles": "pmtiles", ".mbtiles": "mbtiles"}.get(output.suffix.lower())
@@ -885,9 +886,10 @@ def export(
     out.print(f"wrote {str(output)} ({kind}): {tiles:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
 
 
-def _export_to_url(sweep_dir: Path, url: str, fmt: Optional[str], force: bool) -> None:
-    """`export SWEEP s3://bucket/prefix/name.pmtiles`: staged on local disk, published
-    through the storage seam (replacing an earlier object only with --force)."""
+def _export_to_url(sweep_dir: Path, url: str, fmt: Optional[str], force: bool, staging: Optional[Path] = None) -> None:
+    """`export SWEEP s3://bucket/prefix/name.pmtiles`: staged on local disk (``staging``,
+    default SWEEP/.staging: beside the sweep, not in a small /tmp), published through the
+    storage seam (replacing an earlier object only with --force)."""
     from pathlib import PurePosixPath
 
     from .store import export_mbtiles, export_pmtiles
@@ -897,7 +899,8 @@ def _export_to_url(sweep_dir: Path, url: str, fmt: Optional[str], force: bool) -
     if kind not in ("pmtiles", "mbtiles"):
         raise UsageError(f"cannot export {url!r} as {kind or 'an unknown format'}: to object storage, a .pmtiles or .mbtiles name")
     with Sweep.open(sweep_dir) as sweep:
-        storage, key = export_target(url)  # StorageError (exit 2): bucket, credentials, endpoint
+        staging = staging if staging is not None else sweep.path / ".staging"
+        storage, key = export_target(url, staging)  # StorageError (exit 2): bucket, credentials, endpoint
         if storage.exists(key) and not force:
             raise UsageError(f"{url!r} exists; pass --force to replace it")
         store = sweep.store
@@ -905,9 +908,9 @@ def _export_to_url(sweep_dir: Path, url: str, fmt: Optional[str], force: bool) -
         started = time.perf_counter()
         if kind == "pmtiles":
             meta = {"name": sweep.path.name, "description": f"tilesweep export: {sweep.describe_plan()}"}
-            summary = export_pmtiles(store, url, metadata=meta, blocks=blocks, replace=force)
+            summary = export_pmtiles(store, url, metadata=meta, blocks=blocks, replace=force, staging=staging)
         else:
-            summary = export_mbtiles(store, url, blocks=blocks, replace=force)
+            summary = export_mbtiles(store, url, blocks=blocks, replace=force, staging=staging)
         store.close()
     out.print(f"wrote {url} ({kind}): {summary['tiles']:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
 

@@ -243,12 +243,7 @@ class ShardWriter:
 
     def _open_partial(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ShardBusyError(f"another writer holds {self.data_path}") from None
+        fd = _lock_partial(self.data_path)
         if self._published():  # another writer published the block since our first look
             os.unlink(self.data_path)  # ours under the lock: nobody writes it
             os.close(fd)
@@ -417,9 +412,11 @@ class ShardWriter:
         try:  # fsync, rename to {y}.shard unless it exists, fsync the folder
             self._storage.publish(self.data_path, self._key)
         except AlreadyPublished:  # another writer published the block first: its shard stands
+            # Read and check the published shard before dropping ours (still locked): a
+            # shard that cannot be opened raises and our partial stays, resumable.
+            self._open_finished()
             self.data_path.unlink(missing_ok=True)
             self._close_files()
-            self._open_finished()
             assert self._summary is not None
             return self._summary
         self._close_files()
@@ -461,10 +458,48 @@ class ShardWriter:
             pass
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    """True when ``path`` still names the file open as ``fd`` (it was not renamed away,
+    published, or deleted and created anew since it was opened)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
+
+
+def _lock_partial(data_path: Path) -> int:
+    """Open (creating) and exclusively ``flock`` ``{y}.shard.partial``: its fd.
+
+    After the lock the name must still be ours: between our open and our flock another
+    writer may have published that very file (renamed it to ``{y}.shard``) or removed it
+    as stale; then we open again. A partial with a second name is a published (or
+    quarantined ``.corrupt``) shard's link left by a crash between the seam's ``link``
+    and ``unlink``: it is unlinked, never truncated in place. ``ShardBusyError`` when
+    another writer holds the lock."""
+    while True:
+        fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ShardBusyError(f"another writer holds {data_path}") from None
+        if not _same_file(fd, data_path):
+            os.close(fd)
+            continue
+        if os.fstat(fd).st_nlink > 1:
+            os.unlink(data_path)
+            os.close(fd)
+            continue
+        return fd
+
+
 def _remove_stale_partial(data_path: Path) -> None:
     """Delete a ``{y}.shard.partial`` left beside a finished shard (a crash between the
     link and the unlink of the seam's fallback, or a writer that lost the race to publish),
-    unless a writer still holds it."""
+    unless a writer still holds it or it is no longer the file we locked (a new writer's
+    partial created since)."""
     try:
         fd = os.open(data_path, os.O_RDWR)
     except FileNotFoundError:
@@ -475,9 +510,8 @@ def _remove_stale_partial(data_path: Path) -> None:
         os.close(fd)
         return
     try:
-        os.unlink(data_path)
-    except FileNotFoundError:
-        pass
+        if _same_file(fd, data_path):
+            data_path.unlink(missing_ok=True)
     finally:
         os.close(fd)
 
@@ -697,9 +731,14 @@ class ShardReader:
     def data(self, i: int, check: bool = True) -> bytes:
         """Bytes of record ``i`` (b"" for a non-OK record); with ``check``, a tile whose
         bytes fail their crc32 raises :class:`CorruptShardError`."""
-        o = self._offsets[i]
-        data = self._mm[o : o + self._lengths[i]]
-        if check and data and zlib.crc32(data) != self._crcs[i]:
+        o, n = self._offsets[i], self._lengths[i]
+        data = self._mm[o : o + n]
+        if len(data) != n:  # a short read (object storage): never an empty tile
+            t = from_tile_id(int(self.ids[i]))
+            exc = CorruptShardError(f"tile {t.z}/{t.x}/{t.y}: read {len(data)} of {n} bytes")
+            exc.path, exc.tile = self.path, t
+            raise exc
+        if check and n and zlib.crc32(data) != self._crcs[i]:
             self._bad_tile(i)
         return data
 
@@ -735,6 +774,12 @@ class ShardReader:
             for i, (x, y, st) in enumerate(zip(xs.tolist(), ys.tolist(), self._status)):
                 if status is None or st == status:
                     yield Tile(z, x, y), Status(st), self.data(i, check)
+
+    def holding_data(self) -> "contextlib.AbstractContextManager[None]":
+        """Inside the ``with``, a shard on object storage keeps its tile data in memory
+        (one ranged GET) so that reading many of its tiles costs no request each; a local
+        (memory-mapped) shard needs nothing."""
+        return self._whole_data()
 
     def _whole_data(self) -> "contextlib.AbstractContextManager[None]":
         """While open, a shard on object storage holds its tile data (one ranged GET)
