@@ -535,7 +535,8 @@ class Worker:
             try:
                 writer = await self._io(output.open, block)
             except ShardBusyError as exc:  # a stalled worker that lost its lease still writes it
-                await self._db(self.queue.nack, block.id, f"shard busy: {exc}")
+                owner = None if block.id in self._unleased else self.owner  # a repeat cannot take another's lease
+                await self._db(self.queue.nack, block.id, f"shard busy: {exc}", owner)
                 return
             lock = threading.Lock()
             try:
@@ -601,6 +602,7 @@ class Worker:
         await self._db(
             self.queue.nack, block.id,
             f"{len(failures)} of {block.tiles} tiles failed; first: {first.tile.z}/{first.tile.x}/{first.tile.y}: {first.error or 'failed'}",
+            self.owner,  # owner-checked: a nack repeated after a lost reply cannot take another's lease
         )
 
     async def _probation(self, block: Block) -> None:
