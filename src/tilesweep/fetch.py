@@ -238,6 +238,9 @@ class Fetcher:
         self._rate = _RateLimiter(settings.rate) if settings.rate else None
         self._rng = random.Random()
         self.on_throttle: Callable[[], None] | None = None  # called for every 429 / 503 answer
+        # the caller's request slots (acquire/release: the worker's AdaptiveLimit), taken by
+        # requests the caller did not start (a super-tile's fallback singles); None: our own
+        self.request_slots: Any = None
         self._auth_streak = 0  # 401/403 results since the last ok or empty one
         self._auth_reason = ""
 
@@ -350,7 +353,7 @@ class Fetcher:
         if st.in_flight > st.max_in_flight:
             st.max_in_flight = st.in_flight
         try:
-            r = await transport.get(self._url(tile), timeout_s)
+            r = await transport.get(self._url(tile), timeout_s, self._body_limit())
         finally:
             st.in_flight -= 1
         code = r.status

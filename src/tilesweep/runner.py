@@ -57,7 +57,7 @@ from .limits import AdaptiveLimit
 from .queue import Block, BlockResult, Lease, Queue, State
 from .sources import Source
 from .store import ShardBusyError, TileStore
-from .supertile import open_fetcher
+from .supertile import open_fetcher, tiles_per_request
 from .sweep import open_sweep_queue
 from .tiles import tile_id
 
@@ -318,10 +318,10 @@ class Worker:
         st = self.queue.stats(window=1.0)  # blocks of a sample hold fewer: keep `concurrency` busy
         if sum(st.blocks.values()):
             tiles_per_block = max(1, min(tiles_per_block, sum(st.tiles.values()) // sum(st.blocks.values())))
-        # tiles one request brings (super-tiles: N x N), so blocks enough to keep `concurrency`
-        # requests busy; at most 16x the blocks of a tile source (memory of the blocks held)
-        per_request = min(16, self.source.supertile ** 2)
-        max_blocks = self.settings.max_blocks or max(2, 2 * -(-self.fetch_settings.concurrency * per_request // tiles_per_block))
+        # tiles one request brings (super-tiles: up to N x N, 1 where too sparse to group), so
+        # blocks enough to keep `concurrency` requests busy; at most 16x a tile source's
+        per_request = tiles_per_request(self.source.supertile, tiles_per_block, 1 << (2 * (self.zoom - self.block_zoom)))
+        max_blocks = self.settings.max_blocks or max(2, 2 * int(-(-self.fetch_settings.concurrency * per_request // tiles_per_block)))
         self._max_blocks = max_blocks
         self._to_ack: dict[int, BlockResult] = {}
         self._active: dict[int, Lease] = {}
@@ -340,6 +340,7 @@ class Worker:
             async with open_fetcher(self.source, self.fetch_settings) as fetcher:  # super-tiles for a bbox source
                 self.fetcher = fetcher
                 fetcher.on_throttle = self._slots.on_throttle
+                fetcher.request_slots = self._slots  # a super-tile's fallback singles take these too
                 while True:
                     self._poll_commits()
                     self._look_for_stop()
@@ -539,7 +540,8 @@ class Worker:
             try:
                 writer = await self._io(output.open, block)
             except ShardBusyError as exc:  # a stalled worker that lost its lease still writes it
-                await self._db(self.queue.nack, block.id, f"shard busy: {exc}")
+                owner = None if block.id in self._unleased else self.owner  # a repeat cannot take another's lease
+                await self._db(self.queue.nack, block.id, f"shard busy: {exc}", owner)
                 return
             lock = threading.Lock()
             try:
@@ -605,6 +607,7 @@ class Worker:
         await self._db(
             self.queue.nack, block.id,
             f"{len(failures)} of {block.tiles} tiles failed; first: {first.tile.z}/{first.tile.x}/{first.tile.y}: {first.error or 'failed'}",
+            self.owner,  # owner-checked: a nack repeated after a lost reply cannot take another's lease
         )
 
     async def _probation(self, block: Block) -> None:
@@ -652,10 +655,12 @@ class Worker:
         wrong token must cost one clear line, not every block's attempts."""
         limit = self.fetch_settings.auth_failures_to_stop
         if result.http_status in (401, 403):
+            if not result.attempts:  # a super-tile's other tiles: its one request is counted once
+                return
             self._auth_streak += 1
             if limit and self._auth_streak >= limit:
                 raise SourceError(
-                    f"source {self.source.redacted()} answered HTTP {result.http_status} to {self._auth_streak} tiles "
+                    f"source {self.source.redacted()} answered HTTP {result.http_status} to {self._auth_streak} requests "
                     "in a row: check the token, headers or URL"
                 )
         elif result.status.stored:
