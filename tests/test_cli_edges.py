@@ -2,6 +2,7 @@
 nothing half-written; all run `tilesweep` as a real subprocess against real files."""
 
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 from helpers.cli import tilesweep
 
+from tilesweep.predict import PredictSettings
 from tilesweep.sim import World, run_in_thread
+from tilesweep.worker import FetchWorkers, WorkerSettings
 
 BBOX = "7.430,46.940,7.435,46.945"  # 12 tiles at zoom 17, one block
 SF = "-122.45,37.75,-122.40,37.78"  # San Francisco: the west is negative
@@ -83,6 +86,9 @@ BAD = [
     (["export", "{sweep}", "{sweep}/tiles", "--format", "dir", "--force"], "is the sweep folder"),
     (["fetch", "{sweep}", "--timeout", "0"], "--timeout 0 must be"),
     (["run", "{sweep}", "--model", "demo", "--timeout", "-1"], "--timeout -1 must be"),
+    (["fetch", "{sweep}", "--workers", "0"], "workers 0 must be in 1..256"),
+    (["fetch", "{sweep}", "--lease-ttl", "1"], "lease ttl 1 must be >= 3 seconds"),
+    (["predict", "{sweep}", "--model", "demo", "--batch", "0"], "batch 0 must be in 1..65536"),
     (["predict", "{sweep}", "--model", "{mine}"], "is a folder, not a model file"),
     (["predict", "{sweep}", "--model", "{onnx_dir}"], "is a folder, not a model file"),
     (["fetch", "{sweep}", "--source", "http://127.0.0.1:9/{{z}}/{{x}}/{{y}}.jpg", "--super", "4"], "--super 4 needs a bbox template"),
@@ -91,6 +97,22 @@ BAD = [
     (["sim", "serve", "--port", "1", "--host", "999.1.1.1"], "cannot listen on 999.1.1.1:1"),
     (["sim", "serve", "--port", "1", "--host", "10.255.255.254"], "cannot listen on 10.255.255.254:1"),
 ]
+
+
+@pytest.mark.parametrize("make, kwargs, words", [
+    (PredictSettings, dict(threads=0), "threads 0 must be in 1..256"),
+    (PredictSettings, dict(part_seconds=0), "part seconds 0 must be > 0"),
+    (PredictSettings, dict(model_threads=0), "model threads 0 must be in 1..256"),
+    (WorkerSettings, dict(max_attempts=0), "max attempts 0 must be >= 1"),
+    (FetchWorkers, dict(workers=4, concurrency=2), "concurrency 2 must be at least the number of workers (4)"),
+], ids=lambda v: getattr(v, "__name__", None) if isinstance(v, type) else None)
+def test_settings_check_themselves_with_the_clis_words(make, kwargs, words):
+    """The settings objects refuse bad values when built (the CLI only passes its options
+    on), so the Python API gets the same one-line UsageError as the command."""
+    from tilesweep.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(words)):
+        make(**kwargs)
 
 
 def _snapshot(root: Path) -> dict:

@@ -251,6 +251,29 @@ def test_run_fetches_and_predicts_in_one_go_and_resumes(tmp_path, mode):
     assert ledger(sweep)[:2] == (16, 156)
 
 
+def test_keep_tiles_is_the_python_apis_too(tmp_path, sim):
+    """`run --keep-tiles` from Python: predict_sweep(stream=StreamFetch(..., keep_tiles=True))
+    packs every tile into the store and predicts each once (fetch processes store and ack,
+    the pipeline follows them); report.fetch holds the fetch's final counters."""
+    from tilesweep.fetch import FetchSettings
+    from tilesweep.model import load_model
+    from tilesweep.predict import StreamFetch, predict_sweep
+    from tilesweep.sources import parse_source
+    from tilesweep.sweep import Sweep
+
+    folder = tmp_path / "k"
+    tilesweep("plan", SMALL_BBOX, folder, "--zoom", ZOOM, "--block-zoom", 16)
+    with Sweep.open(folder) as sweep:
+        src = sweep.bind_source(parse_source(sim.template(), []))
+        report = predict_sweep(sweep, load_model("demo"), stream=StreamFetch(src, FetchSettings(concurrency=8), keep_tiles=True))
+    expected = planned_tiles(folder, 16)
+    assert ok_tiles(folder, 16) == expected
+    table, _ = read_predictions(folder)
+    assert_exactly_once(table, expected)
+    assert report.tiles == len(expected) and report.fetch is not None and report.fetch.tiles_ok == len(expected)
+    assert status_json(folder)["blocks_done"] == 16
+
+
 def test_streamed_run_survives_sigkill_at_random_instants(tmp_path):
     """Kill the streaming `run` with SIGKILL again and again (blocks leased, parts half
     written, parts written but not acked in the queue): the runs that follow finish the

@@ -155,3 +155,16 @@ def test_bad_arguments(tmp_path, q):
         SqliteQueue(tmp_path / "x.sqlite", max_attempts=0)
     with pytest.raises(ValueError):
         q.lease(0, ttl=10, owner="w")
+
+
+def test_queue_urls_hide_every_password_and_check_the_schema_name_whole():
+    from tilesweep.errors import UsageError
+    from tilesweep.queue.url import parse_queue_url, redact
+
+    u = parse_queue_url("postgresql://bob:s3cret@db/ts?sslpassword=k3y&PGPassword=p4ss&schema=s1&sslmode=require")
+    for shown in (u.text, repr(u), redact("postgresql://db/ts?sslpassword=k3y")):
+        assert "s3cret" not in shown and "k3y" not in shown and "p4ss" not in shown, shown
+    assert "sslmode=require" in u.text and "s3cret" in u.conninfo  # libpq still gets it
+    for bad in ("abc%0A", "pg_temp_1", "Abc", "1abc"):  # %0A: a newline once decoded
+        with pytest.raises(UsageError, match="schema"):
+            parse_queue_url(f"postgresql://db/ts?schema={bad}")

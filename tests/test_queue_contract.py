@@ -67,6 +67,21 @@ def test_put_lease_in_priority_order_never_twice(make):
     assert q.owners() == {"w": 50} and q.count(State.LEASED) == 50
 
 
+def test_owner_stats_count_each_owners_leases_and_acks(make):
+    """What `status` groups by machine: leases now and acks in the window, per owner."""
+    q = make()
+    q.put(make_blocks(5))
+    a = [lease.block.id for lease in q.lease(3, ttl=60, owner="m1:10:aa")]
+    b = [lease.block.id for lease in q.lease(2, ttl=60, owner="m2:20:bb")]
+    q.ack(a[:2])
+    st = {o.owner: o for o in q.owner_stats(window=300)}
+    assert set(st) == {"m1:10:aa", "m2:20:bb"} and st["m1:10:aa"].host == "m1"
+    assert (st["m1:10:aa"].leased, st["m1:10:aa"].done_blocks, st["m1:10:aa"].done_tiles) == (1, 2, 512)
+    assert (st["m2:20:bb"].leased, st["m2:20:bb"].done_blocks) == (2, 0)
+    q.ack(a[2:] + b)
+    assert sum(o.done_tiles for o in q.owner_stats(window=300)) == 5 * 256 and not q.owners()
+
+
 def test_blocks_keep_their_mask_and_records_have_every_field(make):
     q = make()
     mask = np.zeros((4, 4), bool)
@@ -192,3 +207,19 @@ def test_concurrent_processes_never_share_a_block(queue_url, tmp_path):
     with open_queue(queue_url) as q:
         st = q.stats()
         assert st.blocks[State.DONE] == 400 and st.attempts_total == 400
+
+
+def test_nack_given_its_owner_is_safe_to_repeat_after_another_leased_the_block(make):
+    """A's nack commits but its reply is lost; B leases the block; A's nack is repeated:
+    nothing changes (B still holds it, one failure), where a nack without owner still works."""
+    q = make()
+    q.put(make_blocks(2))
+    a, other = q.lease(2, ttl=60, owner="A")
+    assert q.nack(a.block.id, "boom", owner="A") == State.PENDING
+    (b,) = q.lease(1, ttl=60, owner="B")
+    assert b.block.id == a.block.id
+    assert q.nack(a.block.id, "boom", owner="A") == State.LEASED  # the repeat: not A's lease any more
+    rec = q.get(a.block.id)
+    assert rec["failures"] == 1 and rec["owner"] == "B" and q.extend([b.block.id], 60, "B") == [b.block.id]
+    assert q.nack(other.block.id, "late", owner="B") == State.LEASED and q.get(other.block.id)["failures"] == 0
+    assert q.nack(other.block.id, "x") == State.PENDING  # no owner: as before

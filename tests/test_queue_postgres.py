@@ -19,6 +19,7 @@ import pytest
 
 from helpers.cli import tilesweep
 from helpers.pgserver import PASSWORD
+from tilesweep.errors import UsageError
 from tilesweep.queue import Block, State, open_queue, stage_queue
 from tilesweep.sim import World, run_in_thread
 
@@ -117,10 +118,11 @@ def test_server_restarted_mid_sweep_workers_reconnect_nothing_lost(pg_server, pg
         assert all(q.get(i)["attempts"] > 1 or q.get(i)["lost"] == 0 for i in repeated)
 
 
-def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulator(pg_server, tmp_path):
-    """plan --queue postgresql://, then a plain `fetch` with 2 worker processes against the
-    simulator: every planned tile fetched once, `status` adds up, and the password (given
-    even inside the URL) is in no file of the sweep and no output."""
+def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulator(pg_server, tmp_path, monkeypatch):
+    """plan --queue postgresql://, then `fetch --dask local:2` (the loops of a Dask
+    LocalCluster lease from the server) against the simulator: every planned tile fetched
+    once, `status` adds up (per machine too), the viewer reads the queue, and the password
+    (given even inside the URL) is in no file of the sweep and no output."""
     sweep = tmp_path / "s"
     url = pg_server.url().replace("tilesweep@", f"tilesweep:{PASSWORD}@")  # even given in the URL
     res = tilesweep("plan", BBOX, sweep, "-z", 15, "--block-zoom", 13, "--queue", url, env=PG_ENV)
@@ -134,9 +136,23 @@ def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulato
     again, created = Sweep.plan(sweep, load_area(BBOX), PlanSpec(zoom=15, block_zoom=13), queue=url)  # the same plan
     assert not created and again.queue_url == recorded
     with run_in_thread(World(seed=3)) as sim:
-        fetched = tilesweep("fetch", sweep, "--source", sim.template(), "--workers", 2, env=PG_ENV)
+        dask = ("--dask", "local:2") if _has_dask() else ("--workers", 2)
+        fetched = tilesweep("fetch", sweep, "--source", sim.template(), *dask, env=PG_ENV)
     st = json.loads(tilesweep("status", sweep, "--json", env=PG_ENV).stdout)
     assert st["blocks_done"] == st["blocks_total"] > 1 and st["mismatch"] is None
+    (machine,) = st["machines"]  # one host; its loops acked every tile, their heartbeats kept
+    assert machine["tiles_done"] == st["tiles_total"] and machine["last_seen"] > 0 and len(machine["owners"]) >= 1
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    from tilesweep.view.server import Viewer
+
+    viewer = Viewer(sweep)  # it used to read queue.sqlite: "has no queue.sqlite"
+    assert viewer.progress()["blocks"]["done"] == st["blocks_total"]
+    from tilesweep.tiles import tile_at
+    from tilesweep.view.mvt import encode_squares
+
+    t = tile_at(7.45, 46.95, 15)
+    assert viewer.tile_info(t)["block"]["state"] == "done"
+    assert viewer.blocks_tile(10, t.x >> 5, t.y >> 5) != encode_squares("blocks", [])  # the blocks of a cell
     assert st["tiles_ok"] + st["tiles_empty"] == st["tiles_total"] and st["tiles_ok"] > 0
     assert len(list((sweep / "tiles").rglob("*.shard"))) == st["blocks_total"]
     for text in [res.stdout, res.stderr, fetched.stdout, fetched.stderr,
@@ -144,6 +160,14 @@ def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulato
         assert PASSWORD not in text
     with open_queue(recorded) as q:
         assert q.owners() == {} and q.stats().attempts_total == st["blocks_total"]
+
+
+def _has_dask() -> bool:
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def test_server_trouble_is_one_line_naming_it_and_nothing_written(pg_server, tmp_path, monkeypatch):
@@ -185,3 +209,65 @@ def test_server_trouble_is_one_line_naming_it_and_nothing_written(pg_server, tmp
 
     with psycopg.connect(pg_server.admin_dsn + " dbname=tilesweep") as db:  # no schema left behind by any test
         assert db.execute("SELECT COUNT(*) FROM pg_namespace WHERE nspname LIKE '%\\_partial'").fetchone() == (0,)
+
+
+def test_a_password_in_the_url_is_used_and_a_reserved_word_is_a_schema_like_any_other(pg_server, tmp_path, monkeypatch):
+    """No PGPASSWORD: the password given in a URL without ?schema= still reaches the
+    server; a schema named `user` (a reserved word) is planned, published and opened."""
+    monkeypatch.delenv("PGPASSWORD")
+    staged = stage_queue(pg_server.url().replace("tilesweep@", f"tilesweep:{PASSWORD}@"), tmp_path)
+    assert PASSWORD not in staged.url
+    staged.discard()
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    staged = stage_queue(pg_server.url("user"), tmp_path)
+    staged.queue.put([(Block(12, 1, 2, 256), 0)])
+    staged.publish()
+    try:
+        with open_queue(staged.url) as q:
+            assert [b.id for b in q.blocks()] == [Block(12, 1, 2, 256).id]
+    finally:
+        staged.discard()
+
+
+def test_two_plans_of_one_schema_at_once_the_second_fails_and_the_first_is_intact(pg_server, tmp_path):
+    first = stage_queue(pg_server.url("twice"), tmp_path)
+    try:
+        first.queue.put([(Block(12, i, 0, 256), i) for i in range(5)])
+        res = tilesweep("plan", BBOX, tmp_path / "s2", "-z", 15, "--queue", pg_server.url("twice"), env=PG_ENV, check=False)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res
+        assert "another plan" in res.stderr and "twice" in res.stderr and not (tmp_path / "s2").exists()
+        first.queue.put([(Block(12, 9, 1, 256), 9)])
+        first.publish()
+        with open_queue(first.url) as q:
+            assert q.count(State.PENDING) == 6
+        with pytest.raises(UsageError, match="already holds a queue"):  # the lock ended with the plan
+            stage_queue(pg_server.url("twice"), tmp_path)
+    finally:
+        first.discard()
+
+
+def test_a_lease_whose_reply_is_lost_is_repeated_without_leasing_a_second_batch(pg_url):
+    """The lease statement commits, then the connection drops before its reply (injected at
+    the driver): the retried call returns the same blocks, and the owner holds only those."""
+    import psycopg
+
+    fill(pg_url, 10)
+    q = open_queue(pg_url)
+    conn = q._conn()
+    real = conn.execute
+    cut = []
+
+    def execute(query, params=None, **kw):
+        cur = real(query, params, **kw)
+        if not cut and "picked" in str(query) and "leased" in str(query):
+            cut.append(cur.fetchall())
+            conn.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return cur
+
+    conn.execute = execute
+    leases = q.lease(3, ttl=60, owner="w")
+    assert len(cut[0]) == 3 and sorted(lease.block.id for lease in leases) == sorted(Block(*r[:5]).id for r in cut[0])
+    assert q.owners() == {"w": 3} and q.stats().attempts_total == 3
+    assert len(q.lease(3, ttl=60, owner="w")) == 3 and q.owners() == {"w": 6}  # a new call leases anew
+    q.close()

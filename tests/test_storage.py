@@ -266,8 +266,9 @@ def test_export_to_s3_publishes_the_same_archive_and_bad_targets_exit_2(s3_serve
         tilesweep("plan", "8.500,47.300,8.508,47.305", sweep, "--zoom", 18, "--block-zoom", 16)
         tilesweep("fetch", sweep, "--source", sim.template(), "--quiet")
     prefix = f"s3://{seaweed.BUCKET}/exports-{uuid.uuid4().hex[:8]}"
-    r = tilesweep("export", sweep, f"{prefix}/sweep.pmtiles", env=env)
+    r = tilesweep("export", sweep, f"{prefix}/sweep.pmtiles", "--staging", tmp_path / "stage", env=env)
     assert f"wrote {prefix}/sweep.pmtiles (pmtiles)" in r.stdout
+    assert (tmp_path / "stage").is_dir() and not [p for p in (tmp_path / "stage").rglob("*") if p.is_file()]
     r = tilesweep("export", sweep, f"{prefix}/sweep.pmtiles", env=env, check=False)
     assert r.returncode == 2 and "exists; pass --force" in r.stderr and "Traceback" not in r.stderr
     for k, v in env.items():
@@ -334,7 +335,106 @@ def test_a_tile_store_on_s3_two_machines_race_on_a_block_one_shard_wins(s3_serve
     assert a.partial_blocks() == [b3] and c.partial_blocks() == []
     with a.writer(b3) as again:  # the same machine resumes it
         assert again.done_ids == {tile_id(tiles_of(b3)[0])}
+    gets: list[tuple[str, int]] = []
+    real_range = type(c.storage).read_range
+
+    def counted(self, key, start, length):
+        gets.append((key, length))
+        return real_range(self, key, start, length)
+
+    monkeypatch.setattr(type(c.storage), "read_range", counted)
+    c.close()
     export_pmtiles(c, tmp_path / "c.pmtiles")
+    monkeypatch.setattr(type(c.storage), "read_range", real_range)
+    assert len([g for g in gets if g[0].endswith(f"{b1.y}.shard") and "8580/" in g[0]]) <= 4, (
+        "block 1's tiles come from one held GET, not one each", gets)
     with open(tmp_path / "c.pmtiles", "rb") as f:
         got = dict(all_tiles(MmapSource(f)))
     assert got == {tuple(t): data for t, data in c.iter_tiles()} and len(got) == 7
+
+
+def test_s3_failures_are_storage_errors_whatever_digits_the_key_holds(s3_server, tmp_path, monkeypatch):
+    """The endpoint stops answering after the store was opened: every request is one
+    StorageError line, never AlreadyPublished or an empty read because the key (and so the
+    URL in obstore's message) holds 409/412/416; a shard writer whose publish failed keeps
+    its partial (resumable), and a file:// URL naming a host is refused."""
+    from obstore.store import S3Store
+
+    from tilesweep.store import Status, TileStore
+    from tilesweep.tiles import Tile
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    store = TileStore(f"s3://{seaweed.BUCKET}/gone-{uuid.uuid4().hex[:8]}", 18, 14, staging=tmp_path / "staging")
+    st = store.storage
+    block = Tile(14, 412, 1033)  # key 14/412/1033.shard
+    w = store.writer(block)
+    w.append(Tile(18, 412 << 4, 1033 << 4), Status.OK, b"tile bytes")
+    w.flush()
+    dead = S3Store(seaweed.BUCKET, prefix=st.prefix, endpoint="http://127.0.0.1:9", client_options={"allow_http": True},
+                   retry_config={"max_retries": 0, "retry_timeout": __import__("datetime").timedelta(seconds=1)})
+    monkeypatch.setattr(st, "_store", dead)  # the endpoint went away
+    with pytest.raises(StorageError, match="cannot reach"):
+        w.finish()
+    assert w.data_path.exists() and w.data_path.stat().st_size > 32, "the finished partial is kept"
+    for call in (lambda: st.put("12/412/1033.shard", b"x"), lambda: st.put("12/409/1.shard", b"x"),
+                 lambda: st.read_range("12/416/1.shard", 0, 10), lambda: st.size("a"), lambda: list(st.list("a/"))):
+        with pytest.raises(StorageError, match="cannot reach") as e:
+            call()
+        assert len(str(e.value).splitlines()) == 1
+    with pytest.raises(StorageError, match="names host 'tiles'"):
+        open_storage("file://tiles/store")
+    assert open_storage(f"file://localhost{tmp_path}").url == str(tmp_path)
+
+
+def test_a_file_system_without_renameat2_or_hard_links_still_publishes(tmp_path, monkeypatch):
+    """FUSE mounts (gcsfuse, rclone, s3fs), vboxsf and 9p answer renameat2 flags with
+    EINVAL and link with EPERM: publishing falls back to check-then-rename, still
+    create-if-absent for a second publisher, and a shard is finished and read back."""
+    import errno as errno_mod
+
+    from tilesweep.store import Status, TileStore
+    from tilesweep.tiles import Tile
+
+    def no_links(src, dst, *a, **k):
+        raise PermissionError(errno_mod.EPERM, "Operation not permitted", str(dst))
+
+    monkeypatch.setattr(storage_mod, "_have_renameat2", False)
+    monkeypatch.setattr(os, "link", no_links)
+    st = LocalStorage(tmp_path / "root")
+    st.put("a/one", b"first")
+    staged = st.staging_path("a/one")
+    staged.write_bytes(b"second")
+    with pytest.raises(AlreadyPublished):
+        st.publish(staged, "a/one")
+    assert st.read("a/one") == b"first" and staged.read_bytes() == b"second"
+    store = TileStore(tmp_path / "store", 18, 14)
+    tile = Tile(18, 100 << 4, 200 << 4)
+    with store.writer(Tile(14, 100, 200)) as w:
+        w.append(tile, Status.OK, b"tile")
+        assert w.finish().ok == 1
+    assert TileStore(tmp_path / "store", 18, 14).get(tile) == b"tile"
+
+
+def test_s3_single_writer_publish_streams_a_multipart_upload_after_a_check(s3_server, tmp_path, monkeypatch):
+    """An export is its name's one writer: it is published by a streamed multipart
+    upload (no 5 GiB single-PUT limit, not read into memory), create-if-absent by a HEAD
+    before it; shards keep the atomic conditional PUT."""
+    import obstore
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    st = open_storage(f"s3://{seaweed.BUCKET}/mp-{uuid.uuid4().hex[:8]}", staging=tmp_path / "stage")
+    monkeypatch.setattr(storage_mod, "MULTIPART_CHUNK", 5 * 1024**2)  # S3's smallest part
+    staged = st.staging_path("big.pmtiles", unique=False)
+    payload = os.urandom(1024) * (11 * 1024)  # 11 MiB: three parts
+    staged.write_bytes(payload)
+    st.publish(staged, "big.pmtiles", single_writer=True)
+    assert not staged.exists() and st.read("big.pmtiles") == payload
+    etag = obstore.head(st._store, "big.pmtiles")["e_tag"]
+    assert etag and etag.strip('"').endswith("-3"), f"a multipart upload's ETag names its parts: {etag}"
+    staged.write_bytes(b"again")
+    with pytest.raises(AlreadyPublished):
+        st.publish(staged, "big.pmtiles", single_writer=True)
+    st.publish(staged, "big.pmtiles", replace=True)
+    assert st.read("big.pmtiles") == b"again"

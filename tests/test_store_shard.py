@@ -471,3 +471,56 @@ def test_the_store_keeps_a_quarter_of_the_descriptor_limit_mapped(monkeypatch):
     assert default_max_open() == 64
     monkeypatch.setattr(resource, "getrlimit", lambda what: (1_000_000, resource.RLIM_INFINITY))
     assert default_max_open() == 4096
+
+
+def _one_tile_shard(root: Path, block: Tile = Tile(14, 100, 200)):
+    store = TileStore(root, 18, 14)
+    w = store.writer(block)
+    w.append(Tile(18, 100 << 4, 200 << 4), Status.OK, b"tile")
+    w.flush()
+    return store, block, w
+
+
+def test_a_partial_left_as_a_link_of_the_shard_is_never_truncated(tmp_path):
+    """A kill between the link fallback's link and unlink leaves {y}.shard.partial as a
+    second name of the published shard: discard_leftovers removes it, and after the
+    shard is quarantined (verify --repair) a new writer starts a fresh partial instead of
+    truncating the quarantined file through that link."""
+    store, block, w = _one_tile_shard(tmp_path / "s")
+    w.finish()
+    shard = store.shard_path(block)
+    partial = w.data_path
+    os.link(shard, partial)  # the crash
+    store.discard_leftovers(block)
+    assert not partial.exists() and store.get(Tile(18, 100 << 4, 200 << 4)) == b"tile"
+    os.link(shard, partial)
+    size = shard.stat().st_size
+    corrupt = store.quarantine(block)
+    with store.writer(block) as again:
+        assert not again.finished and again.done_ids == frozenset()
+    assert corrupt.stat().st_size == size and corrupt.stat().st_nlink == 1
+    assert ShardReader(corrupt).get(Tile(18, 100 << 4, 200 << 4)) == b"tile"
+
+
+def test_a_writer_whose_partial_is_published_between_its_open_and_flock_sees_the_shard(tmp_path, monkeypatch):
+    """B opens the partial, A publishes it (renames that very file to {y}.shard), then B
+    gets the lock: B must notice that the name moved on and see the finished shard, not
+    fail with FileNotFoundError."""
+    import fcntl
+
+    from tilesweep.store import shard as shard_mod
+
+    store, block, a = _one_tile_shard(tmp_path / "s")
+    real = fcntl.flock
+    calls = []
+
+    def flock_after_a_finishes(fd, op):
+        if not calls:
+            a.finish()
+        calls.append(fd)
+        return real(fd, op)
+
+    monkeypatch.setattr(shard_mod.fcntl, "flock", flock_after_a_finishes)
+    b = TileStore(tmp_path / "s", 18, 14).writer(block)
+    assert b.finished and b.finish() == a.finish() and b.finish().ok == 1
+    assert sorted(p.name for p in store.shard_path(block).parent.iterdir()) == ["200.shard"]

@@ -136,23 +136,33 @@ def test_a_super_tile_of_the_wrong_size_falls_back_to_single_tiles(srv, sweep, e
     assert assert_complete(sweep, expected)["fetch_retries"] == 0
 
 
-def test_a_super_tile_that_keeps_failing_fails_its_tiles_and_the_block_then_resumes(srv, sweep, expected):
+def test_a_super_tile_that_keeps_failing_falls_back_to_single_tiles(srv, sweep, expected):
+    """Retries spent on a super-tile (5xx here; timeouts and byte-budget cuts alike) do not
+    fail its tiles: each alone may work (it does here), so they are asked for one by one."""
     with Counted(srv) as c:
         srv.area_faults = Faults(http_500=1.0)
-        res = tilesweep("fetch", sweep, "--source", srv.template(scheme="wms"), "--super", "4", "-q",
-                        "--retries", "1", "--max-attempts", "2", check=False)
-    assert res.returncode == 1
-    st = status_json(sweep)
-    assert st["blocks_dead"] == 1 and st["tiles_done"] == 0, st
-    error = st["dead_blocks"][0]["error"]
-    assert "52 of 54 tiles failed" in error and "super-tile 18/" in error and "http 500 (2 attempts)" in error, error
-    assert c["http_500"] == SUPER_GROUPS * 2 * 2  # 2 attempts on each of 2 leases
-    # the two tiles asked for alone stayed durable: the next lease asks only for the super-tiles
-    tilesweep("retry", sweep, "--dead")
-    with Counted(srv) as c:
-        tilesweep("fetch", sweep, "-q")
-    assert c["area_requests"] == SUPER_GROUPS
+        tilesweep("fetch", sweep, "--source", srv.template(scheme="wms"), "--super", "4", "-q",
+                  "--retries", "1", "--max-attempts", "1")
+    assert c["http_500"] == SUPER_GROUPS * 2  # 2 attempts each, then tile by tile
+    assert c["area_requests"] == SUPER_GROUPS * 2 + len(TILES)
     assert_complete(sweep, expected)
+
+
+def test_a_non_image_super_tile_falls_back_at_once(srv):
+    """A 200 that is no image for an area (a WMS ServiceException over MAXSIZE) is not
+    retried as a super-tile: its tiles are asked for alone, and all are ok."""
+    tiles = [Tile(ZOOM, X0 + i, Y0 + j) for j in range(2) for i in range(2)]  # one 2 x 2 super-tile
+
+    async def go():
+        src = parse_source(srv.template(scheme="wms"), supertile=2)
+        async with SuperTileFetcher(src, FetchSettings(retries=2, backoff_base_s=0.001)) as f:
+            return [r.status async for r in f.fetch_many(tiles)], f.fallbacks
+
+    with Counted(srv) as c:
+        srv.area_faults = Faults(wrong_type=1.0)
+        statuses, fallbacks = asyncio.run(go())
+    assert statuses == ["ok"] * 4 and fallbacks == 1
+    assert c["wrong_type"] == 1 and c["area_requests"] == 1 + 4
 
 
 def test_truncated_super_tiles_are_retried_whole(srv, sweep, expected):
@@ -236,3 +246,186 @@ def test_png_and_the_jpeg_fallback_keep_the_pixels(expected):
         assert np.abs(decode(got).astype(int) - want).mean() < 3
     with pytest.raises(CutError):
         cut(b"GIF89a" + bytes(100), 256, cells)
+
+
+def test_a_refused_super_tile_counts_once_towards_the_auth_stop(sweep):
+    """401 to a super-tile fails its 16 tiles at once, but it is one refusal (one request),
+    not 16: seven refused requests stay under auth_failures_to_stop=10 (the block dies)."""
+    from helpers.hostile import hostile_server
+
+    from tilesweep.worker import Worker, WorkerSettings
+
+    def refuse(handler):
+        handler.send_response(401)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with hostile_server("refuse", _refuse=refuse) as (template, counts):
+        base = template.split("/{z}")[0]
+        with Sweep.open(sweep) as sw:
+            src = sw.bind_source(parse_source(base + "/wms?SRS=EPSG:3857&BBOX={bbox}&WIDTH={width}&HEIGHT={height}", supertile=4))
+        fetch = FetchSettings(auth_failures_to_stop=10, retries=1, backoff_base_s=0.001)
+        Worker(sweep, ZOOM, ZOOM - 4, src, fetch, WorkerSettings(probe_blocks=0, max_attempts=1)).run()
+    assert counts["requests"] == SUPER_GROUPS + 2  # each refused once, not retried
+    st = status_json(sweep)
+    assert st["blocks_dead"] == 1 and "401" in st["dead_blocks"][0]["error"], st
+
+
+def test_cut_tiles_carry_no_markers_and_are_bounded_in_bytes(expected):
+    """A super-tile's APPn/COM markers (an ICC profile, EXIF, XMP) are not copied into each
+    tile, and a cut tile over max tile bytes is a CutError (the super-tile falls back)."""
+    import numpy as np
+
+    from tilesweep.decode import decode
+    from tilesweep.sim.world import encode
+    from tilesweep.tilecut import CutError, cut
+
+    tiles = [Tile(ZOOM, X0 + i, Y0 + j) for j in range(2) for i in range(2)]
+    pixels = [decode(expected[t]) for t in tiles]
+    mosaic = encode(np.concatenate([np.concatenate(pixels[:2], axis=1), np.concatenate(pixels[2:], axis=1)], axis=0), "jpeg", 90)
+    com = b"\xff\xfe" + (60002).to_bytes(2, "big") + b"x" * 60000  # a 60 kB comment, twice
+    fat = mosaic[:2] + com + com + mosaic[2:]
+    cells = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    plain, cut_fat = cut(mosaic, 256, cells), cut(fat, 256, cells)
+    assert [len(b) for b in cut_fat] == [len(b) for b in plain] and max(map(len, plain)) < 60000
+    assert all(np.array_equal(decode(a), decode(b)) for a, b in zip(cut_fat, plain))
+    with pytest.raises(CutError, match=r"tile has [\d,]+ bytes, over 1,024"):
+        cut(mosaic, 256, cells, max_bytes=1024)
+
+
+def test_a_super_tile_body_counts_in_flight_until_it_is_cut(srv, monkeypatch):
+    """The body waiting for (and in) the cutter is still in the in-flight byte budget."""
+    import tilesweep.supertile as supertile
+
+    seen, fetchers = [], []
+    real_cut = supertile.cut
+
+    def cut_seen(body, *args):  # the real cut, noting the bytes in flight as it starts
+        seen.append((fetchers[0]._transport.inflight_bytes, len(body)))
+        return real_cut(body, *args)
+
+    monkeypatch.setattr(supertile, "cut", cut_seen)
+    tiles = [Tile(ZOOM, X0 + i, Y0 + j) for j in range(2) for i in range(2)]
+
+    async def go():
+        async with SuperTileFetcher(parse_source(srv.template(scheme="wms"), supertile=2)) as f:
+            fetchers.append(f)
+            return [r.status async for r in f.fetch_many(tiles)], f._transport.inflight_bytes
+
+    statuses, after = asyncio.run(go())
+    assert statuses == ["ok"] * 4 and after == 0
+    assert len(seen) == 1 and seen[0][0] >= seen[0][1] > 0, seen
+
+
+def test_single_requests_of_a_fallback_have_one_tiles_body_limit():
+    """Tiles asked for alone may have max tile bytes, not the super-tile's n * n times that:
+    an 8 MB answer to a tile is cut from its Content-Length before it is read."""
+    from helpers.hostile import hostile_server
+
+    def answer(handler):
+        if "WIDTH=512" in handler.path:  # the super-tile: refused (it falls back)
+            handler.send_response(400)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+        else:
+            handler._zeros()
+
+    tiles = [Tile(ZOOM, X0 + i, Y0 + j) for j in range(2) for i in range(2)]
+    with hostile_server("answer", _answer=answer, body_bytes=8 * 2**20) as (template, counts):
+        src = parse_source(template.split("/{z}")[0] + "/wms?BBOX={bbox}&WIDTH={width}&HEIGHT={height}", supertile=2)
+
+        async def go():
+            async with SuperTileFetcher(src, FetchSettings(max_tile_bytes=3 * 2**20, retries=0)) as f:
+                got = [r async for r in f.fetch_many(tiles)]
+                return got, f._transport.max_inflight_bytes_seen
+
+        got, seen = asyncio.run(go())
+    assert counts["requests"] == 1 + 4 and [r.status for r in got] == ["failed"] * 4
+    assert all("body over 3,145,728 bytes" in r.error for r in got), got[0].error
+    assert seen < 2**20  # nothing of the 8 MB bodies was received
+
+
+def test_super_tiles_in_flight_are_bounded_by_the_byte_budget(srv):
+    """--concurrency counts requests, but a super-tile carries n * n tiles' bytes: no more
+    are in flight than the in-flight budget holds (here 512 KiB / (4 x 64 KiB) = 2)."""
+    from tilesweep.supertile import EXPECTED_TILE_BYTES
+
+    async def go():
+        src = parse_source(srv.template(scheme="wms"), supertile=2)
+        fs = FetchSettings(concurrency=16, max_tile_bytes=256 * 2**10, max_inflight_bytes=8 * EXPECTED_TILE_BYTES)
+        async with SuperTileFetcher(src, fs) as f:
+            got = [r.status async for r in f.fetch_many(TILES)]
+            return got, f.stats.max_in_flight, f.max_super_in_flight, f.super_requests
+
+    with Counted(srv) as c:
+        srv.area_faults = Faults(latency_ms=30)
+        statuses, peak, cap, supers = asyncio.run(go())
+    assert statuses == ["ok"] * len(TILES) and cap == 2 and supers == c["area_requests"] == 15
+    assert peak == 2
+
+
+def test_a_sparse_sample_leases_blocks_as_for_single_tiles(tmp_path, srv):
+    """A twentieth of each block is too sparse to form super-tiles (0.8 of 16 per 4 x 4 cell):
+    requests are single tiles, so the worker leases as many blocks as for a tile source
+    (2 * ceil(16 / tiles per block)), not 16 times that."""
+    from tilesweep.area import load_area
+    from tilesweep.plan import PlanSpec
+    from tilesweep.worker import Worker, WorkerSettings
+
+    w, _, _, n = bounds(Tile(ZOOM, X0, Y0))
+    _, s, e, _ = bounds(Tile(ZOOM, X0 + 31, Y0 + 15))  # two blocks
+    d = (e - w) / 128
+    sweep = tmp_path / "sample"
+    area = load_area(f"{w + d:.7f},{s + d:.7f},{e - d:.7f},{n - d:.7f}")
+    sw, _ = Sweep.plan(sweep, area, PlanSpec(zoom=ZOOM, block_zoom=ZOOM - 4, fraction=0.05))
+    with sw:
+        src = sw.bind_source(parse_source(srv.template(scheme="wms"), supertile=4))
+    worker = Worker(sweep, ZOOM, ZOOM - 4, src, FetchSettings(concurrency=16), WorkerSettings(probe_blocks=0))
+    worker.run()
+    st = status_json(sweep)
+    assert st["blocks_done"] == 2 and 10 < st["tiles_ok"] < 45, st
+    assert worker._max_blocks == 2 * -(-16 // (st["tiles_total"] // 2))
+
+
+def test_fallback_singles_take_the_workers_slots(srv, sweep, expected):
+    """A super-tile that falls back asks for its tiles within the worker's --concurrency
+    (its request slots), not a second --concurrency of its own."""
+    from tilesweep.worker import Worker, WorkerSettings
+
+    with Sweep.open(sweep) as sw:
+        src = sw.bind_source(parse_source(srv.template(scheme="wms"), supertile=4))
+    worker = Worker(sweep, ZOOM, ZOOM - 4, src, FetchSettings(concurrency=4), WorkerSettings(probe_blocks=0))
+    tile_faults = srv.faults
+    try:
+        with Counted(srv) as c:
+            srv.area_faults = Faults(wrong_size=1.0)
+            srv.faults = Faults(latency_ms=20)  # single tiles take a while: they overlap
+            worker.run()
+    finally:
+        srv.faults = tile_faults
+    assert c["wrong_size"] == SUPER_GROUPS
+    assert_complete(sweep, expected)
+    assert worker.fetcher.stats.max_in_flight <= 4
+
+
+def test_re_encoded_cuts_keep_greyscale_and_lossy_webp():
+    """The re-encoding cuts keep what the source is: a greyscale JPEG stays greyscale (the
+    fallback without libturbojpeg), a lossy WebP stays lossy (not ~4x its bytes lossless)."""
+    import io
+
+    import numpy as np
+    import simplejpeg
+    from PIL import Image
+
+    from tilesweep.tilecut import _jpeg_reencoded, cut
+
+    rng = np.random.default_rng(1)
+    grey = (rng.random((512, 512, 1)) * 60 + np.linspace(0, 180, 512)[None, :, None]).astype(np.uint8)
+    gjpeg = simplejpeg.encode_jpeg(grey, colorspace="GRAY", colorsubsampling="Gray")
+    tiles = _jpeg_reencoded(gjpeg, [(0, 0, 256, 256), (256, 256, 256, 256)])
+    assert [simplejpeg.decode_jpeg_header(t)[2] for t in tiles] == ["Gray", "Gray"]
+    buf = io.BytesIO()
+    Image.fromarray(np.repeat(grey, 3, axis=2)).save(buf, "WEBP", quality=80)
+    webp = buf.getvalue()
+    parts = cut(webp, 256, [(0, 0), (1, 0), (0, 1), (1, 1)])
+    assert all(p[12:16] == b"VP8 " for p in parts) and sum(map(len, parts)) < 2 * len(webp)

@@ -177,6 +177,7 @@ def fetch(
     tile_budget: float = typer.Option(120.0, "--tile-budget", help="Seconds one tile may take over all its retries, per lease (bounds what one bad tile costs its block)."),
     replace_source: bool = typer.Option(False, "--replace-source", help="Record --source in place of the sweep's source (done blocks with no image are fetched again; see docs/sources.md)."),
     mix_sources: bool = typer.Option(False, "--mix-sources", help="With --replace-source: keep done blocks that hold the old source's tiles."),
+    dask: Optional[str] = typer.Option(None, "--dask", help="Run the worker loops on Dask: local:N (N worker processes here) or tcp://scheduler:8786 (one loop per worker thread); --concurrency and --rate are then per loop (docs/scale-out.md)."),
     supertile: Optional[int] = typer.Option(None, "--super", help="With a bbox --source ({bbox} {width} {height}: WMS, static images): ask for N x N tiles per request (2, 4, 8, 16) and cut them."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
 ) -> None:
@@ -189,6 +190,7 @@ def fetch(
 
     settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts,
                                                 max_tile_bytes=max_tile_bytes, tile_budget=tile_budget)
+    dask_address = None if dask is None else _dask_address(dask)
     from .sweeplock import SweepLock
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "fetch"):
@@ -198,9 +200,14 @@ def fetch(
         meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet)
         try:
             with meter:
-                counters = run_workers(
-                    sweep.path, sweep.zoom, sweep.block_zoom, src, settings, worker_settings, workers, meter.update
-                )
+                if dask_address is not None:
+                    from . import cli_dask
+
+                    counters = cli_dask.fetch(sweep, dask_address, src, settings, worker_settings, quiet)
+                else:
+                    counters = run_workers(
+                        sweep.path, sweep.zoom, sweep.block_zoom, src, settings, worker_settings, workers, meter.update
+                    )
         except KeyboardInterrupt:
             _stopped(sweep, "fetched tiles are durable", "run the same command to resume")
         except UsageError:  # e.g. the source gave no image at all: record nothing of it
@@ -226,30 +233,28 @@ def fetch(
 def _fetch_settings(workers: int, concurrency: int, rate: float | None, retries: int, timeout: float, lease_ttl: float, max_attempts: int,  # type: ignore[no-untyped-def]
                     max_tile_bytes: str = "4MiB", tile_budget: float = 120.0):
     """(FetchSettings per worker, WorkerSettings) from the options of `fetch` and `run`."""
-    from .fetch import FetchSettings
-    from .worker import WorkerSettings
+    from .worker import FetchWorkers, WorkerSettings
 
-    if workers < 1 or workers > 256:
-        raise UsageError(f"workers {workers} must be in 1..256")
-    if concurrency < workers:
-        raise UsageError(f"concurrency {concurrency} must be at least the number of workers ({workers})")
-    if lease_ttl < 3:
-        raise UsageError(f"lease ttl {lease_ttl:g} must be >= 3 seconds")
-    if max_attempts < 1:
-        raise UsageError(f"max attempts {max_attempts} must be >= 1")
+    # The settings objects check their values (one-line UsageError); the CLI only words
+    # what names its own flags.
+    share = FetchWorkers(workers, concurrency, rate)
+    worker_settings = WorkerSettings(lease_ttl_s=lease_ttl, max_attempts=max_attempts)
     if not 0 < timeout < float("inf"):
         raise UsageError(f"--timeout {timeout:g} must be a number of seconds > 0")
-    settings = FetchSettings(
-        concurrency=-(-concurrency // workers),
-        rate=None if rate is None else rate / workers,
+    settings = share.fetch_settings(
         retries=retries,
         total_timeout_s=timeout,
-        max_tile_bytes=(tile_bytes := _parse_bytes(max_tile_bytes, "--max-tile-bytes")),
-        # the in-flight byte budget (256 MiB by default) is shared by the workers
-        max_inflight_bytes=max(tile_bytes, FetchSettings.max_inflight_bytes // workers),
+        max_tile_bytes=_parse_bytes(max_tile_bytes, "--max-tile-bytes"),
         tile_budget_s=_positive_seconds(tile_budget, "--tile-budget"),
     )
-    return settings, WorkerSettings(lease_ttl_s=lease_ttl, max_attempts=max_attempts)
+    return settings, worker_settings
+
+
+def _dask_address(text: str):  # type: ignore[no-untyped-def]
+    """A checked ``--dask`` value (before anything is opened or written)."""
+    from .cluster import parse_dask_address
+
+    return parse_dask_address(text)
 
 
 def _parse_bytes(text: str, option: str) -> int:
@@ -379,6 +384,11 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     model_threads: Optional[int] = typer.Option(None, "--model-threads", help="CPU threads of one model batch (default: the runtime's choice)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Score in 0..1 at or above which a tile is labelled (default: the model's own)."),
+    # issue 13: where tiles are decoded, and the PyTorch model's precision and memory order
+    decode: str = typer.Option("auto", "--decode", help="Where tiles are decoded: auto (gpu for a PyTorch model on CUDA with torchvision, processes on more than 4 cores, else threads), threads, processes (shared memory) or gpu (nvJPEG)."),
+    decode_processes: Optional[int] = typer.Option(None, "--decode-processes", help="Decode processes with --decode processes (default: half the cores, 2..8)."),
+    precision: str = typer.Option("fp32", "--precision", help="PyTorch models: fp32, or bf16 / fp16 mixed precision (autocast)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="PyTorch models: weights and inputs in channels_last memory order."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
 ) -> None:
     """Score the fetched tiles of SWEEP_DIR with a model into Parquet parts (predictions/).
@@ -390,10 +400,10 @@ def predict(
     from .detections import apply_threshold, check_threshold
 
     check_threshold(threshold)
-    settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads)
+    settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads, decode, decode_processes)
     with Sweep.open(sweep_dir) as sweep:
         sweep.queue  # a sweep without its queue is a one-line error before anything loads
-        the_model = apply_threshold(_load_model(model, device, model_threads), threshold, sweep.path)
+        the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep.path)
         meter = _PredictMeter(quiet)
         try:
             with meter:
@@ -407,29 +417,21 @@ def predict(
         _predict_summary(sweep, sweep_dir, the_model, report, "run `tilesweep fetch`, then predict again")
 
 
-def _predict_settings(batch: int, threads: int, part_rows: int, part_seconds: float, model_threads: int | None):  # type: ignore[no-untyped-def]
-    from .predict import PredictSettings
+def _predict_settings(batch: int, threads: int, part_rows: int, part_seconds: float, model_threads: int | None,  # type: ignore[no-untyped-def]
+                      decode: str = "auto", decode_processes: int | None = None):
+    from .predict import PredictSettings  # checks its values (one-line UsageError)
 
-    if not 1 <= batch <= 65536:
-        raise UsageError(f"batch {batch} must be in 1..65536")
-    if not 1 <= threads <= 256:
-        raise UsageError(f"threads {threads} must be in 1..256")
-    if part_rows < 1:
-        raise UsageError(f"part rows {part_rows} must be >= 1")
-    if part_seconds <= 0:
-        raise UsageError(f"part seconds {part_seconds:g} must be > 0")
-    if model_threads is not None and not 1 <= model_threads <= 256:
-        raise UsageError(f"model threads {model_threads} must be in 1..256")
-    return PredictSettings(batch=batch, threads=threads, part_rows=part_rows, part_seconds=part_seconds)
+    return PredictSettings(batch=batch, threads=threads, part_rows=part_rows, part_seconds=part_seconds, model_threads=model_threads,
+                           decode=decode, decode_processes=decode_processes)  # issue 13: decode
 
 
-def _load_model(spec: str, device: str, model_threads: int | None):  # type: ignore[no-untyped-def]
+def _load_model(spec: str, device: str, model_threads: int | None, precision: str = "fp32", channels_last: bool = False):  # type: ignore[no-untyped-def]
     """Load and probe the model: a model that does not load or answers in the wrong shape
     is a one-line error before anything is written."""
     from .model import load_model
     from .predict import probe
 
-    the_model = load_model(spec, device=device, threads=model_threads)  # type: ignore[arg-type]
+    the_model = load_model(spec, device=device, threads=model_threads, precision=precision, channels_last=channels_last)  # type: ignore[arg-type]
     probe(the_model)
     return the_model
 
@@ -507,6 +509,12 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     model_threads: Optional[int] = typer.Option(None, "--model-threads", help="CPU threads of one model batch."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Score in 0..1 at or above which a tile is labelled (default: the model's own)."),
+    dask: Optional[str] = typer.Option(None, "--dask", help="Fetch on Dask (tiles kept in the store, predicted here): local:N (N worker processes here) or tcp://scheduler:8786 (one loop per worker thread); --concurrency and --rate are then per loop (docs/scale-out.md)."),
+    # issue 13: where tiles are decoded, and the PyTorch model's precision and memory order
+    decode: str = typer.Option("auto", "--decode", help="Where tiles are decoded: auto (gpu for a PyTorch model on CUDA with torchvision, processes on more than 4 cores, else threads), threads, processes (shared memory) or gpu (nvJPEG)."),
+    decode_processes: Optional[int] = typer.Option(None, "--decode-processes", help="Decode processes with --decode processes (default: half the cores, 2..8)."),
+    precision: str = typer.Option("fp32", "--precision", help="PyTorch models: fp32, or bf16 / fp16 mixed precision (autocast)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="PyTorch models: weights and inputs in channels_last memory order."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
     densify: Optional[int] = typer.Option(None, "--densify", help="Then plan the unplanned tiles within R tiles of each detection and run them, round after round, until a round finds no new tile (`tilesweep densify`)."),
     densify_along: bool = typer.Option(False, "--densify-along", help="With --densify: also the tiles along the line through two nearby detections."),
@@ -525,20 +533,23 @@ def run(
     from .detections import apply_threshold, check_threshold
 
     check_threshold(threshold)
-    settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads)
+    settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads, decode, decode_processes)
+    dask_address = None if dask is None else _dask_address(dask)
     from .sweeplock import SweepLock
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch or a run
-        the_model = apply_threshold(_load_model(model, device, model_threads), threshold, sweep.path)  # before the source is recorded
+        the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep.path)  # before the source is recorded
         new_source = sweep.source is None
         src = _bind_source(sweep, source, header, replace_source, mix_sources, supertile)
 
         def run_once() -> None:
             try:
-                if keep_tiles:
-                    _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
+                if dask_address is not None:
+                    from . import cli_dask
+
+                    cli_dask.run(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, dask_address, quiet)
                 else:
-                    _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet)
+                    _run(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, keep_tiles, quiet)
             except UsageError:  # e.g. the source gave no image at all: record nothing of it
                 _forget_source(sweep, new_source)
                 raise
@@ -570,8 +581,9 @@ def _stopped(sweep: Sweep, kept: str, hint: str) -> None:
     raise typer.Exit(exit_status())
 
 
-def _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet) -> None:  # type: ignore[no-untyped-def]
-    """`tilesweep run`: fetch (an asyncio thread, or worker processes) -> decode -> model -> sink."""
+def _run(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, keep_tiles, quiet) -> None:  # type: ignore[no-untyped-def]
+    """`tilesweep run`: fetch -> decode -> model -> sink, streamed (an asyncio thread, or
+    worker processes) or, with --keep-tiles, through the store (tilesweep.predict.keep)."""
     from .predict import StreamFetch, predict_sweep
 
     before = sweep.status()
@@ -584,66 +596,15 @@ def _run_streaming(sweep, sweep_dir, the_model, src, settings, fetch_settings, w
             fetch_lines[:] = [fetch_meter.line(r.fetch)]
         meter.update(r)
 
-    meter = _PredictMeter(quiet, lambda: fetch_lines[0] if fetch_lines else "starting")
+    meter = _PredictMeter(quiet, lambda: fetch_lines[0] if fetch_lines else ("starting workers" if keep_tiles else "starting"))
     try:
         with meter:
             report = predict_sweep(sweep, the_model, settings, on_progress=on_progress,
-                                   stream=StreamFetch(src, fetch_settings, worker_settings, workers))
+                                   stream=StreamFetch(src, fetch_settings, worker_settings, workers, keep_tiles=keep_tiles))
     except KeyboardInterrupt:
         _stopped(sweep, *_STOPPED_RUN)
     if report.fetch is not None:
         out.print(fetch_meter.line(report.fetch, final=True), highlight=False)
-    _predict_summary(sweep, sweep_dir, the_model, report, "run the same command again", dead_is_error=True)
-
-
-def _run_keeping_tiles(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, quiet) -> None:  # type: ignore[no-untyped-def]
-    """`tilesweep run --keep-tiles`: fetch worker processes write the store while this
-    process predicts each block once it is durable."""
-    import threading
-
-    from .predict import predict_sweep
-    from .worker import run_workers
-
-    before = sweep.status()
-    fetch_meter = _FetchMeter(before.tiles["pending"] + before.tiles["leased"], quiet=True)
-    fetched: dict[str, object] = {}
-    latest: list[object] = []
-    interrupted = threading.Event()  # Ctrl-C reached this process: stop the workers too
-
-    def on_fetch(c) -> None:  # type: ignore[no-untyped-def]
-        latest[:] = [c]
-        fetch_meter.update(c)
-
-    fetched_all = threading.Event()
-
-    def fetch_all() -> None:
-        try:
-            fetched["counters"] = run_workers(
-                sweep.path, sweep.zoom, sweep.block_zoom, src, fetch_settings, worker_settings, workers,
-                on_fetch, in_process=False, stop_requested=interrupted.is_set,
-            )
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            fetched["error"] = exc
-        finally:
-            fetched_all.set()
-
-    fetcher = threading.Thread(target=fetch_all, name="tilesweep-fetch", daemon=True)
-    fetcher.start()
-    meter = _PredictMeter(quiet, lambda: fetch_meter.line(latest[0]) if latest else "starting workers")
-    try:
-        with meter:
-            report = predict_sweep(sweep, the_model, settings, on_progress=meter.update, follow=lambda: not fetched_all.is_set())
-        fetched_all.wait()  # not Thread.join: a Ctrl-C inside join() can lose the thread (CPython gh-90882)
-    except KeyboardInterrupt:
-        interrupted.set()
-        fetched_all.wait()  # the workers release their leases and stop
-        _stopped(sweep, *_STOPPED_RUN)
-    error = fetched.get("error")
-    if isinstance(error, KeyboardInterrupt):
-        _stopped(sweep, *_STOPPED_RUN)
-    if error is not None:
-        raise error  # type: ignore[misc]
-    out.print(fetch_meter.line(fetched["counters"], final=True), highlight=False)  # type: ignore[arg-type]
     _predict_summary(sweep, sweep_dir, the_model, report, "run the same command again", dead_is_error=True)
 
 
@@ -657,6 +618,9 @@ def _predict_line(r) -> str:  # type: ignore[no-untyped-def]
         + f"), {plural(r.parts, 'part')} written, "
         f"{r.tiles_per_s:,.0f} tiles/s, model busy {r.model_busy:.0%}, {r.wall_s:,.1f} s"
         + (f"\n  stages: {stages}; bottleneck {r.bottleneck()}" if r.tiles else "")
+        # issue 13: which stage bounds the run, by how much, the model's wait; decode deaths
+        + (f"\n  {r.bound_line()}; decode {r.decode}" if r.tiles and hasattr(r, "bound_line") else "")
+        + "".join(f"\n  warning: {d}" for d in getattr(r, "decode_deaths", []))
     )
 
 
@@ -835,6 +799,7 @@ def export(
     output_arg: str = typer.Argument(..., metavar="OUTPUT", help="Output: a .pmtiles or .mbtiles file (or s3://bucket/prefix/name), or a folder for --format dir."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="pmtiles, mbtiles or dir; default from OUTPUT's suffix."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    staging: Optional[Path] = typer.Option(None, "--staging", help="For an s3:// OUTPUT: the local folder the archive is written to before its upload (room for all of it); default SWEEP/.staging."),
 ) -> None:
     """Export the fetched tiles to one PMTiles archive, an MBTiles file or a z/x/y tree.
 
@@ -844,7 +809,7 @@ def export(
     from .store import export_dir, export_mbtiles, export_pmtiles
 
     if is_url(output_arg):
-        _export_to_url(sweep_dir, output_arg, fmt, force)
+        _export_to_url(sweep_dir, output_arg, fmt, force, staging)
         return
     output = Path(output_arg)
     kind = fmt or {".pmtiles": "pmtiles", ".mbtiles": "mbtiles"}.get(output.suffix.lower())
@@ -885,9 +850,10 @@ def export(
     out.print(f"wrote {str(output)} ({kind}): {tiles:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
 
 
-def _export_to_url(sweep_dir: Path, url: str, fmt: Optional[str], force: bool) -> None:
-    """`export SWEEP s3://bucket/prefix/name.pmtiles`: staged on local disk, published
-    through the storage seam (replacing an earlier object only with --force)."""
+def _export_to_url(sweep_dir: Path, url: str, fmt: Optional[str], force: bool, staging: Optional[Path] = None) -> None:
+    """`export SWEEP s3://bucket/prefix/name.pmtiles`: staged on local disk (``staging``,
+    default SWEEP/.staging: beside the sweep, not in a small /tmp), published through the
+    storage seam (replacing an earlier object only with --force)."""
     from pathlib import PurePosixPath
 
     from .store import export_mbtiles, export_pmtiles
@@ -897,7 +863,8 @@ def _export_to_url(sweep_dir: Path, url: str, fmt: Optional[str], force: bool) -
     if kind not in ("pmtiles", "mbtiles"):
         raise UsageError(f"cannot export {url!r} as {kind or 'an unknown format'}: to object storage, a .pmtiles or .mbtiles name")
     with Sweep.open(sweep_dir) as sweep:
-        storage, key = export_target(url)  # StorageError (exit 2): bucket, credentials, endpoint
+        staging = staging if staging is not None else sweep.path / ".staging"
+        storage, key = export_target(url, staging)  # StorageError (exit 2): bucket, credentials, endpoint
         if storage.exists(key) and not force:
             raise UsageError(f"{url!r} exists; pass --force to replace it")
         store = sweep.store
@@ -905,9 +872,9 @@ def _export_to_url(sweep_dir: Path, url: str, fmt: Optional[str], force: bool) -
         started = time.perf_counter()
         if kind == "pmtiles":
             meta = {"name": sweep.path.name, "description": f"tilesweep export: {sweep.describe_plan()}"}
-            summary = export_pmtiles(store, url, metadata=meta, blocks=blocks, replace=force)
+            summary = export_pmtiles(store, url, metadata=meta, blocks=blocks, replace=force, staging=staging)
         else:
-            summary = export_mbtiles(store, url, blocks=blocks, replace=force)
+            summary = export_mbtiles(store, url, blocks=blocks, replace=force, staging=staging)
         store.close()
     out.print(f"wrote {url} ({kind}): {summary['tiles']:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
 
@@ -1003,6 +970,9 @@ def _print_status(sweep: Sweep, st: SweepStatus) -> None:
             f"{r['failed']:,} failed; {r['retries']:,} requests retried after transient faults"
         )
     out.print(f"throughput {st.throughput:,.1f} tiles/s over the last {st.window_s:.0f} s, ETA {eta}, {st.attempts_total:,} leases taken")
+    for m in st.machines:  # each machine's worker loops (lease owners) and rate
+        out.print(f"  machine {m['host']}: {plural(len(m['owners']), 'loop')}, {plural(m['blocks_leased'], 'block')} leased, "
+                  f"{m['tiles_done']:,} tiles done in the window ({m['tiles_per_s']:,.1f} tiles/s)", highlight=False)
     for r in st.densify:
         out.print(f"densify round {r['round']}: {r['tiles']:,} tiles in {r['blocks']:,} blocks around {r['detections']:,} detections "
                   f"of {r['model']} (radius {r['radius']}{', along lines' if r['along'] else ''})", highlight=False)

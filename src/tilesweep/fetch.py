@@ -43,6 +43,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterat
 import pycurl
 
 from . import __version__
+from .block import TileStatus
 from .errors import UsageError
 from .imageformat import image_format, tile_sized
 from .sources import Source
@@ -56,7 +57,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 log = logging.getLogger(__name__)
 
-OK, EMPTY, FAILED = "ok", "empty", "failed"
+OK, EMPTY, FAILED = TileStatus.OK, TileStatus.EMPTY, TileStatus.FAILED  # the one tile-outcome encoding
 
 _OCTET = frozenset({"application/octet-stream", "binary/octet-stream"})
 
@@ -146,12 +147,13 @@ class FetchSettings:
 
 
 class TileResult(NamedTuple):
-    """What became of one tile: ``status`` is ``"ok"`` (``data`` holds the bytes),
-    ``"empty"`` (no tile there) or ``"failed"`` (``error`` says why). ``attempts`` counts
+    """What became of one tile: ``status`` is a :class:`~tilesweep.block.TileStatus`,
+    ``OK`` (``data`` holds the bytes), ``EMPTY`` (no tile there) or ``FAILED`` (``error``
+    says why); it also equals its word, ``"ok"``, ``"empty"``, ``"failed"``. ``attempts`` counts
     our requests; ``http_status`` is the last HTTP status, None if no response came."""
 
     tile: Tile
-    status: str
+    status: TileStatus
     data: bytes | None
     attempts: int
     error: str | None
@@ -217,7 +219,7 @@ class _RateLimiter:
 
 
 class _Attempt(NamedTuple):
-    kind: str  # ok | empty | retry | fatal
+    kind: TileStatus | str  # OK | EMPTY | "retry" | "fatal"
     data: bytes | None
     reason: str | None
     http_status: int | None
@@ -236,6 +238,9 @@ class Fetcher:
         self._rate = _RateLimiter(settings.rate) if settings.rate else None
         self._rng = random.Random()
         self.on_throttle: Callable[[], None] | None = None  # called for every 429 / 503 answer
+        # the caller's request slots (acquire/release: the worker's AdaptiveLimit), taken by
+        # requests the caller did not start (a super-tile's fallback singles); None: our own
+        self.request_slots: Any = None
         self._auth_streak = 0  # 401/403 results since the last ok or empty one
         self._auth_reason = ""
 
@@ -348,7 +353,7 @@ class Fetcher:
         if st.in_flight > st.max_in_flight:
             st.max_in_flight = st.in_flight
         try:
-            r = await transport.get(self._url(tile), timeout_s)
+            r = await transport.get(self._url(tile), timeout_s, self._body_limit())
         finally:
             st.in_flight -= 1
         code = r.status

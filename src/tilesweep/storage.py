@@ -25,7 +25,10 @@ same file system. ``publish``
 - renames it to the key with ``renameat2(RENAME_NOREPLACE)``: atomic, and it fails with
   ``EEXIST`` when the key exists (create-if-absent). Where the kernel or file system
   lacks it (``EINVAL``/``ENOSYS``), ``link(staging, key)`` (atomic, ``EEXIST`` too) and
-  then ``unlink(staging)``;
+  then ``unlink(staging)``; where hard links are missing too (``EPERM``/``ENOSYS``/
+  ``EOPNOTSUPP``: FUSE mounts, vboxsf, 9p), a check that the key is absent, then
+  ``rename``: create-if-absent only because every local writer holds a lock while it
+  publishes (a shard's flocked partial, a prediction sink's ``.lock``);
 - ``fsync``s the folder: the new name survives a power cut.
 
 A reader opens the key or nothing: there is no instant at which the key names a partly
@@ -47,10 +50,12 @@ local staging file; no object is visible.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import io
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -117,10 +122,17 @@ class Storage(ABC):
         under its name), a stale file there removed first."""
 
     @abstractmethod
-    def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
+    def publish(self, staged: Path, key: str, *, replace: bool = False, single_writer: bool = False) -> None:
         """Make the local file ``staged`` durable and publish it atomically as ``key``;
         ``staged`` is gone afterwards. Create-if-absent: :class:`AlreadyPublished` when
-        ``key`` exists (``staged`` is left for the caller to delete), unless ``replace``."""
+        ``key`` exists (``staged`` is left for the caller to delete), unless ``replace``.
+
+        ``single_writer``: the caller is the key's only writer (an export under its name),
+        so create-if-absent may be a check before the upload instead of one atomic
+        request. An object store then streams a multipart upload of any size (a
+        conditional PUT is one request of at most :data:`SINGLE_PUT_MAX` bytes, held in
+        memory); two writers racing on the key within one upload could both publish, the
+        last one's bytes standing. A local folder publishes atomically either way."""
 
     def put(self, key: str, data: bytes, *, replace: bool = False) -> None:
         """Publish ``data`` as ``key`` (through a staging file), create-if-absent as
@@ -192,7 +204,9 @@ _have_renameat2 = True
 
 def rename_noreplace(src: Path, dst: Path) -> None:
     """Atomically rename ``src`` to ``dst`` unless ``dst`` exists (``FileExistsError``):
-    ``renameat2(RENAME_NOREPLACE)``, or ``link`` + ``unlink`` where that is missing."""
+    ``renameat2(RENAME_NOREPLACE)``, or ``link`` + ``unlink`` where that is missing, or
+    (a file system with neither) a check for ``dst`` then ``rename``, atomic only against
+    writers that hold a lock while they publish."""
     global _libc, _have_renameat2
     if _have_renameat2:
         if _libc is None:
@@ -205,8 +219,25 @@ def rename_noreplace(src: Path, dst: Path) -> None:
             err = ctypes.get_errno()
             if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
                 raise OSError(err, os.strerror(err), str(dst))
-    os.link(src, dst)  # EEXIST when dst exists
+    try:
+        os.link(src, dst)  # EEXIST when dst exists
+    except OSError as e:
+        if e.errno not in _NO_LINKS:
+            raise
+        # No hard links either (FUSE mounts such as gcsfuse, rclone, s3fs; vboxsf; 9p):
+        # check, then rename. Not atomic against a second unlocked writer of the same key;
+        # every local writer here holds a lock while it publishes (a shard's partial is
+        # flocked, a prediction sink holds its .lock), so only racing exports of one name
+        # could both publish, the last one's bytes standing.
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+        return
     os.unlink(src)
+
+
+_NO_LINKS = {errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+"""``link`` errors of file systems without hard links."""
 
 
 class LocalStorage(Storage):
@@ -223,7 +254,7 @@ class LocalStorage(Storage):
     def staging_path(self, key: str, *, unique: bool = True) -> Path:
         return _staging(self._path(key), unique)
 
-    def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
+    def publish(self, staged: Path, key: str, *, replace: bool = False, single_writer: bool = False) -> None:
         final = self._path(key)
         fsync_file(staged)
         if replace:
@@ -280,6 +311,14 @@ class LocalStorage(Storage):
 
 
 # --- object store (obstore) -----------------------------------------------------------------
+
+SINGLE_PUT_MAX = 5 * 1024**3
+"""Bytes one S3 PUT takes (AWS's limit). A create-if-absent publication (a shard) is one
+conditional PUT, which obstore sends whole from memory."""
+
+MULTIPART_CHUNK = 16 * 1024**2
+"""Part size of the streamed multipart uploads of :meth:`ObjectStorage.publish` with
+``replace`` or ``single_writer`` (S3 allows 10,000 parts: objects up to 160 GiB)."""
 
 ENV_HINT = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL / AWS_REGION"
 
@@ -358,37 +397,62 @@ class ObjectStorage(Storage):
     def staging_path(self, key: str, *, unique: bool = True) -> Path:
         return _staging(self.staging / _check_key(key), unique)
 
-    def publish(self, staged: Path, key: str, *, replace: bool = False) -> None:
+    def publish(self, staged: Path, key: str, *, replace: bool = False, single_writer: bool = False) -> None:
         import obstore
         from obstore.exceptions import AlreadyExistsError, PreconditionError
 
         k = self._key(key)
-        mode = "overwrite" if replace else "create"
+        if replace or single_writer:  # a streamed multipart upload, any size
+            if not replace and self.exists(key):
+                raise AlreadyPublished(f"{self.url}/{k}", key)
+            with self._errors():
+                obstore.put(self._store, k, Path(staged), mode="overwrite", chunk_size=MULTIPART_CHUNK)
+            Path(staged).unlink(missing_ok=True)
+            return
+        size = Path(staged).stat().st_size
+        if size > SINGLE_PUT_MAX:
+            raise StorageError(f"{self.url}/{k}: {size:,} bytes is more than one create-if-absent PUT takes "
+                               f"({SINGLE_PUT_MAX:,}); use smaller blocks (a higher --block-zoom)")
         for attempt in range(8):
             try:
-                obstore.put(self._store, k, Path(staged), mode=mode)
+                obstore.put(self._store, k, Path(staged), mode="create")
                 break
-            except (AlreadyExistsError, PreconditionError):
-                raise AlreadyPublished(f"{self.url}/{k}", key) from None
             except Exception as e:
-                text = str(e)
-                if ("409" in text or "ConditionalRequestConflict" in text) and attempt < 7:
-                    time.sleep(0.05 * 2**attempt)  # a racing conditional PUT in flight: ask again, 412 follows if it won
+                code = _s3_status(e)
+                if code == 409 and attempt < 7:  # ConditionalRequestConflict: a racing conditional PUT in flight
+                    time.sleep(0.05 * 2**attempt)  # ask again: 412 follows if it won
                     continue
-                if "412" in text or "PreconditionFailed" in text:
+                if isinstance(e, (AlreadyExistsError, PreconditionError)) or code == 412:
                     raise AlreadyPublished(f"{self.url}/{k}", key) from None
                 raise self._error(e) from None
         Path(staged).unlink(missing_ok=True)
 
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """obstore's errors as :class:`StorageError` (one line naming what failed), except
+        not-found, which stays ``FileNotFoundError``."""
+        try:
+            yield
+        except (FileNotFoundError, StorageError):
+            raise
+        except Exception as e:
+            from obstore.exceptions import NotFoundError
+
+            if isinstance(e, NotFoundError):
+                raise FileNotFoundError(errno.ENOENT, f"{self.url}: {_first_line(e)}") from None
+            raise self._error(e) from None
+
     def size(self, key: str) -> int:
         import obstore
 
-        return int(obstore.head(self._store, self._key(key))["size"])
+        with self._errors():
+            return int(obstore.head(self._store, self._key(key))["size"])
 
     def read(self, key: str) -> bytes:
         import obstore
 
-        return bytes(obstore.get(self._store, self._key(key)).bytes())
+        with self._errors():
+            return bytes(obstore.get(self._store, self._key(key)).bytes())
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         import obstore
@@ -400,7 +464,7 @@ class ObjectStorage(Storage):
         except FileNotFoundError:
             raise
         except Exception as e:
-            if "416" in str(e):
+            if _s3_status(e) == 416:  # the range starts past the object's end
                 self.size(key)  # FileNotFoundError when absent
                 return b""
             raise self._error(e) from None
@@ -408,17 +472,19 @@ class ObjectStorage(Storage):
     def open_read(self, key: str) -> IO[bytes]:
         import obstore
 
-        return _ObjectReader(obstore.open_reader(self._store, self._key(key)))
+        with self._errors():
+            return _ObjectReader(obstore.open_reader(self._store, self._key(key)))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         import obstore
 
         head = prefix.rpartition("/")[0]  # obstore lists whole path segments: filter the rest
         try:
-            for batch in obstore.list(self._store, head or None):
-                for m in batch:
-                    if m["path"].startswith(prefix):
-                        yield ObjectInfo(m["path"], int(m["size"]))
+            with self._errors():
+                for batch in obstore.list(self._store, head or None):
+                    for m in batch:
+                        if m["path"].startswith(prefix):
+                            yield ObjectInfo(m["path"], int(m["size"]))
         except FileNotFoundError:
             return
 
@@ -426,7 +492,8 @@ class ObjectStorage(Storage):
         import obstore
 
         try:
-            obstore.delete(self._store, self._key(key))
+            with self._errors():
+                obstore.delete(self._store, self._key(key))
         except FileNotFoundError:
             pass
 
@@ -471,6 +538,26 @@ class _ObjectReader(io.RawIOBase):
         super().close()
 
 
+_STATUS = re.compile(r"status code: (\d{3})\b")
+_S3_CODES = {"ConditionalRequestConflict": 409, "PreconditionFailed": 412, "InvalidRange": 416}
+
+
+def _s3_status(e: BaseException) -> int | None:
+    """The HTTP status a failed S3 request got, from obstore's message ("... returned
+    non-2xx status code: 416 Range Not Satisfiable") or the S3 error code in the answer
+    (``<Code>InvalidRange</Code>``); None for a failure without an answer (a refused
+    connection, a timeout). Never a bare number elsewhere in the text: the text holds the
+    request's URL, and keys such as ``12/412/1033.shard`` hold digits."""
+    text = str(e)
+    m = _STATUS.search(text)
+    if m:
+        return int(m.group(1))
+    for name, code in _S3_CODES.items():
+        if f"<Code>{name}</Code>" in text:
+            return code
+    return None
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
@@ -499,7 +586,10 @@ def open_storage(location: str | os.PathLike[str], **options: Any) -> Storage:
     or ``s3://bucket/prefix`` (:class:`ObjectStorage`; ``options`` go to it).
     :class:`StorageError` for any other scheme."""
     if isinstance(location, str) and location.startswith("file://"):
-        return LocalStorage(urlparse(location).path)
+        u = urlparse(location)
+        if u.netloc not in ("", "localhost"):  # file://tiles/store would open /store
+            raise StorageError(f"bad file URL {location!r}: names host {u.netloc!r}; use file:///absolute/path or a plain folder path")
+        return LocalStorage(u.path)
     if not is_url(location):
         return LocalStorage(location)
     scheme = str(location).split("://", 1)[0]

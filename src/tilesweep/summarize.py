@@ -24,7 +24,7 @@ import shapely
 
 from .detections import check_threshold, choose_model, score_sql
 from .errors import UsageError
-from .predict.sink import centres
+from .tiles import centres_array as centres
 from .sql import SweepTables, connect, planned_tiles, quote_literal, run, stream
 
 if TYPE_CHECKING:

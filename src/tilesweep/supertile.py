@@ -21,16 +21,24 @@ accounting are the same as for single tiles.
   ``n * n * max_tile_bytes`` for a super-tile, and never above ``max_inflight_bytes``.
 - **Outcomes.** A super-tile answer that is ok gives each of its tiles ``ok`` (cut by
   :mod:`tilesweep.tilecut`), 404/204/empty gives each ``empty``, and transient faults
-  (5xx, 429, resets, timeouts, truncation, non-image bodies) are retried as one request
-  with the fetcher's backoff and tile budget; when they are spent, each tile is ``failed``
-  with the super-tile's reason, and the block is nacked as for single tiles. An answer the
-  server will not give right (a wrong pixel size, a 4xx other than 401/403/404, an image
-  that does not cut) falls back to one request per tile. 401/403 fail the tiles at once.
+  (5xx, 429, resets, timeouts, truncation, a transfer cut for the in-flight byte budget)
+  are retried as one request with the fetcher's backoff and tile budget; when they are
+  spent, the super-tile falls back to one request per tile (each with its own retries), as
+  does an answer the server will not give right (a wrong pixel size, a 200 that is no
+  image, e.g. a WMS ServiceException for a request over its MAXSIZE, a 4xx other than
+  401/403/404, a body over the limit, an image that does not cut). 401/403 fail the tiles
+  at once (and count once towards ``auth_failures_to_stop``: one request).
 - **Requests in flight.** ``concurrency`` (``--concurrency``) counts requests: an
   announced tile that shares a super-tile's request takes no slot
   (:meth:`~SuperTileFetcher.holds_slot`), so 256 in flight are 256 super-tiles, not 16.
-  When a super-tile falls back, its other tiles' single requests are bounded by a
-  semaphore of ``concurrency`` of their own.
+  Super-tile requests are also bounded by the in-flight byte budget: at most
+  ``max_inflight_bytes // (n * n * EXPECTED_TILE_BYTES)`` at once (64 of 8 x 8 tiles in
+  the 256 MiB default; ``max_super_in_flight``), so a full ``concurrency`` of big answers
+  is not cut for the budget and retried; the others wait (holding their slot).
+  When a super-tile falls back, its other tiles' single requests take the caller's
+  request slots (``request_slots``: the worker's, so they count in ``--concurrency`` and
+  shrink with its 429/503 throttle), or under :meth:`fetch_many` a semaphore of
+  ``concurrency`` of their own.
 - **Stats.** ``requests`` counts HTTP requests (a super-tile is one); ``ok``/``empty``/
   ``failed`` count tiles; ``bytes`` counts the bytes received; ``super_requests`` and
   ``fallbacks`` (super-tiles asked for again tile by tile) are counted on the fetcher. The
@@ -57,6 +65,11 @@ from .tiles import Tile
 DEFAULT_MIN_FILL = 0.25
 """A super-tile is asked for when at least this share of its n x n tiles is wanted
 (``min_tiles = ceil(fill * n * n)``): see docs/sources.md, "Super-tiles", for the measure."""
+
+EXPECTED_TILE_BYTES = 64 * 2**10
+"""Bytes of one tile assumed when bounding super-tiles in flight by the in-flight byte
+budget (a 256 px aerial JPEG is 15-50 kB): at most ``max_inflight_bytes // (n * n *
+EXPECTED_TILE_BYTES)`` super-tile requests at once (64 of 8 x 8 in the 256 MiB default)."""
 
 _n: contextvars.ContextVar[int] = contextvars.ContextVar("tilesweep_supertile_n", default=1)
 """Tiles on a side of the request being made in this task (1: a single tile)."""
@@ -85,6 +98,17 @@ def check_blocks(source: Source, zoom: int, block_zoom: int) -> None:
         raise UsageError(f"--super {n} is more tiles on a side than zoom {zoom} has ({1 << zoom})")
 
 
+def tiles_per_request(n: int, tiles_per_block: float, block_tiles: int, min_fill: float = DEFAULT_MIN_FILL) -> float:
+    """Tiles one request is expected to bring, at most 16 (the worker leases this many
+    times a tile source's blocks): ``n * n`` times the share of a block's ``block_tiles``
+    cells that are planned (``tiles_per_block`` of them, e.g. a sample's), when that fills
+    a super-tile to ``min_fill``; else 1 (too sparse to group: single requests)."""
+    if n <= 1 or block_tiles <= 0:
+        return 1.0
+    per_cell = n * n * min(1.0, tiles_per_block / block_tiles)
+    return min(16.0, per_cell) if per_cell >= max(1, math.ceil(min_fill * n * n)) else 1.0
+
+
 class _Group:
     __slots__ = ("wanted", "task", "leader")
 
@@ -111,6 +135,11 @@ class SuperTileFetcher(Fetcher):
         self._groups: dict[tuple[int, int, int], _Group] = {}
         # single requests of super-tiles that fell back, beyond the group's own slot
         self._spare = asyncio.Semaphore(max(1, settings.concurrency))
+        # super-tile requests in flight: as many as the in-flight byte budget holds at
+        # EXPECTED_TILE_BYTES a tile (more would be cut for the budget and retried)
+        budget = settings.max_inflight_bytes
+        self.max_super_in_flight = max(1, budget // (self.n * self.n * EXPECTED_TILE_BYTES)) if budget else settings.concurrency
+        self._super_slots = asyncio.Semaphore(self.max_super_in_flight)
         self.super_requests = 0  # super-tiles asked for (each retried as one request)
         self.fallbacks = 0  # super-tiles whose tiles were asked for one by one instead
 
@@ -120,17 +149,23 @@ class SuperTileFetcher(Fetcher):
         return self.source.area_url(tile, _n.get())
 
     def _body_limit(self) -> int:
+        """``max_tile_bytes`` per tile of the request being made (a single: one tile's)."""
         s = self.settings
-        limit = s.max_tile_bytes * self.n * self.n
+        n = _n.get()
+        limit = s.max_tile_bytes * n * n
         if s.max_inflight_bytes:
             limit = min(limit, s.max_inflight_bytes)
         return min(limit, 2**31)
 
     def _judge(self, body: bytes, content_type: str | None) -> _Attempt:
         a = super()._judge(body, content_type)
+        n = _n.get()
+        if a.kind == "retry" and n > 1:
+            # a 200 that is no image for an area (a WMS ServiceException for a request over
+            # the server's MAXSIZE): asking again gets the same; ask tile by tile at once
+            return a._replace(kind="fatal")
         if a.kind != OK:
             return a
-        n = _n.get()
         if n == 1 and len(body) > self.settings.max_tile_bytes:  # the transport allows a super-tile's bytes
             return _Attempt("fatal", None, f"body over {self.settings.max_tile_bytes:,} bytes (max tile bytes)", 200, None)
         want = n * self.source.tile_size
@@ -202,8 +237,15 @@ class SuperTileFetcher(Fetcher):
         if r is None:  # the super-tile fell back to single requests
             if tile == g.leader:
                 return await self._request(tile, 1)  # in the group's slot
-            async with self._spare:  # the others took no slot: bound them here
+            slots = self.request_slots  # the others took no slot: take the caller's (the worker's)
+            if slots is None:
+                async with self._spare:  # or bound them here (fetch_many)
+                    return await self._request(tile, 1)
+            await slots.acquire()
+            try:
                 return await self._request(tile, 1)
+            finally:
+                slots.release()
         return r
 
     async def _fetch_group(self, key: tuple[int, int, int], g: _Group) -> dict[Tile, TileResult] | None:
@@ -215,19 +257,26 @@ class SuperTileFetcher(Fetcher):
         k = len(wanted)
         st = self.stats
         self.super_requests += 1
-        r = await self._request(nw, n)
+        async with self._super_slots:
+            r = await self._request(nw, n)
         label = f"super-tile {z}/{nw.x}/{nw.y} ({n}x{n})"
         if r.status == OK:
             assert r.data is not None
+            # the body still counts against the in-flight byte budget until it is cut
+            held = self._hold_bytes(len(r.data))
             try:
                 parts = await asyncio.get_running_loop().run_in_executor(
-                    None, cut, r.data, self.source.tile_size, [(t.x - nw.x, t.y - nw.y) for t in wanted])
+                    None, cut, r.data, self.source.tile_size, [(t.x - nw.x, t.y - nw.y) for t in wanted],
+                    self.settings.max_tile_bytes)
             except CutError as exc:
                 st.ok -= 1
                 st.by_reason["cannot cut"] += 1
                 self.fallbacks += 1
                 self._log_fallback(label, str(exc))
                 return None
+            finally:
+                held()
+                r = r._replace(data=None)
             st.ok += k - 1
             return {t: TileResult(t, OK, data, r.attempts if i == 0 else 0, None, r.http_status)
                     for i, (t, data) in enumerate(zip(wanted, parts))}
@@ -235,8 +284,10 @@ class SuperTileFetcher(Fetcher):
             st.empty += k - 1
             return {t: TileResult(t, EMPTY, None, r.attempts if i == 0 else 0, None, r.http_status) for i, t in enumerate(wanted)}
         reason = (r.error or "failed").split(": ", 1)[-1]
-        if r.http_status not in (401, 403) and "not retried" in reason:
-            # the server will not give this super-tile right: ask tile by tile
+        if r.http_status not in (401, 403):
+            # the server will not give this super-tile right (a wrong size, a non-image 200,
+            # a 4xx), or not within its retries (5xx, timeouts, cut for the byte budget):
+            # each tile alone may well work, so ask tile by tile rather than fail them
             st.failed -= 1
             self.fallbacks += 1
             self._log_fallback(label, reason)
@@ -244,6 +295,19 @@ class SuperTileFetcher(Fetcher):
         st.failed += k - 1
         return {t: TileResult(t, FAILED, None, r.attempts if i == 0 else 0, f"tile {t.z}/{t.x}/{t.y}: {label}: {reason}", r.http_status)
                 for i, t in enumerate(wanted)}
+
+    def _hold_bytes(self, nbytes: int) -> Callable[[], None]:
+        """Count ``nbytes`` (a received body) in the transport's bytes in flight; returns
+        the call that stops counting them."""
+        transport = self._transport
+        if transport is None:
+            return _nothing
+        transport.inflight_bytes += nbytes
+
+        def release() -> None:
+            transport.inflight_bytes -= nbytes
+
+        return release
 
     def _log_fallback(self, label: str, reason: str) -> None:
         from .fetch import log
@@ -264,6 +328,10 @@ class SuperTileFetcher(Fetcher):
                 forget()
 
 
+def _nothing() -> None:
+    pass
+
+
 async def _windows(tiles: Iterable[Tile] | AsyncIterable[Tile], size: int) -> AsyncIterator[list[Tile]]:
     chunk: list[Tile] = []
     if hasattr(tiles, "__aiter__"):
@@ -282,4 +350,4 @@ async def _windows(tiles: Iterable[Tile] | AsyncIterable[Tile], size: int) -> As
         yield chunk
 
 
-__all__ = ["DEFAULT_MIN_FILL", "SuperTileFetcher", "check_blocks", "open_fetcher"]
+__all__ = ["DEFAULT_MIN_FILL", "EXPECTED_TILE_BYTES", "SuperTileFetcher", "check_blocks", "open_fetcher", "tiles_per_request"]

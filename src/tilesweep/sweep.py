@@ -35,7 +35,7 @@ from . import __version__
 from .area import Area
 from .errors import UsageError
 from .plan import BlockChunk, PlanSpec, estimate_plan, pack_mask, plan_blocks
-from .queue import DEFAULT_URL, Block, Queue, StagedQueue, State, open_queue, parse_queue_url, redact, stage_queue
+from .queue import DEFAULT_URL, Block, OwnerStats, Queue, StagedQueue, State, open_queue, parse_queue_url, redact, stage_queue
 from .sources import Source
 from .store import TileStore
 
@@ -97,6 +97,9 @@ class SweepStatus:
     results: dict[str, int] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
     dead: list[dict[str, Any]] = field(default_factory=list)  # the first dead blocks: block, attempts, error
+    # per machine (host): its lease owners (worker loops) leasing now or done in the window,
+    # blocks leased now, blocks and tiles done in the window, tiles/s, last heartbeat
+    machines: list[dict[str, Any]] = field(default_factory=list)
     densify: list[dict[str, Any]] = field(default_factory=list)  # densify rounds (tilesweep.densify.rounds)
 
     def to_json(self) -> dict[str, Any]:
@@ -115,6 +118,7 @@ class SweepStatus:
             plan=self.plan,
             predictions=self.predictions,
             dead_blocks=self.dead,
+            machines=self.machines,
             densify=self.densify,
         )
         return out
@@ -472,6 +476,7 @@ class Sweep:
             results={"ok": r.ok, "empty": r.empty, "failed": r.failed, "bytes": r.bytes, "retries": r.retries},
             predictions=_ledger_summary(self.path),
             dead=self._dead_blocks() if blocks["dead"] else [],
+            machines=machines(self.queue.owner_stats(window), window),
             densify=rounds,
         )
 
@@ -502,6 +507,25 @@ class Sweep:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def machines(owners: list[OwnerStats], window_s: float) -> list[dict[str, Any]]:
+    """Owners grouped by host (an owner is ``host:pid:random``): per machine, its owners,
+    blocks leased now, blocks and tiles done in the last ``window_s`` seconds, tiles/s over
+    them, and its owners' last heartbeat (Unix seconds; None on SQLite), by host name."""
+    out: dict[str, dict[str, Any]] = {}
+    for o in owners:
+        m = out.setdefault(o.host, {"host": o.host, "owners": [], "blocks_leased": 0, "blocks_done": 0, "tiles_done": 0,
+                                    "tiles_per_s": 0.0, "last_seen": None})
+        m["owners"].append(o.owner)
+        m["blocks_leased"] += o.leased
+        m["blocks_done"] += o.done_blocks
+        m["tiles_done"] += o.done_tiles
+        if o.seen_at is not None:
+            m["last_seen"] = max(m["last_seen"] or 0.0, o.seen_at)
+    for m in out.values():
+        m["tiles_per_s"] = m["tiles_done"] / window_s if window_s > 0 else 0.0
+    return [out[h] for h in sorted(out)]
 
 
 def _queue_rows(chunk: BlockChunk, spec: PlanSpec):  # type: ignore[no-untyped-def]

@@ -10,7 +10,9 @@
   (small at 95, but the bytes are not the source's) and ~1.5 ms a tile. :data:`JPEG_CUT`
   says which is in use; a warning says so once.
 - **PNG, WebP**: decoded and each tile re-encoded without loss of pixels (PNG, lossless
-  WebP): the pixels are the source's, the bytes are ours.
+  WebP; PIL keeps the image's mode, greyscale or palette): the pixels are the source's,
+  the bytes are ours. A lossy WebP is re-encoded lossy at quality 90 (a second generation
+  of loss; lossless would be ~4x its bytes). The JPEG fallback keeps greyscale and CMYK.
 
 Other formats are refused (:class:`CutError`).
 """
@@ -52,40 +54,65 @@ class CutError(ValueError):
     """An image that cannot be cut into tiles (broken, or a format we do not cut)."""
 
 
-def cut(body: bytes, tile_px: int, cells: Sequence[tuple[int, int]]) -> list[bytes]:
+def cut(body: bytes, tile_px: int, cells: Sequence[tuple[int, int]], max_bytes: int = 0) -> list[bytes]:
     """The tiles of an image of whole tiles: for each ``(column, row)`` in ``cells``
     (counted from the north-west, in tiles of ``tile_px`` pixels), that tile's encoded
     bytes, in the image's own format. The caller has checked the image's size.
-    :class:`CutError` for a broken image or a format other than JPEG, PNG and WebP."""
+    :class:`CutError` for a broken image, a format other than JPEG, PNG and WebP, or a cut
+    tile over ``max_bytes`` bytes (0: no limit). A JPEG's APPn and COM markers (EXIF, ICC,
+    XMP) are not copied into the tiles: a profile of megabytes would be in every one."""
     fmt = image_format(body)
     boxes = [(c * tile_px, r * tile_px, tile_px, tile_px) for c, r in cells]
     try:
         if fmt == "jpeg":
             tj = _turbojpeg()
             if tj is not None:
-                return [bytes(b) for b in tj.crop_multiple(body, boxes)]
-            return _jpeg_reencoded(body, boxes)
-        if fmt in ("png", "webp"):
-            return _pixels_kept(body, boxes, fmt)
+                out = [bytes(b) for b in tj.crop_multiple(body, boxes, copynone=True)]
+            else:
+                out = _jpeg_reencoded(body, boxes)
+        elif fmt in ("png", "webp"):
+            out = _pixels_kept(body, boxes, fmt)
+        else:
+            raise CutError(f"cannot cut a {fmt or 'non-image'} body into tiles (JPEG, PNG and WebP can be cut)")
     except CutError:
         raise
     except Exception as exc:  # the libraries raise OSError, ValueError, RuntimeError...
         raise CutError(f"cannot cut the {fmt} image ({len(body):,} bytes): {exc}") from None
-    raise CutError(f"cannot cut a {fmt or 'non-image'} body into tiles (JPEG, PNG and WebP can be cut)")
+    if max_bytes:
+        big = max(len(b) for b in out) if out else 0
+        if big > max_bytes:
+            raise CutError(f"a cut {fmt} tile has {big:,} bytes, over {max_bytes:,} (max tile bytes)")
+    return out
 
 
 def _jpeg_reencoded(body: bytes, boxes: list[tuple[int, int, int, int]]) -> list[bytes]:
     import numpy as np
     import simplejpeg
 
-    img = simplejpeg.decode_jpeg(body, colorspace="RGB")
-    return [simplejpeg.encode_jpeg(np.ascontiguousarray(img[y : y + h, x : x + w]), quality=95, colorspace="RGB")
+    # keep a greyscale or CMYK image so (tjTransform keeps every colour space anyway)
+    space = {"Gray": "GRAY", "CMYK": "CMYK"}.get(simplejpeg.decode_jpeg_header(body)[2], "RGB")
+    img = simplejpeg.decode_jpeg(body, colorspace=space)
+    sub = "Gray" if space == "GRAY" else "444"
+    return [simplejpeg.encode_jpeg(np.ascontiguousarray(img[y : y + h, x : x + w]), quality=95, colorspace=space,
+                                   colorsubsampling=sub)
             for x, y, w, h in boxes]
+
+
+def _webp_lossy(body: bytes) -> bool:
+    """Whether a WebP holds a lossy (``VP8 ``) rather than a lossless (``VP8L``) bitstream."""
+    i = 12
+    while i + 8 <= len(body):
+        fourcc, size = body[i : i + 4], int.from_bytes(body[i + 4 : i + 8], "little")
+        if fourcc in (b"VP8 ", b"VP8L"):
+            return fourcc == b"VP8 "
+        i += 8 + size + (size & 1)
+    return False
 
 
 def _pixels_kept(body: bytes, boxes: list[tuple[int, int, int, int]], fmt: str) -> list[bytes]:
     from PIL import Image
 
+    lossy = fmt == "webp" and _webp_lossy(body)
     with Image.open(io.BytesIO(body)) as img:
         img.load()
         out = []
@@ -94,6 +121,8 @@ def _pixels_kept(body: bytes, boxes: list[tuple[int, int, int, int]], fmt: str) 
             tile = img.crop((x, y, x + w, y + h))
             if fmt == "png":
                 tile.save(buf, "PNG", compress_level=6)
+            elif lossy:  # a lossy WebP re-encoded losslessly would be ~4x its bytes
+                tile.save(buf, "WEBP", quality=90)
             else:
                 tile.save(buf, "WEBP", lossless=True)
             out.append(buf.getvalue())

@@ -202,6 +202,15 @@ def iter_children(tile: Tile, zoom: int | None = None) -> Iterator[Tile]:
             yield Tile(zoom, x0 + dx, y0 + dy)
 
 
+def block_tile_list(tile: Tile, zoom: int) -> list[Tile]:
+    """Every descendant of ``tile`` at ``zoom``, row by row from the north-west (a block's
+    tiles when all are planned); unlike :func:`children`, no range check (hot path)."""
+    d = zoom - tile.z
+    side = 1 << d
+    x0, y0 = tile.x << d, tile.y << d
+    return [Tile(zoom, x0 + c, y0 + r) for r in range(side) for c in range(side)]
+
+
 # --- quadkeys and TMS --------------------------------------------------------------------
 
 
@@ -248,15 +257,31 @@ def tile_id(tile: Tile) -> int:
 
 
 def _hilbert_index(z: int, x: int, y: int) -> int:
-    d = 0
-    s = 1 << z
-    while s > 1:
-        s >>= 1
-        rx = 1 if x & s else 0
-        ry = 1 if y & s else 0
-        d += s * s * ((3 * rx) ^ ry)
-        x, y = _rotate(s, x & (s - 1), y & (s - 1), rx, ry)
-    return d
+    return hilbert_frame(Tile(z, x, y))[0]
+
+
+def hilbert_frame(tile: Tile) -> tuple[int, int, int]:
+    """``(h, c, s)``: the tile's Hilbert index in its zoom's grid (``tile_id(tile) -
+    zoom_base_id(tile.z)``) and, mod 2, the complement (``c``) and swap (``s``) reflections
+    the walk applied on the way down. Those reflections apply to every lower-order bit, so
+    the curve inside the tile is the canonical curve of its depth seen through them
+    (:func:`descendant_ranks`). The one Hilbert walk of the package."""
+    z, x, y = tile
+    h = c = sw = 0
+    n = 1 << z
+    while n > 1:
+        n >>= 1
+        rx = 1 if x & n else 0
+        ry = 1 if y & n else 0
+        h += n * n * ((3 * rx) ^ ry)
+        x, y = x & (n - 1), y & (n - 1)
+        if ry == 0:
+            if rx == 1:
+                x, y = n - 1 - x, n - 1 - y
+                c ^= 1
+            x, y = y, x
+            sw ^= 1
+    return h, c, sw
 
 
 def _rotate(n: int, x: int, y: int, rx: int, ry: int) -> tuple[int, int]:
@@ -325,6 +350,45 @@ def tile_id_array(z: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         swap = ~ry
         x, y = np.where(swap, y, x), np.where(swap, x, y)
     return (d + zoom_base_id(z)).astype(np.uint64)
+
+
+_RANKS: dict[int, list[np.ndarray]] = {}  # depth -> the four reflected canonical curves
+
+
+def descendant_ranks(zoom: int, tile: Tile) -> np.ndarray:
+    """Hilbert rank (tile id minus the first descendant's id) of each descendant of
+    ``tile`` at ``zoom``, as uint64 indexed by ``dy * side + dx`` (read-only).
+
+    Inside a tile the curve is the canonical depth-``d`` curve seen through one of four
+    reflections (complement both axes and/or swap them, which commute), fixed by the
+    tile's own bits (:func:`hilbert_frame`). The four tables per depth are computed once,
+    which makes opening a shard cheap (no full-depth Hilbert computation per tile)."""
+    d = zoom - tile.z
+    tables = _RANKS.get(d)
+    if tables is None:
+        side = 1 << d
+        dy, dx = np.divmod(np.arange(side * side, dtype=np.int64), side)
+        tables = []
+        for c in (0, 1):
+            for sw in (0, 1):
+                tx, ty = (side - 1 - dx, side - 1 - dy) if c else (dx, dy)
+                if sw:
+                    tx, ty = ty, tx
+                t = tile_id_array(d, tx, ty) - np.uint64(zoom_base_id(d))
+                t.flags.writeable = False
+                tables.append(t)
+        _RANKS[d] = tables
+    _, c, sw = hilbert_frame(tile)
+    return tables[2 * c + sw]
+
+
+def centres_array(z: int, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised :func:`center`: tile centres ``(lon, lat)`` in degrees, float64, taken
+    in Mercator space."""
+    n = float(1 << z)
+    lon = (np.asarray(x, np.float64) + 0.5) / n * 360.0 - 180.0
+    lat = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * (np.asarray(y, np.float64) + 0.5) / n))))
+    return lon, lat
 
 
 def bounds_array(z: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -164,10 +164,11 @@ class CurlTransport:
 
     # --- requests ----------------------------------------------------------------------
 
-    async def get(self, url: str, timeout_s: float | None = None) -> Response:
+    async def get(self, url: str, timeout_s: float | None = None, max_body_bytes: int | None = None) -> Response:
         """GET ``url``; never raises for what the network or server does (see
         :class:`Response`), only on cancellation (the transfer is dropped) or when closed.
-        ``timeout_s``: this request's whole time, instead of ``total_timeout_s``."""
+        ``timeout_s``: this request's whole time, instead of ``total_timeout_s``;
+        ``max_body_bytes``: this request's body limit, instead of the transport's."""
         if self._closed:
             raise RuntimeError("transport is closed")
         c = self._free.pop() if self._free else self._new_handle()
@@ -179,7 +180,9 @@ class CurlTransport:
         # many requests (HTTP/2) before opening more. Cleartext HTTP/1.1 would only learn
         # that from a first response, holding every other request back until then.
         c.setopt(pycurl.PIPEWAIT, url.startswith("https:"))
-        c.setopt(pycurl.WRITEFUNCTION, self._writer(c, chunks))
+        limit = self._max_body if max_body_bytes is None else int(max_body_bytes)
+        c.setopt(pycurl.MAXFILESIZE_LARGE, limit)  # set on every request: handles are reused
+        c.setopt(pycurl.WRITEFUNCTION, self._writer(c, chunks, limit))
         c.chunks = chunks
         c.size = 0  # body bytes received (counted in inflight_bytes until it ends)
         c.over = 0  # why the write callback cut the transfer: E_FILESIZE_EXCEEDED / E_OVER_BUDGET
@@ -199,13 +202,13 @@ class CurlTransport:
                 self._recycle(c)
                 self._kick()
 
-    def _writer(self, c: pycurl.Curl, chunks: list[bytes]):  # type: ignore[no-untyped-def]
+    def _writer(self, c: pycurl.Curl, chunks: list[bytes], limit: int):  # type: ignore[no-untyped-def]
         """The write callback of one request: keeps the chunks, and cuts the transfer
         (returns 0: libcurl ends it with a write error) when the body passes
         ``max_body_bytes`` (a chunked body has no length for MAXFILESIZE to check first) or
         the bodies in flight would pass ``max_inflight_bytes``."""
         append = chunks.append
-        limit, budget = self._max_body, self._budget
+        budget = self._budget
 
         def write(chunk: bytes) -> int | None:
             n = len(chunk)

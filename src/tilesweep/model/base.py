@@ -79,8 +79,12 @@ def predict_pixels(model: Model, pixels: np.ndarray) -> np.ndarray:
     than float32, and normalises them on the device), else :func:`tilesweep.decode.normalise`
     on the CPU, then ``predict``."""
     own = getattr(model, "predict_pixels", None)
-    if own is not None:
+    if own is not None and (isinstance(pixels, np.ndarray) or getattr(model, "accepts_device_pixels", False)):
         return own(pixels)  # type: ignore[no-any-return]
+    if not isinstance(pixels, np.ndarray):  # a torch tensor decoded on the GPU, for a model that wants numpy
+        pixels = pixels.cpu().numpy()
+        if own is not None:
+            return own(pixels)  # type: ignore[no-any-return]
     from ..decode import normalise
 
     spec = model.info.input

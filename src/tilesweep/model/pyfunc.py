@@ -85,15 +85,18 @@ def _is_torch_module(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
-def load_callable(spec: str, *, device: str = "auto", threads: int | None = None) -> Model:
-    """The model ``module:attr`` names (see the module docstring)."""
+def load_callable(spec: str, *, device: str = "auto", threads: int | None = None, precision: str = "fp32",
+                  channels_last: bool = False) -> Model:
+    """The model ``module:attr`` names (see the module docstring); ``precision`` and
+    ``channels_last`` apply to a ``torch.nn.Module`` (:class:`~.torchmodel.TorchModel`)."""
     obj = resolve(spec)
     if isinstance(obj, Model) and isinstance(getattr(obj, "info", None), ModelInfo):
         return obj
     if _is_torch_module(obj):
         from .torchmodel import TorchModel
 
-        return TorchModel(obj, _meta_of(obj), name=spec, device=device, threads=threads)  # type: ignore[arg-type]
+        return TorchModel(obj, _meta_of(obj), name=spec, device=device, threads=threads,  # type: ignore[arg-type]
+                          precision=precision, channels_last=channels_last)  # type: ignore[arg-type]
     if not callable(obj):
         raise UsageError(f"model {spec!r} is a {type(obj).__name__}, not a function or model")
     return CallableModel(obj, info_from_metadata(_meta_of(obj), spec), spec)

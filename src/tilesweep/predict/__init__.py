@@ -12,6 +12,10 @@ Streaming from the source, with nothing stored (what ``tilesweep run`` does)::
     from tilesweep.predict import StreamFetch
     predict_sweep(sweep, model, stream=StreamFetch(sweep.source))
 
+Fetching into the store and scoring each stored block (``tilesweep run --keep-tiles``)::
+
+    predict_sweep(sweep, model, stream=StreamFetch(sweep.source, workers=2, keep_tiles=True))
+
 Rows land in ``SWEEP/predictions/{model}/part-*.parquet``; ``predictions/ledger.sqlite``
 records which blocks are done (see :mod:`tilesweep.predict.sink` and docs/predict.md).
 """

@@ -4,9 +4,9 @@ Stages, joined by bounded queues (so memory stays flat whatever the tile count):
 
     read (1 thread)      blocks done in the fetch queue and not yet predicted by this model:
                          the block's shard, memory-mapped, its records in tile-id order
-    fetch (1 thread)     with ``stream=``: an asyncio :class:`~tilesweep.worker.Worker` that
-                         leases blocks and fetches them straight into the pipeline, no store;
-                         a block is acked in the fetch queue once its part is durable. With
+    fetch (1 thread)     with ``stream=``: a :class:`~tilesweep.runner.Runner` that leases
+                         blocks and fetches them straight into the pipeline, no store; the
+                         runner acks a block in the fetch queue once its part is durable. With
                          ``StreamFetch(workers=N > 1)`` the thread receives the blocks of N
                          worker processes instead (:mod:`.procs`)
     decode (N threads)   JPEG/PNG/WebP -> RGB (simplejpeg releases the GIL) -> fit to the
@@ -15,6 +15,9 @@ Stages, joined by bounded queues (so memory stays flat whatever the tile count):
                          predict (:func:`~tilesweep.model.predict_pixels`: a GPU model gets
                          the uint8 pixels); a chipped tile gets the max over its chips
     sink (1 thread)      group commit of many blocks per Parquet part (:mod:`.sink`)
+
+One run is a :class:`_Pipeline`, one method per stage. With ``StreamFetch(keep_tiles=True)``
+the fetch goes to the store instead and the read stage follows it (:mod:`.keep`).
 
 Each stage counts tiles and busy seconds (:class:`StageMeter`), so a caller can show tiles/s
 per stage, queue fill and model busy %. The fetch stage is "busy" while it is not waiting
@@ -38,12 +41,14 @@ from ..decode import decode, fit
 from ..errors import UsageError
 from ..fetch import FetchSettings, TileResult
 from ..model.base import Model, check_scores, predict_pixels
-from ..queue import Block, BlockResult, State
+from ..block import Block, BlockResult, TileStatus
+from ..queue import State
 from ..sources import Source
-from ..store import Status
 from ..store.shard import CorruptShardError, ShardReader
+from ..runner import Worker, WorkerCounters, WorkerSettings
 from ..sweep import open_sweep_queue
-from ..worker import Worker, WorkerCounters, WorkerSettings
+from .bounds import bound_line, model_wait
+from .decoding import DECODE_MODES, ProcessDecode, choose_decode, concat, default_processes, gpu_decode_work, ring_bytes
 from .procs import FetchProcesses
 from .sink import LEDGER_FILE, BlockRows, PredictionSink
 
@@ -64,11 +69,17 @@ class StageMeter:
     tiles: int = 0
     busy_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    wait_s: float = 0.0  # issue 13: seconds spent waiting for input (the model stage)
+    processes: bool = False  # issue 13: ``threads`` counts processes (decode processes)
 
     def add(self, tiles: int, busy_s: float) -> None:
         with self.lock:
             self.tiles += tiles
             self.busy_s += busy_s
+
+    def waited(self, seconds: float) -> None:
+        with self.lock:
+            self.wait_s += seconds
 
     def busy(self, wall_s: float) -> float:
         """Share of the stage's thread time spent working, 0..1."""
@@ -97,25 +108,59 @@ class StreamFetch:
     fetched again; ``fetch`` and ``worker`` are the fetcher's and the leases' settings
     (``fetch.concurrency`` is per worker). ``workers``: 1 fetches in a thread of this
     process; more start that many fetch processes (one event loop fetches a few thousand
-    tiles/s: use them when the model, on a GPU, takes more)."""
+    tiles/s: use them when the model, on a GPU, takes more). ``keep_tiles``: also pack
+    the tiles into the store (``run --keep-tiles``): ``workers`` fetch processes (at
+    least one, never a thread) write the store and this process scores each stored block
+    (:mod:`.keep`)."""
 
     source: Source
     fetch: FetchSettings = field(default_factory=FetchSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     workers: int = 1
+    keep_tiles: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class PredictSettings:
-    """``batch``: model inputs per ``predict`` call; ``threads``: decode threads;
-    ``part_rows`` / ``part_seconds``: group commit bounds; ``queue_blocks``: blocks each
-    queue between stages may hold."""
+    """How the prediction pipeline runs; checked when built (one-line UsageError).
+
+    - ``batch``: model inputs per ``predict`` call, 1..65536;
+    - ``threads``: decode threads, 1..256;
+    - ``part_rows`` (>= 1) / ``part_seconds`` (> 0): group commit bounds, rows and
+      seconds per Parquet part;
+    - ``queue_blocks``: blocks each queue between stages may hold, >= 1;
+    - ``model_threads``: CPU threads of one model batch, 1..256 (None: the runtime's
+      choice); used when the model is loaded (:func:`tilesweep.model.load_model`);
+    - ``decode``: where tiles are decoded, ``auto``, ``threads``, ``processes`` or ``gpu``
+      (:mod:`.decoding`); ``decode_processes``: how many with ``processes``, 1..256 (None:
+      half the cores, 2..8)."""
 
     batch: int = 64
     threads: int = 2
     part_rows: int = 65536
     part_seconds: float = 60.0
     queue_blocks: int = 4
+    model_threads: int | None = None
+    decode: str = "auto"  # issue 13
+    decode_processes: int | None = None  # issue 13
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:  # issue 13
+            raise UsageError(f"decode {self.decode!r} is not auto, threads, processes or gpu")
+        if self.decode_processes is not None and not 1 <= self.decode_processes <= 256:
+            raise UsageError(f"decode processes {self.decode_processes} must be in 1..256")
+        if not 1 <= self.batch <= 65536:
+            raise UsageError(f"batch {self.batch} must be in 1..65536")
+        if not 1 <= self.threads <= 256:
+            raise UsageError(f"threads {self.threads} must be in 1..256")
+        if self.part_rows < 1:
+            raise UsageError(f"part rows {self.part_rows} must be >= 1")
+        if not self.part_seconds > 0:
+            raise UsageError(f"part seconds {self.part_seconds:g} must be > 0")
+        if self.queue_blocks < 1:
+            raise UsageError(f"queue blocks {self.queue_blocks} must be >= 1")
+        if self.model_threads is not None and not 1 <= self.model_threads <= 256:
+            raise UsageError(f"model threads {self.model_threads} must be in 1..256")
 
 
 @dataclass
@@ -141,6 +186,8 @@ class PredictReport:
     corrupt_shards: list[str] = field(default_factory=list)
     adopted_parts: int = 0
     fetch: WorkerCounters | None = None  # with stream=: the fetch's counters
+    decode: str = ""  # issue 13: the decode mode used, and why (auto)
+    decode_deaths: list[str] = field(default_factory=list)  # issue 13: decode processes that died (their blocks were decoded again)
     stages: dict[str, StageMeter] = field(default_factory=dict)
     queues: dict[str, "queue_mod.Queue[Any]"] = field(default_factory=dict, repr=False)
 
@@ -168,6 +215,16 @@ class PredictReport:
         top = max(others, key=lambda s: s.busy(self.wall_s))
         return top.name if top.busy(self.wall_s) >= 0.5 else "input (every stage waits for tiles)"
 
+    def bound_line(self) -> str:
+        """Which stage bounds the run and by how much, and the model's wait for input
+        (:func:`.bounds.bound_line`)."""
+        return bound_line(self)
+
+    @property
+    def model_wait(self) -> float:
+        """Share of the wall time the model waited for input, 0..1."""
+        return model_wait(self)
+
     def queue_fill(self) -> dict[str, float]:
         return {k: q.qsize() / q.maxsize for k, q in self.queues.items() if q.maxsize}
 
@@ -175,7 +232,7 @@ class PredictReport:
 class _Work:
     """One block on its way through the stages."""
 
-    __slots__ = ("block", "x", "y", "data", "empty", "failed", "inputs", "owner", "bad", "raw", "cursor")
+    __slots__ = ("block", "x", "y", "data", "empty", "failed", "inputs", "owner", "bad", "raw", "cursor", "slots")
 
     def __init__(self, block: Block, x: np.ndarray, y: np.ndarray, data: list[bytes], empty: int, failed: int) -> None:
         self.block = block
@@ -186,6 +243,7 @@ class _Work:
         self.bad: np.ndarray | None = None
         self.raw: np.ndarray | None = None
         self.cursor = 0
+        self.slots: list[int] = []  # issue 13: shared-memory slots holding ``inputs`` (decode processes)
 
 
 def blocks_to_predict(sweep: Any, predicted: set[int]) -> list[Block]:
@@ -216,383 +274,516 @@ def predict_sweep(
     ``stream``: fetch what the store does not hold straight from the source into the model
     (``tilesweep run``): pending blocks are leased and acked in the fetch queue once their
     predictions are durable; done blocks without a shard (streamed for another model) are
-    fetched again. Tiles are not stored."""
+    fetched again. Tiles are not stored, unless ``stream.keep_tiles``: then fetch worker
+    processes pack them into the store while this process scores each stored block
+    (:func:`tilesweep.predict.keep.predict_keeping_tiles`)."""
     if stream is not None and follow is not None:
         raise ValueError("predict_sweep: stream and follow exclude each other")
-    s = settings or PredictSettings()
-    info = model.info
-    spec = info.input
-    n_labels = len(info.labels)
-    report = PredictReport()
-    sink = PredictionSink(
-        sweep.path, sweep.zoom, model.name, model.digest, info.labels, info.threshold,
-        part_rows=s.part_rows, part_seconds=s.part_seconds,
-        # `run` fetches what a kill would lose: its first parts come at once, then at 1,
-        # 3, 7, ... seconds up to part_seconds (a few more small parts at the start).
-        first_part_s=1.0 if stream is not None or follow is not None else None,
-        holder="tilesweep run" if stream is not None or follow is not None else "tilesweep predict",
-    )
-    cleanup = contextlib.ExitStack()
-    live_procs: list[FetchProcesses] = []
-    try:
-        report.adopted_parts = sink.stats.adopted_parts
-        predicted = sink.predicted_ids()
-        todo = blocks_to_predict(sweep, predicted)
-        store = sweep.store
-        refetch: list[Block] = []
-        if stream is not None:  # what the store lacks comes from the source
-            refetch = [b for b in todo if not store.is_complete(b.tile)]
-            todo = [b for b in todo if store.is_complete(b.tile)] if refetch else todo
-        report.blocks_todo = len(todo) + len(refetch)
-        meters: dict[str, StageMeter] = {"read": StageMeter("read")}
-        if stream is not None:
-            meters["fetch"] = FlowMeter("fetch")
-        meters.update({name: StageMeter(name, threads) for name, threads in
-                       (("decode", s.threads), ("model", 1), ("sink", 1))})
-        report.stages = meters
-        q_read: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks)
-        q_dec: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks)
-        q_sink: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks * 4)
-        report.queues = {"read": q_read, "decode": q_dec, "sink": q_sink}
-        stop = threading.Event()
+    if stream is not None and stream.keep_tiles:
+        from .keep import predict_keeping_tiles
 
-        def on_signal() -> None:  # SIGINT/SIGTERM: stop leasing, commit what is whole, release
-            stop.set()
-            for fp in live_procs:
-                fp.stop()
+        return predict_keeping_tiles(sweep, model, settings, stream, on_progress, progress_every_s)
+    return _Pipeline(sweep, model, settings or PredictSettings(), follow, poll_s, stream).run(on_progress, progress_every_s)
 
-        # From here on a stop signal only sets the events (signals.stop_on_signals): the
-        # stages wind down in order, the sink commits the blocks scored whole, the fetch
-        # acks them and releases the rest; then KeyboardInterrupt tells the caller (the
-        # CLI: exit 130/143). Entered before the fetch processes start, so a stop during
-        # their start-up stops them too.
-        signalled = cleanup.enter_context(signals.stop_on_signals(on_signal))
-        errors: list[BaseException] = []
-        fetch_ended = threading.Event()  # the stream worker handed its last block (or stopped)
-        worker: Worker | None = None
-        procs: FetchProcesses | None = None
-        on_committed: Callable[[list[int]], None] | None = None
-        on_closed: Callable[[], None] | None = None  # after the sink's last commit
-        if stream is not None:
-            worker_args = (sweep.path, sweep.zoom, sweep.block_zoom, stream.source, stream.fetch, stream.worker)
-            if stream.workers > 1:
-                procs = FetchProcesses(worker_args, stream.workers, refetch, sink.root / LEDGER_FILE, sink.key)
-                live_procs.append(procs)
-                if stop.is_set():  # signalled while they started
-                    procs.stop()
-                on_committed, on_closed = procs.committed, procs.sink_closed
-            else:
-                consumer = _StreamConsumer(sink, predicted, meters["fetch"], lambda w: put(q_read, w), fetch_ended)  # type: ignore[arg-type]
-                worker = Worker(*worker_args, on_progress=lambda c: None, stop_event=stop, consumer=consumer, refetch=refetch)
-                report.fetch = worker.counters
-                on_committed, on_closed = worker.committed, worker.consumer_closed
 
-        def put(q: "queue_mod.Queue[Any]", item: Any) -> None:
-            while True:
-                if stop.is_set():
-                    raise _Stopped
-                try:
-                    q.put(item, timeout=0.1)
-                    return
-                except queue_mod.Full:
-                    pass
+class _Pipeline:
+    """One run of :func:`predict_sweep`: the stages of the module doc, one method each,
+    joined by bounded queues, started in threads by :meth:`run`.
 
-        def get(q: "queue_mod.Queue[Any]", timeout: float | None = None) -> Any:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                if stop.is_set():
-                    raise _Stopped
-                try:
-                    return q.get(timeout=0.1)
-                except queue_mod.Empty:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise
+    - :meth:`_read`: blocks of the store (and, with ``follow``, those done since) -> decode
+    - :meth:`_fetch`: with ``stream``, the runner (or its worker processes) -> decode
+    - :meth:`_decode`: bytes -> model inputs
+    - :meth:`_model`: batches across blocks -> scores
+    - :meth:`_sink`: group commit; each commit's ids go back to the runner, which acks them
 
+    A stop (a signal, an error in any stage) sets :attr:`stop`; every stage then winds down
+    in order and the sink commits the blocks scored whole."""
+
+    def __init__(self, sweep: Any, model: Model, s: PredictSettings, follow: Callable[[], bool] | None,
+                 poll_s: float, stream: StreamFetch | None) -> None:
+        self.sweep, self.model, self.s = sweep, model, s
+        self.follow, self.poll_s, self.stream = follow, poll_s, stream
+        self.info = model.info
+        self.spec = self.info.input
+        self.n_labels = len(self.info.labels)
+        self.report = PredictReport()
+        # issue 13: where decoding happens (threads here, decode processes, the GPU); chosen
+        # before the sink, so a mode that cannot run here writes nothing
+        self.n_procs = s.decode_processes or default_processes()
+        self.decode_mode, why = choose_decode(s.decode, model, ring=ring_bytes(self.n_procs, self.spec.size, s.batch, s.queue_blocks))
+        self.report.decode = f"{self.decode_mode} ({why})"
+        self.n_dec = s.threads if self.decode_mode == "threads" else 1  # consumers of the read queue
+        self.proc_decode: ProcessDecode | None = None
+        self.gpu_decoder: Any = None
+        live = stream is not None or follow is not None
+        self.sink = PredictionSink(
+            sweep.path, sweep.zoom, model.name, model.digest, self.info.labels, self.info.threshold,
+            part_rows=s.part_rows, part_seconds=s.part_seconds,
+            # `run` fetches what a kill would lose: its first parts come at once, then at 1,
+            # 3, 7, ... seconds up to part_seconds (a few more small parts at the start).
+            first_part_s=1.0 if live else None,
+            holder="tilesweep run" if live else "tilesweep predict",
+        )
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.live_procs: list[FetchProcesses] = []
+        self.fetch_ended = threading.Event()  # the stream's runner handed its last block (or stopped)
+        self.worker: Worker | None = None
+        self.procs: FetchProcesses | None = None
+        self.on_committed: Callable[[list[int]], None] | None = None
+        self.on_closed: Callable[[], None] | None = None  # after the sink's last commit
         # The main thread waits on this event, never in Thread.join: a Ctrl-C that lands
         # inside join() can leave that thread marked as stopped while it still runs
         # (CPython gh-90882), and then nobody waits for the worker to release its leases.
-        all_ended = threading.Event()
-        running = [0]
-        running_lock = threading.Lock()
+        self.all_ended = threading.Event()
+        self.running = 0
+        self.running_lock = threading.Lock()
 
-        def guarded(fn: Callable[[], None]) -> Callable[[], None]:
-            def run() -> None:
+    # --- the run ------------------------------------------------------------------------
+
+    def run(self, on_progress: Callable[[PredictReport], None] | None, progress_every_s: float) -> PredictReport:
+        cleanup = contextlib.ExitStack()
+        try:
+            self._plan()
+            self._make_queues()
+            # From here on a stop signal only sets the events (signals.stop_on_signals): the
+            # stages wind down in order, the sink commits the blocks scored whole, the fetch
+            # acks them and releases the rest; then KeyboardInterrupt tells the caller (the
+            # CLI: exit 130/143). Entered before the fetch processes start, so a stop during
+            # their start-up stops them too.
+            signalled = cleanup.enter_context(signals.stop_on_signals(self._on_signal))
+            if self.stream is not None:
+                self._make_fetch(self.stream)
+            return self._drive(on_progress, progress_every_s, signalled)
+        except BaseException:
+            for fp in self.live_procs:  # failed before its loop (e.g. a second signal): stop them
+                if fp.procs and any(p.is_alive() for p in fp.procs):
+                    fp.close(stop=True)
+            raise
+        finally:
+            cleanup.close()
+            if self.proc_decode is not None:  # issue 13: decode processes end, the ring is unlinked
+                self.proc_decode.close()
+            self.sink.close()
+
+    def _plan(self) -> None:
+        """What to score: done blocks this model has not scored, from the store; with a
+        stream, those the store lacks are fetched again (``refetch``)."""
+        self.report.adopted_parts = self.sink.stats.adopted_parts
+        self.predicted = self.sink.predicted_ids()
+        todo = blocks_to_predict(self.sweep, self.predicted)
+        self.store = self.sweep.store
+        self.refetch: list[Block] = []
+        if self.stream is not None:  # what the store lacks comes from the source
+            self.refetch = [b for b in todo if not self.store.is_complete(b.tile)]
+            todo = [b for b in todo if self.store.is_complete(b.tile)] if self.refetch else todo
+        self.todo = todo
+        self.report.blocks_todo = len(todo) + len(self.refetch)
+
+    def _make_queues(self) -> None:
+        s = self.s
+        meters: dict[str, StageMeter] = {"read": StageMeter("read")}
+        if self.stream is not None:
+            meters["fetch"] = FlowMeter("fetch")
+        meters.update({name: StageMeter(name, threads) for name, threads in
+                       (("decode", self.n_dec), ("model", 1), ("sink", 1))})
+        self.meters = self.report.stages = meters
+        if self.decode_mode == "processes":  # issue 13
+            meters["decode"].threads, meters["decode"].processes = self.n_procs, True
+            self.proc_decode = ProcessDecode(self.n_procs, self.spec.size, self.spec.fit, batch=s.batch,
+                                             queue_blocks=s.queue_blocks, stop=self.stop, stopped=_Stopped,
+                                             n_labels=self.n_labels, meter=meters["decode"])
+        elif self.decode_mode == "gpu":
+            from .gpudecode import GpuDecoder
+
+            self.gpu_decoder = GpuDecoder(self.spec.size, self.spec.fit)
+        self.q_read: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks)
+        self.q_dec: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks)
+        self.q_sink: queue_mod.Queue[Any] = queue_mod.Queue(s.queue_blocks * 4)
+        self.report.queues = {"read": self.q_read, "decode": self.q_dec, "sink": self.q_sink}
+
+    def _make_fetch(self, stream: StreamFetch) -> None:
+        """The stream's runner: in a thread of this process, or ``workers`` processes."""
+        sweep = self.sweep
+        worker_args = (sweep.path, sweep.zoom, sweep.block_zoom, stream.source, stream.fetch, stream.worker)
+        if stream.workers > 1:
+            procs = FetchProcesses(worker_args, stream.workers, self.refetch, self.sink.root / LEDGER_FILE, self.sink.key)
+            self.procs = procs
+            self.live_procs.append(procs)
+            if self.stop.is_set():  # signalled while they started
+                procs.stop()
+            self.on_committed, self.on_closed = procs.committed, procs.sink_closed
+        else:
+            consumer = _StreamConsumer(self.sink, self.predicted, self.meters["fetch"],  # type: ignore[arg-type]
+                                       lambda w: self._put(self.q_read, w), self.fetch_ended)
+            worker = Worker(*worker_args, on_progress=lambda c: None, stop_event=self.stop, consumer=consumer,
+                            refetch=self.refetch)
+            self.worker = worker
+            self.report.fetch = worker.counters
+            self.on_committed, self.on_closed = worker.committed, worker.consumer_closed
+
+    def _on_signal(self) -> None:  # SIGINT/SIGTERM: stop leasing, commit what is whole, release
+        self.stop.set()
+        for fp in self.live_procs:
+            fp.stop()
+
+    def _threads(self) -> list[threading.Thread]:
+        def thread(fn: Callable[[], None], name: str) -> threading.Thread:
+            return threading.Thread(target=self._guarded(fn), name=name, daemon=True)
+
+        threads = [thread(self._read, "predict-read")]
+        if self.proc_decode is not None:  # issue 13: one thread sends blocks to the decode processes, one gathers them
+            pd = self.proc_decode
+
+            def gather() -> None:
                 try:
-                    fn()
-                except _Stopped:
-                    pass
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    errors.append(exc)
-                    stop.set()
+                    pd.gather(lambda w: self._put(self.q_dec, w))
                 finally:
-                    with running_lock:
-                        running[0] -= 1
-                        if running[0] == 0:
-                            all_ended.set()
-            return run
+                    self._put(self.q_dec, _END)
 
-        def read() -> None:
-            m = meters["read"]
-            try:
-                for block in _blocks(todo):
-                    t0 = time.perf_counter()
-                    path = store.shard_path(block.tile)
-                    try:
-                        reader = ShardReader(path)
-                    except FileNotFoundError:
-                        report.missing_shards += 1
-                        continue
-                    except CorruptShardError as exc:
-                        _requeue_corrupt(sweep, store, block, exc, report)
-                        continue
-                    with reader:
-                        st = np.asarray(reader.records["status"])
-                        xs, ys = reader.coords()
-                        ok = np.nonzero(st == Status.OK)[0]
-                        try:  # every tile's crc is checked: no model scores flipped bytes
-                            data = [reader.data(int(i)) for i in ok]
-                        except CorruptShardError as exc:
-                            data = None
-                            bad = exc
-                        if data is not None:
-                            work = _Work(block, xs[ok], ys[ok], data, int(np.sum(st == Status.EMPTY)), int(np.sum(st == Status.FAILED)))
-                    if data is None:
-                        _requeue_corrupt(sweep, store, block, bad, report)
-                        continue
-                    m.add(len(ok), time.perf_counter() - t0)
-                    put(q_read, work)
-                while stream is not None and not fetch_ended.wait(0.1):  # the stream's blocks
-                    if stop.is_set():
-                        raise _Stopped
-            finally:
-                for _ in range(s.threads):
-                    put(q_read, _END)
+            threads += [thread(lambda: pd.dispatch(lambda: self._get(self.q_read), _END), "predict-decode-send"),
+                        thread(gather, "predict-decode-gather")]
+        else:
+            threads += [thread(self._decode, f"predict-decode-{i}") for i in range(self.n_dec)]
+        threads += [thread(self._model, "predict-model"), thread(self._sink, "predict-sink")]
+        if self.stream is not None:
+            threads.append(thread(self._fetch, "predict-fetch"))
+        return threads
 
-        def fetch_loop() -> None:
-            try:
-                if worker is not None:
-                    worker.run()
-                    return
-                assert procs is not None
-                m = meters["fetch"]
-                for block, x, y, data, empty in procs.blocks(stop):
-                    t0 = time.perf_counter()
-                    put(q_read, _Work(block, x, y, data, empty, 0))
-                    m.blocked(time.perf_counter() - t0)  # type: ignore[attr-defined]
-                    m.add(len(data) + empty, 0.0)
-            finally:
-                fetch_ended.set()
-
-        def _blocks(first: list[Block]) -> Iterator[Block]:
-            """``first``, then (with ``follow``) the blocks done since, until ``follow()``
-            turns False and a last look finds nothing new."""
-            seen = {b.id for b in first}
-            yield from first
-            if follow is None:
-                return
-            q = open_sweep_queue(sweep.path)  # this thread's own connection
-            try:
-                while True:
-                    more = follow()  # asked before looking, so the last look sees everything
-                    new = [b for b in q.blocks(State.DONE) if b.id not in seen and b.id not in predicted]
-                    for b in new:
-                        seen.add(b.id)
-                    report.blocks_todo += len(new)
-                    yield from new
-                    if not more and not new:
-                        return
-                    if not new:
-                        time.sleep(poll_s)
-                        if stop.is_set():
-                            raise _Stopped
-            finally:
-                q.close()
-
-        def decode_loop() -> None:
-            m = meters["decode"]
-            try:
-                while True:
-                    work = get(q_read)
-                    if work is _END:
-                        return
-                    t0 = time.perf_counter()
-                    parts, owners = [], []
-                    bad = np.zeros(len(work.data), bool)
-                    for i, data in enumerate(work.data):
-                        try:
-                            p = fit(decode(data), spec.size, spec.fit)
-                        except ValueError:  # DecodeError, or an image that does not fit
-                            bad[i] = True
-                            continue
-                        parts.append(p)
-                        owners.append(np.full(len(p), i, np.int64))
-                    work.inputs = np.concatenate(parts) if parts else np.zeros((0, spec.size, spec.size, 3), np.uint8)
-                    work.owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
-                    work.bad = bad
-                    work.raw = np.empty((len(work.inputs), n_labels), np.float32)
-                    work.data = []
-                    m.add(len(bad), time.perf_counter() - t0)
-                    put(q_dec, work)
-            finally:
-                put(q_dec, _END)
-
-        def finish(work: _Work) -> None:
-            scores = np.full((len(work.x), n_labels), -np.inf, np.float32)
-            if len(work.owner):
-                np.maximum.at(scores, work.owner, work.raw)
-            scores[work.bad] = np.nan
-            put(q_sink, BlockRows(work.block.id, work.block.z, work.x, work.y, scores, work.empty, work.failed, time.time(), work.bad))
-
-        def model_loop() -> None:
-            m = meters["model"]
-            pending: deque[_Work] = deque()
-            avail = 0
-            ended = 0
-            try:
-                while True:
-                    while avail < s.batch and ended < s.threads:
-                        work = get(q_dec)
-                        if work is _END:
-                            ended += 1
-                        elif len(work.inputs) == 0:
-                            if not pending:
-                                finish(work)
-                            else:
-                                pending.append(work)
-                        else:
-                            pending.append(work)
-                            avail += len(work.inputs)
-                    if avail == 0:
-                        while pending:
-                            finish(pending.popleft())
-                        if ended >= s.threads:
-                            return
-                        continue
-                    chunks, refs, need = [], [], s.batch
-                    for work in pending:
-                        if need == 0:
-                            break
-                        take = min(need, len(work.inputs) - work.cursor)
-                        if take:
-                            chunks.append(work.inputs[work.cursor : work.cursor + take])
-                            refs.append((work, work.cursor, take))
-                            work.cursor += take
-                            need -= take
-                    t0 = time.perf_counter()
-                    batch = np.concatenate(chunks)
-                    out = check_scores(_call_model(model, batch), len(batch), info, model.name)
-                    t1 = time.perf_counter()
-                    k = 0
-                    for work, start, take in refs:
-                        work.raw[start : start + take] = out[k : k + take]
-                        k += take
-                    avail -= len(batch)
-                    while pending and pending[0].cursor == len(pending[0].inputs):
-                        finish(pending.popleft())
-                    m.add(len(batch), t1 - t0)  # normalising counts: it is the model stage's work
-            finally:
-                put(q_sink, _END)
-
-        def sink_loop() -> None:
-            m = meters["sink"]
-
-            def add(rows: BlockRows) -> None:
-                t0 = time.perf_counter()
-                committed = sink.add(rows)
-                m.add(len(rows.x), time.perf_counter() - t0)
-                if committed and on_committed is not None:
-                    on_committed(committed)
-
-            clean = False
-            try:
-                try:
-                    while True:
-                        try:
-                            rows = get(q_sink, timeout=1.0)
-                        except queue_mod.Empty:
-                            if sink.due():
-                                committed = sink.commit()
-                                if committed and on_committed is not None:
-                                    on_committed(committed)
-                            continue
-                        if rows is _END:
-                            break
-                        add(rows)
-                except _Stopped:
-                    # A stop (Ctrl-C, SIGTERM, an error elsewhere): the blocks scored whole
-                    # are kept, those waiting here and those buffered, in one last part.
-                    while True:
-                        try:
-                            rows = q_sink.get_nowait()
-                        except queue_mod.Empty:
-                            break
-                        if rows is not _END:
-                            add(rows)
-                clean = True
-            finally:
-                try:
-                    if clean:  # not after the sink's own failure: it would fail again
-                        t0 = time.perf_counter()
-                        committed = sink.commit()
-                        m.add(0, time.perf_counter() - t0)
-                        if committed and on_committed is not None:
-                            on_committed(committed)
-                finally:
-                    if on_closed is not None:  # the fetch stops waiting for commits
-                        on_closed()
-
-        threads = [threading.Thread(target=guarded(read), name="predict-read", daemon=True)]
-        threads += [threading.Thread(target=guarded(decode_loop), name=f"predict-decode-{i}", daemon=True) for i in range(s.threads)]
-        threads += [threading.Thread(target=guarded(model_loop), name="predict-model", daemon=True),
-                    threading.Thread(target=guarded(sink_loop), name="predict-sink", daemon=True)]
-        if stream is not None:
-            threads.append(threading.Thread(target=guarded(fetch_loop), name="predict-fetch", daemon=True))
-        started = time.monotonic()
-
-        def snapshot() -> None:
-            if procs is not None:
-                report.fetch = procs.counters()
-            st = sink.stats
-            report.wall_s = time.monotonic() - started
-            report.blocks, report.tiles, report.positives = st.blocks, st.rows, st.positives
-            report.parts, report.bytes = st.parts, st.bytes
-            report.empty, report.failed, report.undecodable = st.empty, st.failed, st.undecodable
-            report.model_nan = st.model_nan
-
-        running[0] = len(threads)
+    def _drive(self, on_progress: Callable[[PredictReport], None] | None, every_s: float,
+               signalled: Callable[[], bool]) -> PredictReport:
+        """Start the stages, report progress until they end, then say how it ended."""
+        threads = self._threads()
+        self.started = time.monotonic()
+        self.running = len(threads)
         for t in threads:
             t.start()
         try:
-            while not all_ended.wait(progress_every_s):
+            while not self.all_ended.wait(every_s):
                 if on_progress is not None:
-                    snapshot()
-                    on_progress(report)
+                    self._snapshot()
+                    on_progress(self.report)
         except BaseException:  # a second signal, or a failing progress callback
-            on_signal()
+            self._on_signal()
             # the fetch worker releases its leases before it ends: give it time to
-            all_ended.wait(60 if worker is not None else 5)
-            if procs is not None:
-                procs.close(stop=True)
-                procs = None
+            self.all_ended.wait(60 if self.worker is not None else 5)
+            if self.procs is not None:
+                self.procs.close(stop=True)
+                self.procs = None
             raise
-        if procs is not None:  # the workers ack what the sink committed last, then end
-            procs.close(stop=bool(errors) or signalled())
-        snapshot()
-        if errors:
-            raise errors[0]
+        if self.procs is not None:  # the workers ack what the sink committed last, then end
+            self.procs.close(stop=bool(self.errors) or signalled())
+        self._snapshot()
+        if self.errors:
+            raise self.errors[0]
         if signalled():
             raise KeyboardInterrupt
-        if procs is not None and procs.deaths:  # a worker died; the others went on without it
-            raise procs.deaths.error()
-        return report
-    except BaseException:
-        for fp in live_procs:  # failed before its loop (e.g. a second signal): stop them
-            if fp.procs and any(p.is_alive() for p in fp.procs):
-                fp.close(stop=True)
-        raise
-    finally:
-        cleanup.close()
-        sink.close()
+        if self.procs is not None and self.procs.deaths:  # a worker died; the others went on without it
+            raise self.procs.deaths.error()
+        return self.report
+
+    def _snapshot(self) -> None:
+        report = self.report
+        if self.procs is not None:
+            report.fetch = self.procs.counters()
+        st = self.sink.stats
+        report.wall_s = time.monotonic() - self.started
+        report.blocks, report.tiles, report.positives = st.blocks, st.rows, st.positives
+        report.parts, report.bytes = st.parts, st.bytes
+        report.empty, report.failed, report.undecodable = st.empty, st.failed, st.undecodable
+        report.model_nan = st.model_nan
+        if self.proc_decode is not None:  # issue 13
+            report.decode_deaths = list(self.proc_decode.deaths)
+
+    # --- between the stages -------------------------------------------------------------
+
+    def _put(self, q: "queue_mod.Queue[Any]", item: Any) -> None:
+        while True:
+            if self.stop.is_set():
+                raise _Stopped
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue_mod.Full:
+                pass
+
+    def _get(self, q: "queue_mod.Queue[Any]", timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.stop.is_set():
+                raise _Stopped
+            try:
+                return q.get(timeout=0.1)
+            except queue_mod.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    def _guarded(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """``fn`` as a stage thread: a stop ends it quietly, an error stops every stage
+        and is raised by :meth:`_drive`; the last stage to end sets :attr:`all_ended`."""
+
+        def run() -> None:
+            try:
+                fn()
+            except _Stopped:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self.errors.append(exc)
+                self.stop.set()
+            finally:
+                with self.running_lock:
+                    self.running -= 1
+                    if self.running == 0:
+                        self.all_ended.set()
+
+        return run
+
+    # --- the stages ---------------------------------------------------------------------
+
+    def _read(self) -> None:
+        """The store's blocks -> decode; with a stream, then wait for its last block."""
+        m = self.meters["read"]
+        try:
+            for block in self._blocks(self.todo):
+                t0 = time.perf_counter()
+                work = self._read_block(block)
+                if work is None:
+                    continue
+                m.add(len(work.data), time.perf_counter() - t0)
+                self._put(self.q_read, work)
+            while self.stream is not None and not self.fetch_ended.wait(0.1):  # the stream's blocks
+                if self.stop.is_set():
+                    raise _Stopped
+        finally:
+            for _ in range(self.n_dec):
+                self._put(self.q_read, _END)
+
+    def _read_block(self, block: Block) -> _Work | None:
+        """A stored block's ok tiles (every crc checked: no model scores flipped bytes), or
+        None when its shard is missing (counted) or corrupt (moved aside and requeued)."""
+        path = self.store.shard_path(block.tile)
+        try:
+            reader = ShardReader(path)
+        except FileNotFoundError:
+            self.report.missing_shards += 1
+            return None
+        except CorruptShardError as exc:
+            _requeue_corrupt(self.sweep, self.store, block, exc, self.report)
+            return None
+        with reader:
+            st = np.asarray(reader.records["status"])
+            xs, ys = reader.coords()
+            ok = np.nonzero(st == TileStatus.OK)[0]
+            try:
+                data = [reader.data(int(i)) for i in ok]
+            except CorruptShardError as exc:
+                bad = exc
+            else:
+                return _Work(block, xs[ok], ys[ok], data, int(np.sum(st == TileStatus.EMPTY)), int(np.sum(st == TileStatus.FAILED)))
+        _requeue_corrupt(self.sweep, self.store, block, bad, self.report)
+        return None
+
+    def _blocks(self, first: list[Block]) -> Iterator[Block]:
+        """``first``, then (with ``follow``) the blocks done since, until ``follow()``
+        turns False and a last look finds nothing new."""
+        seen = {b.id for b in first}
+        yield from first
+        follow = self.follow
+        if follow is None:
+            return
+        q = open_sweep_queue(self.sweep.path)  # this thread's own connection
+        try:
+            while True:
+                more = follow()  # asked before looking, so the last look sees everything
+                new = [b for b in q.blocks(State.DONE) if b.id not in seen and b.id not in self.predicted]
+                for b in new:
+                    seen.add(b.id)
+                self.report.blocks_todo += len(new)
+                yield from new
+                if not more and not new:
+                    return
+                if not new:
+                    time.sleep(self.poll_s)
+                    if self.stop.is_set():
+                        raise _Stopped
+        finally:
+            q.close()
+
+    def _fetch(self) -> None:
+        """The stream: the runner in this thread, or the blocks of the worker processes."""
+        try:
+            if self.worker is not None:
+                self.worker.run()
+                return
+            assert self.procs is not None
+            m = self.meters["fetch"]
+            for block, x, y, data, empty in self.procs.blocks(self.stop):
+                t0 = time.perf_counter()
+                self._put(self.q_read, _Work(block, x, y, data, empty, 0))
+                m.blocked(time.perf_counter() - t0)  # type: ignore[attr-defined]
+                m.add(len(data) + empty, 0.0)
+        finally:
+            self.fetch_ended.set()
+
+    def _decode(self) -> None:
+        m = self.meters["decode"]
+        try:
+            while True:
+                work = self._get(self.q_read)
+                if work is _END:
+                    return
+                t0 = time.perf_counter()
+                n = len(work.data)
+                self._decode_block(work)
+                m.add(n, time.perf_counter() - t0)
+                self._put(self.q_dec, work)
+        finally:
+            self._put(self.q_dec, _END)
+
+    def _decode_block(self, work: _Work) -> None:
+        """Decode and fit every tile of ``work`` (a tile that does not decode is marked
+        ``bad``); its bytes are dropped."""
+        if self.gpu_decoder is not None:  # issue 13: the block's JPEGs in one nvJPEG call
+            gpu_decode_work(self.gpu_decoder, work, self.n_labels)
+            return
+        spec = self.spec
+        parts, owners = [], []
+        bad = np.zeros(len(work.data), bool)
+        for i, data in enumerate(work.data):
+            try:
+                p = fit(decode(data), spec.size, spec.fit)
+            except ValueError:  # DecodeError, or an image that does not fit
+                bad[i] = True
+                continue
+            parts.append(p)
+            owners.append(np.full(len(p), i, np.int64))
+        work.inputs = np.concatenate(parts) if parts else np.zeros((0, spec.size, spec.size, 3), np.uint8)
+        work.owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+        work.bad = bad
+        work.raw = np.empty((len(work.inputs), self.n_labels), np.float32)
+        work.data = []
+
+    def _finish(self, work: _Work) -> None:
+        """A block scored whole -> the sink (a chipped tile gets the max over its chips)."""
+        assert work.owner is not None and work.raw is not None and work.bad is not None
+        scores = np.full((len(work.x), self.n_labels), -np.inf, np.float32)
+        if len(work.owner):
+            np.maximum.at(scores, work.owner, work.raw)
+        scores[work.bad] = np.nan
+        if self.proc_decode is not None:  # issue 13: the model is done with the block's slot
+            self.proc_decode.release(work)
+        self._put(self.q_sink, BlockRows(work.block.id, work.block.z, work.x, work.y, scores, work.empty, work.failed, time.time(), work.bad))
+
+    def _model(self) -> None:
+        """Batches of ``batch`` inputs across block boundaries; a block goes on to the sink
+        once all its inputs are scored."""
+        m = self.meters["model"]
+        s = self.s
+        pending: deque[_Work] = deque()
+        avail = 0
+        ended = 0
+        try:
+            while True:
+                while avail < s.batch and ended < self.n_dec:
+                    tw = time.perf_counter()
+                    work = self._get(self.q_dec)
+                    m.waited(time.perf_counter() - tw)  # issue 13: the model waits for input
+                    if work is _END:
+                        ended += 1
+                    elif len(work.inputs) == 0:
+                        if not pending:
+                            self._finish(work)
+                        else:
+                            pending.append(work)
+                    else:
+                        pending.append(work)
+                        avail += len(work.inputs)
+                if avail == 0:
+                    while pending:
+                        self._finish(pending.popleft())
+                    if ended >= self.n_dec:
+                        return
+                    continue
+                n, busy_s = self._score_batch(pending)
+                avail -= n
+                while pending and pending[0].cursor == len(pending[0].inputs):
+                    self._finish(pending.popleft())
+                m.add(n, busy_s)  # normalising counts: it is the model stage's work
+        finally:
+            self._put(self.q_sink, _END)
+
+    def _score_batch(self, pending: "deque[_Work]") -> tuple[int, float]:
+        """Score the next ``batch`` inputs of the pending blocks; returns how many, and
+        the seconds the model took (normalising included)."""
+        chunks, refs, need = [], [], self.s.batch
+        for work in pending:
+            if need == 0:
+                break
+            take = min(need, len(work.inputs) - work.cursor)
+            if take:
+                chunks.append(work.inputs[work.cursor : work.cursor + take])
+                refs.append((work, work.cursor, take))
+                work.cursor += take
+                need -= take
+        t0 = time.perf_counter()
+        batch = concat(chunks)  # issue 13: numpy, or torch tensors decoded on the GPU
+        out = check_scores(_call_model(self.model, batch), len(batch), self.info, self.model.name)
+        busy_s = time.perf_counter() - t0
+        k = 0
+        for work, start, take in refs:
+            work.raw[start : start + take] = out[k : k + take]  # type: ignore[index]
+            k += take
+        return len(batch), busy_s
+
+    def _committed(self, committed: list[int]) -> None:
+        """The sink made these blocks durable: the runner acks them."""
+        if committed and self.on_committed is not None:
+            self.on_committed(committed)
+
+    def _sink_add(self, rows: BlockRows) -> None:
+        m = self.meters["sink"]
+        t0 = time.perf_counter()
+        committed = self.sink.add(rows)
+        m.add(len(rows.x), time.perf_counter() - t0)
+        self._committed(committed)
+
+    def _sink(self) -> None:
+        """Group commit; a stop keeps the blocks scored whole, in one last part."""
+        m = self.meters["sink"]
+        clean = False
+        try:
+            try:
+                while True:
+                    try:
+                        rows = self._get(self.q_sink, timeout=1.0)
+                    except queue_mod.Empty:
+                        if self.sink.due():
+                            self._committed(self.sink.commit())
+                        continue
+                    if rows is _END:
+                        break
+                    self._sink_add(rows)
+            except _Stopped:
+                # A stop (Ctrl-C, SIGTERM, an error elsewhere): the blocks scored whole
+                # are kept, those waiting here and those buffered, in one last part.
+                while True:
+                    try:
+                        rows = self.q_sink.get_nowait()
+                    except queue_mod.Empty:
+                        break
+                    if rows is not _END:
+                        self._sink_add(rows)
+            clean = True
+        finally:
+            try:
+                if clean:  # not after the sink's own failure: it would fail again
+                    t0 = time.perf_counter()
+                    committed = self.sink.commit()
+                    m.add(0, time.perf_counter() - t0)
+                    self._committed(committed)
+            finally:
+                if self.on_closed is not None:  # the fetch stops waiting for commits
+                    self.on_closed()
 
 
 class _StreamConsumer:
@@ -614,7 +805,7 @@ class _StreamConsumer:
         return self.sink.block_result(block.id) if block.id in self.predicted else None
 
     def take(self, block: Block, results: list[TileResult]) -> bool:
-        ok = [r for r in results if r.status == "ok"]
+        ok = [r for r in results if r.status is TileStatus.OK]
         x = np.fromiter((r.tile.x for r in ok), np.int64, len(ok))
         y = np.fromiter((r.tile.y for r in ok), np.int64, len(ok))
         work = _Work(block, x, y, [r.data for r in ok], len(results) - len(ok), 0)  # type: ignore[misc]

@@ -2,15 +2,17 @@
 
 One event loop fetches a few thousand tiles a second; on a many-core machine feeding a GPU
 that is the limit. With N workers, N processes each run a streaming
-:class:`~tilesweep.worker.Worker` whose consumer is a :class:`QueueConsumer`: a fetched
-block (its ok tiles' coordinates and bytes) goes to the prediction process through one
-bounded ``multiprocessing`` queue, and the block ids that the prediction process has made
-durable come back through a queue per worker, which then acks them. The lease stays with
+:class:`~tilesweep.runner.Runner` whose consumer is a :class:`QueueConsumer`: a fetched
+block (its ok tiles' coordinates and bytes, a :class:`Handed`) goes to the prediction
+process through one bounded ``multiprocessing`` queue, and the block ids that the
+prediction process has made durable come back through a queue per worker
+(:class:`Committed`), whose runner then acks them. The processes themselves are a
+:class:`~tilesweep.pool.ProcessPool`. The lease stays with
 the worker process the whole time, so a crash of either side returns the block.
 
 ::
 
-    worker 0 ─┐  blocks (bounded)               commits (per worker)
+    worker 0 ─┐  Handed (bounded)               Committed (per worker)
     worker 1 ─┼──────────────► FetchProcesses ──► decode → model → sink ──┐
     worker N ─┘ ◄──────────────────────────────────────────────────────────┘
 
@@ -23,21 +25,56 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_mod
-import threading
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 
-from .. import signals
+from ..block import Block, BlockResult, TileStatus
 from ..errors import UsageError
 from ..fetch import TileResult
-from ..queue import Block, BlockResult
-from ..worker import Worker, WorkerCounters, WorkerDeaths, progress_reporter, report_crash
+from ..pool import ProcessPool, WorkerDeaths, child_main
+from ..runner import Worker, WorkerCounters
 from .sink import ledger_block_result
 
-_END = None
+# --- messages between the prediction process and its fetch workers ----------------------
+
+
+@dataclass(frozen=True)
+class Handed:
+    """Worker ``index`` hands a fetched block over: its ok tiles' columns, rows and bytes,
+    and how many of its tiles were empty."""
+
+    index: int
+    block: Block
+    x: np.ndarray
+    y: np.ndarray
+    data: list[bytes]
+    empty: int
+
+
+@dataclass(frozen=True)
+class AllHanded:
+    """Worker ``index`` will hand over no more blocks."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Committed:
+    """These blocks' predictions are durable: the worker holding their leases acks them."""
+
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class SinkClosed:
+    """The sink made its last commit: stop waiting for more."""
+
+
+ToPredictor = Union[Handed, AllHanded]
+ToWorker = Union[Committed, SinkClosed]
 
 
 class QueueConsumer:
@@ -66,7 +103,7 @@ class QueueConsumer:
         the way out)."""
         return self.stop.is_set() or self.orphaned()
 
-    def _put(self, item: Any) -> bool:
+    def _put(self, item: ToPredictor) -> bool:
         while True:
             try:
                 self.blocks.put(item, timeout=0.2)
@@ -81,55 +118,42 @@ class QueueConsumer:
     def take(self, block: Block, results: list[TileResult]) -> bool:
         if self._crash:
             raise RuntimeError(f"test crash of worker {self.index} (TILESWEEP_TEST_CRASH_WORKER)")
-        ok = [r for r in results if r.status == "ok"]
+        ok = [r for r in results if r.status is TileStatus.OK]
         x = np.fromiter((r.tile.x for r in ok), np.int64, len(ok))
         y = np.fromiter((r.tile.y for r in ok), np.int64, len(ok))
-        return self._put((self.index, (block, x, y, [r.data for r in ok], len(results) - len(ok))))
+        return self._put(Handed(self.index, block, x, y, [r.data for r in ok], len(results) - len(ok)))  # type: ignore[misc]
 
     def end(self) -> None:
-        self._put((self.index, _END))
+        self._put(AllHanded(self.index))
 
     def poll_committed(self) -> list[int]:
         ids: list[int] = []
         while True:
             try:
-                some = self.commits.get_nowait()
+                msg: ToWorker = self.commits.get_nowait()
             except queue_mod.Empty:
                 return ids
-            if some is _END:  # the last commit was sent (a stop): stop waiting for more
+            if isinstance(msg, SinkClosed):  # the last commit was sent (a stop): stop waiting for more
                 self.closed = True
             else:
-                ids += some
+                ids += msg.ids
 
 
-def _worker_main(args: tuple, index: int, blocks: Any, commits: Any, progress: Any, stop: Any,  # type: ignore[type-arg]
-                 refetch: list[Block], ledger: Path, model_key: str, parent: int) -> None:
-    signals.install_worker_handlers()
+def _worker_main(args: tuple, blocks: Any, commits: Any, refetch: list[Block], ledger: Path, model_key: str,  # type: ignore[type-arg]
+                 progress: Any, index: int, stop: Any, parent: int) -> None:
     consumer = QueueConsumer(index, blocks, commits, stop, ledger, model_key, parent)
-    worker = Worker(*args, on_progress=progress_reporter(progress, index), stop_event=stop, consumer=consumer,
-                    refetch=refetch, parent_pid=parent)
-    try:
+
+    def body(on_progress: Callable[[WorkerCounters], None], stop_event: Any, parent_pid: int) -> WorkerCounters:
+        worker = Worker(*args, on_progress=on_progress, stop_event=stop_event, consumer=consumer,
+                        refetch=refetch, parent_pid=parent_pid)
         counters = worker.run()
-    except UsageError as exc:  # a SourceError: the parent stops the run with this line
-        if consumer.orphaned():
-            for q in (blocks, progress, commits):
-                q.cancel_join_thread()
-            return
-        progress.put((index, str(exc)))
-        return
-    except Exception as exc:  # a bug, a bad file: the parent names it when the run ends
-        if consumer.orphaned():
-            for q in (blocks, progress, commits):
-                q.cancel_join_thread()
-        report_crash(progress, index, exc, consumer.orphaned())
-    if consumer.orphaned():
-        # Nobody reads our queues any more: a block still in a queue's buffer would hold
-        # up our exit forever (the queue's feeder thread blocks on the full pipe).
-        for q in (blocks, progress, commits):
-            q.cancel_join_thread()
-        return
-    consumer.end()  # again, if stopped alone (a SIGINT to this process): the others go on
-    progress.put((index, counters))
+        if not consumer.orphaned():
+            consumer.end()  # again, if stopped alone (a SIGINT to this process): the others go on
+        return counters
+
+    # A full disk here is a crash like any other (the prediction process names it).
+    child_main(body, progress, index, stop, parent, queues=(blocks, commits), disk_full_stops=False,
+               on_orphan_check=consumer.orphaned)
 
 
 class FetchProcesses:
@@ -143,76 +167,53 @@ class FetchProcesses:
         ctx = mp.get_context("spawn")
         self.blocks_q: Any = ctx.Queue(maxsize=2 * workers)
         self.commits_q: list[Any] = [ctx.Queue() for _ in range(workers)]
-        self.progress_q: Any = ctx.Queue()
-        self.stop_ev = ctx.Event()
-        self.latest: dict[int, WorkerCounters] = {}
         self.owner_of: dict[int, int] = {}
         # Workers that died (a signal, an error): the run goes on without them; their
         # leases end when the run does (a block they handed over may still be committed).
-        self.deaths = WorkerDeaths(args[0])
-        self.lock = threading.Lock()
-        self.procs = [
-            ctx.Process(
-                target=_worker_main, daemon=False,
-                args=(args, i, self.blocks_q, self.commits_q[i], self.progress_q, self.stop_ev,
-                      refetch[i::workers], ledger, model_key, os.getpid()),
-            )
-            for i in range(workers)
-        ]
-        for p in self.procs:
-            if self.stop_ev.is_set():  # a stop signal during start-up
-                break
-            p.start()
-        self.procs = [p for p in self.procs if p.pid is not None]
+        self.pool = ProcessPool(
+            _worker_main,
+            lambda i: (args, self.blocks_q, self.commits_q[i], refetch[i::workers], ledger, model_key),
+            workers, args[0],
+        )
+        self.pool.start()
+
+    @property
+    def procs(self) -> list[Any]:
+        return self.pool.procs
+
+    @property
+    def deaths(self) -> WorkerDeaths:
+        return self.pool.deaths
 
     def stop(self) -> None:
         """Ask the workers to stop leasing and handing blocks over (safe from a signal handler)."""
-        self.stop_ev.set()
+        self.pool.stop()
 
     def sink_closed(self) -> None:
         """The last commit was routed: tell every worker to wait for no more."""
         for q in self.commits_q:
-            q.put(_END)
+            q.put(SinkClosed())
 
     def counters(self) -> WorkerCounters:
-        total = WorkerCounters()
-        with self.lock:
-            for c in self.latest.values():
-                total.add(c)
-        return total
+        return self.pool.total(WorkerCounters)  # type: ignore[no-any-return]
 
-    def _progress(self) -> None:
-        while True:
-            try:
-                index, c = self.progress_q.get_nowait()
-            except queue_mod.Empty:
-                return
-            if isinstance(c, str):
-                raise UsageError(c)
-            if isinstance(c, tuple):  # ("crashed", line): it exits 1 next
-                self.deaths.cause(index, c[1])
-                continue
-            with self.lock:
-                self.latest[index] = c
-
-    def blocks(self, stop: threading.Event) -> Iterator[tuple[Block, np.ndarray, np.ndarray, list[bytes], int]]:
+    def blocks(self, stop: Any) -> Iterator[tuple[Block, np.ndarray, np.ndarray, list[bytes], int]]:
         ended: set[int] = set()
         while len(ended) < len(self.procs) and not stop.is_set():
-            self._progress()
+            self.pool.read()  # a worker's refusal (UsageError) is raised here
             try:
-                index, payload = self.blocks_q.get(timeout=0.2)
+                msg: ToPredictor = self.blocks_q.get(timeout=0.2)
             except queue_mod.Empty:
-                for i, p in enumerate(self.procs):
-                    if i not in ended and p.exitcode not in (None, 0):  # died without its last word
-                        ended.add(i)  # the others go on; the run ends naming it
-                        self.deaths.dead(i, p, free=False)
+                for i in self.pool.dead_now(ended):  # died without its last word
+                    ended.add(i)  # the others go on; the run ends naming it
+                    self.deaths.dead(i, self.procs[i], free=False)
                 continue
-            if payload is _END:
-                ended.add(index)
+            if isinstance(msg, AllHanded):
+                ended.add(msg.index)
                 continue
-            self.owner_of[payload[0].id] = index
-            yield payload
-        self._progress()
+            self.owner_of[msg.block.id] = msg.index
+            yield msg.block, msg.x, msg.y, msg.data, msg.empty
+        self.pool.read()
 
     def committed(self, ids: list[int]) -> None:
         by_worker: dict[int, list[int]] = {}
@@ -221,44 +222,24 @@ class FetchProcesses:
             if w is not None:
                 by_worker.setdefault(w, []).append(i)
         for w, some in by_worker.items():
-            self.commits_q[w].put(some)
+            self.commits_q[w].put(Committed(some))
 
     def close(self, stop: bool) -> None:
         """Join the workers, reading their queues meanwhile (a process cannot exit while
         what it wrote sits in a full pipe). ``stop``: ask them to stop first (they release
         their leases). A second Ctrl-C kills them."""
         if stop:
-            self.stop_ev.set()
-        while any(p.is_alive() for p in self.procs):
-            try:
-                for q in (self.blocks_q, self.progress_q):
-                    while True:
-                        try:
-                            item = q.get_nowait()
-                        except queue_mod.Empty:
-                            break
-                        if q is self.progress_q and isinstance(item[1], tuple):
-                            self.deaths.cause(item[0], item[1][1])  # ("crashed", line)
-                        elif q is self.progress_q and not isinstance(item[1], str):
-                            with self.lock:
-                                self.latest[item[0]] = item[1]
-                time.sleep(0.05)
-            except KeyboardInterrupt:
-                for p in self.procs:
-                    p.kill()
-        for p in self.procs:
-            p.join()
+            self.pool.stop()
+        self.pool.drain_until_exit(also=[self.blocks_q])
         for q in self.commits_q:  # ids nobody will read now must not hold up our exit
             q.cancel_join_thread()
         try:
-            self._progress()
+            self.pool.read()
         except UsageError:
             pass
-        for i, p in enumerate(self.procs):
-            if p.exitcode != 0 and i not in self.deaths.died and not stop:
-                self.deaths.dead(i, p, free=False)
+        self.pool.note_deaths(stop, free=False)
         if self.deaths:
             self.deaths.free()  # the pipeline is done with what they handed over
 
 
-__all__ = ["FetchProcesses", "QueueConsumer"]
+__all__ = ["AllHanded", "Committed", "FetchProcesses", "Handed", "QueueConsumer", "SinkClosed"]

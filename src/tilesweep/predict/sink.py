@@ -50,8 +50,10 @@ import pyarrow.parquet as pq
 
 from ..durable import fsync_dir
 from ..errors import UsageError
-from ..queue import BlockResult, Queue
+from ..block import BlockResult
+from ..queue import Queue
 from ..storage import LocalStorage
+from ..tiles import centres_array as centres  # re-exported: tile math lives in tilesweep.tiles
 
 PREDICTIONS_DIR = "predictions"
 LEDGER_FILE = "ledger.sqlite"
@@ -135,15 +137,6 @@ class CommitStats:
     deleted_orphans: int = 0
     forgotten_parts: int = 0
     busy_s: float = 0.0
-
-
-def centres(z: int, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Tile centres (lon, lat) in degrees, taken in Mercator space (vectorised
-    :func:`tilesweep.tiles.center`)."""
-    n = float(1 << z)
-    lon = (np.asarray(x, np.float64) + 0.5) / n * 360.0 - 180.0
-    lat = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * (np.asarray(y, np.float64) + 0.5) / n))))
-    return lon, lat
 
 
 class PredictionSink:

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Iterable, Iterator, Mapping, NamedTuple, Protocol, TypedDict
 
-from ..plan import block_tiles, mask_cells
-from ..tiles import Tile, tile_id
+from ..block import Block, BlockResult  # re-exported: the shared types live in tilesweep.block
 
 
 class State(IntEnum):
@@ -30,53 +29,6 @@ class State(IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower()
-
-
-class Block(NamedTuple):
-    """A unit of work: the tile ``(z, x, y)`` at block zoom, with ``tiles`` planned
-    descendants. ``mask`` is the packed set of those descendants, a bit mask or a tile list
-    (see :func:`tilesweep.plan.pack_tiles`), or ``None`` when every descendant is planned.
-    Blocks of one sweep may lie at different zooms (adaptive blocks); ``id`` is unique
-    across zooms and blocks never overlap."""
-
-    z: int
-    x: int
-    y: int
-    tiles: int
-    mask: bytes | None = None
-
-    @property
-    def tile(self) -> Tile:
-        return Tile(self.z, self.x, self.y)
-
-    @property
-    def id(self) -> int:
-        """The block's PMTiles Hilbert id: its key in the queue, and the order of the store."""
-        return tile_id(self.tile)
-
-    def tile_list(self, zoom: int) -> list[Tile]:
-        """The planned tiles of the block at ``zoom``, row by row from the north-west."""
-        levels = zoom - self.z
-        cells = mask_cells(self.mask, levels)  # bit mask or tile list (adaptive blocks)
-        if cells is None:
-            return block_tiles(self.tile, zoom, None)
-        x0, y0 = self.x << levels, self.y << levels
-        return [Tile(zoom, x0 + c, y0 + r) for r, c in zip(cells[0].tolist(), cells[1].tolist())]
-
-
-class BlockResult(NamedTuple):
-    """What became of a block's tiles, recorded when it is acked: tiles fetched (``ok``),
-    absent at the source (``empty``, 404/204) and given up on (``failed``), bytes fetched,
-    and ``retries``: requests repeated after transient faults while fetching them.
-    ``stored``: 1 when the block's tiles were kept in a shard, 0 when they were streamed to
-    a model and not kept (by design), None when not known (`verify` then expects a shard)."""
-
-    ok: int = 0
-    empty: int = 0
-    failed: int = 0
-    bytes: int = 0
-    retries: int = 0
-    stored: int | None = None
 
 
 class Lease(NamedTuple):
@@ -111,6 +63,23 @@ class QueueStats:
     done_last_window: tuple[int, int, float]
     results: BlockResult = field(default_factory=BlockResult)
     unbalanced: int = 0
+
+
+class OwnerStats(NamedTuple):
+    """One lease owner (``host:pid:random``, see :func:`tilesweep.worker.new_owner`): the
+    blocks it leases now, the blocks and tiles it acked in the last ``window`` seconds,
+    and when it was last seen (its heartbeat, Unix seconds; None where the backend keeps
+    none: SQLite)."""
+
+    owner: str
+    leased: int
+    done_blocks: int
+    done_tiles: int
+    seen_at: float | None = None
+
+    @property
+    def host(self) -> str:
+        return self.owner.partition(":")[0]
 
 
 class BlockRecord(TypedDict):
@@ -166,8 +135,9 @@ class Queue(Protocol):
     def ack(self, ids: Iterable[int], results: Mapping[int, BlockResult] | None = None) -> int:
         """Mark blocks done (idempotent); returns how many changed state."""
 
-    def nack(self, block_id: int, error: str) -> State:
-        """Give a block back after a failure: pending again, or dead after max failed attempts."""
+    def nack(self, block_id: int, error: str, owner: str | None = None) -> State:
+        """Give a block back after a failure: pending again, or dead after max failed attempts.
+        With ``owner``, only while ``owner`` holds the lease (so it is safe to repeat)."""
 
     def extend(self, ids: Iterable[int], ttl: float, owner: str) -> list[int]:
         """Push the leases ``owner`` still holds to ``ttl`` seconds from now; returns their ids."""
@@ -177,6 +147,10 @@ class Queue(Protocol):
 
     def owners(self) -> dict[str, int]:
         """Owners of current leases and how many blocks each holds."""
+
+    def owner_stats(self, window: float = 300.0) -> list[OwnerStats]:
+        """Every owner that leases now or acked in the last ``window`` seconds, by owner
+        (``status`` groups them by host: each machine's loops and rates)."""
 
     def expire(self, owner: str) -> int:
         """End ``owner``'s leases now (the owner is known to be dead)."""
@@ -211,8 +185,9 @@ class Queue(Protocol):
         """``(block id, results)`` of every done block in id order (streams); None for a
         block acked without results."""
 
-    def records(self) -> Iterator[BlockRecord]:
-        """Every block's record in id order (streams; for queries over the queue)."""
+    def records(self, lo: int | None = None, hi: int | None = None) -> Iterator[BlockRecord]:
+        """Every block's record in id order (streams; for queries over the queue); with
+        ``lo``/``hi``, only ids in ``[lo, hi)`` (a quadtree cell's blocks: the viewer)."""
 
     def close(self) -> None: ...
 

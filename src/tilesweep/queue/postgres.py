@@ -3,9 +3,11 @@
 Same contract, counters and schema semantics as :class:`tilesweep.queue.SqliteQueue`
 (schema 2): ``pending -> leased(owner, until) -> done``, ``failures`` (nacks) against
 ``max_attempts``, ``lost`` (expired leases) against ``max_lost``, dead blocks with their
-last error, results recorded by (group) acks. A lease is ``UPDATE ... WHERE id IN (SELECT
-... ORDER BY priority LIMIT n FOR UPDATE SKIP LOCKED)``: concurrent leasers skip each
-other's rows instead of waiting, and never share a block. Expired leases are returned
+last error, results recorded by (group) acks. A lease is ``WITH picked AS MATERIALIZED
+(SELECT id ... ORDER BY priority LIMIT n FOR UPDATE SKIP LOCKED) UPDATE ... FROM picked
+WHERE state = pending``: the pick runs exactly once (materialised, whatever plan the
+planner chooses), concurrent leasers skip each other's rows instead of waiting, and never
+share a block. Expired leases are returned
 with ``SKIP LOCKED`` too, and acks lock their rows in id order, so no two workers can
 deadlock. Lease times are the server's clock (``clock_timestamp()``), so machines whose
 clocks disagree still agree on expiry.
@@ -14,8 +16,8 @@ Connections: one per queue object (open one per process: a connection is never u
 across ``fork``). A dropped connection (a server restart, ``pg_terminate_backend``, a
 network cut) is reconnected and the operation retried for up to ``reconnect_s`` seconds:
 an interrupted transaction was rolled back by the server, and every operation is safe to
-repeat (acks and releases are idempotent; a repeated lease at worst leaves leases that
-expire). Owners' heartbeats (``owners_seen``) are kept in an ``owners`` table, updated by
+repeat (acks and releases are idempotent, a nack given its owner is too, and a repeated
+lease returns what its first try leased). Owners' heartbeats (``owners_seen``) are kept in an ``owners`` table, updated by
 every lease and extend.
 
 The password is never in a URL tilesweep records or prints: libpq reads it from
@@ -26,17 +28,20 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 from ..errors import UsageError
-from .base import RECORD_FIELDS, Block, BlockRecord, BlockResult, DeadBlock, Lease, QueueStats, State
+from .base import RECORD_FIELDS, Block, BlockRecord, BlockResult, DeadBlock, Lease, OwnerStats, QueueStats, State
 from .url import QueueURL, StagedQueue
 
 try:
     import psycopg
+    from psycopg import sql
 except ImportError:  # the `postgres` extra is not installed
     psycopg = None  # type: ignore[assignment]
+    sql = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = 2
 MAX_LOST = 20
@@ -66,13 +71,14 @@ CREATE TABLE blocks (
     n_retries   INTEGER,
     failures    INTEGER NOT NULL DEFAULT 0,
     lost        INTEGER NOT NULL DEFAULT 0,
-    stored      SMALLINT
+    stored      SMALLINT,
+    done_by     TEXT                      -- the owner whose lease it was when acked (status per machine)
 );
 CREATE INDEX blocks_pending ON blocks(priority) WHERE state = {State.PENDING};
 CREATE INDEX blocks_leased ON blocks(lease_until) WHERE state = {State.LEASED};
 CREATE INDEX blocks_done ON blocks(done_at) WHERE state = {State.DONE};
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE owners (owner TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL);
+CREATE TABLE owners (owner TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL, last_lease TEXT, last_ids BIGINT[]);
 INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}')
 """
 _NOW = "extract(epoch from clock_timestamp())::float8"
@@ -104,8 +110,21 @@ def _connect(u: QueueURL, schema: str | None) -> Any:
     except psycopg.Error as exc:
         raise UsageError(f"queue {u.text!r}: cannot connect: {_one_line(exc)}") from None
     if schema is not None:
-        conn.execute(f"SET search_path TO {schema}")  # validated: [a-z_][a-z0-9_]*
+        conn.execute(_ident("SET search_path TO {}", schema))
     return conn
+
+
+def _ensure_done_by(db: Any) -> None:
+    """Add ``blocks.done_by`` to a queue planned before it existed (idempotent)."""
+    if db.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                  "AND table_name = 'blocks' AND column_name = 'done_by'").fetchone() is None:
+        db.execute("ALTER TABLE blocks ADD COLUMN IF NOT EXISTS done_by TEXT")
+
+
+def _ident(statement: str, *names: str) -> Any:
+    """``statement`` with its ``{}`` replaced by ``names`` quoted as identifiers (a schema
+    named like a reserved word, ``user`` or ``select``, is then a name like any other)."""
+    return sql.SQL(statement).format(*map(sql.Identifier, names))
 
 
 def _schema_exists(conn: Any, schema: str) -> bool:
@@ -139,7 +158,7 @@ class PostgresQueue:
             if not _schema_exists(self._db, self.schema):
                 raise UsageError(f"queue {self.url!r}: schema {self.schema!r} does not exist on the server "
                                  "(never planned there, or dropped)")
-            self._db.execute(f"SET search_path TO {self.schema}")
+            self._db.execute(_ident("SET search_path TO {}", self.schema))
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except BaseException:
             self._db.close()
@@ -148,6 +167,13 @@ class PostgresQueue:
         if version != SCHEMA_VERSION:
             self._db.close()
             raise UsageError(f"queue {self.url!r} has queue schema {version}, not {SCHEMA_VERSION} (this tilesweep)")
+        (has,) = self._db.execute(
+            """SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = %s AND table_name = 'owners'
+               AND column_name IN ('last_lease', 'last_ids')""", (self.schema,)).fetchone()
+        if has < 2:  # planned before leases recorded their token: add the columns (idempotent)
+            self._db.execute("ALTER TABLE owners ADD COLUMN IF NOT EXISTS last_lease TEXT, "
+                             "ADD COLUMN IF NOT EXISTS last_ids BIGINT[]")
+        self._run(_ensure_done_by)
 
     # --- connections ----------------------------------------------------------------------
 
@@ -229,27 +255,47 @@ class PostgresQueue:
 
     def lease(self, n: int, ttl: float, owner: str) -> list[Lease]:
         """Lease up to ``n`` pending blocks for ``ttl`` seconds, lowest priority first;
-        expired leases are returned to pending first."""
+        expired leases are returned to pending first.
+
+        Each call has a token, recorded with the ids it leased in the owner's row (same
+        statement): a call repeated after its reply was lost returns the blocks its first
+        try leased (those the owner still holds) instead of leasing a second batch."""
         if n < 1 or ttl <= 0:
             raise ValueError(f"lease needs n >= 1 and ttl > 0 (got n={n}, ttl={ttl})")
+        token = secrets.token_hex(8)
+        tries = []
 
         def op(db: Any) -> list[tuple[Any, ...]]:
+            tries.append(1)
+            if len(tries) > 1:  # the first try may have committed before its reply was lost
+                row = db.execute("SELECT last_ids FROM owners WHERE owner = %s AND last_lease = %s",
+                                 (owner, token)).fetchone()
+                if row is not None:
+                    return db.execute(
+                        f"""SELECT {_BLOCK_COLS}, attempts, priority, lease_until FROM blocks
+                            WHERE id = ANY(%s) AND state = {State.LEASED} AND owner = %s""",
+                        (row[0] or [], owner),
+                    ).fetchall()
             # Two statements, each atomic on its own (autocommit): expired leases back to
             # pending, then the lease with the owner's heartbeat (one round trip each).
             self._expire(db, None)
             return db.execute(
-                f"""WITH leased AS (
-                        UPDATE blocks SET state = {State.LEASED}, owner = %(owner)s, lease_until = {_NOW} + %(ttl)s,
-                            attempts = attempts + 1
-                        WHERE id IN (SELECT id FROM blocks WHERE state = {State.PENDING} ORDER BY priority LIMIT %(n)s
-                                     FOR UPDATE SKIP LOCKED)
-                        RETURNING {_BLOCK_COLS}, attempts, priority, lease_until),
-                    seen AS (INSERT INTO owners VALUES (%(owner)s, {_NOW})
-                             ON CONFLICT (owner) DO UPDATE SET seen_at = EXCLUDED.seen_at),
+                f"""WITH picked AS MATERIALIZED (
+                        SELECT id FROM blocks WHERE state = {State.PENDING} ORDER BY priority LIMIT %(n)s
+                        FOR UPDATE SKIP LOCKED),
+                    leased AS (
+                        UPDATE blocks b SET state = {State.LEASED}, owner = %(owner)s, lease_until = {_NOW} + %(ttl)s,
+                            attempts = b.attempts + 1
+                        FROM picked WHERE b.id = picked.id AND b.state = {State.PENDING}
+                        RETURNING {_BLOCK_COLS}, attempts, priority, lease_until, b.id AS id),
+                    seen AS (INSERT INTO owners
+                             SELECT %(owner)s, {_NOW}, %(token)s, COALESCE((SELECT array_agg(id) FROM leased), '{{}}')
+                             ON CONFLICT (owner) DO UPDATE SET seen_at = EXCLUDED.seen_at,
+                                 last_lease = EXCLUDED.last_lease, last_ids = EXCLUDED.last_ids),
                     first AS (INSERT INTO meta SELECT 'first_lease_at', {_NOW}::text WHERE EXISTS (SELECT 1 FROM leased)
                               ON CONFLICT DO NOTHING)
-                    SELECT * FROM leased""",
-                {"owner": owner, "ttl": float(ttl), "n": int(n)},
+                    SELECT {_BLOCK_COLS}, attempts, priority, lease_until FROM leased""",
+                {"owner": owner, "ttl": float(ttl), "n": int(n), "token": token},
             ).fetchall()
 
         rows = self._run(op)
@@ -258,7 +304,7 @@ class PostgresQueue:
 
     @staticmethod
     def _seen(db: Any, owner: str, now: float) -> None:
-        db.execute("INSERT INTO owners VALUES (%s, %s) ON CONFLICT (owner) DO UPDATE SET seen_at = EXCLUDED.seen_at",
+        db.execute("INSERT INTO owners (owner, seen_at) VALUES (%s, %s) ON CONFLICT (owner) DO UPDATE SET seen_at = EXCLUDED.seen_at",
                    (owner, now))
 
     def ack(self, ids: Iterable[int], results: Mapping[int, BlockResult] | None = None) -> int:
@@ -277,7 +323,7 @@ class PostgresQueue:
         def op(db: Any) -> int:
             db.execute("SELECT id FROM blocks WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (rows,))  # lock order: no deadlock
             cur = db.execute(
-                f"""UPDATE blocks b SET state = {State.DONE}, done_at = {_NOW}, owner = NULL, lease_until = NULL,
+                f"""UPDATE blocks b SET state = {State.DONE}, done_at = {_NOW}, done_by = b.owner, owner = NULL, lease_until = NULL,
                     n_ok = v.ok, n_empty = v.empty, n_failed = v.failed, n_bytes = v.bytes, n_retries = v.retries,
                     stored = v.stored, last_error = NULL
                     FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::int[], %s::bigint[], %s::int[], %s::smallint[])
@@ -289,16 +335,19 @@ class PostgresQueue:
 
         return self._txn(op)
 
-    def nack(self, block_id: int, error: str) -> State:
+    def nack(self, block_id: int, error: str, owner: str | None = None) -> State:
         """Give a block back after a failure with ``error`` kept: pending again, or dead once
-        ``max_attempts`` attempts have failed. Returns the new state (DONE if it was done)."""
+        ``max_attempts`` attempts have failed. Returns the new state (DONE if it was done).
+        With ``owner``, only while ``owner`` holds its lease (so a repeated nack, or one
+        after the lease was lost, changes nothing and returns the block's state)."""
+        held = "" if owner is None else f" AND state = {State.LEASED} AND owner = %s"
 
         def op(db: Any) -> State:
             row = db.execute(
                 f"""UPDATE blocks SET state = CASE WHEN failures + 1 >= %s THEN {State.DEAD} ELSE {State.PENDING} END,
                     failures = failures + 1, owner = NULL, lease_until = NULL, last_error = %s
-                    WHERE id = %s AND state != {State.DONE} RETURNING state""",
-                (self.max_attempts, error, int(block_id)),
+                    WHERE id = %s AND state != {State.DONE}{held} RETURNING state""",
+                (self.max_attempts, error, int(block_id), *(() if owner is None else (owner,))),
             ).fetchone()
             if row is None:
                 exists = db.execute("SELECT state FROM blocks WHERE id = %s", (int(block_id),)).fetchone()
@@ -348,6 +397,24 @@ class PostgresQueue:
         rows = self._run(lambda db: db.execute("SELECT owner, seen_at FROM owners ORDER BY owner").fetchall())
         return {str(o): float(t) for o, t in rows}
 
+    def owner_stats(self, window: float = 300.0) -> list[OwnerStats]:
+        """Owners leasing now or that acked in the last ``window`` seconds (server clock),
+        with their heartbeats."""
+        def op(db: Any) -> tuple[list[Any], list[Any]]:
+            leased = db.execute(f"SELECT owner, COUNT(*) FROM blocks WHERE state = {State.LEASED} GROUP BY owner").fetchall()
+            done = db.execute(
+                f"""SELECT done_by, COUNT(*), COALESCE(SUM(tiles), 0) FROM blocks
+                    WHERE state = {State.DONE} AND done_at >= {_NOW} - %s AND done_by IS NOT NULL GROUP BY done_by""",
+                (float(window),)).fetchall()
+            return leased, done
+
+        leased_rows, done_rows = self._run(op)
+        leased = {str(o): int(n) for o, n in leased_rows}
+        done = {str(o): (int(nb), int(nt)) for o, nb, nt in done_rows}
+        seen = self.owners_seen()
+        return [OwnerStats(o, leased.get(o, 0), *done.get(o, (0, 0)), seen.get(o))
+                for o in sorted(set(leased) | set(done))]
+
     def expire(self, owner: str) -> int:
         """End ``owner``'s leases now, as if they had expired (each a lost lease)."""
 
@@ -379,16 +446,18 @@ class PostgresQueue:
         """Expired leases go back to pending, counted as lost; dead after ``max_lost``.
         Rows another transaction holds are skipped (it is expiring or acking them)."""
         cur = db.execute(
-            f"""UPDATE blocks SET state = CASE WHEN lost + 1 >= %s THEN {State.DEAD} ELSE {State.PENDING} END,
+            f"""WITH picked AS MATERIALIZED (
+                    SELECT id FROM blocks WHERE state = {State.LEASED} AND lease_until < COALESCE(%s, {_NOW})
+                    FOR UPDATE SKIP LOCKED)
+                UPDATE blocks b SET state = CASE WHEN lost + 1 >= %s THEN {State.DEAD} ELSE {State.PENDING} END,
                 lost = lost + 1, owner = NULL, lease_until = NULL,
                 last_error = CASE WHEN lost + 1 >= %s
                     THEN 'lease lost ' || (lost + 1) || ' times: its worker died, crashed or stalled each time '
                          || 'it held this block (a block that crashes its worker?); last error before: '
                          || COALESCE(NULLIF(last_error, %s), 'none')
                     ELSE %s END
-                WHERE id IN (SELECT id FROM blocks WHERE state = {State.LEASED} AND lease_until < COALESCE(%s, {_NOW})
-                             FOR UPDATE SKIP LOCKED)""",
-            (self.max_lost, self.max_lost, _EXPIRED_ERROR, _EXPIRED_ERROR, now),
+                FROM picked WHERE b.id = picked.id AND b.state = {State.LEASED}""",
+            (now, self.max_lost, self.max_lost, _EXPIRED_ERROR, _EXPIRED_ERROR),
         )
         return int(cur.rowcount)
 
@@ -434,9 +503,10 @@ class PostgresQueue:
         row = self._run(lambda db: db.execute(f"SELECT {_RECORD_COLS} FROM blocks WHERE id = %s", (int(block_id),)).fetchone())
         return None if row is None else _record(row)
 
-    def records(self) -> Iterator[BlockRecord]:
-        """Every block's record in id order (streams)."""
-        for row in self._stream(f"SELECT {_RECORD_COLS} FROM blocks ORDER BY id"):
+    def records(self, lo: int | None = None, hi: int | None = None) -> Iterator[BlockRecord]:
+        """Every block's record in id order (streams), or those with ids in ``[lo, hi)``."""
+        lo_, hi_ = (-1 if lo is None else int(lo)), ((1 << 62) if hi is None else int(hi))
+        for row in self._stream(f"SELECT {_RECORD_COLS} FROM blocks WHERE id >= %s AND id < %s ORDER BY id", (lo_, hi_)):
             yield _record(row)
 
     def results(self) -> Iterator[tuple[int, BlockResult | None]]:
@@ -531,17 +601,25 @@ def _record(row: tuple[Any, ...]) -> BlockRecord:
 
 def stage(u: QueueURL) -> StagedQueue:
     """A new, empty queue for a plan at ``u`` (its schema must not exist yet): filled in
-    ``<schema>_partial``, published by renaming that schema (atomic), dropped on discard."""
+    ``<schema>_partial``, published by renaming that schema (atomic), dropped on discard.
+    One plan at a time per schema: a session advisory lock on the schema's name is held
+    from here to publish or discard, and a second plan meanwhile is a :class:`UsageError`."""
     assert u.schema is not None
     final, partial = u.schema, u.schema + "_partial"
     admin = _connect(u, None)
     try:
+        # Held by this session until publish or discard closes it: a second plan of the same
+        # schema fails now, instead of dropping this one's partial schema and both writing
+        # into the new one. It also makes dropping a partial left by a killed plan safe.
+        (mine,) = admin.execute("SELECT pg_try_advisory_lock(hashtext(%s))", ("tilesweep.stage." + final,)).fetchone()
+        if not mine:
+            raise UsageError(f"queue {u.text!r}: another plan is creating schema {final!r} right now")
         if _schema_exists(admin, final):
             raise UsageError(f"queue {u.text!r}: schema {final!r} already holds a queue (another sweep's?)")
         with admin.transaction():
-            admin.execute(f"DROP SCHEMA IF EXISTS {partial} CASCADE")  # a plan killed earlier
-            admin.execute(f"CREATE SCHEMA {partial}")
-            admin.execute(f"SET LOCAL search_path TO {partial}")
+            admin.execute(_ident("DROP SCHEMA IF EXISTS {} CASCADE", partial))  # a plan killed earlier
+            admin.execute(_ident("CREATE SCHEMA {}", partial))
+            admin.execute(_ident("SET LOCAL search_path TO {}", partial))
             for stmt in filter(str.strip, _TABLES.split(";")):
                 admin.execute(stmt)
     except psycopg.Error as exc:
@@ -555,7 +633,7 @@ def stage(u: QueueURL) -> StagedQueue:
 
     def publish() -> None:
         try:
-            admin.execute(f"ALTER SCHEMA {partial} RENAME TO {final}")
+            admin.execute(_ident("ALTER SCHEMA {} RENAME TO {}", partial, final))
             published.append(True)
         finally:
             admin.close()
@@ -563,9 +641,9 @@ def stage(u: QueueURL) -> StagedQueue:
     def discard() -> None:
         db = admin if not admin.closed and not admin.broken else _connect(u, None)
         try:
-            db.execute(f"DROP SCHEMA IF EXISTS {partial} CASCADE")
+            db.execute(_ident("DROP SCHEMA IF EXISTS {} CASCADE", partial))
             if published:
-                db.execute(f"DROP SCHEMA IF EXISTS {final} CASCADE")
+                db.execute(_ident("DROP SCHEMA IF EXISTS {} CASCADE", final))
         finally:
             db.close()
             admin.close()

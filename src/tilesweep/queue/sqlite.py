@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
-from .base import RECORD_FIELDS, Block, BlockRecord, BlockResult, DeadBlock, Lease, QueueStats, State
+from .base import RECORD_FIELDS, Block, BlockRecord, BlockResult, DeadBlock, Lease, OwnerStats, QueueStats, State
 
 SCHEMA_VERSION = 2
 _EXPIRED_ERROR = "lease expired (worker died or stalled)"
@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS blocks (
     n_retries   INTEGER,
     failures    INTEGER NOT NULL DEFAULT 0,   -- attempts that failed (nack): max_attempts
     lost        INTEGER NOT NULL DEFAULT 0,   -- leases that expired (owner died or stalled): max_lost
-    stored      INTEGER                   -- 1: tiles kept in a shard, 0: streamed (not kept), NULL: unknown
+    stored      INTEGER,                  -- 1: tiles kept in a shard, 0: streamed (not kept), NULL: unknown
+    done_by     TEXT                      -- the owner whose lease it was when acked (status per machine)
 );
 CREATE INDEX IF NOT EXISTS blocks_pending ON blocks(priority) WHERE state = {State.PENDING};
 CREATE INDEX IF NOT EXISTS blocks_leased ON blocks(lease_until) WHERE state = {State.LEASED};
@@ -104,17 +105,18 @@ class SqliteQueue:
         self._ensure_stored_column()
 
     def _ensure_stored_column(self) -> None:
-        """Add ``blocks.stored`` to a queue made before it existed (idempotent; checked
-        again under the write lock, so concurrent openers are safe)."""
-        def has() -> bool:
-            return any(r[1] == "stored" for r in self._db.execute("PRAGMA table_info(blocks)"))
+        """Add ``blocks.stored`` and ``blocks.done_by`` to a queue made before they existed
+        (idempotent; checked again under the write lock, so concurrent openers are safe)."""
+        def missing() -> list[str]:
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(blocks)")}
+            return [c for c in ("stored INTEGER", "done_by TEXT") if c.split()[0] not in have]
 
-        if has():
+        if not missing():
             return
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            if not has():
-                self._db.execute("ALTER TABLE blocks ADD COLUMN stored INTEGER")
+            for column in missing():
+                self._db.execute(f"ALTER TABLE blocks ADD COLUMN {column}")
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -221,22 +223,25 @@ class SqliteQueue:
         with self._write() as db:
             before = db.total_changes
             db.executemany(
-                f"""UPDATE blocks SET state = {State.DONE}, done_at = ?, owner = NULL, lease_until = NULL,
+                f"""UPDATE blocks SET state = {State.DONE}, done_at = ?, done_by = owner, owner = NULL, lease_until = NULL,
                     n_ok = ?, n_empty = ?, n_failed = ?, n_bytes = ?, n_retries = ?, stored = ?, last_error = NULL
                     WHERE id = ? AND state != {State.DONE}""",
                 rows,
             )
             return db.total_changes - before
 
-    def nack(self, block_id: int, error: str) -> State:
+    def nack(self, block_id: int, error: str, owner: str | None = None) -> State:
         """Give a block back after a failure with ``error`` kept: pending again, or dead once
-        ``max_attempts`` attempts have failed. Returns the new state (DONE if it was done)."""
+        ``max_attempts`` attempts have failed. Returns the new state (DONE if it was done).
+        With ``owner``, only while ``owner`` holds its lease (a repeated or late nack changes
+        nothing and returns the block's state)."""
+        held = "" if owner is None else f" AND state = {State.LEASED} AND owner = ?"
         with self._write() as db:
             row = db.execute(
                 f"""UPDATE blocks SET state = CASE WHEN failures + 1 >= ? THEN {State.DEAD} ELSE {State.PENDING} END,
                     failures = failures + 1, owner = NULL, lease_until = NULL, last_error = ?
-                    WHERE id = ? AND state != {State.DONE} RETURNING state""",
-                (self.max_attempts, error, int(block_id)),
+                    WHERE id = ? AND state != {State.DONE}{held} RETURNING state""",
+                (self.max_attempts, error, int(block_id), *(() if owner is None else (owner,))),
             ).fetchone()
             if row is None:
                 exists = db.execute("SELECT state FROM blocks WHERE id = ?", (int(block_id),)).fetchone()
@@ -276,6 +281,15 @@ class SqliteQueue:
         """Owners of current leases and how many blocks each holds."""
         rows = self._db.execute(f"SELECT owner, COUNT(*) FROM blocks WHERE state = {State.LEASED} GROUP BY owner")
         return {str(o): int(n) for o, n in rows}
+
+    def owner_stats(self, window: float = 300.0) -> list[OwnerStats]:
+        """Owners leasing now or that acked in the last ``window`` seconds (no heartbeat kept)."""
+        leased = dict(self.owners())
+        done = {str(o): (int(nb), int(nt)) for o, nb, nt in self._db.execute(
+            f"""SELECT done_by, COUNT(*), COALESCE(SUM(tiles), 0) FROM blocks
+                WHERE state = {State.DONE} AND done_at >= ? AND done_by IS NOT NULL GROUP BY done_by""",
+            (time.time() - window,))}
+        return [OwnerStats(o, leased.get(o, 0), *done.get(o, (0, 0))) for o in sorted(set(leased) | set(done))]
 
     def expire(self, owner: str) -> int:
         """End ``owner``'s leases now, as if they had expired (the owner is known to be
@@ -348,9 +362,10 @@ class SqliteQueue:
         row = self._db.execute(f"SELECT {_RECORD_COLS} FROM blocks WHERE id = ?", (int(block_id),)).fetchone()
         return None if row is None else _record(row)
 
-    def records(self) -> Iterator[BlockRecord]:
-        """Every block's record in id order (streams)."""
-        for row in self._db.execute(f"SELECT {_RECORD_COLS} FROM blocks ORDER BY id"):
+    def records(self, lo: int | None = None, hi: int | None = None) -> Iterator[BlockRecord]:
+        """Every block's record in id order (streams), or those with ids in ``[lo, hi)``."""
+        lo_, hi_ = (-1 if lo is None else int(lo)), ((1 << 62) if hi is None else int(hi))
+        for row in self._db.execute(f"SELECT {_RECORD_COLS} FROM blocks WHERE id >= ? AND id < ? ORDER BY id", (lo_, hi_)):
             yield _record(row)
 
     def results(self) -> Iterator[tuple[int, BlockResult | None]]:

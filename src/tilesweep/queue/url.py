@@ -8,8 +8,9 @@
   is tilesweep's own parameter (the sweep's tables live in that schema, so one database
   holds many sweeps); every other parameter goes to libpq. The password never belongs in
   the URL: libpq takes it from ``PGPASSWORD``, ``~/.pgpass`` or its other environment
-  variables. A URL given with one is accepted, but only its redacted form is ever
-  recorded or printed.
+  variables. A URL given with one (``user:pw@host``, or any parameter whose name holds
+  "password") is accepted and connects with it, but only its redacted form is ever
+  recorded or printed. ``NAME``: ``[a-z_][a-z0-9_]{0,47}``, not starting with ``pg_``.
 
 Bad URLs raise :class:`tilesweep.errors.UsageError` naming the URL (redacted).
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
@@ -29,7 +30,7 @@ from .base import Queue
 from .sqlite import MAX_LOST
 
 DEFAULT_URL = "sqlite:queue.sqlite"  # the sweep folder's own queue
-_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,47}")  # fullmatch: no trailing newline slips through
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class QueueURL:
     text: str  # the URL as recorded: never with a password
     path: Path | None = None
     relative: bool = False
-    conninfo: str | None = None
+    conninfo: str | None = field(default=None, repr=False)  # may hold the password: never printed
     schema: str | None = None
 
     def resolve(self, base: str | os.PathLike[str] | None) -> Path:
@@ -56,8 +57,9 @@ class QueueURL:
 
 
 def redact(url: str) -> str:
-    """``url`` without its password (``user:secret@host`` -> ``user@host``), also in a
-    ``password=`` parameter; other text is kept as it is."""
+    """``url`` without its password (``user:secret@host`` -> ``user@host``), nor any
+    parameter whose name holds "password" (``password=``, ``sslpassword=``); other text
+    is kept as it is."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -68,7 +70,7 @@ def redact(url: str) -> str:
         netloc = f"{userinfo.partition(':')[0]}@{hostport}"
     query = parts.query
     if "password" in query.lower():
-        query = urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k.lower() != "password"])
+        query = urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if "password" not in k.lower()])
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -113,10 +115,12 @@ def parse_queue_url(url: str) -> QueueURL:
             schema = v
         else:
             others.append((k, v))
-    if schema is not None and not _SCHEMA_RE.match(schema):
+    if schema is not None and not _SCHEMA_RE.fullmatch(schema):
         raise UsageError(
             f"queue URL {shown!r}: schema {schema!r} must be lower-case letters, digits and _ (at most 48, not starting with a digit)"
         )
+    if schema is not None and schema.startswith("pg_"):
+        raise UsageError(f"queue URL {shown!r}: schema {schema!r} starts with pg_, which PostgreSQL keeps for itself")
     conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(others), ""))
     text = redact(url)
     return QueueURL("postgresql", text, conninfo=conninfo, schema=schema)
@@ -219,7 +223,7 @@ def stage_queue(url: str, base: str | os.PathLike[str]) -> StagedQueue:
 
     if u.schema is None:
         given = u.text
-        u = parse_queue_url(with_schema(u.text, new_schema_name()))
+        u = parse_queue_url(with_schema(url, new_schema_name()))  # the URL as given: with its password, if any
         try:
             return stage(u)
         except UsageError as exc:  # name the URL as the user gave it, not with our schema

@@ -166,6 +166,8 @@ class SimServer:
             _Buckets(f.rate_limit, float(f.rate_burst or max(1.0, math.ceil(f.rate_limit)))) if f.rate_limit else None
         )
         self._covered: dict[Tile, bool] = {}
+        # _arrays, _covered and stats["renders"] are used from the render threads too
+        self._lock = threading.Lock()
         self._inflight: dict[Any, asyncio.Future[bytes]] = {}
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
@@ -273,7 +275,8 @@ class SimServer:
         return await self._tile(request, t.z, t.x, t.y, m.group(2), m.group(3))
 
     def _is_covered(self, tile: Tile) -> bool:
-        hit = self._covered.get(tile)
+        with self._lock:
+            hit = self._covered.get(tile)
         if hit is None:
             import shapely
 
@@ -281,9 +284,10 @@ class SimServer:
 
             w, s, e, n = bounds(tile)
             hit = bool(shapely.intersects(self.faults.coverage, shapely.box(w, s, e, n)))
-            if len(self._covered) > 100_000:
-                self._covered.clear()
-            self._covered[tile] = hit
+            with self._lock:
+                if len(self._covered) > 100_000:
+                    self._covered.clear()
+                self._covered[tile] = hit
         return hit
 
     async def _tile(self, request: web.Request, z: int, x: int, y: int, scale: str | None, ext: str) -> web.StreamResponse:
@@ -375,12 +379,14 @@ class SimServer:
         """The tile's pixels. Runs in a render thread. Kept in an LRU once an area route has
         been asked (they stitch them), so a server of tiles only keeps encoded bytes."""
         key = (tile, size)
-        arr = self._arrays.get(key)
+        with self._lock:
+            arr = self._arrays.get(key)
         if arr is None:
             arr = self.world.render_array(tile, size)
-            self.stats["renders"] += 1
-            if self.stats["area_requests"]:
-                self._arrays.put(key, arr)
+            with self._lock:
+                self.stats["renders"] += 1
+                if self.stats["area_requests"]:
+                    self._arrays.put(key, arr)
         return arr
 
     def _encode_area(self, z: int, x0: int, y0: int, nx: int, ny: int, fmt: str) -> bytes:

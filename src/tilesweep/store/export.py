@@ -74,13 +74,15 @@ def _lnglat_bounds(z: int, xmin: int, ymin: int, xmax: int, ymax: int) -> tuple[
     return w, s, e, n
 
 
-def export_target(out: str | os.PathLike[str]) -> tuple[Storage, str]:
+def export_target(out: str | os.PathLike[str], staging: str | os.PathLike[str] | None = None) -> tuple[Storage, str]:
     """``(storage, key)`` that an export to ``out`` publishes to: the folder of a path
     (created), or the parent of an object URL ``s3://bucket/prefix/name.pmtiles``
-    (:class:`~tilesweep.storage.StorageError` when the bucket cannot be used)."""
+    (:class:`~tilesweep.storage.StorageError` when the bucket cannot be used), whose
+    archive is written to the local folder ``staging`` first (default: the temp folder;
+    it needs room for the whole archive)."""
     if is_url(str(out)):
         parent, name = split_url(str(out))
-        return open_storage(parent), name
+        return open_storage(parent, **({"staging": Path(staging)} if staging is not None else {})), name
     p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)
     return LocalStorage(p.parent), p.name
@@ -218,6 +220,8 @@ def _ok_runs(store: TileStore, blocks: Any) -> Any:
     def runs(group: list[Tile]) -> Any:
         with contextlib.ExitStack() as stack:
             readers = [stack.enter_context(store.open_shard(b)) for b in group]
+            for r in readers:  # on object storage: each shard's tile data in one GET, not one per tile
+                stack.enter_context(r.holding_data())
             parts = []
             for ri, r in enumerate(readers):
                 sel = np.nonzero(r.records["status"] == Status.OK)[0]
@@ -253,6 +257,7 @@ def export_pmtiles(
     run_length: bool = True,
     blocks: list[Tile] | None = None,
     replace: bool = True,
+    staging: Path | None = None,
 ) -> dict:
     """Write the store's OK tiles as one clustered PMTiles v3 archive, streaming.
 
@@ -272,16 +277,17 @@ def export_pmtiles(
     :class:`~tilesweep.store.CorruptShardError` and nothing is left under ``out``.
 
     ``out_path``: a file path, or an object URL ``s3://bucket/prefix/name.pmtiles`` (staged
-    on local disk, then one PUT). ``replace``: publish over an existing output (the
-    default); False: create-if-absent, :class:`~tilesweep.storage.AlreadyPublished` when
-    it exists."""
+    in the local folder ``staging``, default the temp folder, then one streamed multipart
+    upload). ``replace``: publish over an existing output (the default); False:
+    create-if-absent, :class:`~tilesweep.storage.AlreadyPublished` when it exists (on
+    object storage checked just before the upload: the export is its name's one writer)."""
     t0 = time.perf_counter()
     if blocks is not None:
         blocks = store.in_tile_order(blocks)
     first = _first_ok_tile(store, blocks)
     fmt = _format_name(tile_type, first)
     z = store.zoom
-    storage, key = export_target(out_path)
+    storage, key = export_target(out_path, staging)
     tmp = storage.staging_path(key, unique=False)  # <out>.partial, a stale one removed
     entries_f = tempfile.TemporaryFile(dir=tmp.parent, prefix=".pmtiles-entries-")
     try:
@@ -364,7 +370,7 @@ def export_pmtiles(
             out.write(root)
             out.flush()
             size = out.seek(0, os.SEEK_END)
-        storage.publish(tmp, key, replace=replace)
+        storage.publish(tmp, key, replace=replace, single_writer=True)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -390,17 +396,17 @@ def export_pmtiles(
 
 def export_mbtiles(
     store: TileStore, out_path: Path | str, name: str | None = None, batch: int = 2000, blocks: list[Tile] | None = None,
-    replace: bool = True,
+    replace: bool = True, staging: Path | None = None,
 ) -> dict:
     """Write the store's OK tiles to an MBTiles 1.3 file: ``metadata(name, value)`` with
     name, format (jpg/png/webp), minzoom, maxzoom, bounds, center; ``tiles`` with TMS rows
     (``tile_row = 2**z - 1 - y``) and a unique ``tile_index``. ``UsageError`` when the store
-    holds no OK tile. ``blocks``, crc checks, object URLs and ``replace``: as for
+    holds no OK tile. ``blocks``, crc checks, object URLs, ``replace`` and ``staging``: as for
     :func:`export_pmtiles`."""
     t0 = time.perf_counter()
     fmt = _format_name(None, _first_ok_tile(store, blocks))
     z = store.zoom
-    storage, key = export_target(out_path)
+    storage, key = export_target(out_path, staging)
     tmp = storage.staging_path(key, unique=False)  # <out>.partial, a stale one removed
     n = 0
     xmin = ymin = 1 << 62
@@ -439,7 +445,7 @@ def export_mbtiles(
         finally:
             con.close()
         size = tmp.stat().st_size
-        storage.publish(tmp, key, replace=replace)
+        storage.publish(tmp, key, replace=replace, single_writer=True)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -21,15 +21,15 @@ import mmap
 import os
 import struct
 import zlib
-from enum import IntEnum
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
 
 from ..durable import fsync_dir
+from ..block import TileStatus
 from ..storage import AlreadyPublished, LocalStorage, Storage
-from ..tiles import Tile, descendant_id_range, from_tile_id, tile_id, tile_id_array, zoom_base_id
+from ..tiles import Tile, descendant_id_range, descendant_ranks, from_tile_id, hilbert_frame, tile_id, tile_id_array, zoom_base_id
 
 MAGIC = b"TSSHARD\x00"
 """First 8 bytes of every shard file."""
@@ -63,15 +63,9 @@ _GRID_MAX_LEVELS = 8
 """Readers precompute a (dx, dy) -> record table for blocks up to 4**8 tiles."""
 
 
-class Status(IntEnum):
-    """What happened to one planned tile."""
-
-    OK = 0
-    """Fetched; the record points at its bytes."""
-    EMPTY = 1
-    """The source has no tile here (404/204); length 0."""
-    FAILED = 2
-    """Given up on after retries; length 0."""
+Status = TileStatus
+"""What happened to one planned tile: the package's one :class:`~tilesweep.block.TileStatus`
+(its value is the record's ``status`` byte)."""
 
 
 class ShardSummary(NamedTuple):
@@ -243,12 +237,7 @@ class ShardWriter:
 
     def _open_partial(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ShardBusyError(f"another writer holds {self.data_path}") from None
+        fd = _lock_partial(self.data_path)
         if self._published():  # another writer published the block since our first look
             os.unlink(self.data_path)  # ours under the lock: nobody writes it
             os.close(fd)
@@ -417,9 +406,11 @@ class ShardWriter:
         try:  # fsync, rename to {y}.shard unless it exists, fsync the folder
             self._storage.publish(self.data_path, self._key)
         except AlreadyPublished:  # another writer published the block first: its shard stands
+            # Read and check the published shard before dropping ours (still locked): a
+            # shard that cannot be opened raises and our partial stays, resumable.
+            self._open_finished()
             self.data_path.unlink(missing_ok=True)
             self._close_files()
-            self._open_finished()
             assert self._summary is not None
             return self._summary
         self._close_files()
@@ -461,10 +452,48 @@ class ShardWriter:
             pass
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    """True when ``path`` still names the file open as ``fd`` (it was not renamed away,
+    published, or deleted and created anew since it was opened)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
+
+
+def _lock_partial(data_path: Path) -> int:
+    """Open (creating) and exclusively ``flock`` ``{y}.shard.partial``: its fd.
+
+    After the lock the name must still be ours: between our open and our flock another
+    writer may have published that very file (renamed it to ``{y}.shard``) or removed it
+    as stale; then we open again. A partial with a second name is a published (or
+    quarantined ``.corrupt``) shard's link left by a crash between the seam's ``link``
+    and ``unlink``: it is unlinked, never truncated in place. ``ShardBusyError`` when
+    another writer holds the lock."""
+    while True:
+        fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ShardBusyError(f"another writer holds {data_path}") from None
+        if not _same_file(fd, data_path):
+            os.close(fd)
+            continue
+        if os.fstat(fd).st_nlink > 1:
+            os.unlink(data_path)
+            os.close(fd)
+            continue
+        return fd
+
+
 def _remove_stale_partial(data_path: Path) -> None:
     """Delete a ``{y}.shard.partial`` left beside a finished shard (a crash between the
     link and the unlink of the seam's fallback, or a writer that lost the race to publish),
-    unless a writer still holds it."""
+    unless a writer still holds it or it is no longer the file we locked (a new writer's
+    partial created since)."""
     try:
         fd = os.open(data_path, os.O_RDWR)
     except FileNotFoundError:
@@ -475,9 +504,8 @@ def _remove_stale_partial(data_path: Path) -> None:
         os.close(fd)
         return
     try:
-        os.unlink(data_path)
-    except FileNotFoundError:
-        pass
+        if _same_file(fd, data_path):
+            data_path.unlink(missing_ok=True)
     finally:
         os.close(fd)
 
@@ -522,56 +550,9 @@ class RangedShard:
             self._segments.remove(seg)
 
 
-_CANON: dict[int, list[np.ndarray]] = {}
-
-
-def _block_frame(block: Tile) -> tuple[int, int, int]:
-    """``(hilbert index of the block at its zoom, c, s)``: the Hilbert walk over the
-    block's own bits, counting (mod 2) the complement (c) and swap (s) reflections that it
-    applies to every lower-order bit. Same walk as ``tiles._hilbert_index``."""
-    z, x, y = block
-    h = c = sw = 0
-    n = 1 << z
-    while n > 1:
-        n >>= 1
-        rx = 1 if x & n else 0
-        ry = 1 if y & n else 0
-        h += n * n * ((3 * rx) ^ ry)
-        x, y = x & (n - 1), y & (n - 1)
-        if ry == 0:
-            if rx == 1:
-                x, y = n - 1 - x, n - 1 - y
-                c ^= 1
-            x, y = y, x
-            sw ^= 1
-    return h, c, sw
-
-
-def _local_ranks(zoom: int, block: Tile) -> np.ndarray:
-    """Hilbert rank (tile id minus the block's first id) of each descendant, indexed by
-    ``dy * side + dx``.
-
-    Inside a block the curve is the canonical depth-``d`` curve seen through one of four
-    reflections (complement both axes and/or swap them, which commute), fixed by the
-    block's own bits. The four tables per depth are computed once, which makes opening a
-    shard cheap (no full-depth Hilbert computation per tile)."""
-    d = zoom - block.z
-    tables = _CANON.get(d)
-    if tables is None:
-        side = 1 << d
-        dy, dx = np.divmod(np.arange(side * side, dtype=np.int64), side)
-        tables = []
-        for c in (0, 1):
-            for sw in (0, 1):
-                tx, ty = (side - 1 - dx, side - 1 - dy) if c else (dx, dy)
-                if sw:
-                    tx, ty = ty, tx
-                t = tile_id_array(d, tx, ty) - np.uint64(((1 << (2 * d)) - 1) // 3)
-                t.flags.writeable = False
-                tables.append(t)
-        _CANON[d] = tables
-    _, c, sw = _block_frame(block)
-    return tables[2 * c + sw]
+# The Hilbert walk and the per-depth rank tables are tile math (tilesweep.tiles).
+_block_frame = hilbert_frame
+_local_ranks = descendant_ranks
 
 
 class ShardReader:
@@ -697,9 +678,14 @@ class ShardReader:
     def data(self, i: int, check: bool = True) -> bytes:
         """Bytes of record ``i`` (b"" for a non-OK record); with ``check``, a tile whose
         bytes fail their crc32 raises :class:`CorruptShardError`."""
-        o = self._offsets[i]
-        data = self._mm[o : o + self._lengths[i]]
-        if check and data and zlib.crc32(data) != self._crcs[i]:
+        o, n = self._offsets[i], self._lengths[i]
+        data = self._mm[o : o + n]
+        if len(data) != n:  # a short read (object storage): never an empty tile
+            t = from_tile_id(int(self.ids[i]))
+            exc = CorruptShardError(f"tile {t.z}/{t.x}/{t.y}: read {len(data)} of {n} bytes")
+            exc.path, exc.tile = self.path, t
+            raise exc
+        if check and n and zlib.crc32(data) != self._crcs[i]:
             self._bad_tile(i)
         return data
 
@@ -735,6 +721,12 @@ class ShardReader:
             for i, (x, y, st) in enumerate(zip(xs.tolist(), ys.tolist(), self._status)):
                 if status is None or st == status:
                     yield Tile(z, x, y), Status(st), self.data(i, check)
+
+    def holding_data(self) -> "contextlib.AbstractContextManager[None]":
+        """Inside the ``with``, a shard on object storage keeps its tile data in memory
+        (one ranged GET) so that reading many of its tiles costs no request each; a local
+        (memory-mapped) shard needs nothing."""
+        return self._whole_data()
 
     def _whole_data(self) -> "contextlib.AbstractContextManager[None]":
         """While open, a shard on object storage holds its tile data (one ranged GET)

@@ -20,6 +20,7 @@ from .shard import (
     ShardReader,
     ShardWriter,
     Status,
+    _remove_stale_partial,
     partial_paths,
 )
 
@@ -147,11 +148,15 @@ class TileStore:
         return self.shard_path(block).exists()
 
     def discard_leftovers(self, block: Tile) -> None:
-        """Remove the journal (``{y}.idx.partial``) that a crash between a shard's final
-        rename and the journal's unlink leaves beside a finished shard."""
+        """Remove what a crash between a shard's publication and its cleanup leaves beside
+        a finished shard: the journal (``{y}.idx.partial``) and, after the link fallback,
+        ``{y}.shard.partial`` (a second name of the published file; kept while a writer
+        holds it)."""
         path = self.shard_path(block)
         if self.is_complete(block):
-            partial_paths(path)[1].unlink(missing_ok=True)
+            data, journal = partial_paths(path)
+            journal.unlink(missing_ok=True)
+            _remove_stale_partial(data)
 
     def discard_partials(self) -> int:
         """Delete every unfinished shard and its journal (tiles fetched from a source that

@@ -32,6 +32,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,7 +47,7 @@ from ..predict.sink import LEDGER_FILE, PREDICTIONS_DIR
 from ..queue import State
 from ..sources import Source
 from ..store import TileStore
-from ..sweep import AREA_FILE, QUEUE_FILE, TILES_DIR, Sweep
+from ..sweep import AREA_FILE, TILES_DIR, Sweep
 from ..tiles import MAX_ZOOM, Tile, bounds, center, descendant_id_range, tile_at, tile_id
 from .mvt import EXTENT, encode_squares
 from .overlay import BINS, CELL_LEVELS, SQUARE_LEVELS, OverlayIndex
@@ -98,8 +99,8 @@ class Viewer:
     def __init__(self, sweep_dir: Path, pmtiles: Path | None = None, cache_dir: Path | None = None) -> None:
         self.sweep = Sweep.open(sweep_dir)
         self.path = Path(sweep_dir)
-        if not (self.path / QUEUE_FILE).is_file():
-            raise UsageError(f"sweep folder {str(self.path)!r} has no {QUEUE_FILE}")
+        self.sweep.open_queue().close()  # any backend (SQLite file, PostgreSQL): missing or unreachable is one line
+        self._queues = threading.local()  # one connection per pool thread
         self.zoom = self.sweep.zoom
         self.block_zoom = self.sweep.block_zoom
         self.block_zoom_min = self.sweep.block_zoom_min  # adaptive blocks lie at several zooms
@@ -232,21 +233,21 @@ class Viewer:
     def _ro(self, path: Path) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
 
+    def _queue(self) -> Any:
+        """This thread's connection to the sweep's queue (through the Queue protocol)."""
+        q = getattr(self._queues, "q", None)
+        if q is None:
+            q = self._queues.q = self.sweep.open_queue()
+        return q
+
     def progress(self) -> dict[str, Any]:
         now = time.monotonic()
         if self._progress_cache is not None and now - self._progress_cache[0] < 1.0:
             return self._progress_cache[1]
-        db = self._ro(self.path / QUEUE_FILE)
-        try:
-            rows = db.execute("SELECT state, COUNT(*), COALESCE(SUM(tiles), 0) FROM blocks GROUP BY state").fetchall()
-            (last_done,) = db.execute("SELECT COALESCE(MAX(done_at), 0) FROM blocks WHERE state = ?", (int(State.DONE),)).fetchone()
-        finally:
-            db.close()
-        blocks = {name: 0 for name in STATE_NAMES.values()}
-        tiles = dict(blocks)
-        for state, n, t in rows:
-            blocks[STATE_NAMES[int(state)]] = int(n)
-            tiles[STATE_NAMES[int(state)]] = int(t)
+        st = self._queue().stats(window=1.0)
+        last_done = st.attempts_total  # any lease or ack changes the version (was: the last done_at)
+        blocks = {STATE_NAMES[int(s)]: int(n) for s, n in st.blocks.items()}
+        tiles = {STATE_NAMES[int(s)]: int(n) for s, n in st.tiles.items()}
         predicted: dict[str, int] = {}
         ledger = self.path / PREDICTIONS_DIR / LEDGER_FILE
         if ledger.is_file():
@@ -273,18 +274,15 @@ class Viewer:
         if self.block_zoom - z > BLOCK_LEVELS:
             return encode_squares("blocks", [])
         rows: list[tuple[int, int, int, int]] = []
-        db = self._ro(self.path / QUEUE_FILE)
-        try:
-            for bz in range(self.block_zoom_min, self.block_zoom + 1):  # one zoom unless adaptive
-                if z >= bz:
-                    b = Tile(bz, x >> (z - bz), y >> (z - bz))
-                    got = db.execute("SELECT x, y, state FROM blocks WHERE id = ? AND state != 0", (tile_id(b),)).fetchall()
-                else:
-                    lo, hi = descendant_id_range(Tile(z, x, y), bz)
-                    got = db.execute("SELECT x, y, state FROM blocks WHERE id >= ? AND id < ? AND state != 0", (lo, hi)).fetchall()
-                rows += [(bz, bx, by, state) for bx, by, state in got]
-        finally:
-            db.close()
+        q = self._queue()
+        for bz in range(self.block_zoom_min, self.block_zoom + 1):  # one zoom unless adaptive
+            if z >= bz:
+                b = Tile(bz, x >> (z - bz), y >> (z - bz))
+                rec = q.get(tile_id(b))
+                got = [rec] if rec is not None else []
+            else:
+                got = list(q.records(*descendant_id_range(Tile(z, x, y), bz)))
+            rows += [(bz, r["x"], r["y"], int(r["state"])) for r in got if r["state"] != State.PENDING and r["z"] == bz]
         squares, values = [], []
         for bz, bx, by, state in rows:
             if z >= bz:
@@ -425,20 +423,18 @@ class Viewer:
 
     def tile_info(self, t: Tile) -> dict[str, Any]:
         row = None
-        db = self._ro(self.path / QUEUE_FILE)
-        try:
-            for bz in range(self.block_zoom, self.block_zoom_min - 1, -1):  # adaptive: the ancestor queued
-                block = Tile(bz, t.x >> (self.zoom - bz), t.y >> (self.zoom - bz))
-                bid = tile_id(block)
-                row = db.execute("SELECT state, attempts, tiles FROM blocks WHERE id = ?", (bid,)).fetchone()
-                if row is not None:
-                    break
-            if row is None:
-                bz = self.block_zoom
-                block = Tile(bz, t.x >> (self.zoom - bz), t.y >> (self.zoom - bz))
-                bid = tile_id(block)
-        finally:
-            db.close()
+        q = self._queue()
+        for bz in range(self.block_zoom, self.block_zoom_min - 1, -1):  # adaptive: the ancestor queued
+            block = Tile(bz, t.x >> (self.zoom - bz), t.y >> (self.zoom - bz))
+            bid = tile_id(block)
+            rec = q.get(bid)
+            if rec is not None:
+                row = (rec["state"], rec["attempts"], rec["tiles"])
+                break
+        if row is None:
+            bz = self.block_zoom
+            block = Tile(bz, t.x >> (self.zoom - bz), t.y >> (self.zoom - bz))
+            bid = tile_id(block)
         lon, lat = center(t)
         out: dict[str, Any] = {
             "z": t.z, "x": t.x, "y": t.y, "lon": round(lon, 7), "lat": round(lat, 7),
