@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from tilesweep.sim import SimServer, World
+from tilesweep.sim import SimServer, World, tilecache
 from tilesweep.tiles import Tile, tile_at
 
 AREA = (8.5, 47.3, 8.6, 47.4)
@@ -29,6 +29,7 @@ def sample_tiles(n: int, z: int = 18) -> list[Tile]:
 
 
 def bench_render(n: int) -> None:
+    os.environ.pop(tilecache.ENV, None)  # measure rendering, never reads of the tile cache
     tiles = sample_tiles(n)
     print(f"{'encoding':<8} {'size':>5} {'tiles/s':>9} {'ms/tile':>8} {'KB/tile':>8}   ({n} zoom-18 tiles, one core)")
     w = World(0)

@@ -11,6 +11,15 @@ from helpers.pgserver import pg_server  # noqa: F401 - a session-wide PostgreSQL
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_sessionstart(session):
+    """Share rendered tile pixels among this session's tests and the processes they start
+    (``TILESWEEP_SIM_CACHE``, see docs/simulator.md): one fresh folder under the session's
+    temporary directory, so a run never reads another run's tiles. Set here, before test
+    modules are collected, because helpers/cli.py copies the environment on import."""
+    folder = session.config._tmp_path_factory.mktemp("sim-cache", numbered=False)
+    os.environ["TILESWEEP_SIM_CACHE"] = str(folder)
+
+
 @pytest.fixture
 def write_geojson(tmp_path: Path):
     """Write a GeoJSON document to a file and return its path."""

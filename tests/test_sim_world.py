@@ -14,9 +14,19 @@ from PIL import Image
 
 from tilesweep import tiles as T
 from tilesweep.sim import World, encode, read_truth, tile_has_tower, towers_in_tile, truth, write_truth
+from tilesweep.sim import tilecache
 from tilesweep.sim.lines import SPAN_M
 
 AREA = (8.5, 47.3, 8.6, 47.4)  # ~0.1 degree square, ~8,000 zoom-18 tiles
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_tile_cache():
+    """The world's own tests render every tile (and a fresh process renders afresh), never
+    reading the session's tile cache (conftest.py); the cache has its own test below."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(tilecache.ENV, raising=False)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +80,38 @@ def test_same_bytes_in_a_fresh_process(towers):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == hashlib.sha256(World(0).render(t)).hexdigest()
+
+
+def test_tile_cache_gives_the_rendered_pixels_and_is_keyed_by_world(towers, tmp_path, monkeypatch):
+    t = T.tile_at(towers[0].lon, towers[0].lat, 18)
+    fresh = {seed: World(seed).render_array(t) for seed in (0, 1)}
+    monkeypatch.setenv(tilecache.ENV, str(tmp_path / "c"))
+    assert np.array_equal(World(0).render_array(t), fresh[0])  # a miss renders and stores
+    (entry,) = (tmp_path / "c").iterdir()
+    assert entry.stat().st_size == 256 * 256 * 3 and not list((tmp_path / "c").glob(".*"))
+    # another world (seed, line density) or size is another entry, never this one's pixels
+    assert np.array_equal(World(1).render_array(t), fresh[1])
+    assert not np.array_equal(World(0, line_density=0).render_array(t), fresh[0])
+    assert World(0).render_array(t, 512).shape == (512, 512, 3)
+    assert len(list((tmp_path / "c").iterdir())) == 4
+    # a hit is read from the entry, in this process or a fresh one: plant other pixels to see it
+    planted = np.full((256, 256, 3), 7, np.uint8)
+    entry.write_bytes(planted.tobytes())
+    got = World(0).render_array(t)
+    assert np.array_equal(got, planted) and got.flags.writeable
+    code = (
+        "from tilesweep.sim import World; from tilesweep.tiles import Tile; "
+        f"print(World(0).render_array(Tile{tuple(t)}).sum())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert int(out) == planted.sum()
+    # a damaged (short) entry is rendered again and replaced
+    entry.write_bytes(b"\0" * 100)
+    assert np.array_equal(World(0).render_array(t), fresh[0]) and entry.stat().st_size == 256 * 256 * 3
+    # unset: no cache at all
+    monkeypatch.delenv(tilecache.ENV)
+    entry.write_bytes(planted.tobytes())
+    assert np.array_equal(World(0).render_array(t), fresh[0])
 
 
 # --- seams ----------------------------------------------------------------------------------

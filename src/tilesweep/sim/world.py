@@ -29,6 +29,7 @@ from ..tiles import (
     xy_to_lnglat,
 )
 from . import noise as N
+from . import tilecache
 from .lines import PowerLines, scale_factor
 
 if TYPE_CHECKING:
@@ -228,12 +229,26 @@ class World:
         return encode(self.render_array(tile, size), fmt, quality)
 
     def render_array(self, tile: Tile, size: int = 256) -> np.ndarray:
-        """The tile as ``uint8[size, size, 3]`` RGB, rows from the north."""
+        """The tile as ``uint8[size, size, 3]`` RGB, rows from the north (a fresh array).
+
+        With ``TILESWEEP_SIM_CACHE=DIR`` set, pixels rendered before (by any process) are
+        read from ``DIR`` instead (see :mod:`tilesweep.sim.tilecache`)."""
         z, tx, ty = check_tile(tile)
         if z > MAX_SIM_ZOOM:
             raise ValueError(f"zoom {z} is beyond the simulator's deepest zoom {MAX_SIM_ZOOM}")
         if size not in SIZES:
             raise ValueError(f"tile size {size} is not one of {SIZES}")
+        folder = tilecache.cache_dir()
+        if folder is None:
+            return self._render_array(z, tx, ty, size)
+        path = tilecache.entry_path(folder, self.seed, self.line_density, z, tx, ty, size)
+        arr = tilecache.load(path, size)
+        if arr is None:
+            arr = self._render_array(z, tx, ty, size)
+            tilecache.store(path, arr)
+        return arr
+
+    def _render_array(self, z: int, tx: int, ty: int, size: int) -> np.ndarray:
         left, bottom, right, top = xy_bounds(Tile(z, tx, ty))
         res = (right - left) / size
         g = N.Grid(left + ORIGIN_SHIFT_M, ORIGIN_SHIFT_M - top, res, size)
