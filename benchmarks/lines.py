@@ -21,6 +21,7 @@ fetches and model time only. Then, per configuration:
 
     .venv/bin/python benchmarks/lines.py            # the table; docs/img/lines-benchmark.png
     .venv/bin/python benchmarks/lines.py --keep DIR # keep the sweeps in DIR
+    .venv/bin/python benchmarks/lines.py --quick    # ~100 tiles, 2 configurations: checks the script works
 
 Results go to benchmarks/results/lines.json. A few minutes on two cores, mostly rendering.
 """
@@ -54,6 +55,9 @@ ZOOM = 18
 NEAR_M = 50.0
 DENSIFY = {"": [], "densify 2": ["--densify", 2], "densify 1 + along": ["--densify", 1, "--densify-along"]}
 CONFIGS = [("full sweep", 1.0, ""), *[(f"{int(f * 100)}% sample", f, d) for f in (0.05, 0.10, 0.20) for d in DENSIFY]]
+# --quick (tests/test_benchmarks_quick.py): a corner of the area, the full sweep and one densified sample
+QUICK_BBOX = (8.55, 47.39, 8.5625, 47.3995)
+QUICK_CONFIGS = [("full sweep", 1.0, ""), ("20% sample", 0.20, "densify 2")]
 
 
 def truth_lines(world: World) -> list[tuple[int, shapely.LineString]]:
@@ -113,7 +117,14 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="keep the sweeps in this folder")
     ap.add_argument("--picture", type=Path, default=ROOT / "docs" / "img" / "lines-benchmark.png")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "lines.json")
+    ap.add_argument("--quick", action="store_true", help="a corner of the area (~100 tiles), the full sweep and a 20%% "
+                    "sample with --densify 2 (3 rounds at most); writes no results or picture; exits 1 when the full "
+                    "sweep did not predict every tile of the area")
     args = ap.parse_args()
+    global BBOX
+    configs, rounds = CONFIGS, 40
+    if args.quick:
+        BBOX, configs, rounds = QUICK_BBOX, QUICK_CONFIGS, 3
     world = World(seed=SEED)
     truth = truth_lines(world)
     towers = world.towers(BBOX)
@@ -125,7 +136,7 @@ def main() -> None:
     keep_for_picture = None
     with run_in_thread(world, cache_mb=1024) as sim:
         total = None
-        for name, fraction, densify in CONFIGS:
+        for name, fraction, densify in configs:
             sweep = work / f"{name}{' ' + densify if densify else ''}".replace(" ", "-").replace("%", "pc").replace("+", "and")
             again = (sweep / "sweep.toml").exists()  # --keep: a sweep of an earlier run (another simulator port)
             if not again:
@@ -134,7 +145,7 @@ def main() -> None:
             t0 = time.perf_counter()
             run = ["run", sweep, "--source", sim.template(), "--model", "demo", "--concurrency", 32, "--quiet",
                    *(["--replace-source", "--mix-sources"] if again else [])]
-            tilesweep(*run, *(DENSIFY[densify] + ["--densify-rounds", 40] if densify else []))
+            tilesweep(*run, *(DENSIFY[densify] + ["--densify-rounds", rounds] if densify else []))
             seconds = time.perf_counter() - t0
             tiles = fetched_tiles(sweep)
             total = len(tiles) if fraction == 1.0 else total
@@ -155,6 +166,14 @@ def main() -> None:
                 keep_for_picture = (tiles, lines, det_tiles)
     print()
     print(table(rows, len(truth), len(towers), total or 0))
+    if args.quick:
+        w, s, e, n = BBOX
+        from tilesweep.tiles import tile_at
+
+        lo, hi = tile_at(w, n, ZOOM), tile_at(e, s, ZOOM)
+        if not total or total != (hi.x - lo.x + 1) * (hi.y - lo.y + 1):
+            sys.exit(f"the full sweep predicted {total} tiles, not the area's")
+        return
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"seed": SEED, "bbox": BBOX, "zoom": ZOOM, "area_tiles": total, "towers": len(towers),
                                      "true_spans": len(truth), "rows": rows}, indent=1))
