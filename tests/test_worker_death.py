@@ -29,8 +29,9 @@ COMMANDS = {
 
 @pytest.fixture(scope="module")
 def slow_sim():
-    # ~300 ms a tile: 2 workers with 2 requests each take ~12 s for the 156 tiles
-    with run_in_thread(World(seed=5), Faults(latency_ms=300, seed=3)) as srv:
+    # ~150 ms a tile: 2 workers with 2 requests each take ~6 s for the 156 tiles, long
+    # enough to kill one while it holds a lease (it leases within ~1 s of the start)
+    with run_in_thread(World(seed=5), Faults(latency_ms=150, seed=3)) as srv:
         yield srv
 
 
