@@ -39,18 +39,18 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, TypedDict
 
-import duckdb
-
 from .errors import UsageError
 
 if TYPE_CHECKING:
+    import duckdb
     import numpy as np
     import pyarrow as pa
 
     from .sweep import Sweep
 
 # numpy and pyarrow are imported by the functions that use them: `tilesweep query -o`
-# and `tilesweep convert` need neither (DuckDB writes the file).
+# and `tilesweep convert` need neither (DuckDB writes the file). DuckDB too: `tilesweep
+# status` reads the ledger's models (models()) and needs no DuckDB (~0.1 s a start).
 
 DUCKDB_CONFIG = {
     "autoinstall_known_extensions": "false",
@@ -69,6 +69,8 @@ def connect(memory_limit: str | None = None, threads: int | None = None) -> duck
     """An in-memory DuckDB connection: extensions off, ``memory_limit`` (e.g. ``"2GB"``;
     default DuckDB's, 80% of RAM or of the cgroup's limit), ``threads`` (default: all
     cores), spilling to a private temporary folder removed with the connection."""
+    import duckdb
+
     if threads is not None and not 1 <= int(threads) <= 1024:
         raise UsageError(f"threads {threads} must be in 1..1024")
     spill = tempfile.mkdtemp(prefix="tilesweep-duckdb-")
@@ -118,6 +120,8 @@ def run(con: duckdb.DuckDBPyConnection, sql: str, tables: "SweepTables | None" =
     """``con.sql(sql)`` that builds the sweep's tables a query names on first use and turns
     DuckDB errors into :class:`UsageError`. A statement that returns no rows (``SET``,
     ``CREATE``) returns an empty relation."""
+    import duckdb
+
     if not sql.strip():
         raise UsageError("the SQL is empty")
     for _ in range(len(SWEEP_TABLES) + 1):
@@ -135,6 +139,8 @@ def run(con: duckdb.DuckDBPyConnection, sql: str, tables: "SweepTables | None" =
 
 
 def _usage(exc: Exception, tables: "SweepTables | None" = None) -> UsageError:
+    import duckdb
+
     msg = _first_line(exc)
     if isinstance(exc, duckdb.OutOfMemoryException):
         return UsageError(f"the memory limit is too small for this query ({msg}); raise --memory-limit")
@@ -434,6 +440,8 @@ def stream(rel: duckdb.DuckDBPyRelation, rows: int = BATCH_ROWS) -> Iterator[pa.
     """The relation's result as Arrow record batches of about ``rows`` rows, streamed (the
     whole result never sits in memory; an empty result is one empty batch, with its
     schema); DuckDB errors become :class:`UsageError`."""
+    import duckdb
+
     import pyarrow as pa
 
     try:

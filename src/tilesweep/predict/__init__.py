@@ -20,17 +20,47 @@ Rows land in ``SWEEP/predictions/{model}/part-*.parquet``; ``predictions/ledger.
 records which blocks are done (see :mod:`tilesweep.predict.sink` and docs/predict.md).
 """
 
-from .pipeline import (
-    FlowMeter, PredictReport, PredictSettings, StageMeter, StreamFetch, blocks_to_predict, predict_sweep, probe,
-)
-from .sink import (
-    BASE_COLUMNS, LEDGER_FILE, PREDICTIONS_DIR, BlockRows, PredictionSink, PredictionTotals, ledger_totals,
-    model_folder, model_key,
-)
-from ..tiles import centres_array as centres  # the sink's name for it
+from typing import TYPE_CHECKING, Any
+
+# Imported on first use (PEP 562): `tilesweep status` reads the ledger through
+# tilesweep.predict.sink, and importing that must not import the pipeline (fetch, runner,
+# asyncio, the model adapters: ~0.15 s of every start-up of the command).
+if TYPE_CHECKING:
+    from ..tiles import centres_array as centres  # the sink's name for it
+    from .pipeline import (
+        FlowMeter, PredictReport, PredictSettings, StageMeter, StreamFetch, blocks_to_predict, predict_sweep, probe,
+    )
+    from .sink import (
+        BASE_COLUMNS, LEDGER_FILE, PREDICTIONS_DIR, BlockRows, PredictionSink, PredictionTotals, ledger_totals,
+        model_folder, model_key,
+    )
+
+_WHERE = {
+    **dict.fromkeys(("FlowMeter", "PredictReport", "PredictSettings", "StageMeter", "StreamFetch", "blocks_to_predict",
+                     "predict_sweep", "probe"), ".pipeline"),
+    **dict.fromkeys(("BASE_COLUMNS", "LEDGER_FILE", "PREDICTIONS_DIR", "BlockRows", "PredictionSink", "PredictionTotals",
+                     "ledger_totals", "model_folder", "model_key"), ".sink"),
+}
 
 __all__ = [
     "BASE_COLUMNS", "LEDGER_FILE", "PREDICTIONS_DIR", "BlockRows", "FlowMeter", "PredictReport", "PredictSettings",
     "PredictionSink", "PredictionTotals", "StageMeter", "StreamFetch", "blocks_to_predict", "centres", "ledger_totals",
     "model_folder", "model_key", "predict_sweep", "probe",
 ]
+
+if not TYPE_CHECKING:  # mypy sees the imports above, and no catch-all attribute
+
+    def __getattr__(name: str) -> Any:
+        import importlib
+
+        if name == "centres":
+            value = importlib.import_module("..tiles", __name__).centres_array
+        elif name in _WHERE:
+            value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+        else:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *__all__})
