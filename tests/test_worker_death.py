@@ -29,8 +29,9 @@ COMMANDS = {
 
 @pytest.fixture(scope="module")
 def slow_sim():
-    # ~150 ms a tile: 2 workers with 2 requests each take ~6 s for the 156 tiles, long
-    # enough to kill one while it holds a lease (it leases within ~1 s of the start)
+    # ~150 ms a tile: a worker holds each block's lease >= 150 ms, long enough to see it
+    # and kill it there; with 16 requests each (--concurrency 32) a block is one round
+    # trip, so the survivor finishes the sweep in ~3 s (2 in flight each took ~12 s)
     with run_in_thread(World(seed=5), Faults(latency_ms=150, seed=3)) as srv:
         yield srv
 
@@ -53,7 +54,7 @@ def _worker_holding_a_lease(p, sweep):
 @pytest.mark.parametrize("mode", list(COMMANDS))
 def test_a_worker_killed_from_outside_is_reported_and_its_blocks_go_back(tmp_path, slow_sim, mode):
     sweep = plan(tmp_path)
-    args = (*COMMANDS[mode], sweep, "--source", slow_sim.template(), "--workers", 2, "--concurrency", 4, "--quiet")
+    args = (*COMMANDS[mode], sweep, "--source", slow_sim.template(), "--workers", 2, "--concurrency", 32, "--quiet")
     p = start(*args)
     victim = _worker_holding_a_lease(p, sweep)
     assert victim is not None and p.poll() is None, "no worker held a lease before the end: slow the source down"
@@ -115,7 +116,8 @@ def test_a_streaming_worker_that_raises_is_named_and_the_others_finish(tmp_path,
     QueueConsumer); worker 0 streams the rest of the sweep, and the run exits 1 naming
     worker 1 and its error in one line, no traceback. The same command then finishes."""
     sweep = plan(tmp_path)
-    args = (*COMMANDS["run"], sweep, "--source", slow_sim.template(), "--workers", 2, "--concurrency", 4, "--quiet")
+    # 4 in flight each: worker 0 alone takes ~6 s, so worker 1 surely starts and leases a block
+    args = (*COMMANDS["run"], sweep, "--source", slow_sim.template(), "--workers", 2, "--concurrency", 8, "--quiet")
     p = start(*args, env={"TILESWEEP_TEST_CRASH_WORKER": "1"})
     err = finish(p, timeout=180)
     assert p.returncode == 1, err
