@@ -408,11 +408,11 @@ def predict(
 
     Only blocks that are fetched (done) and not yet predicted by this model are read, so
     running it again, or after a crash, does only what is left."""
-    from .predict import predict_sweep
-
-    from .detections import apply_threshold, check_threshold
+    from .threshold import apply_threshold, check_threshold
 
     check_threshold(threshold)
+    from .predict import predict_sweep
+
     settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads, decode, decode_processes)
     with Sweep.open(sweep_dir) as sweep:
         sweep.queue  # noqa: B018 - a sweep without its queue is a one-line error before anything loads
@@ -543,7 +543,7 @@ def run(
     predict`). Ctrl-C or a crash: run the same command again."""
     fetch_settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts,
                                                       max_tile_bytes=max_tile_bytes, tile_budget=tile_budget)
-    from .detections import apply_threshold, check_threshold
+    from .threshold import apply_threshold, check_threshold
 
     check_threshold(threshold)
     settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads, decode, decode_processes)

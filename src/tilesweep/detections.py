@@ -11,7 +11,6 @@ column, made with the threshold it was run with) selects the rows.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import pyarrow as pa
 import shapely
 
 from .errors import UsageError
+from .threshold import apply_threshold as apply_threshold, check_threshold as check_threshold  # re-exported: their home before
 from .geoout import check_writable, output_format, tile_polygons, write_batches
 from .sql import LedgerModel, SweepTables, connect, models, quote_ident, quote_literal, run, stream
 
@@ -40,16 +40,6 @@ class DetectionsReport:
     threshold: float | None
     seconds: float
     path: Path
-
-
-def check_threshold(threshold: float | None) -> float | None:
-    """``threshold`` if it is in 0..1 (or None); :class:`UsageError` otherwise."""
-    if threshold is None:
-        return None
-    t = float(threshold)
-    if math.isnan(t) or not 0.0 <= t <= 1.0:
-        raise UsageError(f"threshold {threshold:g} is outside 0..1")
-    return t
 
 
 @overload
@@ -189,24 +179,3 @@ def _inside(batches: Iterator[pa.RecordBatch], area: Any, geometry: str) -> Iter
             cols = [batch.column(k).to_numpy(zero_copy_only=False) for k in ("z", "x", "y")]
             keep = shapely.intersects(area, tile_polygons(*cols))
         yield batch.filter(pa.array(np.asarray(keep, bool)))
-
-
-def apply_threshold(model: Any, threshold: float | None, sweep_path: Path) -> Any:
-    """Give a loaded model the ``--threshold`` of `tilesweep predict` / `run`: its
-    ``label`` column and the ledger's positives use it. A threshold other than the one
-    this model's earlier predictions in the sweep were written with is refused (one
-    sweep's ``label`` column means one thing; `tilesweep detections --threshold` re-cuts
-    the scores at any threshold without predicting again)."""
-    import dataclasses
-
-    threshold = check_threshold(threshold)
-    if threshold is None:
-        return model
-    for m in models(sweep_path):
-        if m["name"] == model.name and m["digest"] == model.digest and not math.isclose(m["threshold"], threshold):
-            raise UsageError(
-                f"predictions of {model.name} in {str(sweep_path)!r} were written with threshold {m['threshold']:g}, "
-                f"not {threshold:g}; use `tilesweep detections --threshold {threshold:g}` to cut the scores anew"
-            )
-    model.info = dataclasses.replace(model.info, threshold=threshold)
-    return model
