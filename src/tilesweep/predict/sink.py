@@ -48,6 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .._arrow import from_numpy, repeated_string
 from ..durable import fsync_dir
 from ..errors import UsageError
 from ..block import BlockResult
@@ -373,17 +374,18 @@ class PredictionSink:
         lon, lat = centres(self.zoom, x, y)
         invalid = np.asarray(np.isnan(scores).any(axis=1))
         n = len(x)
+        # from numpy buffers, not pa.array(): that imports pandas where it is installed (tilesweep._arrow)
         cols: list[pa.Array[Any]] = [
-            pa.array(np.full(n, self.zoom, np.int8)), pa.array(x), pa.array(y), pa.array(block),
-            pa.array(lon), pa.array(lat),
+            from_numpy(np.full(n, self.zoom, np.int8)), from_numpy(x), from_numpy(y), from_numpy(block),
+            from_numpy(lon), from_numpy(lat),
         ]
         for i in range(len(self.labels)):
-            cols.append(pa.array(scores[:, i], mask=invalid))
+            cols.append(from_numpy(scores[:, i], mask=invalid))
         cols += [
-            pa.array(np.asarray((scores >= self.threshold).any(axis=1)), mask=invalid),
-            pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), pa.array([self.model_name])).cast(pa.string()),
-            pa.array([self.digest] * n, pa.string()) if n else pa.array([], pa.string()),
-            pa.array(at).cast(pa.timestamp("ms", tz="UTC")),
+            from_numpy(np.asarray((scores >= self.threshold).any(axis=1)), mask=invalid),
+            repeated_string(self.model_name, n),
+            repeated_string(self.digest, n),
+            from_numpy(at, pa.timestamp("ms", tz="UTC")),
         ]
         return pa.Table.from_arrays(cols, schema=self._schema)
 
