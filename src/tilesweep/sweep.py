@@ -576,8 +576,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _ledger_summary(path: Path) -> list[dict[str, Any]]:
-    if not (path / "predictions" / "ledger.sqlite").is_file():  # sink's PREDICTIONS_DIR / LEDGER_FILE
-        return []  # nothing predicted: the status of a fetch needs neither pyarrow nor the sink
     from .predict.sink import ledger_summary  # here: tilesweep.predict imports this module
     from .sql import models
 
