@@ -189,11 +189,11 @@ class SweepTables:
         return True
 
     def _view_predictions(self) -> None:
-        parts = prediction_parts(self.sweep.path)
-        if parts:
-            files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
-            body = f"SELECT * FROM read_parquet([{files}], union_by_name = true)"
-        else:
+        from .predict.ledger import part_sources, winning_rows_sql
+
+        # the ledger's winning rows only: a block two writers scored counts once
+        body = winning_rows_sql(part_sources(self.sweep.path))
+        if body is None:
             body = (
                 "SELECT NULL::TINYINT AS z, NULL::INTEGER AS x, NULL::INTEGER AS y, NULL::BIGINT AS block, "
                 "NULL::DOUBLE AS lon, NULL::DOUBLE AS lat, NULL::BOOLEAN AS label, NULL::VARCHAR AS model, "

@@ -52,48 +52,15 @@ from ..durable import fsync_dir
 from ..errors import UsageError
 from ..block import BlockResult
 from ..queue import Queue
-from ..storage import LocalStorage
+from ..storage import LocalStorage, Storage
 from ..tiles import centres_array as centres  # noqa: F401 - re-exported: tile math lives in tilesweep.tiles
+from .ledger import LEDGER_FILE as LEDGER_FILE, Ledger, SqliteLedger, _txn
 
 PREDICTIONS_DIR = "predictions"
-LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 PART_FORMAT = 1
 META_KEY = b"tilesweep.predictions"
 BASE_COLUMNS = ("z", "x", "y", "block", "lon", "lat", "label", "model", "model_digest", "time")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS parts (
-    name        TEXT PRIMARY KEY,    -- path relative to predictions/
-    model_key   TEXT NOT NULL,
-    rows        INTEGER NOT NULL,
-    blocks      INTEGER NOT NULL,
-    bytes       INTEGER NOT NULL,
-    written_at  REAL NOT NULL,
-    adopted     INTEGER NOT NULL DEFAULT 0   -- 1: recovered after a crash before its commit
-);
-CREATE TABLE IF NOT EXISTS predicted (
-    model_key   TEXT NOT NULL,
-    block_id    INTEGER NOT NULL,    -- PMTiles Hilbert id of the block (the queue's key)
-    part        TEXT,                -- NULL when the block has no row (no fetched tile)
-    rows        INTEGER NOT NULL,    -- fetched tiles = rows in the part
-    empty       INTEGER NOT NULL,
-    failed      INTEGER NOT NULL,
-    undecodable INTEGER NOT NULL,
-    positives   INTEGER NOT NULL,
-    at          REAL NOT NULL,
-    PRIMARY KEY (model_key, block_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS models (
-    model_key   TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    digest      TEXT NOT NULL,
-    folder      TEXT NOT NULL,
-    labels      TEXT NOT NULL,
-    threshold   REAL NOT NULL
-);
-"""
-
 
 def model_key(name: str, digest: str) -> str:
     """The ledger's key of a model: its weights digest, or its name when it has none
@@ -136,14 +103,15 @@ class CommitStats:
     adopted_parts: int = 0
     deleted_orphans: int = 0
     forgotten_parts: int = 0
+    lost_blocks: int = 0  # blocks this writer scored that another writer had recorded first
     busy_s: float = 0.0
 
 
 class PredictionSink:
     """Group-committed prediction parts of one model in one sweep (see the module doc).
 
-    Opening takes the sweep's prediction lock (a second writer gets :class:`UsageError`)
-    and recovers from a crash of the previous writer. ``labels``/``threshold`` describe the
+    Opening takes the sweep's prediction lock shared (any number of writers run at once;
+    ``drop`` takes it alone) and recovers from a crash of an earlier writer. ``labels``/``threshold`` describe the
     score columns; ``part_rows`` and ``part_seconds`` bound a part's size and age.
     ``first_part_s``: the k-th part of this writer is due once its oldest rows are
     ``first_part_s * (2**k - 1)`` seconds old (0, 1, 3, 7, ... for 1.0), until that reaches
@@ -163,6 +131,7 @@ class PredictionSink:
         part_seconds: float = 60.0,
         first_part_s: float | None = None,
         holder: str = "tilesweep predict",
+        storage: Storage | None = None,
     ) -> None:
         self.labels = tuple(labels)
         clash = [lb for lb in self.labels if lb in BASE_COLUMNS]
@@ -177,7 +146,8 @@ class PredictionSink:
         self.key = model_key(model_name, digest)
         self.folder_name = model_folder(model_name, digest)
         self.folder = self.root / self.folder_name
-        self.storage = LocalStorage(self.root)  # parts are its objects, keyed "{folder}/part-*.parquet"
+        # parts are its objects, keyed "{folder}/part-*.parquet" (a sweep's storage seam, or its folder)
+        self.storage: Storage = storage if storage is not None else LocalStorage(self.root)
         self.threshold = float(threshold)
         self.part_rows = int(part_rows)
         self.part_seconds = float(part_seconds)
@@ -189,35 +159,23 @@ class PredictionSink:
         self._first_at: float | None = None
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Many writers (module doc): each holds the lock shared; `drop` takes it alone. The
+        # first writer to find none beside it also clears the staging files of dead ones.
         self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._alone = True
         except BlockingIOError:
-            held_by = _lock_holder(self._lock_fd)
-            os.close(self._lock_fd)
-            raise UsageError(f"{held_by} is writing predictions of {str(sweep_path)!r}; wait for it or stop it") from None
+            self._alone = False
+        if not self._alone:  # waits only while another writer recovers, or a `drop` runs
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
         _claim_lock(self._lock_fd, holder)
-        ledger = self.root / LEDGER_FILE
-        fresh = not ledger.exists()
-        self.db = sqlite3.connect(ledger, isolation_level=None, check_same_thread=False, timeout=60)
         try:
-            self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.execute("PRAGMA synchronous = FULL")
-            self.db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
-        except sqlite3.Error:  # e.g. a full disk: leave no empty ledger behind
-            self.db.close()
-            if fresh:
-                for suffix in ("", "-wal", "-shm"):
-                    Path(f"{ledger}{suffix}").unlink(missing_ok=True)
+            self.ledger: Ledger = SqliteLedger(self.root / LEDGER_FILE)
+        except sqlite3.Error:
             os.close(self._lock_fd)
             raise
-        with _txn(self.db):  # ledgers written before model_nan was kept
-            if "model_nan" not in {r[1] for r in self.db.execute("PRAGMA table_info(predicted)")}:
-                self.db.execute("ALTER TABLE predicted ADD COLUMN model_nan INTEGER NOT NULL DEFAULT 0")
-        self.db.execute(
-            "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?)",
-            (self.key, model_name, digest, self.folder_name, ",".join(self.labels), self.threshold),
-        )
+        self.ledger.add_model(self.key, model_name, digest, self.folder_name, self.labels, self.threshold)
         fields: list[tuple[str, pa.DataType]] = [
             ("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64()),
             ("lon", pa.float64()), ("lat", pa.float64()),
@@ -227,12 +185,14 @@ class PredictionSink:
                    ("time", pa.timestamp("ms", tz="UTC"))]
         self._schema = pa.schema(fields)
         self.recover()
+        if self._alone:  # writers beside us from here on
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
 
     # --- reading the ledger ---------------------------------------------------------------
 
     def predicted_ids(self) -> set[int]:
         """Ids of the blocks this model has predicted (durably)."""
-        return {int(r[0]) for r in self.db.execute("SELECT block_id FROM predicted WHERE model_key = ?", (self.key,))}
+        return self.ledger.predicted_ids(self.key)
 
     def block_result(self, block_id: int) -> BlockResult | None:
         """:func:`ledger_block_result` of this sink's model (safe from any thread)."""
@@ -241,17 +201,16 @@ class PredictionSink:
     # --- recovery -------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Delete temp files, adopt orphan parts, forget parts that are gone (module doc)."""
-        for stale in self.folder.glob("*.partial"):
-            stale.unlink()
-        known = {r[0] for r in self.db.execute("SELECT name FROM parts WHERE model_key = ?", (self.key,))}
+        """Delete temp files (only with no other writer running: theirs are live), adopt
+        orphan parts, forget parts that are gone (module doc)."""
+        if self._alone:
+            for stale in self.folder.glob("*.partial"):
+                stale.unlink()
+        known = self.ledger.part_names(self.key)
         on_disk = {o.key: o.size for o in self.storage.list(f"{self.folder_name}/part-") if o.key.endswith(".parquet")}
         gone = known - on_disk.keys()
         if gone:
-            with _txn(self.db):
-                for name in gone:
-                    self.db.execute("DELETE FROM predicted WHERE model_key = ? AND part = ?", (self.key, name))
-                    self.db.execute("DELETE FROM parts WHERE name = ?", (name,))
+            self.ledger.forget(self.key, gone)
             self.stats.forgotten_parts += len(gone)
         for name in sorted(on_disk.keys() - known):
             try:
@@ -265,19 +224,22 @@ class PredictionSink:
                 self.storage.delete(name)
                 self.stats.deleted_orphans += 1
                 continue
-            ids = list(blocks)
-            clash = any(
-                self.db.execute("SELECT 1 FROM predicted WHERE model_key = ? AND block_id = ?", (self.key, b)).fetchone()
-                for b in ids
-            )
-            if clash:
-                self.storage.delete(name)
-                fsync_dir(self.folder)
+            # An orphan of a dead writer, or the part of a live one between its publish and
+            # its record: recording is idempotent, so adopting either is safe.
+            if self.ledger.record(self.key, name, rows, on_disk[name], blocks, adopted=True).kept:
+                self.stats.adopted_parts += 1
+            else:  # every block of it was predicted already
+                self._delete_part(name)
                 self.stats.deleted_orphans += 1
-                continue
-            with _txn(self.db):
-                self._record(name, rows, on_disk[name], blocks, adopted=True)
-            self.stats.adopted_parts += 1
+
+    def _delete_part(self, name: str) -> None:
+        try:
+            self.storage.delete(name)
+        except FileNotFoundError:
+            pass
+        local = self.storage.local_path(name)
+        if local is not None:
+            fsync_dir(local.parent)
 
     # --- writing --------------------------------------------------------------------------
 
@@ -336,9 +298,14 @@ class PredictionSink:
             pq.write_table(table, tmp, compression="zstd")
             self.storage.publish(tmp, name)  # create-if-absent: a part is never overwritten
             size = self.storage.size(name)
-        with _txn(self.db):
-            self._record(name, rows, size, blocks, adopted=False)
+        rec = self.ledger.record(self.key, name, rows, size, blocks, adopted=False)
+        if name is not None and not rec.kept:  # another writer predicted all of them first
+            self._delete_part(name)
+            name, size = None, 0
         s = self.stats
+        s.lost_blocks += len(rec.lost)
+        blocks = {b: blocks[b] for b in rec.won}  # the stats count what this writer's rows won
+        rows = sum(v[0] for v in blocks.values())
         s.parts += name is not None
         s.rows += rows
         s.blocks += len(blocks)
@@ -349,20 +316,7 @@ class PredictionSink:
         s.model_nan += sum(v[5] for v in blocks.values())
         s.bytes += size
         s.busy_s += time.perf_counter() - t0
-        return list(blocks)
-
-    def _record(self, name: str | None, rows: int, size: int, blocks: dict[int, list[int]], adopted: bool) -> None:
-        now = time.time()
-        if name is not None:
-            self.db.execute(
-                "INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?)", (name, self.key, rows, len(blocks), size, now, int(adopted))
-            )
-        self.db.executemany(
-            "INSERT INTO predicted (model_key, block_id, part, rows, empty, failed, undecodable, positives, at, model_nan) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(self.key, bid, name if v[0] else None, v[0], v[1], v[2], v[3], v[4], now, v[5] if len(v) > 5 else 0)
-             for bid, v in blocks.items()],
-        )
+        return [*rec.won, *rec.lost]  # all durable: predicted, by this writer or another
 
     def _table(self, buf: list[BlockRows]) -> pa.Table:
         x = np.concatenate([b.x for b in buf]).astype(np.int32)
@@ -392,7 +346,7 @@ class PredictionSink:
         their blocks are not predicted and will be done again)."""
         self._buffer = []
         try:
-            self.db.close()
+            self.ledger.close()
         finally:
             os.close(self._lock_fd)
 
@@ -421,18 +375,6 @@ def _lock_holder(fd: int) -> str:
         text = ""
     m = re.fullmatch(r"(tilesweep [a-z ]+) \(pid (\d+)\)", text)
     return f"`{m[1]}` (pid {m[2]})" if m else "another tilesweep process"
-
-
-class _txn:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
 def ledger_block_result(ledger: Path, key: str, block_id: int) -> BlockResult | None:

@@ -195,7 +195,7 @@ class OverlayIndex:
                 known = self._parts[folder] = set()
             new = sorted(names - known)
             if new or self.generation[folder] == 0:
-                self._append(cur, t, m, [str(self.sweep_path / PREDICTIONS_DIR / n) for n in new])
+                self._append(cur, t, m, [str(self.sweep_path / PREDICTIONS_DIR / n) for n in new])  # winning rows only
                 known |= set(new)
                 self.generation[folder] += 1
             self._checked[folder] = time.monotonic()
@@ -208,11 +208,18 @@ class OverlayIndex:
         if not paths:
             return
         score = f"GREATEST({', '.join(_q(lb) for lb in m.labels)})" if m.labels else "NULL"
+        from ..predict.ledger import part_sources, winning_rows_sql
+
+        # a part's lost blocks (another writer's rows won them) are fixed when it is recorded
+        wanted = set(paths)
+        rows_sql = winning_rows_sql([p for p in part_sources(self.sweep_path, m.key) if str(p.path) in wanted])
+        if rows_sql is None:  # the parts left the ledger meanwhile: the next refresh starts over
+            return
         cur.execute("BEGIN")
         try:
             cur.execute(
                 f"CREATE TEMP TABLE new_rows AS SELECT {MORTON_SQL} AS m, x, y, CAST({score} AS FLOAT) AS s "
-                f"FROM read_parquet($paths) WHERE {score} IS NOT NULL", {"paths": paths},
+                f"FROM ({rows_sql}) WHERE {score} IS NOT NULL",
             )
             cur.execute(f"INSERT INTO base{t} SELECT * FROM new_rows ORDER BY m")
             top = max(Z - 3, 0)

@@ -481,24 +481,26 @@ class Viewer:
         return web.json_response(await self._run(self.tile_info, Tile(z, x, y)), headers={"Cache-Control": "no-cache"})
 
     def detections(self, folder: str, t: float, box: tuple[float, float, float, float]) -> dict[str, Any]:
-        from .overlay import _q, ledger_parts
+        from .overlay import _q
 
         m = self.overlay.model(folder)
         assert m is not None
         w, s, e, n = box
         Z = self.zoom
         a, b = tile_at(w, n, Z), tile_at(e, s, Z)
-        parts = [str(self.path / PREDICTIONS_DIR / p) for p in ledger_parts(self.path, m.key)]
+        from ..predict.ledger import part_sources, winning_rows_sql
+
+        rows_sql = winning_rows_sql(part_sources(self.path, m.key))  # the ledger's winning rows only
         feats: list[dict[str, Any]] = []
         truncated = False
-        if parts and m.labels:
+        if rows_sql is not None and m.labels:
             score = f"GREATEST({', '.join(_q(lb) for lb in m.labels)})"
             cols = ", ".join(_q(lb) for lb in m.labels)
             cur = self.overlay._cur()
             rows = cur.execute(
-                f"SELECT x, y, block, lon, lat, {cols}, label FROM read_parquet($p) "
+                f"SELECT x, y, block, lon, lat, {cols}, label FROM ({rows_sql}) "
                 f"WHERE x BETWEEN $x0 AND $x1 AND y BETWEEN $y0 AND $y1 AND {score} >= $t ORDER BY block, x, y LIMIT {MAX_DETECTIONS + 1}",
-                {"p": parts, "x0": a.x, "x1": b.x, "y0": a.y, "y1": b.y, "t": t},
+                {"x0": a.x, "x1": b.x, "y0": a.y, "y1": b.y, "t": t},
             ).fetchall()
             truncated = len(rows) > MAX_DETECTIONS
             for r in rows[:MAX_DETECTIONS]:
