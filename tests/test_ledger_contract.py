@@ -4,7 +4,9 @@ once; an orphan adopted by a second writer while its own writer records it stays
 
 Real parts: two :class:`PredictionSink` objects over one real ``ledger.sqlite`` (each its
 own connection, as two processes have), real Parquet parts, the real DuckDB view. One
-contract, parametrised by backend (only SQLite has a ledger backend so far)."""
+contract, parametrised by backend: the ledger lives beside the queue, in
+``predictions/ledger.sqlite`` or in the queue's schema on the session's real PostgreSQL
+server (tests/helpers/pgserver.py)."""
 
 import time
 
@@ -27,11 +29,17 @@ def rows(block_id, xs, score):
     return BlockRows(block_id, 16, xs, np.full(len(xs), 7, np.int64), np.full((len(xs), 1), score, np.float32), 1, 0, time.time())
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def sweep(request, tmp_path):
+    """A planned sweep whose queue (and so its ledger) is of the backend under test."""
     path = tmp_path / "s"
-    Sweep.plan(path, parse_bbox(BBOX), PlanSpec(zoom=ZOOM, block_zoom=16))[0].close()
+    queue = None if request.param == "sqlite" else request.getfixturevalue("pg_server").url()
+    Sweep.plan(path, parse_bbox(BBOX), PlanSpec(zoom=ZOOM, block_zoom=16), queue=queue)[0].close()
     return path
+
+
+def ledger_file(sweep):
+    return sweep / "predictions" / "ledger.sqlite"
 
 
 def query(sweep, sql):
@@ -67,6 +75,7 @@ def test_two_writers_score_one_block_and_it_counts_once(sweep):
         assert again.predicted_ids() == {1, 2, 3} and again.stats.adopted_parts == 0
     totals = ledger_totals(sweep, "m", "abc")
     assert totals is not None and (totals.blocks, totals.rows, totals.parts) == (3, 6, 2)
+    assert ledger_file(sweep).exists() == ("postgresql" not in (sweep / "sweep.toml").read_text())
 
 
 def test_an_orphan_adopted_by_a_second_writer_while_its_writer_records_it(sweep, monkeypatch):
@@ -89,3 +98,25 @@ def test_an_orphan_adopted_by_a_second_writer_while_its_writer_records_it(sweep,
     assert seen["adopted"] == 1 and a.stats.blocks == 1 and a.stats.lost_blocks == 0
     assert query(sweep, "SELECT COUNT(*), COUNT(DISTINCT x) FROM predictions") == [(2, 2)]
     assert [p.lost for p in part_sources(sweep)] == [()]
+
+
+def test_a_ledger_file_of_a_postgresql_sweep_is_read_then_migrated(sweep):
+    """Sweeps predicted before the ledger moved beside the queue: readers read the file
+    until the first writer copies it into the queue's schema and renames it."""
+    if "postgresql" not in (sweep / "sweep.toml").read_text():
+        pytest.skip("the SQLite backend's ledger is that file")
+    from tilesweep.predict.ledger import SqliteLedger, open_ledger
+
+    # the old layout: the file, as earlier versions wrote it (a block without fetched tiles)
+    (sweep / "predictions" / "m").mkdir(parents=True)
+    old = SqliteLedger(ledger_file(sweep))
+    old.add_model("name:m", "m", "", "m", ["score"], 0.5)
+    old.record("name:m", None, 0, 0, {9: [0, 4, 0, 0, 0, 0]}, adopted=False)
+    old.close()
+    reader = open_ledger(sweep)
+    assert isinstance(reader, SqliteLedger) and reader.predicted_ids("name:m") == {9}
+    reader.close()
+    with PredictionSink(sweep, ZOOM, "m", "", ["score"], 0.5) as s:  # key name:m
+        assert s.predicted_ids() == {9}
+    assert not ledger_file(sweep).exists() and ledger_file(sweep).with_name("ledger.sqlite.migrated").exists()
+    assert ledger_totals(sweep, "m", "")[:3] == (1, 0, 4)

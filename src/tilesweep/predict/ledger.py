@@ -19,18 +19,22 @@ Recording is idempotent: recording the same part twice (its writer and a second 
 adopted it as an orphan while the first was between publish and record) gives the same
 winners, since a block's winner is the part named in its row.
 
-Backends: :class:`SqliteLedger` (``SWEEP/predictions/ledger.sqlite``, WAL mode, ``BEGIN
-IMMEDIATE`` transactions: any number of processes on the machine that holds the sweep's
-folder, the same reach as the SQLite queue beside it). A PostgreSQL backend beside a
-PostgreSQL queue is not written yet (docs/scale-out.md).
+Where it lives (:func:`open_ledger`) is where the queue lives, so every machine that can
+lease a block can record it: :class:`SqliteLedger` (``SWEEP/predictions/ledger.sqlite``
+beside a SQLite queue: WAL mode, ``BEGIN IMMEDIATE`` transactions, any number of
+processes on the machine that holds the folder) or :class:`PostgresLedger` (tables
+``models``, ``parts``, ``predicted``, ``lost`` in the PostgreSQL schema of the sweep's
+queue, next to its ``blocks``). Both run the same statements (:class:`_SqlLedger`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple, Protocol, Sequence
+from typing import Any, ContextManager, Iterable, Iterator, Mapping, NamedTuple, Protocol, Sequence, cast
 
 LEDGER_FILE = "ledger.sqlite"
 
@@ -109,13 +113,187 @@ class Ledger(Protocol):
         """Close the connection."""
 
 
-class SqliteLedger:
+_PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS parts (
+    name TEXT PRIMARY KEY, model_key TEXT NOT NULL, rows BIGINT NOT NULL, blocks INTEGER NOT NULL,
+    bytes BIGINT NOT NULL, written_at DOUBLE PRECISION NOT NULL, adopted INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS predicted (
+    model_key TEXT NOT NULL, block_id BIGINT NOT NULL, part TEXT, rows INTEGER NOT NULL, empty INTEGER NOT NULL,
+    failed INTEGER NOT NULL, undecodable INTEGER NOT NULL, positives INTEGER NOT NULL, at DOUBLE PRECISION NOT NULL,
+    model_nan INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (model_key, block_id)
+);
+CREATE TABLE IF NOT EXISTS models (
+    model_key TEXT PRIMARY KEY, name TEXT NOT NULL, digest TEXT NOT NULL, folder TEXT NOT NULL,
+    labels TEXT NOT NULL, threshold DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lost (part TEXT NOT NULL, block_id BIGINT NOT NULL, PRIMARY KEY (part, block_id));
+"""
+
+_PREDICTED_COLS = "model_key, block_id, part, rows, empty, failed, undecodable, positives, at, model_nan"
+
+
+class _SqlLedger:
+    """Both backends' SQL (the same tables and statements; ``?`` placeholders): the
+    writer's :class:`Ledger` and the readers' queries. A subclass gives :meth:`_all`,
+    :meth:`_txn` and :meth:`close`."""
+
+    def _all(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        raise NotImplementedError
+
+    def _txn(self) -> ContextManager[None]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # --- the writer's side ----------------------------------------------------------------
+
+    def add_model(self, key: str, name: str, digest: str, folder: str, labels: Sequence[str], threshold: float) -> None:
+        self._all("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                  (key, name, digest, folder, ",".join(labels), float(threshold)))
+
+    def predicted_ids(self, key: str) -> set[int]:
+        return {int(r[0]) for r in self._all("SELECT block_id FROM predicted WHERE model_key = ?", (key,))}
+
+    def part_names(self, key: str) -> set[str]:
+        return {str(r[0]) for r in self._all("SELECT name FROM parts WHERE model_key = ?", (key,))}
+
+    def record(self, key: str, name: str | None, rows: int, size: int,
+               blocks: Mapping[int, Sequence[int]], adopted: bool) -> Recorded:
+        now = time.time()
+        with self._txn():
+            if name is not None:
+                self._all("INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                          (name, key, rows, len(blocks), size, now, int(adopted)))
+            self._many(
+                f"INSERT INTO predicted ({_PREDICTED_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (model_key, block_id) DO NOTHING",
+                [(key, int(bid), name if v[0] else None, v[0], v[1], v[2], v[3], v[4], now, v[5] if len(v) > 5 else 0)
+                 for bid, v in blocks.items()],
+            )
+            won: list[int] = []
+            lost: list[int] = []
+            for bid, v in blocks.items():
+                ((owner,),) = self._all("SELECT part FROM predicted WHERE model_key = ? AND block_id = ?", (key, int(bid)))
+                if not v[0] or owner == name:
+                    won.append(bid)  # a block without rows has nothing to lose: its counts are the first record's
+                else:
+                    lost.append(bid)
+            kept = name is not None and any(blocks[b][0] for b in won)
+            if name is not None and not kept:
+                self._all("DELETE FROM parts WHERE name = ?", (name,))
+                self._all("DELETE FROM lost WHERE part = ?", (name,))
+            elif name is not None and lost:
+                self._many("INSERT INTO lost VALUES (?, ?) ON CONFLICT DO NOTHING", [(name, int(b)) for b in lost])
+        return Recorded(won, lost, kept)
+
+    def forget(self, key: str, names: Iterable[str]) -> None:
+        with self._txn():
+            for name in names:
+                self._all("DELETE FROM predicted WHERE model_key = ? AND part = ?", (key, name))
+                self._all("DELETE FROM parts WHERE name = ?", (name,))
+                self._all("DELETE FROM lost WHERE part = ?", (name,))
+
+    # --- the readers' side ----------------------------------------------------------------
+
+    def models(self) -> list[tuple[str, str, str, str, str, float]]:
+        """``(key, name, digest, folder, labels "a,b", threshold)`` of every model, by name."""
+        return [(str(k), str(n), str(d), str(f), str(lb), float(t)) for k, n, d, f, lb, t in
+                self._all("SELECT model_key, name, digest, folder, labels, threshold FROM models ORDER BY name")]
+
+    def parts(self, key: str | None = None) -> list[tuple[str, tuple[int, ...]]]:
+        """``(name, lost block ids)`` of the recorded parts (of model ``key``), by name."""
+        where, args = ("WHERE model_key = ?", (key,)) if key is not None else ("", ())
+        names = [str(r[0]) for r in self._all(f"SELECT name FROM parts {where} ORDER BY name", args)]
+        lost: dict[str, list[int]] = {}
+        for part, bid in self._all("SELECT part, block_id FROM lost ORDER BY part, block_id"):
+            lost.setdefault(str(part), []).append(int(bid))
+        return [(n, tuple(lost.get(n, ()))) for n in names]
+
+    def totals(self, key: str) -> tuple[int, ...]:
+        """``(blocks, rows, empty, failed, undecodable, positives, parts)`` of model ``key``."""
+        ((blocks, rows, empty, failed, und, pos),) = self._all(
+            "SELECT COUNT(*), COALESCE(SUM(rows),0), COALESCE(SUM(empty),0), COALESCE(SUM(failed),0), "
+            "COALESCE(SUM(undecodable),0), COALESCE(SUM(positives),0) FROM predicted WHERE model_key = ?", (key,))
+        ((parts,),) = self._all("SELECT COUNT(*) FROM parts WHERE model_key = ?", (key,))
+        return tuple(int(v) for v in (blocks, rows, empty, failed, und, pos, parts))
+
+    def predicted_rows(self, key: str, page: int = 10_000) -> Iterator[tuple[int, int, int, int]]:
+        """``(block_id, rows, empty, failed)`` of model ``key``'s blocks in id order, a page
+        at a time (memory does not grow with the number of blocks)."""
+        last = -1
+        while True:
+            got = self._all("SELECT block_id, rows, empty, failed FROM predicted WHERE model_key = ? AND block_id > ? "
+                            f"ORDER BY block_id LIMIT {int(page)}", (key, last))
+            for r in got:
+                yield int(r[0]), int(r[1]), int(r[2]), int(r[3])
+            if len(got) < page:
+                return
+            last = int(got[-1][0])
+
+    def block_result(self, key: str, block_id: int) -> tuple[int, int, int] | None:
+        """``(rows, empty, failed)`` of a predicted block, None when not predicted."""
+        got = self._all("SELECT rows, empty, failed FROM predicted WHERE model_key = ? AND block_id = ?", (key, int(block_id)))
+        return None if not got else (int(got[0][0]), int(got[0][1]), int(got[0][2]))
+
+    def block_parts(self, block_id: int) -> list[tuple[str, str]]:
+        """``(model key, part)`` holding a block's winning rows, every model."""
+        return [(str(k), str(p)) for k, p in
+                self._all("SELECT model_key, part FROM predicted WHERE block_id = ? AND part IS NOT NULL", (int(block_id),))]
+
+    def predicted_by_folder(self) -> dict[str, int]:
+        """Predicted blocks per model folder."""
+        return {str(f): int(n) for f, n in self._all(
+            "SELECT m.folder, COUNT(p.block_id) FROM models m LEFT JOIN predicted p ON p.model_key = m.model_key GROUP BY m.folder")}
+
+    def drop(self, keys: Sequence[str]) -> int:
+        """Delete models ``keys`` with their blocks, parts and lost rows in one
+        transaction; returns the blocks dropped."""
+        n = 0
+        with self._txn():
+            for key in keys:
+                ((c,),) = self._all("SELECT COUNT(*) FROM predicted WHERE model_key = ?", (key,))
+                n += int(c)
+                self._all("DELETE FROM lost WHERE part IN (SELECT name FROM parts WHERE model_key = ?)", (key,))
+                self._all("DELETE FROM predicted WHERE model_key = ?", (key,))
+                self._all("DELETE FROM parts WHERE model_key = ?", (key,))
+                self._all("DELETE FROM models WHERE model_key = ?", (key,))
+        return n
+
+
+class _txn:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on an exception) on SQLite."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+class SqliteLedger(_SqlLedger):
     """:class:`Ledger` in ``ledger.sqlite`` (module doc). Opening creates the file and its
     tables when absent and upgrades a ledger written by an earlier version (``model_nan``,
-    ``lost``); a file that cannot be created (a full disk) is not left behind."""
+    ``lost``); a file that cannot be created (a full disk) is not left behind.
+    ``readonly``: a reader's connection, which creates and changes nothing."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60, check_same_thread=False)
+            cols = {r[1] for r in self.db.execute("PRAGMA table_info(predicted)")}
+            self._has_lost = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'lost'").fetchone() is not None
+            self._has_nan = "model_nan" in cols
+            return
         fresh = not self.path.exists()
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=60)
         try:
@@ -131,69 +309,131 @@ class SqliteLedger:
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{self.path}{suffix}").unlink(missing_ok=True)
             raise
+        self._has_lost = self._has_nan = True
 
-    def add_model(self, key: str, name: str, digest: str, folder: str, labels: Sequence[str], threshold: float) -> None:
-        self.db.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?)",
-                        (key, name, digest, folder, ",".join(labels), float(threshold)))
+    def _all(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        if not self._has_lost and "lost" in sql.split():  # a read-only ledger from before many writers
+            if sql.lstrip().upper().startswith("SELECT"):
+                return []
+        return self.db.execute(sql, tuple(args)).fetchall()
 
-    def predicted_ids(self, key: str) -> set[int]:
-        return {int(r[0]) for r in self.db.execute("SELECT block_id FROM predicted WHERE model_key = ?", (key,))}
+    def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        self.db.executemany(sql, rows)
 
-    def part_names(self, key: str) -> set[str]:
-        return {str(r[0]) for r in self.db.execute("SELECT name FROM parts WHERE model_key = ?", (key,))}
-
-    def record(self, key: str, name: str | None, rows: int, size: int,
-               blocks: Mapping[int, Sequence[int]], adopted: bool) -> Recorded:
-        now = time.time()
-        with _txn(self.db) as db:
-            if name is not None:
-                db.execute("INSERT OR IGNORE INTO parts VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (name, key, rows, len(blocks), size, now, int(adopted)))
-            db.executemany(
-                "INSERT INTO predicted (model_key, block_id, part, rows, empty, failed, undecodable, positives, at, model_nan) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model_key, block_id) DO NOTHING",
-                [(key, bid, name if v[0] else None, v[0], v[1], v[2], v[3], v[4], now, v[5] if len(v) > 5 else 0)
-                 for bid, v in blocks.items()],
-            )
-            won: list[int] = []
-            lost: list[int] = []
-            for bid, v in blocks.items():
-                (owner,) = db.execute("SELECT part FROM predicted WHERE model_key = ? AND block_id = ?", (key, bid)).fetchone()
-                if not v[0] or owner == name:
-                    won.append(bid)  # a block without rows has nothing to lose: its counts are the first record's
-                else:
-                    lost.append(bid)
-            kept = name is not None and any(blocks[b][0] for b in won)
-            if name is not None and not kept:
-                db.execute("DELETE FROM parts WHERE name = ?", (name,))
-                db.execute("DELETE FROM lost WHERE part = ?", (name,))
-            elif name is not None and lost:
-                db.executemany("INSERT OR IGNORE INTO lost VALUES (?, ?)", [(name, b) for b in lost])
-        return Recorded(won, lost, kept)
-
-    def forget(self, key: str, names: Iterable[str]) -> None:
-        with _txn(self.db) as db:
-            for name in names:
-                db.execute("DELETE FROM predicted WHERE model_key = ? AND part = ?", (key, name))
-                db.execute("DELETE FROM parts WHERE name = ?", (name,))
-                db.execute("DELETE FROM lost WHERE part = ?", (name,))
+    @contextlib.contextmanager
+    def _txn(self) -> Iterator[None]:
+        with _txn(self.db):
+            yield
 
     def close(self) -> None:
         self.db.close()
 
 
-class _txn:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on an exception)."""
+class PostgresLedger(_SqlLedger):
+    """:class:`Ledger` in the PostgreSQL schema of the sweep's queue, beside its
+    ``blocks``: reachable by every machine that reaches the queue. Tables are created on
+    the first writer's open (under an advisory lock: writers may open at once). A sweep
+    whose ledger is still ``predictions/ledger.sqlite`` (predicted before the ledger moved)
+    is migrated by the first writer: its rows are copied in one transaction (``ON
+    CONFLICT DO NOTHING``: a copy cut short by a crash is simply done again), then the
+    file is renamed ``ledger.sqlite.migrated``. One connection, no reconnects: a dropped
+    connection fails the run, whose uncommitted blocks are predicted again by the next.
+    ``readonly``: a reader's connection; :class:`LookupError` when no writer made the
+    tables yet."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    def __init__(self, url: Any, readonly: bool = False, migrate_from: Path | None = None) -> None:
+        from ..queue.postgres import _connect
 
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
+        self.url = url
+        self.db = _connect(url, url.schema)
+        try:
+            if readonly:
+                if self.db.execute("SELECT to_regclass('predicted')").fetchone()[0] is None:
+                    raise LookupError("no prediction ledger in the queue's schema yet")
+                return
+            with self.db.transaction():
+                self.db.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.tilesweep-ledger'))")
+                for stmt in filter(str.strip, _PG_SCHEMA.split(";")):
+                    self.db.execute(stmt)
+            if migrate_from is not None and migrate_from.is_file():
+                self._migrate(migrate_from)
+        except BaseException:
+            self.db.close()
+            raise
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+    def _migrate(self, path: Path) -> None:
+        old = SqliteLedger(path, readonly=True)
+        try:
+            with self._txn():
+                self._many("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                           old._all("SELECT model_key, name, digest, folder, labels, threshold FROM models"))
+                self._many("INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                           old._all("SELECT name, model_key, rows, blocks, bytes, written_at, adopted FROM parts"))
+                nan = "model_nan" if old._has_nan else "0"
+                cur = old.db.execute(f"SELECT model_key, block_id, part, rows, empty, failed, undecodable, positives, at, {nan} "
+                                     "FROM predicted")
+                while batch := cur.fetchmany(10_000):
+                    self._many(f"INSERT INTO predicted ({_PREDICTED_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                               "ON CONFLICT DO NOTHING", batch)
+                if old._has_lost:
+                    self._many("INSERT INTO lost VALUES (?, ?) ON CONFLICT DO NOTHING", old._all("SELECT part, block_id FROM lost"))
+        finally:
+            old.close()
+        os.replace(path, path.with_name(path.name + ".migrated"))
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+    def _all(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        cur = self.db.execute(sql.replace("?", "%s"), tuple(args))
+        return list(cur.fetchall()) if cur.description is not None else []
+
+    def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            with self.db.cursor() as cur:
+                cur.executemany(sql.replace("?", "%s"), rows)
+
+    def _txn(self) -> ContextManager[None]:
+        return cast(ContextManager[None], self.db.transaction())
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _queue_url(sweep_path: Path) -> Any:
+    """The parsed queue URL of the sweep at ``sweep_path`` (sweep.toml's ``[queue] url``;
+    the folder's own SQLite queue when it names none)."""
+    import tomllib
+
+    from ..queue import DEFAULT_URL, parse_queue_url
+
+    try:
+        config = tomllib.loads((Path(sweep_path) / "sweep.toml").read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        config = {}
+    return parse_queue_url(str(config.get("queue", {}).get("url", DEFAULT_URL)))
+
+
+def open_ledger(sweep_path: Path, write: bool = False) -> _SqlLedger | None:
+    """The prediction ledger of the sweep at ``sweep_path``: in the queue's PostgreSQL
+    schema for a sweep on a PostgreSQL queue (a not yet migrated ``ledger.sqlite`` is what
+    readers read until a writer migrates it), else ``predictions/ledger.sqlite``.
+    ``write``: the writer's (creating and migrating); else a read-only one, or None when
+    nothing was predicted yet."""
+    from .sink import PREDICTIONS_DIR
+
+    root = Path(sweep_path) / PREDICTIONS_DIR
+    file = root / LEDGER_FILE
+    u = _queue_url(sweep_path)
+    if u.kind == "postgresql" and (write or not file.is_file()):
+        if write:
+            return PostgresLedger(u, migrate_from=file)
+        try:
+            return PostgresLedger(u, readonly=True)
+        except LookupError:
+            return None
+    if write:
+        return SqliteLedger(file)
+    return SqliteLedger(file, readonly=True) if file.is_file() else None
 
 
 class PartSource(NamedTuple):
@@ -211,22 +451,14 @@ def part_sources(sweep_path: Path, key: str | None = None) -> list[PartSource]:
     from .sink import PREDICTIONS_DIR
 
     root = Path(sweep_path) / PREDICTIONS_DIR
-    ledger = root / LEDGER_FILE
-    if not ledger.is_file():
+    ledger = open_ledger(sweep_path)
+    if ledger is None:
         return []
-    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=60)
     try:
-        where, args = ("WHERE model_key = ?", (key,)) if key is not None else ("", ())
-        names = [str(r[0]) for r in db.execute(f"SELECT name FROM parts {where} ORDER BY name", args)]
-        lost: dict[str, list[int]] = {}
-        try:
-            for part, bid in db.execute("SELECT part, block_id FROM lost ORDER BY part, block_id"):
-                lost.setdefault(str(part), []).append(int(bid))
-        except sqlite3.OperationalError:  # a ledger from before many writers: nothing lost
-            pass
+        parts = ledger.parts(key)
     finally:
-        db.close()
-    return [PartSource(root / n, tuple(lost.get(n, ()))) for n in names if (root / n).is_file()]
+        ledger.close()
+    return [PartSource(root / n, lost) for n, lost in parts if (root / n).is_file()]
 
 
 def winning_rows_sql(sources: Sequence[PartSource], columns: str = "*") -> str | None:
@@ -250,4 +482,5 @@ def winning_rows_sql(sources: Sequence[PartSource], columns: str = "*") -> str |
     return " UNION ALL BY NAME ".join(selects) if columns == "*" else " UNION ALL ".join(selects)
 
 
-__all__ = ["LEDGER_FILE", "Ledger", "PartSource", "Recorded", "SqliteLedger", "part_sources", "winning_rows_sql"]
+__all__ = ["LEDGER_FILE", "Ledger", "PartSource", "PostgresLedger", "Recorded", "SqliteLedger", "open_ledger", "part_sources",
+           "winning_rows_sql"]

@@ -38,7 +38,6 @@ import json
 import os
 import re
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ from ..block import BlockResult
 from ..queue import Queue
 from ..storage import LocalStorage, Storage
 from ..tiles import centres_array as centres  # noqa: F401 - re-exported: tile math lives in tilesweep.tiles
-from .ledger import LEDGER_FILE as LEDGER_FILE, Ledger, SqliteLedger, _txn
+from .ledger import LEDGER_FILE as LEDGER_FILE, Ledger, open_ledger
 
 PREDICTIONS_DIR = "predictions"
 LOCK_FILE = ".lock"
@@ -170,11 +169,13 @@ class PredictionSink:
         if not self._alone:  # waits only while another writer recovers, or a `drop` runs
             fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
         _claim_lock(self._lock_fd, holder)
-        try:
-            self.ledger: Ledger = SqliteLedger(self.root / LEDGER_FILE)
-        except sqlite3.Error:
+        try:  # beside the queue: the SQLite file here, or the queue's PostgreSQL schema
+            ledger = open_ledger(sweep_path, write=True)
+        except BaseException:
             os.close(self._lock_fd)
             raise
+        assert ledger is not None
+        self.ledger: Ledger = ledger
         self.ledger.add_model(self.key, model_name, digest, self.folder_name, self.labels, self.threshold)
         fields: list[tuple[str, pa.DataType]] = [
             ("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64()),
@@ -380,17 +381,18 @@ def _lock_holder(fd: int) -> str:
 def ledger_block_result(ledger: Path, key: str, block_id: int) -> BlockResult | None:
     """A predicted block's counts as the fetch queue records them (``ok`` = rows; bytes
     and retries are not kept), or None when the model ``key`` has not predicted it (or
-    there is no ledger). Read-only, on a connection of its own."""
-    if not Path(ledger).is_file():
+    there is no ledger). ``ledger``: the sweep's ``predictions/ledger.sqlite`` path (the
+    sweep's ledger is found from it, wherever it lives). Read-only, on a connection of its own."""
+    from .ledger import open_ledger
+
+    db = open_ledger(Path(ledger).parent.parent)
+    if db is None:
         return None
-    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=60)
     try:
-        row = db.execute(
-            "SELECT rows, empty, failed FROM predicted WHERE model_key = ? AND block_id = ?", (key, int(block_id))
-        ).fetchone()
+        row = db.block_result(key, block_id)
     finally:
         db.close()
-    return None if row is None else BlockResult(int(row[0]), int(row[1]), int(row[2]))
+    return None if row is None else BlockResult(*row)
 
 
 class PredictionTotals(NamedTuple):
@@ -408,45 +410,31 @@ class PredictionTotals(NamedTuple):
 
 def ledger_totals(sweep_path: Path, name: str, digest: str) -> PredictionTotals | None:
     """Totals of a model's predictions in a sweep, read-only (None when there is no ledger)."""
-    path = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
-    if not path.is_file():
+    db = open_ledger(sweep_path)
+    if db is None:
         return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        key = model_key(name, digest)
-        r = db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(rows),0), COALESCE(SUM(empty),0), COALESCE(SUM(failed),0), "
-            "COALESCE(SUM(undecodable),0), COALESCE(SUM(positives),0) FROM predicted WHERE model_key = ?", (key,)
-        ).fetchone()
-        (parts,) = db.execute("SELECT COUNT(*) FROM parts WHERE model_key = ?", (key,)).fetchone()
+        return PredictionTotals(*db.totals(model_key(name, digest)))
     finally:
         db.close()
-    blocks, rows, empty, failed, undecodable, positives = (int(v) for v in r)
-    return PredictionTotals(blocks, rows, empty, failed, undecodable, positives, int(parts))
 
 
 def ledger_summary(sweep_path: Path) -> list[dict[str, object]]:
     """What each model has predicted in a sweep, read-only: ``model``, ``digest``,
     ``folder`` (under ``predictions/``), ``blocks``, ``rows``, ``positives``,
     ``undecodable`` and ``parts``; an empty list when nothing was predicted."""
-    path = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
-    if not path.is_file():
+    db = open_ledger(sweep_path)
+    if db is None:
         return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
     try:
-        rows = db.execute(
-            """SELECT m.name, m.digest, m.folder,
-                      (SELECT COUNT(*) FROM predicted p WHERE p.model_key = m.model_key),
-                      (SELECT COALESCE(SUM(rows), 0) FROM predicted p WHERE p.model_key = m.model_key),
-                      (SELECT COALESCE(SUM(positives), 0) FROM predicted p WHERE p.model_key = m.model_key),
-                      (SELECT COALESCE(SUM(undecodable), 0) FROM predicted p WHERE p.model_key = m.model_key),
-                      (SELECT COUNT(*) FROM parts t WHERE t.model_key = m.model_key)
-               FROM models m ORDER BY m.name"""
-        ).fetchall()
+        out: list[dict[str, object]] = []
+        for key, name, digest, folder, _, _ in db.models():
+            blocks, rows, _, _, undecodable, positives, parts = db.totals(key)
+            out.append({"model": name, "digest": digest, "folder": folder, "blocks": blocks, "rows": rows,
+                        "positives": positives, "undecodable": undecodable, "parts": parts})
+        return out
     finally:
         db.close()
-    keys = ("model", "digest", "folder", "blocks", "rows", "positives", "undecodable", "parts")
-    return [dict(zip(keys, r)) for r in rows]
 
 
 class Reconciliation(NamedTuple):
@@ -472,19 +460,14 @@ def reconcile(sweep_path: Path, queue: Queue, name: str, digest: str) -> Reconci
     """Check a model's predictions against the fetch results, block by block (read-only):
     the ledger and the queue's done blocks are both read in block id order and merged, so
     memory does not grow with the number of blocks."""
-    ledger = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
     done_results = queue.results()
-    if not ledger.is_file():
+    db = open_ledger(sweep_path)
+    if db is None:
         return Reconciliation(0, 0, 0, sum(1 for _ in done_results), 0)
     blocks = rows = fetched = done = mismatched = 0
-    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     try:
-        cur = db.execute(
-            "SELECT block_id, rows, empty, failed FROM predicted WHERE model_key = ? ORDER BY block_id",
-            (model_key(name, digest),),
-        )
         head = next(done_results, None)
-        for bid, n_rows, n_empty, n_failed in cur:
+        for bid, n_rows, n_empty, n_failed in db.predicted_rows(model_key(name, digest)):
             while head is not None and head[0] < bid:  # done, not predicted by this model
                 done += 1
                 head = next(done_results, None)
@@ -527,8 +510,10 @@ def drop_predictions(sweep_path: Path, model: str) -> Dropped:
     parts, which the next open forgets, so those blocks are predicted again), then the
     model's ledger rows go in one transaction, then its folder."""
     root = Path(sweep_path) / PREDICTIONS_DIR
-    ledger = root / LEDGER_FILE
-    if not ledger.is_file():
+    probe = open_ledger(sweep_path)
+    if probe is not None:
+        probe.close()
+    if probe is None or not root.is_dir():
         raise UsageError(f"sweep {str(sweep_path)!r} has no predictions; nothing to drop for model {model!r}")
     fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -536,28 +521,24 @@ def drop_predictions(sweep_path: Path, model: str) -> Dropped:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UsageError(f"{_lock_holder(fd)} is writing predictions of {str(sweep_path)!r}; wait for it or stop it") from None
-        db = sqlite3.connect(ledger, isolation_level=None, timeout=60)
+        db = open_ledger(sweep_path, write=True)
+        assert db is not None
         try:
-            found = db.execute("SELECT model_key, name, folder FROM models WHERE name = ? OR folder = ?", (model, model)).fetchall()
+            models = db.models()
+            found = [(k, n, f) for k, n, _, f, _, _ in models if model in (n, f)]
             if not found:
-                known = ", ".join(sorted({r[0] for r in db.execute("SELECT name FROM models")})) or "none"
+                known = ", ".join(sorted({m[1] for m in models})) or "none"
                 raise UsageError(f"model {model!r} has no predictions in {str(sweep_path)!r} (models there: {known})")
-            blocks = parts = 0
+            parts = 0
             for key, _, folder in found:
-                for (name,) in db.execute("SELECT name FROM parts WHERE model_key = ?", (key,)).fetchall():
+                for name in db.part_names(key):
                     (root / name).unlink(missing_ok=True)
                     parts += 1
                 for stray in (root / folder).glob("part-*.parquet"):  # orphans: they would be adopted back
                     stray.unlink()
                 if (root / folder).is_dir():
                     fsync_dir(root / folder)
-            with _txn(db):
-                for key, _, _ in found:
-                    (n,) = db.execute("SELECT COUNT(*) FROM predicted WHERE model_key = ?", (key,)).fetchone()
-                    blocks += int(n)
-                    db.execute("DELETE FROM predicted WHERE model_key = ?", (key,))
-                    db.execute("DELETE FROM parts WHERE model_key = ?", (key,))
-                    db.execute("DELETE FROM models WHERE model_key = ?", (key,))
+            blocks = db.drop([k for k, _, _ in found])
             for _, _, folder in found:
                 d = root / folder
                 if d.is_dir():

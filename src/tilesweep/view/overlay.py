@@ -37,7 +37,7 @@ from typing import Any
 
 import duckdb
 
-from ..predict.sink import LEDGER_FILE, PREDICTIONS_DIR
+from ..predict.sink import PREDICTIONS_DIR
 from .mvt import EXTENT, encode_squares
 
 BINS = 20
@@ -94,27 +94,30 @@ class ModelInfo:
 
 def read_models(sweep_path: Path) -> list[ModelInfo]:
     """Models in the sweep's prediction ledger (read-only; empty when there is none)."""
-    path = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
-    if not path.is_file():
-        return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    from ..predict.ledger import open_ledger
+
     try:
-        rows = db.execute("SELECT model_key, name, digest, folder, labels, threshold FROM models ORDER BY name").fetchall()
+        db = open_ledger(sweep_path)
+        if db is None:
+            return []
+        try:
+            rows = db.models()
+        finally:
+            db.close()
     except sqlite3.OperationalError:
         return []
-    finally:
-        db.close()
     return [ModelInfo(r[0], r[1], r[2], r[3], tuple(x for x in r[4].split(",") if x), float(r[5])) for r in rows]
 
 
 def ledger_parts(sweep_path: Path, key: str) -> list[str]:
     """Names (relative to predictions/) of a model's committed parts."""
-    path = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
-    if not path.is_file():
+    from ..predict.ledger import open_ledger
+
+    db = open_ledger(sweep_path)
+    if db is None:
         return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
-        return [r[0] for r in db.execute("SELECT name FROM parts WHERE model_key = ? ORDER BY name", (key,))]
+        return [n for n, _ in db.parts(key)]
     finally:
         db.close()
 

@@ -43,7 +43,7 @@ from aiohttp import web
 
 from ..errors import UsageError
 from ..imageformat import image_format
-from ..predict.sink import LEDGER_FILE, PREDICTIONS_DIR
+from ..predict.sink import PREDICTIONS_DIR
 from ..queue import State
 from ..sources import Source
 from ..store import TileStore
@@ -249,14 +249,15 @@ class Viewer:
         blocks = {STATE_NAMES[int(s)]: int(n) for s, n in st.blocks.items()}
         tiles = {STATE_NAMES[int(s)]: int(n) for s, n in st.tiles.items()}
         predicted: dict[str, int] = {}
-        ledger = self.path / PREDICTIONS_DIR / LEDGER_FILE
-        if ledger.is_file():
-            db = self._ro(ledger)
+        from ..predict.ledger import open_ledger
+
+        try:
+            db = open_ledger(self.path)  # beside the queue, wherever it lives
+        except sqlite3.OperationalError:
+            db = None
+        if db is not None:
             try:
-                for folder, n in db.execute(
-                    "SELECT m.folder, COUNT(p.block_id) FROM models m LEFT JOIN predicted p ON p.model_key = m.model_key GROUP BY m.folder"
-                ):
-                    predicted[folder] = int(n)
+                predicted.update(db.predicted_by_folder())
             except sqlite3.OperationalError:
                 pass
             finally:
@@ -446,12 +447,13 @@ class Viewer:
             "in_plan": row is not None,
             "predictions": [],
         }
-        ledger = self.path / PREDICTIONS_DIR / LEDGER_FILE
-        if row is None or not ledger.is_file():
+        from ..predict.ledger import open_ledger
+
+        db = open_ledger(self.path) if row is not None else None
+        if db is None:
             return out
-        db = self._ro(ledger)
         try:
-            parts = db.execute("SELECT model_key, part FROM predicted WHERE block_id = ? AND part IS NOT NULL", (bid,)).fetchall()
+            parts = db.block_parts(bid)  # the part holding the block's winning rows
         finally:
             db.close()
         models = {m.key: m for m in self.overlay.models}
