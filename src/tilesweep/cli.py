@@ -635,9 +635,9 @@ def _predict_line(r) -> str:  # type: ignore[no-untyped-def]
         + (f", {r.model_nan:,} NaN from the model" if r.model_nan else "")
         + f"), {plural(r.parts, 'part')} written, "
         f"{r.tiles_per_s:,.0f} tiles/s, model busy {r.model_busy:.0%}, {r.wall_s:,.1f} s"
-        + (f"\n  stages: {stages}; bottleneck {r.bottleneck()}" if r.tiles else "")
+        + (f"\n  stages: {stages}; bottleneck {r.bottleneck()}" if r.tiles and r.stages else "")  # none: run --dask's sum
         # issue 13: which stage bounds the run, by how much, the model's wait; decode deaths
-        + (f"\n  {r.bound_line()}; decode {r.decode}" if r.tiles and hasattr(r, "bound_line") else "")
+        + (f"\n  {r.bound_line()}; decode {r.decode}" if r.tiles and r.stages and hasattr(r, "bound_line") else "")
         + "".join(f"\n  warning: {d}" for d in getattr(r, "decode_deaths", []))
     )
 
