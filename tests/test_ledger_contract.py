@@ -120,3 +120,18 @@ def test_a_ledger_file_of_a_postgresql_sweep_is_read_then_migrated(sweep):
         assert s.predicted_ids() == {9}
     assert not ledger_file(sweep).exists() and ledger_file(sweep).with_name("ledger.sqlite.migrated").exists()
     assert ledger_totals(sweep, "m", "")[:3] == (1, 0, 4)
+
+
+def test_a_writer_reconnects_after_its_connection_is_cut(sweep, request):
+    """A server restart or pg_terminate_backend between two commits: the next commit
+    reconnects and goes on (its record is safe to repeat)."""
+    if "postgresql" not in (sweep / "sweep.toml").read_text():
+        pytest.skip("a SQLite ledger has no connection to lose")
+    server = request.getfixturevalue("pg_server")
+    with PredictionSink(sweep, ZOOM, "m", "abc", ["score"], 0.5) as s:
+        s.add(rows(1, [10], 0.9))
+        assert s.commit() == [1]
+        assert server.terminate() >= 1
+        s.add(rows(2, [20], 0.9))
+        assert s.commit() == [2] and s.predicted_ids() == {1, 2}
+    assert query(sweep, "SELECT COUNT(*) FROM predictions") == [(2,)]

@@ -17,9 +17,12 @@ loops; it carries no tiles and no results, so:
 - progress is the queue's counts, polled by the process that started the loops, so it is
   the whole cluster's, whatever each loop reports.
 
-``run --dask`` runs the same loops, keeping tiles in the store, while the process that
-started them predicts each block once it is durable (``predict_sweep(follow=...)``, as
-``run --keep-tiles`` does): a sweep has one prediction writer (its ledger's lock).
+``run --dask`` runs the whole streaming run in each task (:func:`predict_loop`: lease ->
+fetch -> decode -> model -> Parquet part -> ack, the model loaded in the worker by a
+:class:`ModelLoader`): each task is one writer of the sweep's prediction ledger, which
+takes many (:mod:`tilesweep.predict.ledger`). ``run --dask --keep-tiles`` runs the fetch
+loops instead, keeping tiles in the store, while the process that started them predicts
+each block once it is durable (``predict_sweep(follow=...)``, as ``run --keep-tiles``).
 
 ``local:N`` starts a :class:`distributed.LocalCluster` of N worker processes on 127.0.0.1
 (one thread each) for the length of the call; ``tcp://host:port`` (or ``tls://``)

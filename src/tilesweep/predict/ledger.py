@@ -34,9 +34,12 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, ContextManager, Iterable, Iterator, Mapping, NamedTuple, Protocol, Sequence, cast
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, NamedTuple, Protocol, Sequence, TypeVar, cast
+
+from ..errors import UsageError
 
 LEDGER_FILE = "ledger.sqlite"
+_T = TypeVar("_T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS parts (
@@ -336,8 +339,9 @@ class PostgresLedger(_SqlLedger):
     whose ledger is still ``predictions/ledger.sqlite`` (predicted before the ledger moved)
     is migrated by the first writer: its rows are copied in one transaction (``ON
     CONFLICT DO NOTHING``: a copy cut short by a crash is simply done again), then the
-    file is renamed ``ledger.sqlite.migrated``. One connection, no reconnects: a dropped
-    connection fails the run, whose uncommitted blocks are predicted again by the next.
+    file is renamed ``ledger.sqlite.migrated``. One connection; the writer's operations are
+    reconnected and repeated after a dropped connection (a server restart), for up to
+    ``reconnect_s`` seconds.
     ``readonly``: a reader's connection; :class:`LookupError` when no writer made the
     tables yet."""
 
@@ -382,6 +386,56 @@ class PostgresLedger(_SqlLedger):
         os.replace(path, path.with_name(path.name + ".migrated"))
         for suffix in ("-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+    # Every writer's operation is safe to repeat (inserts ON CONFLICT DO NOTHING, a block's
+    # winner is the part its row names), so a dropped connection (a server restart) is
+    # reconnected and the operation run again for up to ``reconnect_s`` seconds.
+    reconnect_s = 60.0
+
+    def _retry(self, op: Callable[[], _T]) -> _T:
+        import psycopg
+
+        from ..queue.postgres import _connect
+
+        deadline = time.monotonic() + self.reconnect_s
+        delay = 0.05
+        while True:
+            try:
+                return op()
+            except psycopg.OperationalError:
+                if not (self.db.closed or self.db.broken) or time.monotonic() >= deadline:
+                    raise
+            except UsageError:  # reconnecting: the server is not back yet
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            try:
+                self.db.close()
+            except Exception:  # noqa: BLE001 - it is broken already
+                pass
+            try:
+                self.db = _connect(self.url, self.url.schema)
+            except UsageError:
+                if time.monotonic() >= deadline:
+                    raise
+
+    def add_model(self, key: str, name: str, digest: str, folder: str, labels: Sequence[str], threshold: float) -> None:
+        self._retry(lambda: super(PostgresLedger, self).add_model(key, name, digest, folder, labels, threshold))
+
+    def predicted_ids(self, key: str) -> set[int]:
+        return self._retry(lambda: super(PostgresLedger, self).predicted_ids(key))
+
+    def part_names(self, key: str) -> set[str]:
+        return self._retry(lambda: super(PostgresLedger, self).part_names(key))
+
+    def record(self, key: str, name: str | None, rows: int, size: int,
+               blocks: Mapping[int, Sequence[int]], adopted: bool) -> Recorded:
+        return self._retry(lambda: super(PostgresLedger, self).record(key, name, rows, size, blocks, adopted))
+
+    def forget(self, key: str, names: Iterable[str]) -> None:
+        names = list(names)
+        self._retry(lambda: super(PostgresLedger, self).forget(key, names))
 
     def _all(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         cur = self.db.execute(sql.replace("?", "%s"), tuple(args))

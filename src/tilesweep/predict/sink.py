@@ -3,27 +3,34 @@
 Layout under ``SWEEP/predictions/``::
 
     ledger.sqlite                 which blocks are predicted, by which model, in which part
-    .lock                         flock held by the one process writing predictions
+                                  (beside a SQLite queue; a PostgreSQL queue's schema holds it)
+    .lock                         flock: every writer holds it shared, ``drop`` alone
     {model-slug}/part-*.parquet   rows of many blocks, one row per fetched (OK) tile
-    {model-slug}/*.partial        a part being written (deleted on the next open)
+    {model-slug}/*.partial        a part being written (deleted by the next writer alone)
 
 **Group commit.** :meth:`PredictionSink.add` buffers the rows of whole blocks; when the
 buffer holds ``part_rows`` rows (or ``part_seconds`` passed) :meth:`commit` writes them
 as one part, published through the storage seam (:mod:`tilesweep.storage`: temp file,
 fsync, atomic create-if-absent rename, fsync of the folder); then it records the part and
-all its blocks in the ledger (the commit record) in one SQLite transaction. A block is *predicted*
-iff the ledger says so.
+all its blocks in the ledger (the commit record, :mod:`.ledger`) in one transaction. A
+block is *predicted* iff the ledger says so.
 
-**Crash argument.** A crash before the rename leaves a ``.partial`` file: deleted on the
-next open, its blocks are not in the ledger, so they are predicted again. A crash after the
-rename but before the ledger commit leaves an *orphan* part: complete (it was renamed only
-after fsync) and self-describing (its Parquet key-value metadata lists its blocks with
-their counts). The next open **adopts** it: it records the orphan's blocks in the ledger,
-unless one of them is recorded already (impossible with the single-writer lock, handled by
-deleting the orphan). Parts are only written for blocks that are not in the ledger, and
-recovery runs under the lock before any block is chosen, so no block's rows are ever in two
-live parts: no duplicates, no missing rows. A part the ledger names but that is gone from
-disk (deleted by hand) is forgotten, and its blocks are predicted again.
+**Many writers.** Any number of sinks may write one sweep and model at once (``run``
+processes, ``run --dask``'s tasks): part names are unique, and the ledger arbitrates a
+block that two of them scored: the first record wins it, the later part's rows of it are
+*lost* and skipped by every reader (:func:`.ledger.part_sources`). Both writers report
+the block durable, so both runners ack it.
+
+**Crash argument.** A crash before the rename leaves a ``.partial`` file: deleted by the
+next writer that opens with no other beside it (others' staging files are live); its
+blocks are not in the ledger, so they are predicted again. A crash after the rename but
+before the ledger commit leaves an *orphan* part: complete (it was renamed only after
+fsync) and self-describing (its Parquet key-value metadata lists its blocks with their
+counts). The next open **adopts** it with the same arbitrated record (idempotent: adopting
+the part of a live writer between its publish and its record is safe); an orphan that wins
+no rows is deleted. Every block's winning rows are in the one part its ledger row names:
+no duplicates, no missing rows, in what readers see. A part the ledger names but that is
+gone from disk (deleted by hand) is forgotten, and its blocks are predicted again.
 
 **Accounting.** Empty (404/204) and failed tiles have no row; the ledger keeps their count
 per block, so for every predicted block ``rows + empty + failed`` = its planned tiles, and
