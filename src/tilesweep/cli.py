@@ -634,7 +634,7 @@ def _predict_line(r) -> str:  # type: ignore[no-untyped-def]
         f"{r.failed:,} failed, {r.undecodable:,} undecodable"
         + (f", {r.model_nan:,} NaN from the model" if r.model_nan else "")
         + f"), {plural(r.parts, 'part')} written, "
-        f"{r.tiles_per_s:,.0f} tiles/s, model busy {r.model_busy:.0%}, {r.wall_s:,.1f} s"
+        f"{r.tiles_per_s:,.0f} tiles/s, " + (f"model busy {r.model_busy:.0%}, " if r.stages else "") + f"{r.wall_s:,.1f} s"
         + (f"\n  stages: {stages}; bottleneck {r.bottleneck()}" if r.tiles and r.stages else "")  # none: run --dask's sum
         # issue 13: which stage bounds the run, by how much, the model's wait; decode deaths
         + (f"\n  {r.bound_line()}; decode {r.decode}" if r.tiles and r.stages and hasattr(r, "bound_line") else "")
