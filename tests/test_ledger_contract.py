@@ -135,3 +135,15 @@ def test_a_writer_reconnects_after_its_connection_is_cut(sweep, request):
         s.add(rows(2, [20], 0.9))
         assert s.commit() == [2] and s.predicted_ids() == {1, 2}
     assert query(sweep, "SELECT COUNT(*) FROM predictions") == [(2,)]
+    # `predictions drop` is refused while a writer on another machine runs (its session
+    # holds the writers' lock: the local flock does not reach it), and works after
+    from tilesweep.errors import UsageError
+    from tilesweep.predict.ledger import open_ledger
+    from tilesweep.predict.sink import drop_predictions
+
+    remote = open_ledger(sweep, write=True)
+    with pytest.raises(UsageError, match="another machine"):
+        drop_predictions(sweep, "m")
+    remote.close()
+    assert drop_predictions(sweep, "m").blocks == 2
+    assert query(sweep, "SELECT COUNT(*) FROM predictions") == [(0,)]

@@ -359,11 +359,26 @@ class PostgresLedger(_SqlLedger):
                 self.db.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.tilesweep-ledger'))")
                 for stmt in filter(str.strip, _PG_SCHEMA.split(";")):
                     self.db.execute(stmt)
+            self._hold_writers_lock()
             if migrate_from is not None and migrate_from.is_file():
                 self._migrate(migrate_from)
         except BaseException:
             self.db.close()
             raise
+
+    _WRITERS_LOCK = "SELECT pg_advisory_lock_shared(hashtext(current_schema() || '.tilesweep-writers'))"
+
+    def _hold_writers_lock(self) -> None:
+        """Every writer's session holds the writers' advisory lock shared (the local
+        ``predictions/.lock`` does not reach other machines), so :meth:`alone` can tell
+        `predictions drop` that a writer on another machine runs."""
+        self.db.execute(self._WRITERS_LOCK)
+
+    def alone(self) -> bool:
+        """True when no other writer's session holds the writers' lock (it is then held
+        alone by this session until it closes)."""
+        (got,) = self.db.execute("SELECT pg_try_advisory_lock(hashtext(current_schema() || '.tilesweep-writers'))").fetchone()
+        return bool(got)
 
     def _migrate(self, path: Path) -> None:
         old = SqliteLedger(path, readonly=True)
@@ -416,6 +431,7 @@ class PostgresLedger(_SqlLedger):
                 pass
             try:
                 self.db = _connect(self.url, self.url.schema)
+                self._hold_writers_lock()
             except UsageError:
                 if time.monotonic() >= deadline:
                     raise

@@ -531,6 +531,9 @@ def drop_predictions(sweep_path: Path, model: str) -> Dropped:
         db = open_ledger(sweep_path, write=True)
         assert db is not None
         try:
+            if not getattr(db, "alone", lambda: True)():  # PostgreSQL: writers on other machines hold its lock
+                raise UsageError(f"a writer on another machine is writing predictions of {str(sweep_path)!r}; "
+                                 "wait for it or stop it")
             models = db.models()
             found = [(k, n, f) for k, n, _, f, _, _ in models if model in (n, f)]
             if not found:
