@@ -271,8 +271,9 @@ def _run_loops(sweep: Any, cluster: _Cluster, addr: DaskAddress, source: Source,
                worker: WorkerSettings | None, on_progress: Callable[[ClusterProgress], None] | None,
                stop_requested: Callable[[], bool], poll_s: float, task: tuple[Any, ...] | None = None) -> ClusterReport:
     """The loops as Dask tasks: :func:`_dask_task` (fetch into the store), or ``task``
-    ``(function, *args)``, called as ``function(spec, *args, stop_name)`` (``run --dask``'s
-    :func:`_predict_task`), whose results are kept in :attr:`ClusterReport.results`."""
+    ``(function, *args)``, called as ``function(spec, i, n, *args, stop_name)`` for loop
+    ``i`` of ``n`` (``run --dask``'s :func:`_predict_task`), whose results are kept in
+    :attr:`ClusterReport.results`."""
     spec = LoopSpec(str(Path(sweep.path).resolve()), sweep.zoom, sweep.block_zoom, source,
                     fetch or FetchSettings(), worker or WorkerSettings())
     started = time.monotonic()
@@ -281,7 +282,9 @@ def _run_loops(sweep: Any, cluster: _Cluster, addr: DaskAddress, source: Source,
     stop_event: Any = _distributed().Event(stop_name, client=cluster.client)
     n = addr.local or cluster.threads()
     fn, *args = task if task is not None else (_dask_task,)
-    futures: list[Any] = [cluster.client.submit(fn, spec, *args, stop_name, pure=False, key=f"tilesweep-loop-{i}-{stop_name}")
+    share = (lambda i: (i, n)) if task is not None else (lambda i: ())  # a task's share of the done blocks
+    futures: list[Any] = [cluster.client.submit(fn, spec, *share(i), *args, stop_name, pure=False,
+                                                key=f"tilesweep-loop-{i}-{stop_name}")
                           for i in range(n)]
     report.loops = n
     stopped = False
@@ -372,11 +375,46 @@ class _TaskStopped(Exception):
     acks it and releases the rest)."""
 
 
-def predict_loop(spec: LoopSpec, model: Any, settings: Any, stop: Any) -> Any:
+class _ShareOfQueue:
+    """The sweep's queue as one loop of ``n`` sees it for planning: the done blocks it
+    lists are those with ``id % n == i``; everything else is the queue's."""
+
+    def __init__(self, q: Any, i: int, n: int) -> None:
+        self._q, self._i, self._n = q, i, n
+
+    def blocks(self, state: Any = None, kept: bool | None = None) -> Any:
+        from .queue import State
+
+        if state != State.DONE:
+            return self._q.blocks(state, kept) if kept is not None else self._q.blocks(state)
+        found = self._q.blocks(state, kept) if kept is not None else self._q.blocks(state)
+        return (b for b in found if b.id % self._n == self._i)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._q, name)
+
+
+class _ShareOfSweep:
+    """The sweep, but its ``queue`` is :class:`_ShareOfQueue`: the done blocks a model has
+    not predicted (stored ones, or streamed for another model) are split among the loops
+    instead of every loop doing all of them; pending blocks are leased as ever."""
+
+    def __init__(self, sweep: Any, i: int, n: int) -> None:
+        self._sweep = sweep
+        self.queue = _ShareOfQueue(sweep.queue, i, n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sweep, name)
+
+
+def predict_loop(spec: LoopSpec, model: Any, settings: Any, stop: Any, share: tuple[int, int] = (0, 1)) -> Any:
     """One Dask task of ``run --dask``: the streaming run (:func:`tilesweep.predict.predict_sweep`
     with a fetch thread, tiles not stored) in this worker process, leasing from the
     sweep's queue until it has nothing pending or ``stop`` is set. ``model``: a
-    :class:`ModelLoader` (loaded here) or a model object. Returns the run's
+    :class:`ModelLoader` (loaded here) or a model object. ``share``: ``(i, n)``, this loop
+    of ``n``: of the done blocks this model has not predicted (stored, or streamed for
+    another model) it does those with ``id % n == i`` (a loop that Dask runs again gets
+    the same share). Returns the run's
     :class:`tilesweep.predict.PredictReport` without its live meters (picklable)."""
     import dataclasses
     import multiprocessing
@@ -398,8 +436,9 @@ def predict_loop(spec: LoopSpec, model: Any, settings: Any, stop: Any) -> Any:
         if stop.is_set():
             raise _TaskStopped
 
-    with Sweep.open(spec.sweep_path) as sweep:
-        m = model.load(sweep.path) if isinstance(model, ModelLoader) else model
+    with Sweep.open(spec.sweep_path) as whole:
+        m = model.load(whole.path) if isinstance(model, ModelLoader) else model
+        sweep = _ShareOfSweep(whole, *share) if share[1] > 1 else whole
         try:
             report = predict_sweep(sweep, m, s, on_progress=on_progress, progress_every_s=0.25,
                                    stream=StreamFetch(spec.source, spec.fetch, spec.worker, workers=1))
@@ -410,10 +449,10 @@ def predict_loop(spec: LoopSpec, model: Any, settings: Any, stop: Any) -> Any:
     return dataclasses.replace(report, stages={}, queues={})
 
 
-def _predict_task(spec: LoopSpec, model: Any, settings: Any, stop_name: str) -> Any:
+def _predict_task(spec: LoopSpec, i: int, n: int, model: Any, settings: Any, stop_name: str) -> Any:
     stop = _StopFlag(stop_name)
     try:
-        return predict_loop(spec, model, settings, stop)
+        return predict_loop(spec, model, settings, stop, share=(i, n))
     finally:
         stop.close()
 
