@@ -58,9 +58,12 @@ def test_two_writers_score_one_block_and_it_counts_once(sweep):
         assert sorted(b.commit()) == [2, 3]  # durable (predicted), so its runner acks it too
         assert a.stats.blocks == 2 and a.stats.lost_blocks == 0
         assert b.stats.blocks == 1 and b.stats.lost_blocks == 1 and b.stats.rows == 1
-        # a part that wins nothing is not kept
+        # a part that wins nothing is not kept; a block without rows counts once too
+        a.add(rows(4, [], 0.9))
+        assert a.commit() == [4] and a.stats.blocks == 3
         b.add(rows(1, [10, 11], 0.1))
-        assert b.commit() == [1] and b.stats.parts == 1
+        b.add(rows(4, [], 0.1))
+        assert sorted(b.commit()) == [1, 4] and b.stats.parts == 1 and b.stats.blocks == 1 and b.stats.lost_blocks == 3
     finally:
         a.close()
         b.close()
@@ -72,9 +75,9 @@ def test_two_writers_score_one_block_and_it_counts_once(sweep):
     assert [(b, x) for b, x, _ in got] == [(1, 10), (1, 11), (2, 20), (2, 21), (2, 22), (3, 30)]
     assert all(abs(s - 0.9) < 1e-6 for b, _, s in got if b in (1, 2))
     with PredictionSink(sweep, ZOOM, "m", "abc", ["score"], 0.5) as again:  # a later writer changes nothing
-        assert again.predicted_ids() == {1, 2, 3} and again.stats.adopted_parts == 0
+        assert again.predicted_ids() == {1, 2, 3, 4} and again.stats.adopted_parts == 0
     totals = ledger_totals(sweep, "m", "abc")
-    assert totals is not None and (totals.blocks, totals.rows, totals.parts) == (3, 6, 2)
+    assert totals is not None and (totals.blocks, totals.rows, totals.empty, totals.parts) == (4, 6, 4, 2)
     assert ledger_file(sweep).exists() == ("postgresql" not in (sweep / "sweep.toml").read_text())
 
 

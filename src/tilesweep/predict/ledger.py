@@ -181,17 +181,17 @@ class _SqlLedger:
             won: list[int] = []
             lost: list[int] = []
             for bid, v in blocks.items():
-                ((owner,),) = self._all("SELECT part FROM predicted WHERE model_key = ? AND block_id = ?", (key, int(bid)))
-                if not v[0] or owner == name:
-                    won.append(bid)  # a block without rows has nothing to lose: its counts are the first record's
-                else:
-                    lost.append(bid)
+                ((owner, at),) = self._all("SELECT part, at FROM predicted WHERE model_key = ? AND block_id = ?",
+                                           (key, int(bid)))
+                # the block's row is this record's: it names this part, or (no rows, no part) this instant
+                (won if (owner == name and v[0]) or (not v[0] and owner is None and at == now) else lost).append(bid)
             kept = name is not None and any(blocks[b][0] for b in won)
             if name is not None and not kept:
                 self._all("DELETE FROM parts WHERE name = ?", (name,))
                 self._all("DELETE FROM lost WHERE part = ?", (name,))
             elif name is not None and lost:
-                self._many("INSERT INTO lost VALUES (?, ?) ON CONFLICT DO NOTHING", [(name, int(b)) for b in lost])
+                self._many("INSERT INTO lost VALUES (?, ?) ON CONFLICT DO NOTHING",
+                           [(name, int(b)) for b in lost if blocks[b][0]])  # only rows in this part can be skipped
         return Recorded(won, lost, kept)
 
     def forget(self, key: str, names: Iterable[str]) -> None:
