@@ -140,12 +140,12 @@ class QueueConsumer:
 
 
 def _worker_main(args: WorkerArgs, blocks: Any, commits: Any, refetch: list[Block], ledger: Path, model_key: str,
-                 progress: Any, index: int, stop: Any, parent: int) -> None:
+                 keep_tiles: bool, progress: Any, index: int, stop: Any, parent: int) -> None:
     consumer = QueueConsumer(index, blocks, commits, stop, ledger, model_key, parent)
 
     def body(on_progress: Callable[[WorkerCounters], None], stop_event: Any, parent_pid: int) -> WorkerCounters:
         worker = Worker(*args, on_progress=on_progress, stop_event=stop_event, consumer=consumer,
-                        refetch=refetch, parent_pid=parent_pid)
+                        refetch=refetch, parent_pid=parent_pid, keep_tiles=keep_tiles)  # keep_tiles: a Tee
         counters = worker.run()
         if not consumer.orphaned():
             consumer.end()  # again, if stopped alone (a SIGINT to this process): the others go on
@@ -163,7 +163,8 @@ class FetchProcesses:
     has handed its last block; :meth:`committed` routes durable ids back to the worker that
     holds their lease; :meth:`close` stops (if asked) and joins the workers."""
 
-    def __init__(self, args: tuple, workers: int, refetch: list[Block], ledger: Path, model_key: str) -> None:  # type: ignore[type-arg]
+    def __init__(self, args: tuple, workers: int, refetch: list[Block], ledger: Path, model_key: str,  # type: ignore[type-arg]
+                 keep_tiles: bool = False) -> None:
         ctx = mp.get_context("spawn")
         self.blocks_q: Any = ctx.Queue(maxsize=2 * workers)
         self.commits_q: list[Any] = [ctx.Queue() for _ in range(workers)]
@@ -172,7 +173,7 @@ class FetchProcesses:
         # leases end when the run does (a block they handed over may still be committed).
         self.pool = ProcessPool(
             _worker_main,
-            lambda i: (args, self.blocks_q, self.commits_q[i], refetch[i::workers], ledger, model_key),
+            lambda i: (args, self.blocks_q, self.commits_q[i], refetch[i::workers], ledger, model_key, keep_tiles),
             workers, args[0],
         )
         self.pool.start()
