@@ -339,6 +339,7 @@ class _Pipeline:
         self.procs: FetchProcesses | None = None
         self.on_committed: Callable[[list[int]], None] | None = None
         self.on_closed: Callable[[], None] | None = None  # after the sink's last commit
+        self.in_flight: set[int] = set()  # blocks of worker processes handed over, not yet committed
         # The main thread waits on this event, never in Thread.join: a Ctrl-C that lands
         # inside join() can leave that thread marked as stopped while it still runs
         # (CPython gh-90882), and then nobody waits for the worker to release its leases.
@@ -600,12 +601,29 @@ class _Pipeline:
             assert self.procs is not None
             m = self.meters["fetch"]
             for block, x, y, data, empty in self.procs.blocks(self.stop):
+                if self._handed_again(block):
+                    continue
                 t0 = time.perf_counter()
                 self._put(self.q_read, _Work(block, x, y, data, empty, 0))
                 m.blocked(time.perf_counter() - t0)  # type: ignore[attr-defined]
                 m.add(len(data) + empty, 0.0)
         finally:
             self.fetch_ended.set()
+
+    def _handed_again(self, block: Block) -> bool:
+        """A worker that crashed released the leases of blocks it had handed over; a
+        sibling may lease one and hand it again. Its rows are not written twice: a block
+        still on its way through the stages is dropped (its commit goes to the worker
+        that holds it now, :meth:`FetchProcesses.committed`), one committed already is
+        reported durable again at once, for that worker to ack."""
+        if block.id in self.in_flight:
+            return True
+        if self.sink.block_result(block.id) is not None:
+            assert self.procs is not None
+            self.procs.committed([block.id])
+            return True
+        self.in_flight.add(block.id)
+        return False
 
     def _decode(self) -> None:
         m = self.meters["decode"]
@@ -719,6 +737,7 @@ class _Pipeline:
 
     def _committed(self, committed: list[int]) -> None:
         """The sink made these blocks durable: the runner acks them."""
+        self.in_flight.difference_update(committed)
         if committed and self.on_committed is not None:
             self.on_committed(committed)
 
