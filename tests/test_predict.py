@@ -348,6 +348,38 @@ def test_a_block_predicted_but_not_acked_is_acked_without_fetching(tmp_path, sim
     assert queue_rows(sweep) == before
 
 
+def test_keep_tiles_tees_after_a_crash_between_shard_and_predictions(tmp_path, sim):
+    """`run --keep-tiles` acks a block once its shard *and* its predictions are durable
+    (runner.Tee). The two crash windows, made by hand: blocks stored but not predicted
+    (a kill after the shard's rename) are handed to the model from their shards, blocks
+    stored and predicted (a kill before the ack) are acked at once; neither is fetched
+    (the source is now dead), and every tile is predicted once."""
+    from tilesweep.model import load_model
+    from tilesweep.predict import StreamFetch, predict_sweep
+    from tilesweep.fetch import FetchSettings
+    from tilesweep.sweep import Sweep
+
+    sweep = fetched(tmp_path, sim, SMALL_BBOX, 16)
+    before = queue_rows(sweep)
+    with open_sweep_queue(sweep) as q:
+        ids = [b.id for b in q.blocks()]
+        assert q.requeue(ids[:5]) == 5  # stored, not predicted
+    with Sweep.open(sweep) as sw:
+        assert predict_sweep(sw, load_model("demo")).blocks == 11  # the done ones, from the store
+    with open_sweep_queue(sweep) as q:
+        assert q.requeue(ids[5:8]) == 3  # stored and predicted, the ack lost
+    toml = sweep / "sweep.toml"
+    toml.write_text(toml.read_text().replace(sim.template(), "http://127.0.0.1:9/{z}/{x}/{y}.jpg"))
+    with open_sweep_queue(sweep) as q:
+        handed = sum(b.tiles for b in q.blocks() if b.id in ids[:5])
+    with Sweep.open(sweep) as sw:
+        report = predict_sweep(sw, load_model("demo"), stream=StreamFetch(sw.bind_source(None), FetchSettings(retries=0), keep_tiles=True))
+    assert report.blocks == 5 and report.tiles == handed and report.fetch is not None and report.fetch.tiles_ok == 0
+    assert queue_rows(sweep) == before
+    table, _ = read_predictions(sweep)
+    assert_exactly_once(table, planned_tiles(sweep, 16))
+
+
 def test_a_second_model_on_a_streamed_sweep_fetches_again(tmp_path, sim):
     """Tiles streamed for one model are not stored: `predict` with another model says so
     (exit 1, naming the command that helps), and `run` with it fetches them again without
