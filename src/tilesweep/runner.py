@@ -8,10 +8,9 @@ One runner is one event loop with one :class:`~tilesweep.fetch.Fetcher`; it runs
 process of its own under ``fetch --workers N`` (:mod:`tilesweep.worker`, over
 :mod:`tilesweep.pool`), or in a thread of the prediction process (``run``). It keeps a few
 blocks in progress so that the fetcher always has ``concurrency`` requests to make. Its
-output is one of two:
+output is one of three:
 
-- **the shard store** (:class:`ShardStoreOutput`: ``tilesweep fetch``, ``run
-  --keep-tiles``). The runner opens (or resumes) the block's shard and skips tiles already
+- **the shard store** (:class:`ShardStoreOutput`: ``tilesweep fetch``). The runner opens (or resumes) the block's shard and skips tiles already
   durable in it; fetches the rest, appending every ok or empty result, fsynced by time
   (data before the index that points at it); finishes the shard (final index, atomic
   rename), then acks the block in a group commit with its counts. A crash anywhere in
@@ -28,7 +27,11 @@ output is one of two:
   consumer reports it durable too. A crash between the two leaves a finished shard whose
   block is not predicted: the next lease hands the shard's tiles over without fetching.
 
-Either way, if some tile still fails after the fetcher's retries, the block is nacked with
+Blocks done already have a runner too: :class:`StoreRunner` (``tilesweep predict``, and
+the stored blocks of ``run``) reads them from the store and hands them to the same
+prediction consumer; they were acked by the runner that stored them, so it acks nothing.
+
+Whatever the output, if some tile still fails after the fetcher's retries, the block is nacked with
 the reason (stored good tiles stay durable); after the queue's max attempts it goes dead,
 and ``tilesweep retry --dead`` puts it back.
 
@@ -193,7 +196,7 @@ class BlockConsumer(Protocol):
 
 
 class ShardStoreOutput:
-    """The shard store as a runner's output (``tilesweep fetch``, ``run --keep-tiles``):
+    """The shard store as a runner's output (``tilesweep fetch``; half of ``run --keep-tiles``'s :class:`Tee`):
     a block's tiles are appended to its shard as they come, fsynced by time (a crash loses
     at most ``flush_every_s`` of one block), and the block's output is durable once its
     shard is finished and renamed; the runner acks it then. Its calls block (the runner

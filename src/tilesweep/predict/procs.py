@@ -8,7 +8,10 @@ process through one bounded ``multiprocessing`` queue, and the block ids that th
 prediction process has made durable come back through a queue per worker
 (:class:`Committed`), whose runner then acks them. The processes themselves are a
 :class:`~tilesweep.pool.ProcessPool`. The lease stays with
-the worker process the whole time, so a crash of either side returns the block.
+the worker process the whole time, so a crash of either side returns the block. With
+``keep_tiles`` (``run --keep-tiles --workers N``) each runner tees
+(:class:`~tilesweep.runner.Tee`): it stores the block's shard, then hands the block over,
+and acks it once its shard and its predictions are durable.
 
 ::
 
