@@ -219,7 +219,7 @@ RUN_MODES = {
 @pytest.mark.parametrize("mode", list(RUN_MODES))
 def test_run_fetches_and_predicts_in_one_go_and_resumes(tmp_path, mode):
     """`tilesweep run`: tiles stream from the source into the model (fetched in a thread,
-    or by worker processes), or, with --keep-tiles, worker processes store them while the
+    or by worker processes), or, with --keep-tiles, the worker processes also store each block before the
     model scores each stored block; killed mid-way and run again, every tile ends
     predicted exactly once and the fetch queue agrees with the ledger. The source is
     slowed so that the kill lands mid-run."""
@@ -253,8 +253,8 @@ def test_run_fetches_and_predicts_in_one_go_and_resumes(tmp_path, mode):
 
 def test_keep_tiles_is_the_python_apis_too(tmp_path, sim):
     """`run --keep-tiles` from Python: predict_sweep(stream=StreamFetch(..., keep_tiles=True))
-    packs every tile into the store and predicts each once (fetch processes store and ack,
-    the pipeline follows them); report.fetch holds the fetch's final counters."""
+    packs every tile into the store and predicts each once (one runner tees each block: its
+    shard, then the model); report.fetch holds the fetch's final counters."""
     from tilesweep.fetch import FetchSettings
     from tilesweep.model import load_model
     from tilesweep.predict import StreamFetch, predict_sweep
