@@ -522,7 +522,7 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     model_threads: Optional[int] = typer.Option(None, "--model-threads", help="CPU threads of one model batch."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Score in 0..1 at or above which a tile is labelled (default: the model's own)."),
-    dask: Optional[str] = typer.Option(None, "--dask", help="Fetch and predict on Dask, the model loaded in each worker (with --keep-tiles: fetch into the store there, predict here): local:N (N worker processes here) or tcp://scheduler:8786 (one loop per worker thread); --concurrency and --rate are then per loop (docs/scale-out.md)."),
+    dask: Optional[str] = typer.Option(None, "--dask", help="Fetch and predict on Dask, the model loaded in each worker (with --keep-tiles: the tiles stored too): local:N (N worker processes here) or tcp://scheduler:8786 (one loop per worker thread); --concurrency and --rate are then per loop (docs/scale-out.md)."),
     # issue 13: where tiles are decoded, and the PyTorch model's precision and memory order
     decode: str = typer.Option("auto", "--decode", help="Where tiles are decoded: auto (gpu for a PyTorch model on CUDA with torchvision, processes on more than 4 cores, else threads), threads, processes (shared memory) or gpu (nvJPEG)."),
     decode_processes: Optional[int] = typer.Option(None, "--decode-processes", help="Decode processes with --decode processes (default: half the cores, 2..8)."),

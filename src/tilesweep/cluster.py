@@ -20,9 +20,8 @@ loops; it carries no tiles and no results, so:
 ``run --dask`` runs the whole streaming run in each task (:func:`predict_loop`: lease ->
 fetch -> decode -> model -> Parquet part -> ack, the model loaded in the worker by a
 :class:`ModelLoader`): each task is one writer of the sweep's prediction ledger, which
-takes many (:mod:`tilesweep.predict.ledger`). ``run --dask --keep-tiles`` runs the fetch
-loops instead, keeping tiles in the store, while the process that started them predicts
-each block once it is durable (``predict_sweep(follow=...)``, as ``run --keep-tiles``).
+takes many (:mod:`tilesweep.predict.ledger`). ``run --dask --keep-tiles``: each task's
+runner tees, packing the tiles into the store too (as ``run --keep-tiles``).
 
 ``local:N`` starts a :class:`distributed.LocalCluster` of N worker processes on 127.0.0.1
 (one thread each) for the length of the call; ``tcp://host:port`` (or ``tls://``)
@@ -407,14 +406,16 @@ class _ShareOfSweep:
         return getattr(self._sweep, name)
 
 
-def predict_loop(spec: LoopSpec, model: Any, settings: Any, stop: Any, share: tuple[int, int] = (0, 1)) -> Any:
+def predict_loop(spec: LoopSpec, model: Any, settings: Any, stop: Any, share: tuple[int, int] = (0, 1),
+                 keep_tiles: bool = False) -> Any:
     """One Dask task of ``run --dask``: the streaming run (:func:`tilesweep.predict.predict_sweep`
-    with a fetch thread, tiles not stored) in this worker process, leasing from the
+    with its fetch in a thread) in this worker process, leasing from the
     sweep's queue until it has nothing pending or ``stop`` is set. ``model``: a
     :class:`ModelLoader` (loaded here) or a model object. ``share``: ``(i, n)``, this loop
     of ``n``: of the done blocks this model has not predicted (stored, or streamed for
     another model) it does those with ``id % n == i`` (a loop that Dask runs again gets
-    the same share). Returns the run's
+    the same share). ``keep_tiles``: the runner tees (the block's shard, then its
+    predictions; acked once both are durable), as ``run --keep-tiles``. Returns the run's
     :class:`tilesweep.predict.PredictReport` without its live meters (picklable)."""
     import dataclasses
     import multiprocessing
@@ -441,7 +442,7 @@ def predict_loop(spec: LoopSpec, model: Any, settings: Any, stop: Any, share: tu
         sweep = _ShareOfSweep(whole, *share) if share[1] > 1 else whole
         try:
             report = predict_sweep(sweep, m, s, on_progress=on_progress, progress_every_s=0.25,
-                                   stream=StreamFetch(spec.source, spec.fetch, spec.worker, workers=1))
+                                   stream=StreamFetch(spec.source, spec.fetch, spec.worker, workers=1, keep_tiles=keep_tiles))
         except _TaskStopped:
             if not last:
                 return None
@@ -449,10 +450,10 @@ def predict_loop(spec: LoopSpec, model: Any, settings: Any, stop: Any, share: tu
     return dataclasses.replace(report, stages={}, queues={})
 
 
-def _predict_task(spec: LoopSpec, i: int, n: int, model: Any, settings: Any, stop_name: str) -> Any:
+def _predict_task(spec: LoopSpec, i: int, n: int, model: Any, settings: Any, keep_tiles: bool, stop_name: str) -> Any:
     stop = _StopFlag(stop_name)
     try:
-        return predict_loop(spec, model, settings, stop, share=(i, n))
+        return predict_loop(spec, model, settings, stop, share=(i, n), keep_tiles=keep_tiles)
     finally:
         stop.close()
 
@@ -513,10 +514,9 @@ def run_on_dask(
     (:mod:`tilesweep.predict.ledger`). ``on_progress`` gets the whole cluster's
     :class:`ClusterPredictProgress` every half second.
 
-    ``keep_tiles``: the loops fetch into the store and this process predicts each block
-    once it is durable (``predict_sweep(follow=...)``; ``on_predict`` gets its live
-    report, ``on_progress`` the cluster's :class:`ClusterProgress`): tiles kept, the
-    model on this machine only.
+    ``keep_tiles``: each task's runner also packs the tiles into the store (a tee, as
+    ``run --keep-tiles``: a block is acked once its shard and its predictions are durable).
+    ``on_predict`` is not called (the live meters stay on the workers).
 
     ``model`` (a :class:`tilesweep.model.Model`, loaded here too: its name and digest key
     the ledger); ``settings``: :class:`tilesweep.predict.PredictSettings`. Returns
@@ -524,8 +524,6 @@ def run_on_dask(
     what it scored whole and release its leases, then raises KeyboardInterrupt; the same
     call goes on."""
     addr = parse_dask_address(address) if isinstance(address, str) else address
-    if keep_tiles:
-        return _run_keeping_tiles(sweep, model, addr, source, fetch, worker, settings, on_progress, on_predict)
     from . import signals
     from .predict.sink import ledger_totals
 
@@ -540,44 +538,7 @@ def run_on_dask(
         try:
             report = _run_loops(sweep, cluster, addr, source, fetch, worker, progress,
                                 lambda: stop_local.is_set() or signalled(), 0.5,
-                                task=(_predict_task, loader if loader is not None else model, settings))
+                                task=(_predict_task, loader if loader is not None else model, settings, keep_tiles))
         finally:
             cluster.close()
     return _merge_reports(report.results, report.wall_s), report
-
-
-def _run_keeping_tiles(sweep: Any, model: Any, addr: DaskAddress, source: Source, fetch: FetchSettings | None,
-                       worker: WorkerSettings | None, settings: Any, on_progress: Callable[[Any], None] | None,
-                       on_predict: Callable[[Any], None] | None) -> tuple[Any, ClusterReport]:
-    """``run --dask --keep-tiles``: the fetch loops on Dask, this process predicts."""
-    from .predict import predict_sweep
-
-    result: dict[str, Any] = {}
-    ended = threading.Event()
-    interrupted = threading.Event()
-
-    def fetch_all() -> None:
-        try:
-            result["report"] = _run_loops(sweep, cluster, addr, source, fetch, worker, on_progress, interrupted.is_set, 0.5)
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-            result["error"] = exc
-        finally:
-            ended.set()
-
-    cluster = _Cluster(addr)  # here, before anything is written: a bad address writes nothing
-    try:
-        thread = threading.Thread(target=fetch_all, name="tilesweep-dask", daemon=True)
-        thread.start()
-        try:
-            predicted = predict_sweep(sweep, model, settings, on_progress=on_predict, follow=lambda: not ended.is_set())
-            ended.wait()
-        except BaseException:
-            interrupted.set()
-            ended.wait()  # the loops release their leases and stop
-            raise
-    finally:
-        cluster.close()
-    error = result.get("error")
-    if error is not None:
-        raise error
-    return predicted, result["report"]
