@@ -42,7 +42,9 @@ def disk(tmp_path):
 
 @pytest.fixture(scope="module")
 def sim():
-    with run_in_thread(World(seed=2)) as srv:
+    # world seed 5, as most tests of this bbox: its pixels are in the session's sim cache
+    # (TILESWEEP_SIM_CACHE) once any of them ran, not rendered again for a world of its own
+    with run_in_thread(World(seed=5)) as srv:
         yield srv
 
 
