@@ -340,7 +340,8 @@ def test_cli_start_up_imports_only_what_the_command_needs(tmp_path):
         "sys.argv = ['tilesweep', *sys.argv[1:]]\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "heavy = ('shapely', 'pandas', 'onnxruntime', 'aiohttp', 'asyncio', 'tilesweep.sweep', 'tilesweep.store',\n"
-        "         'tilesweep.plan', 'tilesweep.area', 'tilesweep.sim.world', 'tilesweep.worker', 'tilesweep.fetch')\n"
+        "         'tilesweep.plan', 'tilesweep.area', 'tilesweep.sim.world', 'tilesweep.worker', 'tilesweep.fetch',\n"
+        "         'tilesweep.predict.pipeline')\n"
         "print('LOADED', sorted(m for m in heavy if m in sys.modules))\n"
         "print('ARRAYS', sorted(m for m in ('numpy', 'pyarrow', 'duckdb') if m in sys.modules))\n"
     )
@@ -360,6 +361,13 @@ def test_cli_start_up_imports_only_what_the_command_needs(tmp_path):
     assert loaded("query", "select 1 AS a", "-o", tmp_path / "o.csv") == ("[]", "['duckdb']")
     assert loaded("convert", tmp_path / "a.csv", tmp_path / "a.parquet") == ("[]", "['duckdb']")
     assert (tmp_path / "o.csv").read_text().split() == ["a", "1"] and (tmp_path / "a.parquet").is_file()
+    # status reads the queue and the ledger; a bad --threshold is refused before any import
+    # of weight: neither needs the predict pipeline or DuckDB (the tests run them hundreds of times)
+    sweep = tmp_path / "s"
+    tilesweep("plan", "8.500,47.300,8.502,47.301", sweep, "--zoom", 18)
+    for args in (("status", sweep, "--json"), ("predict", sweep, "--model", "demo", "--threshold", 2)):
+        heavy, arrays = loaded(*args)
+        assert "tilesweep.predict.pipeline" not in heavy and "duckdb" not in arrays, (args, heavy, arrays)
 
 
 def test_convert_bad_input(tmp_path):
