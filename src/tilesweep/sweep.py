@@ -80,7 +80,7 @@ class SweepStatus:
     eta_s: seconds until the remaining tiles are done at that rate (None if unknown).
     results: what became of the tiles of done blocks: ok (fetched), empty (404/204),
     failed, bytes fetched, and fetch retries (requests repeated after transient faults).
-    predictions: per model, what ``predictions/`` holds (:func:`tilesweep.predict.sink.ledger_summary`).
+    predictions: per model, what ``predictions/`` holds (:func:`tilesweep.predict.ledger.ledger_summary`).
     mismatch: a message when the numbers do not add up (queue vs plan, or a done block's
     results vs its planned tiles)."""
 
@@ -576,7 +576,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _ledger_summary(path: Path) -> list[dict[str, Any]]:
-    from .predict.sink import ledger_summary  # here: tilesweep.predict imports this module
+    from .predict.ledger import ledger_summary  # here: tilesweep.predict imports this module
     from .sql import models
 
     thresholds = {(m["name"], m["digest"]): m["threshold"] for m in models(path)}

@@ -38,6 +38,7 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, N
 
 from ..errors import UsageError
 
+PREDICTIONS_DIR = "predictions"  # the sweep's folder of parts and ledger (also tilesweep.predict.sink's)
 LEDGER_FILE = "ledger.sqlite"
 _T = TypeVar("_T")
 
@@ -489,8 +490,6 @@ def open_ledger(sweep_path: Path, write: bool = False) -> _SqlLedger | None:
     readers read until a writer migrates it), else ``predictions/ledger.sqlite``.
     ``write``: the writer's (creating and migrating); else a read-only one, or None when
     nothing was predicted yet."""
-    from .sink import PREDICTIONS_DIR
-
     root = Path(sweep_path) / PREDICTIONS_DIR
     file = root / LEDGER_FILE
     u = _queue_url(sweep_path)
@@ -518,8 +517,6 @@ def part_sources(sweep_path: Path, key: str | None = None) -> list[PartSource]:
     """The parts the ledger records (of model ``key``, or every model), by name, with the
     blocks whose rows in them lost (module doc); parts missing on disk are left out.
     Read-only; [] without a ledger."""
-    from .sink import PREDICTIONS_DIR
-
     root = Path(sweep_path) / PREDICTIONS_DIR
     ledger = open_ledger(sweep_path)
     if ledger is None:
@@ -552,5 +549,24 @@ def winning_rows_sql(sources: Sequence[PartSource], columns: str = "*") -> str |
     return " UNION ALL BY NAME ".join(selects) if columns == "*" else " UNION ALL ".join(selects)
 
 
-__all__ = ["LEDGER_FILE", "Ledger", "PartSource", "PostgresLedger", "Recorded", "SqliteLedger", "open_ledger", "part_sources",
+__all__ = ["LEDGER_FILE", "Ledger", "PartSource", "PostgresLedger", "Recorded", "SqliteLedger", "ledger_summary", "open_ledger", "part_sources",
            "winning_rows_sql"]
+
+
+def ledger_summary(sweep_path: Path) -> list[dict[str, object]]:
+    """What each model has predicted in a sweep, read-only (SQLite or the queue's server, no
+    Arrow: `tilesweep status` calls it): ``model``, ``digest``,
+    ``folder`` (under ``predictions/``), ``blocks``, ``rows``, ``positives``,
+    ``undecodable`` and ``parts``; an empty list when nothing was predicted."""
+    db = open_ledger(sweep_path)
+    if db is None:
+        return []
+    try:
+        out: list[dict[str, object]] = []
+        for key, name, digest, folder, _, _ in db.models():
+            blocks, rows, _, _, undecodable, positives, parts = db.totals(key)
+            out.append({"model": name, "digest": digest, "folder": folder, "blocks": blocks, "rows": rows,
+                        "positives": positives, "undecodable": undecodable, "parts": parts})
+        return out
+    finally:
+        db.close()

@@ -62,8 +62,9 @@ from ..queue import Queue
 from ..storage import LocalStorage, Storage
 from ..tiles import centres_array as centres  # noqa: F401 - re-exported: tile math lives in tilesweep.tiles
 from .ledger import LEDGER_FILE as LEDGER_FILE, Ledger, open_ledger
+from .ledger import ledger_summary as ledger_summary  # re-exported: its home before
+from .ledger import PREDICTIONS_DIR as PREDICTIONS_DIR  # defined there: reading the ledger imports no Arrow
 
-PREDICTIONS_DIR = "predictions"
 LOCK_FILE = ".lock"
 PART_FORMAT = 1
 META_KEY = b"tilesweep.predictions"
@@ -424,24 +425,6 @@ def ledger_totals(sweep_path: Path, name: str, digest: str) -> PredictionTotals 
         return None
     try:
         return PredictionTotals(*db.totals(model_key(name, digest)))
-    finally:
-        db.close()
-
-
-def ledger_summary(sweep_path: Path) -> list[dict[str, object]]:
-    """What each model has predicted in a sweep, read-only: ``model``, ``digest``,
-    ``folder`` (under ``predictions/``), ``blocks``, ``rows``, ``positives``,
-    ``undecodable`` and ``parts``; an empty list when nothing was predicted."""
-    db = open_ledger(sweep_path)
-    if db is None:
-        return []
-    try:
-        out: list[dict[str, object]] = []
-        for key, name, digest, folder, _, _ in db.models():
-            blocks, rows, _, _, undecodable, positives, parts = db.totals(key)
-            out.append({"model": name, "digest": digest, "folder": folder, "blocks": blocks, "rows": rows,
-                        "positives": positives, "undecodable": undecodable, "parts": parts})
-        return out
     finally:
         db.close()
 
