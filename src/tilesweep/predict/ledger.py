@@ -502,7 +502,13 @@ def open_ledger(sweep_path: Path, write: bool = False) -> _SqlLedger | None:
             return None
     if write:
         return SqliteLedger(file)
-    return SqliteLedger(file, readonly=True) if file.is_file() else None
+    if not file.is_file():
+        return None
+    db = SqliteLedger(file, readonly=True)
+    if db.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'models'").fetchone() is None:
+        db.close()  # a writer has created the file and not yet its tables: nothing is predicted yet
+        return None
+    return db
 
 
 class PartSource(NamedTuple):
