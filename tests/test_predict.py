@@ -157,7 +157,7 @@ def test_a_part_renamed_but_not_recorded_is_adopted_not_duplicated(tmp_path, sim
     (sweep).mkdir()
     rows = BlockRows(123, 16, np.array([10, 11]), np.array([20, 20]), np.array([[0.9], [0.1]], np.float32), 3, 0, time.time())
     sink = PredictionSink(sweep, ZOOM, "m", "abc", ["score"], 0.5)
-    monkeypatch.setattr(sink, "_record", lambda *a, **k: (_ for _ in ()).throw(OSError("crash")))
+    monkeypatch.setattr(sink.ledger, "record", lambda *a, **k: (_ for _ in ()).throw(OSError("crash")))
     sink.add(rows)
     with pytest.raises(OSError):
         sink.commit()

@@ -189,11 +189,11 @@ class SweepTables:
         return True
 
     def _view_predictions(self) -> None:
-        parts = prediction_parts(self.sweep.path)
-        if parts:
-            files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
-            body = f"SELECT * FROM read_parquet([{files}], union_by_name = true)"
-        else:
+        from .predict.ledger import part_sources, winning_rows_sql
+
+        # the ledger's winning rows only: a block two writers scored counts once
+        body = winning_rows_sql(part_sources(self.sweep.path))
+        if body is None:
             body = (
                 "SELECT NULL::TINYINT AS z, NULL::INTEGER AS x, NULL::INTEGER AS y, NULL::BIGINT AS block, "
                 "NULL::DOUBLE AS lon, NULL::DOUBLE AS lat, NULL::BOOLEAN AS label, NULL::VARCHAR AS model, "
@@ -206,19 +206,12 @@ class SweepTables:
 
 
 def prediction_parts(sweep_path: Path) -> list[Path]:
-    """The Parquet parts the ledger records, every model (read-only); [] without a ledger."""
-    from .predict.sink import LEDGER_FILE, PREDICTIONS_DIR
+    """The Parquet parts the ledger records, every model (read-only); [] without a ledger.
+    A part may hold rows of blocks another part won: read them through
+    :func:`tilesweep.predict.ledger.part_sources` (the ``predictions`` view does)."""
+    from .predict.ledger import part_sources
 
-    root = Path(sweep_path) / PREDICTIONS_DIR
-    ledger = root / LEDGER_FILE
-    if not ledger.is_file():
-        return []
-    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=60)
-    try:
-        names = [r[0] for r in db.execute("SELECT name FROM parts ORDER BY name")]
-    finally:
-        db.close()
-    return [root / n for n in names if (root / n).is_file()]
+    return [p.path for p in part_sources(sweep_path)]
 
 
 class LedgerModel(TypedDict):
@@ -233,19 +226,18 @@ class LedgerModel(TypedDict):
 
 def models(sweep_path: Path) -> list[LedgerModel]:
     """The models of a sweep's ledger: name, digest, folder, labels (list), threshold."""
-    from .predict.sink import LEDGER_FILE, PREDICTIONS_DIR
+    from .predict.ledger import open_ledger
 
-    ledger = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
-    if not ledger.is_file():
+    db = open_ledger(sweep_path)
+    if db is None:
         return []
-    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=60)
     try:
-        rows = db.execute("SELECT name, digest, folder, labels, threshold FROM models ORDER BY name").fetchall()
+        rows = db.models()
     finally:
         db.close()
     return [
         LedgerModel(name=n, digest=d, folder=f, labels=[x for x in str(lb).split(",") if x], threshold=float(t))
-        for n, d, f, lb, t in rows
+        for _, n, d, f, lb, t in rows
     ]
 
 
