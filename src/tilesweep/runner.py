@@ -58,7 +58,7 @@ from .queue import Block, BlockResult, Lease, Queue, State
 from .sources import Source
 from .store import ShardBusyError, TileStore
 from .supertile import open_fetcher, tiles_per_request
-from .sweep import open_sweep_queue
+from .sweep import as_location, open_sweep_queue, tiles_location
 from .tiles import tile_id
 
 
@@ -190,9 +190,9 @@ class ShardStoreOutput:
     shard is finished and renamed; the runner acks it then. Its calls block (the runner
     makes them in its I/O threads)."""
 
-    def __init__(self, sweep_path: Path, zoom: int, block_zoom: int) -> None:
+    def __init__(self, sweep_path: Path | str, zoom: int, block_zoom: int) -> None:
         # coarsest=0: adaptive blocks lie at any zoom up to block_zoom (the finest)
-        self.store = TileStore(Path(sweep_path) / "tiles", zoom, block_zoom, coarsest=0)
+        self.store = TileStore(tiles_location(sweep_path), zoom, block_zoom, coarsest=0)
 
     def done_result(self, block: Block) -> BlockResult | None:
         """The counts of a block whose shard is finished already (a worker died between
@@ -212,7 +212,7 @@ class ShardStoreOutput:
         self.store.close()
 
 
-WorkerArgs = tuple[Path, int, int, Source, FetchSettings, WorkerSettings]
+WorkerArgs = tuple[Path | str, int, int, Source, FetchSettings, WorkerSettings]
 """A :class:`Worker`'s positional arguments (sweep folder, zoom, block zoom, source, fetch
 and worker settings), as a worker process gets them."""
 
@@ -226,7 +226,7 @@ class Worker:
 
     def __init__(
         self,
-        sweep_path: Path,
+        sweep_path: Path | str,
         zoom: int,
         block_zoom: int,
         source: Source,
@@ -238,7 +238,7 @@ class Worker:
         refetch: Iterable[Block] = (),
         parent_pid: int | None = None,
     ):
-        self.sweep_path = Path(sweep_path)
+        self.sweep_path = as_location(sweep_path)  # a folder, or a sweep's object-store URL
         self.zoom = zoom
         self.block_zoom = block_zoom
         self.source = source

@@ -189,7 +189,12 @@ class SweepTables:
         return True
 
     def _view_predictions(self) -> None:
-        parts = prediction_parts(self.sweep.path)
+        if self.sweep.remote:
+            if self._view_remote_predictions():
+                return
+            parts = []
+        else:
+            parts = prediction_parts(self.sweep.path)
         if parts:
             files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
             body = f"SELECT * FROM read_parquet([{files}], union_by_name = true)"
@@ -200,6 +205,35 @@ class SweepTables:
                 "NULL::VARCHAR AS model_digest, NULL::TIMESTAMPTZ AS time WHERE false"
             )
         self.con.execute(f"CREATE TEMP VIEW predictions AS {body}")
+
+    def _view_remote_predictions(self) -> bool:
+        """``predictions`` of a sweep on object storage: a pyarrow dataset over the parts
+        listed in its bucket, read through the storage seam with ranged reads (DuckDB
+        scans it lazily: projections and filters pushed down, no extension). False when
+        there is no part."""
+        import pyarrow as pa
+        import pyarrow.dataset as pds
+        import pyarrow.parquet as pq
+
+        from .storage import arrow_filesystem
+
+        storage = self.sweep.predictions_storage
+        sizes = {k: n for k, n in remote_parts(storage)}
+        if not sizes:
+            return False
+        fs = arrow_filesystem(storage, sizes)
+        schemas, seen = [], set()
+        for key in sorted(sizes):  # one schema per model folder (its label columns): union_by_name
+            folder = key.split("/", 1)[0]
+            if folder not in seen:
+                seen.add(folder)
+                with storage.open_read(key) as f:
+                    schemas.append(pq.read_schema(f).remove_metadata())
+        dataset = pds.dataset(sorted(sizes), schema=pa.unify_schemas(schemas), format="parquet", filesystem=fs)
+        self._dataset = dataset  # DuckDB scans it lazily: it must outlive this call
+        self.con.register("_tilesweep_predictions", dataset)
+        self.con.execute("CREATE TEMP VIEW predictions AS SELECT * FROM _tilesweep_predictions")
+        return True
 
 
 # --- the sources of the tables -----------------------------------------------------------
@@ -221,6 +255,14 @@ def prediction_parts(sweep_path: Path) -> list[Path]:
     return [root / n for n in names if (root / n).is_file()]
 
 
+def remote_parts(storage: Any) -> list[tuple[str, int]]:
+    """``(key, size)`` of the prediction parts under a sweep's ``predictions/`` storage
+    (``{model folder}/part-*.parquet``), by listing: on object storage the parts themselves
+    are the record of what is predicted (each names its blocks; the ledger that a writer
+    keeps on its machine only mirrors them, and adopts any it lacks)."""
+    return sorted((o.key, o.size) for o in storage.list("") if o.key.endswith(".parquet") and "/part-" in o.key)
+
+
 class LedgerModel(TypedDict):
     """One model of a sweep's prediction ledger (see :func:`models`)."""
 
@@ -231,10 +273,17 @@ class LedgerModel(TypedDict):
     threshold: float
 
 
-def models(sweep_path: Path) -> list[LedgerModel]:
-    """The models of a sweep's ledger: name, digest, folder, labels (list), threshold."""
+def models(sweep_path: "Path | Sweep") -> list[LedgerModel]:
+    """The models of a sweep's ledger: name, digest, folder, labels (list), threshold. For
+    a sweep on object storage (pass the :class:`Sweep`), read from the first part of each
+    model's folder in its bucket (a part's metadata names its model)."""
     from .predict.sink import LEDGER_FILE, PREDICTIONS_DIR
+    from .sweep import Sweep
 
+    if isinstance(sweep_path, Sweep):
+        if sweep_path.remote:
+            return _remote_models(sweep_path)
+        sweep_path = sweep_path.path
     ledger = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
     if not ledger.is_file():
         return []
@@ -247,6 +296,26 @@ def models(sweep_path: Path) -> list[LedgerModel]:
         LedgerModel(name=n, digest=d, folder=f, labels=[x for x in str(lb).split(",") if x], threshold=float(t))
         for n, d, f, lb, t in rows
     ]
+
+
+def _remote_models(sweep: "Sweep") -> list[LedgerModel]:
+    import json
+
+    import pyarrow.parquet as pq
+
+    from .predict.sink import META_KEY
+
+    storage = sweep.predictions_storage
+    out: dict[str, LedgerModel] = {}
+    for key, _ in remote_parts(storage):
+        folder = key.split("/", 1)[0]
+        if folder in out:
+            continue
+        with storage.open_read(key) as f:
+            meta = json.loads(pq.read_schema(f).metadata[META_KEY])
+        out[folder] = LedgerModel(name=str(meta["model"]), digest=str(meta["digest"]), folder=folder,
+                                  labels=[str(x) for x in meta["labels"]], threshold=float(meta["threshold"]))
+    return sorted(out.values(), key=lambda m: m["name"])
 
 
 @functools.cache
@@ -290,8 +359,8 @@ def tiles_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     def gen() -> Iterator[pa.RecordBatch]:
         buf: list[tuple[np.ndarray, ...]] = []
         n = 0
-        for block in store.blocks():
-            with ShardReader(store.shard_path(block)) as r:
+        for block in store.blocks():  # on object storage: a HEAD and the index's ranged reads
+            with (store.open_shard(block) if store.storage is not None else ShardReader(store.shard_path(block))) as r:
                 xs, ys = r.coords()
                 recs = r.records
                 buf.append((xs, ys, np.full(len(xs), tile_id(block), np.int64),

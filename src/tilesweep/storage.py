@@ -598,3 +598,54 @@ def open_storage(location: str | os.PathLike[str], **options: Any) -> Storage:
     if scheme == "s3":
         return ObjectStorage(str(location), **options)
     raise StorageError(f"storage URL {_strip(str(location))!r}: unsupported scheme {scheme!r} (a folder, file:// or s3://)")
+
+
+def arrow_filesystem(storage: Storage, sizes: dict[str, int] | None = None) -> Any:
+    """A read-only ``pyarrow.fs.PyFileSystem`` over ``storage`` (paths are its keys), so
+    that pyarrow datasets (and DuckDB scanning them) read objects with ranged reads
+    through this seam: no DuckDB extension, no second client with its own credentials.
+    ``sizes``: object sizes already known (from a listing), saving a HEAD per file."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    known = dict(sizes or {})
+
+    class _Handler(pafs.FileSystemHandler):
+        def get_type_name(self) -> str:
+            return "tilesweep-storage"
+
+        def normalize_path(self, path: str) -> str:
+            return path.strip("/")
+
+        def equals(self, other: Any) -> bool:
+            return other is self
+
+        def get_file_info(self, paths: str | list[str]) -> list[Any]:
+            out = []
+            for p in [paths] if isinstance(paths, str) else paths:
+                key = p.strip("/")
+                try:
+                    size = known[key] if key in known else storage.size(key)
+                    out.append(pafs.FileInfo(key, pafs.FileType.File, size=size))
+                except FileNotFoundError:
+                    out.append(pafs.FileInfo(key, pafs.FileType.NotFound))
+            return out
+
+        def get_file_info_selector(self, selector: Any) -> list[Any]:
+            base = selector.base_dir.strip("/")
+            return [pafs.FileInfo(o.key, pafs.FileType.File, size=o.size)
+                    for o in storage.list(f"{base}/" if base else "")]
+
+        def open_input_file(self, path: str) -> Any:
+            return pa.PythonFile(cast(io.IOBase, storage.open_read(path.strip("/"))), mode="r")
+
+        def open_input_stream(self, path: str) -> Any:
+            return self.open_input_file(path)
+
+        def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+            raise OSError(f"{storage.url}: read-only here")
+
+        create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _read_only
+        delete_file = move = copy_file = open_output_stream = open_append_stream = _read_only
+
+    return pafs.PyFileSystem(_Handler())

@@ -49,7 +49,7 @@ def predict_keeping_tiles(
     def fetch_all() -> None:
         try:
             fetched["counters"] = run_workers(
-                sweep.path, sweep.zoom, sweep.block_zoom, stream.source, stream.fetch, stream.worker, stream.workers,
+                sweep.location, sweep.zoom, sweep.block_zoom, stream.source, stream.fetch, stream.worker, stream.workers,
                 lambda c: latest.__setitem__(slice(None), [c]), in_process=False, stop_requested=interrupted.is_set,
             )
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread

@@ -329,6 +329,7 @@ class _Pipeline:
             # 3, 7, ... seconds up to part_seconds (a few more small parts at the start).
             first_part_s=1.0 if live else None,
             holder="tilesweep run" if live else "tilesweep predict",
+            storage=sweep.predictions_storage if sweep.remote else None,
         )
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
@@ -411,7 +412,7 @@ class _Pipeline:
     def _make_fetch(self, stream: StreamFetch) -> None:
         """The stream's runner: in a thread of this process, or ``workers`` processes."""
         sweep = self.sweep
-        worker_args = (sweep.path, sweep.zoom, sweep.block_zoom, stream.source, stream.fetch, stream.worker)
+        worker_args = (sweep.location, sweep.zoom, sweep.block_zoom, stream.source, stream.fetch, stream.worker)
         if stream.workers > 1:
             procs = FetchProcesses(worker_args, stream.workers, self.refetch, self.sink.root / LEDGER_FILE, self.sink.key)
             self.procs = procs
@@ -568,8 +569,9 @@ class _Pipeline:
         """A stored block's ok tiles (every crc checked: no model scores flipped bytes), or
         None when its shard is missing (counted) or corrupt (moved aside and requeued)."""
         path = self.store.shard_path(block.tile)
-        try:
-            reader = ShardReader(path)
+        try:  # on object storage: ranged reads (the index, then the data region in one GET)
+            storage = self.store.storage
+            reader = ShardReader(path) if storage is None else ShardReader.open(storage, self.store.shard_key(block.tile))
         except FileNotFoundError:
             self.report.missing_shards += 1
             return None
@@ -581,7 +583,8 @@ class _Pipeline:
             xs, ys = reader.coords()
             ok = np.nonzero(st == TileStatus.OK)[0]
             try:
-                data = [reader.data(int(i)) for i in ok]
+                with reader.holding_data():
+                    data = [reader.data(int(i)) for i in ok]
             except CorruptShardError as exc:
                 bad = exc
             else:
@@ -597,7 +600,7 @@ class _Pipeline:
         follow = self.follow
         if follow is None:
             return
-        q = open_sweep_queue(self.sweep.path)  # this thread's own connection
+        q = open_sweep_queue(self.sweep.location)  # this thread's own connection
         try:
             while True:
                 more = follow()  # asked before looking, so the last look sees everything
@@ -834,7 +837,7 @@ def _requeue_corrupt(sweep: Any, store: Any, block: Block, exc: CorruptShardErro
     anew; the rest of the prediction goes on."""
     report.corrupt_shards.append(exc.describe())
     store.quarantine(block.tile)
-    q = open_sweep_queue(sweep.path)  # this thread's own connection
+    q = open_sweep_queue(sweep.location)  # this thread's own connection
     try:
         q.requeue([block.id], f"shard corrupt when read for prediction: {exc}")
     finally:

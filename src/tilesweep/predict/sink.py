@@ -52,7 +52,7 @@ from ..durable import fsync_dir
 from ..errors import UsageError
 from ..block import BlockResult
 from ..queue import Queue
-from ..storage import LocalStorage
+from ..storage import LocalStorage, Storage
 from ..tiles import centres_array as centres  # noqa: F401 - re-exported: tile math lives in tilesweep.tiles
 
 PREDICTIONS_DIR = "predictions"
@@ -163,6 +163,7 @@ class PredictionSink:
         part_seconds: float = 60.0,
         first_part_s: float | None = None,
         holder: str = "tilesweep predict",
+        storage: Storage | None = None,
     ) -> None:
         self.labels = tuple(labels)
         clash = [lb for lb in self.labels if lb in BASE_COLUMNS]
@@ -177,7 +178,9 @@ class PredictionSink:
         self.key = model_key(model_name, digest)
         self.folder_name = model_folder(model_name, digest)
         self.folder = self.root / self.folder_name
-        self.storage = LocalStorage(self.root)  # parts are its objects, keyed "{folder}/part-*.parquet"
+        # parts are its objects, keyed "{folder}/part-*.parquet" (a sweep on object storage
+        # passes its bucket's predictions/, staged in this folder; the ledger stays here)
+        self.storage = LocalStorage(self.root) if storage is None else storage
         self.threshold = float(threshold)
         self.part_rows = int(part_rows)
         self.part_seconds = float(part_seconds)

@@ -1,0 +1,104 @@
+"""A whole sweep on object storage: SWEEP is ``s3://bucket/prefix`` on a real SeaweedFS,
+the queue a real PostgreSQL, tiles from the simulator over loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+
+from helpers import seaweed
+from helpers.cli import tilesweep
+
+BBOX = "8.500,47.300,8.508,47.305"  # zoom 18: a few hundred tiles
+
+
+def _env(s3_server, pg_server, tmp_path, name: str = "m1") -> dict[str, str]:
+    """One "machine": the bucket's credentials, the queue's password, its own state and
+    staging folders (local disk)."""
+    env = s3_server.env(PGPASSWORD=os.environ["PGPASSWORD"], TILESWEEP_STATE_DIR=str(tmp_path / name / "state"),
+                        TMPDIR=str(tmp_path / name / "tmp"))
+    (tmp_path / name / "tmp").mkdir(parents=True)
+    return env
+
+
+def _url() -> str:
+    return f"s3://{seaweed.BUCKET}/sweep-{uuid.uuid4().hex[:10]}"
+
+
+def _objects(s3_server, monkeypatch, url: str) -> list[str]:
+    from tilesweep.storage import open_storage
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    return sorted(o.key for o in open_storage(url).list())
+
+
+def _query(sql: str, url: str, env: dict[str, str], out) -> list[dict[str, str]]:
+    import csv
+
+    tilesweep("query", sql, "--sweep", url, "-o", out, env=env)
+    with open(out, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_plan_run_status_query_export_on_s3(s3_server, pg_server, tmp_path, monkeypatch):
+    """plan -> run --keep-tiles (fetch processes store shards, the model's parts published
+    to the bucket) -> status -> tiles get -> query / detections -> export, all on the URL;
+    then a second "machine" (fresh state and staging folders) reads the same answers."""
+    from tilesweep.sim import World, run_in_thread
+
+    env = _env(s3_server, pg_server, tmp_path)
+    url = _url()
+    r = tilesweep("plan", BBOX, url, "--zoom", 18, "--block-zoom", 16, "--queue", pg_server.url(), "--json", env=env)
+    planned = json.loads(r.stdout)
+    assert planned["created"] and planned["queue"].startswith("postgresql://") and "password" not in planned["queue"]
+    again = tilesweep("plan", BBOX, url, "--zoom", 18, "--block-zoom", 16, "--queue", pg_server.url(), "--json", env=env)
+    assert not json.loads(again.stdout)["created"]
+    assert _objects(s3_server, monkeypatch, url) == ["area.geojson", "sweep.toml"]
+
+    with run_in_thread(World(seed=3)) as sim:
+        tilesweep("run", url, "--source", sim.template(), "--model", "demo", "--keep-tiles", "--quiet", env=env)
+    st = json.loads(tilesweep("status", url, "--json", env=env).stdout)
+    assert st["mismatch"] is None and st["tiles_done"] == st["tiles_total"] == planned["tiles"] > 20
+    keys = _objects(s3_server, monkeypatch, url)
+    shards = [k for k in keys if k.startswith("tiles/") and k.endswith(".shard")]
+    parts = [k for k in keys if k.startswith("predictions/") and k.endswith(".parquet")]
+    assert len(shards) == planned["blocks"] and parts, keys
+    assert not [k for k in keys if k.endswith(".partial")]
+
+    other = _env(s3_server, pg_server, tmp_path, "m2")  # another machine: nothing local of the sweep
+    for e in (env, other):
+        q = _query("SELECT count(*) AS n, count(DISTINCT block) AS b FROM predictions", url, e, tmp_path / "q.csv")
+        assert q == [{"n": str(st["tiles_ok"]), "b": str(planned["blocks"])}]
+        t = _query("SELECT count(*) AS n FROM tiles WHERE status = 'ok'", url, e, tmp_path / "t.csv")
+        assert t == [{"n": str(st["tiles_ok"])}]
+    z, x, y = _query("SELECT z, x, y FROM tiles WHERE status = 'ok' LIMIT 1", url, other, tmp_path / "z.csv")[0].values()
+    got = tilesweep("tiles", "get", url, f"{z}/{x}/{y}", "-o", tmp_path / "t.jpg", env=other)
+    assert got.returncode == 0 and (tmp_path / "t.jpg").read_bytes()[:2] == b"\xff\xd8"
+    det = tilesweep("detections", url, "-o", tmp_path / "d.geojson", "--threshold", 0.0, env=other)
+    assert det.returncode == 0
+    assert len(json.loads((tmp_path / "d.geojson").read_text())["features"]) == st["tiles_ok"]
+    tilesweep("export", url, tmp_path / "a.pmtiles", env=other)
+    assert (tmp_path / "a.pmtiles").stat().st_size > 1000
+
+
+def test_bad_sweep_urls_are_one_line_exit_2_and_write_nothing(s3_server, pg_server, tmp_path, monkeypatch):
+    env = _env(s3_server, pg_server, tmp_path)
+    url = _url()
+    cases = [
+        (("plan", BBOX, url, "--zoom", 18), {}, "its queue cannot be SQLite"),
+        (("plan", BBOX, "s3://no-such-bucket/p", "--zoom", 18, "--queue", pg_server.url()), {},
+         "bucket 'no-such-bucket' does not exist"),
+        (("plan", BBOX, url, "--zoom", 18, "--queue", pg_server.url()), {"AWS_SECRET_ACCESS_KEY": "wrong"},
+         "credentials refused"),
+        (("plan", BBOX, "ftp://host/p", "--zoom", 18, "--queue", pg_server.url()), {}, "unsupported scheme 'ftp'"),
+        (("status", url), {}, "holds no plan"),
+        (("fetch", "file://elsewhere/p"), {}, "names host 'elsewhere'"),
+    ]
+    for args, over, want in cases:
+        r = tilesweep(*args, env={**env, **over}, check=False)
+        assert r.returncode == 2 and want in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert _objects(s3_server, monkeypatch, url) == []
