@@ -102,3 +102,54 @@ def test_bad_sweep_urls_are_one_line_exit_2_and_write_nothing(s3_server, pg_serv
         assert r.returncode == 2 and want in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert _objects(s3_server, monkeypatch, url) == []
+
+
+def test_two_machines_racing_on_one_block_publish_it_once(s3_server, pg_server, tmp_path, monkeypatch):
+    """Machine A is stopped (SIGSTOP) while it holds the sweep's one block; its lease
+    expires and machine B fetches and publishes the block. A then wakes up, finishes the
+    same block, loses the create-if-absent publication and keeps B's shard: both exit 0,
+    the shard's bytes are B's, A's staging holds nothing, the accounting adds up."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers.cli import ENV
+
+    from tilesweep.sim import Faults, World, run_in_thread
+    from tilesweep.storage import open_storage
+
+    env_a, env_b = _env(s3_server, pg_server, tmp_path, "a"), _env(s3_server, pg_server, tmp_path, "b")
+    url = _url()
+    planned = json.loads(tilesweep("plan", BBOX, url, "--zoom", 18, "--block-zoom", 12, "--queue", pg_server.url(),
+                                   "--json", env=env_a).stdout)
+    assert planned["blocks"] == 1
+    with run_in_thread(World(seed=3), Faults(latency_ms=60, seed=3)) as sim:
+        args = ["fetch", url, "--source", sim.template(), "--concurrency", 4, "--lease-ttl", 3, "--quiet"]
+        a = subprocess.Popen([sys.executable, "-m", "tilesweep", *map(str, args)], env={**ENV, **env_a},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        staging_a = tmp_path / "a" / "tmp" / "tilesweep-staging"
+        try:
+            deadline = time.monotonic() + 60
+            while not list(staging_a.rglob("*.shard.partial")):  # A writes the block
+                assert a.poll() is None and time.monotonic() < deadline, a.communicate()
+                time.sleep(0.02)
+            a.send_signal(signal.SIGSTOP)
+            tilesweep("fetch", url, "--lease-ttl", 3, "--concurrency", 4, "--quiet", env=env_b)  # takes it once expired
+            for k, v in s3_server.env().items():
+                monkeypatch.setenv(k, v)
+            tiles = open_storage(f"{url}/tiles")
+            (key,) = [o.key for o in tiles.list()]
+            published = tiles.read(key)
+        finally:
+            a.send_signal(signal.SIGCONT)
+        out, err = a.communicate(timeout=120)
+    assert a.returncode == 0, err
+    assert [o.key for o in tiles.list()] == [key] and tiles.read(key) == published  # B's shard stands
+    assert not [p for p in staging_a.rglob("*") if p.is_file() and p.name.endswith(".partial")], "A dropped its copy"
+    from tilesweep.sweep import Sweep
+
+    monkeypatch.setenv("TILESWEEP_STATE_DIR", env_a["TILESWEEP_STATE_DIR"])
+    with Sweep.open(url) as sweep:  # in process: a command's start-up costs a second or two
+        st = sweep.status()
+    assert st.mismatch is None and st.blocks["done"] == 1 and st.tiles["done"] == planned["tiles"]

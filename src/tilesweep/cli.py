@@ -218,7 +218,7 @@ def fetch(
                     counters = cli_dask.fetch(sweep, dask_address, src, settings, worker_settings, quiet)
                 else:
                     counters = run_workers(
-                        sweep.path, sweep.zoom, sweep.block_zoom, src, settings, worker_settings, workers, meter.update
+                        sweep.location, sweep.zoom, sweep.block_zoom, src, settings, worker_settings, workers, meter.update
                     )
         except KeyboardInterrupt:
             _stopped(sweep, "fetched tiles are durable", "run the same command to resume")
@@ -416,7 +416,7 @@ def predict(
     settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads, decode, decode_processes)
     with Sweep.open(sweep_dir) as sweep:
         sweep.queue  # noqa: B018 - a sweep without its queue is a one-line error before anything loads
-        the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep.path)
+        the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep)
         meter = _PredictMeter(quiet)
         try:
             with meter:
@@ -551,7 +551,7 @@ def run(
     from .sweeplock import SweepLock
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch or a run
-        the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep.path)  # before the source is recorded
+        the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep)  # before the source is recorded
         new_source = sweep.source is None
         src = _bind_source(sweep, source, header, replace_source, mix_sources, supertile)
 
@@ -681,6 +681,8 @@ def predictions_drop(
     from .predict.sink import drop_predictions
 
     with Sweep.open(sweep_dir) as sweep:
+        if sweep.remote:  # its parts are in the bucket; the ledger here would adopt them again
+            raise UsageError(f"sweep {sweep.location!r} is on object storage: `predictions drop` is not done there yet")
         dropped = drop_predictions(sweep.path, model)
     names = ", ".join(f"{name} (predictions/{folder}/)" for name, folder in dropped.models)
     out.print(f"dropped the predictions of {names}: {plural(dropped.blocks, 'block')}, {plural(dropped.parts, 'part')}; "
@@ -967,7 +969,7 @@ def retry(
 
 
 def _print_status(sweep: Sweep, st: SweepStatus) -> None:
-    out.print(f"[bold]{sweep.path}[/]: {sweep.describe_plan()}", highlight=False)
+    out.print(f"[bold]{sweep.location}[/]: {sweep.describe_plan()}", highlight=False)
     table = Table()
     table.add_column("state")
     table.add_column("blocks", justify="right")

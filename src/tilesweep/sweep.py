@@ -592,9 +592,15 @@ class Sweep:
             return open_storage(f"{self.storage.url}/{PREDICTIONS_DIR}", staging=self.path / ".staging" / PREDICTIONS_DIR)
         return LocalStorage(self.path / PREDICTIONS_DIR)
 
-    def area_geojson(self) -> bytes:
-        """The planned area as GeoJSON bytes."""
-        return self.storage.read(AREA_FILE)
+    @property
+    def area_path(self) -> Path:
+        """A local file of the planned area (GeoJSON): ``SWEEP/area.geojson``, or for a
+        sweep on object storage a copy in its state folder, read from the bucket."""
+        if not self.remote:
+            return self.path / AREA_FILE
+        local = self.path / AREA_FILE
+        LocalStorage(self.path).put(AREA_FILE, self.storage.read(AREA_FILE), replace=True)
+        return local
 
     @property
     def predictions_path(self) -> Path:
