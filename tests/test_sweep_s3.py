@@ -44,19 +44,26 @@ def _query(sql: str, url: str, env: dict[str, str], out) -> list[dict[str, str]]
 
 
 def test_plan_run_status_query_export_on_s3(s3_server, pg_server, tmp_path, monkeypatch):
-    """plan -> run --keep-tiles (fetch processes store shards, the model's parts published
-    to the bucket) -> status -> tiles get -> query / detections -> export, all on the URL;
-    then a second "machine" (fresh state and staging folders) reads the same answers."""
+    """plan -> run --keep-tiles (fetch workers store shards, the model's parts published
+    to the bucket) -> status -> query, all on the URL; then a second "machine" (fresh
+    state and staging folders, nothing of the sweep on its disk) queries, gets a tile,
+    exports detections and a PMTiles archive from the same URL."""
+    from tilesweep import query
+    from tilesweep.area import load_area
+    from tilesweep.plan import PlanSpec
     from tilesweep.sim import World, run_in_thread
+    from tilesweep.sweep import Sweep
 
     env = _env(s3_server, pg_server, tmp_path)
     url = _url()
     r = tilesweep("plan", BBOX, url, "--zoom", 18, "--block-zoom", 16, "--queue", pg_server.url(), "--json", env=env)
     planned = json.loads(r.stdout)
     assert planned["created"] and planned["queue"].startswith("postgresql://") and "password" not in planned["queue"]
-    again = tilesweep("plan", BBOX, url, "--zoom", 18, "--block-zoom", 16, "--queue", pg_server.url(), "--json", env=env)
-    assert not json.loads(again.stdout)["created"]
     assert _objects(s3_server, monkeypatch, url) == ["area.geojson", "sweep.toml"]
+    monkeypatch.setenv("TILESWEEP_STATE_DIR", env["TILESWEEP_STATE_DIR"])
+    again, created = Sweep.plan(url, load_area(BBOX), PlanSpec(zoom=18, block_zoom=16), queue=pg_server.url())
+    assert not created and again.queue_url == planned["queue"]  # the same plan: a no-op
+    again.close()
 
     with run_in_thread(World(seed=3)) as sim:
         tilesweep("run", url, "--source", sim.template(), "--model", "demo", "--keep-tiles", "--quiet", env=env)
@@ -67,18 +74,19 @@ def test_plan_run_status_query_export_on_s3(s3_server, pg_server, tmp_path, monk
     parts = [k for k in keys if k.startswith("predictions/") and k.endswith(".parquet")]
     assert len(shards) == planned["blocks"] and parts, keys
     assert not [k for k in keys if k.endswith(".partial")]
+    sql = ("SELECT (SELECT count(*) FROM predictions) AS n, (SELECT count(DISTINCT block) FROM predictions) AS b, "
+           "(SELECT count(*) FROM tiles WHERE status = 'ok') AS ok")
+    want = {"n": st["tiles_ok"], "b": planned["blocks"], "ok": st["tiles_ok"]}
+    assert _query(sql, url, env, tmp_path / "q.csv") == [{k: str(v) for k, v in want.items()}]
 
-    other = _env(s3_server, pg_server, tmp_path, "m2")  # another machine: nothing local of the sweep
-    for e in (env, other):
-        q = _query("SELECT count(*) AS n, count(DISTINCT block) AS b FROM predictions", url, e, tmp_path / "q.csv")
-        assert q == [{"n": str(st["tiles_ok"]), "b": str(planned["blocks"])}]
-        t = _query("SELECT count(*) AS n FROM tiles WHERE status = 'ok'", url, e, tmp_path / "t.csv")
-        assert t == [{"n": str(st["tiles_ok"])}]
-    z, x, y = _query("SELECT z, x, y FROM tiles WHERE status = 'ok' LIMIT 1", url, other, tmp_path / "z.csv")[0].values()
-    got = tilesweep("tiles", "get", url, f"{z}/{x}/{y}", "-o", tmp_path / "t.jpg", env=other)
-    assert got.returncode == 0 and (tmp_path / "t.jpg").read_bytes()[:2] == b"\xff\xd8"
-    det = tilesweep("detections", url, "-o", tmp_path / "d.geojson", "--threshold", 0.0, env=other)
-    assert det.returncode == 0
+    other = _env(s3_server, pg_server, tmp_path, "m2")  # another machine: nothing of the sweep on its disk
+    monkeypatch.setenv("TILESWEEP_STATE_DIR", other["TILESWEEP_STATE_DIR"])
+    rel = query(sql, url)
+    assert dict(zip(rel.columns, rel.fetchall()[0])) == want
+    z, x, y = query("SELECT z, x, y FROM tiles WHERE status = 'ok' LIMIT 1", url).fetchall()[0]
+    tilesweep("tiles", "get", url, f"{z}/{x}/{y}", "-o", tmp_path / "t.jpg", env=other)
+    assert (tmp_path / "t.jpg").read_bytes()[:2] == b"\xff\xd8"
+    tilesweep("detections", url, "-o", tmp_path / "d.geojson", "--threshold", 0.0, env=other)
     assert len(json.loads((tmp_path / "d.geojson").read_text())["features"]) == st["tiles_ok"]
     tilesweep("export", url, tmp_path / "a.pmtiles", env=other)
     assert (tmp_path / "a.pmtiles").stat().st_size > 1000
