@@ -83,6 +83,9 @@ def test_plan_run_status_query_export_on_s3(s3_server, pg_server, tmp_path, monk
     monkeypatch.setenv("TILESWEEP_STATE_DIR", other["TILESWEEP_STATE_DIR"])
     rel = query(sql, url)
     assert dict(zip(rel.columns, rel.fetchall()[0])) == want
+    with Sweep.open(url) as sweep:  # its status counts the predictions in the bucket, not a local ledger
+        (m,) = sweep.status().predictions
+    assert (m["model"], m["rows"], m["blocks"], m["parts"]) == ("demo", st["tiles_ok"], planned["blocks"], len(parts))
     z, x, y = query("SELECT z, x, y FROM tiles WHERE status = 'ok' LIMIT 1", url).fetchall()[0]
     tilesweep("tiles", "get", url, f"{z}/{x}/{y}", "-o", tmp_path / "t.jpg", env=other)
     assert (tmp_path / "t.jpg").read_bytes()[:2] == b"\xff\xd8"

@@ -298,6 +298,35 @@ def models(sweep_path: "Path | Sweep") -> list[LedgerModel]:
     ]
 
 
+def remote_ledger_summary(sweep: "Sweep") -> list[dict[str, object]]:
+    """:func:`tilesweep.predict.sink.ledger_summary` of a sweep on object storage, from
+    the metadata of the parts in its bucket (each names its model and, per block, its rows,
+    positives and undecodable tiles): what every machine predicted, not only this one. One
+    footer read per part."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from .predict.sink import META_KEY
+
+    storage = sweep.predictions_storage
+    names: dict[str, tuple[str, str]] = {}
+    sums: dict[str, list[int]] = {}  # blocks, rows, positives, undecodable, parts
+    for key, _ in remote_parts(storage):
+        folder = key.split("/", 1)[0]
+        with storage.open_read(key) as f:
+            meta = json.loads(pq.read_schema(f).metadata[META_KEY])
+        names.setdefault(folder, (str(meta["model"]), str(meta["digest"])))
+        blocks = meta["blocks"].values()  # per block: rows, empty, failed, undecodable, positives, nan
+        add = [len(blocks), sum(int(b[0]) for b in blocks), sum(int(b[4]) for b in blocks), sum(int(b[3]) for b in blocks), 1]
+        sums[folder] = [x + y for x, y in zip(sums.get(folder, [0] * 5), add)]
+    keys = ("blocks", "rows", "positives", "undecodable", "parts")
+    out: list[dict[str, object]] = [
+        {"model": names[f][0], "digest": names[f][1], "folder": f, **dict(zip(keys, sums[f]))} for f in sums
+    ]
+    return sorted(out, key=lambda m: str(m["model"]))
+
+
 def _remote_models(sweep: "Sweep") -> list[LedgerModel]:
     import json
 

@@ -762,7 +762,12 @@ def _ledger_summary(path: Path, sweep: "Sweep | None" = None) -> list[dict[str, 
     from .sql import models
 
     thresholds = {(m["name"], m["digest"]): m["threshold"] for m in models(path if sweep is None else sweep)}
-    summary = ledger_summary(path)
+    if sweep is not None and sweep.remote:  # the parts in the bucket: every machine's predictions
+        from .sql import remote_ledger_summary
+
+        summary = remote_ledger_summary(sweep)
+    else:
+        summary = ledger_summary(path)
     for m in summary:  # detections: the tiles the model labelled, at its threshold
         m["detections"] = m["positives"]
         m["threshold"] = thresholds.get((str(m["model"]), str(m["digest"])))
