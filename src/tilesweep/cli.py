@@ -457,7 +457,8 @@ def _predict_summary(sweep: Sweep, sweep_dir: str, the_model, report, not_fetche
 
     rec = reconcile(sweep.path, sweep.queue, the_model.name, the_model.digest)
     st = sweep.status()
-    folder = sweep.predictions_path / model_folder(the_model.name, the_model.digest)
+    name = model_folder(the_model.name, the_model.digest)
+    folder = f"{sweep.storage.url}/predictions/{name}" if sweep.remote else sweep.predictions_path / name
     out.print(_predict_line(report), highlight=False)
     out.print(
         f"{sweep_dir}: {rec.blocks:,} of {rec.done_blocks:,} fetched blocks predicted by {the_model.name} "
