@@ -52,6 +52,7 @@ def test_plan_run_status_query_export_on_s3(s3_server, pg_server, tmp_path, monk
     from tilesweep.area import load_area
     from tilesweep.plan import PlanSpec
     from tilesweep.sim import World, run_in_thread
+    from tilesweep.summarize import summarize_zoom
     from tilesweep.sweep import Sweep
 
     env = _env(s3_server, pg_server, tmp_path)
@@ -87,6 +88,9 @@ def test_plan_run_status_query_export_on_s3(s3_server, pg_server, tmp_path, monk
         (m,) = sweep.status().predictions
     assert (m["model"], m["rows"], m["blocks"], m["parts"]) == ("demo", st["tiles_ok"], planned["blocks"], len(parts))
     z, x, y = query("SELECT z, x, y FROM tiles WHERE status = 'ok' LIMIT 1", url).fetchall()[0]
+    per_block = summarize_zoom(url, 16).df()  # the plan (the queue on PostgreSQL) joined with the parts
+    assert len(per_block) == planned["blocks"] and per_block["planned"].sum() == planned["tiles"]
+    assert per_block["fetched"].sum() == st["tiles_ok"]
     tilesweep("tiles", "get", url, f"{z}/{x}/{y}", "-o", tmp_path / "t.jpg", env=other)
     assert (tmp_path / "t.jpg").read_bytes()[:2] == b"\xff\xd8"
     tilesweep("detections", url, "-o", tmp_path / "d.geojson", "--threshold", 0.0, env=other)
