@@ -7,11 +7,12 @@ import json
 import os
 import uuid
 
+import pytest
 
 from helpers import seaweed
 from helpers.cli import tilesweep
 
-BBOX = "8.500,47.300,8.508,47.305"  # zoom 18: a few hundred tiles
+BBOX = "8.500,47.300,8.508,47.305"  # zoom 18: 42 tiles
 
 
 def _env(s3_server, pg_server, tmp_path, name: str = "m1") -> dict[str, str]:
@@ -109,14 +110,26 @@ def test_bad_sweep_urls_are_one_line_exit_2_and_write_nothing(s3_server, pg_serv
         (("plan", BBOX, url, "--zoom", 18, "--queue", pg_server.url()), {"AWS_SECRET_ACCESS_KEY": "wrong"},
          "credentials refused"),
         (("plan", BBOX, "ftp://host/p", "--zoom", 18, "--queue", pg_server.url()), {}, "unsupported scheme 'ftp'"),
-        (("status", url), {}, "holds no plan"),
-        (("fetch", "file://elsewhere/p"), {}, "names host 'elsewhere'"),
+        (("view", url), {}, "`view` serves a local sweep folder only"),
     ]
     for args, over, want in cases:
         r = tilesweep(*args, env={**env, **over}, check=False)
         assert r.returncode == 2 and want in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert _objects(s3_server, monkeypatch, url) == []
+    from tilesweep.area import load_area
+    from tilesweep.errors import UsageError
+    from tilesweep.plan import PlanSpec
+    from tilesweep.sweep import Sweep
+
+    assert _objects(s3_server, monkeypatch, url) == []  # (and the AWS_* variables are set here now)
+    monkeypatch.setenv("TILESWEEP_STATE_DIR", env["TILESWEEP_STATE_DIR"])
+    for where, want in ((url, "holds no plan"), ("file://elsewhere/p", "names host 'elsewhere'")):
+        with pytest.raises(UsageError, match=want):
+            Sweep.open(where)
+
+    sweep, created = Sweep.plan(f"file://{tmp_path}/fs", load_area(BBOX), PlanSpec(zoom=18, block_zoom=16))
+    assert created and not sweep.remote and (tmp_path / "fs" / "queue.sqlite").is_file()  # file:// is a folder
+    sweep.close()
 
 
 def test_two_machines_racing_on_one_block_publish_it_once(s3_server, pg_server, tmp_path, monkeypatch):
