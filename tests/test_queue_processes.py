@@ -97,3 +97,26 @@ def test_a_zombie_worker_counts_as_dead():
     finally:
         child.kill()
         child.wait()
+
+
+def test_dead_owners_are_expired_only_in_our_own_pid_space(tmp_path):
+    """Two containers with one hostname on one shared queue: a pid dead here may be alive
+    over there, so only owners of this boot and pid namespace are expired early; owners
+    named before the mark existed (host:pid:xxxxxx) are judged by the hostname, as before."""
+    import socket
+
+    from tilesweep.runner import expire_dead_local_owners, pid_space
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    other_space = "000000" if pid_space() != "000000" else "ffffff"
+    owners = {"ours": f"{host}:{dead.pid}:{pid_space()}-aaaaaa", "theirs": f"{host}:{dead.pid}:{other_space}-bbbbbb",
+              "old": f"{host}:{dead.pid}:cccccc"}
+    path = tmp_path / "queue.sqlite"
+    fill(path, 3)
+    with SqliteQueue(path) as q:
+        for owner in owners.values():
+            assert len(q.lease(1, 600, owner)) == 1
+        assert expire_dead_local_owners(q) == 2
+        assert set(q.owners()) == {owners["theirs"]}

@@ -6,11 +6,18 @@ Everything that sends work to processes (``fetch --workers N``, ``run --keep-til
 
 - children are ``spawn``-ed and get their parent's pid as an argument (an orphan that read
   ``getppid()`` after its imports would see 1 and never learn it is orphaned);
-- the parent asks them to stop through one ``Event`` (never SIGTERM: a child killed while it
-  writes a queue takes the queue's write lock with it), and a stop signal to the parent
-  during start-up stops the children started so far;
-- a child talks to its parent in the messages below, small frozen dataclasses, on one
-  progress queue; the parent tells a clean end (:class:`Finished`) from a refusal
+- the parent asks them to stop through one :class:`StopFlag` (never SIGTERM), and a stop
+  signal to the parent during start-up stops the children started so far;
+- **nothing shared between children takes a lock**: a child killed by ``kill -9`` while it
+  held a lock shared with the others (a ``multiprocessing.Queue``'s write lock, an
+  ``Event``'s condition) would hang every other process at its next write or look, and a
+  child killed half-way through a message on a shared pipe would leave the reader waiting
+  for the rest forever. So each child writes only to pipes of its own (:class:`Outbox`),
+  whose other end the parent alone holds (:class:`Inbox`): a child that dies closes its
+  pipe, and a half message reads as the end of that child, never as a hang; the stop
+  request is one byte of shared memory;
+- a child talks to its parent in the messages below, small frozen dataclasses, on its
+  progress pipe; the parent tells a clean end (:class:`Finished`) from a refusal
   (:class:`Refused`, a one-line ``UsageError``: every child stops), a full disk
   (:class:`DiskFull`) and a crash (:class:`Crashed`, then exit status 1);
 - a child that dies (a signal, a crash) is recorded in :class:`WorkerDeaths`, whose
@@ -20,9 +27,12 @@ Everything that sends work to processes (``fetch --workers N``, ``run --keep-til
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import queue as queue_mod
+import select
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,19 +94,147 @@ def crash_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+# --- the channels between parent and children ------------------------------------------
+
+
+class StopFlag:
+    """The parent's request that its children stop: one byte of shared memory, read and
+    written without a lock (an ``mp.Event`` takes a lock to read itself, which a child
+    killed at that moment would take with it). Safe to set from a signal handler."""
+
+    def __init__(self, ctx: Any) -> None:
+        self._flag = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._flag.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._flag.value)
+
+
+class Outbox:
+    """A child's end of a pipe only it writes to (see the module doc). :meth:`put` sends a
+    message whole (blocking while the pipe is full: that is the backpressure) and returns
+    False once the parent is gone; :meth:`offer` sends only if the pipe has room now."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()  # the child's threads share the pipe, never its processes
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"conn": self._conn}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._conn = state["conn"]
+        self._lock = threading.Lock()
+
+    def put(self, msg: Any) -> bool:
+        with self._lock:
+            try:
+                self._conn.send(msg)
+                return True
+            except OSError:  # BrokenPipeError: nobody reads now (the parent is gone)
+                return False
+
+    def offer(self, msg: Any) -> bool:
+        """Send ``msg`` if the pipe can take it now without waiting, for periodic snapshots
+        (the next one says the same and more)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            _, room, _ = select.select([], [self._conn.fileno()], [], 0)
+            if not room:
+                return False
+            self._conn.send(msg)
+            return True
+        except OSError:
+            return False
+        finally:
+            self._lock.release()
+
+    def cancel_join_thread(self) -> None:
+        """Nothing to let go of (a pipe has no feeder thread); here for :func:`let_go`."""
+
+    def close(self) -> None:
+        """Close this end (the parent's copy, once the child has its own)."""
+        self._conn.close()
+
+
+class Inbox:
+    """The parent's ends of its children's pipes, read as one stream of messages. A pipe
+    whose child has exited is read to its end, then dropped; a message cut off by the
+    child's death ends that pipe (:meth:`closed`), it never blocks the reader."""
+
+    def __init__(self) -> None:
+        self._conns: dict[int, Any] = {}
+        self._closed: set[int] = set()
+
+    def add(self, index: int, conn: Any) -> None:
+        self._conns[index] = conn
+
+    def drop(self, index: int) -> None:
+        """Forget child ``index`` (one that was never started)."""
+        conn = self._conns.pop(index, None)
+        if conn is not None:
+            conn.close()
+
+    def closed(self, index: int) -> bool:
+        """Whether child ``index``'s pipe has ended (it exited or died)."""
+        return index in self._closed
+
+    def get(self, timeout: float = 0.0) -> Any:
+        """The next message from any child, waiting up to ``timeout`` seconds; raises
+        :class:`queue.Empty` when none came."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self._conns:
+                time.sleep(max(0.0, deadline - time.monotonic()))
+                raise queue_mod.Empty
+            by_conn = {id(c): i for i, c in self._conns.items()}
+            ready = mp_connection.wait(list(self._conns.values()), max(0.0, deadline - time.monotonic()))
+            for waited in ready:
+                index = by_conn[id(waited)]
+                conn = self._conns[index]
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):  # the child's end closed, perhaps mid-message
+                    self._closed.add(index)
+                    self._conns.pop(index).close()
+                    continue
+                self._conns[index] = self._conns.pop(index)  # read the others first next time
+                return msg
+            if not ready and time.monotonic() >= deadline:
+                raise queue_mod.Empty
+
+    def get_nowait(self) -> Any:
+        return self.get(0.0)
+
+
+def child_pipes(ctx: Any, children: int) -> tuple[Inbox, list[Outbox]]:
+    """One pipe per child: the parent's :class:`Inbox` over all of them and each child's
+    :class:`Outbox`. Close the outboxes in the parent once the children have started
+    (:meth:`Outbox.close`), or a dead child's pipe would never end."""
+    inbox, outs = Inbox(), []
+    for i in range(children):
+        r, w = ctx.Pipe(duplex=False)
+        inbox.add(i, r)
+        outs.append(Outbox(w))
+    return inbox, outs
+
+
 # --- the child's side --------------------------------------------------------------------
 
 
 def progress_reporter(progress: Any, index: int, every_s: float = 0.5) -> Callable[[Any], None]:
-    """An ``on_progress`` for a child: puts :class:`Progress` on the parent's ``progress``
-    queue at most every ``every_s`` seconds."""
+    """An ``on_progress`` for a child: offers :class:`Progress` on the parent's ``progress``
+    pipe at most every ``every_s`` seconds (skipped while the pipe is full: the parent is
+    busy, and the next report carries the same counters)."""
     last = [0.0]
 
     def report(c: Any) -> None:
         now = time.monotonic()
-        if now - last[0] >= every_s:
+        if now - last[0] >= every_s and progress.offer(Progress(index, c)):
             last[0] = now
-            progress.put(Progress(index, c))
 
     return report
 
@@ -191,20 +329,27 @@ class ProcessPool:
     def __init__(self, target: Callable[..., None], args: Callable[[int], tuple], workers: int, sweep_path: Path | str) -> None:  # type: ignore[type-arg]
         ctx = mp.get_context("spawn")
         self.ctx = ctx
-        self.progress: Any = ctx.Queue()
-        self.stop_event: Any = ctx.Event()
+        self.progress, self._outboxes = child_pipes(ctx, workers)
+        self.stop_event = StopFlag(ctx)
         self.latest: dict[int, Any] = {}
         self.finished: set[int] = set()
         self.deaths = WorkerDeaths(sweep_path)
-        self.procs = [ctx.Process(target=target, args=(*args(i), self.progress, i, self.stop_event, os.getpid()), daemon=False)
+        self.procs = [ctx.Process(target=target, args=(*args(i), self._outboxes[i], i, self.stop_event, os.getpid()), daemon=False)
                       for i in range(workers)]
 
     def start(self) -> None:
         """Start the children; none after a stop (a signal during start-up)."""
-        for p in self.procs:
-            if self.stop_event.is_set():
-                break
-            p.start()
+        try:
+            for p in self.procs:
+                if self.stop_event.is_set():
+                    break
+                p.start()
+        finally:
+            for i, p in enumerate(self.procs):
+                if p.pid is None:
+                    self.progress.drop(i)
+            for out in self._outboxes:  # the children hold their own ends now
+                out.close()
         self.procs = [p for p in self.procs if p.pid is not None]
 
     def stop(self) -> None:
@@ -242,8 +387,8 @@ class ProcessPool:
     def next(self, timeout: float) -> Message | None:
         """The next message, or None after ``timeout`` seconds."""
         try:
-            return self.progress.get(timeout=timeout)  # type: ignore[no-any-return]
-        except Exception:  # noqa: BLE001 - queue.Empty (or a pipe that broke: the deaths tell)
+            return self.progress.get(timeout)  # type: ignore[no-any-return]
+        except queue_mod.Empty:
             return None
 
     def read(self, refusals: bool = True) -> None:
@@ -342,6 +487,6 @@ def child_main(
 
 
 __all__ = [
-    "Crashed", "DiskFull", "Finished", "Message", "ProcessPool", "Progress", "Refused", "WorkerDeaths",
-    "child_main", "crash_line", "progress_reporter", "report_crash",
+    "Crashed", "DiskFull", "Finished", "Inbox", "Message", "Outbox", "ProcessPool", "Progress", "Refused",
+    "StopFlag", "WorkerDeaths", "child_main", "child_pipes", "crash_line", "progress_reporter", "report_crash",
 ]

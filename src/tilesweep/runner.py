@@ -36,6 +36,8 @@ sees 1) and stops the same way when its parent is gone.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import os
 import signal
 import socket
@@ -130,17 +132,40 @@ async def _cancel_all(tasks: set) -> None:  # type: ignore[type-arg]
 def expire_dead_local_owners(queue: Queue) -> int:
     """End the leases of workers on this host whose process is gone (killed, crashed), so
     that a restart picks their blocks up at once instead of after the lease ttl. Returns
-    how many blocks were freed. A pid reused by another process only means we wait."""
+    how many blocks were freed. A pid reused by another process only means we wait.
+
+    "This host" is this hostname *and* this kernel boot and pid namespace (the owner's
+    :func:`pid_space` mark): containers that share a hostname (``--uts=host``, ``--network
+    host``) on a shared PostgreSQL queue see each other's owners, and a pid dead here may
+    be alive in the other container. Owners written before the mark (``host:pid:xxxxxx``)
+    are matched on the hostname alone, as they were."""
     host = socket.gethostname()
+    here = pid_space()
     freed = 0
     for owner in queue.owners():
         o_host, _, rest = owner.partition(":")
-        pid_text = rest.partition(":")[0]
+        pid_text, _, suffix = rest.partition(":")
         if o_host != host or not pid_text.isdigit():
+            continue
+        space = suffix.partition("-")[0] if "-" in suffix else None
+        if space is not None and space != here:
             continue
         if not _alive(int(pid_text)):
             freed += queue.expire(owner)
     return freed
+
+
+@functools.lru_cache(maxsize=1)
+def pid_space() -> str:
+    """Six hex digits naming where this process's pids mean something: the kernel's boot
+    id and this process's pid namespace (Linux); the hostname alone elsewhere."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(path) if path.endswith("/pid") else open(path).read().strip())
+        except OSError:
+            pass
+    return hashlib.blake2s("|".join(parts).encode(), digest_size=3).hexdigest()
 
 
 def _alive(pid: int) -> bool:
@@ -161,8 +186,9 @@ def _alive(pid: int) -> bool:
 
 
 def new_owner() -> str:
-    """A lease owner name unique to this process: host, pid and a random suffix."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    """A lease owner name unique to this process: host, pid, and a suffix of its pid space
+    (:func:`pid_space`) and random digits, ``host:pid:space-random``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{pid_space()}-{uuid.uuid4().hex[:6]}"
 
 
 class BlockConsumer(Protocol):

@@ -4,7 +4,9 @@ One event loop fetches a few thousand tiles a second; on a many-core machine fee
 that is the limit. With N workers, N processes each run a streaming
 :class:`~tilesweep.runner.Runner` whose consumer is a :class:`QueueConsumer`: a fetched
 block (its ok tiles' coordinates and bytes, a :class:`Handed`) goes to the prediction
-process through one bounded ``multiprocessing`` queue, and the block ids that the
+process through a pipe of that worker's own (:class:`~tilesweep.pool.Outbox`: a worker
+killed half-way through a block of megabytes must not leave a half message, or a lock,
+in something the other workers share), and the block ids that the
 prediction process has made durable come back through a queue per worker
 (:class:`Committed`), whose runner then acks them. The processes themselves are a
 :class:`~tilesweep.pool.ProcessPool`. The lease stays with
@@ -12,12 +14,13 @@ the worker process the whole time, so a crash of either side returns the block.
 
 ::
 
-    worker 0 ─┐  Handed (bounded)               Committed (per worker)
+    worker 0 ─┐  Handed (a pipe each)           Committed (per worker)
     worker 1 ─┼──────────────► FetchProcesses ──► decode → model → sink ──┐
     worker N ─┘ ◄──────────────────────────────────────────────────────────┘
 
-The bounded queue is the backpressure: when the model is slower than the fetch, workers
-wait to hand blocks over, keep fewer blocks in progress and send fewer requests.
+The pipes are the backpressure: when the model is slower than the fetch, a worker waits
+in the middle of handing its block over (a block is bigger than a pipe's buffer), keeps
+fewer blocks in progress and sends fewer requests.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import numpy as np
 from ..block import Block, BlockResult, TileStatus
 from ..errors import UsageError
 from ..fetch import TileResult
-from ..pool import ProcessPool, WorkerDeaths, child_main
+from ..pool import Outbox, ProcessPool, WorkerDeaths, child_main, child_pipes
 from ..runner import Worker, WorkerArgs, WorkerCounters
 from .sink import ledger_block_result
 
@@ -82,7 +85,7 @@ class QueueConsumer:
     process, asks the ledger whether a block is predicted already, and picks up the ids
     the prediction process reports durable (:meth:`poll_committed`)."""
 
-    def __init__(self, index: int, blocks: Any, commits: Any, stop: Any, ledger: Path, model_key: str, parent: int) -> None:
+    def __init__(self, index: int, blocks: Outbox, commits: Any, stop: Any, ledger: Path, model_key: str, parent: int) -> None:
         self.index = index
         self.blocks, self.commits, self.stop = blocks, commits, stop
         self.ledger, self.model_key = ledger, model_key
@@ -98,19 +101,10 @@ class QueueConsumer:
         """The prediction process is gone: it will never read again."""
         return os.getppid() != self.parent
 
-    def _give_up(self) -> bool:
-        """Stop waiting for room: asked to stop, or orphaned (our leases are released on
-        the way out)."""
-        return self.stop.is_set() or self.orphaned()
-
     def _put(self, item: ToPredictor) -> bool:
-        while True:
-            try:
-                self.blocks.put(item, timeout=0.2)
-                return True
-            except queue_mod.Full:
-                if self._give_up():
-                    return False
+        """Hand ``item`` over whole, waiting while the prediction process is busy (it reads
+        on, even to drop what comes, until this process exits); False when it is gone."""
+        return self.blocks.put(item) and not self.orphaned()
 
     def done_result(self, block: Block) -> BlockResult | None:
         return ledger_block_result(self.ledger, self.model_key, block.id)
@@ -139,7 +133,7 @@ class QueueConsumer:
                 ids += msg.ids
 
 
-def _worker_main(args: WorkerArgs, blocks: Any, commits: Any, refetch: list[Block], ledger: Path, model_key: str,
+def _worker_main(args: WorkerArgs, blocks: Outbox, commits: Any, refetch: list[Block], ledger: Path, model_key: str,
                  progress: Any, index: int, stop: Any, parent: int) -> None:
     consumer = QueueConsumer(index, blocks, commits, stop, ledger, model_key, parent)
 
@@ -165,17 +159,23 @@ class FetchProcesses:
 
     def __init__(self, args: tuple, workers: int, refetch: list[Block], ledger: Path, model_key: str) -> None:  # type: ignore[type-arg]
         ctx = mp.get_context("spawn")
-        self.blocks_q: Any = ctx.Queue(maxsize=2 * workers)
-        self.commits_q: list[Any] = [ctx.Queue() for _ in range(workers)]
+        self.blocks_in, blocks_out = child_pipes(ctx, workers)
+        self.commits_q: list[Any] = [ctx.Queue() for _ in range(workers)]  # one writer: this process
         self.owner_of: dict[int, int] = {}
         # Workers that died (a signal, an error): the run goes on without them; their
         # leases end when the run does (a block they handed over may still be committed).
         self.pool = ProcessPool(
             _worker_main,
-            lambda i: (args, self.blocks_q, self.commits_q[i], refetch[i::workers], ledger, model_key),
+            lambda i: (args, blocks_out[i], self.commits_q[i], refetch[i::workers], ledger, model_key),
             workers, args[0],
         )
-        self.pool.start()
+        try:
+            self.pool.start()
+        finally:
+            for i in range(len(self.pool.procs), workers):
+                self.blocks_in.drop(i)  # never started
+            for out in blocks_out:  # the workers hold their own ends now
+                out.close()
 
     @property
     def procs(self) -> list[Any]:
@@ -202,11 +202,14 @@ class FetchProcesses:
         while len(ended) < len(self.procs) and not stop.is_set():
             self.pool.read()  # a worker's refusal (UsageError) is raised here
             try:
-                msg: ToPredictor = self.blocks_q.get(timeout=0.2)
+                msg: ToPredictor = self.blocks_in.get(0.2)
             except queue_mod.Empty:
                 for i in self.pool.dead_now(ended):  # died without its last word
                     ended.add(i)  # the others go on; the run ends naming it
                     self.deaths.dead(i, self.procs[i], free=False)
+                for i, p in enumerate(self.procs):  # its pipe ended, no last word, exit 0: nothing more comes
+                    if i not in ended and self.blocks_in.closed(i) and p.exitcode == 0:
+                        ended.add(i)
                 continue
             if isinstance(msg, AllHanded):
                 ended.add(msg.index)
@@ -230,7 +233,7 @@ class FetchProcesses:
         their leases). A second Ctrl-C kills them."""
         if stop:
             self.pool.stop()
-        self.pool.drain_until_exit(also=[self.blocks_q])
+        self.pool.drain_until_exit(also=[self.blocks_in])
         for q in self.commits_q:  # ids nobody will read now must not hold up our exit
             q.cancel_join_thread()
         try:
