@@ -61,7 +61,7 @@ def test_plan_run_status_query_export_on_s3(s3_server, pg_server, tmp_path, monk
     r = tilesweep("plan", BBOX, url, "--zoom", 18, "--block-zoom", 16, "--queue", pg_server.url(), "--json", env=env)
     planned = json.loads(r.stdout)
     assert planned["created"] and planned["queue"].startswith("postgresql://") and "password" not in planned["queue"]
-    assert _objects(s3_server, monkeypatch, url) == ["area.geojson", "sweep.toml"]
+    assert _objects(s3_server, monkeypatch, url) == [f"area-{planned['fingerprint']}.geojson", "sweep.toml"]
     monkeypatch.setenv("TILESWEEP_STATE_DIR", env["TILESWEEP_STATE_DIR"])
     again, created = Sweep.plan(url, load_area(BBOX), PlanSpec(zoom=18, block_zoom=16), queue=pg_server.url())
     assert not created and again.queue_url == planned["queue"]  # the same plan: a no-op
@@ -181,3 +181,53 @@ def test_two_machines_racing_on_one_block_publish_it_once(s3_server, pg_server, 
     with Sweep.open(url) as sweep:  # in process: a command's start-up costs a second or two
         st = sweep.status()
     assert st.mismatch is None and st.blocks["done"] == 1 and st.tiles["done"] == planned["tiles"]
+
+
+def test_two_plans_racing_on_one_url_leave_one_plan(s3_server, pg_server, tmp_path, monkeypatch):
+    """Two different plans started together into one new URL: exactly one is published
+    (sweep.toml create-if-absent), the other is refused in one line and leaves nothing:
+    no second area object, its queue's schema dropped."""
+    import threading
+
+    import psycopg
+
+    from tilesweep.area import load_area
+    from tilesweep.errors import UsageError
+    from tilesweep.plan import PlanSpec
+    from tilesweep.sweep import Sweep
+
+    url = _url()
+    _objects(s3_server, monkeypatch, url)  # sets the AWS_* variables here
+    monkeypatch.setenv("TILESWEEP_STATE_DIR", str(tmp_path / "state"))
+
+    def schemas() -> int:
+        with psycopg.connect(pg_server.admin_dsn + " dbname=tilesweep", autocommit=True) as db:
+            return int(db.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tilesweep%'").fetchone()[0])
+
+    before = schemas()
+    start = threading.Barrier(2)
+    results: dict[int, object] = {}
+
+    def plan(zoom: int) -> None:
+        start.wait()
+        try:
+            sweep, created = Sweep.plan(url, load_area(BBOX), PlanSpec(zoom=zoom, block_zoom=14), queue=pg_server.url())
+            results[zoom] = (sweep.zoom, created)
+            sweep.close()
+        except UsageError as exc:
+            results[zoom] = exc
+
+    threads = [threading.Thread(target=plan, args=(z,)) for z in (17, 18)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    won = [z for z, r in results.items() if r == (z, True)]
+    lost = [r for r in results.values() if isinstance(r, UsageError)]
+    assert len(won) == 1 and len(lost) == 1, results
+    assert "another plan was published there" in str(lost[0]) or "different plan" in str(lost[0])
+    with Sweep.open(url) as sweep:
+        assert sweep.zoom == won[0]
+        fp = sweep.plan_config["fingerprint"]
+    assert _objects(s3_server, monkeypatch, url) == [f"area-{fp}.geojson", "sweep.toml"]
+    assert schemas() == before + 1

@@ -358,23 +358,35 @@ class Sweep:
                     )
                 return existing, False
             raise UsageError(f"sweep {url!r} already holds a different plan ({existing.describe_plan()}); use another prefix")
-        for o in storage.list(""):  # the first object is enough (a killed plan's area is fine)
-            if o.key != AREA_FILE:
+        for o in storage.list(""):  # the first objects are enough (a killed plan's area is fine)
+            if not _is_area_key(o.key) and o.key != SWEEP_FILE:  # (a racing plan's: settled by create-if-absent)
                 raise UsageError(f"sweep {url!r} is not empty and holds no plan (found {o.key!r}); use another prefix")
-            break
         _check_estimate(area, spec, allow_huge)
         state = state_folder(url)
         staged: StagedQueue | None = None
+        area_key = _area_key(fingerprint)
         try:
             staged = stage_queue(queue, state)
             return cls._plan_into(state, area, spec, fingerprint, on_chunk, staged, storage)
-        except BaseException:  # Ctrl-C, a refused write, a bug: leave nothing half-written
+        except BaseException as exc:  # Ctrl-C, a refused write, a bug: leave nothing half-written
             if staged is not None:
                 staged.discard()
-            try:
-                storage.delete(AREA_FILE)
-            except Exception:  # the endpoint is gone: a lone area.geojson is no plan
+            winner = None
+            try:  # a plan that raced this one and published first: its area may be ours
+                winner = tomllib.loads(storage.read(SWEEP_FILE).decode("utf-8"))
+            except Exception:  # none (FileNotFoundError), or the endpoint is gone
                 pass
+            same = winner is not None and winner.get("plan", {}).get("fingerprint") == fingerprint
+            if not same:
+                try:
+                    storage.delete(area_key)
+                except Exception:  # the endpoint is gone: a lone area is no plan
+                    pass
+            if isinstance(exc, AlreadyPublished):
+                if same and _same_queue(queue, str((winner or {}).get("queue", {}).get("url", DEFAULT_URL))):
+                    return cls._open_url(url), False  # the same plan, planned twice at once: one stands
+                raise UsageError(f"sweep {url!r}: another plan was published there while this one was planned; "
+                                 "nothing of this one is kept") from None
             raise
 
     @classmethod
@@ -399,11 +411,14 @@ class Sweep:
             area_tmp = p / (AREA_FILE + ".partial")
             area_tmp.write_text(json.dumps(area.to_geojson()), encoding="utf-8")
             os.replace(area_tmp, p / AREA_FILE)
-        else:
-            storage.put(AREA_FILE, json.dumps(area.to_geojson()).encode("utf-8"), replace=True)
+        else:  # named by the plan: plans racing on one URL never share an area object
+            try:
+                storage.put(_area_key(fingerprint), json.dumps(area.to_geojson()).encode("utf-8"))
+            except AlreadyPublished:  # this very plan's area, left by a plan that was killed
+                pass
         staged.publish()
         plan: dict[str, Any] = {
-            "area": AREA_FILE,
+            "area": AREA_FILE if storage is None else _area_key(fingerprint),
             "area_source": area.source,
             "area_km2": round(area.area_km2, 6),
             "bbox": list(area.bbox),
@@ -427,11 +442,9 @@ class Sweep:
         if storage is None:
             _write_atomic(p / SWEEP_FILE, tomli_w.dumps(config))
             return cls(p, config), True
-        try:  # create-if-absent: of two plans racing on one URL, one publishes
-            storage.put(SWEEP_FILE, tomli_w.dumps(config).encode("utf-8"))
-        except AlreadyPublished:
-            raise UsageError(f"sweep {storage.url!r}: another plan was published there while this one was planned; "
-                             "nothing of this one is kept") from None
+        # create-if-absent: of two plans racing on one URL, one publishes (the other's
+        # AlreadyPublished is settled by _plan_url)
+        storage.put(SWEEP_FILE, tomli_w.dumps(config).encode("utf-8"))
         return cls(p, config, storage), True
 
     # --- reading ------------------------------------------------------------------------
@@ -599,7 +612,7 @@ class Sweep:
         if not self.remote:
             return self.path / AREA_FILE
         local = self.path / AREA_FILE
-        LocalStorage(self.path).put(AREA_FILE, self.storage.read(AREA_FILE), replace=True)
+        LocalStorage(self.path).put(AREA_FILE, self.storage.read(str(self.plan_config.get("area", AREA_FILE))), replace=True)
         return local
 
     @property
@@ -727,6 +740,15 @@ def _same_queue(url: str, recorded: str) -> bool:
     if a.kind == "sqlite":
         return a.path == b.path and a.relative == b.relative
     return redact(a.conninfo or "") == redact(b.conninfo or "") and a.schema in (None, b.schema)
+
+
+def _area_key(fingerprint: str) -> str:
+    """The area's object in a sweep on object storage: named by the plan's fingerprint."""
+    return f"area-{fingerprint}.geojson"
+
+
+def _is_area_key(key: str) -> bool:
+    return key.startswith("area-") and key.endswith(".geojson") and "/" not in key
 
 
 def _check_estimate(area: Area, spec: PlanSpec, allow_huge: bool) -> None:
