@@ -157,7 +157,7 @@ def test_a_part_renamed_but_not_recorded_is_adopted_not_duplicated(tmp_path, sim
     (sweep).mkdir()
     rows = BlockRows(123, 16, np.array([10, 11]), np.array([20, 20]), np.array([[0.9], [0.1]], np.float32), 3, 0, time.time())
     sink = PredictionSink(sweep, ZOOM, "m", "abc", ["score"], 0.5)
-    monkeypatch.setattr(sink, "_record", lambda *a, **k: (_ for _ in ()).throw(OSError("crash")))
+    monkeypatch.setattr(sink.ledger, "record", lambda *a, **k: (_ for _ in ()).throw(OSError("crash")))
     sink.add(rows)
     with pytest.raises(OSError):
         sink.commit()
@@ -219,7 +219,7 @@ RUN_MODES = {
 @pytest.mark.parametrize("mode", list(RUN_MODES))
 def test_run_fetches_and_predicts_in_one_go_and_resumes(tmp_path, mode):
     """`tilesweep run`: tiles stream from the source into the model (fetched in a thread,
-    or by worker processes), or, with --keep-tiles, worker processes store them while the
+    or by worker processes), or, with --keep-tiles, the worker processes also store each block before the
     model scores each stored block; killed mid-way and run again, every tile ends
     predicted exactly once and the fetch queue agrees with the ledger. The source is
     slowed so that the kill lands mid-run."""
@@ -253,8 +253,8 @@ def test_run_fetches_and_predicts_in_one_go_and_resumes(tmp_path, mode):
 
 def test_keep_tiles_is_the_python_apis_too(tmp_path, sim):
     """`run --keep-tiles` from Python: predict_sweep(stream=StreamFetch(..., keep_tiles=True))
-    packs every tile into the store and predicts each once (fetch processes store and ack,
-    the pipeline follows them); report.fetch holds the fetch's final counters."""
+    packs every tile into the store and predicts each once (one runner tees each block: its
+    shard, then the model); report.fetch holds the fetch's final counters."""
     from tilesweep.fetch import FetchSettings
     from tilesweep.model import load_model
     from tilesweep.predict import StreamFetch, predict_sweep
@@ -346,6 +346,38 @@ def test_a_block_predicted_but_not_acked_is_acked_without_fetching(tmp_path, sim
     res = tilesweep("run", sweep, "--model", "demo", "--retries", 0, "--timeout", 2, "--quiet")
     assert "0 tiles scored" in res.stdout, res.stdout
     assert queue_rows(sweep) == before
+
+
+def test_keep_tiles_tees_after_a_crash_between_shard_and_predictions(tmp_path, sim):
+    """`run --keep-tiles` acks a block once its shard *and* its predictions are durable
+    (runner.Tee). The two crash windows, made by hand: blocks stored but not predicted
+    (a kill after the shard's rename) are handed to the model from their shards, blocks
+    stored and predicted (a kill before the ack) are acked at once; neither is fetched
+    (the source is now dead), and every tile is predicted once."""
+    from tilesweep.model import load_model
+    from tilesweep.predict import StreamFetch, predict_sweep
+    from tilesweep.fetch import FetchSettings
+    from tilesweep.sweep import Sweep
+
+    sweep = fetched(tmp_path, sim, SMALL_BBOX, 16)
+    before = queue_rows(sweep)
+    with open_sweep_queue(sweep) as q:
+        ids = [b.id for b in q.blocks()]
+        assert q.requeue(ids[:5]) == 5  # stored, not predicted
+    with Sweep.open(sweep) as sw:
+        assert predict_sweep(sw, load_model("demo")).blocks == 11  # the done ones, from the store
+    with open_sweep_queue(sweep) as q:
+        assert q.requeue(ids[5:8]) == 3  # stored and predicted, the ack lost
+    toml = sweep / "sweep.toml"
+    toml.write_text(toml.read_text().replace(sim.template(), "http://127.0.0.1:9/{z}/{x}/{y}.jpg"))
+    with open_sweep_queue(sweep) as q:
+        handed = sum(b.tiles for b in q.blocks() if b.id in ids[:5])
+    with Sweep.open(sweep) as sw:
+        report = predict_sweep(sw, load_model("demo"), stream=StreamFetch(sw.bind_source(None), FetchSettings(retries=0), keep_tiles=True))
+    assert report.blocks == 5 and report.tiles == handed and report.fetch is not None and report.fetch.tiles_ok == 0
+    assert queue_rows(sweep) == before
+    table, _ = read_predictions(sweep)
+    assert_exactly_once(table, planned_tiles(sweep, 16))
 
 
 def test_a_second_model_on_a_streamed_sweep_fetches_again(tmp_path, sim):

@@ -121,7 +121,8 @@ def test_server_restarted_mid_sweep_workers_reconnect_nothing_lost(pg_server, pg
 def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulator(pg_server, tmp_path, monkeypatch):
     """plan --queue postgresql://, then `fetch --dask local:2` (the loops of a Dask
     LocalCluster lease from the server) against the simulator: every planned tile fetched
-    once, `status` adds up (per machine too), the viewer reads the queue, and the password
+    once, `status` adds up (per machine too), `predict` records its blocks in the queue's
+    schema (the ledger beside the queue, no file), the viewer reads both, and the password
     (given even inside the URL) is in no file of the sweep and no output."""
     sweep = tmp_path / "s"
     url = pg_server.url().replace("tilesweep@", f"tilesweep:{PASSWORD}@")  # even given in the URL
@@ -138,8 +139,13 @@ def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulato
     with run_in_thread(World(seed=3)) as sim:
         dask = ("--dask", "local:2") if _has_dask() else ("--workers", 2)
         fetched = tilesweep("fetch", sweep, "--source", sim.template(), *dask, env=PG_ENV)
+    # the prediction ledger lives beside the queue: in its schema, not in a file of the folder
+    predicted = tilesweep("predict", sweep, "--model", "demo", "--quiet", env=PG_ENV)
+    assert not (sweep / "predictions" / "ledger.sqlite").exists()
     st = json.loads(tilesweep("status", sweep, "--json", env=PG_ENV).stdout)
     assert st["blocks_done"] == st["blocks_total"] > 1 and st["mismatch"] is None
+    (model,) = st["predictions"]
+    assert model["blocks"] == st["blocks_total"] and model["rows"] == st["tiles_ok"]
     (machine,) = st["machines"]  # one host; its loops acked every tile, their heartbeats kept
     assert machine["tiles_done"] == st["tiles_total"] and machine["last_seen"] > 0 and len(machine["owners"]) >= 1
     monkeypatch.setenv("PGPASSWORD", PASSWORD)
@@ -147,6 +153,7 @@ def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulato
 
     viewer = Viewer(sweep)  # it used to read queue.sqlite: "has no queue.sqlite"
     assert viewer.progress()["blocks"]["done"] == st["blocks_total"]
+    assert viewer.progress()["predicted_blocks"] == {model["folder"]: st["blocks_total"]}
     from tilesweep.tiles import tile_at
     from tilesweep.view.mvt import encode_squares
 
@@ -155,7 +162,7 @@ def test_a_sweep_on_the_server_records_no_password_and_fetches_from_the_simulato
     assert viewer.blocks_tile(10, t.x >> 5, t.y >> 5) != encode_squares("blocks", [])  # the blocks of a cell
     assert st["tiles_ok"] + st["tiles_empty"] == st["tiles_total"] and st["tiles_ok"] > 0
     assert len(list((sweep / "tiles").rglob("*.shard"))) == st["blocks_total"]
-    for text in [res.stdout, res.stderr, fetched.stdout, fetched.stderr,
+    for text in [res.stdout, res.stderr, fetched.stdout, fetched.stderr, predicted.stdout, predicted.stderr,
                  *(p.read_bytes().decode("utf-8", "replace") for p in sweep.rglob("*") if p.is_file())]:
         assert PASSWORD not in text
     with open_queue(recorded) as q:

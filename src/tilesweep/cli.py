@@ -523,7 +523,7 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     model_threads: Optional[int] = typer.Option(None, "--model-threads", help="CPU threads of one model batch."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Score in 0..1 at or above which a tile is labelled (default: the model's own)."),
-    dask: Optional[str] = typer.Option(None, "--dask", help="Fetch on Dask (tiles kept in the store, predicted here): local:N (N worker processes here) or tcp://scheduler:8786 (one loop per worker thread); --concurrency and --rate are then per loop (docs/scale-out.md)."),
+    dask: Optional[str] = typer.Option(None, "--dask", help="Fetch and predict on Dask, the model loaded in each worker (with --keep-tiles: the tiles stored too): local:N (N worker processes here) or tcp://scheduler:8786 (one loop per worker thread); --concurrency and --rate are then per loop (docs/scale-out.md)."),
     # issue 13: where tiles are decoded, and the PyTorch model's precision and memory order
     decode: str = typer.Option("auto", "--decode", help="Where tiles are decoded: auto (gpu for a PyTorch model on CUDA with torchvision, processes on more than 4 cores, else threads), threads, processes (shared memory) or gpu (nvJPEG)."),
     decode_processes: Optional[int] = typer.Option(None, "--decode-processes", help="Decode processes with --decode processes (default: half the cores, 2..8)."),
@@ -561,7 +561,12 @@ def run(
                 if dask_address is not None:
                     from . import cli_dask
 
-                    cli_dask.run(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, dask_address, quiet)
+                    from .cluster import ModelLoader
+
+                    loader = ModelLoader.of(model, device=device, threads=model_threads, precision=precision,
+                                            channels_last=channels_last, threshold=threshold)
+                    cli_dask.run(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, dask_address, quiet,
+                                 keep_tiles=keep_tiles, loader=loader)
                 else:
                     _run(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, keep_tiles, quiet)
             except UsageError:  # e.g. the source gave no image at all: record nothing of it
@@ -630,10 +635,10 @@ def _predict_line(r) -> str:  # type: ignore[no-untyped-def]
         f"{r.failed:,} failed, {r.undecodable:,} undecodable"
         + (f", {r.model_nan:,} NaN from the model" if r.model_nan else "")
         + f"), {plural(r.parts, 'part')} written, "
-        f"{r.tiles_per_s:,.0f} tiles/s, model busy {r.model_busy:.0%}, {r.wall_s:,.1f} s"
-        + (f"\n  stages: {stages}; bottleneck {r.bottleneck()}" if r.tiles else "")
+        f"{r.tiles_per_s:,.0f} tiles/s, " + (f"model busy {r.model_busy:.0%}, " if r.stages else "") + f"{r.wall_s:,.1f} s"
+        + (f"\n  stages: {stages}; bottleneck {r.bottleneck()}" if r.tiles and r.stages else "")  # none: run --dask's sum
         # issue 13: which stage bounds the run, by how much, the model's wait; decode deaths
-        + (f"\n  {r.bound_line()}; decode {r.decode}" if r.tiles and hasattr(r, "bound_line") else "")
+        + (f"\n  {r.bound_line()}; decode {r.decode}" if r.tiles and r.stages and hasattr(r, "bound_line") else "")
         + "".join(f"\n  warning: {d}" for d in getattr(r, "decode_deaths", []))
     )
 

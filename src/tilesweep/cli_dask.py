@@ -49,22 +49,23 @@ def fetch(sweep: Any, address: Any, src: Any, settings: Any, worker_settings: An
 
 
 def run(sweep: Any, sweep_dir: str, the_model: Any, src: Any, settings: Any, fetch_settings: Any, worker_settings: Any,
-        address: Any, quiet: bool) -> None:
-    """``tilesweep run --dask``: the loops fetch into the store, this process predicts."""
-    from .cli import _STOPPED_RUN, _PredictMeter, _predict_summary, _stopped, out
+        address: Any, quiet: bool, keep_tiles: bool = False, loader: Any = None) -> None:
+    """``tilesweep run --dask``: each Dask worker runs the streaming run with the model
+    loaded there (``loader``); with ``keep_tiles`` each also packs the tiles into the store."""
+    from .cli import _STOPPED_RUN, _predict_summary, _stopped, out
     from .cluster import run_on_dask
 
-    latest: list[Any] = []
-    meter = _PredictMeter(quiet, lambda: latest[0].line() if latest else "starting the cluster")
     try:
-        with meter:
+        line = _ClusterLine(quiet)
+        with line:
             report, cluster = run_on_dask(sweep, the_model, address, src, fetch_settings, worker_settings, settings,
-                                          on_progress=lambda p: latest.__setitem__(slice(None), [p]), on_predict=meter.update)
+                                          on_progress=line.update, keep_tiles=keep_tiles, loader=loader)
     except KeyboardInterrupt:
         _stopped(sweep, *_STOPPED_RUN)
     c = cluster.counters
-    out.print(f"cluster: {cluster.loops} loops fetched {c.tiles_ok + c.tiles_empty:,} tiles ({c.tiles_ok:,} ok, "
-              f"{c.tiles_empty:,} empty) in {c.blocks_done:,} blocks, {c.tiles_failed:,} failed tiles, {cluster.wall_s:,.1f} s",
-              highlight=False)
+    where = "into the store and predicted them" if keep_tiles else "and predicted them"
+    out.print(f"cluster: {cluster.loops} loops fetched {c.tiles_ok + c.tiles_empty:,} tiles {where} on the workers "
+              f"({c.tiles_ok:,} ok, {c.tiles_empty:,} empty) in {c.blocks_done:,} blocks, {c.tiles_failed:,} failed tiles, "
+              f"{cluster.wall_s:,.1f} s", highlight=False)
     _failed(cluster)
     _predict_summary(sweep, sweep_dir, the_model, report, "run the same command again", dead_is_error=True)

@@ -17,9 +17,11 @@ loops; it carries no tiles and no results, so:
 - progress is the queue's counts, polled by the process that started the loops, so it is
   the whole cluster's, whatever each loop reports.
 
-``run --dask`` runs the same loops, keeping tiles in the store, while the process that
-started them predicts each block once it is durable (``predict_sweep(follow=...)``, as
-``run --keep-tiles`` does): a sweep has one prediction writer (its ledger's lock).
+``run --dask`` runs the whole streaming run in each task (:func:`predict_loop`: lease ->
+fetch -> decode -> model -> Parquet part -> ack, the model loaded in the worker by a
+:class:`ModelLoader`): each task is one writer of the sweep's prediction ledger, which
+takes many (:mod:`tilesweep.predict.ledger`). ``run --dask --keep-tiles``: each task's
+runner tees, packing the tiles into the store too (as ``run --keep-tiles``).
 
 ``local:N`` starts a :class:`distributed.LocalCluster` of N worker processes on 127.0.0.1
 (one thread each) for the length of the call; ``tcp://host:port`` (or ``tls://``)
@@ -43,7 +45,8 @@ from .sources import Source
 from .worker import Worker, WorkerCounters, WorkerSettings
 
 __all__ = [
-    "ClusterProgress", "ClusterReport", "DaskAddress", "fetch_on_dask", "parse_dask_address", "run_on_dask", "worker_loop",
+    "ClusterPredictProgress", "ClusterProgress", "ClusterReport", "DaskAddress", "ModelLoader", "fetch_on_dask",
+    "parse_dask_address", "predict_loop", "run_on_dask", "worker_loop",
 ]
 
 LOCAL_MAX = 256
@@ -185,6 +188,7 @@ class ClusterReport:
     loops: int = 0
     failed: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    results: list[Any] = field(default_factory=list)  # run --dask: each loop's PredictReport
 
 
 class _Cluster:
@@ -264,7 +268,11 @@ def fetch_on_dask(
 
 def _run_loops(sweep: Any, cluster: _Cluster, addr: DaskAddress, source: Source, fetch: FetchSettings | None,
                worker: WorkerSettings | None, on_progress: Callable[[ClusterProgress], None] | None,
-               stop_requested: Callable[[], bool], poll_s: float) -> ClusterReport:
+               stop_requested: Callable[[], bool], poll_s: float, task: tuple[Any, ...] | None = None) -> ClusterReport:
+    """The loops as Dask tasks: :func:`_dask_task` (fetch into the store), or ``task``
+    ``(function, *args)``, called as ``function(spec, i, n, *args, stop_name)`` for loop
+    ``i`` of ``n`` (``run --dask``'s :func:`_predict_task`), whose results are kept in
+    :attr:`ClusterReport.results`."""
     spec = LoopSpec(str(sweep.location if sweep.remote else Path(sweep.path).resolve()), sweep.zoom, sweep.block_zoom, source,
                     fetch or FetchSettings(), worker or WorkerSettings())
     started = time.monotonic()
@@ -272,8 +280,11 @@ def _run_loops(sweep: Any, cluster: _Cluster, addr: DaskAddress, source: Source,
     stop_name = f"tilesweep-stop-{secrets.token_hex(8)}"
     stop_event: Any = _distributed().Event(stop_name, client=cluster.client)
     n = addr.local or cluster.threads()
-    futures: list[Any] = [cluster.client.submit(_dask_task, spec, stop_name, pure=False, key=f"tilesweep-loop-{i}-{stop_name}")
-               for i in range(n)]
+    fn, *args = task if task is not None else (_dask_task,)
+    share = (lambda i: (i, n)) if task is not None else (lambda i: ())  # a task's share of the done blocks
+    futures: list[Any] = [cluster.client.submit(fn, spec, *share(i), *args, stop_name, pure=False,
+                                                key=f"tilesweep-loop-{i}-{stop_name}")
+                          for i in range(n)]
     report.loops = n
     stopped = False
     with sweep.open_queue() as q:
@@ -299,7 +310,13 @@ def _run_loops(sweep: Any, cluster: _Cluster, addr: DaskAddress, source: Source,
                 raise UsageError(str(exc))
             report.failed.append(f"{type(exc).__name__}: {_first_line(exc)}")
         elif f.status == "finished":
-            report.counters.add(f.result())
+            r = f.result()
+            if task is None:
+                report.counters.add(r)
+            elif r is not None:
+                report.results.append(r)
+                if getattr(r, "fetch", None) is not None:
+                    report.counters.add(r.fetch)
     report.wall_s = time.monotonic() - started
     if stopped or stop_requested():
         raise KeyboardInterrupt
@@ -317,6 +334,166 @@ def _progress(q: Any, loops: int, started: float) -> ClusterProgress:
     )
 
 
+@dataclass(frozen=True)
+class ModelLoader:
+    """How a Dask task loads the model in its own worker process (``run --dask``): the
+    ``--model`` spec (a built-in name, a file path, made absolute by :meth:`of`, or
+    ``module:function``, importable on the workers) and its load options, and
+    ``threshold`` as ``--threshold``. Loaded and probed once per task, so a GPU worker
+    holds its own copy of the weights (one Dask worker per GPU: docs/scale-out.md)."""
+
+    spec: str
+    device: str = "auto"
+    threads: int | None = None
+    precision: str = "fp32"
+    channels_last: bool = False
+    threshold: float | None = None
+
+    @classmethod
+    def of(cls, spec: str, **kw: Any) -> "ModelLoader":
+        """A loader of ``spec`` with a file path made absolute (the workers' working
+        folder is not the command line's)."""
+        p = Path(spec)
+        return cls(str(p.resolve()) if p.exists() else spec, **kw)
+
+    def load(self, sweep_path: Path) -> Any:
+        """The model, probed, with ``threshold`` applied for ``sweep_path``."""
+        from .detections import apply_threshold
+        from .model import load_model
+        from .predict import probe
+
+        m = load_model(self.spec, device=self.device, threads=self.threads, precision=self.precision,  # type: ignore[arg-type]
+                       channels_last=self.channels_last)
+        probe(m)
+        return apply_threshold(m, self.threshold, sweep_path)
+
+
+class _TaskStopped(Exception):
+    """Raised from the pipeline's progress callback when the stop event is set: the
+    pipeline then winds down as after a signal (commits what it scored whole, the runner
+    acks it and releases the rest)."""
+
+
+class _ShareOfQueue:
+    """The sweep's queue as one loop of ``n`` sees it for planning: the done blocks it
+    lists are those with ``id % n == i``; everything else is the queue's."""
+
+    def __init__(self, q: Any, i: int, n: int) -> None:
+        self._q, self._i, self._n = q, i, n
+
+    def blocks(self, state: Any = None, kept: bool | None = None) -> Any:
+        from .queue import State
+
+        if state != State.DONE:
+            return self._q.blocks(state, kept) if kept is not None else self._q.blocks(state)
+        found = self._q.blocks(state, kept) if kept is not None else self._q.blocks(state)
+        return (b for b in found if b.id % self._n == self._i)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._q, name)
+
+
+class _ShareOfSweep:
+    """The sweep, but its ``queue`` is :class:`_ShareOfQueue`: the done blocks a model has
+    not predicted (stored ones, or streamed for another model) are split among the loops
+    instead of every loop doing all of them; pending blocks are leased as ever."""
+
+    def __init__(self, sweep: Any, i: int, n: int) -> None:
+        self._sweep = sweep
+        self.queue = _ShareOfQueue(sweep.queue, i, n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sweep, name)
+
+
+def predict_loop(spec: LoopSpec, model: Any, settings: Any, stop: Any, share: tuple[int, int] = (0, 1),
+                 keep_tiles: bool = False) -> Any:
+    """One Dask task of ``run --dask``: the streaming run (:func:`tilesweep.predict.predict_sweep`
+    with its fetch in a thread) in this worker process, leasing from the
+    sweep's queue until it has nothing pending or ``stop`` is set. ``model``: a
+    :class:`ModelLoader` (loaded here) or a model object. ``share``: ``(i, n)``, this loop
+    of ``n``: of the done blocks this model has not predicted (stored, or streamed for
+    another model) it does those with ``id % n == i`` (a loop that Dask runs again gets
+    the same share). ``keep_tiles``: the runner tees (the block's shard, then its
+    predictions; acked once both are durable), as ``run --keep-tiles``. Returns the run's
+    :class:`tilesweep.predict.PredictReport` without its live meters (picklable)."""
+    import dataclasses
+    import multiprocessing
+
+    from .predict import PredictSettings, StreamFetch, predict_sweep
+    from .sweep import Sweep
+
+    s = settings or PredictSettings()
+    if multiprocessing.current_process().daemon and s.decode in ("auto", "processes"):
+        # a daemonic Dask worker (the default) may not start decode processes
+        if s.decode == "processes":
+            raise UsageError("--decode processes cannot run in a daemonic Dask worker; use --decode threads, "
+                             "or workers started with distributed.worker.daemon: false")
+        s = dataclasses.replace(s, decode="threads")
+    last: list[Any] = []
+
+    def on_progress(r: Any) -> None:
+        last[:] = [r]
+        if stop.is_set():
+            raise _TaskStopped
+
+    with Sweep.open(spec.sweep_path) as whole:
+        m = model.load(whole.path) if isinstance(model, ModelLoader) else model
+        sweep = _ShareOfSweep(whole, *share) if share[1] > 1 else whole
+        try:
+            report = predict_sweep(sweep, m, s, on_progress=on_progress, progress_every_s=0.25,
+                                   stream=StreamFetch(spec.source, spec.fetch, spec.worker, workers=1, keep_tiles=keep_tiles))
+        except _TaskStopped:
+            if not last:
+                return None
+            report = last[0]
+    return dataclasses.replace(report, stages={}, queues={})
+
+
+def _predict_task(spec: LoopSpec, i: int, n: int, model: Any, settings: Any, keep_tiles: bool, stop_name: str) -> Any:
+    stop = _StopFlag(stop_name)
+    try:
+        return predict_loop(spec, model, settings, stop, share=(i, n), keep_tiles=keep_tiles)
+    finally:
+        stop.close()
+
+
+class ClusterPredictProgress(NamedTuple):
+    """``run --dask``'s whole-cluster line: the queue's counts (:class:`ClusterProgress`)
+    and the blocks and rows the ledger holds for the model."""
+
+    cluster: ClusterProgress
+    blocks_predicted: int
+    rows: int
+
+    def line(self) -> str:
+        c = self.cluster
+        return (f"cluster: {c.loops} loops, {self.blocks_predicted:,} of {c.blocks_total:,} blocks predicted "
+                f"({self.rows:,} rows), {c.blocks_leased:,} in progress, {c.blocks_dead:,} dead, "
+                f"{c.tiles_per_s:,.0f} tiles/s, {c.elapsed_s:,.0f} s")
+
+
+def _merge_reports(reports: list[Any], wall_s: float) -> Any:
+    """The loops' reports as one (sums; the wall time is the cluster's)."""
+    from .predict import PredictReport
+    from .runner import WorkerCounters
+
+    out = PredictReport()
+    fetch = WorkerCounters()
+    for r in reports:
+        for f in ("blocks_todo", "blocks", "tiles", "empty", "failed", "undecodable", "model_nan", "positives", "parts",
+                  "bytes", "missing_shards", "adopted_parts"):
+            setattr(out, f, getattr(out, f) + getattr(r, f))
+        out.corrupt_shards += r.corrupt_shards
+        out.decode_deaths += r.decode_deaths
+        out.decode = out.decode or r.decode
+        if r.fetch is not None:
+            fetch.add(r.fetch)
+    out.fetch = fetch
+    out.wall_s = wall_s
+    return out
+
+
 def run_on_dask(
     sweep: Any,
     model: Any,
@@ -325,43 +502,43 @@ def run_on_dask(
     fetch: FetchSettings | None = None,
     worker: WorkerSettings | None = None,
     settings: Any = None,
-    on_progress: Callable[[ClusterProgress], None] | None = None,
+    on_progress: Callable[[Any], None] | None = None,
     on_predict: Callable[[Any], None] | None = None,
+    keep_tiles: bool = False,
+    loader: ModelLoader | None = None,
 ) -> tuple[Any, ClusterReport]:
-    """``tilesweep run --dask``: worker loops on Dask fetch the sweep's blocks into its
-    store while this process predicts every block once it is durable (``model``, a
-    :class:`tilesweep.model.Model`; ``settings``, :class:`tilesweep.predict.PredictSettings`).
-    Returns ``(PredictReport, ClusterReport)``. A stop (Ctrl-C/SIGTERM) commits what was
-    scored whole, stops the loops and raises KeyboardInterrupt; the same call goes on."""
-    from .predict import predict_sweep
+    """``tilesweep run --dask``: each Dask task runs the streaming run in its worker
+    process (:func:`predict_loop`: lease -> fetch -> decode -> model -> parts -> ack, the
+    model loaded there by ``loader``, or ``model`` itself pickled to the workers when
+    ``loader`` is None), so the cluster's workers predict, many writers on one ledger
+    (:mod:`tilesweep.predict.ledger`). ``on_progress`` gets the whole cluster's
+    :class:`ClusterPredictProgress` every half second.
 
+    ``keep_tiles``: each task's runner also packs the tiles into the store (a tee, as
+    ``run --keep-tiles``: a block is acked once its shard and its predictions are durable).
+    ``on_predict`` is not called (the live meters stay on the workers).
+
+    ``model`` (a :class:`tilesweep.model.Model`, loaded here too: its name and digest key
+    the ledger); ``settings``: :class:`tilesweep.predict.PredictSettings`. Returns
+    ``(PredictReport, ClusterReport)``. A stop (Ctrl-C/SIGTERM) makes every loop commit
+    what it scored whole and release its leases, then raises KeyboardInterrupt; the same
+    call goes on."""
     addr = parse_dask_address(address) if isinstance(address, str) else address
-    result: dict[str, Any] = {}
-    ended = threading.Event()
-    interrupted = threading.Event()
+    from . import signals
+    from .predict.sink import ledger_totals
 
-    def fetch_all() -> None:
+    def progress(p: ClusterProgress) -> None:
+        if on_progress is not None:
+            t = ledger_totals(sweep.path, model.name, model.digest)
+            on_progress(ClusterPredictProgress(p, t.blocks if t else 0, t.rows if t else 0))
+
+    stop_local = threading.Event()
+    with signals.stop_on_signals(stop_local.set) as signalled:
+        cluster = _Cluster(addr)  # here, before anything is written: a bad address writes nothing
         try:
-            result["report"] = _run_loops(sweep, cluster, addr, source, fetch, worker, on_progress, interrupted.is_set, 0.5)
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-            result["error"] = exc
+            report = _run_loops(sweep, cluster, addr, source, fetch, worker, progress,
+                                lambda: stop_local.is_set() or signalled(), 0.5,
+                                task=(_predict_task, loader if loader is not None else model, settings, keep_tiles))
         finally:
-            ended.set()
-
-    cluster = _Cluster(addr)  # here, before anything is written: a bad address writes nothing
-    try:
-        thread = threading.Thread(target=fetch_all, name="tilesweep-dask", daemon=True)
-        thread.start()
-        try:
-            predicted = predict_sweep(sweep, model, settings, on_progress=on_predict, follow=lambda: not ended.is_set())
-            ended.wait()
-        except BaseException:
-            interrupted.set()
-            ended.wait()  # the loops release their leases and stop
-            raise
-    finally:
-        cluster.close()
-    error = result.get("error")
-    if error is not None:
-        raise error
-    return predicted, result["report"]
+            cluster.close()
+    return _merge_reports(report.results, report.wall_s), report

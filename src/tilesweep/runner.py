@@ -8,10 +8,9 @@ One runner is one event loop with one :class:`~tilesweep.fetch.Fetcher`; it runs
 process of its own under ``fetch --workers N`` (:mod:`tilesweep.worker`, over
 :mod:`tilesweep.pool`), or in a thread of the prediction process (``run``). It keeps a few
 blocks in progress so that the fetcher always has ``concurrency`` requests to make. Its
-output is one of two:
+output is one of three:
 
-- **the shard store** (:class:`ShardStoreOutput`: ``tilesweep fetch``, ``run
-  --keep-tiles``). The runner opens (or resumes) the block's shard and skips tiles already
+- **the shard store** (:class:`ShardStoreOutput`: ``tilesweep fetch``). The runner opens (or resumes) the block's shard and skips tiles already
   durable in it; fetches the rest, appending every ok or empty result, fsynced by time
   (data before the index that points at it); finishes the shard (final index, atomic
   rename), then acks the block in a group commit with its counts. A crash anywhere in
@@ -21,8 +20,18 @@ output is one of two:
   prediction pipeline). Nothing is stored: the runner fetches a whole block into memory,
   hands it over and keeps the lease until the consumer reports the block durable
   (:meth:`Worker.committed`); then it acks it.
+- **a** :class:`Tee` **of both** (``Worker(consumer=..., keep_tiles=True)``: ``run
+  --keep-tiles``). The block's shard is written as above; once it is finished and renamed
+  the block (the tiles fetched, in memory; the finished shard's when some came from an
+  earlier run's partial shard) goes to the consumer, and the block is acked once the
+  consumer reports it durable too. A crash between the two leaves a finished shard whose
+  block is not predicted: the next lease hands the shard's tiles over without fetching.
 
-Either way, if some tile still fails after the fetcher's retries, the block is nacked with
+Blocks done already have a runner too: :class:`StoreRunner` (``tilesweep predict``, and
+the stored blocks of ``run``) reads them from the store and hands them to the same
+prediction consumer; they were acked by the runner that stored them, so it acks nothing.
+
+Whatever the output, if some tile still fails after the fetcher's retries, the block is nacked with
 the reason (stored good tiles stay durable); after the queue's max attempts it goes dead,
 and ``tilesweep retry --dead`` puts it back.
 
@@ -48,7 +57,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Protocol
+from typing import Any, Awaitable, Callable, Iterable, NamedTuple, Protocol
+
+import numpy as np
 
 from . import signals
 from .diskspace import disk_full, is_disk_full, keep_reserve, release_leases
@@ -58,7 +69,8 @@ from .fetch import FetchSettings, SourceError, TileResult
 from .limits import AdaptiveLimit
 from .queue import Block, BlockResult, Lease, Queue, State
 from .sources import Source
-from .store import ShardBusyError, TileStore
+from .store import CorruptShardError, ShardBusyError, TileStore
+from .store.shard import ShardReader
 from .supertile import open_fetcher, tiles_per_request
 from .sweep import as_location, open_sweep_queue, tiles_location
 from .tiles import tile_id
@@ -210,7 +222,7 @@ class BlockConsumer(Protocol):
 
 
 class ShardStoreOutput:
-    """The shard store as a runner's output (``tilesweep fetch``, ``run --keep-tiles``):
+    """The shard store as a runner's output (``tilesweep fetch``; half of ``run --keep-tiles``'s :class:`Tee`):
     a block's tiles are appended to its shard as they come, fsynced by time (a crash loses
     at most ``flush_every_s`` of one block), and the block's output is durable once its
     shard is finished and renamed; the runner acks it then. Its calls block (the runner
@@ -234,8 +246,142 @@ class ShardStoreOutput:
         another writer holds it)."""
         return self.store.writer(block.tile)
 
+    def results(self, block: Block) -> list[TileResult]:
+        """The ok and empty tiles of the block's finished shard, as the fetcher gives them
+        (every ok tile's crc checked: ``CorruptShardError`` names a bad one)."""
+        reader = self.store.reader(block.tile)
+        if reader is None:
+            raise FileNotFoundError(f"block {block.id}: its shard is not finished")
+        return [TileResult(tile, st, data if st is TileStatus.OK else None, 0, None, None)
+                for tile, st, data in reader.iter_records(None) if st.stored]
+
     def close(self) -> None:
         self.store.close()
+
+
+class Tee:
+    """Both outputs of ``run --keep-tiles``: the shard store and a :class:`BlockConsumer`
+    (the prediction pipeline). A block's output is durable once its shard is finished
+    and renamed *and* the consumer has reported it durable; only then does the runner ack
+    it, with the shard's counts. The runner drives the two halves itself
+    (:meth:`Worker._do_block`): the shard as tiles come, the consumer with the whole
+    block once the shard is finished."""
+
+    def __init__(self, store: ShardStoreOutput, consumer: BlockConsumer) -> None:
+        self.store = store
+        self.consumer = consumer
+
+    def done(self, block: Block) -> tuple[BlockResult | None, bool]:
+        """``(shard, predicted)``: the counts of the block's finished shard (None: not
+        finished), and whether the consumer holds the block's output already. Both:
+        the block is acked at once; a shard alone: its tiles are handed over, no fetch."""
+        shard = self.store.done_result(block)
+        return shard, self.consumer.done_result(block) is not None
+
+
+class StoredBlock(NamedTuple):
+    """A block's tiles read from its finished shard, in tile-id order: the ok tiles'
+    columns ``x``, rows ``y`` (tile coordinates at the sweep's zoom) and bytes, and how
+    many of its tiles were empty and failed."""
+
+    block: Block
+    x: np.ndarray
+    y: np.ndarray
+    data: list[bytes]
+    empty: int
+    failed: int
+
+
+class StoredBlockConsumer(Protocol):
+    """What a :class:`StoreRunner` hands stored blocks to (the prediction pipeline)."""
+
+    def done_result(self, block: Block) -> BlockResult | None:
+        """Not None: the block's output is durable already; it is skipped."""
+
+    def take_stored(self, stored: StoredBlock) -> bool:
+        """Take a stored block; blocks while the consumer is full. False: stopping."""
+
+    def end(self) -> None:
+        """No more blocks will come."""
+
+
+class StoreRunner:
+    """The runner of ``tilesweep predict``: the block lifecycle with the store as the
+    block source. Its blocks are done in the queue already (nothing to lease, fetch or
+    ack): each is read from its finished shard (every ok tile's crc checked, so no model
+    scores flipped bytes) and handed to the consumer, the same prediction consumer a
+    :class:`Runner` hands fetched blocks to. A block whose shard is missing is counted
+    (``missing_shards``); one whose shard fails its checks is moved aside and queued to
+    be fetched again (``corrupt_shards`` names it), and the run goes on.
+
+    ``on_read(tiles, seconds)``: called after each block read, with its ok tiles and the
+    seconds the read took (the read stage's meter)."""
+
+    def __init__(self, sweep_path: Path | str, store: TileStore, consumer: StoredBlockConsumer,
+                 on_read: Callable[[int, float], None] | None = None) -> None:
+        self.sweep_path = as_location(sweep_path)  # a folder, or a sweep's object-store URL
+        self.store = store
+        self.consumer = consumer
+        self.on_read = on_read
+        self.missing_shards = 0
+        self.corrupt_shards: list[str] = []
+
+    def run(self, blocks: Iterable[Block]) -> bool:
+        """Hand every block of ``blocks`` (an iterable that may wait for more) to the
+        consumer, then tell it the end; False when the consumer stopped first."""
+        consumer = self.consumer
+        for block in blocks:
+            if consumer.done_result(block) is not None:
+                continue
+            t0 = time.perf_counter()
+            stored = self.read(block)
+            if stored is None:
+                continue
+            if self.on_read is not None:
+                self.on_read(len(stored.data), time.perf_counter() - t0)
+            if not consumer.take_stored(stored):
+                return False
+        consumer.end()
+        return True
+
+    def read(self, block: Block) -> StoredBlock | None:
+        """A stored block's tiles, or None when its shard is missing (counted) or corrupt
+        (moved aside and requeued)."""
+        path = self.store.shard_path(block.tile)
+        try:  # on object storage: ranged reads (the index, then the data region in one GET)
+            storage = self.store.storage
+            reader = ShardReader(path) if storage is None else ShardReader.open(storage, self.store.shard_key(block.tile))
+        except FileNotFoundError:
+            self.missing_shards += 1
+            return None
+        except CorruptShardError as exc:
+            self._requeue_corrupt(block, exc)
+            return None
+        with reader:
+            st = np.asarray(reader.records["status"])
+            xs, ys = reader.coords()
+            ok = np.nonzero(st == TileStatus.OK)[0]
+            try:
+                with reader.holding_data():
+                    data = [reader.data(int(i)) for i in ok]
+            except CorruptShardError as exc:
+                bad = exc
+            else:
+                return StoredBlock(block, xs[ok], ys[ok], data, int(np.sum(st == TileStatus.EMPTY)),
+                                   int(np.sum(st == TileStatus.FAILED)))
+        self._requeue_corrupt(block, bad)
+        return None
+
+    def _requeue_corrupt(self, block: Block, exc: CorruptShardError) -> None:
+        """Move the shard aside (``.shard.corrupt``) and queue its block again, so that the
+        next fetch (or ``run``) fetches it anew."""
+        self.corrupt_shards.append(exc.describe())
+        self.store.quarantine(block.tile)
+        q = open_sweep_queue(self.sweep_path)  # this thread's own connection
+        try:
+            q.requeue([block.id], f"shard corrupt when read for prediction: {exc}")
+        finally:
+            q.close()
 
 
 WorkerArgs = tuple[Path | str, int, int, Source, FetchSettings, WorkerSettings]
@@ -247,8 +393,11 @@ class Worker:
     """One process's worker over a sweep folder (see the module docstring).
 
     With a ``consumer`` the worker *streams*: tiles are not stored; each fetched block goes
-    to the consumer, whose :meth:`committed` acks it. ``refetch``: blocks done in the queue
-    whose tiles were not kept, fetched again for the consumer without a lease."""
+    to the consumer, whose :meth:`committed` acks it. ``keep_tiles`` (with a consumer):
+    both, a :class:`Tee`: the block's shard is stored, then the block goes to the
+    consumer, and it is acked once both are durable. ``refetch``: blocks done in the queue
+    whose tiles were not kept, fetched again for the consumer without a lease (not with
+    ``keep_tiles``)."""
 
     def __init__(
         self,
@@ -263,7 +412,11 @@ class Worker:
         consumer: BlockConsumer | None = None,
         refetch: Iterable[Block] = (),
         parent_pid: int | None = None,
+        keep_tiles: bool = False,
     ):
+        if keep_tiles and (consumer is None or refetch):
+            raise ValueError("keep_tiles tees the store with a consumer: it needs one, and no refetch")
+        self.keep_tiles = keep_tiles
         self.sweep_path = as_location(sweep_path)  # a folder, or a sweep's object-store URL
         self.zoom = zoom
         self.block_zoom = block_zoom
@@ -338,8 +491,10 @@ class Worker:
                 pass
         self.queue = open_sweep_queue(self.sweep_path, max_attempts=self.settings.max_attempts)
         # coarsest=0: adaptive blocks lie at any zoom up to block_zoom (the finest)
-        self.output = None if self.consumer else ShardStoreOutput(self.sweep_path, self.zoom, self.block_zoom)
+        stores = self.consumer is None or self.keep_tiles
+        self.output = ShardStoreOutput(self.sweep_path, self.zoom, self.block_zoom) if stores else None
         self.store = None if self.output is None else self.output.store
+        self.tee = Tee(self.output, self.consumer) if self.output is not None and self.consumer is not None else None
         tiles_per_block = 1 << (2 * (self.zoom - self.block_zoom))
         st = self.queue.stats(window=1.0)  # blocks of a sample hold fewer: keep `concurrency` busy
         if sum(st.blocks.values()):
@@ -360,7 +515,7 @@ class Worker:
         await self._db(expire_dead_local_owners, self.queue)
         keeper = asyncio.create_task(self._keep_leases())
         last_ack = time.monotonic()
-        do_block = self._stream_block if self.consumer else self._do_block
+        do_block = self._do_block if self.output is not None else self._stream_block
         clean = False
         try:
             async with open_fetcher(self.source, self.fetch_settings) as fetcher:  # super-tiles for a bbox source
@@ -554,14 +709,22 @@ class Worker:
     # --- one block --------------------------------------------------------------------
 
     async def _do_block(self, lease: Lease) -> None:
+        """Fetch a block into its shard and ack it once the shard is finished; with a
+        :class:`Tee`, then hand it to the consumer too, and ack it once that is durable."""
         block = lease.block
-        output = self.output
+        output, tee = self.output, self.tee
         assert output is not None  # a storing runner
         try:
-            done = await self._io(output.done_result, block)
-            if done is not None:  # finished by a worker that died before its ack: ack now
+            if tee is None:
+                done, predicted = await self._io(output.done_result, block), True
+            else:
+                done, predicted = await self._io(tee.done, block)
+            if done is not None and predicted:  # finished by a worker that died before its ack: ack now
                 self._to_ack[block.id] = done
                 self.counters.blocks_done += 1
+                return
+            if done is not None:  # a tee's shard finished, its block not consumed (a crash between)
+                await self._hand_stored(block, done)
                 return
             try:
                 writer = await self._io(output.open, block)
@@ -570,14 +733,19 @@ class Worker:
                 await self._db(self.queue.nack, block.id, f"shard busy: {exc}", owner)
                 return
             lock = threading.Lock()
+            kept: list[TileResult] = []  # a tee's: the block's results, for the consumer
+
+            def on_result(r: TileResult, st: TileStatus) -> None:
+                writer.append(r.tile, st, r.data)
+                if not predicted:
+                    kept.append(r)
+
             try:
                 durable = set(int(i) for i in writer.done_ids)
                 tiles = block.tile_list(self.zoom)
                 todo = [t for t in tiles if tile_id(t) not in durable] if durable else tiles
                 self.counters.tiles_skipped += block.tiles - len(todo)
-                failures, retries = await self._fetch_into(
-                    todo, lambda r, st: writer.append(r.tile, st, r.data), lambda: self._locked(lock, writer.flush)
-                )
+                failures, retries = await self._fetch_into(todo, on_result, lambda: self._locked(lock, writer.flush))
                 await self._probation(block)
                 if failures:
                     await self._locked(lock, lambda: self._abort_quietly(writer))
@@ -587,15 +755,46 @@ class Worker:
             except BaseException:
                 await asyncio.shield(self._locked(lock, lambda: self._abort_quietly(writer)))
                 raise
-            self._finished(block.id, summary, retries)
+            if predicted:
+                self._finished(block.id, summary, retries)
+                return
+            result = BlockResult(summary.ok, summary.empty, summary.failed, summary.bytes, retries, stored=1)
+            if durable:  # some tiles came from an earlier run's partial shard: hand the whole shard over
+                await self._hand_stored(block, result)
+            else:
+                await self._hand(block, kept, result)
         finally:
-            self._active.pop(block.id, None)
+            if block.id not in self._handed:
+                self._active.pop(block.id, None)
+
+    async def _hand_stored(self, block: Block, result: BlockResult) -> None:
+        """A tee's block whose shard is finished: hand the shard's tiles to the consumer. A
+        shard that fails its checks is moved aside and the block nacked, to be fetched again."""
+        assert self.output is not None
+        try:
+            results = await self._io(self.output.results, block)
+        except CorruptShardError as exc:
+            await self._io(self.output.store.quarantine, block.tile)
+            await self._db(self.queue.nack, block.id, f"shard corrupt when read to hand over: {exc}", self.owner)
+            return
+        await self._hand(block, results, result)
+
+    async def _hand(self, block: Block, results: list[TileResult], result: BlockResult) -> None:
+        """Hand a whole block to the consumer; it stays leased (and ``result`` waits to be
+        acked) until the consumer reports it durable (:meth:`committed`)."""
+        assert self.consumer is not None and self._hand_thread is not None
+        self._handed[block.id] = result
+        loop = asyncio.get_running_loop()
+        # shielded: a block being handed over when a stop comes still lands whole
+        taken = await asyncio.shield(loop.run_in_executor(self._hand_thread, self.consumer.take, block, results))
+        if not taken:
+            self._handed.pop(block.id, None)
 
     async def _stream_block(self, lease: Lease) -> None:
         """Fetch a whole block into memory and hand it to the consumer; its lease is kept
         until the consumer reports it durable (:meth:`committed`)."""
         block = lease.block
-        assert self.consumer is not None and self._hand_thread is not None
+        assert self.consumer is not None
         try:
             done = self.consumer.done_result(block)
             if done is not None:  # durable before a crash took the ack: ack now
@@ -611,12 +810,7 @@ class Worker:
                 await self._failed(block, failures)
                 return
             ok = sum(1 for r in got if r.status is TileStatus.OK)
-            self._handed[block.id] = BlockResult(ok, len(got) - ok, 0, sum(len(r.data or b"") for r in got), retries, stored=0)
-            loop = asyncio.get_running_loop()
-            # shielded: a block being handed over when a stop comes still lands whole
-            taken = await asyncio.shield(loop.run_in_executor(self._hand_thread, self.consumer.take, block, got))
-            if not taken:
-                self._handed.pop(block.id, None)
+            await self._hand(block, got, BlockResult(ok, len(got) - ok, 0, sum(len(r.data or b"") for r in got), retries, stored=0))
         finally:
             if block.id not in self._handed:
                 self._active.pop(block.id, None)

@@ -189,16 +189,13 @@ class SweepTables:
         return True
 
     def _view_predictions(self) -> None:
-        if self.sweep.remote:
-            if self._view_remote_predictions():
-                return
-            parts = []
-        else:
-            parts = prediction_parts(self.sweep.path)
-        if parts:
-            files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
-            body = f"SELECT * FROM read_parquet([{files}], union_by_name = true)"
-        else:
+        from .predict.ledger import part_sources, winning_rows_sql
+
+        if self.sweep.remote and self._view_remote_predictions():
+            return
+        # the ledger's winning rows only: a block two writers scored counts once
+        body = None if self.sweep.remote else winning_rows_sql(part_sources(self.sweep.path))
+        if body is None:
             body = (
                 "SELECT NULL::TINYINT AS z, NULL::INTEGER AS x, NULL::INTEGER AS y, NULL::BIGINT AS block, "
                 "NULL::DOUBLE AS lon, NULL::DOUBLE AS lat, NULL::BOOLEAN AS label, NULL::VARCHAR AS model, "
@@ -207,32 +204,50 @@ class SweepTables:
         self.con.execute(f"CREATE TEMP VIEW predictions AS {body}")
 
     def _view_remote_predictions(self) -> bool:
-        """``predictions`` of a sweep on object storage: a pyarrow dataset over the parts
-        listed in its bucket, read through the storage seam with ranged reads (DuckDB
-        scans it lazily: projections and filters pushed down, no extension). False when
-        there is no part."""
+        """``predictions`` of a sweep on object storage: the parts its ledger records (in
+        the queue's schema, shared by every machine), read from the bucket through the
+        storage seam as pyarrow datasets (ranged reads; DuckDB scans them lazily, with
+        projections and filters pushed down, no extension). The ledger's winning rows only,
+        as :func:`tilesweep.predict.ledger.winning_rows_sql`. False when nothing is recorded."""
         import pyarrow as pa
         import pyarrow.dataset as pds
         import pyarrow.parquet as pq
 
+        from .predict.ledger import open_ledger
         from .storage import arrow_filesystem
 
+        ledger = open_ledger(self.sweep.path)
+        if ledger is None:
+            return False
+        try:
+            recorded = ledger.parts(None)
+        finally:
+            ledger.close()
         storage = self.sweep.predictions_storage
-        sizes = {k: n for k, n in remote_parts(storage)}
-        if not sizes:
+        sizes = {o.key: o.size for o in storage.list("") if o.key.endswith(".parquet")}
+        parts = [(name, lost) for name, lost in recorded if name in sizes]  # missing ones left out, as on disk
+        if not parts:
             return False
         fs = arrow_filesystem(storage, sizes)
         schemas, seen = [], set()
-        for key in sorted(sizes):  # one schema per model folder (its label columns): union_by_name
-            folder = key.split("/", 1)[0]
+        for name, _ in parts:  # one schema per model folder (its label columns): union by name
+            folder = name.split("/", 1)[0]
             if folder not in seen:
                 seen.add(folder)
-                with storage.open_read(key) as f:
+                with storage.open_read(name) as f:
                     schemas.append(pq.read_schema(f).remove_metadata())
-        dataset = pds.dataset(sorted(sizes), schema=pa.unify_schemas(schemas), format="parquet", filesystem=fs)
-        self._dataset = dataset  # DuckDB scans it lazily: it must outlive this call
-        self.con.register("_tilesweep_predictions", dataset)
-        self.con.execute("CREATE TEMP VIEW predictions AS SELECT * FROM _tilesweep_predictions")
+        schema = pa.unify_schemas(schemas)
+        self._datasets = []  # DuckDB scans them lazily: they must outlive this call
+        selects = []
+        clean = [name for name, lost in parts if not lost]
+        groups = ([(clean, ())] if clean else []) + [([name], lost) for name, lost in parts if lost]
+        for i, (names, lost) in enumerate(groups):
+            ds = pds.dataset(names, schema=schema, format="parquet", filesystem=fs)
+            self._datasets.append(ds)
+            self.con.register(f"_tilesweep_parts_{i}", ds)
+            where = f" WHERE block NOT IN ({', '.join(str(int(b)) for b in lost)})" if lost else ""
+            selects.append(f"SELECT * FROM _tilesweep_parts_{i}{where}")
+        self.con.execute(f"CREATE TEMP VIEW predictions AS {' UNION ALL '.join(selects)}")
         return True
 
 
@@ -240,27 +255,12 @@ class SweepTables:
 
 
 def prediction_parts(sweep_path: Path) -> list[Path]:
-    """The Parquet parts the ledger records, every model (read-only); [] without a ledger."""
-    from .predict.sink import LEDGER_FILE, PREDICTIONS_DIR
+    """The Parquet parts the ledger records, every model (read-only); [] without a ledger.
+    A part may hold rows of blocks another part won: read them through
+    :func:`tilesweep.predict.ledger.part_sources` (the ``predictions`` view does)."""
+    from .predict.ledger import part_sources
 
-    root = Path(sweep_path) / PREDICTIONS_DIR
-    ledger = root / LEDGER_FILE
-    if not ledger.is_file():
-        return []
-    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=60)
-    try:
-        names = [r[0] for r in db.execute("SELECT name FROM parts ORDER BY name")]
-    finally:
-        db.close()
-    return [root / n for n in names if (root / n).is_file()]
-
-
-def remote_parts(storage: Any) -> list[tuple[str, int]]:
-    """``(key, size)`` of the prediction parts under a sweep's ``predictions/`` storage
-    (``{model folder}/part-*.parquet``), by listing: on object storage the parts themselves
-    are the record of what is predicted (each names its blocks; the ledger that a writer
-    keeps on its machine only mirrors them, and adopts any it lacks)."""
-    return sorted((o.key, o.size) for o in storage.list("") if o.key.endswith(".parquet") and "/part-" in o.key)
+    return [p.path for p in part_sources(sweep_path)]
 
 
 class LedgerModel(TypedDict):
@@ -274,77 +274,22 @@ class LedgerModel(TypedDict):
 
 
 def models(sweep_path: "Path | Sweep") -> list[LedgerModel]:
-    """The models of a sweep's ledger: name, digest, folder, labels (list), threshold. For
-    a sweep on object storage (pass the :class:`Sweep`), read from the first part of each
-    model's folder in its bucket (a part's metadata names its model)."""
-    from .predict.sink import LEDGER_FILE, PREDICTIONS_DIR
+    """The models of a sweep's ledger: name, digest, folder, labels (list), threshold. A
+    :class:`Sweep` may be passed (one on object storage: its ledger is the queue's)."""
+    from .predict.ledger import open_ledger
     from .sweep import Sweep
 
-    if isinstance(sweep_path, Sweep):
-        if sweep_path.remote:
-            return _remote_models(sweep_path)
-        sweep_path = sweep_path.path
-    ledger = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
-    if not ledger.is_file():
+    db = open_ledger(sweep_path.path if isinstance(sweep_path, Sweep) else sweep_path)
+    if db is None:
         return []
-    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=60)
     try:
-        rows = db.execute("SELECT name, digest, folder, labels, threshold FROM models ORDER BY name").fetchall()
+        rows = db.models()
     finally:
         db.close()
     return [
         LedgerModel(name=n, digest=d, folder=f, labels=[x for x in str(lb).split(",") if x], threshold=float(t))
-        for n, d, f, lb, t in rows
+        for _, n, d, f, lb, t in rows
     ]
-
-
-def remote_ledger_summary(sweep: "Sweep") -> list[dict[str, object]]:
-    """:func:`tilesweep.predict.sink.ledger_summary` of a sweep on object storage, from
-    the metadata of the parts in its bucket (each names its model and, per block, its rows,
-    positives and undecodable tiles): what every machine predicted, not only this one. One
-    footer read per part."""
-    import json
-
-    import pyarrow.parquet as pq
-
-    from .predict.sink import META_KEY
-
-    storage = sweep.predictions_storage
-    names: dict[str, tuple[str, str]] = {}
-    sums: dict[str, list[int]] = {}  # blocks, rows, positives, undecodable, parts
-    for key, _ in remote_parts(storage):
-        folder = key.split("/", 1)[0]
-        with storage.open_read(key) as f:
-            meta = json.loads(pq.read_schema(f).metadata[META_KEY])
-        names.setdefault(folder, (str(meta["model"]), str(meta["digest"])))
-        blocks = meta["blocks"].values()  # per block: rows, empty, failed, undecodable, positives, nan
-        add = [len(blocks), sum(int(b[0]) for b in blocks), sum(int(b[4]) for b in blocks), sum(int(b[3]) for b in blocks), 1]
-        sums[folder] = [x + y for x, y in zip(sums.get(folder, [0] * 5), add)]
-    keys = ("blocks", "rows", "positives", "undecodable", "parts")
-    out: list[dict[str, object]] = [
-        {"model": names[f][0], "digest": names[f][1], "folder": f, **dict(zip(keys, sums[f]))} for f in sums
-    ]
-    return sorted(out, key=lambda m: str(m["model"]))
-
-
-def _remote_models(sweep: "Sweep") -> list[LedgerModel]:
-    import json
-
-    import pyarrow.parquet as pq
-
-    from .predict.sink import META_KEY
-
-    storage = sweep.predictions_storage
-    out: dict[str, LedgerModel] = {}
-    for key, _ in remote_parts(storage):
-        folder = key.split("/", 1)[0]
-        if folder in out:
-            continue
-        with storage.open_read(key) as f:
-            meta = json.loads(pq.read_schema(f).metadata[META_KEY])
-        out[folder] = LedgerModel(name=str(meta["model"]), digest=str(meta["digest"]), folder=folder,
-                                  labels=[str(x) for x in meta["labels"]], threshold=float(meta["threshold"]))
-    return sorted(out.values(), key=lambda m: m["name"])
 
 
 @functools.cache

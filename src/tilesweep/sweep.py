@@ -22,8 +22,10 @@ published through :mod:`tilesweep.storage` (``sweep.toml`` create-if-absent at p
 time). Its queue must be a server's (PostgreSQL: a SQLite file cannot live in a bucket).
 What only makes sense on one machine's disk lives in the sweep's *state folder*
 (:func:`state_folder`, ``$TILESWEEP_STATE_DIR/{scheme}/{bucket}/{prefix}``): the workers
-lock (it then guards this machine only), the prediction ledger and its lock, densify
-rounds. :attr:`Sweep.path` is that folder; :attr:`Sweep.location` the URL.
+lock (it then guards this machine only), densify rounds, and a marked copy of
+``sweep.toml`` (``[sweep] mirror_of``: opening the state folder opens the URL). The
+prediction ledger is the queue's (PostgreSQL), shared by every machine.
+:attr:`Sweep.path` is that folder; :attr:`Sweep.location` the URL.
 """
 
 from __future__ import annotations
@@ -221,6 +223,7 @@ class Sweep:
         data = tomli_w.dumps(self.config)
         if self.remote:
             self.storage.put(SWEEP_FILE, data.encode("utf-8"), replace=True)
+            _mirror(self.path, self.config, self.storage.url)
         else:
             _write_atomic(self.path / SWEEP_FILE, data)
 
@@ -242,6 +245,9 @@ class Sweep:
             config = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise UsageError(f"{str(cfg_path)!r} cannot be read: {exc}") from None
+        remote = config.get("sweep", {}).get(MIRROR_KEY)
+        if remote:  # the state folder of a sweep on object storage: that sweep
+            return cls._open_url(str(remote))
         return cls(p, config)
 
     @classmethod
@@ -255,7 +261,9 @@ class Sweep:
             config = tomllib.loads(text)
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise UsageError(f"{storage.url}/{SWEEP_FILE} cannot be read: {exc}") from None
-        return cls(state_folder(storage.url), config, storage)
+        state = state_folder(storage.url)
+        _mirror(state, config, storage.url)
+        return cls(state, config, storage)
 
     @classmethod
     def plan(
@@ -445,6 +453,7 @@ class Sweep:
         # create-if-absent: of two plans racing on one URL, one publishes (the other's
         # AlreadyPublished is settled by _plan_url)
         storage.put(SWEEP_FILE, tomli_w.dumps(config).encode("utf-8"))
+        _mirror(p, config, storage.url)
         return cls(p, config, storage), True
 
     # --- reading ------------------------------------------------------------------------
@@ -661,7 +670,7 @@ class Sweep:
             mismatch=mismatch,
             plan={k: v for k, v in self.plan_config.items() if k not in ("area",)},
             results={"ok": r.ok, "empty": r.empty, "failed": r.failed, "bytes": r.bytes, "retries": r.retries},
-            predictions=_ledger_summary(self.path, self),
+            predictions=_ledger_summary(self.path),
             dead=self._dead_blocks() if blocks["dead"] else [],
             machines=machines(self.queue.owner_stats(window), window),
             densify=rounds,
@@ -742,6 +751,19 @@ def _same_queue(url: str, recorded: str) -> bool:
     return redact(a.conninfo or "") == redact(b.conninfo or "") and a.schema in (None, b.schema)
 
 
+MIRROR_KEY = "mirror_of"
+"""``[sweep] mirror_of = URL`` marks a state folder's ``sweep.toml`` as a read-only copy."""
+
+
+def _mirror(state: Path, config: dict[str, Any], url: str) -> None:
+    """Copy ``config`` into the state folder's ``sweep.toml``, marked as the mirror of
+    ``url``: what reads a sweep's folder (the prediction ledger finds the queue's URL in
+    it) reads the bucket's sweep there, and :meth:`Sweep.open` of the state folder opens
+    the URL, never a sweep of the state folder's own. Refreshed on every open."""
+    mirror = {**config, "sweep": {**config.get("sweep", {}), MIRROR_KEY: url}}
+    _write_atomic(state / SWEEP_FILE, tomli_w.dumps(mirror))
+
+
 def _area_key(fingerprint: str) -> str:
     """The area's object in a sweep on object storage: named by the plan's fingerprint."""
     return f"area-{fingerprint}.geojson"
@@ -779,17 +801,12 @@ def _write_atomic(path: Path, text: str) -> None:
     LocalStorage(path.parent).put(path.name, text.encode("utf-8"), replace=True)
 
 
-def _ledger_summary(path: Path, sweep: "Sweep | None" = None) -> list[dict[str, Any]]:
+def _ledger_summary(path: Path) -> list[dict[str, Any]]:
     from .predict.sink import ledger_summary  # here: tilesweep.predict imports this module
     from .sql import models
 
-    thresholds = {(m["name"], m["digest"]): m["threshold"] for m in models(path if sweep is None else sweep)}
-    if sweep is not None and sweep.remote:  # the parts in the bucket: every machine's predictions
-        from .sql import remote_ledger_summary
-
-        summary = remote_ledger_summary(sweep)
-    else:
-        summary = ledger_summary(path)
+    thresholds = {(m["name"], m["digest"]): m["threshold"] for m in models(path)}
+    summary = ledger_summary(path)
     for m in summary:  # detections: the tiles the model labelled, at its threshold
         m["detections"] = m["positives"]
         m["threshold"] = thresholds.get((str(m["model"]), str(m["digest"])))

@@ -12,7 +12,8 @@ Streaming from the source, with nothing stored (what ``tilesweep run`` does)::
     from tilesweep.predict import StreamFetch
     predict_sweep(sweep, model, stream=StreamFetch(sweep.source))
 
-Fetching into the store and scoring each stored block (``tilesweep run --keep-tiles``)::
+Fetching into the store and scoring each block, acked once its shard and its rows are
+durable (``tilesweep run --keep-tiles``: each runner tees, :class:`tilesweep.runner.Tee`)::
 
     predict_sweep(sweep, model, stream=StreamFetch(sweep.source, workers=2, keep_tiles=True))
 

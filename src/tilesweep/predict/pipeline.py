@@ -2,13 +2,17 @@
 
 Stages, joined by bounded queues (so memory stays flat whatever the tile count)::
 
-    read (1 thread)      blocks done in the fetch queue and not yet predicted by this model:
-                         the block's shard, memory-mapped, its records in tile-id order
+    read (1 thread)      a :class:`~tilesweep.runner.StoreRunner`: blocks done in the fetch
+                         queue and not yet predicted by this model, each read from its shard
+                         (memory-mapped, records in tile-id order)
     fetch (1 thread)     with ``stream=``: a :class:`~tilesweep.runner.Runner` that leases
                          blocks and fetches them straight into the pipeline, no store; the
                          runner acks a block in the fetch queue once its part is durable. With
                          ``StreamFetch(workers=N > 1)`` the thread receives the blocks of N
-                         worker processes instead (:mod:`.procs`)
+                         worker processes instead (:mod:`.procs`). With
+                         ``StreamFetch(keep_tiles=True)`` each runner tees: it stores the
+                         block's shard, then hands the block over, and acks it once both are
+                         durable (:class:`~tilesweep.runner.Tee`)
     decode (N threads)   JPEG/PNG/WebP -> RGB (simplejpeg releases the GIL) -> fit to the
                          model's input (uint8, not yet normalised: 4x smaller in the queue)
     model (1 thread)     batches of ``batch`` inputs across block boundaries, normalise and
@@ -16,8 +20,8 @@ Stages, joined by bounded queues (so memory stays flat whatever the tile count):
                          the uint8 pixels); a chipped tile gets the max over its chips
     sink (1 thread)      group commit of many blocks per Parquet part (:mod:`.sink`)
 
-One run is a :class:`_Pipeline`, one method per stage. With ``StreamFetch(keep_tiles=True)``
-the fetch goes to the store instead and the read stage follows it (:mod:`.keep`).
+One run is a :class:`_Pipeline`, one method per stage. Both runners hand their blocks to
+one :class:`PredictionConsumer`.
 
 Each stage counts tiles and busy seconds (:class:`StageMeter`), so a caller can show tiles/s
 per stage, queue fill and model busy %. The fetch stage is "busy" while it is not waiting
@@ -44,8 +48,7 @@ from ..model.base import Model, check_scores, predict_pixels
 from ..block import Block, BlockResult, TileStatus
 from ..queue import State
 from ..sources import Source
-from ..store.shard import CorruptShardError, ShardReader
-from ..runner import Worker, WorkerCounters, WorkerSettings
+from ..runner import StoreRunner, StoredBlock, Worker, WorkerCounters, WorkerSettings
 from ..sweep import open_sweep_queue
 from .bounds import bound_line, model_wait
 from .decoding import DECODE_MODES, ProcessDecode, choose_decode, concat, default_processes, gpu_decode_work, ring_bytes
@@ -109,9 +112,10 @@ class StreamFetch:
     (``fetch.concurrency`` is per worker). ``workers``: 1 fetches in a thread of this
     process; more start that many fetch processes (one event loop fetches a few thousand
     tiles/s: use them when the model, on a GPU, takes more). ``keep_tiles``: also pack
-    the tiles into the store (``run --keep-tiles``): ``workers`` fetch processes (at
-    least one, never a thread) write the store and this process scores each stored block
-    (:mod:`.keep`)."""
+    the tiles into the store (``run --keep-tiles``): each runner (the thread, or each of
+    the ``workers`` processes) writes a block's shard, hands the block to the model and
+    acks it once both its shard and its predictions are durable (a
+    :class:`~tilesweep.runner.Tee`)."""
 
     source: Source
     fetch: FetchSettings = field(default_factory=FetchSettings)
@@ -280,15 +284,12 @@ def predict_sweep(
     ``stream``: fetch what the store does not hold straight from the source into the model
     (``tilesweep run``): pending blocks are leased and acked in the fetch queue once their
     predictions are durable; done blocks without a shard (streamed for another model) are
-    fetched again. Tiles are not stored, unless ``stream.keep_tiles``: then fetch worker
-    processes pack them into the store while this process scores each stored block
-    (:func:`tilesweep.predict.keep.predict_keeping_tiles`)."""
+    fetched again. Tiles are not stored, unless ``stream.keep_tiles``: then each runner
+    also packs them into the store, and acks a block once its shard and its predictions
+    are durable (done blocks without a shard are then counted in ``missing_shards``, not
+    fetched again)."""
     if stream is not None and follow is not None:
         raise ValueError("predict_sweep: stream and follow exclude each other")
-    if stream is not None and stream.keep_tiles:
-        from .keep import predict_keeping_tiles
-
-        return predict_keeping_tiles(sweep, model, settings, stream, on_progress, progress_every_s)
     return _Pipeline(sweep, model, settings or PredictSettings(), follow, poll_s, stream).run(on_progress, progress_every_s)
 
 
@@ -296,7 +297,7 @@ class _Pipeline:
     """One run of :func:`predict_sweep`: the stages of the module doc, one method each,
     joined by bounded queues, started in threads by :meth:`run`.
 
-    - :meth:`_read`: blocks of the store (and, with ``follow``, those done since) -> decode
+    - :meth:`_read`: the store's runner: its blocks (and, with ``follow``, those done since) -> decode
     - :meth:`_fetch`: with ``stream``, the runner (or its worker processes) -> decode
     - :meth:`_decode`: bytes -> model inputs
     - :meth:`_model`: batches across blocks -> scores
@@ -339,6 +340,7 @@ class _Pipeline:
         self.procs: FetchProcesses | None = None
         self.on_committed: Callable[[list[int]], None] | None = None
         self.on_closed: Callable[[], None] | None = None  # after the sink's last commit
+        self.in_flight: set[int] = set()  # blocks of worker processes handed over, not yet committed
         # The main thread waits on this event, never in Thread.join: a Ctrl-C that lands
         # inside join() can leave that thread marked as stopped while it still runs
         # (CPython gh-90882), and then nobody waits for the worker to release its leases.
@@ -381,11 +383,13 @@ class _Pipeline:
         todo = blocks_to_predict(self.sweep, self.predicted)
         self.store = self.sweep.store
         self.refetch: list[Block] = []
-        if self.stream is not None:  # what the store lacks comes from the source
+        if self.stream is not None and not self.stream.keep_tiles:  # what the store lacks comes from the source
             self.refetch = [b for b in todo if not self.store.is_complete(b.tile)]
             todo = [b for b in todo if self.store.is_complete(b.tile)] if self.refetch else todo
         self.todo = todo
         self.report.blocks_todo = len(todo) + len(self.refetch)
+        reading = PredictionConsumer(self.sink, self.predicted, lambda w: self._put(self.q_read, w))
+        self.reader = StoreRunner(self.sweep.location, self.store, reading, on_read=self._on_read)
 
     def _make_queues(self) -> None:
         s = self.s
@@ -414,17 +418,18 @@ class _Pipeline:
         sweep = self.sweep
         worker_args = (sweep.location, sweep.zoom, sweep.block_zoom, stream.source, stream.fetch, stream.worker)
         if stream.workers > 1:
-            procs = FetchProcesses(worker_args, stream.workers, self.refetch, self.sink.root / LEDGER_FILE, self.sink.key)
+            procs = FetchProcesses(worker_args, stream.workers, self.refetch, self.sink.root / LEDGER_FILE, self.sink.key,
+                                   keep_tiles=stream.keep_tiles)
             self.procs = procs
             self.live_procs.append(procs)
             if self.stop.is_set():  # signalled while they started
                 procs.stop()
             self.on_committed, self.on_closed = procs.committed, procs.sink_closed
         else:
-            consumer = _StreamConsumer(self.sink, self.predicted, self.meters["fetch"],  # type: ignore[arg-type]
-                                       lambda w: self._put(self.q_read, w), self.fetch_ended)
+            consumer = PredictionConsumer(self.sink, self.predicted, lambda w: self._put(self.q_read, w),
+                                          self.meters["fetch"], self.fetch_ended)  # type: ignore[arg-type]
             worker = Worker(*worker_args, on_progress=lambda c: None, stop_event=self.stop, consumer=consumer,
-                            refetch=self.refetch)
+                            refetch=self.refetch, keep_tiles=stream.keep_tiles)
             self.worker = worker
             self.report.fetch = worker.counters
             self.on_committed, self.on_closed = worker.committed, worker.consumer_closed
@@ -499,6 +504,7 @@ class _Pipeline:
         report.parts, report.bytes = st.parts, st.bytes
         report.empty, report.failed, report.undecodable = st.empty, st.failed, st.undecodable
         report.model_nan = st.model_nan
+        report.missing_shards, report.corrupt_shards = self.reader.missing_shards, list(self.reader.corrupt_shards)
         if self.proc_decode is not None:  # issue 13
             report.decode_deaths = list(self.proc_decode.deaths)
 
@@ -548,16 +554,9 @@ class _Pipeline:
     # --- the stages ---------------------------------------------------------------------
 
     def _read(self) -> None:
-        """The store's blocks -> decode; with a stream, then wait for its last block."""
-        m = self.meters["read"]
+        """The store's runner -> decode; with a stream, then wait for its last block."""
         try:
-            for block in self._blocks(self.todo):
-                t0 = time.perf_counter()
-                work = self._read_block(block)
-                if work is None:
-                    continue
-                m.add(len(work.data), time.perf_counter() - t0)
-                self._put(self.q_read, work)
+            self.reader.run(self._blocks(self.todo))
             while self.stream is not None and not self.fetch_ended.wait(0.1):  # the stream's blocks
                 if self.stop.is_set():
                     raise _Stopped
@@ -565,32 +564,8 @@ class _Pipeline:
             for _ in range(self.n_dec):
                 self._put(self.q_read, _END)
 
-    def _read_block(self, block: Block) -> _Work | None:
-        """A stored block's ok tiles (every crc checked: no model scores flipped bytes), or
-        None when its shard is missing (counted) or corrupt (moved aside and requeued)."""
-        path = self.store.shard_path(block.tile)
-        try:  # on object storage: ranged reads (the index, then the data region in one GET)
-            storage = self.store.storage
-            reader = ShardReader(path) if storage is None else ShardReader.open(storage, self.store.shard_key(block.tile))
-        except FileNotFoundError:
-            self.report.missing_shards += 1
-            return None
-        except CorruptShardError as exc:
-            _requeue_corrupt(self.sweep, self.store, block, exc, self.report)
-            return None
-        with reader:
-            st = np.asarray(reader.records["status"])
-            xs, ys = reader.coords()
-            ok = np.nonzero(st == TileStatus.OK)[0]
-            try:
-                with reader.holding_data():
-                    data = [reader.data(int(i)) for i in ok]
-            except CorruptShardError as exc:
-                bad = exc
-            else:
-                return _Work(block, xs[ok], ys[ok], data, int(np.sum(st == TileStatus.EMPTY)), int(np.sum(st == TileStatus.FAILED)))
-        _requeue_corrupt(self.sweep, self.store, block, bad, self.report)
-        return None
+    def _on_read(self, tiles: int, seconds: float) -> None:
+        self.meters["read"].add(tiles, seconds)
 
     def _blocks(self, first: list[Block]) -> Iterator[Block]:
         """``first``, then (with ``follow``) the blocks done since, until ``follow()``
@@ -627,12 +602,29 @@ class _Pipeline:
             assert self.procs is not None
             m = self.meters["fetch"]
             for block, x, y, data, empty in self.procs.blocks(self.stop):
+                if self._handed_again(block):
+                    continue
                 t0 = time.perf_counter()
                 self._put(self.q_read, _Work(block, x, y, data, empty, 0))
                 m.blocked(time.perf_counter() - t0)  # type: ignore[attr-defined]
                 m.add(len(data) + empty, 0.0)
         finally:
             self.fetch_ended.set()
+
+    def _handed_again(self, block: Block) -> bool:
+        """A worker that crashed released the leases of blocks it had handed over; a
+        sibling may lease one and hand it again. Its rows are not written twice: a block
+        still on its way through the stages is dropped (its commit goes to the worker
+        that holds it now, :meth:`FetchProcesses.committed`), one committed already is
+        reported durable again at once, for that worker to ack."""
+        if block.id in self.in_flight:
+            return True
+        if self.sink.block_result(block.id) is not None:
+            assert self.procs is not None
+            self.procs.committed([block.id])
+            return True
+        self.in_flight.add(block.id)
+        return False
 
     def _decode(self) -> None:
         m = self.meters["decode"]
@@ -746,6 +738,7 @@ class _Pipeline:
 
     def _committed(self, committed: list[int]) -> None:
         """The sink made these blocks durable: the runner acks them."""
+        self.in_flight.difference_update(committed)
         if committed and self.on_committed is not None:
             self.on_committed(committed)
 
@@ -795,14 +788,16 @@ class _Pipeline:
                     self.on_closed()
 
 
-class _StreamConsumer:
-    """The pipeline as a :class:`~tilesweep.worker.BlockConsumer`: a fetched block becomes a
-    ``_Work`` in the decode queue; time spent waiting for room there is the fetch's
-    blocked time."""
+class PredictionConsumer:
+    """The prediction pipeline as a block consumer: the one both runners hand their blocks
+    to. A :class:`~tilesweep.runner.Runner`'s fetched block (:meth:`take`: ``run``, and the
+    tee of ``run --keep-tiles``) or a :class:`~tilesweep.runner.StoreRunner`'s stored one
+    (:meth:`take_stored`: ``predict``) becomes a ``_Work`` in the decode queue; the sink's
+    commits report it durable (to the runner, which acks it). ``meter``: a fetch's, which
+    counts the time spent waiting for room there as blocked; ``ended``: set by :meth:`end`."""
 
-    def __init__(
-        self, sink: PredictionSink, predicted: set[int], meter: FlowMeter, put: Callable[[_Work], None], ended: threading.Event
-    ) -> None:
+    def __init__(self, sink: PredictionSink, predicted: set[int], put: Callable[[_Work], None],
+                 meter: FlowMeter | None = None, ended: threading.Event | None = None) -> None:
         self.sink = sink
         self.predicted = predicted  # blocks predicted before this run began
         self.meter = meter
@@ -819,29 +814,26 @@ class _StreamConsumer:
         y = np.fromiter((r.tile.y for r in ok), np.int64, len(ok))
         work = _Work(block, x, y, [r.data for r in ok], len(results) - len(ok), 0)  # type: ignore[misc]
         t0 = time.perf_counter()
+        if not self._put(work):
+            return False
+        if self.meter is not None:
+            self.meter.blocked(time.perf_counter() - t0)
+            self.meter.add(len(results), 0.0)
+        return True
+
+    def take_stored(self, stored: StoredBlock) -> bool:
+        return self._put(_Work(stored.block, stored.x, stored.y, stored.data, stored.empty, stored.failed))
+
+    def _put(self, work: _Work) -> bool:
         try:
             self.put(work)
         except _Stopped:
             return False
-        self.meter.blocked(time.perf_counter() - t0)
-        self.meter.add(len(results), 0.0)
         return True
 
     def end(self) -> None:
-        self.ended.set()
-
-
-def _requeue_corrupt(sweep: Any, store: Any, block: Block, exc: CorruptShardError, report: PredictReport) -> None:
-    """A shard that fails its checks is moved aside (``.shard.corrupt``) and its block is
-    queued again in the fetch queue, so that the next fetch (or this `run`) fetches it
-    anew; the rest of the prediction goes on."""
-    report.corrupt_shards.append(exc.describe())
-    store.quarantine(block.tile)
-    q = open_sweep_queue(sweep.location)  # this thread's own connection
-    try:
-        q.requeue([block.id], f"shard corrupt when read for prediction: {exc}")
-    finally:
-        q.close()
+        if self.ended is not None:
+            self.ended.set()
 
 
 def probe(model: Model) -> None:
@@ -864,4 +856,4 @@ def _call_model(model: Model, batch: np.ndarray) -> np.ndarray:
         raise UsageError(f"model {model.name} raised {type(exc).__name__}{': ' + text if text else ''} (on a batch of {len(batch)} tiles)") from None
 
 
-__all__ = ["FlowMeter", "PredictReport", "PredictSettings", "StageMeter", "StreamFetch", "blocks_to_predict", "predict_sweep", "probe"]
+__all__ = ["FlowMeter", "PredictReport", "PredictionConsumer", "PredictSettings", "StageMeter", "StreamFetch", "blocks_to_predict", "predict_sweep", "probe"]

@@ -10,7 +10,10 @@ in something the other workers share), and the block ids that the
 prediction process has made durable come back through a queue per worker
 (:class:`Committed`), whose runner then acks them. The processes themselves are a
 :class:`~tilesweep.pool.ProcessPool`. The lease stays with
-the worker process the whole time, so a crash of either side returns the block.
+the worker process the whole time, so a crash of either side returns the block. With
+``keep_tiles`` (``run --keep-tiles --workers N``) each runner tees
+(:class:`~tilesweep.runner.Tee`): it stores the block's shard, then hands the block over,
+and acks it once its shard and its predictions are durable.
 
 ::
 
@@ -134,12 +137,12 @@ class QueueConsumer:
 
 
 def _worker_main(args: WorkerArgs, blocks: Outbox, commits: Any, refetch: list[Block], ledger: Path, model_key: str,
-                 progress: Any, index: int, stop: Any, parent: int) -> None:
+                 keep_tiles: bool, progress: Any, index: int, stop: Any, parent: int) -> None:
     consumer = QueueConsumer(index, blocks, commits, stop, ledger, model_key, parent)
 
     def body(on_progress: Callable[[WorkerCounters], None], stop_event: Any, parent_pid: int) -> WorkerCounters:
         worker = Worker(*args, on_progress=on_progress, stop_event=stop_event, consumer=consumer,
-                        refetch=refetch, parent_pid=parent_pid)
+                        refetch=refetch, parent_pid=parent_pid, keep_tiles=keep_tiles)  # keep_tiles: a Tee
         counters = worker.run()
         if not consumer.orphaned():
             consumer.end()  # again, if stopped alone (a SIGINT to this process): the others go on
@@ -157,7 +160,8 @@ class FetchProcesses:
     has handed its last block; :meth:`committed` routes durable ids back to the worker that
     holds their lease; :meth:`close` stops (if asked) and joins the workers."""
 
-    def __init__(self, args: tuple, workers: int, refetch: list[Block], ledger: Path, model_key: str) -> None:  # type: ignore[type-arg]
+    def __init__(self, args: tuple, workers: int, refetch: list[Block], ledger: Path, model_key: str,  # type: ignore[type-arg]
+                 keep_tiles: bool = False) -> None:
         ctx = mp.get_context("spawn")
         self.blocks_in, blocks_out = child_pipes(ctx, workers)
         self.commits_q: list[Any] = [ctx.Queue() for _ in range(workers)]  # one writer: this process
@@ -166,7 +170,7 @@ class FetchProcesses:
         # leases end when the run does (a block they handed over may still be committed).
         self.pool = ProcessPool(
             _worker_main,
-            lambda i: (args, blocks_out[i], self.commits_q[i], refetch[i::workers], ledger, model_key),
+            lambda i: (args, blocks_out[i], self.commits_q[i], refetch[i::workers], ledger, model_key, keep_tiles),
             workers, args[0],
         )
         try:

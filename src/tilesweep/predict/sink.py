@@ -3,27 +3,34 @@
 Layout under ``SWEEP/predictions/``::
 
     ledger.sqlite                 which blocks are predicted, by which model, in which part
-    .lock                         flock held by the one process writing predictions
+                                  (beside a SQLite queue; a PostgreSQL queue's schema holds it)
+    .lock                         flock: every writer holds it shared, ``drop`` alone
     {model-slug}/part-*.parquet   rows of many blocks, one row per fetched (OK) tile
-    {model-slug}/*.partial        a part being written (deleted on the next open)
+    {model-slug}/*.partial        a part being written (deleted by the next writer alone)
 
 **Group commit.** :meth:`PredictionSink.add` buffers the rows of whole blocks; when the
 buffer holds ``part_rows`` rows (or ``part_seconds`` passed) :meth:`commit` writes them
 as one part, published through the storage seam (:mod:`tilesweep.storage`: temp file,
 fsync, atomic create-if-absent rename, fsync of the folder); then it records the part and
-all its blocks in the ledger (the commit record) in one SQLite transaction. A block is *predicted*
-iff the ledger says so.
+all its blocks in the ledger (the commit record, :mod:`.ledger`) in one transaction. A
+block is *predicted* iff the ledger says so.
 
-**Crash argument.** A crash before the rename leaves a ``.partial`` file: deleted on the
-next open, its blocks are not in the ledger, so they are predicted again. A crash after the
-rename but before the ledger commit leaves an *orphan* part: complete (it was renamed only
-after fsync) and self-describing (its Parquet key-value metadata lists its blocks with
-their counts). The next open **adopts** it: it records the orphan's blocks in the ledger,
-unless one of them is recorded already (impossible with the single-writer lock, handled by
-deleting the orphan). Parts are only written for blocks that are not in the ledger, and
-recovery runs under the lock before any block is chosen, so no block's rows are ever in two
-live parts: no duplicates, no missing rows. A part the ledger names but that is gone from
-disk (deleted by hand) is forgotten, and its blocks are predicted again.
+**Many writers.** Any number of sinks may write one sweep and model at once (``run``
+processes, ``run --dask``'s tasks): part names are unique, and the ledger arbitrates a
+block that two of them scored: the first record wins it, the later part's rows of it are
+*lost* and skipped by every reader (:func:`.ledger.part_sources`). Both writers report
+the block durable, so both runners ack it.
+
+**Crash argument.** A crash before the rename leaves a ``.partial`` file: deleted by the
+next writer that opens with no other beside it (others' staging files are live); its
+blocks are not in the ledger, so they are predicted again. A crash after the rename but
+before the ledger commit leaves an *orphan* part: complete (it was renamed only after
+fsync) and self-describing (its Parquet key-value metadata lists its blocks with their
+counts). The next open **adopts** it with the same arbitrated record (idempotent: adopting
+the part of a live writer between its publish and its record is safe); an orphan that wins
+no rows is deleted. Every block's winning rows are in the one part its ledger row names:
+no duplicates, no missing rows, in what readers see. A part the ledger names but that is
+gone from disk (deleted by hand) is forgotten, and its blocks are predicted again.
 
 **Accounting.** Empty (404/204) and failed tiles have no row; the ledger keeps their count
 per block, so for every predicted block ``rows + empty + failed`` = its planned tiles, and
@@ -38,7 +45,6 @@ import json
 import os
 import re
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,46 +60,13 @@ from ..block import BlockResult
 from ..queue import Queue
 from ..storage import LocalStorage, Storage
 from ..tiles import centres_array as centres  # noqa: F401 - re-exported: tile math lives in tilesweep.tiles
+from .ledger import LEDGER_FILE as LEDGER_FILE, Ledger, open_ledger
 
 PREDICTIONS_DIR = "predictions"
-LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 PART_FORMAT = 1
 META_KEY = b"tilesweep.predictions"
 BASE_COLUMNS = ("z", "x", "y", "block", "lon", "lat", "label", "model", "model_digest", "time")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS parts (
-    name        TEXT PRIMARY KEY,    -- path relative to predictions/
-    model_key   TEXT NOT NULL,
-    rows        INTEGER NOT NULL,
-    blocks      INTEGER NOT NULL,
-    bytes       INTEGER NOT NULL,
-    written_at  REAL NOT NULL,
-    adopted     INTEGER NOT NULL DEFAULT 0   -- 1: recovered after a crash before its commit
-);
-CREATE TABLE IF NOT EXISTS predicted (
-    model_key   TEXT NOT NULL,
-    block_id    INTEGER NOT NULL,    -- PMTiles Hilbert id of the block (the queue's key)
-    part        TEXT,                -- NULL when the block has no row (no fetched tile)
-    rows        INTEGER NOT NULL,    -- fetched tiles = rows in the part
-    empty       INTEGER NOT NULL,
-    failed      INTEGER NOT NULL,
-    undecodable INTEGER NOT NULL,
-    positives   INTEGER NOT NULL,
-    at          REAL NOT NULL,
-    PRIMARY KEY (model_key, block_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS models (
-    model_key   TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    digest      TEXT NOT NULL,
-    folder      TEXT NOT NULL,
-    labels      TEXT NOT NULL,
-    threshold   REAL NOT NULL
-);
-"""
-
 
 def model_key(name: str, digest: str) -> str:
     """The ledger's key of a model: its weights digest, or its name when it has none
@@ -136,14 +109,15 @@ class CommitStats:
     adopted_parts: int = 0
     deleted_orphans: int = 0
     forgotten_parts: int = 0
+    lost_blocks: int = 0  # blocks this writer scored that another writer had recorded first
     busy_s: float = 0.0
 
 
 class PredictionSink:
     """Group-committed prediction parts of one model in one sweep (see the module doc).
 
-    Opening takes the sweep's prediction lock (a second writer gets :class:`UsageError`)
-    and recovers from a crash of the previous writer. ``labels``/``threshold`` describe the
+    Opening takes the sweep's prediction lock shared (any number of writers run at once;
+    ``drop`` takes it alone) and recovers from a crash of an earlier writer. ``labels``/``threshold`` describe the
     score columns; ``part_rows`` and ``part_seconds`` bound a part's size and age.
     ``first_part_s``: the k-th part of this writer is due once its oldest rows are
     ``first_part_s * (2**k - 1)`` seconds old (0, 1, 3, 7, ... for 1.0), until that reaches
@@ -178,9 +152,8 @@ class PredictionSink:
         self.key = model_key(model_name, digest)
         self.folder_name = model_folder(model_name, digest)
         self.folder = self.root / self.folder_name
-        # parts are its objects, keyed "{folder}/part-*.parquet" (a sweep on object storage
-        # passes its bucket's predictions/, staged in this folder; the ledger stays here)
-        self.storage = LocalStorage(self.root) if storage is None else storage
+        # parts are its objects, keyed "{folder}/part-*.parquet" (a sweep's storage seam, or its folder)
+        self.storage: Storage = storage if storage is not None else LocalStorage(self.root)
         self.threshold = float(threshold)
         self.part_rows = int(part_rows)
         self.part_seconds = float(part_seconds)
@@ -192,35 +165,25 @@ class PredictionSink:
         self._first_at: float | None = None
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Many writers (module doc): each holds the lock shared; `drop` takes it alone. The
+        # first writer to find none beside it also clears the staging files of dead ones.
         self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._alone = True
         except BlockingIOError:
-            held_by = _lock_holder(self._lock_fd)
-            os.close(self._lock_fd)
-            raise UsageError(f"{held_by} is writing predictions of {str(sweep_path)!r}; wait for it or stop it") from None
+            self._alone = False
+        if not self._alone:  # waits only while another writer recovers, or a `drop` runs
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
         _claim_lock(self._lock_fd, holder)
-        ledger = self.root / LEDGER_FILE
-        fresh = not ledger.exists()
-        self.db = sqlite3.connect(ledger, isolation_level=None, check_same_thread=False, timeout=60)
-        try:
-            self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.execute("PRAGMA synchronous = FULL")
-            self.db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
-        except sqlite3.Error:  # e.g. a full disk: leave no empty ledger behind
-            self.db.close()
-            if fresh:
-                for suffix in ("", "-wal", "-shm"):
-                    Path(f"{ledger}{suffix}").unlink(missing_ok=True)
+        try:  # beside the queue: the SQLite file here, or the queue's PostgreSQL schema
+            ledger = open_ledger(sweep_path, write=True)
+        except BaseException:
             os.close(self._lock_fd)
             raise
-        with _txn(self.db):  # ledgers written before model_nan was kept
-            if "model_nan" not in {r[1] for r in self.db.execute("PRAGMA table_info(predicted)")}:
-                self.db.execute("ALTER TABLE predicted ADD COLUMN model_nan INTEGER NOT NULL DEFAULT 0")
-        self.db.execute(
-            "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?)",
-            (self.key, model_name, digest, self.folder_name, ",".join(self.labels), self.threshold),
-        )
+        assert ledger is not None
+        self.ledger: Ledger = ledger
+        self.ledger.add_model(self.key, model_name, digest, self.folder_name, self.labels, self.threshold)
         fields: list[tuple[str, pa.DataType]] = [
             ("z", pa.int8()), ("x", pa.int32()), ("y", pa.int32()), ("block", pa.int64()),
             ("lon", pa.float64()), ("lat", pa.float64()),
@@ -230,12 +193,14 @@ class PredictionSink:
                    ("time", pa.timestamp("ms", tz="UTC"))]
         self._schema = pa.schema(fields)
         self.recover()
+        if self._alone:  # writers beside us from here on
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
 
     # --- reading the ledger ---------------------------------------------------------------
 
     def predicted_ids(self) -> set[int]:
         """Ids of the blocks this model has predicted (durably)."""
-        return {int(r[0]) for r in self.db.execute("SELECT block_id FROM predicted WHERE model_key = ?", (self.key,))}
+        return self.ledger.predicted_ids(self.key)
 
     def block_result(self, block_id: int) -> BlockResult | None:
         """:func:`ledger_block_result` of this sink's model (safe from any thread)."""
@@ -244,17 +209,16 @@ class PredictionSink:
     # --- recovery -------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Delete temp files, adopt orphan parts, forget parts that are gone (module doc)."""
-        for stale in self.folder.glob("*.partial"):
-            stale.unlink()
-        known = {r[0] for r in self.db.execute("SELECT name FROM parts WHERE model_key = ?", (self.key,))}
+        """Delete temp files (only with no other writer running: theirs are live), adopt
+        orphan parts, forget parts that are gone (module doc)."""
+        if self._alone:
+            for stale in self.folder.glob("*.partial"):
+                stale.unlink()
+        known = self.ledger.part_names(self.key)
         on_disk = {o.key: o.size for o in self.storage.list(f"{self.folder_name}/part-") if o.key.endswith(".parquet")}
         gone = known - on_disk.keys()
         if gone:
-            with _txn(self.db):
-                for name in gone:
-                    self.db.execute("DELETE FROM predicted WHERE model_key = ? AND part = ?", (self.key, name))
-                    self.db.execute("DELETE FROM parts WHERE name = ?", (name,))
+            self.ledger.forget(self.key, gone)
             self.stats.forgotten_parts += len(gone)
         for name in sorted(on_disk.keys() - known):
             try:
@@ -268,19 +232,22 @@ class PredictionSink:
                 self.storage.delete(name)
                 self.stats.deleted_orphans += 1
                 continue
-            ids = list(blocks)
-            clash = any(
-                self.db.execute("SELECT 1 FROM predicted WHERE model_key = ? AND block_id = ?", (self.key, b)).fetchone()
-                for b in ids
-            )
-            if clash:
-                self.storage.delete(name)
-                fsync_dir(self.folder)
+            # An orphan of a dead writer, or the part of a live one between its publish and
+            # its record: recording is idempotent, so adopting either is safe.
+            if self.ledger.record(self.key, name, rows, on_disk[name], blocks, adopted=True).kept:
+                self.stats.adopted_parts += 1
+            else:  # every block of it was predicted already
+                self._delete_part(name)
                 self.stats.deleted_orphans += 1
-                continue
-            with _txn(self.db):
-                self._record(name, rows, on_disk[name], blocks, adopted=True)
-            self.stats.adopted_parts += 1
+
+    def _delete_part(self, name: str) -> None:
+        try:
+            self.storage.delete(name)
+        except FileNotFoundError:
+            pass
+        local = self.storage.local_path(name)
+        if local is not None:
+            fsync_dir(local.parent)
 
     # --- writing --------------------------------------------------------------------------
 
@@ -339,9 +306,14 @@ class PredictionSink:
             pq.write_table(table, tmp, compression="zstd")
             self.storage.publish(tmp, name)  # create-if-absent: a part is never overwritten
             size = self.storage.size(name)
-        with _txn(self.db):
-            self._record(name, rows, size, blocks, adopted=False)
+        rec = self.ledger.record(self.key, name, rows, size, blocks, adopted=False)
+        if name is not None and not rec.kept:  # another writer predicted all of them first
+            self._delete_part(name)
+            name, size = None, 0
         s = self.stats
+        s.lost_blocks += len(rec.lost)
+        blocks = {b: blocks[b] for b in rec.won}  # the stats count what this writer's rows won
+        rows = sum(v[0] for v in blocks.values())
         s.parts += name is not None
         s.rows += rows
         s.blocks += len(blocks)
@@ -352,20 +324,7 @@ class PredictionSink:
         s.model_nan += sum(v[5] for v in blocks.values())
         s.bytes += size
         s.busy_s += time.perf_counter() - t0
-        return list(blocks)
-
-    def _record(self, name: str | None, rows: int, size: int, blocks: dict[int, list[int]], adopted: bool) -> None:
-        now = time.time()
-        if name is not None:
-            self.db.execute(
-                "INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?)", (name, self.key, rows, len(blocks), size, now, int(adopted))
-            )
-        self.db.executemany(
-            "INSERT INTO predicted (model_key, block_id, part, rows, empty, failed, undecodable, positives, at, model_nan) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(self.key, bid, name if v[0] else None, v[0], v[1], v[2], v[3], v[4], now, v[5] if len(v) > 5 else 0)
-             for bid, v in blocks.items()],
-        )
+        return [*rec.won, *rec.lost]  # all durable: predicted, by this writer or another
 
     def _table(self, buf: list[BlockRows]) -> pa.Table:
         x = np.concatenate([b.x for b in buf]).astype(np.int32)
@@ -395,7 +354,7 @@ class PredictionSink:
         their blocks are not predicted and will be done again)."""
         self._buffer = []
         try:
-            self.db.close()
+            self.ledger.close()
         finally:
             os.close(self._lock_fd)
 
@@ -426,32 +385,21 @@ def _lock_holder(fd: int) -> str:
     return f"`{m[1]}` (pid {m[2]})" if m else "another tilesweep process"
 
 
-class _txn:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
 def ledger_block_result(ledger: Path, key: str, block_id: int) -> BlockResult | None:
     """A predicted block's counts as the fetch queue records them (``ok`` = rows; bytes
     and retries are not kept), or None when the model ``key`` has not predicted it (or
-    there is no ledger). Read-only, on a connection of its own."""
-    if not Path(ledger).is_file():
+    there is no ledger). ``ledger``: the sweep's ``predictions/ledger.sqlite`` path (the
+    sweep's ledger is found from it, wherever it lives). Read-only, on a connection of its own."""
+    from .ledger import open_ledger
+
+    db = open_ledger(Path(ledger).parent.parent)
+    if db is None:
         return None
-    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=60)
     try:
-        row = db.execute(
-            "SELECT rows, empty, failed FROM predicted WHERE model_key = ? AND block_id = ?", (key, int(block_id))
-        ).fetchone()
+        row = db.block_result(key, block_id)
     finally:
         db.close()
-    return None if row is None else BlockResult(int(row[0]), int(row[1]), int(row[2]))
+    return None if row is None else BlockResult(*row)
 
 
 class PredictionTotals(NamedTuple):
@@ -469,45 +417,31 @@ class PredictionTotals(NamedTuple):
 
 def ledger_totals(sweep_path: Path, name: str, digest: str) -> PredictionTotals | None:
     """Totals of a model's predictions in a sweep, read-only (None when there is no ledger)."""
-    path = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
-    if not path.is_file():
+    db = open_ledger(sweep_path)
+    if db is None:
         return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        key = model_key(name, digest)
-        r = db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(rows),0), COALESCE(SUM(empty),0), COALESCE(SUM(failed),0), "
-            "COALESCE(SUM(undecodable),0), COALESCE(SUM(positives),0) FROM predicted WHERE model_key = ?", (key,)
-        ).fetchone()
-        (parts,) = db.execute("SELECT COUNT(*) FROM parts WHERE model_key = ?", (key,)).fetchone()
+        return PredictionTotals(*db.totals(model_key(name, digest)))
     finally:
         db.close()
-    blocks, rows, empty, failed, undecodable, positives = (int(v) for v in r)
-    return PredictionTotals(blocks, rows, empty, failed, undecodable, positives, int(parts))
 
 
 def ledger_summary(sweep_path: Path) -> list[dict[str, object]]:
     """What each model has predicted in a sweep, read-only: ``model``, ``digest``,
     ``folder`` (under ``predictions/``), ``blocks``, ``rows``, ``positives``,
     ``undecodable`` and ``parts``; an empty list when nothing was predicted."""
-    path = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
-    if not path.is_file():
+    db = open_ledger(sweep_path)
+    if db is None:
         return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
     try:
-        rows = db.execute(
-            """SELECT m.name, m.digest, m.folder,
-                      (SELECT COUNT(*) FROM predicted p WHERE p.model_key = m.model_key),
-                      (SELECT COALESCE(SUM(rows), 0) FROM predicted p WHERE p.model_key = m.model_key),
-                      (SELECT COALESCE(SUM(positives), 0) FROM predicted p WHERE p.model_key = m.model_key),
-                      (SELECT COALESCE(SUM(undecodable), 0) FROM predicted p WHERE p.model_key = m.model_key),
-                      (SELECT COUNT(*) FROM parts t WHERE t.model_key = m.model_key)
-               FROM models m ORDER BY m.name"""
-        ).fetchall()
+        out: list[dict[str, object]] = []
+        for key, name, digest, folder, _, _ in db.models():
+            blocks, rows, _, _, undecodable, positives, parts = db.totals(key)
+            out.append({"model": name, "digest": digest, "folder": folder, "blocks": blocks, "rows": rows,
+                        "positives": positives, "undecodable": undecodable, "parts": parts})
+        return out
     finally:
         db.close()
-    keys = ("model", "digest", "folder", "blocks", "rows", "positives", "undecodable", "parts")
-    return [dict(zip(keys, r)) for r in rows]
 
 
 class Reconciliation(NamedTuple):
@@ -533,19 +467,14 @@ def reconcile(sweep_path: Path, queue: Queue, name: str, digest: str) -> Reconci
     """Check a model's predictions against the fetch results, block by block (read-only):
     the ledger and the queue's done blocks are both read in block id order and merged, so
     memory does not grow with the number of blocks."""
-    ledger = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
     done_results = queue.results()
-    if not ledger.is_file():
+    db = open_ledger(sweep_path)
+    if db is None:
         return Reconciliation(0, 0, 0, sum(1 for _ in done_results), 0)
     blocks = rows = fetched = done = mismatched = 0
-    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     try:
-        cur = db.execute(
-            "SELECT block_id, rows, empty, failed FROM predicted WHERE model_key = ? ORDER BY block_id",
-            (model_key(name, digest),),
-        )
         head = next(done_results, None)
-        for bid, n_rows, n_empty, n_failed in cur:
+        for bid, n_rows, n_empty, n_failed in db.predicted_rows(model_key(name, digest)):
             while head is not None and head[0] < bid:  # done, not predicted by this model
                 done += 1
                 head = next(done_results, None)
@@ -588,8 +517,10 @@ def drop_predictions(sweep_path: Path, model: str) -> Dropped:
     parts, which the next open forgets, so those blocks are predicted again), then the
     model's ledger rows go in one transaction, then its folder."""
     root = Path(sweep_path) / PREDICTIONS_DIR
-    ledger = root / LEDGER_FILE
-    if not ledger.is_file():
+    probe = open_ledger(sweep_path)
+    if probe is not None:
+        probe.close()
+    if probe is None or not root.is_dir():
         raise UsageError(f"sweep {str(sweep_path)!r} has no predictions; nothing to drop for model {model!r}")
     fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -597,28 +528,27 @@ def drop_predictions(sweep_path: Path, model: str) -> Dropped:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UsageError(f"{_lock_holder(fd)} is writing predictions of {str(sweep_path)!r}; wait for it or stop it") from None
-        db = sqlite3.connect(ledger, isolation_level=None, timeout=60)
+        db = open_ledger(sweep_path, write=True)
+        assert db is not None
         try:
-            found = db.execute("SELECT model_key, name, folder FROM models WHERE name = ? OR folder = ?", (model, model)).fetchall()
+            if not getattr(db, "alone", lambda: True)():  # PostgreSQL: writers on other machines hold its lock
+                raise UsageError(f"a writer on another machine is writing predictions of {str(sweep_path)!r}; "
+                                 "wait for it or stop it")
+            models = db.models()
+            found = [(k, n, f) for k, n, _, f, _, _ in models if model in (n, f)]
             if not found:
-                known = ", ".join(sorted({r[0] for r in db.execute("SELECT name FROM models")})) or "none"
+                known = ", ".join(sorted({m[1] for m in models})) or "none"
                 raise UsageError(f"model {model!r} has no predictions in {str(sweep_path)!r} (models there: {known})")
-            blocks = parts = 0
+            parts = 0
             for key, _, folder in found:
-                for (name,) in db.execute("SELECT name FROM parts WHERE model_key = ?", (key,)).fetchall():
+                for name in db.part_names(key):
                     (root / name).unlink(missing_ok=True)
                     parts += 1
                 for stray in (root / folder).glob("part-*.parquet"):  # orphans: they would be adopted back
                     stray.unlink()
                 if (root / folder).is_dir():
                     fsync_dir(root / folder)
-            with _txn(db):
-                for key, _, _ in found:
-                    (n,) = db.execute("SELECT COUNT(*) FROM predicted WHERE model_key = ?", (key,)).fetchone()
-                    blocks += int(n)
-                    db.execute("DELETE FROM predicted WHERE model_key = ?", (key,))
-                    db.execute("DELETE FROM parts WHERE model_key = ?", (key,))
-                    db.execute("DELETE FROM models WHERE model_key = ?", (key,))
+            blocks = db.drop([k for k, _, _ in found])
             for _, _, folder in found:
                 d = root / folder
                 if d.is_dir():

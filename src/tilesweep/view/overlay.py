@@ -37,7 +37,7 @@ from typing import Any
 
 import duckdb
 
-from ..predict.sink import LEDGER_FILE, PREDICTIONS_DIR
+from ..predict.sink import PREDICTIONS_DIR
 from .mvt import EXTENT, encode_squares
 
 BINS = 20
@@ -94,27 +94,30 @@ class ModelInfo:
 
 def read_models(sweep_path: Path) -> list[ModelInfo]:
     """Models in the sweep's prediction ledger (read-only; empty when there is none)."""
-    path = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
-    if not path.is_file():
-        return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    from ..predict.ledger import open_ledger
+
     try:
-        rows = db.execute("SELECT model_key, name, digest, folder, labels, threshold FROM models ORDER BY name").fetchall()
+        db = open_ledger(sweep_path)
+        if db is None:
+            return []
+        try:
+            rows = db.models()
+        finally:
+            db.close()
     except sqlite3.OperationalError:
         return []
-    finally:
-        db.close()
     return [ModelInfo(r[0], r[1], r[2], r[3], tuple(x for x in r[4].split(",") if x), float(r[5])) for r in rows]
 
 
 def ledger_parts(sweep_path: Path, key: str) -> list[str]:
     """Names (relative to predictions/) of a model's committed parts."""
-    path = Path(sweep_path) / PREDICTIONS_DIR / LEDGER_FILE
-    if not path.is_file():
+    from ..predict.ledger import open_ledger
+
+    db = open_ledger(sweep_path)
+    if db is None:
         return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
-        return [r[0] for r in db.execute("SELECT name FROM parts WHERE model_key = ? ORDER BY name", (key,))]
+        return [n for n, _ in db.parts(key)]
     finally:
         db.close()
 
@@ -195,7 +198,7 @@ class OverlayIndex:
                 known = self._parts[folder] = set()
             new = sorted(names - known)
             if new or self.generation[folder] == 0:
-                self._append(cur, t, m, [str(self.sweep_path / PREDICTIONS_DIR / n) for n in new])
+                self._append(cur, t, m, [str(self.sweep_path / PREDICTIONS_DIR / n) for n in new])  # winning rows only
                 known |= set(new)
                 self.generation[folder] += 1
             self._checked[folder] = time.monotonic()
@@ -208,11 +211,18 @@ class OverlayIndex:
         if not paths:
             return
         score = f"GREATEST({', '.join(_q(lb) for lb in m.labels)})" if m.labels else "NULL"
+        from ..predict.ledger import part_sources, winning_rows_sql
+
+        # a part's lost blocks (another writer's rows won them) are fixed when it is recorded
+        wanted = set(paths)
+        rows_sql = winning_rows_sql([p for p in part_sources(self.sweep_path, m.key) if str(p.path) in wanted])
+        if rows_sql is None:  # the parts left the ledger meanwhile: the next refresh starts over
+            return
         cur.execute("BEGIN")
         try:
             cur.execute(
                 f"CREATE TEMP TABLE new_rows AS SELECT {MORTON_SQL} AS m, x, y, CAST({score} AS FLOAT) AS s "
-                f"FROM read_parquet($paths) WHERE {score} IS NOT NULL", {"paths": paths},
+                f"FROM ({rows_sql}) WHERE {score} IS NOT NULL",
             )
             cur.execute(f"INSERT INTO base{t} SELECT * FROM new_rows ORDER BY m")
             top = max(Z - 3, 0)

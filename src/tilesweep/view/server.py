@@ -43,7 +43,7 @@ from aiohttp import web
 
 from ..errors import UsageError
 from ..imageformat import image_format
-from ..predict.sink import LEDGER_FILE, PREDICTIONS_DIR
+from ..predict.sink import PREDICTIONS_DIR
 from ..queue import State
 from ..sources import Source
 from ..store import TileStore
@@ -249,14 +249,15 @@ class Viewer:
         blocks = {STATE_NAMES[int(s)]: int(n) for s, n in st.blocks.items()}
         tiles = {STATE_NAMES[int(s)]: int(n) for s, n in st.tiles.items()}
         predicted: dict[str, int] = {}
-        ledger = self.path / PREDICTIONS_DIR / LEDGER_FILE
-        if ledger.is_file():
-            db = self._ro(ledger)
+        from ..predict.ledger import open_ledger
+
+        try:
+            db = open_ledger(self.path)  # beside the queue, wherever it lives
+        except sqlite3.OperationalError:
+            db = None
+        if db is not None:
             try:
-                for folder, n in db.execute(
-                    "SELECT m.folder, COUNT(p.block_id) FROM models m LEFT JOIN predicted p ON p.model_key = m.model_key GROUP BY m.folder"
-                ):
-                    predicted[folder] = int(n)
+                predicted.update(db.predicted_by_folder())
             except sqlite3.OperationalError:
                 pass
             finally:
@@ -446,12 +447,13 @@ class Viewer:
             "in_plan": row is not None,
             "predictions": [],
         }
-        ledger = self.path / PREDICTIONS_DIR / LEDGER_FILE
-        if row is None or not ledger.is_file():
+        from ..predict.ledger import open_ledger
+
+        db = open_ledger(self.path) if row is not None else None
+        if db is None:
             return out
-        db = self._ro(ledger)
         try:
-            parts = db.execute("SELECT model_key, part FROM predicted WHERE block_id = ? AND part IS NOT NULL", (bid,)).fetchall()
+            parts = db.block_parts(bid)  # the part holding the block's winning rows
         finally:
             db.close()
         models = {m.key: m for m in self.overlay.models}
@@ -481,24 +483,26 @@ class Viewer:
         return web.json_response(await self._run(self.tile_info, Tile(z, x, y)), headers={"Cache-Control": "no-cache"})
 
     def detections(self, folder: str, t: float, box: tuple[float, float, float, float]) -> dict[str, Any]:
-        from .overlay import _q, ledger_parts
+        from .overlay import _q
 
         m = self.overlay.model(folder)
         assert m is not None
         w, s, e, n = box
         Z = self.zoom
         a, b = tile_at(w, n, Z), tile_at(e, s, Z)
-        parts = [str(self.path / PREDICTIONS_DIR / p) for p in ledger_parts(self.path, m.key)]
+        from ..predict.ledger import part_sources, winning_rows_sql
+
+        rows_sql = winning_rows_sql(part_sources(self.path, m.key))  # the ledger's winning rows only
         feats: list[dict[str, Any]] = []
         truncated = False
-        if parts and m.labels:
+        if rows_sql is not None and m.labels:
             score = f"GREATEST({', '.join(_q(lb) for lb in m.labels)})"
             cols = ", ".join(_q(lb) for lb in m.labels)
             cur = self.overlay._cur()
             rows = cur.execute(
-                f"SELECT x, y, block, lon, lat, {cols}, label FROM read_parquet($p) "
+                f"SELECT x, y, block, lon, lat, {cols}, label FROM ({rows_sql}) "
                 f"WHERE x BETWEEN $x0 AND $x1 AND y BETWEEN $y0 AND $y1 AND {score} >= $t ORDER BY block, x, y LIMIT {MAX_DETECTIONS + 1}",
-                {"p": parts, "x0": a.x, "x1": b.x, "y0": a.y, "y1": b.y, "t": t},
+                {"x0": a.x, "x1": b.x, "y0": a.y, "y1": b.y, "t": t},
             ).fetchall()
             truncated = len(rows) > MAX_DETECTIONS
             for r in rows[:MAX_DETECTIONS]:
