@@ -611,7 +611,8 @@ class Sweep:
     def predictions_storage(self) -> Storage:
         """Where the sweep's prediction parts are published (``predictions/``)."""
         if self.remote:
-            return open_storage(f"{self.storage.url}/{PREDICTIONS_DIR}", staging=self.path / ".staging" / PREDICTIONS_DIR)
+            # staged in the state folder's predictions/, where a sink clears stale ones as on a local sweep
+            return open_storage(f"{self.storage.url}/{PREDICTIONS_DIR}", staging=self.path / PREDICTIONS_DIR)
         return LocalStorage(self.path / PREDICTIONS_DIR)
 
     @property
