@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
 
 
 def lines(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder with predictions."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL with predictions."),
     output: Path = typer.Option(..., "--output", "-o", help="A .geojson (RFC 7946) or .parquet (GeoParquet 1.1) file."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     threshold: Optional[float] = typer.Option(None, "--threshold", help=THRESHOLD_HELP),
@@ -47,7 +47,7 @@ def lines(
 
 
 def densify(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder with predictions."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL with predictions."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     threshold: Optional[float] = typer.Option(None, "--threshold", help=THRESHOLD_HELP),
     radius: int = typer.Option(1, "--radius", "-r", help="Add the tiles within this many tiles of each detection (0..16)."),

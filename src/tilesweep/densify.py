@@ -271,7 +271,7 @@ def detection_tiles(sweep: "Sweep", model: str | None, threshold: float | None) 
     from .sql import connect, stream
 
     threshold = check_threshold(threshold)
-    m = choose_model(sweep.path, model)
+    m = choose_model(sweep, model)
     assert m is not None
     con = connect()
     try:
@@ -303,14 +303,13 @@ def plan_round(sweep: "Sweep", model: str | None = None, threshold: float | None
     model's detections that lie in the area and are not planned yet. A pure function of
     the sweep's area, queue and predictions."""
     from .area import load_area
-    from .sweep import AREA_FILE
 
     z = sweep.zoom
     dx, dy, name = detection_tiles(sweep, model, threshold)
     if not len(dx):
         return RoundPlan([], 0, 0), name
     cx, cy = candidate_tiles(z, dx, dy, settings)
-    geometry = load_area(sweep.path / AREA_FILE).geometry
+    geometry = load_area(sweep.area_path).geometry
     import shapely
 
     shapely.prepare(geometry)
@@ -413,9 +412,7 @@ def densify(sweep: "Sweep", model: str | None = None, threshold: float | None = 
     """Plan one densify round into ``sweep``: record it, then queue its blocks. Nothing is
     added when the sweep already has ``max_rounds`` rounds or the round finds no new tile
     (``round`` is then the last round's number, ``tiles`` 0)."""
-    import tomli_w
 
-    from .sweep import SWEEP_FILE, _write_atomic
 
     if max_rounds is not None and max_rounds < 1:
         raise UsageError(f"rounds {max_rounds} must be at least 1")
@@ -432,7 +429,7 @@ def densify(sweep: "Sweep", model: str | None = None, threshold: float | None = 
     if coarsest < sweep.block_zoom_min or finest > sweep.block_zoom:  # the store probes block zooms in this range
         pc = sweep.config["plan"]
         pc["block_zoom_min"], pc["block_zoom"] = min(coarsest, sweep.block_zoom_min), max(finest, sweep.block_zoom)
-        _write_atomic(sweep.path / SWEEP_FILE, tomli_w.dumps(sweep.config))
+        sweep.write_config()
     seed = int(sweep.plan_config.get("seed", 0))
     prio = block_priority_array(seed, np.array([b.z for b in plan.blocks]), np.array([b.x for b in plan.blocks]),
                                 np.array([b.y for b in plan.blocks]))

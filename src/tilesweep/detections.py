@@ -53,13 +53,15 @@ def check_threshold(threshold: float | None) -> float | None:
 
 
 @overload
-def choose_model(sweep_path: Path, model: str | None, required: Literal[True] = True) -> LedgerModel: ...
+def choose_model(sweep_path: "Path | Sweep", model: str | None, required: Literal[True] = True) -> LedgerModel: ...
 @overload
-def choose_model(sweep_path: Path, model: str | None, required: bool) -> LedgerModel | None: ...
-def choose_model(sweep_path: Path, model: str | None, required: bool = True) -> LedgerModel | None:
+def choose_model(sweep_path: "Path | Sweep", model: str | None, required: bool) -> LedgerModel | None: ...
+def choose_model(sweep_path: "Path | Sweep", model: str | None, required: bool = True) -> LedgerModel | None:
     """The ledger's model named ``model`` (by name or folder), or the only one; a
-    :class:`UsageError` names the choices when it is ambiguous or unknown."""
+    :class:`UsageError` names the choices when it is ambiguous or unknown. A sweep on
+    object storage (a :class:`Sweep`) reads its models from the parts in its bucket."""
     found = models(sweep_path)
+    sweep_path = getattr(sweep_path, "location", sweep_path)  # what the messages name
     if not found:
         if required:
             raise UsageError(f"sweep {str(sweep_path)!r} has no predictions yet; run `tilesweep run` or `tilesweep predict` with a model first")
@@ -117,7 +119,7 @@ def detections(
 
     sw = _open_sweep(sweep)
     threshold = check_threshold(threshold)
-    m = choose_model(sw.path, model)
+    m = choose_model(sw, model)
     con = con if con is not None else connect(memory_limit, threads)
     geom = _area_geometry(area)
     bbox = None
@@ -167,7 +169,7 @@ def export_detections(
     con = connect(memory_limit, threads)
     try:
         rel = detections(sw, model=model, threshold=threshold, area=geom, con=con)
-        m = choose_model(sw.path, model)
+        m = choose_model(sw, model)
         batches: Iterator[pa.RecordBatch] = stream(rel)
         if geom is not None:
             batches = _inside(batches, geom, geometry)
@@ -191,7 +193,7 @@ def _inside(batches: Iterator[pa.RecordBatch], area: Any, geometry: str) -> Iter
         yield batch.filter(pa.array(np.asarray(keep, bool)))
 
 
-def apply_threshold(model: Any, threshold: float | None, sweep_path: Path) -> Any:
+def apply_threshold(model: Any, threshold: float | None, sweep_path: "Path | Sweep") -> Any:
     """Give a loaded model the ``--threshold`` of `tilesweep predict` / `run`: its
     ``label`` column and the ledger's positives use it. A threshold other than the one
     this model's earlier predictions in the sweep were written with is refused (one
@@ -205,7 +207,7 @@ def apply_threshold(model: Any, threshold: float | None, sweep_path: Path) -> An
     for m in models(sweep_path):
         if m["name"] == model.name and m["digest"] == model.digest and not math.isclose(m["threshold"], threshold):
             raise UsageError(
-                f"predictions of {model.name} in {str(sweep_path)!r} were written with threshold {m['threshold']:g}, "
+                f"predictions of {model.name} in {str(getattr(sweep_path, 'location', sweep_path))!r} were written with threshold {m['threshold']:g}, "
                 f"not {threshold:g}; use `tilesweep detections --threshold {threshold:g}` to cut the scores anew"
             )
     model.info = dataclasses.replace(model.info, threshold=threshold)
