@@ -294,6 +294,9 @@ class SqliteLedger(_SqlLedger):
         if readonly:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60, check_same_thread=False)
             cols = {r[1] for r in self.db.execute("PRAGMA table_info(predicted)")}
+            if not cols:  # a writer's first open has made the file, not yet its tables
+                self.db.close()
+                raise LookupError(f"{self.path} holds no ledger yet")
             self._has_lost = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'lost'").fetchone() is not None
             self._has_nan = "model_nan" in cols
             return
@@ -503,7 +506,12 @@ def open_ledger(sweep_path: Path, write: bool = False) -> _SqlLedger | None:
             return None
     if write:
         return SqliteLedger(file)
-    return SqliteLedger(file, readonly=True) if file.is_file() else None
+    if not file.is_file():
+        return None
+    try:
+        return SqliteLedger(file, readonly=True)
+    except LookupError:  # created this instant by the first writer: nothing predicted yet
+        return None
 
 
 class PartSource(NamedTuple):
