@@ -539,9 +539,9 @@ def run(
     Tiles stream from the source through decoding into the model, and are not stored: a
     block is acked in the fetch queue once its predictions are durable. Blocks already in
     the store are read from it; blocks streamed earlier for another model are fetched
-    again. With --keep-tiles, worker processes pack the tiles into the store (as `tilesweep
-    fetch`) while this process scores each block once it is durable (as `tilesweep
-    predict`). Ctrl-C or a crash: run the same command again."""
+    again. With --keep-tiles, the tiles are also packed into the store (as `tilesweep
+    fetch`): a block is acked once its shard and its predictions are durable. Ctrl-C or a
+    crash: run the same command again."""
     fetch_settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts,
                                                       max_tile_bytes=max_tile_bytes, tile_budget=tile_budget)
     from .detections import apply_threshold, check_threshold
@@ -602,7 +602,7 @@ def _stopped(sweep: Sweep, kept: str, hint: str) -> None:
 
 def _run(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, keep_tiles, quiet) -> None:  # type: ignore[no-untyped-def]
     """`tilesweep run`: fetch -> decode -> model -> sink, streamed (an asyncio thread, or
-    worker processes) or, with --keep-tiles, through the store (tilesweep.predict.keep)."""
+    worker processes); with --keep-tiles each runner also stores the block (tilesweep.runner.Tee)."""
     from .predict import StreamFetch, predict_sweep
 
     before = sweep.status()
