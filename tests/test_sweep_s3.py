@@ -45,10 +45,10 @@ def _query(sql: str, url: str, env: dict[str, str], out) -> list[dict[str, str]]
 
 
 def test_plan_run_status_query_export_on_s3(s3_server, pg_server, tmp_path, monkeypatch):
-    """plan -> run --keep-tiles (fetch workers store shards, the model's parts published
-    to the bucket) -> status -> query, all on the URL; then a second "machine" (fresh
-    state and staging folders, nothing of the sweep on its disk) queries, gets a tile,
-    exports detections and a PMTiles archive from the same URL."""
+    """plan -> run --keep-tiles (shards and the model's parts published to the bucket, the
+    ledger in the queue's schema) -> status -> query, all on the URL; then a second
+    "machine" (fresh state and staging folders, nothing of the sweep on its disk) queries,
+    summarizes, gets a tile, exports detections and a PMTiles archive from the same URL."""
     from tilesweep import query
     from tilesweep.area import load_area
     from tilesweep.plan import PlanSpec
