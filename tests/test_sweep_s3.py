@@ -45,10 +45,10 @@ def _query(sql: str, url: str, env: dict[str, str], out) -> list[dict[str, str]]
 
 
 def test_plan_run_status_query_export_on_s3(s3_server, pg_server, tmp_path, monkeypatch):
-    """plan -> run --keep-tiles (fetch workers store shards, the model's parts published
-    to the bucket) -> status -> query, all on the URL; then a second "machine" (fresh
-    state and staging folders, nothing of the sweep on its disk) queries, gets a tile,
-    exports detections and a PMTiles archive from the same URL."""
+    """plan -> run --keep-tiles (shards and the model's parts published to the bucket, the
+    ledger in the queue's schema) -> status -> query, all on the URL; then a second
+    "machine" (fresh state and staging folders, nothing of the sweep on its disk) queries,
+    summarizes, gets a tile, exports detections and a PMTiles archive from the same URL."""
     from tilesweep import query
     from tilesweep.area import load_area
     from tilesweep.plan import PlanSpec
@@ -136,7 +136,8 @@ def test_two_machines_racing_on_one_block_publish_it_once(s3_server, pg_server, 
     """Machine A is stopped (SIGSTOP) while it holds the sweep's one block; its lease
     expires and machine B fetches and publishes the block. A then wakes up, finishes the
     same block, loses the create-if-absent publication and keeps B's shard: both exit 0,
-    the shard's bytes are B's, A's staging holds nothing, the accounting adds up."""
+    the shard's bytes are B's, A's staging holds nothing, the accounting adds up. Then a
+    flipped byte in the bucket's shard: ``verify(repair=True)`` moves it aside."""
     import signal
     import subprocess
     import sys
@@ -180,7 +181,14 @@ def test_two_machines_racing_on_one_block_publish_it_once(s3_server, pg_server, 
     monkeypatch.setenv("TILESWEEP_STATE_DIR", env_a["TILESWEEP_STATE_DIR"])
     with Sweep.open(url) as sweep:  # in process: a command's start-up costs a second or two
         st = sweep.status()
-    assert st.mismatch is None and st.blocks["done"] == 1 and st.tiles["done"] == planned["tiles"]
+        assert st.mismatch is None and st.blocks["done"] == 1 and st.tiles["done"] == planned["tiles"]
+        # a flipped byte in the bucket: verify --repair moves the shard aside (no rename there)
+        bad = bytearray(published)
+        bad[40] ^= 0xFF  # in the first tile's bytes
+        tiles.put(key, bytes(bad), replace=True)
+        report = sweep.store.verify(repair=True)
+    assert report.checked == 1 and len(report.corrupt) == 1
+    assert [o.key for o in tiles.list()] == [f"{key}.corrupt"] and tiles.read(f"{key}.corrupt") == bytes(bad)
 
 
 def test_two_plans_racing_on_one_url_leave_one_plan(s3_server, pg_server, tmp_path, monkeypatch):

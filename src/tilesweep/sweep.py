@@ -371,6 +371,10 @@ class Sweep:
                 raise UsageError(f"sweep {url!r} is not empty and holds no plan (found {o.key!r}); use another prefix")
         _check_estimate(area, spec, allow_huge)
         state = state_folder(url)
+        from .densify import ROUNDS_FILE
+
+        for stale in (ROUNDS_FILE, f"{ROUNDS_FILE}-wal", f"{ROUNDS_FILE}-shm", AREA_FILE, SWEEP_FILE):
+            (state / stale).unlink(missing_ok=True)  # this machine's state of an earlier sweep at this URL
         staged: StagedQueue | None = None
         area_key = _area_key(fingerprint)
         try:
