@@ -51,9 +51,18 @@ from tilesweep.traced import detection_points, sweep_lines  # noqa: E402
 
 SEED = 7
 BBOX = (8.55, 47.39, 8.60, 47.425)
+DENSITY = 1.0
+# (seed, line density, bbox, what it is): world seed 7, which the demo model never saw
+AREAS = {
+    "dense": (7, 1.0, (8.55, 47.39, 8.60, 47.425),
+              "the world's default line density, an unusually busy square: 59 km of line on 15 km2, a tower every 8 tiles"),
+    "realistic": (7, 0.15, (8.36, 47.255, 8.44, 47.31),
+                  "line density 0.15 (about 0.3 km of line per km2 over the world, like Germany's HV grid), "
+                  "a 6 x 6 km square with more lines than most: 25 km of line on 37 km2, a tower every 40 tiles"),
+}
 ZOOM = 18
 NEAR_M = 50.0
-DENSIFY = {"": [], "densify 2": ["--densify", 2], "densify 1 + along": ["--densify", 1, "--densify-along"]}
+DENSIFY = {"": [], "densify 2": ["--densify", 2], "along": ["--densify", 0, "--densify-along"]}
 CONFIGS = [("full sweep", 1.0, ""), *[(f"{int(f * 100)}% sample", f, d) for f in (0.05, 0.10, 0.20) for d in DENSIFY]]
 # --quick (tests/test_benchmarks_quick.py): a corner of the area, the full sweep and one densified sample
 QUICK_BBOX = (8.55, 47.39, 8.5625, 47.3995)
@@ -114,23 +123,31 @@ def fetched_tiles(sweep: Path) -> list[tuple[int, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--keep", type=Path, help="keep the sweeps in this folder")
-    ap.add_argument("--picture", type=Path, default=ROOT / "docs" / "img" / "lines-benchmark.png")
-    ap.add_argument("--json", type=Path, default=HERE / "results" / "lines.json")
+    ap.add_argument("--keep", type=Path, help="keep the sweeps in this folder (one sub-folder per area)")
+    ap.add_argument("--area", choices=[*AREAS, "both"], default="both", help="which area (default both)")
+    ap.add_argument("--picture", type=Path, default=ROOT / "docs" / "img", help="folder of lines-benchmark-AREA.png")
+    ap.add_argument("--json", type=Path, default=HERE / "results", help="folder of lines-AREA.json")
     ap.add_argument("--quick", action="store_true", help="a corner of the area (~100 tiles), the full sweep and a 20%% "
                     "sample with --densify 2 (3 rounds at most); writes no results or picture; exits 1 when the full "
                     "sweep did not predict every tile of the area")
     args = ap.parse_args()
-    global BBOX
-    configs, rounds = CONFIGS, 40
     if args.quick:
-        BBOX, configs, rounds = QUICK_BBOX, QUICK_CONFIGS, 3
-    world = World(seed=SEED)
+        return bench("quick", args, QUICK_BBOX, QUICK_CONFIGS, 3)
+    for name in AREAS if args.area == "both" else [args.area]:
+        bench(name, args, None, CONFIGS, 40)
+
+
+def bench(area_name: str, args: argparse.Namespace, bbox, configs, rounds: int) -> None:  # type: ignore[no-untyped-def]
+    global BBOX, SEED, DENSITY
+    SEED, DENSITY, BBOX, about = AREAS["dense" if area_name == "quick" else area_name]
+    BBOX = bbox or BBOX
+    print(f"\n{area_name}: {about}\n", flush=True)
+    world = World(seed=SEED, line_density=DENSITY)
     truth = truth_lines(world)
     towers = world.towers(BBOX)
     tower_tiles = {(t.x, t.y) for t in (_tile(tw.lon, tw.lat) for tw in towers)}
     area = ",".join(map(str, BBOX))
-    work = args.keep or Path(tempfile.mkdtemp(prefix="lines-bench-"))
+    work = args.keep / area_name if args.keep else Path(tempfile.mkdtemp(prefix="lines-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     keep_for_picture = None
@@ -162,7 +179,7 @@ def main() -> None:
                 "seconds": round(seconds, 1),
             })
             print(_row(rows[-1]), flush=True)
-            if fraction == 0.10 and densify == "densify 2":
+            if fraction == 0.10 and densify == "along":
                 keep_for_picture = (tiles, lines, det_tiles)
     print()
     print(table(rows, len(truth), len(towers), total or 0))
@@ -174,11 +191,12 @@ def main() -> None:
         if not total or total != (hi.x - lo.x + 1) * (hi.y - lo.y + 1):
             sys.exit(f"the full sweep predicted {total} tiles, not the area's")
         return
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"seed": SEED, "bbox": BBOX, "zoom": ZOOM, "area_tiles": total, "towers": len(towers),
-                                     "true_spans": len(truth), "rows": rows}, indent=1))
+    args.json.mkdir(parents=True, exist_ok=True)
+    (args.json / f"lines-{area_name}.json").write_text(json.dumps({
+        "seed": SEED, "line_density": DENSITY, "bbox": BBOX, "zoom": ZOOM, "area_tiles": total, "towers": len(towers),
+        "true_spans": len(truth), "rows": rows}, indent=1))
     if keep_for_picture is not None:
-        picture(args.picture, truth, *keep_for_picture)
+        picture(args.picture / f"lines-benchmark-{area_name}.png", truth, *keep_for_picture)
 
 
 def _tile(lon: float, lat: float):  # type: ignore[no-untyped-def]
@@ -193,7 +211,7 @@ def _row(r: dict) -> str:  # type: ignore[type-arg]
 
 
 def table(rows: list[dict], spans: int, towers: int, total: int) -> str:  # type: ignore[type-arg]
-    head = (f"World seed {SEED}, area {','.join(map(str, BBOX))} at zoom {ZOOM}: {total:,} tiles, {towers} towers, "
+    head = (f"World seed {SEED}, line density {DENSITY:g}, area {','.join(map(str, BBOX))} at zoom {ZOOM}: {total:,} tiles, {towers} towers, "
             f"{spans} true spans; lines within {NEAR_M:.0f} m.\n\n"
             "| configuration | tiles fetched | densify rounds | tower recall | traced lines | line recall | line precision |\n"
             "|---|---|---|---|---|---|---|")
@@ -228,7 +246,7 @@ def picture(path: Path, truth, tiles, lines, det_tiles) -> None:  # type: ignore
     ax.set_xlim(BBOX[0], BBOX[2])
     ax.set_ylim(BBOX[1], BBOX[3])
     ax.set_aspect(1 / math.cos(math.radians(47.4)))
-    ax.set_title("10% sample + run --densify 2, world seed 7")
+    ax.set_title(f"10% sample + run --densify 0 --densify-along, world seed {SEED}, line density {DENSITY:g}")
     ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
     ax.tick_params(labelsize=7)
     fig.tight_layout()
