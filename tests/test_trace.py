@@ -171,3 +171,18 @@ def test_leftover_towers_one_spacing_apart_are_a_two_tower_line():
 def test_bad_settings(kw):
     with pytest.raises(UsageError):
         TraceSettings(**kw)
+
+
+def test_a_last_tower_just_past_the_tolerance_carries_the_run_on():
+    """Tile centres put a line's last tower up to ~70 m off its line: it joins the run (the
+    run's own towers within tolerance_m, the last one within twice that); one 120 m off
+    does not."""
+    pts = towers_along([(0, 0), (1400, 0)])  # five towers, 350 m apart
+    off = pts.copy()
+    off[-1, 1] = 70.0
+    (line,) = trace(off)
+    assert line.towers == 5
+    assert trace(off, min_pair_m=0)[0].towers == 5
+    far = pts.copy()
+    far[-1, 1] = 120.0
+    assert [ln.towers for ln in trace(far, min_pair_m=0)] == [4]

@@ -237,9 +237,36 @@ def find_segments(x: np.ndarray, y: np.ndarray, settings: TraceSettings = TraceS
             best_members = _run_near(pts, best_members, settings)
         out.append(best_members)
         fresh[best_members] = False
+    out = [_extend_run(pts, run, fresh, settings) for run in out]
     if settings.min_pair_m > 0:
         out.extend(_leftover_pairs(pts, pairs, fresh, settings))
     return out
+
+
+def _extend_run(pts: np.ndarray, run: np.ndarray, fresh: np.ndarray, settings: TraceSettings) -> np.ndarray:
+    """A run carried on at both ends by towers left on no run: the nearest one past the
+    end (by ``min_pair_m / 2`` .. ``max_gap_m`` along the run's fitted line) within twice
+    ``tolerance_m`` of it, again while one is found (the fit is refitted each time). A
+    line's last tower often stands where a tile centre's error takes it just past the
+    tolerance, with no tower beyond it to make a run of its own. Marks them taken in
+    ``fresh``."""
+    run = np.asarray(run)
+    for _ in range(2):  # the far end, then (reversed) the near end
+        while True:
+            c, u, _, _ = _fit(pts[run])
+            if float((pts[run[-1]] - pts[run[0]]) @ u) < 0:
+                u = -u
+            rel = pts - pts[run[-1]]
+            t = rel @ u
+            e = np.abs(rel @ np.array([-u[1], u[0]]) + float((pts[run[-1]] - c) @ np.array([-u[1], u[0]])))
+            ok = fresh & (t >= settings.min_pair_m / 2) & (t <= settings.max_gap_m) & (e <= 2 * settings.tolerance_m)
+            if not ok.any():
+                break
+            k = int(np.flatnonzero(ok)[np.argmin(t[ok])])
+            run = np.append(run, k)
+            fresh[k] = False
+        run = run[::-1]
+    return run
 
 
 def _leftover_pairs(pts: np.ndarray, pairs: np.ndarray, fresh: np.ndarray, settings: TraceSettings) -> list[np.ndarray]:
