@@ -3,22 +3,21 @@
 Pure functions, no I/O. The model says which *tiles* hold a tower; a tower can light up
 its neighbours too, and the points are tile centres, so:
 
-1. **Towers**: detections closer than ``merge_m`` are one tower (connected components of a
-   KD-tree's close pairs, ``scipy.spatial.cKDTree`` + ``networkx``), placed at the
-   score-weighted mean of its points, scored by the highest.
-2. **Candidate spans**: pairs of towers at most ``max_span_m`` apart (the KD-tree again).
-   A span is *supported* at an end when a third tower continues it almost straight
-   (turn <= ``max_turn_deg``) at a similar spacing (ratio within ``1 / max_ratio ..
-   max_ratio``): towers of one line stand roughly evenly along a near-straight path.
-3. **Linking**: spans are taken best first (supported at both ends, then one, then none;
-   shorter first), each accepted when both towers have fewer than two spans, it closes no
-   cycle (``networkx.utils.UnionFind``), and it turns and spaces like the span it joins at
-   each end. A missing tower leaves a double span, which still links (``max_span_m``
-   covers it; the spacing check allows twice the span).
-4. **Lines**: the components are paths, walked end to end (``networkx``); those with at
-   least ``min_towers`` towers are lines, smoothed along their length
-   (``scipy.signal.savgol_filter``, which takes out most of the tile-centre jitter and
-   keeps the bends), as ``shapely`` LineStrings in degrees.
+1. **Towers**: detections closer than ``merge_m`` are one tower (complete linkage,
+   ``scipy.cluster.hierarchy``), placed at the score-weighted mean of its points, scored
+   by the highest.
+2. **Runs** (:func:`find_segments`): towers of one line stand roughly evenly along a
+   near-straight path. Greedily, the line through two towers (a ``cKDTree``'s pairs) with
+   the most towers within ``tolerance_m`` of it and no gap over ``max_gap_m`` is a run,
+   refitted, its towers taken, again while a run holds ``min_towers``. Each run is then
+   carried on at its ends by a tower left over within twice the tolerance (a tile centre
+   puts a line's last tower up to ~70 m off it), and towers still left over that stand
+   ``min_pair_m .. max_gap_m`` apart are paired into two-tower runs.
+3. **Joining** (:func:`join_segments`): run ends at most ``max_span_m`` apart whose
+   directions turn by at most ``max_turn_deg`` join, nearest first, each end once, no
+   cycle (``networkx``): a bend, or a gap where towers were missed.
+4. **Lines**: each chain of runs is drawn through the runs' fitted lines, joined at their
+   intersections, as a ``shapely`` LineString in degrees, with a confidence.
 
 Distances are ground metres: Web-Mercator metres times ``cos(latitude)``, which is exact
 enough over the few hundred metres between towers. The result depends only on the set of
