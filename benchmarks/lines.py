@@ -8,7 +8,9 @@ Against the simulator's ground truth, on world seed 7 (the demo model was traine
   lines cross a third of the area (no sample + densify can fetch much less than that);
 - ``realistic``: line density 0.15 (about 0.3 km of line per km2 over the world, as in
   Germany's HV grid), a ~6 x 6 km square with more lines than most: 12 lines of 86 towers,
-  25 km of line on 37 km2, a tower every 40 tiles, the tiles the lines cross 7% of it.
+  25 km of line on 37 km2, a tower every 40 tiles, the tiles the lines cross 7% of it;
+- ``large`` (only with ``--area large``: 13,700 tiles to render): the same density, a
+  12 x 12 km square around the realistic one, whose lines run longer inside it.
 
 Every configuration is a real sweep, through the real commands:
 
@@ -30,6 +32,7 @@ fetches and model time only. Then, per configuration:
     .venv/bin/python benchmarks/lines.py                  # both areas; docs/img/lines-benchmark-AREA.png
     .venv/bin/python benchmarks/lines.py --area realistic # one of them
     .venv/bin/python benchmarks/lines.py --keep DIR       # keep the sweeps in DIR/AREA (a rerun re-traces them)
+    .venv/bin/python benchmarks/lines.py --area large --configs 'full sweep,10% sample + along'  # some rows
     .venv/bin/python benchmarks/lines.py --quick          # ~100 tiles, 2 configurations: checks the script works
 
 Results go to benchmarks/results/lines-AREA.json. About 10 minutes on two busy cores,
@@ -69,6 +72,9 @@ AREAS = {
     "realistic": (7, 0.15, (8.36, 47.255, 8.44, 47.31),
                   "line density 0.15 (about 0.3 km of line per km2 over the world, like Germany's HV grid), "
                   "a 6 x 6 km square with more lines than most: 25 km of line on 37 km2, a tower every 40 tiles"),
+    "large": (7, 0.15, (8.28, 47.2, 8.44, 47.31),
+              "line density 0.15, a 12 x 12 km square around the realistic one (lines cross more of it, so a sample "
+              "touches more of them); not in the default run (13,700 tiles to render)"),
 }
 ZOOM = 18
 NEAR_M = 50.0
@@ -134,7 +140,8 @@ def fetched_tiles(sweep: Path) -> list[tuple[int, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--keep", type=Path, help="keep the sweeps in this folder (one sub-folder per area)")
-    ap.add_argument("--area", choices=[*AREAS, "both"], default="both", help="which area (default both)")
+    ap.add_argument("--area", choices=[*AREAS, "both"], default="both", help="which area (default both: dense and realistic)")
+    ap.add_argument("--configs", help="only these configurations, comma-separated (e.g. 'full sweep,10%% sample + along')")
     ap.add_argument("--picture", type=Path, default=ROOT / "docs" / "img", help="folder of lines-benchmark-AREA.png")
     ap.add_argument("--json", type=Path, default=HERE / "results", help="folder of lines-AREA.json")
     ap.add_argument("--quick", action="store_true", help="a corner of the area (~100 tiles), the full sweep and a 20%% "
@@ -143,8 +150,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         return bench("quick", args, QUICK_BBOX, QUICK_CONFIGS, 3)
-    for name in AREAS if args.area == "both" else [args.area]:
-        bench(name, args, None, CONFIGS, 40)
+    configs = CONFIGS
+    if args.configs:
+        wanted = {c.strip() for c in args.configs.split(",")}
+        configs = [c for c in CONFIGS if c[0] + (f" + {c[2]}" if c[2] else "") in wanted]
+        if not configs or configs[0][1] != 1.0:
+            sys.exit(f"--configs {args.configs!r}: name 'full sweep' first, then any of the table's configurations")
+    for name in ("dense", "realistic") if args.area == "both" else [args.area]:
+        bench(name, args, None, configs, 40)
 
 
 def bench(area_name: str, args: argparse.Namespace, bbox, configs, rounds: int) -> None:  # type: ignore[no-untyped-def]
