@@ -5,6 +5,7 @@ The accounting must hold whatever is killed when: every planned tile (the sample
 each round's) is predicted exactly once, `status` adds up, and each tile's round is known."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -221,7 +222,10 @@ def test_along_follows_a_line_from_a_lone_detection_and_from_a_pair():
     pair = tiles([x0, x0 + step], [y0, y0])
     assert {(x, y0) for x in range(x0 - step, x0 + 2 * step + 1)} <= pair  # the band and a spacing past each
     assert (x0, y0 + step) not in pair and (x0 + step, y0 - step) not in pair  # no ring: the line's direction is known
-    assert all(abs(y - y0) <= 1 for _, y in pair)
+    bend = round(step * math.sin(math.radians(20)))  # the next tower after a 20-degree bend, past either end
+    assert (x0 + 2 * step, y0 + bend) in pair and (x0 - step, y0 - bend) in pair
+    beyond = {(x, y): max(0, x0 - x, x - x0 - step) for x, y in pair}  # tiles past the nearer end
+    assert all(abs(y - y0) <= 1.5 + (b + 1) * math.tan(math.radians(25)) for (x, y), b in beyond.items())  # within 25 degrees
 
     far = round(1500 / tile_m)
     apart = tiles([x0, x0 + far], [y0, y0])
