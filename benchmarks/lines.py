@@ -1,11 +1,21 @@
 """Power lines from a fraction of the tiles: full sweep vs samples, with and without densify.
 
 Against the simulator's ground truth, on world seed 7 (the demo model was trained on seed
-0 and never saw it), over a ~3.8 x 3.9 km square with 22 lines (circuits) of 202 towers,
-at zoom 18. Every configuration is a real sweep, through the real commands:
+0 and never saw it), at zoom 18, over two areas (``AREAS``):
+
+- ``dense``: the world's default line density, a ~3.8 x 3.9 km square with 21 lines
+  (circuits) of 202 towers: 59 km of line on 15 km2, a tower every 8 tiles, the tiles the
+  lines cross a third of the area (no sample + densify can fetch much less than that);
+- ``realistic``: line density 0.15 (about 0.3 km of line per km2 over the world, as in
+  Germany's HV grid), a ~6 x 6 km square with more lines than most: 12 lines of 86 towers,
+  25 km of line on 37 km2, a tower every 40 tiles, the tiles the lines cross 7% of it;
+- ``large`` (only with ``--area large``: 13,700 tiles to render): the same density, a
+  12 x 12 km square around the realistic one, whose lines run longer inside it.
+
+Every configuration is a real sweep, through the real commands:
 
     tilesweep plan AREA DIR --zoom 18 [--fraction F --seed 1]
-    tilesweep run DIR --source SIM --model demo [--densify 2 | --densify 1 --densify-along]
+    tilesweep run DIR --source SIM --model demo [--densify 2 | --densify 0 --densify-along]
 
 (`run --densify` plans a densify round around the detections and runs it, until a round
 finds no new tile). The simulator runs in this process with a cache that holds every tile
@@ -13,17 +23,20 @@ of the area, so each tile is rendered once, by the full sweep, and the samples c
 fetches and model time only. Then, per configuration:
 
 - tiles fetched: tiles predicted, as a share of the area's tiles;
-- tower recall: share of the true towers whose tile the model labelled;
+- tower recall: share of the tiles holding a true tower that the model labelled;
 - line recall: share of the true lines' length within 50 m of a traced line
   (`tilesweep lines`, default settings); the true lines are the spans between
   consecutive towers of a line that both stand in the area;
 - line precision: share of the traced lines' length within 50 m of a true line.
 
-    .venv/bin/python benchmarks/lines.py            # the table; docs/img/lines-benchmark.png
-    .venv/bin/python benchmarks/lines.py --keep DIR # keep the sweeps in DIR
-    .venv/bin/python benchmarks/lines.py --quick    # ~100 tiles, 2 configurations: checks the script works
+    .venv/bin/python benchmarks/lines.py                  # both areas; docs/img/lines-benchmark-AREA.png
+    .venv/bin/python benchmarks/lines.py --area realistic # one of them
+    .venv/bin/python benchmarks/lines.py --keep DIR       # keep the sweeps in DIR/AREA (a rerun re-traces them)
+    .venv/bin/python benchmarks/lines.py --area large --configs 'full sweep,10% sample + along'  # some rows
+    .venv/bin/python benchmarks/lines.py --quick          # ~100 tiles, 2 configurations: checks the script works
 
-Results go to benchmarks/results/lines.json. A few minutes on two cores, mostly rendering.
+Results go to benchmarks/results/lines-AREA.json. About 10 minutes on two busy cores,
+mostly rendering (TILESWEEP_SIM_CACHE=DIR keeps the rendered tiles for the next run).
 """
 
 from __future__ import annotations
@@ -51,13 +64,25 @@ from tilesweep.traced import detection_points, sweep_lines  # noqa: E402
 
 SEED = 7
 BBOX = (8.55, 47.39, 8.60, 47.425)
+DENSITY = 1.0
+# (seed, line density, bbox, what it is): world seed 7, which the demo model never saw
+AREAS = {
+    "dense": (7, 1.0, (8.55, 47.39, 8.60, 47.425),
+              "the world's default line density, an unusually busy square: 59 km of line on 15 km2, a tower every 8 tiles"),
+    "realistic": (7, 0.15, (8.36, 47.255, 8.44, 47.31),
+                  "line density 0.15 (about 0.3 km of line per km2 over the world, like Germany's HV grid), "
+                  "a 6 x 6 km square with more lines than most: 25 km of line on 37 km2, a tower every 40 tiles"),
+    "large": (7, 0.15, (8.28, 47.2, 8.44, 47.31),
+              "line density 0.15, a 12 x 12 km square around the realistic one (lines cross more of it, so a sample "
+              "touches more of them); not in the default run (13,700 tiles to render)"),
+}
 ZOOM = 18
 NEAR_M = 50.0
-DENSIFY = {"": [], "densify 2": ["--densify", 2], "densify 1 + along": ["--densify", 1, "--densify-along"]}
+DENSIFY = {"": [], "densify 2": ["--densify", 2], "along": ["--densify", 0, "--densify-along"]}
 CONFIGS = [("full sweep", 1.0, ""), *[(f"{int(f * 100)}% sample", f, d) for f in (0.05, 0.10, 0.20) for d in DENSIFY]]
 # --quick (tests/test_benchmarks_quick.py): a corner of the area, the full sweep and one densified sample
 QUICK_BBOX = (8.55, 47.39, 8.5625, 47.3995)
-QUICK_CONFIGS = [("full sweep", 1.0, ""), ("20% sample", 0.20, "densify 2")]
+QUICK_CONFIGS = [("full sweep", 1.0, ""), ("20% sample", 0.20, "along")]
 
 
 def truth_lines(world: World) -> list[tuple[int, shapely.LineString]]:
@@ -114,23 +139,38 @@ def fetched_tiles(sweep: Path) -> list[tuple[int, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--keep", type=Path, help="keep the sweeps in this folder")
-    ap.add_argument("--picture", type=Path, default=ROOT / "docs" / "img" / "lines-benchmark.png")
-    ap.add_argument("--json", type=Path, default=HERE / "results" / "lines.json")
+    ap.add_argument("--keep", type=Path, help="keep the sweeps in this folder (one sub-folder per area)")
+    ap.add_argument("--area", choices=[*AREAS, "both"], default="both", help="which area (default both: dense and realistic)")
+    ap.add_argument("--configs", help="only these configurations, comma-separated (e.g. 'full sweep,10%% sample + along')")
+    ap.add_argument("--picture", type=Path, default=ROOT / "docs" / "img", help="folder of lines-benchmark-AREA.png")
+    ap.add_argument("--json", type=Path, default=HERE / "results", help="folder of lines-AREA.json")
     ap.add_argument("--quick", action="store_true", help="a corner of the area (~100 tiles), the full sweep and a 20%% "
-                    "sample with --densify 2 (3 rounds at most); writes no results or picture; exits 1 when the full "
+                    "sample with --densify 0 --densify-along (3 rounds at most); writes no results or picture; exits 1 when the full "
                     "sweep did not predict every tile of the area")
     args = ap.parse_args()
-    global BBOX
-    configs, rounds = CONFIGS, 40
     if args.quick:
-        BBOX, configs, rounds = QUICK_BBOX, QUICK_CONFIGS, 3
-    world = World(seed=SEED)
+        return bench("quick", args, QUICK_BBOX, QUICK_CONFIGS, 3)
+    configs = CONFIGS
+    if args.configs:
+        wanted = {c.strip() for c in args.configs.split(",")}
+        configs = [c for c in CONFIGS if c[0] + (f" + {c[2]}" if c[2] else "") in wanted]
+        if not configs or configs[0][1] != 1.0:
+            sys.exit(f"--configs {args.configs!r}: name 'full sweep' first, then any of the table's configurations")
+    for name in ("dense", "realistic") if args.area == "both" else [args.area]:
+        bench(name, args, None, configs, 40)
+
+
+def bench(area_name: str, args: argparse.Namespace, bbox, configs, rounds: int) -> None:  # type: ignore[no-untyped-def]
+    global BBOX, SEED, DENSITY
+    SEED, DENSITY, BBOX, about = AREAS["dense" if area_name == "quick" else area_name]
+    BBOX = bbox or BBOX
+    print(f"\n{area_name}: {about}\n", flush=True)
+    world = World(seed=SEED, line_density=DENSITY)
     truth = truth_lines(world)
     towers = world.towers(BBOX)
     tower_tiles = {(t.x, t.y) for t in (_tile(tw.lon, tw.lat) for tw in towers)}
     area = ",".join(map(str, BBOX))
-    work = args.keep or Path(tempfile.mkdtemp(prefix="lines-bench-"))
+    work = args.keep / area_name if args.keep else Path(tempfile.mkdtemp(prefix="lines-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     keep_for_picture = None
@@ -158,11 +198,12 @@ def main() -> None:
                 "config": name + (f" + {densify}" if densify else ""), "fraction": fraction, "densify": densify,
                 "tiles": len(tiles), "share": len(tiles) / total if total else float("nan"),
                 "rounds": len(status["densify"]), "tower_recall": len(det_tiles & tower_tiles) / len(tower_tiles),
+                "sampled_corridors": sampled_corridors(towers, fraction),
                 "detections": len(det_tiles), "lines": len(lines), "line_recall": recall, "line_precision": precision,
                 "seconds": round(seconds, 1),
             })
             print(_row(rows[-1]), flush=True)
-            if fraction == 0.10 and densify == "densify 2":
+            if fraction == 0.10 and densify == "along":
                 keep_for_picture = (tiles, lines, det_tiles)
     print()
     print(table(rows, len(truth), len(towers), total or 0))
@@ -174,11 +215,12 @@ def main() -> None:
         if not total or total != (hi.x - lo.x + 1) * (hi.y - lo.y + 1):
             sys.exit(f"the full sweep predicted {total} tiles, not the area's")
         return
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"seed": SEED, "bbox": BBOX, "zoom": ZOOM, "area_tiles": total, "towers": len(towers),
-                                     "true_spans": len(truth), "rows": rows}, indent=1))
+    args.json.mkdir(parents=True, exist_ok=True)
+    (args.json / f"lines-{area_name}.json").write_text(json.dumps({
+        "seed": SEED, "line_density": DENSITY, "bbox": BBOX, "zoom": ZOOM, "area_tiles": total, "towers": len(towers),
+        "true_spans": len(truth), "rows": rows}, indent=1))
     if keep_for_picture is not None:
-        picture(args.picture, truth, *keep_for_picture)
+        picture(args.picture / f"lines-benchmark-{area_name}.png", truth, *keep_for_picture)
 
 
 def _tile(lon: float, lat: float):  # type: ignore[no-untyped-def]
@@ -187,16 +229,26 @@ def _tile(lon: float, lat: float):  # type: ignore[no-untyped-def]
     return tile_at(lon, lat, ZOOM)
 
 
+def sampled_corridors(towers, fraction: float) -> float:  # type: ignore[no-untyped-def]
+    """Share of the area's towers on a corridor (its 1..3 circuits) with a tower tile in
+    the plan's sample (seed 1): the towers a densify that follows lines can reach at all."""
+    from tilesweep.plan import tile_hash
+
+    hit = {tw.line_id // 4 for tw in towers
+           if fraction >= 1 or tile_hash(1, _tile(tw.lon, tw.lat)) < fraction * 2**64}
+    return sum(tw.line_id // 4 in hit for tw in towers) / len(towers)
+
+
 def _row(r: dict) -> str:  # type: ignore[type-arg]
-    return (f"| {r['config']} | {r['tiles']:,} ({r['share']:.0%}) | {r['rounds']} | {r['tower_recall']:.2f} | "
+    return (f"| {r['config']} | {r['tiles']:,} ({r['share']:.0%}) | {r['rounds']} | {r['sampled_corridors']:.2f} | {r['tower_recall']:.2f} | "
             f"{r['lines']} | {r['line_recall']:.2f} | {r['line_precision']:.2f} |")
 
 
 def table(rows: list[dict], spans: int, towers: int, total: int) -> str:  # type: ignore[type-arg]
-    head = (f"World seed {SEED}, area {','.join(map(str, BBOX))} at zoom {ZOOM}: {total:,} tiles, {towers} towers, "
+    head = (f"World seed {SEED}, line density {DENSITY:g}, area {','.join(map(str, BBOX))} at zoom {ZOOM}: {total:,} tiles, {towers} towers, "
             f"{spans} true spans; lines within {NEAR_M:.0f} m.\n\n"
-            "| configuration | tiles fetched | densify rounds | tower recall | traced lines | line recall | line precision |\n"
-            "|---|---|---|---|---|---|---|")
+            "| configuration | tiles fetched | densify rounds | towers on a sampled corridor | tower recall | traced lines | line recall | line precision |\n"
+            "|---|---|---|---|---|---|---|---|")
     return "\n".join([head, *(_row(r) for r in rows)])
 
 
@@ -228,7 +280,7 @@ def picture(path: Path, truth, tiles, lines, det_tiles) -> None:  # type: ignore
     ax.set_xlim(BBOX[0], BBOX[2])
     ax.set_ylim(BBOX[1], BBOX[3])
     ax.set_aspect(1 / math.cos(math.radians(47.4)))
-    ax.set_title("10% sample + run --densify 2, world seed 7")
+    ax.set_title(f"10% sample + run --densify 0 --densify-along, world seed {SEED}, line density {DENSITY:g}")
     ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
     ax.tick_params(labelsize=7)
     fig.tight_layout()

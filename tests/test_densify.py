@@ -5,6 +5,7 @@ The accounting must hold whatever is killed when: every planned tile (the sample
 each round's) is predicted exactly once, `status` adds up, and each tile's round is known."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -194,3 +195,39 @@ def test_nested_round_shards_are_read_and_exported_in_tile_order(tmp_path):
     with open(out, "rb") as f:
         r = Reader(MmapSource(f))
         assert all(r.get(t.z, t.x, t.y) == want[t] for t in want)
+
+
+def test_along_follows_a_line_from_a_lone_detection_and_from_a_pair():
+    """The tile sets of --along on a synthetic line (pure functions): a lone detection
+    gets the ring where its next tower stands (one spacing out, either way) and not the
+    tiles next to it; two detections one spacing apart get the band through them, on past
+    each by a spacing, and no ring; two 1.5 km apart (two lines, or a gap) get neither."""
+    from tilesweep.densify import _tile_metres, candidate_tiles
+
+    z, x0, y0 = 18, 137_000, 91_600
+    tile_m = float(_tile_metres(z, np.array([y0]))[0])
+    step = round(350 / tile_m)  # one tower spacing east, in tiles
+    settings = DensifySettings(radius=0, along=True)
+
+    def tiles(xs, ys):
+        cx, cy = candidate_tiles(z, np.array(xs), np.array(ys), settings)
+        return {(int(a), int(b)) for a, b in zip(cx, cy)}
+
+    lone = tiles([x0], [y0])
+    dist = {(x, y): np.hypot(x - x0, y - y0) * tile_m for x, y in lone}
+    assert (x0 + step, y0) in lone and (x0 - step, y0) in lone and (x0, y0 + step) in lone
+    assert (x0 + 1, y0) not in lone and all(220 <= d <= 480 for xy, d in dist.items() if xy != (x0, y0))
+    assert 40 <= len(lone) <= 90  # a ring, not the (2 * 5 + 1)**2 square that reaches as far
+
+    pair = tiles([x0, x0 + step], [y0, y0])
+    assert {(x, y0) for x in range(x0 - step, x0 + 2 * step + 1)} <= pair  # the band and a spacing past each
+    assert (x0, y0 + step) not in pair and (x0 + step, y0 - step) not in pair  # no ring: the line's direction is known
+    bend = round(step * math.sin(math.radians(20)))  # the next tower after a 20-degree bend, past either end
+    assert (x0 + 2 * step, y0 + bend) in pair and (x0 - step, y0 - bend) in pair
+    beyond = {(x, y): max(0, x0 - x, x - x0 - step) for x, y in pair}  # tiles past the nearer end
+    assert all(abs(y - y0) <= 1.5 + (b + 1) * math.tan(math.radians(25)) for (x, y), b in beyond.items())  # within 25 degrees
+
+    far = round(1500 / tile_m)
+    apart = tiles([x0, x0 + far], [y0, y0])
+    assert (x0 + far // 2, y0) not in apart  # no band between detections too far apart for one span
+    assert (x0 + step, y0) in apart and (x0 + far - step, y0) in apart  # each is lone: its ring

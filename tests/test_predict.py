@@ -219,8 +219,8 @@ RUN_MODES = {
 @pytest.mark.parametrize("mode", list(RUN_MODES))
 def test_run_fetches_and_predicts_in_one_go_and_resumes(tmp_path, mode):
     """`tilesweep run`: tiles stream from the source into the model (fetched in a thread,
-    or by worker processes), or, with --keep-tiles, the worker processes also store each block before the
-    model scores each stored block; killed mid-way and run again, every tile ends
+    or by worker processes), or, with --keep-tiles, each worker process stores a block's
+    shard and then hands the block to the model; killed mid-way and run again, every tile ends
     predicted exactly once and the fetch queue agrees with the ledger. The source is
     slowed so that the kill lands mid-run."""
     from tilesweep.sim import Faults

@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 
-def tour_block(text: str) -> str:
-    """The first ```sh block after the heading '## A two-minute tour'."""
-    head = re.search(r"^## A two-minute tour\s*$", text, re.MULTILINE)
-    assert head, "README.md has no '## A two-minute tour' heading"
+def tour_block(text: str, heading: str = "A two-minute tour") -> str:
+    """The first ```sh block after the heading '## {heading}'."""
+    head = re.search(rf"^## {re.escape(heading)}\s*$", text, re.MULTILINE)
+    assert head, f"README.md has no '## {heading}' heading"
     block = re.search(r"^```sh\n(.*?)^```\s*$", text[head.end():], re.MULTILINE | re.DOTALL)
-    assert block, "the tour has no ```sh block"
+    assert block, f"the section {heading!r} has no ```sh block"
     return block.group(1)
 
 
@@ -82,40 +82,73 @@ def test_the_extraction_keeps_commands_and_waits_for_servers():
 
 
 TOUR_TIMEOUT_S = 840  # about a minute on an idle 2-core machine; much more when it is shared
+HAS_VENV = (ROOT / ".venv" / "bin" / "activate").is_file() or (Path(sys.prefix) / "bin" / "activate").is_file()
 
 
-@pytest.mark.timeout(TOUR_TIMEOUT_S + 60)
-@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "activate").is_file() and not (Path(sys.prefix) / "bin" / "activate").is_file(),
-                    reason="the tour sources .venv/bin/activate: no virtual environment to link")
-def test_the_readme_tour_runs_as_written(tmp_path):
-    block = tour_block(README.read_text(encoding="utf-8"))
-    script = tour_script(block)
+def run_block(script: str, folder: Path, env_extra: dict[str, str] | None = None) -> tuple[str, str]:
+    """Run ``script`` with bash -x in ``folder`` (given the venv and examples/ of a clone);
+    fail on a non-zero exit, a traceback or the timeout. Returns stdout, stderr."""
     venv = ROOT / ".venv" if (ROOT / ".venv" / "bin" / "activate").is_file() else Path(sys.prefix)
-    (tmp_path / ".venv").symlink_to(venv)
-    if (ROOT / "examples").is_dir():
-        shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    (tmp_path / "tour.sh").write_text(script)
+    if not (folder / ".venv").exists():
+        (folder / ".venv").symlink_to(venv)
+    if (ROOT / "examples").is_dir() and not (folder / "examples").exists():
+        shutil.copytree(ROOT / "examples", folder / "examples")
+    (folder / "tour.sh").write_text(script)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    env.update({"COLUMNS": "200", "NO_COLOR": "1", "PS4": "+ [$SECONDS s] "})
-    # its own process group: on a timeout the simulator it started goes too
-    proc = subprocess.Popen(["bash", "-x", "tour.sh"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    env.update({"COLUMNS": "200", "NO_COLOR": "1", "PS4": "+ [$SECONDS s] "}, **(env_extra or {}))
+    # its own process group: on a timeout the servers it started go too
+    proc = subprocess.Popen(["bash", "-x", "tour.sh"], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=TOUR_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"the tour ran past {TOUR_TIMEOUT_S} s\nstdout: {stdout[-4000:]}\nstderr: {stderr[-4000:]}")
+        pytest.fail(f"the block ran past {TOUR_TIMEOUT_S} s\nstdout: {stdout[-4000:]}\nstderr: {stderr[-4000:]}")
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert proc.returncode == 0, f"the tour stopped (exit {proc.returncode})\nstdout: {stdout[-4000:]}\nstderr: {stderr[-4000:]}"
+    assert proc.returncode == 0, f"the block stopped (exit {proc.returncode})\nstdout: {stdout[-4000:]}\nstderr: {stderr[-4000:]}"
     assert "Traceback" not in stderr, stderr[-4000:]
+    return stdout, stderr
+
+
+@pytest.mark.timeout(TOUR_TIMEOUT_S + 60)
+@pytest.mark.skipif(not HAS_VENV, reason="the tour sources .venv/bin/activate: no virtual environment to link")
+def test_the_readme_tour_runs_as_written(tmp_path):
+    run_block(tour_script(tour_block(README.read_text(encoding="utf-8"))), tmp_path)
     # what the tour says it makes
     assert (tmp_path / "t.jpg").read_bytes()[:3] == b"\xff\xd8\xff", "tiles get wrote a JPEG"
     assert (tmp_path / "bern.pmtiles").read_bytes()[:7] == b"PMTiles"
     assert (tmp_path / "sample" / "queue.sqlite").is_file()
     assert list((tmp_path / "bern" / "predictions").rglob("part-*.parquet"))
     assert list((tmp_path / "bern2" / "predictions").rglob("part-*.parquet"))
+
+
+
+@pytest.mark.timeout(TOUR_TIMEOUT_S + 60)
+@pytest.mark.skipif(not HAS_VENV, reason="the block sources .venv/bin/activate: no virtual environment to link")
+def test_the_readme_many_machines_section_runs_as_written(tmp_path, s3_server, pg_server, monkeypatch):
+    """The "Many machines" block, after the tour's `source .venv/bin/activate`, with SWEEP and
+    QUEUE set as it tells a reader to: a bucket of the session's SeaweedFS, a database of the
+    session's PostgreSQL (its password in PGPASSWORD)."""
+    pytest.importorskip("distributed", reason="the dask extra (distributed) is not installed")
+    import uuid
+
+    from helpers import seaweed
+
+    sweep = f"s3://{seaweed.BUCKET}/readme-{uuid.uuid4().hex[:8]}"
+    script = tour_script("source .venv/bin/activate\n" + tour_block(README.read_text(encoding="utf-8"), "Many machines"))
+    env = s3_server.env(SWEEP=sweep, QUEUE=pg_server.url(), PGPASSWORD=os.environ["PGPASSWORD"],
+                        TILESWEEP_STATE_DIR=str(tmp_path / "state"))
+    stdout, _ = run_block(script, tmp_path, env)
+    assert list((tmp_path / "bern-dask" / "predictions").rglob("part-*.parquet"))
+    assert "machine " in stdout
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    from tilesweep.storage import open_storage
+
+    keys = [o.key for o in open_storage(sweep).list()]
+    assert "sweep.toml" in keys and any(k.startswith("predictions/") and k.endswith(".parquet") for k in keys), keys

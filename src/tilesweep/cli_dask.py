@@ -4,7 +4,6 @@ lines). ``cli.py`` calls these two functions and nothing else of Dask."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .errors import WorkerDied
@@ -49,7 +48,7 @@ def fetch(sweep: Any, address: Any, src: Any, settings: Any, worker_settings: An
     return report.counters
 
 
-def run(sweep: Any, sweep_dir: Path, the_model: Any, src: Any, settings: Any, fetch_settings: Any, worker_settings: Any,
+def run(sweep: Any, sweep_dir: str, the_model: Any, src: Any, settings: Any, fetch_settings: Any, worker_settings: Any,
         address: Any, quiet: bool, keep_tiles: bool = False, loader: Any = None) -> None:
     """``tilesweep run --dask``: each Dask worker runs the streaming run with the model
     loaded there (``loader``); with ``keep_tiles`` each also packs the tiles into the store."""

@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
 
 
 def lines(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder with predictions."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL with predictions."),
     output: Path = typer.Option(..., "--output", "-o", help="A .geojson (RFC 7946) or .parquet (GeoParquet 1.1) file."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     threshold: Optional[float] = typer.Option(None, "--threshold", help=THRESHOLD_HELP),
@@ -47,11 +47,11 @@ def lines(
 
 
 def densify(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder with predictions."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL with predictions."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     threshold: Optional[float] = typer.Option(None, "--threshold", help=THRESHOLD_HELP),
     radius: int = typer.Option(1, "--radius", "-r", help="Add the tiles within this many tiles of each detection (0..16)."),
-    along: bool = typer.Option(False, "--along", help="Also the tiles a line through two nearby detections (200..1000 m apart) would cross, one spacing past each."),
+    along: bool = typer.Option(False, "--along", help="Follow lines: also the tiles within half a tile of the line through two detections one tower spacing apart (200..600 m), drawn one spacing past each, a ring of tiles 300..400 m out around a detection with no such partner, and the part of it within 25 degrees ahead of a line's end."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Plan nothing once the sweep has this many densify rounds."),
 ) -> None:
     """Plan one densify round: the unplanned tiles around a model's detections become new

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
 
 def query(
     sql: str = typer.Argument(..., help="SQL. With --sweep: predictions, tiles, blocks, plan; else files in quotes, FROM 'trips*.csv'."),
-    sweep_dir: Optional[Path] = typer.Option(None, "--sweep", "-s", help="Sweep folder whose tables the SQL may name."),
+    sweep_dir: Optional[str] = typer.Option(None, "--sweep", "-s", help="Sweep folder or URL whose tables the SQL may name."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the whole result to a .csv, .parquet, .json or .geojson file."),
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help=MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
@@ -169,7 +169,7 @@ class _Progress:
 
 
 def detections(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder with predictions."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL with predictions."),
     output: Path = typer.Option(..., "--output", "-o", help="A .geojson (RFC 7946), .parquet (GeoParquet 1.1) or .csv file."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The model (its name in `tilesweep status`); default: the only one."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Score in 0..1 at or above which a tile is a detection; default: the model's own label."),
@@ -191,7 +191,7 @@ def detections(
 
 
 def summarize(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder or URL."),
     by: Optional[Path] = typer.Option(None, "--by", help="GeoJSON file of polygons (districts, grid cells): one row per polygon."),
     by_zoom: Optional[int] = typer.Option(None, "--by-zoom", help="One row per parent tile at this zoom instead."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to a .csv, .parquet, .json or .geojson file."),

@@ -12,7 +12,7 @@ from .errors import UsageError
 
 
 def view(
-    sweep_dir: Path = typer.Argument(..., help="Sweep folder (holds sweep.toml)."),
+    sweep_dir: str = typer.Argument(..., help="Sweep folder (holds sweep.toml)."),
     port: int = typer.Option(8765, "--port", "-p", help="TCP port; 0 picks a free one."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback serves to the network."),
     open_browser: bool = typer.Option(False, "--open", help="Open the page in the default browser."),
@@ -26,7 +26,11 @@ def view(
 
     if not 0 <= port <= 65535:
         raise UsageError(f"port {port} is outside 0..65535")
-    viewer = Viewer(sweep_dir, pmtiles=pmtiles)
+    from .storage import is_url
+
+    if is_url(sweep_dir):
+        raise UsageError(f"sweep {sweep_dir!r} is on object storage: `view` serves a local sweep folder only (not built for a URL yet)")
+    viewer = Viewer(Path(sweep_dir), pmtiles=pmtiles)
     models = viewer.overlay.models
     print(f"{sweep_dir}: {viewer.imagery_note}", flush=True)
     if not models:

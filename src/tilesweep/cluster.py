@@ -145,7 +145,7 @@ class _StopFlag:
 def worker_loop(spec: LoopSpec, stop: Any) -> WorkerCounters:
     """One worker's loop over the sweep until its queue has nothing pending or ``stop``
     is set (anything with ``is_set()``). The one place a Dask task meets the worker."""
-    return Worker(Path(spec.sweep_path), spec.zoom, spec.block_zoom, spec.source, spec.fetch, spec.worker,
+    return Worker(spec.sweep_path, spec.zoom, spec.block_zoom, spec.source, spec.fetch, spec.worker,
                   on_progress=lambda c: None, stop_event=stop).run()  # on_progress: the counters carry the fetch stats
 
 
@@ -273,7 +273,7 @@ def _run_loops(sweep: Any, cluster: _Cluster, addr: DaskAddress, source: Source,
     ``(function, *args)``, called as ``function(spec, i, n, *args, stop_name)`` for loop
     ``i`` of ``n`` (``run --dask``'s :func:`_predict_task`), whose results are kept in
     :attr:`ClusterReport.results`."""
-    spec = LoopSpec(str(Path(sweep.path).resolve()), sweep.zoom, sweep.block_zoom, source,
+    spec = LoopSpec(str(sweep.location if sweep.remote else Path(sweep.path).resolve()), sweep.zoom, sweep.block_zoom, source,
                     fetch or FetchSettings(), worker or WorkerSettings())
     started = time.monotonic()
     report = ClusterReport()

@@ -43,13 +43,15 @@ class DetectionsReport:
 
 
 @overload
-def choose_model(sweep_path: Path, model: str | None, required: Literal[True] = True) -> LedgerModel: ...
+def choose_model(sweep_path: "Path | Sweep", model: str | None, required: Literal[True] = True) -> LedgerModel: ...
 @overload
-def choose_model(sweep_path: Path, model: str | None, required: bool) -> LedgerModel | None: ...
-def choose_model(sweep_path: Path, model: str | None, required: bool = True) -> LedgerModel | None:
+def choose_model(sweep_path: "Path | Sweep", model: str | None, required: bool) -> LedgerModel | None: ...
+def choose_model(sweep_path: "Path | Sweep", model: str | None, required: bool = True) -> LedgerModel | None:
     """The ledger's model named ``model`` (by name or folder), or the only one; a
-    :class:`UsageError` names the choices when it is ambiguous or unknown."""
+    :class:`UsageError` names the choices when it is ambiguous or unknown. A sweep on
+    object storage (a :class:`Sweep`) reads its models from the parts in its bucket."""
     found = models(sweep_path)
+    sweep_path = getattr(sweep_path, "location", sweep_path)  # what the messages name
     if not found:
         if required:
             raise UsageError(f"sweep {str(sweep_path)!r} has no predictions yet; run `tilesweep run` or `tilesweep predict` with a model first")
@@ -107,7 +109,7 @@ def detections(
 
     sw = _open_sweep(sweep)
     threshold = check_threshold(threshold)
-    m = choose_model(sw.path, model)
+    m = choose_model(sw, model)
     con = con if con is not None else connect(memory_limit, threads)
     geom = _area_geometry(area)
     bbox = None
@@ -157,7 +159,7 @@ def export_detections(
     con = connect(memory_limit, threads)
     try:
         rel = detections(sw, model=model, threshold=threshold, area=geom, con=con)
-        m = choose_model(sw.path, model)
+        m = choose_model(sw, model)
         batches: Iterator[pa.RecordBatch] = stream(rel)
         if geom is not None:
             batches = _inside(batches, geom, geometry)

@@ -38,7 +38,12 @@ def disk_full(path: str | os.PathLike[str]) -> OSError:
 
 def keep_reserve(folder: str | os.PathLike[str], size: int = RESERVE_BYTES) -> bool:
     """Make sure ``folder/.space-reserve`` holds ``size`` allocated bytes; False when the
-    disk has no room for it (then there is nothing to free later)."""
+    disk has no room for it (then there is nothing to free later). A sweep on object
+    storage (``folder`` its URL) keeps none: its queue is a server's, not on this disk."""
+    from .storage import is_url
+
+    if is_url(folder):
+        return False
     path = Path(folder) / RESERVE_FILE
     try:
         if path.is_file() and path.stat().st_blocks * 512 >= size:
@@ -56,6 +61,10 @@ def keep_reserve(folder: str | os.PathLike[str], size: int = RESERVE_BYTES) -> b
 
 def free_reserve(folder: str | os.PathLike[str]) -> bool:
     """Delete the reserve (on a full disk); True when there was one."""
+    from .storage import is_url
+
+    if is_url(folder):
+        return False
     try:
         os.unlink(Path(folder) / RESERVE_FILE)
         return True

@@ -267,8 +267,8 @@ class WorkerDeaths:
     error): their leases are ended at once (``free``) so that the others take the blocks
     up, and :meth:`error` is the one line the command ends with (exit 1)."""
 
-    def __init__(self, sweep_path: Path) -> None:
-        self.sweep_path = Path(sweep_path)
+    def __init__(self, sweep_path: Path | str) -> None:
+        self.sweep_path = sweep_path  # a folder, or a sweep's object-store URL
         self.died: dict[int, tuple[int | None, int | None]] = {}  # index: (pid, exit code)
         self.causes: dict[int, str] = {}  # index: the error it reported
         self.freed = True
@@ -326,7 +326,7 @@ class ProcessPool:
     for every child while reading (a child cannot exit while its last messages sit in a
     full pipe)."""
 
-    def __init__(self, target: Callable[..., None], args: Callable[[int], tuple], workers: int, sweep_path: Path) -> None:  # type: ignore[type-arg]
+    def __init__(self, target: Callable[..., None], args: Callable[[int], tuple], workers: int, sweep_path: Path | str) -> None:  # type: ignore[type-arg]
         ctx = mp.get_context("spawn")
         self.ctx = ctx
         self.progress, self._outboxes = child_pipes(ctx, workers)

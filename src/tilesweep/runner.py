@@ -72,7 +72,7 @@ from .sources import Source
 from .store import CorruptShardError, ShardBusyError, TileStore
 from .store.shard import ShardReader
 from .supertile import open_fetcher, tiles_per_request
-from .sweep import open_sweep_queue
+from .sweep import as_location, open_sweep_queue, tiles_location
 from .tiles import tile_id
 
 
@@ -228,9 +228,9 @@ class ShardStoreOutput:
     shard is finished and renamed; the runner acks it then. Its calls block (the runner
     makes them in its I/O threads)."""
 
-    def __init__(self, sweep_path: Path, zoom: int, block_zoom: int) -> None:
+    def __init__(self, sweep_path: Path | str, zoom: int, block_zoom: int) -> None:
         # coarsest=0: adaptive blocks lie at any zoom up to block_zoom (the finest)
-        self.store = TileStore(Path(sweep_path) / "tiles", zoom, block_zoom, coarsest=0)
+        self.store = TileStore(tiles_location(sweep_path), zoom, block_zoom, coarsest=0)
 
     def done_result(self, block: Block) -> BlockResult | None:
         """The counts of a block whose shard is finished already (a worker died between
@@ -317,9 +317,9 @@ class StoreRunner:
     ``on_read(tiles, seconds)``: called after each block read, with its ok tiles and the
     seconds the read took (the read stage's meter)."""
 
-    def __init__(self, sweep_path: Path, store: TileStore, consumer: StoredBlockConsumer,
+    def __init__(self, sweep_path: Path | str, store: TileStore, consumer: StoredBlockConsumer,
                  on_read: Callable[[int, float], None] | None = None) -> None:
-        self.sweep_path = Path(sweep_path)
+        self.sweep_path = as_location(sweep_path)  # a folder, or a sweep's object-store URL
         self.store = store
         self.consumer = consumer
         self.on_read = on_read
@@ -348,8 +348,9 @@ class StoreRunner:
         """A stored block's tiles, or None when its shard is missing (counted) or corrupt
         (moved aside and requeued)."""
         path = self.store.shard_path(block.tile)
-        try:
-            reader = ShardReader(path)
+        try:  # on object storage: ranged reads (the index, then the data region in one GET)
+            storage = self.store.storage
+            reader = ShardReader(path) if storage is None else ShardReader.open(storage, self.store.shard_key(block.tile))
         except FileNotFoundError:
             self.missing_shards += 1
             return None
@@ -361,7 +362,8 @@ class StoreRunner:
             xs, ys = reader.coords()
             ok = np.nonzero(st == TileStatus.OK)[0]
             try:
-                data = [reader.data(int(i)) for i in ok]
+                with reader.holding_data():
+                    data = [reader.data(int(i)) for i in ok]
             except CorruptShardError as exc:
                 bad = exc
             else:
@@ -382,7 +384,7 @@ class StoreRunner:
             q.close()
 
 
-WorkerArgs = tuple[Path, int, int, Source, FetchSettings, WorkerSettings]
+WorkerArgs = tuple[Path | str, int, int, Source, FetchSettings, WorkerSettings]
 """A :class:`Worker`'s positional arguments (sweep folder, zoom, block zoom, source, fetch
 and worker settings), as a worker process gets them."""
 
@@ -399,7 +401,7 @@ class Worker:
 
     def __init__(
         self,
-        sweep_path: Path,
+        sweep_path: Path | str,
         zoom: int,
         block_zoom: int,
         source: Source,
@@ -415,7 +417,7 @@ class Worker:
         if keep_tiles and (consumer is None or refetch):
             raise ValueError("keep_tiles tees the store with a consumer: it needs one, and no refetch")
         self.keep_tiles = keep_tiles
-        self.sweep_path = Path(sweep_path)
+        self.sweep_path = as_location(sweep_path)  # a folder, or a sweep's object-store URL
         self.zoom = zoom
         self.block_zoom = block_zoom
         self.source = source

@@ -197,8 +197,10 @@ class SweepTables:
     def _view_predictions(self) -> None:
         from .predict.ledger import part_sources, winning_rows_sql
 
+        if self.sweep.remote and self._view_remote_predictions():
+            return
         # the ledger's winning rows only: a block two writers scored counts once
-        body = winning_rows_sql(part_sources(self.sweep.path))
+        body = None if self.sweep.remote else winning_rows_sql(part_sources(self.sweep.path))
         if body is None:
             body = (
                 "SELECT NULL::TINYINT AS z, NULL::INTEGER AS x, NULL::INTEGER AS y, NULL::BIGINT AS block, "
@@ -206,6 +208,53 @@ class SweepTables:
                 "NULL::VARCHAR AS model_digest, NULL::TIMESTAMPTZ AS time WHERE false"
             )
         self.con.execute(f"CREATE TEMP VIEW predictions AS {body}")
+
+    def _view_remote_predictions(self) -> bool:
+        """``predictions`` of a sweep on object storage: the parts its ledger records (in
+        the queue's schema, shared by every machine), read from the bucket through the
+        storage seam as pyarrow datasets (ranged reads; DuckDB scans them lazily, with
+        projections and filters pushed down, no extension). The ledger's winning rows only,
+        as :func:`tilesweep.predict.ledger.winning_rows_sql`. False when nothing is recorded."""
+        import pyarrow as pa
+        import pyarrow.dataset as pds
+        import pyarrow.parquet as pq
+
+        from .predict.ledger import open_ledger
+        from .storage import arrow_filesystem
+
+        ledger = open_ledger(self.sweep.path)
+        if ledger is None:
+            return False
+        try:
+            recorded = ledger.parts(None)
+        finally:
+            ledger.close()
+        storage = self.sweep.predictions_storage
+        sizes = {o.key: o.size for o in storage.list("") if o.key.endswith(".parquet")}
+        parts = [(name, lost) for name, lost in recorded if name in sizes]  # missing ones left out, as on disk
+        if not parts:
+            return False
+        fs = arrow_filesystem(storage, sizes)
+        schemas, seen = [], set()
+        for name, _ in parts:  # one schema per model folder (its label columns): union by name
+            folder = name.split("/", 1)[0]
+            if folder not in seen:
+                seen.add(folder)
+                with storage.open_read(name) as f:
+                    schemas.append(pq.read_schema(f).remove_metadata())
+        schema = pa.unify_schemas(schemas)
+        self._datasets = []  # DuckDB scans them lazily: they must outlive this call
+        selects = []
+        clean = [name for name, lost in parts if not lost]
+        groups = ([(clean, ())] if clean else []) + [([name], lost) for name, lost in parts if lost]
+        for i, (names, lost) in enumerate(groups):
+            ds = pds.dataset(names, schema=schema, format="parquet", filesystem=fs)
+            self._datasets.append(ds)
+            self.con.register(f"_tilesweep_parts_{i}", ds)
+            where = f" WHERE block NOT IN ({', '.join(str(int(b)) for b in lost)})" if lost else ""
+            selects.append(f"SELECT * FROM _tilesweep_parts_{i}{where}")
+        self.con.execute(f"CREATE TEMP VIEW predictions AS {' UNION ALL '.join(selects)}")
+        return True
 
 
 # --- the sources of the tables -----------------------------------------------------------
@@ -230,11 +279,13 @@ class LedgerModel(TypedDict):
     threshold: float
 
 
-def models(sweep_path: Path) -> list[LedgerModel]:
-    """The models of a sweep's ledger: name, digest, folder, labels (list), threshold."""
+def models(sweep_path: "Path | Sweep") -> list[LedgerModel]:
+    """The models of a sweep's ledger: name, digest, folder, labels (list), threshold. A
+    :class:`Sweep` may be passed (one on object storage: its ledger is the queue's)."""
     from .predict.ledger import open_ledger
+    from .sweep import Sweep
 
-    db = open_ledger(sweep_path)
+    db = open_ledger(sweep_path.path if isinstance(sweep_path, Sweep) else sweep_path)
     if db is None:
         return []
     try:
@@ -288,8 +339,8 @@ def tiles_batches(sweep: "Sweep") -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     def gen() -> Iterator[pa.RecordBatch]:
         buf: list[tuple[np.ndarray, ...]] = []
         n = 0
-        for block in store.blocks():
-            with ShardReader(store.shard_path(block)) as r:
+        for block in store.blocks():  # on object storage: a HEAD and the index's ranged reads
+            with (store.open_shard(block) if store.storage is not None else ShardReader(store.shard_path(block))) as r:
                 xs, ys = r.coords()
                 recs = r.records
                 buf.append((xs, ys, np.full(len(xs), tile_id(block), np.int64),

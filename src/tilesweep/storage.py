@@ -322,9 +322,18 @@ MULTIPART_CHUNK = 16 * 1024**2
 
 ENV_HINT = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL / AWS_REGION"
 
+_STORES = {"s3": "S3Store", "gs": "GCSStore", "az": "AzureStore"}
+"""URL schemes of object stores and their obstore classes. Only ``s3`` is tested (on a
+real SeaweedFS); ``gs`` and ``az`` go through the same obstore calls (create-if-absent
+PUTs, ranged GETs, listings), credentials from obstore's ``GOOGLE_*`` / ``AZURE_*``
+environment variables."""
+_ENV_HINTS = {"s3": ENV_HINT, "gs": "GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS",
+              "az": "AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY"}
+
 
 class ObjectStorage(Storage):
-    """Objects in an S3-compatible bucket (``s3://bucket/prefix``) through obstore (the
+    """Objects in an S3-compatible bucket (``s3://bucket/prefix``; ``gs://`` and ``az://``
+    through obstore's same calls, untested) through obstore (the
     ``s3`` extra). Credentials, endpoint and region come from the environment only
     (``AWS_*`` variables, as the AWS tools read them; ``AWS_ALLOW_HTTP=true`` for a plain
     http endpoint); the URL never holds them. Opening checks the bucket with one listing
@@ -335,35 +344,37 @@ class ObjectStorage(Storage):
     def __init__(self, url: str, *, staging: str | os.PathLike[str] | None = None, max_retries: int = 3, **config: Any) -> None:
         try:
             import obstore  # noqa: F401
-            from obstore.store import S3Store
+            import obstore.store as stores
         except ImportError:  # pragma: no cover - depends on the install
             raise StorageError(f"{url}: object storage needs obstore (pip install 'tilesweep[s3]')") from None
         from datetime import timedelta
 
         u = urlparse(url)
-        if u.scheme != "s3" or not u.netloc:
-            raise StorageError(f"bad storage URL {url!r}: expected s3://bucket/prefix")
+        if u.scheme not in _STORES or not u.netloc:
+            raise StorageError(f"bad storage URL {url!r}: expected s3://bucket/prefix (or gs://, az://)")
+        self.scheme = u.scheme
+        self.env_hint = _ENV_HINTS[u.scheme]
         if u.username or u.password or u.query:
-            raise StorageError(f"storage URL {_strip(url)!r} must not hold credentials or options; set {ENV_HINT}")
+            raise StorageError(f"storage URL {_strip(url)!r} must not hold credentials or options; set {self.env_hint}")
         self.bucket = u.netloc
         self.prefix = u.path.strip("/")
-        self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.url = f"{u.scheme}://{self.bucket}/{self.prefix}" if self.prefix else f"{u.scheme}://{self.bucket}"
         if staging is None:  # local disk, per bucket and prefix; staging names are per writer
             staging = Path(tempfile.gettempdir(), "tilesweep-staging", self.bucket, *self.prefix.split("/"))
         self.staging = Path(staging)
         """Local folder of staging files (and of unfinished shards: their resume state)."""
         retry = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=30)}
         client: dict[str, Any] = {"connect_timeout": "5s"}
-        if os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true", "yes"):
+        if u.scheme == "s3" and os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true", "yes"):
             client["allow_http"] = True  # client options given here replace the environment's
         kwargs: dict[str, Any] = {"retry_config": retry, "client_options": client}
         if self.prefix:
             kwargs["prefix"] = self.prefix
         kwargs.update(config)
         try:
-            self._store = S3Store(self.bucket, **kwargs)
+            self._store = getattr(stores, _STORES[u.scheme])(self.bucket, **kwargs)
         except Exception as e:
-            raise StorageError(f"{self.url}: cannot configure the S3 client: {_first_line(e)}") from None
+            raise StorageError(f"{self.url}: cannot configure the {self.scheme}:// client: {_first_line(e)}") from None
         self.check()
 
     def check(self) -> None:
@@ -380,13 +391,14 @@ class ObjectStorage(Storage):
         from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
 
         text = str(e)
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT") or "the default AWS endpoint"
+        endpoint = (os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT") or "the default AWS endpoint"
+                    if self.scheme == "s3" else f"the {self.scheme}:// service")
         if "NoSuchBucket" in text:
             return StorageError(f"{self.url}: bucket {self.bucket!r} does not exist at {endpoint}")
         if isinstance(e, (PermissionDeniedError, UnauthenticatedError)) or any(
             w in text for w in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403 Forbidden")
         ):
-            return StorageError(f"{self.url}: credentials refused by {endpoint} (set {ENV_HINT})")
+            return StorageError(f"{self.url}: credentials refused by {endpoint} (set {self.env_hint})")
         if "error sending request" in text or "Connect" in text or "dns error" in text:
             return StorageError(f"{self.url}: cannot reach {endpoint}")
         return StorageError(f"{self.url}: {_first_line(e)}")
@@ -595,6 +607,57 @@ def open_storage(location: str | os.PathLike[str], **options: Any) -> Storage:
     if not is_url(location):
         return LocalStorage(location)
     scheme = str(location).split("://", 1)[0]
-    if scheme == "s3":
+    if scheme in _STORES:
         return ObjectStorage(str(location), **options)
-    raise StorageError(f"storage URL {_strip(str(location))!r}: unsupported scheme {scheme!r} (a folder, file:// or s3://)")
+    raise StorageError(f"storage URL {_strip(str(location))!r}: unsupported scheme {scheme!r} (a folder, file://, s3://, gs:// or az://)")
+
+
+def arrow_filesystem(storage: Storage, sizes: dict[str, int] | None = None) -> Any:
+    """A read-only ``pyarrow.fs.PyFileSystem`` over ``storage`` (paths are its keys), so
+    that pyarrow datasets (and DuckDB scanning them) read objects with ranged reads
+    through this seam: no DuckDB extension, no second client with its own credentials.
+    ``sizes``: object sizes already known (from a listing), saving a HEAD per file."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    known = dict(sizes or {})
+
+    class _Handler(pafs.FileSystemHandler):
+        def get_type_name(self) -> str:
+            return "tilesweep-storage"
+
+        def normalize_path(self, path: str) -> str:
+            return path.strip("/")
+
+        def equals(self, other: Any) -> bool:
+            return other is self
+
+        def get_file_info(self, paths: str | list[str]) -> list[Any]:
+            out = []
+            for p in [paths] if isinstance(paths, str) else paths:
+                key = p.strip("/")
+                try:
+                    size = known[key] if key in known else storage.size(key)
+                    out.append(pafs.FileInfo(key, pafs.FileType.File, size=size))
+                except FileNotFoundError:
+                    out.append(pafs.FileInfo(key, pafs.FileType.NotFound))
+            return out
+
+        def get_file_info_selector(self, selector: Any) -> list[Any]:
+            base = selector.base_dir.strip("/")
+            return [pafs.FileInfo(o.key, pafs.FileType.File, size=o.size)
+                    for o in storage.list(f"{base}/" if base else "")]
+
+        def open_input_file(self, path: str) -> Any:
+            return pa.PythonFile(cast(io.IOBase, storage.open_read(path.strip("/"))), mode="r")
+
+        def open_input_stream(self, path: str) -> Any:
+            return self.open_input_file(path)
+
+        def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+            raise OSError(f"{storage.url}: read-only here")
+
+        create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _read_only
+        delete_file = move = copy_file = open_output_stream = open_append_stream = _read_only
+
+    return pafs.PyFileSystem(_Handler())

@@ -121,7 +121,7 @@ def summarize_areas(
     sw = _open_sweep(sweep)
     threshold = check_threshold(threshold)
     geoms, props = load_polygons(by)
-    m = choose_model(sw.path, model, required=False)
+    m = choose_model(sw, model, required=False)
     con = connect(memory_limit, threads)
     try:
         tables = SweepTables(con, sw)
@@ -176,7 +176,7 @@ def summarize_zoom(
     if not 0 <= int(zoom) <= sw.zoom:
         raise UsageError(f"summary zoom {zoom} is outside 0..{sw.zoom} (the sweep's zoom)")
     d = sw.zoom - int(zoom)
-    m = choose_model(sw.path, model, required=False)
+    m = choose_model(sw, model, required=False)
     con = con if con is not None else connect(memory_limit, threads)
     tables = SweepTables(con, sw)
     parts = [f"planned AS (SELECT x >> {d} AS px, y >> {d} AS py, count(*) AS n FROM plan GROUP BY ALL)"]

@@ -14,6 +14,18 @@ Planning is atomic: the queue and area are written under ``*.partial`` names and
 into place, and ``sweep.toml`` is written last, so a folder either holds a whole plan or
 none. Planning the same plan again is a no-op; planning a different one into a folder that
 holds a plan is refused.
+
+A sweep may also live on object storage (``s3://bucket/prefix``; ``gs://``, ``az://``
+through obstore's same API; ``file:///abs/path`` is a plain folder): ``sweep.toml``,
+``area.geojson``, ``tiles/`` and the prediction parts are objects under the prefix,
+published through :mod:`tilesweep.storage` (``sweep.toml`` create-if-absent at plan
+time). Its queue must be a server's (PostgreSQL: a SQLite file cannot live in a bucket).
+What only makes sense on one machine's disk lives in the sweep's *state folder*
+(:func:`state_folder`, ``$TILESWEEP_STATE_DIR/{scheme}/{bucket}/{prefix}``): the workers
+lock (it then guards this machine only), densify rounds, and a marked copy of
+``sweep.toml`` (``[sweep] mirror_of``: opening the state folder opens the URL). The
+prediction ledger is the queue's (PostgreSQL), shared by every machine.
+:attr:`Sweep.path` is that folder; :attr:`Sweep.location` the URL.
 """
 
 from __future__ import annotations
@@ -26,7 +38,8 @@ import time
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
+from urllib.parse import urlparse
 
 import shapely
 import tomli_w
@@ -37,6 +50,7 @@ from .errors import UsageError
 from .plan import BlockChunk, PlanSpec, estimate_plan, pack_mask, plan_blocks
 from .queue import DEFAULT_URL, Block, OwnerStats, Queue, StagedQueue, State, open_queue, parse_queue_url, redact, stage_queue
 from .sources import Source
+from .storage import AlreadyPublished, LocalStorage, Storage, is_url, open_storage
 from .store import TileStore
 
 SWEEP_FILE = "sweep.toml"
@@ -45,6 +59,54 @@ AREA_FILE = "area.geojson"
 TILES_DIR = "tiles"
 PREDICTIONS_DIR = "predictions"
 FORMAT_VERSION = 1
+
+SweepRef = Union[str, "os.PathLike[str]"]
+"""Where a sweep is: a folder (path or ``file://`` URL) or an object-store URL."""
+
+
+def as_location(ref: SweepRef) -> str | Path:
+    """``ref`` as a sweep location: an object-store URL stays a string (``s3://b/p``, no
+    trailing ``/``), anything else is a folder :class:`~pathlib.Path` (``file:///abs`` too)."""
+    if isinstance(ref, str) and ref.startswith("file://"):
+        u = urlparse(ref)
+        if u.netloc not in ("", "localhost"):  # file://tiles/store would open /store
+            raise UsageError(f"bad file URL {ref!r}: names host {u.netloc!r}; use file:///absolute/path or a plain folder path")
+        return Path(u.path)
+    if isinstance(ref, str) and is_url(ref):
+        return ref.rstrip("/")
+    return Path(ref)
+
+
+def state_folder(url: str) -> Path:
+    """The local folder of what a sweep on object storage keeps on this machine's disk (the
+    workers lock, the prediction ledger, densify rounds): ``$TILESWEEP_STATE_DIR`` (default
+    ``$XDG_CACHE_HOME/tilesweep/sweeps``, ``~/.cache/tilesweep/sweeps``) / scheme / bucket /
+    prefix. Created on use."""
+    base = os.environ.get("TILESWEEP_STATE_DIR")
+    if not base:
+        base = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "tilesweep", "sweeps"))
+    u = urlparse(url)
+    parts = [p for p in u.path.split("/") if p]
+    if any(p in (".", "..") for p in parts) or not u.netloc:
+        raise UsageError(f"bad sweep URL {url!r}: expected scheme://bucket/prefix")
+    folder = Path(base, u.scheme, u.netloc, *parts)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"state folder {str(folder)!r} of sweep {url!r} cannot be created: {exc.strerror}") from None
+    return folder
+
+
+def local_folder(ref: SweepRef) -> Path:
+    """The sweep's folder, or for a sweep on object storage its :func:`state_folder`."""
+    loc = as_location(ref)
+    return loc if isinstance(loc, Path) else state_folder(loc)
+
+
+def tiles_location(ref: SweepRef) -> str | Path:
+    """Where the sweep's tile store is: ``SWEEP/tiles`` (a folder or ``s3://.../tiles``)."""
+    loc = as_location(ref)
+    return loc / TILES_DIR if isinstance(loc, Path) else f"{loc}/{TILES_DIR}"
 
 
 @dataclass(frozen=True)
@@ -138,17 +200,44 @@ def plan_fingerprint(area: Area, spec: PlanSpec) -> str:
 class Sweep:
     """A sweep folder. Create one with :meth:`plan`, open one with :meth:`open`."""
 
-    def __init__(self, path: Path, config: dict[str, Any]):
+    def __init__(self, path: Path, config: dict[str, Any], storage: Storage | None = None):
         self.path = path
+        """The sweep's folder; for a sweep on object storage, its local :func:`state_folder`."""
         self.config = config
+        self.storage: Storage = storage if storage is not None else LocalStorage(path)
+        """Where the sweep's objects are (sweep.toml, area, tiles, prediction parts)."""
         self._queue: Queue | None = None
+
+    @property
+    def remote(self) -> bool:
+        """True for a sweep on object storage."""
+        return not isinstance(self.storage, LocalStorage)
+
+    @property
+    def location(self) -> str | Path:
+        """Where the sweep is: its folder, or its URL (what workers are handed, what is printed)."""
+        return self.storage.url if self.remote else self.path
+
+    def write_config(self) -> None:
+        """Publish :attr:`config` as ``sweep.toml``, atomically over the old one."""
+        data = tomli_w.dumps(self.config)
+        if self.remote:
+            self.storage.put(SWEEP_FILE, data.encode("utf-8"), replace=True)
+            _mirror(self.path, self.config, self.storage.url)
+        else:
+            _write_atomic(self.path / SWEEP_FILE, data)
 
     # --- opening and planning ---------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "Sweep":
-        """Open an existing sweep folder; :class:`UsageError` if it holds no plan."""
-        p = Path(path)
+    def open(cls, path: SweepRef) -> "Sweep":
+        """Open an existing sweep (a folder or an object-store URL); :class:`UsageError` if
+        it holds no plan, :class:`~tilesweep.storage.StorageError` when its bucket cannot
+        be used."""
+        loc = as_location(path)
+        if not isinstance(loc, Path):
+            return cls._open_url(loc)
+        p = loc
         cfg_path = p / SWEEP_FILE
         if not cfg_path.is_file():
             raise UsageError(f"sweep folder {str(p)!r} holds no plan ({SWEEP_FILE} missing); run `tilesweep plan` first")
@@ -156,12 +245,30 @@ class Sweep:
             config = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise UsageError(f"{str(cfg_path)!r} cannot be read: {exc}") from None
+        remote = config.get("sweep", {}).get(MIRROR_KEY)
+        if remote:  # the state folder of a sweep on object storage: that sweep
+            return cls._open_url(str(remote))
         return cls(p, config)
+
+    @classmethod
+    def _open_url(cls, url: str) -> "Sweep":
+        storage = open_storage(url)  # one listing: bucket, credentials, endpoint
+        try:
+            text = storage.read(SWEEP_FILE).decode("utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"sweep {storage.url!r} holds no plan ({SWEEP_FILE} missing); run `tilesweep plan` first") from None
+        try:
+            config = tomllib.loads(text)
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise UsageError(f"{storage.url}/{SWEEP_FILE} cannot be read: {exc}") from None
+        state = state_folder(storage.url)
+        _mirror(state, config, storage.url)
+        return cls(state, config, storage)
 
     @classmethod
     def plan(
         cls,
-        path: str | os.PathLike[str],
+        path: SweepRef,
         area: Area,
         spec: PlanSpec,
         on_chunk: Callable[[BlockChunk], None] | None = None,
@@ -178,11 +285,18 @@ class Sweep:
         progress). An interrupted or failed plan (Ctrl-C included) leaves nothing: the
         partial files are removed, and the folder too when this call created it.
         ``queue``: the queue's URL (:mod:`tilesweep.queue.url`); default the folder's own
-        ``queue.sqlite``. The sweep records it without a password."""
-        p = Path(path)
+        ``queue.sqlite``. The sweep records it without a password.
+
+        ``path`` may be an object-store URL (module doc): ``queue`` must then name a
+        server's queue (PostgreSQL), and ``sweep.toml`` is published create-if-absent, so
+        of two plans racing on one URL one wins and the other is refused."""
+        loc = as_location(path)
         fingerprint = plan_fingerprint(area, spec)
         if queue is not None:
             parse_queue_url(queue)  # a bad URL: one line, before anything is written
+        if not isinstance(loc, Path):
+            return cls._plan_url(loc, area, spec, fingerprint, on_chunk, allow_huge, queue)
+        p = loc
         if (p / SWEEP_FILE).exists():
             existing = cls.open(p)
             if existing.config.get("plan", {}).get("fingerprint") == fingerprint:
@@ -202,13 +316,7 @@ class Sweep:
             strays = [c.name for c in p.iterdir() if not c.name.endswith((".partial", ".partial-wal", ".partial-shm"))]
             if strays:
                 raise UsageError(f"sweep folder {str(p)!r} is not empty and holds no plan (found {strays[0]!r})")
-        estimate = estimate_plan(area.geometry, spec)
-        why = estimate.too_big()
-        if why is not None and not allow_huge:
-            raise UsageError(
-                f"plan of {area.source!r} at zoom {spec.zoom} is {why}: refused; pass --allow-huge "
-                "(allow_huge=True) to plan it anyway, or --dry-run to see the estimate"
-            )
+        _check_estimate(area, spec, allow_huge)
         created_dir = not p.exists()
         try:
             p.mkdir(parents=True, exist_ok=True)
@@ -237,9 +345,66 @@ class Sweep:
             raise
 
     @classmethod
+    def _plan_url(
+        cls, url: str, area: Area, spec: PlanSpec, fingerprint: str, on_chunk: Callable[[BlockChunk], None] | None,
+        allow_huge: bool, queue: str | None,
+    ) -> tuple["Sweep", bool]:
+        if queue is None or parse_queue_url(queue).kind == "sqlite":
+            raise UsageError(
+                f"sweep {url!r} is on object storage, so its queue cannot be SQLite (a database file cannot live in a "
+                "bucket): pass --queue postgresql://user@host:port/db"
+            )
+        storage = open_storage(url)  # StorageError (exit 2): bucket, credentials, endpoint
+        url = storage.url
+        if storage.exists(SWEEP_FILE):
+            existing = cls._open_url(url)
+            if existing.config.get("plan", {}).get("fingerprint") == fingerprint:
+                if not _same_queue(queue, existing.queue_url):
+                    raise UsageError(
+                        f"sweep {url!r} already holds this plan on queue {existing.queue_url!r}, "
+                        f"not {parse_queue_url(queue).text!r}; use another prefix"
+                    )
+                return existing, False
+            raise UsageError(f"sweep {url!r} already holds a different plan ({existing.describe_plan()}); use another prefix")
+        for o in storage.list(""):  # the first objects are enough (a killed plan's area is fine)
+            if not _is_area_key(o.key) and o.key != SWEEP_FILE:  # (a racing plan's: settled by create-if-absent)
+                raise UsageError(f"sweep {url!r} is not empty and holds no plan (found {o.key!r}); use another prefix")
+        _check_estimate(area, spec, allow_huge)
+        state = state_folder(url)
+        from .densify import ROUNDS_FILE
+
+        for stale in (ROUNDS_FILE, f"{ROUNDS_FILE}-wal", f"{ROUNDS_FILE}-shm", AREA_FILE, SWEEP_FILE):
+            (state / stale).unlink(missing_ok=True)  # this machine's state of an earlier sweep at this URL
+        staged: StagedQueue | None = None
+        area_key = _area_key(fingerprint)
+        try:
+            staged = stage_queue(queue, state)
+            return cls._plan_into(state, area, spec, fingerprint, on_chunk, staged, storage)
+        except BaseException as exc:  # Ctrl-C, a refused write, a bug: leave nothing half-written
+            if staged is not None:
+                staged.discard()
+            winner = None
+            try:  # a plan that raced this one and published first: its area may be ours
+                winner = tomllib.loads(storage.read(SWEEP_FILE).decode("utf-8"))
+            except Exception:  # none (FileNotFoundError), or the endpoint is gone
+                pass
+            same = winner is not None and winner.get("plan", {}).get("fingerprint") == fingerprint
+            if not same:
+                try:
+                    storage.delete(area_key)
+                except Exception:  # the endpoint is gone: a lone area is no plan
+                    pass
+            if isinstance(exc, AlreadyPublished):
+                if same and _same_queue(queue, str((winner or {}).get("queue", {}).get("url", DEFAULT_URL))):
+                    return cls._open_url(url), False  # the same plan, planned twice at once: one stands
+                raise UsageError(f"sweep {url!r}: another plan was published there while this one was planned; "
+                                 "nothing of this one is kept") from None
+            raise
+
+    @classmethod
     def _plan_into(
         cls, p: Path, area: Area, spec: PlanSpec, fingerprint: str, on_chunk: Callable[[BlockChunk], None] | None,
-        staged: StagedQueue,
+        staged: StagedQueue, storage: Storage | None = None,
     ) -> tuple["Sweep", bool]:
         tiles = blocks = 0
         zooms = [spec.zoom + 1, -1]  # coarsest, finest block zoom planned
@@ -254,12 +419,18 @@ class Sweep:
                 on_chunk(chunk)
         if blocks == 0:
             raise UsageError(f"area {area.source!r} has no tile at zoom {spec.zoom} after sampling; nothing planned")
-        area_tmp = p / (AREA_FILE + ".partial")
-        area_tmp.write_text(json.dumps(area.to_geojson()), encoding="utf-8")
-        os.replace(area_tmp, p / AREA_FILE)
+        if storage is None:
+            area_tmp = p / (AREA_FILE + ".partial")
+            area_tmp.write_text(json.dumps(area.to_geojson()), encoding="utf-8")
+            os.replace(area_tmp, p / AREA_FILE)
+        else:  # named by the plan: plans racing on one URL never share an area object
+            try:
+                storage.put(_area_key(fingerprint), json.dumps(area.to_geojson()).encode("utf-8"))
+            except AlreadyPublished:  # this very plan's area, left by a plan that was killed
+                pass
         staged.publish()
         plan: dict[str, Any] = {
-            "area": AREA_FILE,
+            "area": AREA_FILE if storage is None else _area_key(fingerprint),
             "area_source": area.source,
             "area_km2": round(area.area_km2, 6),
             "bbox": list(area.bbox),
@@ -280,8 +451,14 @@ class Sweep:
             plan["block_tiles"] = spec.block_tiles
             plan["block_zoom_min"] = zooms[0]
         config = {"sweep": {"format": FORMAT_VERSION, "tilesweep": __version__}, "plan": plan, "queue": {"url": staged.url}}
-        _write_atomic(p / SWEEP_FILE, tomli_w.dumps(config))
-        return cls(p, config), True
+        if storage is None:
+            _write_atomic(p / SWEEP_FILE, tomli_w.dumps(config))
+            return cls(p, config), True
+        # create-if-absent: of two plans racing on one URL, one publishes (the other's
+        # AlreadyPublished is settled by _plan_url)
+        storage.put(SWEEP_FILE, tomli_w.dumps(config).encode("utf-8"))
+        _mirror(p, config, storage.url)
+        return cls(p, config, storage), True
 
     # --- reading ------------------------------------------------------------------------
 
@@ -334,6 +511,8 @@ class Sweep:
         process of its own. :class:`UsageError` when it is missing, corrupt or unreachable."""
         url = self.queue_url
         if parse_queue_url(url).kind == "sqlite":
+            if self.remote:
+                raise UsageError(f"sweep {self.storage.url!r} records a SQLite queue ({url!r}), which cannot live in a bucket")
             path = parse_queue_url(url).resolve(self.path)
             if not path.is_file():
                 raise UsageError(f"sweep folder {str(self.path)!r} has no {QUEUE_FILE}" if url == DEFAULT_URL
@@ -381,13 +560,13 @@ class Sweep:
                 )
             return recorded
         self.config["source"] = source.to_config()
-        _write_atomic(self.path / SWEEP_FILE, tomli_w.dumps(self.config))
+        self.write_config()
         return source
 
     def unbind_source(self) -> None:
         """Forget the recorded source (a run that recorded it found it gives no image)."""
         if self.config.pop("source", None) is not None:
-            _write_atomic(self.path / SWEEP_FILE, tomli_w.dumps(self.config))
+            self.write_config()
 
     def replace_source(self, source: Source, mix: bool = False) -> tuple[Source, int]:
         """Record ``source`` in place of the recorded one. Returns ``(source, requeued)``.
@@ -416,18 +595,39 @@ class Sweep:
             if row is not None and not row["n_ok"]:
                 empty_done.append(b)
         for b in empty_done:
-            self.store.shard_path(b.tile).unlink(missing_ok=True)
+            if store.storage is not None:
+                store.storage.delete(store.shard_key(b.tile))
+            else:
+                store.shard_path(b.tile).unlink(missing_ok=True)
         requeued = queue.requeue([b.id for b in empty_done], f"source replaced: {recorded.redacted()} gave no image")
         if not mix:
             store.discard_partials()
         self.config["source"] = source.to_config()
-        _write_atomic(self.path / SWEEP_FILE, tomli_w.dumps(self.config))
+        self.write_config()
         return source, requeued
 
     @property
     def store(self) -> TileStore:
-        """The sweep's tile store (``tiles/``), one shard per block."""
-        return TileStore(self.path / TILES_DIR, self.zoom, self.block_zoom, coarsest=self.block_zoom_min)
+        """The sweep's tile store (``tiles/``, a folder or objects), one shard per block."""
+        return TileStore(tiles_location(self.location), self.zoom, self.block_zoom, coarsest=self.block_zoom_min)
+
+    @property
+    def predictions_storage(self) -> Storage:
+        """Where the sweep's prediction parts are published (``predictions/``)."""
+        if self.remote:
+            # staged in the state folder's predictions/, where a sink clears stale ones as on a local sweep
+            return open_storage(f"{self.storage.url}/{PREDICTIONS_DIR}", staging=self.path / PREDICTIONS_DIR)
+        return LocalStorage(self.path / PREDICTIONS_DIR)
+
+    @property
+    def area_path(self) -> Path:
+        """A local file of the planned area (GeoJSON): ``SWEEP/area.geojson``, or for a
+        sweep on object storage a copy in its state folder, read from the bucket."""
+        if not self.remote:
+            return self.path / AREA_FILE
+        local = self.path / AREA_FILE
+        LocalStorage(self.path).put(AREA_FILE, self.storage.read(str(self.plan_config.get("area", AREA_FILE))), replace=True)
+        return local
 
     @property
     def predictions_path(self) -> Path:
@@ -556,13 +756,44 @@ def _same_queue(url: str, recorded: str) -> bool:
     return redact(a.conninfo or "") == redact(b.conninfo or "") and a.schema in (None, b.schema)
 
 
-def queue_url(path: str | os.PathLike[str]) -> str:
+MIRROR_KEY = "mirror_of"
+"""``[sweep] mirror_of = URL`` marks a state folder's ``sweep.toml`` as a read-only copy."""
+
+
+def _mirror(state: Path, config: dict[str, Any], url: str) -> None:
+    """Copy ``config`` into the state folder's ``sweep.toml``, marked as the mirror of
+    ``url``: what reads a sweep's folder (the prediction ledger finds the queue's URL in
+    it) reads the bucket's sweep there, and :meth:`Sweep.open` of the state folder opens
+    the URL, never a sweep of the state folder's own. Refreshed on every open."""
+    mirror = {**config, "sweep": {**config.get("sweep", {}), MIRROR_KEY: url}}
+    _write_atomic(state / SWEEP_FILE, tomli_w.dumps(mirror))
+
+
+def _area_key(fingerprint: str) -> str:
+    """The area's object in a sweep on object storage: named by the plan's fingerprint."""
+    return f"area-{fingerprint}.geojson"
+
+
+def _is_area_key(key: str) -> bool:
+    return key.startswith("area-") and key.endswith(".geojson") and "/" not in key
+
+
+def _check_estimate(area: Area, spec: PlanSpec, allow_huge: bool) -> None:
+    why = estimate_plan(area.geometry, spec).too_big()
+    if why is not None and not allow_huge:
+        raise UsageError(
+            f"plan of {area.source!r} at zoom {spec.zoom} is {why}: refused; pass --allow-huge "
+            "(allow_huge=True) to plan it anyway, or --dry-run to see the estimate"
+        )
+
+
+def queue_url(path: SweepRef) -> str:
     """The queue URL recorded by the sweep at ``path`` (its folder's ``queue.sqlite`` when
     none is recorded)."""
     return Sweep.open(path).queue_url
 
 
-def open_sweep_queue(path: str | os.PathLike[str], max_attempts: int = 5) -> Queue:
+def open_sweep_queue(path: SweepRef, max_attempts: int = 5) -> Queue:
     """A new connection to the queue of the sweep at ``path`` (the caller closes it)."""
     return Sweep.open(path).open_queue(max_attempts=max_attempts)
 

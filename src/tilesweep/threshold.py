@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .sweep import Sweep
 
 
 def check_threshold(threshold: float | None) -> float | None:
@@ -24,7 +27,7 @@ def check_threshold(threshold: float | None) -> float | None:
     return t
 
 
-def apply_threshold(model: Any, threshold: float | None, sweep_path: Path) -> Any:
+def apply_threshold(model: Any, threshold: float | None, sweep_path: "Path | Sweep") -> Any:
     """Give a loaded model the ``--threshold`` of `tilesweep predict` / `run`: its
     ``label`` column and the ledger's positives use it. A threshold other than the one
     this model's earlier predictions in the sweep were written with is refused (one
@@ -40,7 +43,7 @@ def apply_threshold(model: Any, threshold: float | None, sweep_path: Path) -> An
     for m in models(sweep_path):
         if m["name"] == model.name and m["digest"] == model.digest and not math.isclose(m["threshold"], threshold):
             raise UsageError(
-                f"predictions of {model.name} in {str(sweep_path)!r} were written with threshold {m['threshold']:g}, "
+                f"predictions of {model.name} in {str(getattr(sweep_path, 'location', sweep_path))!r} were written with threshold {m['threshold']:g}, "
                 f"not {threshold:g}; use `tilesweep detections --threshold {threshold:g}` to cut the scores anew"
             )
     model.info = dataclasses.replace(model.info, threshold=threshold)

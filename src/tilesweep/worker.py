@@ -76,8 +76,11 @@ class FetchWorkers:
 
 
 def sweep_folder_of(worker_args: WorkerArgs) -> Path:
-    """The sweep folder of a worker's ``args`` (their first item)."""
-    return Path(worker_args[0])
+    """The sweep folder of a worker's ``args`` (their first item; a sweep on object
+    storage: its local state folder)."""
+    from .sweep import local_folder
+
+    return local_folder(worker_args[0])
 
 
 def _worker_main(args: WorkerArgs, progress: Any, index: int, stop_event: Any, parent_pid: int) -> None:
@@ -90,7 +93,7 @@ def _worker_main(args: WorkerArgs, progress: Any, index: int, stop_event: Any, p
 
 
 def run_workers(
-    sweep_path: Path,
+    sweep_path: Path | str,
     zoom: int,
     block_zoom: int,
     source: Source,

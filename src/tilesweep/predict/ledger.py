@@ -295,6 +295,9 @@ class SqliteLedger(_SqlLedger):
         if readonly:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60, check_same_thread=False)
             cols = {r[1] for r in self.db.execute("PRAGMA table_info(predicted)")}
+            if not cols:  # a writer's first open has made the file, not yet its tables
+                self.db.close()
+                raise LookupError(f"{self.path} holds no ledger yet")
             self._has_lost = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'lost'").fetchone() is not None
             self._has_nan = "model_nan" in cols
             return
@@ -504,11 +507,10 @@ def open_ledger(sweep_path: Path, write: bool = False) -> _SqlLedger | None:
         return SqliteLedger(file)
     if not file.is_file():
         return None
-    db = SqliteLedger(file, readonly=True)
-    if db.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'models'").fetchone() is None:
-        db.close()  # a writer has created the file and not yet its tables: nothing is predicted yet
+    try:
+        return SqliteLedger(file, readonly=True)
+    except LookupError:  # created this instant by the first writer: nothing predicted yet
         return None
-    return db
 
 
 class PartSource(NamedTuple):

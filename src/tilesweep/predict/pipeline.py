@@ -330,6 +330,7 @@ class _Pipeline:
             # 3, 7, ... seconds up to part_seconds (a few more small parts at the start).
             first_part_s=1.0 if live else None,
             holder="tilesweep run" if live else "tilesweep predict",
+            storage=sweep.predictions_storage if sweep.remote else None,
         )
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
@@ -388,7 +389,7 @@ class _Pipeline:
         self.todo = todo
         self.report.blocks_todo = len(todo) + len(self.refetch)
         reading = PredictionConsumer(self.sink, self.predicted, lambda w: self._put(self.q_read, w))
-        self.reader = StoreRunner(self.sweep.path, self.store, reading, on_read=self._on_read)
+        self.reader = StoreRunner(self.sweep.location, self.store, reading, on_read=self._on_read)
 
     def _make_queues(self) -> None:
         s = self.s
@@ -415,7 +416,7 @@ class _Pipeline:
     def _make_fetch(self, stream: StreamFetch) -> None:
         """The stream's runner: in a thread of this process, or ``workers`` processes."""
         sweep = self.sweep
-        worker_args = (sweep.path, sweep.zoom, sweep.block_zoom, stream.source, stream.fetch, stream.worker)
+        worker_args = (sweep.location, sweep.zoom, sweep.block_zoom, stream.source, stream.fetch, stream.worker)
         if stream.workers > 1:
             procs = FetchProcesses(worker_args, stream.workers, self.refetch, self.sink.root / LEDGER_FILE, self.sink.key,
                                    keep_tiles=stream.keep_tiles)
@@ -574,7 +575,7 @@ class _Pipeline:
         follow = self.follow
         if follow is None:
             return
-        q = open_sweep_queue(self.sweep.path)  # this thread's own connection
+        q = open_sweep_queue(self.sweep.location)  # this thread's own connection
         try:
             while True:
                 more = follow()  # asked before looking, so the last look sees everything

@@ -58,7 +58,7 @@ from .._arrow import from_numpy, repeated_string
 from ..durable import fsync_dir
 from ..errors import UsageError
 from ..block import BlockResult
-from ..queue import Queue
+from ..queue import Queue, State
 from ..storage import LocalStorage, Storage
 from ..tiles import centres_array as centres  # noqa: F401 - re-exported: tile math lives in tilesweep.tiles
 from .ledger import LEDGER_FILE as LEDGER_FILE, Ledger, open_ledger
@@ -432,13 +432,17 @@ def ledger_totals(sweep_path: Path, name: str, digest: str) -> PredictionTotals 
 class Reconciliation(NamedTuple):
     """A model's ledger against the fetch queue: ``blocks`` predicted, ``rows`` written,
     ``fetched`` OK tiles the queue recorded for those blocks, ``done_blocks`` in the queue,
-    and ``mismatched`` predicted blocks whose rows / empty / failed differ from the queue's."""
+    and ``mismatched`` predicted blocks whose rows / empty / failed differ from the queue's.
+    ``in_flight``: blocks the ledger holds that are still leased in the queue (another
+    writer recorded them and has not acked yet, or will ack them on its next flush); they
+    are in none of the other counts."""
 
     blocks: int
     rows: int
     fetched: int
     done_blocks: int
     mismatched: int
+    in_flight: int = 0
 
     @property
     def message(self) -> str | None:
@@ -451,25 +455,37 @@ class Reconciliation(NamedTuple):
 def reconcile(sweep_path: Path, queue: Queue, name: str, digest: str) -> Reconciliation:
     """Check a model's predictions against the fetch results, block by block (read-only):
     the ledger and the queue's done blocks are both read in block id order and merged, so
-    memory does not grow with the number of blocks."""
+    memory does not grow with the number of blocks.
+
+    With many writers (two `run`s, Dask tasks), a block another writer has recorded but
+    not yet acked is still leased in the queue: it is counted ``in_flight``, not as a
+    mismatch. A recorded block that is pending or dead stays a mismatch (its next lease
+    acks it from the ledger)."""
     done_results = queue.results()
     db = open_ledger(sweep_path)
     if db is None:
         return Reconciliation(0, 0, 0, sum(1 for _ in done_results), 0)
-    blocks = rows = fetched = done = mismatched = 0
+    blocks = rows = fetched = done = mismatched = in_flight = 0
     try:
         head = next(done_results, None)
         for bid, n_rows, n_empty, n_failed in db.predicted_rows(model_key(name, digest)):
             while head is not None and head[0] < bid:  # done, not predicted by this model
                 done += 1
                 head = next(done_results, None)
-            blocks += 1
-            rows += int(n_rows)
             r = None  # not done, or done without results
-            if head is not None and head[0] == bid:
+            is_done = head is not None and head[0] == bid
+            if is_done:
+                assert head is not None
                 r = head[1]
                 done += 1
                 head = next(done_results, None)
+            else:
+                record = queue.get(bid)  # rare: only blocks recorded and not done
+                if record is not None and record["state"] == State.LEASED:
+                    in_flight += 1
+                    continue
+            blocks += 1
+            rows += int(n_rows)
             if r is None:
                 mismatched += 1
                 continue
@@ -480,7 +496,7 @@ def reconcile(sweep_path: Path, queue: Queue, name: str, digest: str) -> Reconci
             head = next(done_results, None)
     finally:
         db.close()
-    return Reconciliation(blocks, rows, fetched, done, mismatched)
+    return Reconciliation(blocks, rows, fetched, done, mismatched, in_flight)
 
 
 class Dropped(NamedTuple):

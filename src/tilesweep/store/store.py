@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..durable import fsync_dir
-from ..storage import ObjectStorage, Storage, StorageError, is_url, open_storage
+from ..storage import AlreadyPublished, ObjectStorage, Storage, is_url, open_storage
 from ..tiles import MAX_ZOOM, Tile, tile_id_array, zoom_base_id
 from .shard import (
     RECORD_SIZE,
@@ -312,15 +312,33 @@ class TileStore:
             return ShardReader.open(self.storage, self.shard_key(block))
         return ShardReader(self.shard_path(block))
 
-    def quarantine(self, block: Tile) -> Path | None:
+    def quarantine(self, block: Tile) -> Path | str | None:
         """Move the block's finished shard aside to ``{y}.shard.corrupt`` (``.corrupt.N``
         when taken), so that :meth:`is_complete` is False and the block can be fetched
-        again; the folder is fsynced. Returns the new path, None when there was no shard."""
+        again; the folder is fsynced. Returns the new path (on object storage the new
+        object's URL), None when there was no shard.
+
+        On object storage there is no rename: the shard's bytes are published
+        create-if-absent under the ``.corrupt`` key, then the shard is deleted (a crash
+        between the two leaves both: the next quarantine makes a ``.corrupt.N``)."""
         path = self.shard_path(Tile(*block))
         self._evict(block)
         if self.storage is not None:
-            raise StorageError(f"{self.location}: moving a corrupt shard aside is not done on object storage yet; "
-                               f"delete {self.shard_key(block)} there")
+            key = self.shard_key(block)
+            try:
+                data = self.storage.read(key)
+            except FileNotFoundError:
+                return None
+            n = 0
+            while True:
+                aside = f"{key}.corrupt" if n == 0 else f"{key}.corrupt.{n}"
+                try:
+                    self.storage.put(aside, data)
+                    break
+                except AlreadyPublished:
+                    n += 1
+            self.storage.delete(key)
+            return f"{self.storage.url}/{aside}"
         if not path.exists():
             return None
         dest = path.with_name(path.name + ".corrupt")
