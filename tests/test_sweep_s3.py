@@ -239,3 +239,52 @@ def test_two_plans_racing_on_one_url_leave_one_plan(s3_server, pg_server, tmp_pa
         fp = sweep.plan_config["fingerprint"]
     assert _objects(s3_server, monkeypatch, url) == [f"area-{fp}.geojson", "sweep.toml"]
     assert schemas() == before + 1
+
+
+def test_two_machines_binding_different_sources_at_once_one_is_refused(s3_server, pg_server, tmp_path, monkeypatch):
+    """Two machines opened the sweep before either recorded a source (both see none), then
+    bind different sources at once: sweep.toml is updated conditionally (If-Match on its
+    ETag), so one source is recorded and the other machine is refused in one line naming
+    the URL; a later update (unbind) keeps what the other recorded."""
+    import threading
+
+    from tilesweep.area import load_area
+    from tilesweep.errors import UsageError
+    from tilesweep.plan import PlanSpec
+    from tilesweep.sources import parse_source
+    from tilesweep.sweep import Sweep
+
+    url = _url()
+    _objects(s3_server, monkeypatch, url)  # sets the AWS_* variables here
+    monkeypatch.setenv("TILESWEEP_STATE_DIR", str(tmp_path / "state"))
+    Sweep.plan(url, load_area(BBOX), PlanSpec(zoom=17, block_zoom=14), queue=pg_server.url())[0].close()
+    machines = [Sweep.open(url), Sweep.open(url)]
+    sources = [parse_source(f"http://127.0.0.1:9/{name}/{{z}}/{{x}}/{{y}}.png") for name in ("a", "b")]
+    start = threading.Barrier(2)
+    results: dict[int, object] = {}
+
+    def bind(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = machines[i].bind_source(sources[i]).template
+        except UsageError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=bind, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    won = [i for i, r in results.items() if r == sources[i].template]
+    lost = [r for r in results.values() if isinstance(r, UsageError)]
+    assert len(won) == 1 and len(lost) == 1, results
+    msg = str(lost[0])
+    assert "mixing sources in one sweep is refused" in msg and url in msg and "\n" not in msg, msg
+    with Sweep.open(url) as sweep:
+        assert sweep.source is not None and sweep.source.template == sources[won[0]].template
+    loser = machines[1 - won[0]]
+    loser.unbind_source()  # it recorded nothing: the winner's source stays
+    with Sweep.open(url) as sweep:
+        assert sweep.source is not None and sweep.source.template == sources[won[0]].template
+    for m in machines:
+        m.close()

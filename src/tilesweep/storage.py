@@ -89,6 +89,16 @@ class StorageError(UsageError):
 
 
 @dataclass(frozen=True)
+class Version:
+    """Which bytes an object held when read: its size (bytes), ETag and version id (either
+    may be None where the store gives none)."""
+
+    size: int
+    e_tag: str | None
+    version: str | None
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     """One published object: its key (relative to the storage's root) and size in bytes."""
 
@@ -183,6 +193,29 @@ class Storage(ABC):
         """The object's file when the storage is a local folder (for memory-mapped
         reads), else None."""
         return None
+
+    def read_versioned(self, key: str) -> tuple[bytes, Version]:
+        """The whole object and its :class:`Version` (for :meth:`put_if_version` and
+        :meth:`delete_if_version`); ``FileNotFoundError`` when absent. Object stores only."""
+        raise NotImplementedError(f"{self.url}: conditional updates need an object store")
+
+    def version(self, key: str) -> Version:
+        """The object's current :class:`Version`; ``FileNotFoundError`` when absent."""
+        raise NotImplementedError(f"{self.url}: conditional updates need an object store")
+
+    def put_if_version(self, key: str, data: bytes, version: Version) -> bool:
+        """Publish ``data`` over ``key`` only if the object is still at ``version`` (one
+        PUT with ``If-Match``): True when it was written, False when another writer
+        changed (or deleted) it since ``version`` was read (nothing is written: re-read,
+        re-apply, retry). At most :data:`SINGLE_PUT_MAX` bytes, held in memory."""
+        raise NotImplementedError(f"{self.url}: conditional updates need an object store")
+
+    def delete_if_version(self, key: str, version: Version) -> bool:
+        """Delete ``key`` only if it is still at ``version``: True when it was deleted (or
+        is already gone), False when another writer published other bytes there. Not one
+        atomic request (obstore has no conditional DELETE): a HEAD, compared, then the
+        DELETE; a publication in between (milliseconds) is not seen."""
+        raise NotImplementedError(f"{self.url}: conditional updates need an object store")
 
 
 def _staging(p: Path, unique: bool) -> Path:
@@ -510,6 +543,50 @@ class ObjectStorage(Storage):
                 obstore.delete(self._store, self._key(key))
         except FileNotFoundError:
             pass
+
+    def read_versioned(self, key: str) -> tuple[bytes, Version]:
+        import obstore
+
+        with self._errors():
+            r = obstore.get(self._store, self._key(key))
+            data = bytes(r.bytes())
+            m = r.meta
+        return data, Version(int(m["size"]), m.get("e_tag"), m.get("version"))
+
+    def version(self, key: str) -> Version:
+        import obstore
+
+        with self._errors():
+            m = obstore.head(self._store, self._key(key))
+        return Version(int(m["size"]), m.get("e_tag"), m.get("version"))
+
+    def put_if_version(self, key: str, data: bytes, version: Version) -> bool:
+        import obstore
+        from obstore.exceptions import NotFoundError, PreconditionError
+
+        k = self._key(key)
+        if version.e_tag is None and version.version is None:
+            raise StorageError(f"{self.url}/{k}: the store gives no ETag or version; a conditional update is impossible")
+        mode: Any = {k: v for k, v in (("e_tag", version.e_tag), ("version", version.version)) if v is not None}
+        try:
+            obstore.put(self._store, k, data, mode=mode)
+        except Exception as e:
+            code = _s3_status(e)
+            # 412: changed since read; 409: a racing conditional PUT in flight; 404: deleted
+            if isinstance(e, (PreconditionError, NotFoundError)) or code in (404, 409, 412):
+                return False
+            raise self._error(e) from None
+        return True
+
+    def delete_if_version(self, key: str, version: Version) -> bool:
+        try:
+            now = self.version(key)
+        except FileNotFoundError:
+            return True
+        if (now.size, now.e_tag, now.version) != (version.size, version.e_tag, version.version):
+            return False
+        self.delete(key)
+        return True
 
     def __repr__(self) -> str:
         return f"ObjectStorage({self.url!r})"

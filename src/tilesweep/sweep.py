@@ -30,9 +30,11 @@ prediction ledger is the queue's (PostgreSQL), shared by every machine.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import random
 import sqlite3
 import time
 import tomllib
@@ -219,13 +221,44 @@ class Sweep:
         return self.storage.url if self.remote else self.path
 
     def write_config(self) -> None:
-        """Publish :attr:`config` as ``sweep.toml``, atomically over the old one."""
+        """Publish :attr:`config` as ``sweep.toml``, atomically over the old one: whatever
+        another machine recorded since this one read it is lost. Changes to a sweep that
+        may be shared go through :meth:`update_config`."""
         data = tomli_w.dumps(self.config)
         if self.remote:
             self.storage.put(SWEEP_FILE, data.encode("utf-8"), replace=True)
             _mirror(self.path, self.config, self.storage.url)
         else:
             _write_atomic(self.path / SWEEP_FILE, data)
+
+    def update_config(self, change: Callable[[dict[str, Any]], bool], attempts: int = 20) -> None:
+        """Apply ``change`` to the recorded ``sweep.toml`` and publish it; :attr:`config`
+        is then what was recorded. ``change`` edits the dict it is given in place and
+        returns True when it changed something (False: nothing is written); it may raise
+        (:class:`UsageError`: refused, nothing written).
+
+        On object storage the update is conditional: ``sweep.toml`` is re-read with its
+        ETag, ``change`` applied to what another machine may have recorded meanwhile, and
+        published with ``If-Match``; when another machine published first, re-read,
+        re-apply and retry (up to ``attempts`` times, a short random pause between)."""
+        if not self.remote:
+            cfg = copy.deepcopy(self.config)
+            if change(cfg):
+                _write_atomic(self.path / SWEEP_FILE, tomli_w.dumps(cfg))
+            self.config = cfg
+            return
+        for attempt in range(attempts):
+            data, version = self.storage.read_versioned(SWEEP_FILE)
+            try:
+                cfg = tomllib.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+                raise UsageError(f"{self.storage.url}/{SWEEP_FILE} cannot be read: {exc}") from None
+            if not change(cfg) or self.storage.put_if_version(SWEEP_FILE, tomli_w.dumps(cfg).encode("utf-8"), version):
+                self.config = cfg
+                _mirror(self.path, cfg, self.storage.url)
+                return
+            time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        raise UsageError(f"sweep {self.storage.url!r}: {SWEEP_FILE} changed under {attempts} updates in a row; try again")
 
     # --- opening and planning ---------------------------------------------------------------
 
@@ -545,28 +578,49 @@ class Sweep:
         """The source to fetch from: ``source`` (recorded on first use), or the recorded one.
 
         A different source than the recorded one is refused: it would mix imagery of two
-        providers in one sweep."""
+        providers in one sweep. On object storage the first record is a conditional
+        update (:meth:`update_config`): of two machines recording different sources at
+        once, one records its own and the other is refused."""
         recorded = self.source
         if source is None:
             if recorded is None:
-                raise UsageError(f"sweep {str(self.path)!r} has no source yet; pass --source TEMPLATE")
+                raise UsageError(f"sweep {str(self.location)!r} has no source yet; pass --source TEMPLATE")
             return recorded
-        if recorded is not None:
-            if recorded.to_config() != source.to_config():
+        if recorded is not None and recorded.to_config() == source.to_config():
+            return recorded
+        want = source.to_config()
+
+        def record(cfg: dict[str, Any]) -> bool:
+            rec = cfg.get("source")
+            if rec is None:
+                cfg["source"] = want
+                return True
+            old = Source.from_config(rec)
+            if old.to_config() != want:
                 raise UsageError(
-                    f"sweep {str(self.path)!r} fetches from {recorded.redacted()!r}, not {source.redacted()!r}; "
+                    f"sweep {str(self.location)!r} fetches from {old.redacted()!r}, not {source.redacted()!r}; "
                     "mixing sources in one sweep is refused: use a new sweep folder, or --replace-source "
                     "(docs/sources.md, Changing a sweep's source)"
                 )
-            return recorded
-        self.config["source"] = source.to_config()
-        self.write_config()
+            return False
+
+        self.update_config(record)
         return source
 
     def unbind_source(self) -> None:
-        """Forget the recorded source (a run that recorded it found it gives no image)."""
-        if self.config.pop("source", None) is not None:
-            self.write_config()
+        """Forget the recorded source (a run that recorded it found it gives no image);
+        a different source another machine recorded meanwhile stays."""
+        had = self.config.get("source")
+        if had is None:
+            return
+
+        def forget(cfg: dict[str, Any]) -> bool:
+            if cfg.get("source") != had:
+                return False
+            del cfg["source"]
+            return True
+
+        self.update_config(forget)
 
     def replace_source(self, source: Source, mix: bool = False) -> tuple[Source, int]:
         """Record ``source`` in place of the recorded one. Returns ``(source, requeued)``.
@@ -585,7 +639,7 @@ class Sweep:
         kept = queue.stats(window=1.0).results.ok
         if kept and not mix:
             raise UsageError(
-                f"done blocks of sweep {str(self.path)!r} hold {kept:,} tiles from {recorded.redacted()!r}; replacing "
+                f"done blocks of sweep {str(self.location)!r} hold {kept:,} tiles from {recorded.redacted()!r}; replacing "
                 "the source would mix imagery of two sources: pass --mix-sources to keep them, or use a new sweep folder"
             )
         store = self.store
@@ -602,8 +656,19 @@ class Sweep:
         requeued = queue.requeue([b.id for b in empty_done], f"source replaced: {recorded.redacted()} gave no image")
         if not mix:
             store.discard_partials()
-        self.config["source"] = source.to_config()
-        self.write_config()
+        old, want = recorded.to_config(), source.to_config()
+
+        def swap(cfg: dict[str, Any]) -> bool:
+            raw = cfg.get("source")
+            rec = None if raw is None else Source.from_config(raw).to_config()
+            if rec != old and rec != want:  # another machine replaced it meanwhile
+                now = "no source" if raw is None else repr(Source.from_config(raw).redacted())
+                raise UsageError(f"sweep {str(self.location)!r}: its source was changed to {now} meanwhile; "
+                                 "not replaced, run again")
+            cfg["source"] = want
+            return rec != want
+
+        self.update_config(swap)
         return source, requeued
 
     @property
