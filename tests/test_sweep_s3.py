@@ -288,3 +288,30 @@ def test_two_machines_binding_different_sources_at_once_one_is_refused(s3_server
         assert sweep.source is not None and sweep.source.template == sources[won[0]].template
     for m in machines:
         m.close()
+
+
+def test_a_failed_plan_deletes_only_an_area_it_created(s3_server, pg_server, tmp_path, monkeypatch):
+    """An identical plan racing this one has put its area object (area-{fingerprint}) and
+    not yet its sweep.toml: this plan fails (here: interrupted while planning) and must
+    leave that area in place (it did not create it)."""
+    from tilesweep.area import load_area
+    from tilesweep.plan import PlanSpec
+    from tilesweep.storage import open_storage
+    from tilesweep.sweep import Sweep, plan_fingerprint
+
+    url = _url()
+    _objects(s3_server, monkeypatch, url)  # sets the AWS_* variables here
+    monkeypatch.setenv("TILESWEEP_STATE_DIR", str(tmp_path / "state"))
+    area, spec = load_area(BBOX), PlanSpec(zoom=17, block_zoom=14)
+    key = f"area-{plan_fingerprint(area, spec)}.geojson"
+
+    def interrupt(chunk) -> None:
+        raise RuntimeError("interrupted")
+
+    open_storage(url).put(key, b"{}")  # the racing identical plan's area
+    with pytest.raises(RuntimeError):
+        Sweep.plan(url, area, spec, on_chunk=interrupt, queue=pg_server.url())
+    assert _objects(s3_server, monkeypatch, url) == [key]
+    sweep, created = Sweep.plan(url, area, spec, queue=pg_server.url())  # the racing plan goes on: its area is there
+    assert created and sweep.area_path.read_bytes() == b"{}"
+    sweep.close()

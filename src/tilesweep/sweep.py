@@ -30,6 +30,7 @@ prediction ledger is the queue's (PostgreSQL), shared by every machine.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -410,25 +411,33 @@ class Sweep:
             (state / stale).unlink(missing_ok=True)  # this machine's state of an earlier sweep at this URL
         staged: StagedQueue | None = None
         area_key = _area_key(fingerprint)
+        made: dict[str, bool] = {}
         try:
             staged = stage_queue(queue, state)
-            return cls._plan_into(state, area, spec, fingerprint, on_chunk, staged, storage)
+            return cls._plan_into(state, area, spec, fingerprint, on_chunk, staged, storage, made)
         except BaseException as exc:  # Ctrl-C, a refused write, a bug: leave nothing half-written
             if staged is not None:
                 staged.discard()
-            winner = None
-            try:  # a plan that raced this one and published first: its area may be ours
-                winner = tomllib.loads(storage.read(SWEEP_FILE).decode("utf-8"))
-            except Exception:  # none (FileNotFoundError), or the endpoint is gone
-                pass
-            same = winner is not None and winner.get("plan", {}).get("fingerprint") == fingerprint
-            if not same:
-                try:
+
+            def winner() -> dict[str, Any] | None:
+                try:  # a plan that raced this one and published first: its area may be ours
+                    return tomllib.loads(storage.read(SWEEP_FILE).decode("utf-8"))
+                except Exception:  # none (FileNotFoundError), or the endpoint is gone
+                    return None
+
+            won = winner()
+            same = won is not None and won.get("plan", {}).get("fingerprint") == fingerprint
+            if not same and made.get("area"):  # only an area this call's PUT created: an identical plan
+                try:  # racing this one may have found it published and be about to publish its sweep.toml
                     storage.delete(area_key)
+                    won = winner()  # it did meanwhile: its area is put back (it checks too, _plan_into)
+                    if won is not None and won.get("plan", {}).get("fingerprint") == fingerprint:
+                        with contextlib.suppress(AlreadyPublished):
+                            storage.put(area_key, json.dumps(area.to_geojson()).encode("utf-8"))
                 except Exception:  # the endpoint is gone: a lone area is no plan
                     pass
             if isinstance(exc, AlreadyPublished):
-                if same and _same_queue(queue, str((winner or {}).get("queue", {}).get("url", DEFAULT_URL))):
+                if same and _same_queue(queue, str((won or {}).get("queue", {}).get("url", DEFAULT_URL))):
                     return cls._open_url(url), False  # the same plan, planned twice at once: one stands
                 raise UsageError(f"sweep {url!r}: another plan was published there while this one was planned; "
                                  "nothing of this one is kept") from None
@@ -437,8 +446,10 @@ class Sweep:
     @classmethod
     def _plan_into(
         cls, p: Path, area: Area, spec: PlanSpec, fingerprint: str, on_chunk: Callable[[BlockChunk], None] | None,
-        staged: StagedQueue, storage: Storage | None = None,
+        staged: StagedQueue, storage: Storage | None = None, made: dict[str, bool] | None = None,
     ) -> tuple["Sweep", bool]:
+        """``made["area"]`` is set True when this call's PUT created the area object."""
+        made = {} if made is None else made
         tiles = blocks = 0
         zooms = [spec.zoom + 1, -1]  # coarsest, finest block zoom planned
         started = time.time()
@@ -459,8 +470,9 @@ class Sweep:
         else:  # named by the plan: plans racing on one URL never share an area object
             try:
                 storage.put(_area_key(fingerprint), json.dumps(area.to_geojson()).encode("utf-8"))
-            except AlreadyPublished:  # this very plan's area, left by a plan that was killed
-                pass
+                made["area"] = True
+            except AlreadyPublished:  # this very plan's area, left by a killed plan or put by a racing one
+                made["area"] = False
         staged.publish()
         plan: dict[str, Any] = {
             "area": AREA_FILE if storage is None else _area_key(fingerprint),
@@ -490,6 +502,10 @@ class Sweep:
         # create-if-absent: of two plans racing on one URL, one publishes (the other's
         # AlreadyPublished is settled by _plan_url)
         storage.put(SWEEP_FILE, tomli_w.dumps(config).encode("utf-8"))
+        if not made["area"] and not storage.exists(_area_key(fingerprint)):
+            # an identical plan that put it failed and deleted it before seeing this sweep.toml
+            with contextlib.suppress(AlreadyPublished):
+                storage.put(_area_key(fingerprint), json.dumps(area.to_geojson()).encode("utf-8"))
         _mirror(p, config, storage.url)
         return cls(p, config, storage), True
 
