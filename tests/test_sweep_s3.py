@@ -111,6 +111,7 @@ def test_bad_sweep_urls_are_one_line_exit_2_and_write_nothing(s3_server, pg_serv
          "credentials refused"),
         (("plan", BBOX, "ftp://host/p", "--zoom", 18, "--queue", pg_server.url()), {}, "unsupported scheme 'ftp'"),
         (("view", url), {}, "`view` serves a local sweep folder only"),
+        (("status", "s3://"), {}, "bad sweep URL 's3://': names no bucket"),
     ]
     for args, over, want in cases:
         r = tilesweep(*args, env={**env, **over}, check=False)
@@ -315,3 +316,19 @@ def test_a_failed_plan_deletes_only_an_area_it_created(s3_server, pg_server, tmp
     sweep, created = Sweep.plan(url, area, spec, queue=pg_server.url())  # the racing plan goes on: its area is there
     assert created and sweep.area_path.read_bytes() == b"{}"
     sweep.close()
+
+
+def test_the_state_folder_of_a_bucket_is_keyed_by_its_endpoint(tmp_path, monkeypatch):
+    """One bucket name on two S3 endpoints (a local SeaweedFS and AWS) never shares a state
+    or staging folder (its lock, densify rounds, unfinished shards)."""
+    from tilesweep.storage import endpoint_parts
+    from tilesweep.sweep import state_folder
+
+    monkeypatch.setenv("TILESWEEP_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("AWS_ENDPOINT", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    aws = state_folder("s3://b/p")
+    assert aws == tmp_path / "s3" / "b" / "p"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
+    local = state_folder("s3://b/p")
+    assert local == tmp_path / "s3" / "@127.0.0.1_8333" / "b" / "p" and endpoint_parts("s3") == ["@127.0.0.1_8333"]

@@ -372,7 +372,7 @@ class ObjectStorage(Storage):
     http endpoint); the URL never holds them. Opening checks the bucket with one listing
     request: a bucket that does not exist, refused credentials or an endpoint that does
     not answer raise :class:`StorageError` naming it. Staging files go to ``staging``
-    (default: ``$TMPDIR/tilesweep-staging/{bucket}/{prefix}``)."""
+    (default: ``$TMPDIR/tilesweep-staging/[@{endpoint}/]{bucket}/{prefix}``, :func:`endpoint_parts`)."""
 
     def __init__(self, url: str, *, staging: str | os.PathLike[str] | None = None, max_retries: int = 3, **config: Any) -> None:
         try:
@@ -393,7 +393,8 @@ class ObjectStorage(Storage):
         self.prefix = u.path.strip("/")
         self.url = f"{u.scheme}://{self.bucket}/{self.prefix}" if self.prefix else f"{u.scheme}://{self.bucket}"
         if staging is None:  # local disk, per bucket and prefix; staging names are per writer
-            staging = Path(tempfile.gettempdir(), "tilesweep-staging", self.bucket, *self.prefix.split("/"))
+            staging = Path(tempfile.gettempdir(), "tilesweep-staging", *endpoint_parts(self.scheme), self.bucket,
+                           *self.prefix.split("/"))
         self.staging = Path(staging)
         """Local folder of staging files (and of unfinished shards: their resume state)."""
         retry = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=30)}
@@ -656,6 +657,19 @@ def _first_line(e: BaseException) -> str:
 def _strip(url: str) -> str:
     u = urlparse(url)
     return f"{u.scheme}://{u.hostname or ''}{u.path}"
+
+
+def endpoint_parts(scheme: str) -> list[str]:
+    """The folder name (a list of none or one) that keys local state of a bucket by the
+    endpoint it is on: for ``s3`` with ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT``) set,
+    ``@{host}_{port}{_path}`` (characters other than letters, digits, ``.``, ``-`` and
+    ``_`` as ``_``), so that one bucket name on two endpoints never shares a state or
+    staging folder; none for the default AWS endpoint (and other schemes)."""
+    endpoint = (os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT")) if scheme == "s3" else None
+    if not endpoint:
+        return []
+    u = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    return ["@" + (re.sub(r"[^A-Za-z0-9._-]", "_", f"{u.netloc}{u.path}".rstrip("/")) or "_")]
 
 
 def is_url(location: str | os.PathLike[str]) -> bool:

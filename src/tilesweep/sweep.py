@@ -21,7 +21,7 @@ through obstore's same API; ``file:///abs/path`` is a plain folder): ``sweep.tom
 published through :mod:`tilesweep.storage` (``sweep.toml`` create-if-absent at plan
 time). Its queue must be a server's (PostgreSQL: a SQLite file cannot live in a bucket).
 What only makes sense on one machine's disk lives in the sweep's *state folder*
-(:func:`state_folder`, ``$TILESWEEP_STATE_DIR/{scheme}/{bucket}/{prefix}``): the workers
+(:func:`state_folder`, ``$TILESWEEP_STATE_DIR/{scheme}/[@{endpoint}/]{bucket}/{prefix}``): the workers
 lock (it then guards this machine only), densify rounds, and a marked copy of
 ``sweep.toml`` (``[sweep] mirror_of``: opening the state folder opens the URL). The
 prediction ledger is the queue's (PostgreSQL), shared by every machine.
@@ -53,7 +53,7 @@ from .errors import UsageError
 from .plan import BlockChunk, PlanSpec, estimate_plan, pack_mask, plan_blocks
 from .queue import DEFAULT_URL, Block, OwnerStats, Queue, StagedQueue, State, open_queue, parse_queue_url, redact, stage_queue
 from .sources import Source
-from .storage import AlreadyPublished, LocalStorage, Storage, is_url, open_storage
+from .storage import AlreadyPublished, LocalStorage, Storage, endpoint_parts, is_url, open_storage
 from .store import TileStore
 
 SWEEP_FILE = "sweep.toml"
@@ -76,6 +76,8 @@ def as_location(ref: SweepRef) -> str | Path:
             raise UsageError(f"bad file URL {ref!r}: names host {u.netloc!r}; use file:///absolute/path or a plain folder path")
         return Path(u.path)
     if isinstance(ref, str) and is_url(ref):
+        if not urlparse(ref).netloc:
+            raise UsageError(f"bad sweep URL {ref!r}: names no bucket; expected scheme://bucket/prefix")
         return ref.rstrip("/")
     return Path(ref)
 
@@ -83,8 +85,9 @@ def as_location(ref: SweepRef) -> str | Path:
 def state_folder(url: str) -> Path:
     """The local folder of what a sweep on object storage keeps on this machine's disk (the
     workers lock, the prediction ledger, densify rounds): ``$TILESWEEP_STATE_DIR`` (default
-    ``$XDG_CACHE_HOME/tilesweep/sweeps``, ``~/.cache/tilesweep/sweeps``) / scheme / bucket /
-    prefix. Created on use."""
+    ``$XDG_CACHE_HOME/tilesweep/sweeps``, ``~/.cache/tilesweep/sweeps``) / scheme /
+    [``@endpoint`` when ``AWS_ENDPOINT_URL`` is set, :func:`~tilesweep.storage.endpoint_parts`] /
+    bucket / prefix. Created on use."""
     base = os.environ.get("TILESWEEP_STATE_DIR")
     if not base:
         base = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "tilesweep", "sweeps"))
@@ -92,7 +95,7 @@ def state_folder(url: str) -> Path:
     parts = [p for p in u.path.split("/") if p]
     if any(p in (".", "..") for p in parts) or not u.netloc:
         raise UsageError(f"bad sweep URL {url!r}: expected scheme://bucket/prefix")
-    folder = Path(base, u.scheme, u.netloc, *parts)
+    folder = Path(base, u.scheme, *endpoint_parts(u.scheme), u.netloc, *parts)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
