@@ -425,3 +425,31 @@ def test_s3_single_writer_publish_streams_a_multipart_upload_after_a_check(s3_se
         st.publish(staged, "big.pmtiles", single_writer=True)
     st.publish(staged, "big.pmtiles", replace=True)
     assert st.read("big.pmtiles") == b"again"
+
+
+def test_quarantine_on_s3_moves_a_corrupt_shard_aside_but_never_a_good_one_published_since(s3_server, tmp_path, monkeypatch):
+    """Machine A found block 1's shard corrupt; before its quarantine runs, machine B (its
+    own quarantine done, the block fetched again) has published a good shard there: A's
+    quarantine leaves it in place. A corrupt shard is still copied aside and deleted."""
+    from tilesweep.store import Status, TileStore
+    from tilesweep.tiles import Tile
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    url = f"s3://{seaweed.BUCKET}/store-{uuid.uuid4().hex[:8]}/tiles"
+    a = TileStore(url, 18, 14, staging=tmp_path / "machine-a")
+    block = Tile(14, 8580, 5737)
+    with a.writer(block) as w:
+        w.append(Tile(18, block.x << 4, block.y << 4), Status.OK, b"good")
+        w.finish()
+    key = a.shard_key(block)
+    assert a.quarantine(block) is None  # a good shard (the one published since): left alone
+    assert a.is_complete(block) and a.get(Tile(18, block.x << 4, block.y << 4)) == b"good"
+    good = a.storage.read(key)
+    a.storage.put(key, good[:-9] + bytes(9), replace=True)  # its footer overwritten: corrupt
+    aside = a.quarantine(block)
+    assert aside == f"{url}/{key}.corrupt" and not a.is_complete(block)
+    assert a.storage.read(f"{key}.corrupt") == good[:-9] + bytes(9)
+    _, version = a.storage.read_versioned(f"{key}.corrupt")
+    a.storage.put(f"{key}.corrupt", b"other bytes", replace=True)  # changed after the read
+    assert not a.storage.delete_if_version(f"{key}.corrupt", version) and a.storage.exists(f"{key}.corrupt")

@@ -111,6 +111,7 @@ def test_bad_sweep_urls_are_one_line_exit_2_and_write_nothing(s3_server, pg_serv
          "credentials refused"),
         (("plan", BBOX, "ftp://host/p", "--zoom", 18, "--queue", pg_server.url()), {}, "unsupported scheme 'ftp'"),
         (("view", url), {}, "`view` serves a local sweep folder only"),
+        (("status", "s3://"), {}, "bad sweep URL 's3://': names no bucket"),
     ]
     for args, over, want in cases:
         r = tilesweep(*args, env={**env, **over}, check=False)
@@ -239,3 +240,95 @@ def test_two_plans_racing_on_one_url_leave_one_plan(s3_server, pg_server, tmp_pa
         fp = sweep.plan_config["fingerprint"]
     assert _objects(s3_server, monkeypatch, url) == [f"area-{fp}.geojson", "sweep.toml"]
     assert schemas() == before + 1
+
+
+def test_two_machines_binding_different_sources_at_once_one_is_refused(s3_server, pg_server, tmp_path, monkeypatch):
+    """Two machines opened the sweep before either recorded a source (both see none), then
+    bind different sources at once: sweep.toml is updated conditionally (If-Match on its
+    ETag), so one source is recorded and the other machine is refused in one line naming
+    the URL; a later update (unbind) keeps what the other recorded."""
+    import threading
+
+    from tilesweep.area import load_area
+    from tilesweep.errors import UsageError
+    from tilesweep.plan import PlanSpec
+    from tilesweep.sources import parse_source
+    from tilesweep.sweep import Sweep
+
+    url = _url()
+    _objects(s3_server, monkeypatch, url)  # sets the AWS_* variables here
+    monkeypatch.setenv("TILESWEEP_STATE_DIR", str(tmp_path / "state"))
+    Sweep.plan(url, load_area(BBOX), PlanSpec(zoom=17, block_zoom=14), queue=pg_server.url())[0].close()
+    machines = [Sweep.open(url), Sweep.open(url)]
+    sources = [parse_source(f"http://127.0.0.1:9/{name}/{{z}}/{{x}}/{{y}}.png") for name in ("a", "b")]
+    start = threading.Barrier(2)
+    results: dict[int, object] = {}
+
+    def bind(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = machines[i].bind_source(sources[i]).template
+        except UsageError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=bind, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    won = [i for i, r in results.items() if r == sources[i].template]
+    lost = [r for r in results.values() if isinstance(r, UsageError)]
+    assert len(won) == 1 and len(lost) == 1, results
+    msg = str(lost[0])
+    assert "mixing sources in one sweep is refused" in msg and url in msg and "\n" not in msg, msg
+    with Sweep.open(url) as sweep:
+        assert sweep.source is not None and sweep.source.template == sources[won[0]].template
+    loser = machines[1 - won[0]]
+    loser.unbind_source()  # it recorded nothing: the winner's source stays
+    with Sweep.open(url) as sweep:
+        assert sweep.source is not None and sweep.source.template == sources[won[0]].template
+    for m in machines:
+        m.close()
+
+
+def test_a_failed_plan_deletes_only_an_area_it_created(s3_server, pg_server, tmp_path, monkeypatch):
+    """An identical plan racing this one has put its area object (area-{fingerprint}) and
+    not yet its sweep.toml: this plan fails (here: interrupted while planning) and must
+    leave that area in place (it did not create it)."""
+    from tilesweep.area import load_area
+    from tilesweep.plan import PlanSpec
+    from tilesweep.storage import open_storage
+    from tilesweep.sweep import Sweep, plan_fingerprint
+
+    url = _url()
+    _objects(s3_server, monkeypatch, url)  # sets the AWS_* variables here
+    monkeypatch.setenv("TILESWEEP_STATE_DIR", str(tmp_path / "state"))
+    area, spec = load_area(BBOX), PlanSpec(zoom=17, block_zoom=14)
+    key = f"area-{plan_fingerprint(area, spec)}.geojson"
+
+    def interrupt(chunk) -> None:
+        raise RuntimeError("interrupted")
+
+    open_storage(url).put(key, b"{}")  # the racing identical plan's area
+    with pytest.raises(RuntimeError):
+        Sweep.plan(url, area, spec, on_chunk=interrupt, queue=pg_server.url())
+    assert _objects(s3_server, monkeypatch, url) == [key]
+    sweep, created = Sweep.plan(url, area, spec, queue=pg_server.url())  # the racing plan goes on: its area is there
+    assert created and sweep.area_path.read_bytes() == b"{}"
+    sweep.close()
+
+
+def test_the_state_folder_of_a_bucket_is_keyed_by_its_endpoint(tmp_path, monkeypatch):
+    """One bucket name on two S3 endpoints (a local SeaweedFS and AWS) never shares a state
+    or staging folder (its lock, densify rounds, unfinished shards)."""
+    from tilesweep.storage import endpoint_parts
+    from tilesweep.sweep import state_folder
+
+    monkeypatch.setenv("TILESWEEP_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("AWS_ENDPOINT", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    aws = state_folder("s3://b/p")
+    assert aws == tmp_path / "s3" / "b" / "p"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
+    local = state_folder("s3://b/p")
+    assert local == tmp_path / "s3" / "@127.0.0.1_8333" / "b" / "p" and endpoint_parts("s3") == ["@127.0.0.1_8333"]

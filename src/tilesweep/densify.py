@@ -495,9 +495,14 @@ def densify(sweep: "Sweep", model: str | None = None, threshold: float | None = 
         return DensifyReport(last, 0, 0, plan.detections, completed, time.perf_counter() - started)
     coarsest, finest = min(b.z for b in plan.blocks), max(b.z for b in plan.blocks)
     if coarsest < sweep.block_zoom_min or finest > sweep.block_zoom:  # the store probes block zooms in this range
-        pc = sweep.config["plan"]
-        pc["block_zoom_min"], pc["block_zoom"] = min(coarsest, sweep.block_zoom_min), max(finest, sweep.block_zoom)
-        sweep.write_config()
+        def widen(cfg: dict[str, Any]) -> bool:  # on what is recorded now: another machine may have widened it too
+            pc = cfg["plan"]
+            had = "block_zoom_min" in pc
+            lo, hi = int(pc.get("block_zoom_min", pc["block_zoom"])), int(pc["block_zoom"])
+            pc["block_zoom_min"], pc["block_zoom"] = min(coarsest, lo), max(finest, hi)
+            return (pc["block_zoom_min"], pc["block_zoom"]) != (lo, hi) or not had
+
+        sweep.update_config(widen)
     seed = int(sweep.plan_config.get("seed", 0))
     prio = block_priority_array(seed, np.array([b.z for b in plan.blocks]), np.array([b.x for b in plan.blocks]),
                                 np.array([b.y for b in plan.blocks]))

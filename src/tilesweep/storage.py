@@ -89,6 +89,16 @@ class StorageError(UsageError):
 
 
 @dataclass(frozen=True)
+class Version:
+    """Which bytes an object held when read: its size (bytes), ETag and version id (either
+    may be None where the store gives none)."""
+
+    size: int
+    e_tag: str | None
+    version: str | None
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     """One published object: its key (relative to the storage's root) and size in bytes."""
 
@@ -183,6 +193,29 @@ class Storage(ABC):
         """The object's file when the storage is a local folder (for memory-mapped
         reads), else None."""
         return None
+
+    def read_versioned(self, key: str) -> tuple[bytes, Version]:
+        """The whole object and its :class:`Version` (for :meth:`put_if_version` and
+        :meth:`delete_if_version`); ``FileNotFoundError`` when absent. Object stores only."""
+        raise NotImplementedError(f"{self.url}: conditional updates need an object store")
+
+    def version(self, key: str) -> Version:
+        """The object's current :class:`Version`; ``FileNotFoundError`` when absent."""
+        raise NotImplementedError(f"{self.url}: conditional updates need an object store")
+
+    def put_if_version(self, key: str, data: bytes, version: Version) -> bool:
+        """Publish ``data`` over ``key`` only if the object is still at ``version`` (one
+        PUT with ``If-Match``): True when it was written, False when another writer
+        changed (or deleted) it since ``version`` was read (nothing is written: re-read,
+        re-apply, retry). At most :data:`SINGLE_PUT_MAX` bytes, held in memory."""
+        raise NotImplementedError(f"{self.url}: conditional updates need an object store")
+
+    def delete_if_version(self, key: str, version: Version) -> bool:
+        """Delete ``key`` only if it is still at ``version``: True when it was deleted (or
+        is already gone), False when another writer published other bytes there. Not one
+        atomic request (obstore has no conditional DELETE): a HEAD, compared, then the
+        DELETE; a publication in between (milliseconds) is not seen."""
+        raise NotImplementedError(f"{self.url}: conditional updates need an object store")
 
 
 def _staging(p: Path, unique: bool) -> Path:
@@ -339,7 +372,7 @@ class ObjectStorage(Storage):
     http endpoint); the URL never holds them. Opening checks the bucket with one listing
     request: a bucket that does not exist, refused credentials or an endpoint that does
     not answer raise :class:`StorageError` naming it. Staging files go to ``staging``
-    (default: ``$TMPDIR/tilesweep-staging/{bucket}/{prefix}``)."""
+    (default: ``$TMPDIR/tilesweep-staging/[@{endpoint}/]{bucket}/{prefix}``, :func:`endpoint_parts`)."""
 
     def __init__(self, url: str, *, staging: str | os.PathLike[str] | None = None, max_retries: int = 3, **config: Any) -> None:
         try:
@@ -360,7 +393,8 @@ class ObjectStorage(Storage):
         self.prefix = u.path.strip("/")
         self.url = f"{u.scheme}://{self.bucket}/{self.prefix}" if self.prefix else f"{u.scheme}://{self.bucket}"
         if staging is None:  # local disk, per bucket and prefix; staging names are per writer
-            staging = Path(tempfile.gettempdir(), "tilesweep-staging", self.bucket, *self.prefix.split("/"))
+            staging = Path(tempfile.gettempdir(), "tilesweep-staging", *endpoint_parts(self.scheme), self.bucket,
+                           *self.prefix.split("/"))
         self.staging = Path(staging)
         """Local folder of staging files (and of unfinished shards: their resume state)."""
         retry = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=30)}
@@ -511,6 +545,50 @@ class ObjectStorage(Storage):
         except FileNotFoundError:
             pass
 
+    def read_versioned(self, key: str) -> tuple[bytes, Version]:
+        import obstore
+
+        with self._errors():
+            r = obstore.get(self._store, self._key(key))
+            data = bytes(r.bytes())
+            m = r.meta
+        return data, Version(int(m["size"]), m.get("e_tag"), m.get("version"))
+
+    def version(self, key: str) -> Version:
+        import obstore
+
+        with self._errors():
+            m = obstore.head(self._store, self._key(key))
+        return Version(int(m["size"]), m.get("e_tag"), m.get("version"))
+
+    def put_if_version(self, key: str, data: bytes, version: Version) -> bool:
+        import obstore
+        from obstore.exceptions import NotFoundError, PreconditionError
+
+        k = self._key(key)
+        if version.e_tag is None and version.version is None:
+            raise StorageError(f"{self.url}/{k}: the store gives no ETag or version; a conditional update is impossible")
+        mode: Any = {k: v for k, v in (("e_tag", version.e_tag), ("version", version.version)) if v is not None}
+        try:
+            obstore.put(self._store, k, data, mode=mode)
+        except Exception as e:
+            code = _s3_status(e)
+            # 412: changed since read; 409: a racing conditional PUT in flight; 404: deleted
+            if isinstance(e, (PreconditionError, NotFoundError)) or code in (404, 409, 412):
+                return False
+            raise self._error(e) from None
+        return True
+
+    def delete_if_version(self, key: str, version: Version) -> bool:
+        try:
+            now = self.version(key)
+        except FileNotFoundError:
+            return True
+        if (now.size, now.e_tag, now.version) != (version.size, version.e_tag, version.version):
+            return False
+        self.delete(key)
+        return True
+
     def __repr__(self) -> str:
         return f"ObjectStorage({self.url!r})"
 
@@ -579,6 +657,19 @@ def _first_line(e: BaseException) -> str:
 def _strip(url: str) -> str:
     u = urlparse(url)
     return f"{u.scheme}://{u.hostname or ''}{u.path}"
+
+
+def endpoint_parts(scheme: str) -> list[str]:
+    """The folder name (a list of none or one) that keys local state of a bucket by the
+    endpoint it is on: for ``s3`` with ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT``) set,
+    ``@{host}_{port}{_path}`` (characters other than letters, digits, ``.``, ``-`` and
+    ``_`` as ``_``), so that one bucket name on two endpoints never shares a state or
+    staging folder; none for the default AWS endpoint (and other schemes)."""
+    endpoint = (os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT")) if scheme == "s3" else None
+    if not endpoint:
+        return []
+    u = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    return ["@" + (re.sub(r"[^A-Za-z0-9._-]", "_", f"{u.netloc}{u.path}".rstrip("/")) or "_")]
 
 
 def is_url(location: str | os.PathLike[str]) -> bool:

@@ -21,7 +21,7 @@ through obstore's same API; ``file:///abs/path`` is a plain folder): ``sweep.tom
 published through :mod:`tilesweep.storage` (``sweep.toml`` create-if-absent at plan
 time). Its queue must be a server's (PostgreSQL: a SQLite file cannot live in a bucket).
 What only makes sense on one machine's disk lives in the sweep's *state folder*
-(:func:`state_folder`, ``$TILESWEEP_STATE_DIR/{scheme}/{bucket}/{prefix}``): the workers
+(:func:`state_folder`, ``$TILESWEEP_STATE_DIR/{scheme}/[@{endpoint}/]{bucket}/{prefix}``): the workers
 lock (it then guards this machine only), densify rounds, and a marked copy of
 ``sweep.toml`` (``[sweep] mirror_of``: opening the state folder opens the URL). The
 prediction ledger is the queue's (PostgreSQL), shared by every machine.
@@ -30,9 +30,12 @@ prediction ledger is the queue's (PostgreSQL), shared by every machine.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import os
+import random
 import sqlite3
 import time
 import tomllib
@@ -50,7 +53,7 @@ from .errors import UsageError
 from .plan import BlockChunk, PlanSpec, estimate_plan, pack_mask, plan_blocks
 from .queue import DEFAULT_URL, Block, OwnerStats, Queue, StagedQueue, State, open_queue, parse_queue_url, redact, stage_queue
 from .sources import Source
-from .storage import AlreadyPublished, LocalStorage, Storage, is_url, open_storage
+from .storage import AlreadyPublished, LocalStorage, Storage, endpoint_parts, is_url, open_storage
 from .store import TileStore
 
 SWEEP_FILE = "sweep.toml"
@@ -73,6 +76,8 @@ def as_location(ref: SweepRef) -> str | Path:
             raise UsageError(f"bad file URL {ref!r}: names host {u.netloc!r}; use file:///absolute/path or a plain folder path")
         return Path(u.path)
     if isinstance(ref, str) and is_url(ref):
+        if not urlparse(ref).netloc:
+            raise UsageError(f"bad sweep URL {ref!r}: names no bucket; expected scheme://bucket/prefix")
         return ref.rstrip("/")
     return Path(ref)
 
@@ -80,8 +85,9 @@ def as_location(ref: SweepRef) -> str | Path:
 def state_folder(url: str) -> Path:
     """The local folder of what a sweep on object storage keeps on this machine's disk (the
     workers lock, the prediction ledger, densify rounds): ``$TILESWEEP_STATE_DIR`` (default
-    ``$XDG_CACHE_HOME/tilesweep/sweeps``, ``~/.cache/tilesweep/sweeps``) / scheme / bucket /
-    prefix. Created on use."""
+    ``$XDG_CACHE_HOME/tilesweep/sweeps``, ``~/.cache/tilesweep/sweeps``) / scheme /
+    [``@endpoint`` when ``AWS_ENDPOINT_URL`` is set, :func:`~tilesweep.storage.endpoint_parts`] /
+    bucket / prefix. Created on use."""
     base = os.environ.get("TILESWEEP_STATE_DIR")
     if not base:
         base = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "tilesweep", "sweeps"))
@@ -89,7 +95,7 @@ def state_folder(url: str) -> Path:
     parts = [p for p in u.path.split("/") if p]
     if any(p in (".", "..") for p in parts) or not u.netloc:
         raise UsageError(f"bad sweep URL {url!r}: expected scheme://bucket/prefix")
-    folder = Path(base, u.scheme, u.netloc, *parts)
+    folder = Path(base, u.scheme, *endpoint_parts(u.scheme), u.netloc, *parts)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -219,13 +225,44 @@ class Sweep:
         return self.storage.url if self.remote else self.path
 
     def write_config(self) -> None:
-        """Publish :attr:`config` as ``sweep.toml``, atomically over the old one."""
+        """Publish :attr:`config` as ``sweep.toml``, atomically over the old one: whatever
+        another machine recorded since this one read it is lost. Changes to a sweep that
+        may be shared go through :meth:`update_config`."""
         data = tomli_w.dumps(self.config)
         if self.remote:
             self.storage.put(SWEEP_FILE, data.encode("utf-8"), replace=True)
             _mirror(self.path, self.config, self.storage.url)
         else:
             _write_atomic(self.path / SWEEP_FILE, data)
+
+    def update_config(self, change: Callable[[dict[str, Any]], bool], attempts: int = 20) -> None:
+        """Apply ``change`` to the recorded ``sweep.toml`` and publish it; :attr:`config`
+        is then what was recorded. ``change`` edits the dict it is given in place and
+        returns True when it changed something (False: nothing is written); it may raise
+        (:class:`UsageError`: refused, nothing written).
+
+        On object storage the update is conditional: ``sweep.toml`` is re-read with its
+        ETag, ``change`` applied to what another machine may have recorded meanwhile, and
+        published with ``If-Match``; when another machine published first, re-read,
+        re-apply and retry (up to ``attempts`` times, a short random pause between)."""
+        if not self.remote:
+            cfg = copy.deepcopy(self.config)
+            if change(cfg):
+                _write_atomic(self.path / SWEEP_FILE, tomli_w.dumps(cfg))
+            self.config = cfg
+            return
+        for attempt in range(attempts):
+            data, version = self.storage.read_versioned(SWEEP_FILE)
+            try:
+                cfg = tomllib.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+                raise UsageError(f"{self.storage.url}/{SWEEP_FILE} cannot be read: {exc}") from None
+            if not change(cfg) or self.storage.put_if_version(SWEEP_FILE, tomli_w.dumps(cfg).encode("utf-8"), version):
+                self.config = cfg
+                _mirror(self.path, cfg, self.storage.url)
+                return
+            time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        raise UsageError(f"sweep {self.storage.url!r}: {SWEEP_FILE} changed under {attempts} updates in a row; try again")
 
     # --- opening and planning ---------------------------------------------------------------
 
@@ -377,25 +414,33 @@ class Sweep:
             (state / stale).unlink(missing_ok=True)  # this machine's state of an earlier sweep at this URL
         staged: StagedQueue | None = None
         area_key = _area_key(fingerprint)
+        made: dict[str, bool] = {}
         try:
             staged = stage_queue(queue, state)
-            return cls._plan_into(state, area, spec, fingerprint, on_chunk, staged, storage)
+            return cls._plan_into(state, area, spec, fingerprint, on_chunk, staged, storage, made)
         except BaseException as exc:  # Ctrl-C, a refused write, a bug: leave nothing half-written
             if staged is not None:
                 staged.discard()
-            winner = None
-            try:  # a plan that raced this one and published first: its area may be ours
-                winner = tomllib.loads(storage.read(SWEEP_FILE).decode("utf-8"))
-            except Exception:  # none (FileNotFoundError), or the endpoint is gone
-                pass
-            same = winner is not None and winner.get("plan", {}).get("fingerprint") == fingerprint
-            if not same:
-                try:
+
+            def winner() -> dict[str, Any] | None:
+                try:  # a plan that raced this one and published first: its area may be ours
+                    return tomllib.loads(storage.read(SWEEP_FILE).decode("utf-8"))
+                except Exception:  # none (FileNotFoundError), or the endpoint is gone
+                    return None
+
+            won = winner()
+            same = won is not None and won.get("plan", {}).get("fingerprint") == fingerprint
+            if not same and made.get("area"):  # only an area this call's PUT created: an identical plan
+                try:  # racing this one may have found it published and be about to publish its sweep.toml
                     storage.delete(area_key)
+                    won = winner()  # it did meanwhile: its area is put back (it checks too, _plan_into)
+                    if won is not None and won.get("plan", {}).get("fingerprint") == fingerprint:
+                        with contextlib.suppress(AlreadyPublished):
+                            storage.put(area_key, json.dumps(area.to_geojson()).encode("utf-8"))
                 except Exception:  # the endpoint is gone: a lone area is no plan
                     pass
             if isinstance(exc, AlreadyPublished):
-                if same and _same_queue(queue, str((winner or {}).get("queue", {}).get("url", DEFAULT_URL))):
+                if same and _same_queue(queue, str((won or {}).get("queue", {}).get("url", DEFAULT_URL))):
                     return cls._open_url(url), False  # the same plan, planned twice at once: one stands
                 raise UsageError(f"sweep {url!r}: another plan was published there while this one was planned; "
                                  "nothing of this one is kept") from None
@@ -404,8 +449,10 @@ class Sweep:
     @classmethod
     def _plan_into(
         cls, p: Path, area: Area, spec: PlanSpec, fingerprint: str, on_chunk: Callable[[BlockChunk], None] | None,
-        staged: StagedQueue, storage: Storage | None = None,
+        staged: StagedQueue, storage: Storage | None = None, made: dict[str, bool] | None = None,
     ) -> tuple["Sweep", bool]:
+        """``made["area"]`` is set True when this call's PUT created the area object."""
+        made = {} if made is None else made
         tiles = blocks = 0
         zooms = [spec.zoom + 1, -1]  # coarsest, finest block zoom planned
         started = time.time()
@@ -426,8 +473,9 @@ class Sweep:
         else:  # named by the plan: plans racing on one URL never share an area object
             try:
                 storage.put(_area_key(fingerprint), json.dumps(area.to_geojson()).encode("utf-8"))
-            except AlreadyPublished:  # this very plan's area, left by a plan that was killed
-                pass
+                made["area"] = True
+            except AlreadyPublished:  # this very plan's area, left by a killed plan or put by a racing one
+                made["area"] = False
         staged.publish()
         plan: dict[str, Any] = {
             "area": AREA_FILE if storage is None else _area_key(fingerprint),
@@ -457,6 +505,10 @@ class Sweep:
         # create-if-absent: of two plans racing on one URL, one publishes (the other's
         # AlreadyPublished is settled by _plan_url)
         storage.put(SWEEP_FILE, tomli_w.dumps(config).encode("utf-8"))
+        if not made["area"] and not storage.exists(_area_key(fingerprint)):
+            # an identical plan that put it failed and deleted it before seeing this sweep.toml
+            with contextlib.suppress(AlreadyPublished):
+                storage.put(_area_key(fingerprint), json.dumps(area.to_geojson()).encode("utf-8"))
         _mirror(p, config, storage.url)
         return cls(p, config, storage), True
 
@@ -545,28 +597,49 @@ class Sweep:
         """The source to fetch from: ``source`` (recorded on first use), or the recorded one.
 
         A different source than the recorded one is refused: it would mix imagery of two
-        providers in one sweep."""
+        providers in one sweep. On object storage the first record is a conditional
+        update (:meth:`update_config`): of two machines recording different sources at
+        once, one records its own and the other is refused."""
         recorded = self.source
         if source is None:
             if recorded is None:
-                raise UsageError(f"sweep {str(self.path)!r} has no source yet; pass --source TEMPLATE")
+                raise UsageError(f"sweep {str(self.location)!r} has no source yet; pass --source TEMPLATE")
             return recorded
-        if recorded is not None:
-            if recorded.to_config() != source.to_config():
+        if recorded is not None and recorded.to_config() == source.to_config():
+            return recorded
+        want = source.to_config()
+
+        def record(cfg: dict[str, Any]) -> bool:
+            rec = cfg.get("source")
+            if rec is None:
+                cfg["source"] = want
+                return True
+            old = Source.from_config(rec)
+            if old.to_config() != want:
                 raise UsageError(
-                    f"sweep {str(self.path)!r} fetches from {recorded.redacted()!r}, not {source.redacted()!r}; "
+                    f"sweep {str(self.location)!r} fetches from {old.redacted()!r}, not {source.redacted()!r}; "
                     "mixing sources in one sweep is refused: use a new sweep folder, or --replace-source "
                     "(docs/sources.md, Changing a sweep's source)"
                 )
-            return recorded
-        self.config["source"] = source.to_config()
-        self.write_config()
+            return False
+
+        self.update_config(record)
         return source
 
     def unbind_source(self) -> None:
-        """Forget the recorded source (a run that recorded it found it gives no image)."""
-        if self.config.pop("source", None) is not None:
-            self.write_config()
+        """Forget the recorded source (a run that recorded it found it gives no image);
+        a different source another machine recorded meanwhile stays."""
+        had = self.config.get("source")
+        if had is None:
+            return
+
+        def forget(cfg: dict[str, Any]) -> bool:
+            if cfg.get("source") != had:
+                return False
+            del cfg["source"]
+            return True
+
+        self.update_config(forget)
 
     def replace_source(self, source: Source, mix: bool = False) -> tuple[Source, int]:
         """Record ``source`` in place of the recorded one. Returns ``(source, requeued)``.
@@ -585,7 +658,7 @@ class Sweep:
         kept = queue.stats(window=1.0).results.ok
         if kept and not mix:
             raise UsageError(
-                f"done blocks of sweep {str(self.path)!r} hold {kept:,} tiles from {recorded.redacted()!r}; replacing "
+                f"done blocks of sweep {str(self.location)!r} hold {kept:,} tiles from {recorded.redacted()!r}; replacing "
                 "the source would mix imagery of two sources: pass --mix-sources to keep them, or use a new sweep folder"
             )
         store = self.store
@@ -602,8 +675,19 @@ class Sweep:
         requeued = queue.requeue([b.id for b in empty_done], f"source replaced: {recorded.redacted()} gave no image")
         if not mix:
             store.discard_partials()
-        self.config["source"] = source.to_config()
-        self.write_config()
+        old, want = recorded.to_config(), source.to_config()
+
+        def swap(cfg: dict[str, Any]) -> bool:
+            raw = cfg.get("source")
+            rec = None if raw is None else Source.from_config(raw).to_config()
+            if rec != old and rec != want:  # another machine replaced it meanwhile
+                now = "no source" if raw is None else repr(Source.from_config(raw).redacted())
+                raise UsageError(f"sweep {str(self.location)!r}: its source was changed to {now} meanwhile; "
+                                 "not replaced, run again")
+            cfg["source"] = want
+            return rec != want
+
+        self.update_config(swap)
         return source, requeued
 
     @property

@@ -318,17 +318,23 @@ class TileStore:
         again; the folder is fsynced. Returns the new path (on object storage the new
         object's URL), None when there was no shard.
 
-        On object storage there is no rename: the shard's bytes are published
-        create-if-absent under the ``.corrupt`` key, then the shard is deleted (a crash
-        between the two leaves both: the next quarantine makes a ``.corrupt.N``)."""
+        On object storage there is no rename: the shard's bytes are read with their
+        version (size, ETag), published create-if-absent under the ``.corrupt`` key, then
+        the shard is deleted only if it is still those bytes (a crash between the two
+        leaves both: the next quarantine makes a ``.corrupt.N``). Another machine may have
+        published a good shard meanwhile (the failed one deleted by its own quarantine,
+        the block fetched again): bytes that verify whole are left alone (None), and a
+        shard whose version changed after the read is not deleted."""
         path = self.shard_path(Tile(*block))
         self._evict(block)
         if self.storage is not None:
             key = self.shard_key(block)
             try:
-                data = self.storage.read(key)
+                data, version = self.storage.read_versioned(key)
             except FileNotFoundError:
                 return None
+            if _whole_shard(f"{self.storage.url}/{key}", data, self.zoom, Tile(*block)):
+                return None  # not the failed shard: a good one published since
             n = 0
             while True:
                 aside = f"{key}.corrupt" if n == 0 else f"{key}.corrupt.{n}"
@@ -337,7 +343,7 @@ class TileStore:
                     break
                 except AlreadyPublished:
                     n += 1
-            self.storage.delete(key)
+            self.storage.delete_if_version(key, version)  # False: a new shard stands there; the copy aside stays
             return f"{self.storage.url}/{aside}"
         if not path.exists():
             return None
@@ -419,3 +425,13 @@ class TileStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _whole_shard(name: str, data: bytes, zoom: int, block: Tile) -> bool:
+    """True when ``data`` is a finished shard of ``block`` at ``zoom`` whose every record
+    and tile crc checks out (:meth:`ShardReader.verify`)."""
+    try:
+        with ShardReader(name, data=data) as r:
+            return r.verify() is None and r.zoom == zoom and r.block == block
+    except Exception:  # CorruptShardError, or bytes too short to parse at all
+        return False
