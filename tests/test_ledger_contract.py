@@ -150,3 +150,40 @@ def test_a_writer_reconnects_after_its_connection_is_cut(sweep, request):
     remote.close()
     assert drop_predictions(sweep, "m").blocks == 2
     assert query(sweep, "SELECT COUNT(*) FROM predictions") == [(0,)]
+
+
+def test_two_postgresql_writers_recording_one_set_of_blocks_in_opposite_orders_both_finish(pg_server, tmp_path):
+    """Two writers (their own connections, as two machines have) record the same 400
+    blocks in opposite orders at once: no deadlock kills either; each block has one winner."""
+    import threading
+
+    from tilesweep.predict.ledger import PostgresLedger, _queue_url
+
+    path = tmp_path / "s"
+    Sweep.plan(path, parse_bbox(BBOX), PlanSpec(zoom=ZOOM, block_zoom=16), queue=pg_server.url("deadlock"))[0].close()
+    u = _queue_url(path)
+    a, b = PostgresLedger(u), PostgresLedger(u)
+    ids = list(range(400))
+    go = threading.Barrier(2)
+    got: dict[str, object] = {}
+
+    def write(ledger, name, order):
+        try:
+            for rnd in range(3):
+                go.wait()
+                got[name, rnd] = ledger.record(f"k{rnd}", f"{name}{rnd}", len(order), 1, {i: [1, 0, 0, 0, 0, 0] for i in order}, False)
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            got[name] = exc
+            go.abort()
+
+    threads = [threading.Thread(target=write, args=(a, "a", ids)), threading.Thread(target=write, args=(b, "b", ids[::-1]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    a.close()
+    b.close()
+    assert "a" not in got and "b" not in got, got
+    for rnd in range(3):
+        ra, rb = got["a", rnd], got["b", rnd]
+        assert sorted(ra.won + rb.won) == ids and not set(ra.won) & set(rb.won)

@@ -169,6 +169,9 @@ class _SqlLedger:
     def record(self, key: str, name: str | None, rows: int, size: int,
                blocks: Mapping[int, Sequence[int]], adopted: bool) -> Recorded:
         now = time.time()
+        # in block-id order (and so the lost rows): two writers recording overlapping
+        # blocks then wait for each other's rows in one order and never deadlock
+        blocks = {int(b): blocks[b] for b in sorted(blocks, key=int)}
         with self._txn():
             if name is not None:
                 self._all("INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -176,14 +179,14 @@ class _SqlLedger:
             self._many(
                 f"INSERT INTO predicted ({_PREDICTED_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (model_key, block_id) DO NOTHING",
-                [(key, int(bid), name if v[0] else None, v[0], v[1], v[2], v[3], v[4], now, v[5] if len(v) > 5 else 0)
+                [(key, bid, name if v[0] else None, v[0], v[1], v[2], v[3], v[4], now, v[5] if len(v) > 5 else 0)
                  for bid, v in blocks.items()],
             )
             won: list[int] = []
             lost: list[int] = []
             for bid, v in blocks.items():
                 ((owner, at),) = self._all("SELECT part, at FROM predicted WHERE model_key = ? AND block_id = ?",
-                                           (key, int(bid)))
+                                           (key, bid))
                 # the block's row is this record's: it names this part, or (no rows, no part) this instant
                 (won if (owner == name and v[0]) or (not v[0] and owner is None and at == now) else lost).append(bid)
             kept = name is not None and any(blocks[b][0] for b in won)
@@ -408,7 +411,8 @@ class PostgresLedger(_SqlLedger):
 
     # Every writer's operation is safe to repeat (inserts ON CONFLICT DO NOTHING, a block's
     # winner is the part its row names), so a dropped connection (a server restart) is
-    # reconnected and the operation run again for up to ``reconnect_s`` seconds.
+    # reconnected and the operation run again for up to ``reconnect_s`` seconds; a
+    # transaction the server rolled back (deadlock, serialization failure) is run again.
     reconnect_s = 60.0
 
     def _retry(self, op: Callable[[], _T]) -> _T:
@@ -421,6 +425,12 @@ class PostgresLedger(_SqlLedger):
         while True:
             try:
                 return op()
+            except psycopg.errors.TransactionRollback:  # a deadlock or serialization failure: rolled back, safe to repeat
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
             except psycopg.OperationalError:
                 if not (self.db.closed or self.db.broken) or time.monotonic() >= deadline:
                     raise
