@@ -187,3 +187,37 @@ def test_two_postgresql_writers_recording_one_set_of_blocks_in_opposite_orders_b
     for rnd in range(3):
         ra, rb = got["a", rnd], got["b", rnd]
         assert sorted(ra.won + rb.won) == ids and not set(ra.won) & set(rb.won)
+
+
+def test_block_results_read_on_one_connection_through_a_server_restart(pg_server, tmp_path):
+    """The per-block check of `run --workers N` (ledger_block_result) reuses one reader
+    connection, and a PostgreSQL restart under it is waited out, not a UsageError."""
+    import threading
+
+    import psycopg
+
+    from tilesweep.predict.sink import ledger_block_result
+
+    path = tmp_path / "s"
+    Sweep.plan(path, parse_bbox(BBOX), PlanSpec(zoom=ZOOM, block_zoom=16), queue=pg_server.url("reader"))[0].close()
+    with PredictionSink(path, ZOOM, "m", "abc", ["score"], 0.5) as s:
+        s.add(rows(1, [10, 11], 0.9))
+        s.commit()
+        key, file = s.key, s.root / "ledger.sqlite"
+
+    def sessions():
+        with psycopg.connect(pg_server.admin_dsn, autocommit=True) as db:
+            return db.execute("SELECT sessions FROM pg_stat_database WHERE datname = 'tilesweep'").fetchone()[0]
+
+    assert ledger_block_result(file, key, 1)[:3] == (2, 1, 0)
+    before = sessions()
+    for _ in range(20):
+        assert ledger_block_result(file, key, 1)[:3] == (2, 1, 0) and ledger_block_result(file, key, 2) is None
+    assert sessions() - before <= 1  # a connection per call was 40
+    restart = threading.Thread(target=pg_server.restart)
+    restart.start()
+    calls = 0
+    while restart.is_alive() or calls < 3:
+        assert ledger_block_result(file, key, 1)[:3] == (2, 1, 0)
+        calls += 1
+    restart.join()

@@ -45,6 +45,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,17 +393,84 @@ def ledger_block_result(ledger: Path, key: str, block_id: int) -> BlockResult | 
     """A predicted block's counts as the fetch queue records them (``ok`` = rows; bytes
     and retries are not kept), or None when the model ``key`` has not predicted it (or
     there is no ledger). ``ledger``: the sweep's ``predictions/ledger.sqlite`` path (the
-    sweep's ledger is found from it, wherever it lives). Read-only, on a connection of its own."""
-    from .ledger import open_ledger
+    sweep's ledger is found from it, wherever it lives). Read-only, on one cached reader
+    connection per process and sweep (thread-safe: calls take turns on it), reopened after
+    a failure; a PostgreSQL server that is unreachable (a restart) is retried for up to
+    ``PostgresLedger.reconnect_s`` seconds (60), as the writer's operations are, before
+    its :class:`UsageError`."""
+    from .ledger import PostgresLedger
 
-    db = open_ledger(Path(ledger).parent.parent)
-    if db is None:
-        return None
-    try:
-        row = db.block_result(key, block_id)
-    finally:
-        db.close()
+    sweep = Path(ledger).parent.parent
+    deadline = time.monotonic() + PostgresLedger.reconnect_s
+    delay = 0.05
+    with _readers_lock:
+        while True:
+            try:
+                db = _cached_reader(sweep)
+                if db is None:
+                    return None
+                row = db.block_result(key, block_id)
+                break
+            except Exception as exc:
+                _drop_reader(sweep)  # reopened on the next try or call
+                if (_readers_kind.get(_reader_key(sweep)) != "postgresql" or not _transient(exc)
+                        or time.monotonic() >= deadline):
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
     return None if row is None else BlockResult(*row)
+
+
+# ledger_block_result's readers: (pid, sweep) -> (which ledger it reads, its connection);
+# the pid keeps a forked child off its parent's connection
+_readers_lock = threading.Lock()
+_readers: dict[tuple[int, str], tuple[str, Any]] = {}
+_readers_kind: dict[tuple[int, str], str] = {}  # the sweep's queue kind, once read
+
+
+def _reader_key(sweep: Path) -> tuple[int, str]:
+    return os.getpid(), str(sweep)
+
+
+def _cached_reader(sweep: Path) -> Any:
+    """The cached read-only ledger of ``sweep`` (opened on first use; None while nothing
+    was predicted, not cached). A PostgreSQL sweep's not yet migrated ``ledger.sqlite`` is
+    read until a writer migrates it, then the schema's tables."""
+    from .ledger import _queue_url
+
+    k = _reader_key(sweep)
+    if k not in _readers_kind:
+        _readers_kind[k] = str(_queue_url(sweep).kind)
+    which = "file" if _readers_kind[k] != "postgresql" or (sweep / PREDICTIONS_DIR / LEDGER_FILE).is_file() else "postgresql"
+    got = _readers.get(k)
+    if got is not None and got[0] == which:
+        return got[1]
+    _drop_reader(sweep)
+    db = open_ledger(sweep)
+    if db is not None:
+        _readers[k] = (which, db)
+    return db
+
+
+def _drop_reader(sweep: Path) -> None:
+    got = _readers.pop(_reader_key(sweep), None)
+    if got is not None:
+        try:
+            got[1].close()
+        except Exception:  # noqa: BLE001 - it is broken already
+            pass
+
+
+def _transient(exc: BaseException) -> bool:
+    """A PostgreSQL failure worth retrying: a lost connection, a refused one (the
+    :class:`UsageError` of a connect), a rolled-back transaction."""
+    if isinstance(exc, UsageError):
+        return True
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(exc, psycopg.OperationalError)
 
 
 class PredictionTotals(NamedTuple):
