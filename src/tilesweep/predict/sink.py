@@ -426,6 +426,15 @@ def ledger_block_result(ledger: Path, key: str, block_id: int) -> BlockResult | 
 _readers_lock = threading.Lock()
 _readers: dict[tuple[int, str], tuple[str, Any]] = {}
 _readers_kind: dict[tuple[int, str], str] = {}  # the sweep's queue kind, once read
+_MAX_READERS = 4
+
+
+def _reset_readers_lock() -> None:  # a fork while another thread held it: the child's is free
+    global _readers_lock
+    _readers_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_readers_lock)
 
 
 def _reader_key(sweep: Path) -> tuple[int, str]:
@@ -440,21 +449,32 @@ def _cached_reader(sweep: Path) -> Any:
 
     k = _reader_key(sweep)
     if k not in _readers_kind:
+        if len(_readers_kind) >= 64:
+            _readers_kind.clear()
         _readers_kind[k] = str(_queue_url(sweep).kind)
-    which = "file" if _readers_kind[k] != "postgresql" or (sweep / PREDICTIONS_DIR / LEDGER_FILE).is_file() else "postgresql"
+    try:  # the file's inode: a ledger.sqlite replaced or removed is reopened
+        which = f"file:{(sweep / PREDICTIONS_DIR / LEDGER_FILE).stat().st_ino}"
+    except FileNotFoundError:
+        which = "postgresql" if _readers_kind[k] == "postgresql" else "none"
     got = _readers.get(k)
     if got is not None and got[0] == which:
         return got[1]
     _drop_reader(sweep)
     db = open_ledger(sweep)
     if db is not None:
+        while len(_readers) >= _MAX_READERS:  # a process reads one sweep or a few: the oldest go
+            oldest = next(iter(_readers))
+            _drop_reader(Path(oldest[1]), oldest)
         _readers[k] = (which, db)
     return db
 
 
-def _drop_reader(sweep: Path) -> None:
-    got = _readers.pop(_reader_key(sweep), None)
-    if got is not None:
+def _drop_reader(sweep: Path, key: tuple[int, str] | None = None) -> None:
+    """Forget the cached reader of ``sweep`` (or of ``key``), closing it when it is this
+    process's (a forked child leaves its parent's connection alone)."""
+    k = _reader_key(sweep) if key is None else key
+    got = _readers.pop(k, None)
+    if got is not None and k[0] == os.getpid():
         try:
             got[1].close()
         except Exception:  # noqa: BLE001 - it is broken already
