@@ -221,3 +221,23 @@ def test_block_results_read_on_one_connection_through_a_server_restart(pg_server
         assert ledger_block_result(file, key, 1)[:3] == (2, 1, 0)
         calls += 1
     restart.join()
+
+
+def test_an_open_deletes_neither_another_models_part_nor_one_it_cannot_read_now(tmp_path):
+    """Recovery deletes an unknown part only when it is read whole and is not a part: two
+    models whose folder slug is the same ("m" and "m!") keep each other's parts, and a
+    part the storage fails to read (here an OS error: the entry links to a folder) is skipped."""
+    path = tmp_path / "s"
+    Sweep.plan(path, parse_bbox(BBOX), PlanSpec(zoom=ZOOM, block_zoom=16))[0].close()
+    with PredictionSink(path, ZOOM, "m!", "", ["score"], 0.5) as other:
+        assert other.folder_name == "m"
+        other.add(rows(1, [10], 0.9))
+        other.commit()
+    (tmp_path / "a-folder").mkdir()
+    (path / "predictions" / "m" / "part-unreadable.parquet").symlink_to(tmp_path / "a-folder")
+    (path / "predictions" / "m" / "part-garbage.parquet").write_bytes(b"not parquet")
+    with PredictionSink(path, ZOOM, "m", "", ["score"], 0.5) as s:
+        assert s.stats.skipped_parts == 2 and s.stats.deleted_orphans == 1 and s.stats.adopted_parts == 0
+    left = sorted(p.name for p in (path / "predictions" / "m").glob("part-*.parquet"))
+    assert len(left) == 2 and "part-unreadable.parquet" in left
+    assert query(path, "SELECT model, COUNT(*) FROM predictions GROUP BY model") == [("m!", 1)]

@@ -60,7 +60,7 @@ from ..durable import fsync_dir
 from ..errors import UsageError
 from ..block import BlockResult
 from ..queue import Queue, State
-from ..storage import LocalStorage, Storage
+from ..storage import LocalStorage, Storage, StorageError
 from ..tiles import centres_array as centres  # noqa: F401 - re-exported: tile math lives in tilesweep.tiles
 from .ledger import LEDGER_FILE as LEDGER_FILE, Ledger, open_ledger
 from .ledger import ledger_summary as ledger_summary  # re-exported: its home before
@@ -113,6 +113,7 @@ class CommitStats:
     deleted_orphans: int = 0
     forgotten_parts: int = 0
     lost_blocks: int = 0  # blocks this writer scored that another writer had recorded first
+    skipped_parts: int = 0  # unknown parts left alone at open: unreadable now, or another model's
     busy_s: float = 0.0
 
 
@@ -226,14 +227,25 @@ class PredictionSink:
         for name in sorted(on_disk.keys() - known):
             try:
                 with self.storage.open_read(name) as f:
-                    meta = json.loads(pq.read_schema(f).metadata[META_KEY])
-                if meta["model_key"] != self.key:
-                    raise ValueError("another model's part")
+                    schema = pq.read_schema(f)
+            except (OSError, StorageError):  # the store did not answer (a 503, a timeout), or it went
+                self.stats.skipped_parts += 1  # away: never delete what may be a live writer's part;
+                continue                       # the next open tries it again
+            except Exception:  # noqa: BLE001 - read whole but not Parquet: a published part is whole, so foreign
+                self._delete_part(name)
+                self.stats.deleted_orphans += 1
+                continue
+            try:
+                meta = json.loads((schema.metadata or {})[META_KEY])
+                part_key = meta["model_key"]
                 blocks = {int(k): v for k, v in meta["blocks"].items()}
                 rows = int(meta["rows"])
-            except Exception:  # not ours or unreadable: a published part is whole, so this is foreign
-                self.storage.delete(name)
+            except (KeyError, TypeError, ValueError, AttributeError):  # a Parquet file that is no part of ours
+                self._delete_part(name)
                 self.stats.deleted_orphans += 1
+                continue
+            if part_key != self.key:  # another model whose folder slug is the same: its part, not ours
+                self.stats.skipped_parts += 1
                 continue
             # An orphan of a dead writer, or the part of a live one between its publish and
             # its record: recording is idempotent, so adopting either is safe.
