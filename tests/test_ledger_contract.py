@@ -241,3 +241,40 @@ def test_an_open_deletes_neither_another_models_part_nor_one_it_cannot_read_now(
     left = sorted(p.name for p in (path / "predictions" / "m").glob("part-*.parquet"))
     assert len(left) == 2 and "part-unreadable.parquet" in left
     assert query(path, "SELECT model, COUNT(*) FROM predictions GROUP BY model") == [("m!", 1)]
+
+
+def test_writers_opening_at_once_migrate_an_old_ledger_file_once(pg_server, tmp_path):
+    """The first open of a PostgreSQL sweep with an old ``ledger.sqlite`` on many machines
+    at once: one copies and renames it, the others wait and find it done."""
+    import threading
+
+    from tilesweep.predict.ledger import PostgresLedger, SqliteLedger, _queue_url
+
+    path = tmp_path / "s"
+    Sweep.plan(path, parse_bbox(BBOX), PlanSpec(zoom=ZOOM, block_zoom=16), queue=pg_server.url("migrate"))[0].close()
+    file = path / "predictions" / "ledger.sqlite"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    old = SqliteLedger(file)
+    old.add_model("name:m", "m", "", "m", ["score"], 0.5)
+    old.record("name:m", None, 0, 0, {i: [0, 4, 0, 0, 0, 0] for i in range(3000)}, adopted=False)
+    old.close()
+    u = _queue_url(path)
+    go = threading.Barrier(4)
+    got: list[object] = []
+
+    def open_writer():
+        go.wait()
+        try:
+            ledger = PostgresLedger(u, migrate_from=file)
+            got.append(len(ledger.predicted_ids("name:m")))
+            ledger.close()
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            got.append(exc)
+
+    threads = [threading.Thread(target=open_writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [3000] * 4
+    assert not file.exists() and file.with_name("ledger.sqlite.migrated").is_file()

@@ -346,7 +346,8 @@ class PostgresLedger(_SqlLedger):
     whose ledger is still ``predictions/ledger.sqlite`` (predicted before the ledger moved)
     is migrated by the first writer: its rows are copied in one transaction (``ON
     CONFLICT DO NOTHING``: a copy cut short by a crash is simply done again), then the
-    file is renamed ``ledger.sqlite.migrated``. One connection; the writer's operations are
+    file is renamed ``ledger.sqlite.migrated``, all under an advisory lock (writers on
+    other machines that open at once wait, then find it migrated). One connection; the writer's operations are
     reconnected and repeated after a dropped connection (a server restart), for up to
     ``reconnect_s`` seconds.
     ``readonly``: a reader's connection; :class:`LookupError` when no writer made the
@@ -387,7 +388,22 @@ class PostgresLedger(_SqlLedger):
         (got,) = self.db.execute("SELECT pg_try_advisory_lock(hashtext(current_schema() || '.tilesweep-writers'))").fetchone()
         return bool(got)
 
+    _MIGRATE_LOCK = "hashtext(current_schema() || '.tilesweep-migrate')"
+
     def _migrate(self, path: Path) -> None:
+        """Copy ``path``'s rows in and rename it, serialised across machines: under an
+        advisory lock of this session, held until the file is renamed (so no writer copies
+        from a file being renamed), the file is looked for again; a writer that waited finds
+        it migrated and does nothing."""
+        self.db.execute(f"SELECT pg_advisory_lock({self._MIGRATE_LOCK})")
+        try:
+            if path.is_file():
+                self._copy_and_rename(path)
+        finally:
+            if not (self.db.closed or self.db.broken):
+                self.db.execute(f"SELECT pg_advisory_unlock({self._MIGRATE_LOCK})")
+
+    def _copy_and_rename(self, path: Path) -> None:
         old = SqliteLedger(path, readonly=True)
         try:
             with self._txn():
@@ -405,7 +421,10 @@ class PostgresLedger(_SqlLedger):
                     self._many("INSERT INTO lost VALUES (?, ?) ON CONFLICT DO NOTHING", old._all("SELECT part, block_id FROM lost"))
         finally:
             old.close()
-        os.replace(path, path.with_name(path.name + ".migrated"))
+        try:
+            os.replace(path, path.with_name(path.name + ".migrated"))
+        except FileNotFoundError:  # renamed by another writer (one that takes no lock: an earlier version)
+            pass
         for suffix in ("-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
 
