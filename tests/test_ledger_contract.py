@@ -278,3 +278,24 @@ def test_writers_opening_at_once_migrate_an_old_ledger_file_once(pg_server, tmp_
         t.join()
     assert got == [3000] * 4
     assert not file.exists() and file.with_name("ledger.sqlite.migrated").is_file()
+
+
+def test_a_server_error_under_a_reader_is_one_line(pg_server, tmp_path):
+    """A reader (the map viewer's models) meets a PostgreSQL error: a one-line
+    UsageError naming the queue, not a psycopg traceback."""
+    import psycopg
+
+    from tilesweep.errors import UsageError
+    from tilesweep.view.overlay import read_models
+
+    path = tmp_path / "s"
+    Sweep.plan(path, parse_bbox(BBOX), PlanSpec(zoom=ZOOM, block_zoom=16), queue=pg_server.url("broken"))[0].close()
+    with PredictionSink(path, ZOOM, "m", "abc", ["score"], 0.5) as s:
+        s.add(rows(1, [10], 0.9))
+        s.commit()
+    assert [m.name for m in read_models(path)] == ["m"]
+    with psycopg.connect(pg_server.url(), autocommit=True) as db:
+        db.execute("DROP TABLE broken.models")
+    with pytest.raises(UsageError, match=r"prediction ledger in queue .*models") as err:
+        read_models(path)
+    assert "\n" not in str(err.value)

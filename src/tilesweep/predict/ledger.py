@@ -351,16 +351,18 @@ class PostgresLedger(_SqlLedger):
     reconnected and repeated after a dropped connection (a server restart), for up to
     ``reconnect_s`` seconds.
     ``readonly``: a reader's connection; :class:`LookupError` when no writer made the
-    tables yet."""
+    tables yet; a server's error is a one-line :class:`UsageError` (its ``__cause__``
+    the psycopg error)."""
 
     def __init__(self, url: Any, readonly: bool = False, migrate_from: Path | None = None) -> None:
         from ..queue.postgres import _connect
 
         self.url = url
+        self.readonly = readonly
         self.db = _connect(url, url.schema)
         try:
             if readonly:
-                if self.db.execute("SELECT to_regclass('predicted')").fetchone()[0] is None:
+                if self._all("SELECT to_regclass('predicted')")[0][0] is None:
                     raise LookupError("no prediction ledger in the queue's schema yet")
                 return
             with self.db.transaction():
@@ -487,6 +489,16 @@ class PostgresLedger(_SqlLedger):
         self._retry(lambda: super(PostgresLedger, self).forget(key, names))
 
     def _all(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        if self.readonly:  # a reader's failure is one line (the writer's are retried: _retry)
+            import psycopg
+
+            from ..queue.postgres import _one_line
+
+            try:
+                cur = self.db.execute(sql.replace("?", "%s"), tuple(args))
+                return list(cur.fetchall()) if cur.description is not None else []
+            except psycopg.Error as exc:
+                raise UsageError(f"prediction ledger in queue {self.url.text!r}: {_one_line(exc)}") from exc
         cur = self.db.execute(sql.replace("?", "%s"), tuple(args))
         return list(cur.fetchall()) if cur.description is not None else []
 

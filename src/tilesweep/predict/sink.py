@@ -496,12 +496,12 @@ def _drop_reader(sweep: Path, key: tuple[int, str] | None = None) -> None:
 def _transient(exc: BaseException) -> bool:
     """A PostgreSQL failure worth retrying: a lost connection, a refused one (the
     :class:`UsageError` of a connect), a rolled-back transaction."""
-    if isinstance(exc, UsageError):
-        return True
     try:
         import psycopg
     except ImportError:
         return False
+    if isinstance(exc, UsageError):  # a reader's one-line error: transient when its cause is, or a refused connect
+        return exc.__cause__ is None or isinstance(exc.__cause__, psycopg.OperationalError)
     return isinstance(exc, psycopg.OperationalError)
 
 
