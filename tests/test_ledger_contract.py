@@ -150,3 +150,152 @@ def test_a_writer_reconnects_after_its_connection_is_cut(sweep, request):
     remote.close()
     assert drop_predictions(sweep, "m").blocks == 2
     assert query(sweep, "SELECT COUNT(*) FROM predictions") == [(0,)]
+
+
+def test_two_postgresql_writers_recording_one_set_of_blocks_in_opposite_orders_both_finish(pg_server, tmp_path):
+    """Two writers (their own connections, as two machines have) record the same 400
+    blocks in opposite orders at once: no deadlock kills either; each block has one winner."""
+    import threading
+
+    from tilesweep.predict.ledger import PostgresLedger, _queue_url
+
+    path = tmp_path / "s"
+    Sweep.plan(path, parse_bbox(BBOX), PlanSpec(zoom=ZOOM, block_zoom=16), queue=pg_server.url("deadlock"))[0].close()
+    u = _queue_url(path)
+    a, b = PostgresLedger(u), PostgresLedger(u)
+    ids = list(range(400))
+    go = threading.Barrier(2)
+    got: dict[str, object] = {}
+
+    def write(ledger, name, order):
+        try:
+            for rnd in range(3):
+                go.wait()
+                got[name, rnd] = ledger.record(f"k{rnd}", f"{name}{rnd}", len(order), 1, {i: [1, 0, 0, 0, 0, 0] for i in order}, False)
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            got[name] = exc
+            go.abort()
+
+    threads = [threading.Thread(target=write, args=(a, "a", ids)), threading.Thread(target=write, args=(b, "b", ids[::-1]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    a.close()
+    b.close()
+    assert "a" not in got and "b" not in got, got
+    for rnd in range(3):
+        ra, rb = got["a", rnd], got["b", rnd]
+        assert sorted(ra.won + rb.won) == ids and not set(ra.won) & set(rb.won)
+
+
+def test_block_results_read_on_one_connection_through_a_server_restart(pg_server, tmp_path):
+    """The per-block check of `run --workers N` (ledger_block_result) reuses one reader
+    connection, and a PostgreSQL restart under it is waited out, not a UsageError."""
+    import threading
+
+    import psycopg
+
+    from tilesweep.predict.sink import ledger_block_result
+
+    path = tmp_path / "s"
+    Sweep.plan(path, parse_bbox(BBOX), PlanSpec(zoom=ZOOM, block_zoom=16), queue=pg_server.url("reader"))[0].close()
+    with PredictionSink(path, ZOOM, "m", "abc", ["score"], 0.5) as s:
+        s.add(rows(1, [10, 11], 0.9))
+        s.commit()
+        key, file = s.key, s.root / "ledger.sqlite"
+
+    def sessions():
+        with psycopg.connect(pg_server.admin_dsn, autocommit=True) as db:
+            return db.execute("SELECT sessions FROM pg_stat_database WHERE datname = 'tilesweep'").fetchone()[0]
+
+    assert ledger_block_result(file, key, 1)[:3] == (2, 1, 0)
+    before = sessions()
+    for _ in range(20):
+        assert ledger_block_result(file, key, 1)[:3] == (2, 1, 0) and ledger_block_result(file, key, 2) is None
+    assert sessions() - before <= 1  # a connection per call was 40
+    restart = threading.Thread(target=pg_server.restart)
+    restart.start()
+    calls = 0
+    while restart.is_alive() or calls < 3:
+        assert ledger_block_result(file, key, 1)[:3] == (2, 1, 0)
+        calls += 1
+    restart.join()
+
+
+def test_an_open_deletes_neither_another_models_part_nor_one_it_cannot_read_now(tmp_path):
+    """Recovery deletes an unknown part only when it is read whole and is not a part: two
+    models whose folder slug is the same ("m" and "m!") keep each other's parts, and a
+    part the storage fails to read (here an OS error: the entry links to a folder) is skipped."""
+    path = tmp_path / "s"
+    Sweep.plan(path, parse_bbox(BBOX), PlanSpec(zoom=ZOOM, block_zoom=16))[0].close()
+    with PredictionSink(path, ZOOM, "m!", "", ["score"], 0.5) as other:
+        assert other.folder_name == "m"
+        other.add(rows(1, [10], 0.9))
+        other.commit()
+    (tmp_path / "a-folder").mkdir()
+    (path / "predictions" / "m" / "part-unreadable.parquet").symlink_to(tmp_path / "a-folder")
+    (path / "predictions" / "m" / "part-garbage.parquet").write_bytes(b"not parquet")
+    with PredictionSink(path, ZOOM, "m", "", ["score"], 0.5) as s:
+        assert s.stats.skipped_parts == 2 and s.stats.deleted_orphans == 1 and s.stats.adopted_parts == 0
+    left = sorted(p.name for p in (path / "predictions" / "m").glob("part-*.parquet"))
+    assert len(left) == 2 and "part-unreadable.parquet" in left
+    assert query(path, "SELECT model, COUNT(*) FROM predictions GROUP BY model") == [("m!", 1)]
+
+
+def test_writers_opening_at_once_migrate_an_old_ledger_file_once(pg_server, tmp_path):
+    """The first open of a PostgreSQL sweep with an old ``ledger.sqlite`` on many machines
+    at once: one copies and renames it, the others wait and find it done."""
+    import threading
+
+    from tilesweep.predict.ledger import PostgresLedger, SqliteLedger, _queue_url
+
+    path = tmp_path / "s"
+    Sweep.plan(path, parse_bbox(BBOX), PlanSpec(zoom=ZOOM, block_zoom=16), queue=pg_server.url("migrate"))[0].close()
+    file = path / "predictions" / "ledger.sqlite"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    old = SqliteLedger(file)
+    old.add_model("name:m", "m", "", "m", ["score"], 0.5)
+    old.record("name:m", None, 0, 0, {i: [0, 4, 0, 0, 0, 0] for i in range(3000)}, adopted=False)
+    old.close()
+    u = _queue_url(path)
+    go = threading.Barrier(4)
+    got: list[object] = []
+
+    def open_writer():
+        go.wait()
+        try:
+            ledger = PostgresLedger(u, migrate_from=file)
+            got.append(len(ledger.predicted_ids("name:m")))
+            ledger.close()
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            got.append(exc)
+
+    threads = [threading.Thread(target=open_writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [3000] * 4
+    assert not file.exists() and file.with_name("ledger.sqlite.migrated").is_file()
+
+
+def test_a_server_error_under_a_reader_is_one_line(pg_server, tmp_path):
+    """A reader (the map viewer's models) meets a PostgreSQL error: a one-line
+    UsageError naming the queue, not a psycopg traceback."""
+    import psycopg
+
+    from tilesweep.errors import UsageError
+    from tilesweep.view.overlay import read_models
+
+    path = tmp_path / "s"
+    Sweep.plan(path, parse_bbox(BBOX), PlanSpec(zoom=ZOOM, block_zoom=16), queue=pg_server.url("broken"))[0].close()
+    with PredictionSink(path, ZOOM, "m", "abc", ["score"], 0.5) as s:
+        s.add(rows(1, [10], 0.9))
+        s.commit()
+    assert [m.name for m in read_models(path)] == ["m"]
+    with psycopg.connect(pg_server.url(), autocommit=True) as db:
+        db.execute("DROP TABLE broken.models")
+    with pytest.raises(UsageError, match=r"prediction ledger in queue .*models") as err:
+        read_models(path)
+    assert "\n" not in str(err.value)

@@ -169,6 +169,9 @@ class _SqlLedger:
     def record(self, key: str, name: str | None, rows: int, size: int,
                blocks: Mapping[int, Sequence[int]], adopted: bool) -> Recorded:
         now = time.time()
+        # in block-id order (and so the lost rows): two writers recording overlapping
+        # blocks then wait for each other's rows in one order and never deadlock
+        blocks = {int(b): blocks[b] for b in sorted(blocks, key=int)}
         with self._txn():
             if name is not None:
                 self._all("INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -176,14 +179,14 @@ class _SqlLedger:
             self._many(
                 f"INSERT INTO predicted ({_PREDICTED_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (model_key, block_id) DO NOTHING",
-                [(key, int(bid), name if v[0] else None, v[0], v[1], v[2], v[3], v[4], now, v[5] if len(v) > 5 else 0)
+                [(key, bid, name if v[0] else None, v[0], v[1], v[2], v[3], v[4], now, v[5] if len(v) > 5 else 0)
                  for bid, v in blocks.items()],
             )
             won: list[int] = []
             lost: list[int] = []
             for bid, v in blocks.items():
                 ((owner, at),) = self._all("SELECT part, at FROM predicted WHERE model_key = ? AND block_id = ?",
-                                           (key, int(bid)))
+                                           (key, bid))
                 # the block's row is this record's: it names this part, or (no rows, no part) this instant
                 (won if (owner == name and v[0]) or (not v[0] and owner is None and at == now) else lost).append(bid)
             kept = name is not None and any(blocks[b][0] for b in won)
@@ -343,20 +346,23 @@ class PostgresLedger(_SqlLedger):
     whose ledger is still ``predictions/ledger.sqlite`` (predicted before the ledger moved)
     is migrated by the first writer: its rows are copied in one transaction (``ON
     CONFLICT DO NOTHING``: a copy cut short by a crash is simply done again), then the
-    file is renamed ``ledger.sqlite.migrated``. One connection; the writer's operations are
+    file is renamed ``ledger.sqlite.migrated``, all under an advisory lock (writers on
+    other machines that open at once wait, then find it migrated). One connection; the writer's operations are
     reconnected and repeated after a dropped connection (a server restart), for up to
     ``reconnect_s`` seconds.
     ``readonly``: a reader's connection; :class:`LookupError` when no writer made the
-    tables yet."""
+    tables yet; a server's error is a one-line :class:`UsageError` (its ``__cause__``
+    the psycopg error)."""
 
     def __init__(self, url: Any, readonly: bool = False, migrate_from: Path | None = None) -> None:
         from ..queue.postgres import _connect
 
         self.url = url
+        self.readonly = readonly
         self.db = _connect(url, url.schema)
         try:
             if readonly:
-                if self.db.execute("SELECT to_regclass('predicted')").fetchone()[0] is None:
+                if self._all("SELECT to_regclass('predicted')")[0][0] is None:
                     raise LookupError("no prediction ledger in the queue's schema yet")
                 return
             with self.db.transaction():
@@ -384,7 +390,22 @@ class PostgresLedger(_SqlLedger):
         (got,) = self.db.execute("SELECT pg_try_advisory_lock(hashtext(current_schema() || '.tilesweep-writers'))").fetchone()
         return bool(got)
 
+    _MIGRATE_LOCK = "hashtext(current_schema() || '.tilesweep-migrate')"
+
     def _migrate(self, path: Path) -> None:
+        """Copy ``path``'s rows in and rename it, serialised across machines: under an
+        advisory lock of this session, held until the file is renamed (so no writer copies
+        from a file being renamed), the file is looked for again; a writer that waited finds
+        it migrated and does nothing."""
+        self.db.execute(f"SELECT pg_advisory_lock({self._MIGRATE_LOCK})")
+        try:
+            if path.is_file():
+                self._copy_and_rename(path)
+        finally:
+            if not (self.db.closed or self.db.broken):
+                self.db.execute(f"SELECT pg_advisory_unlock({self._MIGRATE_LOCK})")
+
+    def _copy_and_rename(self, path: Path) -> None:
         old = SqliteLedger(path, readonly=True)
         try:
             with self._txn():
@@ -402,13 +423,17 @@ class PostgresLedger(_SqlLedger):
                     self._many("INSERT INTO lost VALUES (?, ?) ON CONFLICT DO NOTHING", old._all("SELECT part, block_id FROM lost"))
         finally:
             old.close()
-        os.replace(path, path.with_name(path.name + ".migrated"))
+        try:
+            os.replace(path, path.with_name(path.name + ".migrated"))
+        except FileNotFoundError:  # renamed by another writer (one that takes no lock: an earlier version)
+            pass
         for suffix in ("-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
 
     # Every writer's operation is safe to repeat (inserts ON CONFLICT DO NOTHING, a block's
     # winner is the part its row names), so a dropped connection (a server restart) is
-    # reconnected and the operation run again for up to ``reconnect_s`` seconds.
+    # reconnected and the operation run again for up to ``reconnect_s`` seconds; a
+    # transaction the server rolled back (deadlock, serialization failure) is run again.
     reconnect_s = 60.0
 
     def _retry(self, op: Callable[[], _T]) -> _T:
@@ -421,6 +446,12 @@ class PostgresLedger(_SqlLedger):
         while True:
             try:
                 return op()
+            except psycopg.errors.TransactionRollback:  # a deadlock or serialization failure: rolled back, safe to repeat
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
             except psycopg.OperationalError:
                 if not (self.db.closed or self.db.broken) or time.monotonic() >= deadline:
                     raise
@@ -458,6 +489,16 @@ class PostgresLedger(_SqlLedger):
         self._retry(lambda: super(PostgresLedger, self).forget(key, names))
 
     def _all(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        if self.readonly:  # a reader's failure is one line (the writer's are retried: _retry)
+            import psycopg
+
+            from ..queue.postgres import _one_line
+
+            try:
+                cur = self.db.execute(sql.replace("?", "%s"), tuple(args))
+                return list(cur.fetchall()) if cur.description is not None else []
+            except psycopg.Error as exc:
+                raise UsageError(f"prediction ledger in queue {self.url.text!r}: {_one_line(exc)}") from exc
         cur = self.db.execute(sql.replace("?", "%s"), tuple(args))
         return list(cur.fetchall()) if cur.description is not None else []
 

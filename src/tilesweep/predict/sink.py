@@ -45,6 +45,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ from ..durable import fsync_dir
 from ..errors import UsageError
 from ..block import BlockResult
 from ..queue import Queue, State
-from ..storage import LocalStorage, Storage
+from ..storage import LocalStorage, Storage, StorageError
 from ..tiles import centres_array as centres  # noqa: F401 - re-exported: tile math lives in tilesweep.tiles
 from .ledger import LEDGER_FILE as LEDGER_FILE, Ledger, open_ledger
 from .ledger import ledger_summary as ledger_summary  # re-exported: its home before
@@ -112,6 +113,7 @@ class CommitStats:
     deleted_orphans: int = 0
     forgotten_parts: int = 0
     lost_blocks: int = 0  # blocks this writer scored that another writer had recorded first
+    skipped_parts: int = 0  # unknown parts left alone at open: unreadable now, or another model's
     busy_s: float = 0.0
 
 
@@ -225,14 +227,25 @@ class PredictionSink:
         for name in sorted(on_disk.keys() - known):
             try:
                 with self.storage.open_read(name) as f:
-                    meta = json.loads(pq.read_schema(f).metadata[META_KEY])
-                if meta["model_key"] != self.key:
-                    raise ValueError("another model's part")
+                    schema = pq.read_schema(f)
+            except (OSError, StorageError):  # the store did not answer (a 503, a timeout), or it went
+                self.stats.skipped_parts += 1  # away: never delete what may be a live writer's part;
+                continue                       # the next open tries it again
+            except Exception:  # noqa: BLE001 - read whole but not Parquet: a published part is whole, so foreign
+                self._delete_part(name)
+                self.stats.deleted_orphans += 1
+                continue
+            try:
+                meta = json.loads((schema.metadata or {})[META_KEY])
+                part_key = meta["model_key"]
                 blocks = {int(k): v for k, v in meta["blocks"].items()}
                 rows = int(meta["rows"])
-            except Exception:  # not ours or unreadable: a published part is whole, so this is foreign
-                self.storage.delete(name)
+            except (KeyError, TypeError, ValueError, AttributeError):  # a Parquet file that is no part of ours
+                self._delete_part(name)
                 self.stats.deleted_orphans += 1
+                continue
+            if part_key != self.key:  # another model whose folder slug is the same: its part, not ours
+                self.stats.skipped_parts += 1
                 continue
             # An orphan of a dead writer, or the part of a live one between its publish and
             # its record: recording is idempotent, so adopting either is safe.
@@ -392,17 +405,104 @@ def ledger_block_result(ledger: Path, key: str, block_id: int) -> BlockResult | 
     """A predicted block's counts as the fetch queue records them (``ok`` = rows; bytes
     and retries are not kept), or None when the model ``key`` has not predicted it (or
     there is no ledger). ``ledger``: the sweep's ``predictions/ledger.sqlite`` path (the
-    sweep's ledger is found from it, wherever it lives). Read-only, on a connection of its own."""
-    from .ledger import open_ledger
+    sweep's ledger is found from it, wherever it lives). Read-only, on one cached reader
+    connection per process and sweep (thread-safe: calls take turns on it), reopened after
+    a failure; a PostgreSQL server that is unreachable (a restart) is retried for up to
+    ``PostgresLedger.reconnect_s`` seconds (60), as the writer's operations are, before
+    its :class:`UsageError`."""
+    from .ledger import PostgresLedger
 
-    db = open_ledger(Path(ledger).parent.parent)
-    if db is None:
-        return None
-    try:
-        row = db.block_result(key, block_id)
-    finally:
-        db.close()
+    sweep = Path(ledger).parent.parent
+    deadline = time.monotonic() + PostgresLedger.reconnect_s
+    delay = 0.05
+    with _readers_lock:
+        while True:
+            try:
+                db = _cached_reader(sweep)
+                if db is None:
+                    return None
+                row = db.block_result(key, block_id)
+                break
+            except Exception as exc:
+                _drop_reader(sweep)  # reopened on the next try or call
+                if (_readers_kind.get(_reader_key(sweep)) != "postgresql" or not _transient(exc)
+                        or time.monotonic() >= deadline):
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
     return None if row is None else BlockResult(*row)
+
+
+# ledger_block_result's readers: (pid, sweep) -> (which ledger it reads, its connection);
+# the pid keeps a forked child off its parent's connection
+_readers_lock = threading.Lock()
+_readers: dict[tuple[int, str], tuple[str, Any]] = {}
+_readers_kind: dict[tuple[int, str], str] = {}  # the sweep's queue kind, once read
+_MAX_READERS = 4
+
+
+def _reset_readers_lock() -> None:  # a fork while another thread held it: the child's is free
+    global _readers_lock
+    _readers_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_readers_lock)
+
+
+def _reader_key(sweep: Path) -> tuple[int, str]:
+    return os.getpid(), str(sweep)
+
+
+def _cached_reader(sweep: Path) -> Any:
+    """The cached read-only ledger of ``sweep`` (opened on first use; None while nothing
+    was predicted, not cached). A PostgreSQL sweep's not yet migrated ``ledger.sqlite`` is
+    read until a writer migrates it, then the schema's tables."""
+    from .ledger import _queue_url
+
+    k = _reader_key(sweep)
+    if k not in _readers_kind:
+        if len(_readers_kind) >= 64:
+            _readers_kind.clear()
+        _readers_kind[k] = str(_queue_url(sweep).kind)
+    try:  # the file's inode: a ledger.sqlite replaced or removed is reopened
+        which = f"file:{(sweep / PREDICTIONS_DIR / LEDGER_FILE).stat().st_ino}"
+    except FileNotFoundError:
+        which = "postgresql" if _readers_kind[k] == "postgresql" else "none"
+    got = _readers.get(k)
+    if got is not None and got[0] == which:
+        return got[1]
+    _drop_reader(sweep)
+    db = open_ledger(sweep)
+    if db is not None:
+        while len(_readers) >= _MAX_READERS:  # a process reads one sweep or a few: the oldest go
+            oldest = next(iter(_readers))
+            _drop_reader(Path(oldest[1]), oldest)
+        _readers[k] = (which, db)
+    return db
+
+
+def _drop_reader(sweep: Path, key: tuple[int, str] | None = None) -> None:
+    """Forget the cached reader of ``sweep`` (or of ``key``), closing it when it is this
+    process's (a forked child leaves its parent's connection alone)."""
+    k = _reader_key(sweep) if key is None else key
+    got = _readers.pop(k, None)
+    if got is not None and k[0] == os.getpid():
+        try:
+            got[1].close()
+        except Exception:  # noqa: BLE001 - it is broken already
+            pass
+
+
+def _transient(exc: BaseException) -> bool:
+    """A PostgreSQL failure worth retrying: a lost connection, a refused one (the
+    :class:`UsageError` of a connect), a rolled-back transaction."""
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    if isinstance(exc, UsageError):  # a reader's one-line error: transient when its cause is, or a refused connect
+        return exc.__cause__ is None or isinstance(exc.__cause__, psycopg.OperationalError)
+    return isinstance(exc, psycopg.OperationalError)
 
 
 class PredictionTotals(NamedTuple):
