@@ -641,27 +641,32 @@ class Worker:
         """A consumer in another process reports durable blocks through a queue."""
         poll = getattr(self.consumer, "poll_committed", None)
         if poll is not None:
-            ids = poll()
+            ids, winners = poll()
             if ids:
-                self._committed(ids)
+                self._committed(ids, winners)
 
-    def committed(self, ids: Iterable[int]) -> None:
+    def committed(self, ids: Iterable[int], winners: dict[int, tuple[int, int, int]] | None = None) -> None:
         """The consumer made these handed blocks durable: ack them (safe from any thread;
         ignored once the worker has stopped, and the next run acks them at once through
-        :meth:`BlockConsumer.done_result`)."""
+        :meth:`BlockConsumer.done_result`). ``winners``: for the blocks another writer
+        recorded first, the ledger's ``(rows, empty, failed)``: those are acked, not this
+        worker's own fetch counts (the ledger keeps the first record)."""
         loop = self._loop
         if loop is None:
             return
         try:
-            loop.call_soon_threadsafe(self._committed, list(ids))
+            loop.call_soon_threadsafe(self._committed, list(ids), dict(winners or {}))
         except RuntimeError:  # the loop closed meanwhile
             pass
 
-    def _committed(self, ids: list[int]) -> None:
+    def _committed(self, ids: list[int], winners: dict[int, tuple[int, int, int]] | None = None) -> None:
         for i in ids:
             result = self._handed.pop(i, None)
             if result is None:
                 continue
+            won = winners.get(i) if winners else None
+            if won is not None:  # the ledger kept another writer's record: ack its counts
+                result = result._replace(ok=won[0], empty=won[1], failed=won[2])
             self._active.pop(i, None)
             self.counters.blocks_done += 1
             if i in self._unleased:

@@ -338,7 +338,8 @@ class _Pipeline:
         self.fetch_ended = threading.Event()  # the stream's runner handed its last block (or stopped)
         self.worker: Worker | None = None
         self.procs: FetchProcesses | None = None
-        self.on_committed: Callable[[list[int]], None] | None = None
+        # the ids durable, and the ledger's (rows, empty, failed) of those another writer recorded first
+        self.on_committed: Callable[[list[int], dict[int, tuple[int, int, int]]], None] | None = None
         self.on_closed: Callable[[], None] | None = None  # after the sink's last commit
         self.in_flight: set[int] = set()  # blocks of worker processes handed over, not yet committed
         # The main thread waits on this event, never in Thread.join: a Ctrl-C that lands
@@ -619,9 +620,10 @@ class _Pipeline:
         reported durable again at once, for that worker to ack."""
         if block.id in self.in_flight:
             return True
-        if self.sink.block_result(block.id) is not None:
+        done = self.sink.block_result(block.id)
+        if done is not None:
             assert self.procs is not None
-            self.procs.committed([block.id])
+            self.procs.committed([block.id], {block.id: (done.ok, done.empty, done.failed)})
             return True
         self.in_flight.add(block.id)
         return False
@@ -740,7 +742,7 @@ class _Pipeline:
         """The sink made these blocks durable: the runner acks them."""
         self.in_flight.difference_update(committed)
         if committed and self.on_committed is not None:
-            self.on_committed(committed)
+            self.on_committed(list(committed), dict(getattr(committed, "winners", {})))
 
     def _sink_add(self, rows: BlockRows) -> None:
         m = self.meters["sink"]
