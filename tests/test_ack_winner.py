@@ -93,3 +93,25 @@ def test_a_block_lost_to_another_writer_is_acked_with_the_ledgers_counts(tmp_pat
     finally:
         q.close()
     assert rec.mismatched == 0 and rec.blocks == 1
+
+
+def test_a_block_handed_twice_while_in_flight_is_queued_once(tmp_path):
+    """The single-process path: a runner that re-leased a block after its own lease
+    expired hands it again while the first copy is still in the pipeline; the copy is
+    dropped (one part would otherwise hold its rows twice), and after its commit the block
+    may be handed (and queued) again."""
+    from tilesweep.block import Block
+    from tilesweep.fetch import TileResult
+    from tilesweep.predict.pipeline import PredictionConsumer
+
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    queued = []
+    with PredictionSink(sweep, ZOOM, "m", "", ["score"], 0.5) as sink:
+        consumer = PredictionConsumer(sink, set(), queued.append, in_flight=set())
+        block = Block(ZOOM - 2, X0 // 4, Y0 // 4, 16)
+        results = [TileResult(Tile(ZOOM, X0, Y0), TileStatus.OK, b"x", 1, None, 200)]
+        assert consumer.take(block, results) and consumer.take(block, results)
+        assert len(queued) == 1
+        consumer.in_flight.discard(block.id)  # as the pipeline does when the sink commits it
+        assert consumer.take(block, results) and len(queued) == 2

@@ -600,10 +600,11 @@ class Worker:
 
     async def _await_consumer(self) -> None:
         """The last block is handed over: tell the consumer, then wait until it has made
-        every handed block durable (acking them as it does), or a stop."""
+        every handed block durable (acking them as it does), a stop, or the consumer says
+        it will commit nothing more (what is still handed is then released, at the end)."""
         assert self.consumer is not None and self._hand_thread is not None
         await asyncio.get_running_loop().run_in_executor(self._hand_thread, self.consumer.end)
-        while self._handed and not self.stopping:
+        while self._handed and not self.stopping and not self._closed():
             self._look_for_stop()
             if self.stopping:
                 break
