@@ -765,7 +765,10 @@ class Worker:
                 self._finished(block.id, summary, retries)
                 return
             result = BlockResult(summary.ok, summary.empty, summary.failed, summary.bytes, retries, stored=1)
-            if durable:  # some tiles came from an earlier run's partial shard: hand the whole shard over
+            # Some tiles came from an earlier run's partial shard, or another writer published
+            # the block first (its shard stands, with its counts): hand the stored shard over,
+            # so that the predictions describe the bytes in the store.
+            if durable or writer.published_by_other:
                 await self._hand_stored(block, result)
             else:
                 await self._hand(block, kept, result)
