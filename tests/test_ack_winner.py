@@ -115,3 +115,67 @@ def test_a_block_handed_twice_while_in_flight_is_queued_once(tmp_path):
         assert len(queued) == 1
         consumer.in_flight.discard(block.id)  # as the pipeline does when the sink commits it
         assert consumer.take(block, results) and len(queued) == 2
+
+
+class Recorder:
+    """Stands for the prediction pipeline: keeps the bytes of what it is handed and
+    reports each block durable at once."""
+
+    def __init__(self):
+        self.worker = None
+        self.handed = {}
+
+    def done_result(self, block):
+        return None
+
+    def take(self, block, results):
+        self.handed.update({r.tile: r.data for r in results if r.status is TileStatus.OK})
+        self.worker.committed([block.id])
+        return True
+
+    def end(self):
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_a_tee_that_loses_the_shard_race_hands_the_published_shard(tmp_path):
+    """run --keep-tiles: another machine publishes the block's shard while this tee still
+    fetches it; the tee's publish loses, and what it hands to the model is the published
+    shard's bytes (the ones in the store), not its own fetch."""
+    import threading
+
+    from tilesweep.area import load_area
+    from tilesweep.plan import PlanSpec
+    from tilesweep.sim import Faults
+    from tilesweep.store import Status, TileStore
+
+    sweep = tmp_path / "s"
+    sw, _ = Sweep.plan(sweep, load_area(_bbox()), PlanSpec(zoom=ZOOM, block_zoom=ZOOM - 2))
+    block = Tile(ZOOM - 2, X0 // 4, Y0 // 4)
+    tiles = [Tile(ZOOM, X0 + i, Y0 + j) for j in range(4) for i in range(4)]
+    other = TileStore(tmp_path / "other", ZOOM, ZOOM - 2)
+    with other.writer(block) as w:
+        for t in tiles:
+            w.append(t, Status.OK, b"other machine")
+        w.finish()
+    target = sweep / "tiles" / other.shard_path(block).relative_to(tmp_path / "other")
+    with run_in_thread(World(seed=5), Faults(latency_ms=100)) as srv:
+        src = sw.bind_source(parse_source(srv.template()))
+        sw.close()
+
+        def publish_meanwhile():  # once the tee fetches (its shard is open): 16 tiles, one at a time, 1.6 s
+            while srv.stats["requests"] < 1:
+                time.sleep(0.01)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(other.shard_path(block).read_bytes())
+
+        racer = threading.Thread(target=publish_meanwhile)
+        racer.start()
+        consumer = Recorder()
+        worker = Worker(sweep, ZOOM, ZOOM - 2, src, FetchSettings(concurrency=1), WorkerSettings(probe_blocks=0),
+                        consumer=consumer, keep_tiles=True)
+        consumer.worker = worker
+        worker.run()
+        racer.join()
+    assert set(consumer.handed) == set(tiles)
+    assert set(consumer.handed.values()) == {b"other machine"}, "the tee handed its own fetch, not the stored shard"
