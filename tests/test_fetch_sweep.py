@@ -264,6 +264,35 @@ def test_a_source_that_refuses_every_tile_stops_with_one_line(tmp_path):
     assert st["blocks_dead"] == st["blocks_leased"] == 0 and st["blocks_done"] == 0, {k: v for k, v in st.items() if k.startswith("blocks")}
 
 
+def test_a_refusal_of_workers_that_exited_before_it_was_read_is_raised(tmp_path):
+    """Both workers refuse (403) and exit while the parent is still busy with an earlier
+    message (its progress callback waits for them to exit): their Refused, read only in
+    the final drain, still stops the run with the one-line UsageError, not a clean end."""
+    import multiprocessing as mp
+
+    from helpers.servers import forbidden_server
+
+    from tilesweep.errors import UsageError
+    from tilesweep.fetch import FetchSettings
+    from tilesweep.sources import parse_source
+    from tilesweep.sweep import Sweep
+    from tilesweep.worker import WorkerSettings, run_workers
+
+    def wait_for_the_workers_to_exit(counters):
+        for p in mp.active_children():
+            p.join(60)
+
+    with forbidden_server() as template:
+        sweep = plan(tmp_path)
+        with Sweep.open(sweep) as sw:
+            src = sw.bind_source(parse_source(template))
+        with pytest.raises(UsageError, match="403"):
+            run_workers(sweep, ZOOM, BLOCK_ZOOM, src, FetchSettings(), WorkerSettings(), 2,
+                        on_progress=wait_for_the_workers_to_exit)
+    st = status_json(sweep)
+    assert st["blocks_dead"] == st["blocks_leased"] == st["blocks_done"] == 0
+
+
 def test_a_rate_limited_server_makes_the_fetch_cut_its_concurrency(tmp_path, expected):
     """The simulator allows 150 requests/s per client; 64 in flight trip its 429s, the
     worker cuts its concurrency (AIMD) and still ends with every tile."""

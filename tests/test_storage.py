@@ -233,6 +233,7 @@ def test_a_shard_writer_that_loses_the_publish_race_keeps_the_first_shard(tmp_pa
     store.shard_path(block).write_bytes(other.shard_path(block).read_bytes())  # published meanwhile
     summary = w.finish()
     assert summary.ok == 4, "the published shard's summary, not this writer's"
+    assert w.published_by_other, "the tee hands the published shard, not its own fetch (runner._do_block)"
     assert store.get(tiles[0]) == b"first:" + bytes([tiles[0].x & 255])
     assert sorted(p.name for p in store.shard_path(block).parent.iterdir()) == ["200.shard"]
 

@@ -600,10 +600,11 @@ class Worker:
 
     async def _await_consumer(self) -> None:
         """The last block is handed over: tell the consumer, then wait until it has made
-        every handed block durable (acking them as it does), or a stop."""
+        every handed block durable (acking them as it does), a stop, or the consumer says
+        it will commit nothing more (what is still handed is then released, at the end)."""
         assert self.consumer is not None and self._hand_thread is not None
         await asyncio.get_running_loop().run_in_executor(self._hand_thread, self.consumer.end)
-        while self._handed and not self.stopping:
+        while self._handed and not self.stopping and not self._closed():
             self._look_for_stop()
             if self.stopping:
                 break
@@ -641,27 +642,32 @@ class Worker:
         """A consumer in another process reports durable blocks through a queue."""
         poll = getattr(self.consumer, "poll_committed", None)
         if poll is not None:
-            ids = poll()
+            ids, winners = poll()
             if ids:
-                self._committed(ids)
+                self._committed(ids, winners)
 
-    def committed(self, ids: Iterable[int]) -> None:
+    def committed(self, ids: Iterable[int], winners: dict[int, tuple[int, int, int]] | None = None) -> None:
         """The consumer made these handed blocks durable: ack them (safe from any thread;
         ignored once the worker has stopped, and the next run acks them at once through
-        :meth:`BlockConsumer.done_result`)."""
+        :meth:`BlockConsumer.done_result`). ``winners``: for the blocks another writer
+        recorded first, the ledger's ``(rows, empty, failed)``: those are acked, not this
+        worker's own fetch counts (the ledger keeps the first record)."""
         loop = self._loop
         if loop is None:
             return
         try:
-            loop.call_soon_threadsafe(self._committed, list(ids))
+            loop.call_soon_threadsafe(self._committed, list(ids), dict(winners or {}))
         except RuntimeError:  # the loop closed meanwhile
             pass
 
-    def _committed(self, ids: list[int]) -> None:
+    def _committed(self, ids: list[int], winners: dict[int, tuple[int, int, int]] | None = None) -> None:
         for i in ids:
             result = self._handed.pop(i, None)
             if result is None:
                 continue
+            won = winners.get(i) if winners else None
+            if won is not None:  # the ledger kept another writer's record: ack its counts
+                result = result._replace(ok=won[0], empty=won[1], failed=won[2])
             self._active.pop(i, None)
             self.counters.blocks_done += 1
             if i in self._unleased:
@@ -759,7 +765,10 @@ class Worker:
                 self._finished(block.id, summary, retries)
                 return
             result = BlockResult(summary.ok, summary.empty, summary.failed, summary.bytes, retries, stored=1)
-            if durable:  # some tiles came from an earlier run's partial shard: hand the whole shard over
+            # Some tiles came from an earlier run's partial shard, or another writer published
+            # the block first (its shard stands, with its counts): hand the stored shard over,
+            # so that the predictions describe the bytes in the store.
+            if durable or writer.published_by_other:
                 await self._hand_stored(block, result)
             else:
                 await self._hand(block, kept, result)

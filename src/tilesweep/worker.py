@@ -174,9 +174,14 @@ def _watch_workers(pool: ProcessPool, on_progress: Callable[[WorkerCounters], No
         pool.drain_until_exit()
     for p in procs:
         p.join()
+    refused: Refused | DiskFull | None = None
     while (msg := pool.next(0.05)) is not None:  # the last words of workers seen to exit before they were read
+        if refused is None and isinstance(msg, (Refused, DiskFull)):
+            refused = msg  # raised below, once every last word is read: the others stopped (joined)
         pool.handle(msg, refusals=False)
     pool.note_deaths(stopping, free=True)
+    if refused is not None and not (stopping or signalled()):
+        pool.handle(refused)  # raises UsageError (a DiskFull as ENOSPC and the path)
     result: WorkerCounters = pool.total(WorkerCounters)
     if stopping or result.interrupted or signalled():
         raise KeyboardInterrupt

@@ -338,9 +338,10 @@ class _Pipeline:
         self.fetch_ended = threading.Event()  # the stream's runner handed its last block (or stopped)
         self.worker: Worker | None = None
         self.procs: FetchProcesses | None = None
-        self.on_committed: Callable[[list[int]], None] | None = None
+        # the ids durable, and the ledger's (rows, empty, failed) of those another writer recorded first
+        self.on_committed: Callable[[list[int], dict[int, tuple[int, int, int]]], None] | None = None
         self.on_closed: Callable[[], None] | None = None  # after the sink's last commit
-        self.in_flight: set[int] = set()  # blocks of worker processes handed over, not yet committed
+        self.in_flight: set[int] = set()  # blocks handed over (by worker processes or the runner), not yet committed
         # The main thread waits on this event, never in Thread.join: a Ctrl-C that lands
         # inside join() can leave that thread marked as stopped while it still runs
         # (CPython gh-90882), and then nobody waits for the worker to release its leases.
@@ -427,7 +428,7 @@ class _Pipeline:
             self.on_committed, self.on_closed = procs.committed, procs.sink_closed
         else:
             consumer = PredictionConsumer(self.sink, self.predicted, lambda w: self._put(self.q_read, w),
-                                          self.meters["fetch"], self.fetch_ended)  # type: ignore[arg-type]
+                                          self.meters["fetch"], self.fetch_ended, self.in_flight)  # type: ignore[arg-type]
             worker = Worker(*worker_args, on_progress=lambda c: None, stop_event=self.stop, consumer=consumer,
                             refetch=self.refetch, keep_tiles=stream.keep_tiles)
             self.worker = worker
@@ -619,9 +620,10 @@ class _Pipeline:
         reported durable again at once, for that worker to ack."""
         if block.id in self.in_flight:
             return True
-        if self.sink.block_result(block.id) is not None:
+        done = self.sink.block_result(block.id)
+        if done is not None:
             assert self.procs is not None
-            self.procs.committed([block.id])
+            self.procs.committed([block.id], {block.id: (done.ok, done.empty, done.failed)})
             return True
         self.in_flight.add(block.id)
         return False
@@ -740,7 +742,7 @@ class _Pipeline:
         """The sink made these blocks durable: the runner acks them."""
         self.in_flight.difference_update(committed)
         if committed and self.on_committed is not None:
-            self.on_committed(committed)
+            self.on_committed(list(committed), dict(getattr(committed, "winners", {})))
 
     def _sink_add(self, rows: BlockRows) -> None:
         m = self.meters["sink"]
@@ -797,8 +799,13 @@ class PredictionConsumer:
     counts the time spent waiting for room there as blocked; ``ended``: set by :meth:`end`."""
 
     def __init__(self, sink: PredictionSink, predicted: set[int], put: Callable[[_Work], None],
-                 meter: FlowMeter | None = None, ended: threading.Event | None = None) -> None:
+                 meter: FlowMeter | None = None, ended: threading.Event | None = None,
+                 in_flight: set[int] | None = None) -> None:
         self.sink = sink
+        # The pipeline's blocks handed over and not yet committed (it removes them as they
+        # commit): a block handed again while one copy is in flight (the runner re-leased it
+        # after its own lease expired) is dropped, so one part never holds its rows twice.
+        self.in_flight = in_flight if in_flight is not None else set()
         self.predicted = predicted  # blocks predicted before this run began
         self.meter = meter
         self.put = put
@@ -809,12 +816,16 @@ class PredictionConsumer:
         return self.sink.block_result(block.id) if block.id in self.predicted else None
 
     def take(self, block: Block, results: list[TileResult]) -> bool:
+        if block.id in self.in_flight:  # a copy is on its way: its commit acks this one too
+            return True
         ok = [r for r in results if r.status is TileStatus.OK]
         x = np.fromiter((r.tile.x for r in ok), np.int64, len(ok))
         y = np.fromiter((r.tile.y for r in ok), np.int64, len(ok))
         work = _Work(block, x, y, [r.data for r in ok], len(results) - len(ok), 0)  # type: ignore[misc]
         t0 = time.perf_counter()
+        self.in_flight.add(block.id)
         if not self._put(work):
+            self.in_flight.discard(block.id)
             return False
         if self.meter is not None:
             self.meter.blocked(time.perf_counter() - t0)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_mod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
@@ -69,9 +69,12 @@ class AllHanded:
 
 @dataclass(frozen=True)
 class Committed:
-    """These blocks' predictions are durable: the worker holding their leases acks them."""
+    """These blocks' predictions are durable: the worker holding their leases acks them.
+    ``winners``: for those another writer recorded first, the ledger's ``(rows, empty,
+    failed)``, which the worker acks instead of its own fetch's counts."""
 
     ids: list[int]
+    winners: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -123,17 +126,21 @@ class QueueConsumer:
     def end(self) -> None:
         self._put(AllHanded(self.index))
 
-    def poll_committed(self) -> list[int]:
+    def poll_committed(self) -> tuple[list[int], dict[int, tuple[int, int, int]]]:
+        """The ids reported durable since the last call, and the ledger's counts of those
+        another writer recorded first (:class:`Committed`)."""
         ids: list[int] = []
+        winners: dict[int, tuple[int, int, int]] = {}
         while True:
             try:
                 msg: ToWorker = self.commits.get_nowait()
             except queue_mod.Empty:
-                return ids
+                return ids, winners
             if isinstance(msg, SinkClosed):  # the last commit was sent (a stop): stop waiting for more
                 self.closed = True
             else:
                 ids += msg.ids
+                winners.update(msg.winners)
 
 
 def _worker_main(args: WorkerArgs, blocks: Outbox, commits: Any, refetch: list[Block], ledger: Path, model_key: str,
@@ -165,7 +172,7 @@ class FetchProcesses:
         ctx = mp.get_context("spawn")
         self.blocks_in, blocks_out = child_pipes(ctx, workers)
         self.commits_q: list[Any] = [ctx.Queue() for _ in range(workers)]  # one writer: this process
-        self.owner_of: dict[int, int] = {}
+        self.owner_of: dict[int, set[int]] = {}  # block id -> the workers that handed it
         # Workers that died (a signal, an error): the run goes on without them; their
         # leases end when the run does (a block they handed over may still be committed).
         self.pool = ProcessPool(
@@ -218,18 +225,21 @@ class FetchProcesses:
             if isinstance(msg, AllHanded):
                 ended.add(msg.index)
                 continue
-            self.owner_of[msg.block.id] = msg.index
+            self.owner_of.setdefault(msg.block.id, set()).add(msg.index)
             yield msg.block, msg.x, msg.y, msg.data, msg.empty
         self.pool.read()
 
-    def committed(self, ids: list[int]) -> None:
+    def committed(self, ids: list[int], winners: dict[int, tuple[int, int, int]] | None = None) -> None:
+        """Route durable ids (and the ledger's counts of those another writer recorded
+        first) to every worker that handed the block: one that handed it and then lost
+        its lease still holds it, and waits for its commit."""
         by_worker: dict[int, list[int]] = {}
         for i in ids:
-            w = self.owner_of.pop(i, None)
-            if w is not None:
+            for w in sorted(self.owner_of.pop(i, ())):
                 by_worker.setdefault(w, []).append(i)
         for w, some in by_worker.items():
-            self.commits_q[w].put(Committed(some))
+            won = {i: winners[i] for i in some if winners and i in winners}
+            self.commits_q[w].put(Committed(some, won))
 
     def close(self, stop: bool) -> None:
         """Join the workers, reading their queues meanwhile (a process cannot exit while

@@ -292,11 +292,12 @@ class PredictionSink:
             return self.part_seconds
         return min(self.part_seconds, self.first_part_s * (2.0 ** min(self._commits, 30) - 1.0))
 
-    def commit(self) -> list[int]:
+    def commit(self) -> "Durable":
         """Write the buffered blocks as one part and record them, in that order. Returns
-        the ids of the blocks now durable."""
+        the ids of the blocks now durable (a :class:`Durable`: for the blocks another
+        writer recorded first, also the counts the ledger kept, the winner's)."""
         if not self._buffer:
-            return []
+            return Durable()
         t0 = time.perf_counter()
         buf, self._buffer, self._buffered_rows, self._first_at = self._buffer, [], 0, None
         self._commits += 1
@@ -339,7 +340,12 @@ class PredictionSink:
         s.model_nan += sum(v[5] for v in blocks.values())
         s.bytes += size
         s.busy_s += time.perf_counter() - t0
-        return [*rec.won, *rec.lost]  # all durable: predicted, by this writer or another
+        out = Durable([*rec.won, *rec.lost])  # all durable: predicted, by this writer or another
+        for lost in rec.lost:  # the ledger keeps the first record's counts: those are what the queue acks
+            got = self.block_result(lost)  # the Ledger protocol has no block_result: read it as done_result does
+            if got is not None:
+                out.winners[int(lost)] = (got.ok, got.empty, got.failed)
+        return out
 
     def _table(self, buf: list[BlockRows]) -> pa.Table:
         x = np.concatenate([b.x for b in buf]).astype(np.int32)
@@ -399,6 +405,16 @@ def _lock_holder(fd: int) -> str:
         text = ""
     m = re.fullmatch(r"(tilesweep [a-z ]+) \(pid (\d+)\)", text)
     return f"`{m[1]}` (pid {m[2]})" if m else "another tilesweep process"
+
+
+class Durable(list[int]):
+    """The ids of blocks a commit made durable (a list), with ``winners``: for the blocks
+    another writer recorded first, the ledger's ``(rows, empty, failed)`` of that record
+    (the runner acks those counts, not its own fetch's)."""
+
+    def __init__(self, ids: Iterable[int] = ()) -> None:
+        super().__init__(ids)
+        self.winners: dict[int, tuple[int, int, int]] = {}
 
 
 def ledger_block_result(ledger: Path, key: str, block_id: int) -> BlockResult | None:

@@ -211,6 +211,8 @@ class ShardWriter:
         self._durable: set[int] = set()
         self._chunks: list[np.ndarray] = []
         self._summary: ShardSummary | None = None
+        # finish() found the block published by another writer: its shard stands, not ours
+        self.published_by_other = False
         self._f: BinaryIO | None = None  # the data file, open while the writer is
         self._idx_fd = -1
         self._closed = False
@@ -411,6 +413,7 @@ class ShardWriter:
             self._open_finished()
             self.data_path.unlink(missing_ok=True)
             self._close_files()
+            self.published_by_other = True
             assert self._summary is not None
             return self._summary
         self._close_files()
