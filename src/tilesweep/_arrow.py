@@ -2,7 +2,10 @@
 
 ``pa.array()`` imports pandas whenever it is installed (pyarrow looks for pandas types in
 every input), ~0.3 s CPU in each process that writes a prediction part. These build the
-same arrays from numpy buffers (zero-copy where the layout allows) and import nothing."""
+same arrays from numpy buffers and import nothing. The values are copied first: a zero-copy
+buffer would hold an export of whatever memory the array views (a decode process's
+shared-memory slot, an mmap), which then cannot be closed while the part is buffered
+(``BufferError: cannot close exported pointers exist`` when a stopped run unlinks its ring)."""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ def _validity(mask: np.ndarray | None) -> Any:
 def from_numpy(values: np.ndarray, type: pa.DataType | None = None, mask: np.ndarray | None = None) -> pa.Array[Any]:
     """``pa.array(values, type, mask=mask)`` for a 1-D numeric or bool numpy array (``mask``
     True where a value is null); ``type`` only relabels the buffer (e.g. int64 as a timestamp)."""
-    arr = np.ascontiguousarray(values)
+    arr = np.array(values, copy=True, order="C")  # owns its bytes (module doc)
     if arr.ndim != 1:
         raise ValueError(f"from_numpy wants a 1-D array, not shape {arr.shape}")
     if arr.dtype == np.bool_:

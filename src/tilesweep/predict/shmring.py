@@ -32,6 +32,7 @@ easy to spot.
 from __future__ import annotations
 
 import atexit
+import weakref
 import multiprocessing as mp
 import os
 import secrets
@@ -136,11 +137,14 @@ class ShmRing:
         shm = shared_memory.SharedMemory(spec.name, create=True, size=spec.total_bytes)
         ring = cls(spec, shm, owner=True)
         _live.add(ring)
+        _mapped.add(ring)
         return ring
 
     @classmethod
     def attach(cls, spec: RingSpec) -> "ShmRing":
-        return cls(spec, shared_memory.SharedMemory(spec.name), owner=False)
+        ring = cls(spec, shared_memory.SharedMemory(spec.name), owner=False)
+        _mapped.add(ring)
+        return ring
 
     def pixels(self, slot: int) -> np.ndarray:
         """The slot's pixel array, ``uint8[capacity, size, size, 3]`` (a view)."""
@@ -168,7 +172,11 @@ class ShmRing:
         try:
             shm.close()
         except BufferError:  # a view is still alive somewhere: the mapping goes with the process
-            pass
+            # ... and SharedMemory.__del__ must not try again at exit (an "Exception ignored"
+            # traceback on the terminal of a stopped run): the mmap object stays alive
+            # through the views that hold it, and dies with them or with the process.
+            if getattr(shm, "_mmap", None) is not None:
+                shm._mmap = None  # type: ignore[attr-defined]
 
     def unlink(self) -> None:
         """Remove the segment's name (idempotent); mapped views stay valid until closed."""
@@ -186,12 +194,15 @@ class ShmRing:
 
 
 _live: set[ShmRing] = set()
+_mapped: weakref.WeakSet[ShmRing] = weakref.WeakSet()  # every ring still mapped (closed at exit)
 
 
 @atexit.register
 def _unlink_all() -> None:  # the last resort: an exit that skipped the pipeline's own close
     for ring in list(_live):
         ring.unlink()
+    for ring in list(_mapped):  # quietly: a stop may leave views alive (close's BufferError)
+        ring.close()
 
 
 # --- decoding one job into a slot (in a decode process, or in the parent as a fallback) ---
