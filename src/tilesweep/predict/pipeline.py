@@ -355,13 +355,14 @@ class _Pipeline:
         cleanup = contextlib.ExitStack()
         try:
             self._plan()
-            self._make_queues()
             # From here on a stop signal only sets the events (signals.stop_on_signals): the
             # stages wind down in order, the sink commits the blocks scored whole, the fetch
             # acks them and releases the rest; then KeyboardInterrupt tells the caller (the
-            # CLI: exit 130/143). Entered before the fetch processes start, so a stop during
-            # their start-up stops them too.
+            # CLI: exit 130/143). Entered before the decode and fetch processes start, so a
+            # stop during their start-up stops them too (a stop raised in the middle of the
+            # decode pool's start left its processes, which ignore SIGTERM, to hang the exit).
             signalled = cleanup.enter_context(signals.stop_on_signals(self._on_signal))
+            self._make_queues()
             if self.stream is not None:
                 self._make_fetch(self.stream)
             return self._drive(on_progress, progress_every_s, signalled)

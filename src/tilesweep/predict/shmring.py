@@ -351,13 +351,15 @@ class DecodePool:
                 t_recv.close()
                 r_send.close()
                 self.procs.append(_Proc(i, p, t_send, r_recv))
+            # A stop held meanwhile is delivered here (it may raise KeyboardInterrupt): inside
+            # the try, so that the processes started are ended, not left to hang the exit.
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            self._reader = threading.Thread(target=self._read_results, name="tilesweep-decode-results", daemon=True)
+            self._reader.start()
         except BaseException:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
             self.close()
             raise
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        self._reader = threading.Thread(target=self._read_results, name="tilesweep-decode-results", daemon=True)
-        self._reader.start()
 
     @property
     def processes(self) -> int:
