@@ -551,7 +551,7 @@ def run(
     dask_address = None if dask is None else _dask_address(dask)
     from .sweeplock import SweepLock
 
-    with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch or a run
+    with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch (runs may share a sweep)
         the_model = apply_threshold(_load_model(model, device, model_threads, precision, channels_last), threshold, sweep)  # before the source is recorded
         new_source = sweep.source is None
         src = _bind_source(sweep, source, header, replace_source, mix_sources, supertile)
