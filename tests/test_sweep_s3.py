@@ -36,6 +36,18 @@ def _objects(s3_server, monkeypatch, url: str) -> list[str]:
     return sorted(o.key for o in open_storage(url).list())
 
 
+def _at_once(fn, args, timeout: float = 120.0) -> None:
+    """Run ``fn(a)`` for each of ``args`` in threads of their own (they meet at a barrier
+    inside ``fn``) and wait for them all."""
+    import threading
+
+    threads = [threading.Thread(target=fn, args=(a,)) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+
+
 def _query(sql: str, url: str, env: dict[str, str], out) -> list[dict[str, str]]:
     import csv
 
@@ -226,11 +238,7 @@ def test_two_plans_racing_on_one_url_leave_one_plan(s3_server, pg_server, tmp_pa
         except UsageError as exc:
             results[zoom] = exc
 
-    threads = [threading.Thread(target=plan, args=(z,)) for z in (17, 18)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    _at_once(plan, (17, 18))
     won = [z for z, r in results.items() if r == (z, True)]
     lost = [r for r in results.values() if isinstance(r, UsageError)]
     assert len(won) == 1 and len(lost) == 1, results
@@ -271,11 +279,7 @@ def test_two_machines_binding_different_sources_at_once_one_is_refused(s3_server
         except UsageError as exc:
             results[i] = exc
 
-    threads = [threading.Thread(target=bind, args=(i,)) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _at_once(bind, (0, 1))
     won = [i for i, r in results.items() if r == sources[i].template]
     lost = [r for r in results.values() if isinstance(r, UsageError)]
     assert len(won) == 1 and len(lost) == 1, results

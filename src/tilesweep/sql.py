@@ -282,16 +282,10 @@ class LedgerModel(TypedDict):
 def models(sweep_path: "Path | Sweep") -> list[LedgerModel]:
     """The models of a sweep's ledger: name, digest, folder, labels (list), threshold. A
     :class:`Sweep` may be passed (one on object storage: its ledger is the queue's)."""
-    from .predict.ledger import open_ledger
+    from .predict.ledger import model_rows
     from .sweep import Sweep
 
-    db = open_ledger(sweep_path.path if isinstance(sweep_path, Sweep) else sweep_path)
-    if db is None:
-        return []
-    try:
-        rows = db.models()
-    finally:
-        db.close()
+    rows = model_rows(sweep_path.path if isinstance(sweep_path, Sweep) else sweep_path)
     return [
         LedgerModel(name=n, digest=d, folder=f, labels=[x for x in str(lb).split(",") if x], threshold=float(t))
         for _, n, d, f, lb, t in rows

@@ -554,6 +554,18 @@ def open_ledger(sweep_path: Path, write: bool = False) -> _SqlLedger | None:
         return None
 
 
+def model_rows(sweep_path: Path) -> list[tuple[Any, ...]]:
+    """The ledger's model rows (key, name, digest, folder, labels, threshold), read-only;
+    [] when nothing was predicted yet."""
+    db = open_ledger(sweep_path)
+    if db is None:
+        return []
+    try:
+        return list(db.models())
+    finally:
+        db.close()
+
+
 class PartSource(NamedTuple):
     """A recorded part to read: its ``path`` and the ``lost`` block ids whose rows in it
     do not count (empty for nearly every part)."""

@@ -94,16 +94,10 @@ class ModelInfo:
 
 def read_models(sweep_path: Path) -> list[ModelInfo]:
     """Models in the sweep's prediction ledger (read-only; empty when there is none)."""
-    from ..predict.ledger import open_ledger
+    from ..predict.ledger import model_rows
 
     try:
-        db = open_ledger(sweep_path)
-        if db is None:
-            return []
-        try:
-            rows = db.models()
-        finally:
-            db.close()
+        rows = model_rows(sweep_path)
     except sqlite3.OperationalError:
         return []
     return [ModelInfo(r[0], r[1], r[2], r[3], tuple(x for x in r[4].split(",") if x), float(r[5])) for r in rows]
