@@ -51,7 +51,10 @@ def test_decode_processes_give_the_scores_of_decode_threads_even_when_they_die(t
         runs[mode] = (scores(sweep), res.stdout)
     want, out = runs["threads"]
     assert len(want) == 36 and len({s for _, _, s in want}) > 10
-    assert "decode threads (asked for)" in out and "bounds the run at" in out and "model waits for input" in out
+    assert "decode threads (asked for)" in out and "model waits for input" in out
+    # which of the two a run says depends on how busy its least stage was (a loaded machine
+    # waits on the source more): both name the stage of least capacity
+    assert "bounds the run at" in out or "no stage bounds the run" in out, out
     got, out = runs["processes"]
     assert got == want, "decode processes score exactly as decode threads"
     assert "decode processes (asked for)" in out
