@@ -4,6 +4,8 @@ CLI, real Parquet parts read back with pyarrow.
 The strongest test kills the predict process with SIGKILL at random instants and runs it
 again: the parts must end up holding every fetched tile exactly once."""
 
+import csv
+import math
 import os
 import random
 import signal
@@ -22,7 +24,7 @@ from tilesweep.queue import State
 from tilesweep.sim import World, run_in_thread
 from tilesweep.store import Status, TileStore
 from tilesweep.sweep import open_sweep_queue
-from tilesweep.tiles import Tile
+from tilesweep.tiles import Tile, bounds
 
 TESTS = Path(__file__).parent
 ZOOM = 18
@@ -110,7 +112,8 @@ def test_demo_model_finds_the_towers_of_a_fetched_sweep(fetched_copy):
 
     table, parts = read_predictions(sweep)
     assert len(parts) == 1  # group commit: every block of the run in one part
-    assert table.column_names == ["z", "x", "y", "block", "lon", "lat", "tower", "label", "model", "model_digest", "time"]
+    assert table.column_names == ["z", "x", "y", "block", "lon", "lat", "tower", "tower_lon", "tower_lat", "label", "model",
+                                  "model_digest", "time"]
     assert_exactly_once(table, expected)
     world = World(seed=WORLD_SEED)
     rows = table.to_pylist()
@@ -123,6 +126,18 @@ def test_demo_model_finds_the_towers_of_a_fetched_sweep(fetched_copy):
     from tilesweep.tiles import center
 
     assert (r["lon"], r["lat"]) == pytest.approx(center(Tile(ZOOM, r["x"], r["y"])))
+    # where in the tile the demo model placed the tower (its heatmap's peak), against the truth
+    off, centre_off = [], []
+    for r in rows:
+        towers = world.towers_in_tile(Tile(ZOOM, r["x"], r["y"]))
+        if r["label"] and len(towers) == 1:
+            k = 111_320.0 * math.cos(math.radians(r["lat"]))
+            t = towers[0]
+            off.append(math.hypot((r["tower_lon"] - t.lon) * k, (r["tower_lat"] - t.lat) * 111_320.0))
+            centre_off.append(math.hypot((r["lon"] - t.lon) * k, (r["lat"] - t.lat) * 111_320.0))
+    assert len(off) >= 25
+    assert sorted(off)[len(off) // 2] < 15 and max(off) < 40, sorted(off)
+    assert sorted(centre_off)[len(off) // 2] > 25, "the tile centre is a coarser point"
     assert ledger(sweep)[:3] == (len({r["block"] for r in rows}), 320, 0)
 
     # Running it again predicts nothing and writes nothing.
@@ -131,6 +146,30 @@ def test_demo_model_finds_the_towers_of_a_fetched_sweep(fetched_copy):
     assert sorted(read_predictions(sweep)[1]) == parts
     st = status_json(sweep)
     assert st["mismatch"] is None and st["tiles_ok"] == 320
+
+
+def test_a_model_that_places_one_of_its_labels_gives_detections_at_those_points(fetched_copy):
+    # helpers.models:darkest_spot: labels dark and bright, a position for dark only
+    sweep = fetched_copy(SMALL_BBOX, ZOOM, 16, WORLD_SEED)
+    tilesweep("predict", sweep, "--model", "helpers.models:darkest_spot", "--quiet", env={"PYTHONPATH": str(TESTS)})
+    table, _ = read_predictions(sweep)
+    assert [c for c in table.column_names if c.endswith(("_lon", "_lat"))] == ["dark_lon", "dark_lat"]
+    rows = table.to_pylist()
+    for r in rows:
+        w, s_, e, n = bounds(Tile(ZOOM, r["x"], r["y"]))
+        assert w <= r["dark_lon"] <= e and s_ <= r["dark_lat"] <= n
+    out = sweep.parent / "dark.csv"
+    tilesweep("detections", sweep, "-o", out)
+    got = {(int(d["x"]), int(d["y"])): d for d in csv.DictReader(open(out))}
+    assert len(got) == len(rows) > 10  # dark or bright: one of them is >= 0.5 in every tile
+    kinds = set()
+    for r in rows:
+        d = got[(r["x"], r["y"])]
+        want = (r["dark_lon"], r["dark_lat"]) if r["dark"] >= r["bright"] else (r["lon"], r["lat"])
+        kinds.add(d["label"])
+        assert (float(d["lon"]), float(d["lat"])) == pytest.approx(want, abs=1e-9), (d, r)
+        assert tuple(float(v) for v in d["geometry"][7:-1].split()) == pytest.approx(want, abs=1e-7)  # WKT rounds
+    assert kinds == {"dark", "bright"}, "both kinds of rows are checked"
 
 
 def test_sigkill_at_random_instants_then_resume(fetched_copy):

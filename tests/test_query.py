@@ -428,9 +428,18 @@ def test_detections_csv_and_area(sweep, areas, tmp_path):
     area.write_text(json.dumps({"type": "Polygon", "coordinates": [WEST]}))
     tilesweep("detections", sweep, "-o", out, "--model", "demo", "--area", area)
     rows = list(csv.DictReader(open(out)))
-    west = {(x, y) for x, y in demo_positives(sweep) if center(Tile(ZOOM, x, y))[0] < 8.518}
+    # by the detection's point: where in its tile the demo model placed the tower
+    placed = ts.query("SELECT x, y, tower_lon, tower_lat FROM predictions WHERE model = 'demo' AND label", sweep).fetchall()
+    west = {(x, y) for x, y, lon, _ in placed if lon < 8.518}
     assert {(int(r["x"]), int(r["y"])) for r in rows} == west and west
+    by_centre = {(x, y) for x, y in demo_positives(sweep) if center(Tile(ZOOM, x, y))[0] < 8.518}
+    assert len(west ^ by_centre) <= 4, "the points and the tile centres differ only along the area's edge"
     assert rows[0]["geometry"].startswith("POINT (")
+    lon, lat = (float(v) for v in rows[0]["geometry"][7:-1].split())
+    x, y = int(rows[0]["x"]), int(rows[0]["y"])
+    w, s, e, n = bounds(Tile(ZOOM, x, y))
+    assert w < lon < e and s < lat < n and (lon, lat) != pytest.approx(center(Tile(ZOOM, x, y)), abs=1e-9)
+    assert (lon, lat) == pytest.approx(next((p[2], p[3]) for p in placed if (p[0], p[1]) == (x, y)), abs=1e-7)
     # A bbox area works too.
     tilesweep("detections", sweep, "-o", tmp_path / "bb.csv", "--model", "demo", "--area", "8.50,47.33,8.518,47.36")
     assert len(list(csv.DictReader(open(tmp_path / "bb.csv")))) == len(west)

@@ -17,7 +17,8 @@ out), the same rule as :meth:`World.tile_has_tower`.
 
 The network is eight 3x3 conv layers (BatchNorm, ReLU, stride 2 four times: 128 -> 8),
 a 1x1 conv to an 8x8 map of "tower centre here" logits, and a global max; the ONNX graph
-ends in a sigmoid, so scores are probabilities in 0..1. Runs on one CPU thread.
+ends in a sigmoid, so scores are probabilities in 0..1, and also outputs the map as
+``heatmap`` (where in the tile the tower is: tilesweep.model.onnxrt). Runs on one CPU thread.
 
 The rendered windows are cached under ``~/.cache/tilesweep-train`` (about 0.5 GB per
 10,000), keyed by the data settings, so a second run only trains.
@@ -246,12 +247,14 @@ def export(net, path: Path, meta: dict[str, str], mean: np.ndarray, std: np.ndar
             self.body = body
 
         def forward(self, x):  # type: ignore[no-untyped-def]
-            return torch.sigmoid(self.body(x).amax(dim=(2, 3)))  # [N, 1] probability
+            heat = self.body(x)  # [N, 1, 8, 8] "tower centre here" logits: tilesweep's positions
+            return torch.sigmoid(heat.amax(dim=(2, 3))), heat  # [N, 1] probability, the map
 
     tmp = path.with_suffix(".tmp.onnx")
     torch.onnx.export(
         Scored(net), (torch.zeros(1, 3, INPUT, INPUT),), str(tmp), dynamo=False, opset_version=17,
-        input_names=["image"], output_names=["tower"], dynamic_axes={"image": {0: "n"}, "tower": {0: "n"}},
+        input_names=["image"], output_names=["tower", "heatmap"],
+        dynamic_axes={"image": {0: "n"}, "tower": {0: "n"}, "heatmap": {0: "n"}},
     )
     model = onnx.load(str(tmp))
     del model.metadata_props[:]

@@ -173,7 +173,7 @@ def detections(
     output: Path = typer.Option(..., "--output", "-o", help="A .geojson (RFC 7946), .parquet (GeoParquet 1.1) or .csv file."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The model (its name in `tilesweep status`); default: the only one."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Score in 0..1 at or above which a tile is a detection; default: the model's own label."),
-    geometry: str = typer.Option("point", "--geometry", help="point (the tile centre) or tile (its square)."),
+    geometry: str = typer.Option("point", "--geometry", help="point (where the model placed the detection in its tile, for a model with positions such as demo; else the tile centre) or tile (its square)."),
     area: Optional[str] = typer.Option(None, "--area", help="Only inside this W,S,E,N bbox or GeoJSON / WKT file."),
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help=MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),

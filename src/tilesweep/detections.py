@@ -3,7 +3,9 @@
 
 Rows come from the sweep's ``predictions`` (:mod:`tilesweep.sql`) and are streamed to the
 output in batches, so a country's detections never sit in memory at once. Each row's
-properties: ``z``, ``x``, ``y``, ``lon``, ``lat`` (the tile centre), ``score`` (the highest
+properties: ``z``, ``x``, ``y``, ``lon``, ``lat`` (the detection's point: where in the tile
+the model placed its top label, for a model with positions such as the demo model, see
+:mod:`tilesweep.model.base`; otherwise the tile centre), ``score`` (the highest
 of the model's label scores), ``label`` (the name of that label), one column per label
 score, and ``model``. Without a threshold the model's own decision (the part's ``label``
 column, made with the threshold it was run with) selects the rows.
@@ -78,17 +80,36 @@ def score_sql(labels: list[str]) -> tuple[str, str]:
     return score, label
 
 
-def detections_sql(model: LedgerModel, threshold: float | None, bbox: tuple[float, float, float, float] | None = None) -> str:
-    """The SELECT of a model's detections over the ``predictions`` view."""
+def point_sql(labels: list[str], score: str, columns: "set[str] | frozenset[str]") -> tuple[str, str]:
+    """SQL of a detection's point (lon, lat): the position of its top label where the
+    predictions hold one (``LABEL_lon``/``LABEL_lat``), else the tile centre."""
+    placed = [lb for lb in labels if f"{lb}_lon" in columns and f"{lb}_lat" in columns]
+    if not placed:
+        return "lon", "lat"
+    out = []
+    for c in ("lon", "lat"):
+        if len(labels) == 1:
+            out.append(f"coalesce({quote_ident(f'{labels[0]}_{c}')}, {c})")
+        else:
+            cases = " ".join(f"WHEN {quote_ident(lb)} = {score} THEN {quote_ident(f'{lb}_{c}')}" for lb in placed)
+            out.append(f"coalesce(CASE {cases} END, {c})")
+    return out[0], out[1]
+
+
+def detections_sql(model: LedgerModel, threshold: float | None, bbox: tuple[float, float, float, float] | None = None,
+                   columns: "set[str] | frozenset[str]" = frozenset()) -> str:
+    """The SELECT of a model's detections over the ``predictions`` view (``columns``: the
+    view's, to find the model's position columns). ``bbox`` selects by the detection's point."""
     labels = list(model["labels"])
     score, label = score_sql(labels)
+    plon, plat = point_sql(labels, score, columns)
     cond = "label" if threshold is None else f"{score} >= {float(threshold)!r}"
     where = f"model = {quote_literal(str(model['name']))} AND {cond}"
     if bbox is not None:
         w, s, e, n = bbox
-        where += f" AND lon BETWEEN {w!r} AND {e!r} AND lat BETWEEN {s!r} AND {n!r}"
+        where += f" AND {plon} BETWEEN {w!r} AND {e!r} AND {plat} BETWEEN {s!r} AND {n!r}"
     label_cols = ", ".join(f"{quote_ident(lb)}::DOUBLE AS {quote_ident(lb)}" for lb in labels if lb not in ("score", "label"))
-    return (f"SELECT z, x, y, lon, lat, {score}::DOUBLE AS score, {label} AS label, "
+    return (f"SELECT z, x, y, {plon} AS lon, {plat} AS lat, {score}::DOUBLE AS score, {label} AS label, "
             f"{label_cols + ', ' if label_cols else ''}model FROM predictions WHERE {where}")
 
 
@@ -116,7 +137,9 @@ def detections(
     if geom is not None:
         w, s, e, n = (float(v) for v in shapely.bounds(geom))
         bbox = (w, s, e, n)
-    return run(con, detections_sql(m, threshold, bbox), SweepTables(con, sw))
+    tables = SweepTables(con, sw)
+    columns = set(con.sql("SELECT * FROM predictions LIMIT 0").columns)
+    return run(con, detections_sql(m, threshold, bbox, columns), tables)
 
 
 def _area_geometry(area: Any) -> Any:
@@ -142,7 +165,8 @@ def export_detections(
     on_rows: Callable[[int], None] | None = None,
 ) -> DetectionsReport:
     """Write a model's detections to ``output``: ``.geojson`` (RFC 7946), ``.parquet``
-    (GeoParquet 1.1) or ``.csv`` (WKT ``geometry``). ``geometry``: ``point`` (tile centre)
+    (GeoParquet 1.1) or ``.csv`` (WKT ``geometry``). ``geometry``: ``point`` (the detection's
+    point: its position in the tile for a model with positions, else the tile centre)
     or ``tile`` (its square). With ``area``, only detections whose point lies in it, or
     whose tile touches it, are written."""
     from .sql import _open_sweep

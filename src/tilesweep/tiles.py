@@ -385,9 +385,16 @@ def descendant_ranks(zoom: int, tile: Tile) -> np.ndarray:
 def centres_array(z: int, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised :func:`center`: tile centres ``(lon, lat)`` in degrees, float64, taken
     in Mercator space."""
+    return points_array(z, x, y, 0.5, 0.5)
+
+
+def points_array(z: int, x: np.ndarray, y: np.ndarray, fx: "np.ndarray | float", fy: "np.ndarray | float") -> tuple[np.ndarray, np.ndarray]:
+    """``(lon, lat)`` in degrees (float64) of the points ``fx``, ``fy`` (fractions 0..1 of
+    a tile's side: ``fx`` east from its west edge, ``fy`` south from its north edge, in
+    Mercator space) of tiles ``x``, ``y`` at zoom ``z``; ``0.5, 0.5`` is the centre."""
     n = float(1 << z)
-    lon = (np.asarray(x, np.float64) + 0.5) / n * 360.0 - 180.0
-    lat = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * (np.asarray(y, np.float64) + 0.5) / n))))
+    lon = (np.asarray(x, np.float64) + np.asarray(fx, np.float64)) / n * 360.0 - 180.0
+    lat = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * (np.asarray(y, np.float64) + np.asarray(fy, np.float64)) / n))))
     return lon, lat
 
 

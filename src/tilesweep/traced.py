@@ -44,7 +44,8 @@ class LinesReport:
 
 def detection_points(sweep: "Sweep | str | os.PathLike[str]", model: str | None = None,
                      threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """``(lon, lat, score, model name)`` of a model's detections (tile centres, degrees;
+    """``(lon, lat, score, model name)`` of a model's detections (their points, degrees: a
+    model's position in the tile where it gives one, else the tile centre;
     score 0..1), read in batches from the sweep's predictions."""
     from .sql import _open_sweep
 

@@ -54,3 +54,21 @@ class Constant:
 constant = Constant()
 
 NOT_CALLABLE = 42
+
+
+def darkest_spot(batch: np.ndarray) -> np.ndarray:
+    """Two labels, ``dark`` (1 - mean brightness) and ``bright`` (mean brightness), and a
+    position for ``dark`` only: the darkest pixel (metadata ``positions``)."""
+    gray = batch.mean(axis=1)  # [N, H, W]
+    n, h, w = gray.shape
+    spot = gray.reshape(n, -1).argmin(axis=1)
+    py, px = np.divmod(spot, w)
+    bright = (gray.mean(axis=(1, 2)) + 1.0) / 2.0
+    return np.stack([1.0 - bright, bright, (px + 0.5) / w, (py + 0.5) / h], axis=1).astype(np.float32)
+
+
+darkest_spot.input_size = 32  # type: ignore[attr-defined]
+darkest_spot.mean = "0.5,0.5,0.5"  # type: ignore[attr-defined]
+darkest_spot.std = "0.5,0.5,0.5"  # type: ignore[attr-defined]
+darkest_spot.labels = "dark,bright"  # type: ignore[attr-defined]
+darkest_spot.positions = "dark"  # type: ignore[attr-defined]

@@ -3,6 +3,12 @@
 The input side comes from the graph (``[N, 3, H, W]`` with a fixed ``H == W``) or from the
 ``input_size`` metadata for graphs with free spatial axes; normalisation, channel order
 and labels come from the model's ``metadata_props`` (see :mod:`tilesweep.model.base`).
+
+A graph may have a second output named ``heatmap``, ``float32[N, C, h, w]`` (logits or
+scores of each label over the input image, as a CenterNet-style or fully convolutional
+classifier has before its pooling): the model then gives a position for every label
+(:func:`tilesweep.model.base.peak_positions`), which predictions record as
+``LABEL_lon`` / ``LABEL_lat``. The demo model has one (its 8 x 8 map of "tower here").
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Literal
 import numpy as np
 
 from ..errors import UsageError
-from .base import ModelInfo, info_from_metadata
+from .base import ModelInfo, info_from_metadata, peak_positions
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -33,9 +39,13 @@ def _fixed(dim: object) -> int | None:
     return dim if isinstance(dim, int) and dim > 0 else None
 
 
+HEATMAP = "heatmap"
+"""The name of the optional second output: ``float32[N, C, h, w]``, one map per label."""
+
+
 class OnnxModel:
-    """An ONNX image model with one ``float32[N, 3, H, W]`` input and one
-    ``float32[N, C]`` output.
+    """An ONNX image model with one ``float32[N, 3, H, W]`` input, one ``float32[N, C]``
+    output of scores, and optionally a ``heatmap`` output (:data:`HEATMAP`).
 
     ``device``: ``auto`` uses onnxruntime's CUDA provider when the installed build has it
     (``onnxruntime-gpu``) and the CPU otherwise; ``cuda`` fails if it is missing.
@@ -75,12 +85,18 @@ class OnnxModel:
         h, w = _fixed(shape[2]), _fixed(shape[3])
         if h is not None and w is not None and h != w:
             raise UsageError(f"model {self.name}: input is {h}x{w}; only square inputs are supported")
-        out_shape = outputs[0].shape
+        scores_out = next((o for o in outputs if o.name != HEATMAP), outputs[0])
+        heat = next((o for o in outputs if o.name == HEATMAP), None)
+        out_shape = scores_out.shape
         n_out = _fixed(out_shape[1]) if len(out_shape) == 2 else (1 if len(out_shape) == 1 else None)
+        if heat is not None:
+            if len(heat.shape) != 4 or (n_out is not None and _fixed(heat.shape[1]) not in (None, n_out)):
+                raise UsageError(f"model {self.name}: its heatmap output is {list(heat.shape)}, expected [N, {n_out or 'C'}, h, w]")
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.info: ModelInfo = info_from_metadata(meta, self.name, graph_size=h, n_outputs=n_out)
+        self.info: ModelInfo = info_from_metadata(meta, self.name, graph_size=h, n_outputs=n_out, positioned=heat is not None)
         self._input = inputs[0].name
-        self._output = outputs[0].name
+        self._output = scores_out.name
+        self._heat = heat.name if heat is not None and self.info.positions else None
 
     @property
     def device(self) -> str:
@@ -88,10 +104,18 @@ class OnnxModel:
         return "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """``float32[N, 3, size, size]`` -> ``float32[N, C]`` scores."""
+        """``float32[N, 3, size, size]`` -> ``float32[N, info.width]``: the scores, then
+        (with a heatmap) the x and y of each positioned label."""
         x = np.ascontiguousarray(batch, dtype=np.float32)
-        (out,) = self.session.run([self._output], {self._input: x})
-        return np.asarray(out, dtype=np.float32).reshape(len(x), -1)
+        if self._heat is None:
+            (out,) = self.session.run([self._output], {self._input: x})
+            return np.asarray(out, dtype=np.float32).reshape(len(x), -1)
+        out, heat = self.session.run([self._output, self._heat], {self._input: x})
+        scores = np.asarray(out, dtype=np.float32).reshape(len(x), -1)
+        labels = self.info.labels
+        keep = [labels.index(lb) for lb in self.info.positions]
+        pos = peak_positions(np.asarray(heat)[:, keep])
+        return np.concatenate([scores, pos.reshape(len(x), -1)], axis=1)
 
     def __repr__(self) -> str:
         return f"OnnxModel({os.fspath(self.path)!r}, device={self.device!r})"

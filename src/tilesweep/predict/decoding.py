@@ -117,7 +117,7 @@ class ProcessDecode:
     waits for more inputs (``extra_slots`` counts them)."""
 
     def __init__(self, processes: int, size: int, how: Any, *, batch: int, queue_blocks: int,
-                 stop: threading.Event, stopped: type[BaseException], n_labels: int, meter: Any,
+                 stop: threading.Event, stopped: type[BaseException], width: int, meter: Any,
                  capacity: int = SLOT_INPUTS) -> None:
         from .shmring import DecodePool
 
@@ -127,7 +127,7 @@ class ProcessDecode:
         extra = queue_blocks + -(-batch // self.small) + 3
         self.pool = DecodePool(processes, size, how, capacity=capacity, slots=slots, extra_slots=extra)
         self.stop, self.stopped = stop, stopped
-        self.n_labels, self.meter = n_labels, meter
+        self.width, self.meter = width, meter
         self.size = size
         self.per_tile = 1  # inputs per tile, learned (chips)
         self._lock = threading.Lock()
@@ -217,7 +217,7 @@ class ProcessDecode:
             work.owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
             work.slots = []
         work.bad = bad
-        work.raw = np.empty((len(work.inputs), self.n_labels), np.float32)
+        work.raw = np.empty((len(work.inputs), self.width), np.float32)
         work.data = []
         self.meter.add(len(bad), busy)
 
@@ -238,11 +238,11 @@ class ProcessDecode:
         self.pool.close()
 
 
-def gpu_decode_work(decoder: Any, work: Any, n_labels: int) -> None:
+def gpu_decode_work(decoder: Any, work: Any, width: int) -> None:
     """Decode ``work``'s tiles on the GPU (:class:`~.gpudecode.GpuDecoder`) into
     ``work.inputs`` (a device tensor), ``owner`` and ``bad``."""
     work.inputs, work.owner, work.bad = decoder.decode_block(work.data)
-    work.raw = np.empty((len(work.inputs), n_labels), np.float32)
+    work.raw = np.empty((len(work.inputs), width), np.float32)
     work.data = []
 
 

@@ -312,7 +312,7 @@ class _Pipeline:
         self.follow, self.poll_s, self.stream = follow, poll_s, stream
         self.info = model.info
         self.spec = self.info.input
-        self.n_labels = len(self.info.labels)
+        self.width = self.info.width  # scores, then any positions (model.base)
         self.report = PredictReport()
         # issue 13: where decoding happens (threads here, decode processes, the GPU); chosen
         # before the sink, so a mode that cannot run here writes nothing
@@ -331,6 +331,7 @@ class _Pipeline:
             first_part_s=1.0 if live else None,
             holder="tilesweep run" if live else "tilesweep predict",
             storage=sweep.predictions_storage if sweep.remote else None,
+            positions=self.info.positions,
         )
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
@@ -405,7 +406,7 @@ class _Pipeline:
             meters["decode"].threads, meters["decode"].processes = self.n_procs, True
             self.proc_decode = ProcessDecode(self.n_procs, self.spec.size, self.spec.fit, batch=s.batch,
                                              queue_blocks=s.queue_blocks, stop=self.stop, stopped=_Stopped,
-                                             n_labels=self.n_labels, meter=meters["decode"])
+                                             width=self.width, meter=meters["decode"])
         elif self.decode_mode == "gpu":
             from .gpudecode import GpuDecoder
 
@@ -648,7 +649,7 @@ class _Pipeline:
         """Decode and fit every tile of ``work`` (a tile that does not decode is marked
         ``bad``); its bytes are dropped."""
         if self.gpu_decoder is not None:  # issue 13: the block's JPEGs in one nvJPEG call
-            gpu_decode_work(self.gpu_decoder, work, self.n_labels)
+            gpu_decode_work(self.gpu_decoder, work, self.width)
             return
         spec = self.spec
         parts, owners = [], []
@@ -664,13 +665,13 @@ class _Pipeline:
         work.inputs = np.concatenate(parts) if parts else np.zeros((0, spec.size, spec.size, 3), np.uint8)
         work.owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
         work.bad = bad
-        work.raw = np.empty((len(work.decoded()), self.n_labels), np.float32)
+        work.raw = np.empty((len(work.decoded()), self.width), np.float32)
         work.data = []
 
     def _finish(self, work: _Work) -> None:
         """A block scored whole -> the sink (a chipped tile gets the max over its chips)."""
         assert work.owner is not None and work.raw is not None and work.bad is not None
-        scores = np.full((len(work.x), self.n_labels), -np.inf, np.float32)
+        scores = np.full((len(work.x), self.width), -np.inf, np.float32)
         if len(work.owner):
             np.maximum.at(scores, work.owner, work.raw)
         scores[work.bad] = np.nan

@@ -62,6 +62,7 @@ from ..block import BlockResult
 from ..queue import Queue, State
 from ..storage import LocalStorage, Storage, StorageError
 from ..tiles import centres_array as centres  # noqa: F401 - re-exported: tile math lives in tilesweep.tiles
+from ..tiles import points_array as tile_points
 from .ledger import LEDGER_FILE as LEDGER_FILE, Ledger, open_ledger
 from .ledger import ledger_summary as ledger_summary  # re-exported: its home before
 from .ledger import PREDICTIONS_DIR as PREDICTIONS_DIR  # defined there: reading the ledger imports no Arrow
@@ -142,11 +143,17 @@ class PredictionSink:
         first_part_s: float | None = None,
         holder: str = "tilesweep predict",
         storage: Storage | None = None,
+        positions: Iterable[str] = (),
     ) -> None:
         self.labels = tuple(labels)
+        self.positions = tuple(positions)
         clash = [lb for lb in self.labels if lb in BASE_COLUMNS]
         if clash or len(set(self.labels)) != len(self.labels):
             raise UsageError(f"model {model_name}: label names {self.labels} clash with prediction columns {BASE_COLUMNS} or repeat")
+        self.position_columns = tuple(f"{lb}_{c}" for lb in self.positions for c in ("lon", "lat"))
+        taken = [c for c in self.position_columns if c in BASE_COLUMNS or c in self.labels]
+        if taken or any(lb not in self.labels for lb in self.positions):
+            raise UsageError(f"model {model_name}: positions {self.positions} must be labels, and {taken} clash with its columns")
         if part_rows < 1:
             raise UsageError(f"part rows {part_rows} must be >= 1")
         self.root = Path(sweep_path) / PREDICTIONS_DIR
@@ -193,6 +200,7 @@ class PredictionSink:
             ("lon", pa.float64()), ("lat", pa.float64()),
         ]
         fields += [(lb, pa.float32()) for lb in self.labels]
+        fields += [(c, pa.float64()) for c in self.position_columns]  # where in the tile (model.base: Positions)
         fields += [("label", pa.bool_()), ("model", pa.string()), ("model_digest", pa.string()),
                    ("time", pa.timestamp("ms", tz="UTC"))]
         self._schema = pa.schema(fields)
@@ -303,8 +311,9 @@ class PredictionSink:
         self._commits += 1
         blocks: dict[int, list[int]] = {}
         for b in buf:
-            valid = ~np.isnan(b.scores).any(axis=1) if len(b.x) else np.zeros(0, bool)
-            pos = int(np.sum((b.scores[valid] >= self.threshold).any(axis=1))) if len(b.x) else 0
+            sc = b.scores[:, : len(self.labels)]  # then any positions
+            valid = ~np.isnan(sc).any(axis=1) if len(b.x) else np.zeros(0, bool)
+            pos = int(np.sum((sc[valid] >= self.threshold).any(axis=1))) if len(b.x) else 0
             undecodable = int(np.sum(~valid)) if b.undecodable is None else int(np.sum(b.undecodable & ~valid))
             blocks[b.block_id] = [len(b.x), b.empty, b.failed, undecodable, pos, int(np.sum(~valid)) - undecodable]
         rows = sum(v[0] for v in blocks.values())
@@ -354,6 +363,8 @@ class PredictionSink:
         block = np.concatenate([np.full(len(b.x), b.block_id, np.int64) for b in buf])
         at = np.concatenate([np.full(len(b.x), int(b.at * 1000), np.int64) for b in buf])
         lon, lat = centres(self.zoom, x, y)
+        c = len(self.labels)
+        where, scores = scores[:, c:], scores[:, :c]
         invalid = np.asarray(np.isnan(scores).any(axis=1))
         n = len(x)
         # from numpy buffers, not pa.array(): that imports pandas where it is installed (tilesweep._arrow)
@@ -363,6 +374,9 @@ class PredictionSink:
         ]
         for i in range(len(self.labels)):
             cols.append(from_numpy(scores[:, i], mask=invalid))
+        for k in range(len(self.positions)):  # fractions of the tile -> degrees
+            plon, plat = tile_points(self.zoom, x, y, where[:, 2 * k], where[:, 2 * k + 1])
+            cols += [from_numpy(plon, mask=invalid), from_numpy(plat, mask=invalid)]
         cols += [
             from_numpy(np.asarray((scores >= self.threshold).any(axis=1)), mask=invalid),
             repeated_string(self.model_name, n),
