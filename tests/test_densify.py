@@ -231,3 +231,42 @@ def test_along_follows_a_line_from_a_lone_detection_and_from_a_pair():
     apart = tiles([x0, x0 + far], [y0, y0])
     assert (x0 + far // 2, y0) not in apart  # no band between detections too far apart for one span
     assert (x0 + step, y0) in apart and (x0 + far - step, y0) in apart  # each is lone: its ring
+
+
+def test_along_draws_through_where_a_model_placed_its_detections():
+    """With points (a model with positions: where in the tile the tower stands), the band
+    runs through the towers themselves and the ring is centred on the tower: a line that
+    climbs almost a tile per spacing is followed onto the rows it reaches, which the band
+    through the two tile centres (one row) never touches."""
+    from tilesweep.densify import _tile_metres, candidate_tiles
+
+    z, x0, y0 = 18, 137_000, 91_600
+    tile_m = float(_tile_metres(z, np.array([y0]))[0])
+    step = round(350 / tile_m)
+    settings = DensifySettings(radius=0, along=True)
+    xs, ys = np.array([x0, x0 + step]), np.array([y0, y0])
+    points = np.array([[x0 + 0.5, y0 + 0.05], [x0 + step + 0.5, y0 + 0.95]])
+
+    def tiles(pts):
+        cx, cy = candidate_tiles(z, xs, ys, settings, pts)
+        return {(int(a), int(b)) for a, b in zip(cx, cy)}
+
+    placed, centred = tiles(points), tiles(None)
+    assert centred == tiles(np.column_stack([xs + 0.5, ys + 0.5])), "no points: the tile centres"
+    # a spacing past each end the line stands 0.9 tiles further up or down
+    assert (x0 + 2 * step, y0 + 2) in placed and (x0 - step, y0 - 2) in placed
+    assert (x0 + 2 * step, y0 + 2) not in centred and (x0 - step, y0 - 2) not in centred
+
+    # a lone detection at its tile's east edge: the ring around the point, not the tile centre
+    pt = np.array([[x0 + 0.95, y0 + 0.5]])
+    ring = {(int(a), int(b)) for a, b in zip(*candidate_tiles(z, xs[:1], ys[:1], settings, pt))} - {(x0, y0)}
+    dist = [np.hypot(x + 0.5 - pt[0, 0], y + 0.5 - pt[0, 1]) * tile_m for x, y in ring]
+    assert ring and all(300 - 0.71 * tile_m <= d <= 400 + 0.71 * tile_m for d in dist)
+    assert ring != tiles_lone_centre(z, x0, y0, settings)
+
+
+def tiles_lone_centre(z, x0, y0, settings):
+    from tilesweep.densify import candidate_tiles
+
+    cx, cy = candidate_tiles(z, np.array([x0]), np.array([y0]), settings)
+    return {(int(a), int(b)) for a, b in zip(cx, cy)} - {(x0, y0)}

@@ -165,6 +165,18 @@ def neighbour_tiles(z: int, x: np.ndarray, y: np.ndarray, radius: int) -> tuple[
                    (np.asarray(y, np.int64)[:, None] + dy.ravel()).ravel())
 
 
+def _points(z: int, x: np.ndarray, y: np.ndarray, points: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Detection tiles inside the grid, deduplicated and sorted by (x, y), and each one's
+    point in tile units (``float64[N, 2]``: ``x + fx, y + fy``, ``fx, fy`` in 0..1; the tile
+    centre where ``points`` is None; a tile's first point where it repeats)."""
+    n = 1 << z
+    x, y = np.asarray(x, np.int64), np.asarray(y, np.int64)
+    p = np.column_stack([x + 0.5, y + 0.5]) if points is None else np.asarray(points, np.float64).reshape(len(x), 2)
+    ok = (x >= 0) & (x < n) & (y >= 0) & (y < n)
+    keys, first = np.unique((x[ok] << 32) | y[ok], return_index=True)
+    return keys >> 32, keys & 0xFFFFFFFF, p[ok][first]
+
+
 def _tile_metres(z: int, y: np.ndarray) -> np.ndarray:
     """Ground size (metres) of zoom-``z`` tiles in rows ``y``."""
     n = 1 << z
@@ -172,18 +184,19 @@ def _tile_metres(z: int, y: np.ndarray) -> np.ndarray:
     return 2 * np.pi * EARTH_RADIUS_M * np.cos(lat) / n
 
 
-def along_tiles(z: int, x: np.ndarray, y: np.ndarray, settings: DensifySettings) -> tuple[np.ndarray, np.ndarray]:
-    """Tiles crossed by the lines through pairs of detections (tiles (z, x, y))
+def along_tiles(z: int, x: np.ndarray, y: np.ndarray, settings: DensifySettings,
+                points: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles crossed by the lines through pairs of detections (tiles (z, x, y); ``points``:
+    where in them, in tile units, as :func:`_points`; default their centres)
     ``min_pair_m .. pair_m`` apart, each drawn ``extend`` times the pair's distance past
     both detections (a KD-tree finds the pairs; shapely tests the tile squares)."""
     import shapely
     from scipy.spatial import cKDTree
 
-    x, y = _unique(z, x, y)
+    x, y, pts = _points(z, x, y, points)
     if len(x) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     tile_m = float(np.min(_tile_metres(z, y)))  # the smallest tiles: the radius in tiles is the largest
-    pts = np.column_stack([x + 0.5, y + 0.5])
     pairs = cKDTree(pts).query_pairs(settings.pair_m / tile_m, output_type="ndarray")
     if not len(pairs):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -209,7 +222,8 @@ def along_tiles(z: int, x: np.ndarray, y: np.ndarray, settings: DensifySettings)
     return _unique(z, np.concatenate(xs), np.concatenate(ys))
 
 
-def lone_ring_tiles(z: int, x: np.ndarray, y: np.ndarray, settings: DensifySettings) -> tuple[np.ndarray, np.ndarray]:
+def lone_ring_tiles(z: int, x: np.ndarray, y: np.ndarray, settings: DensifySettings,
+                    points: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Where the next tower of a line whose direction is not known stands. Around each
     *lone* detection tile (no other detection ``min_pair_m .. pair_m`` ground metres away)
     the ring of tiles whose centres stand ``ring_m`` (near, far ground metres, widened by
@@ -217,14 +231,14 @@ def lone_ring_tiles(z: int, x: np.ndarray, y: np.ndarray, settings: DensifySetti
     *end* of a line (its partners all on one side), the part of that ring ahead of it,
     within ``end_turn_deg`` of the way the line comes in (a bend: the band through a pair
     runs straight on and misses the tower after an angle tower). Far cheaper than a
-    square that reaches as far."""
+    square that reaches as far. The ring is centred on each detection's point (``points``,
+    as :func:`along_tiles`; default the tile centres)."""
     from scipy.spatial import cKDTree
 
-    x, y = _unique(z, x, y)
+    x, y, pts = _points(z, x, y, points)
     if not len(x) or settings.ring_m[1] <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     tile_m = _tile_metres(z, y)
-    pts = np.column_stack([x + 0.5, y + 0.5])
     near = cKDTree(pts).query_ball_point(pts, settings.pair_m / float(np.min(tile_m)))
     cos_end = math.cos(math.radians(settings.end_turn_deg))
     xs, ys = [], []
@@ -240,13 +254,16 @@ def lone_ring_tiles(z: int, x: np.ndarray, y: np.ndarray, settings: DensifySetti
             ahead /= np.hypot(*ahead)
         r_in = max(0.0, settings.ring_m[0] / tile_m[i] - 0.71)
         r_out = settings.ring_m[1] / tile_m[i] + 0.71
-        k = int(math.ceil(r_out))
+        k = int(math.ceil(r_out)) + 1
         g = np.arange(-k, k + 1, dtype=np.int64)
         dx, dy = (a.ravel() for a in np.meshgrid(g, g))
-        r = np.hypot(dx, dy)
+        # from the point to the centres of the tiles around it (the tile's own centre: 0.5, 0.5)
+        ox, oy = x[i] + 0.5 - pts[i, 0], y[i] + 0.5 - pts[i, 1]
+        rx, ry = dx + ox, dy + oy
+        r = np.hypot(rx, ry)
         m = (r >= r_in) & (r <= r_out)
         if len(v):
-            m &= (dx * ahead[0] + dy * ahead[1]) >= cos_end * np.maximum(r, 1e-9)
+            m &= (rx * ahead[0] + ry * ahead[1]) >= cos_end * np.maximum(r, 1e-9)
         xs.append(x[i] + dx[m])
         ys.append(y[i] + dy[m])
     if not xs:
@@ -254,15 +271,18 @@ def lone_ring_tiles(z: int, x: np.ndarray, y: np.ndarray, settings: DensifySetti
     return _unique(z, np.concatenate(xs), np.concatenate(ys))
 
 
-def candidate_tiles(z: int, x: np.ndarray, y: np.ndarray, settings: DensifySettings) -> tuple[np.ndarray, np.ndarray]:
+def candidate_tiles(z: int, x: np.ndarray, y: np.ndarray, settings: DensifySettings,
+                    points: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every tile a round would like to have, planned or not: the neighbours of the
     detection tiles (z, x, y), and with ``along`` the tiles along their lines and the
-    rings around lone detections (:func:`lone_ring_tiles`)."""
+    rings around lone detections (:func:`lone_ring_tiles`), drawn through the detections'
+    ``points`` (tile units, :func:`_points`: where a model with positions placed them;
+    default the tile centres)."""
     nx_, ny_ = neighbour_tiles(z, x, y, settings.radius)
     if not settings.along:
         return nx_, ny_
-    ax, ay = along_tiles(z, x, y, settings)
-    rx, ry = lone_ring_tiles(z, x, y, settings)
+    ax, ay = along_tiles(z, x, y, settings, points)
+    rx, ry = lone_ring_tiles(z, x, y, settings, points)
     return _unique(z, np.concatenate([nx_, ax, rx]), np.concatenate([ny_, ay, ry]))
 
 
@@ -333,8 +353,10 @@ def group_blocks(queue: Any, z: int, x: np.ndarray, y: np.ndarray, finest: int, 
     return out
 
 
-def detection_tiles(sweep: "Sweep", model: str | None, threshold: float | None) -> tuple[np.ndarray, np.ndarray, str]:
-    """``(x, y, model name)`` of the tiles the model detected (sorted)."""
+def detection_tiles(sweep: "Sweep", model: str | None, threshold: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """``(x, y, points, model name)`` of the tiles the model detected (sorted by x, y), and
+    each detection's point in tile units (``float64[N, 2]``, :func:`_points`): where the
+    model placed it in the tile (a model with positions), else exactly the tile centre."""
     from .detections import check_threshold, choose_model, detections
     from .sql import connect, stream
 
@@ -343,16 +365,24 @@ def detection_tiles(sweep: "Sweep", model: str | None, threshold: float | None) 
     assert m is not None
     con = connect()
     try:
-        xs, ys = [], []
-        for batch in stream(detections(sweep, model=model, threshold=threshold, con=con).select("x, y")):
+        xs, ys, lons, lats = [], [], [], []
+        for batch in stream(detections(sweep, model=model, threshold=threshold, con=con).select("x, y, lon, lat")):
             xs.append(batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64))
             ys.append(batch.column(1).to_numpy(zero_copy_only=False).astype(np.int64))
+            lons.append(batch.column(2).to_numpy(zero_copy_only=False).astype(np.float64))
+            lats.append(batch.column(3).to_numpy(zero_copy_only=False).astype(np.float64))
     finally:
         con.close()
     if not xs:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), str(m["name"])
-    x, y = _unique(sweep.zoom, np.concatenate(xs), np.concatenate(ys))
-    return x, y, str(m["name"])
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2)), str(m["name"])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    n = float(1 << sweep.zoom)
+    px = (np.concatenate(lons) + 180.0) / 360.0 * n
+    py = (1.0 - np.arcsinh(np.tan(np.radians(np.concatenate(lats)))) / np.pi) / 2.0 * n
+    centre = (np.abs(px - x - 0.5) < 1e-6) & (np.abs(py - y - 0.5) < 1e-6)  # a tile centre: exactly
+    px, py = np.where(centre, x + 0.5, px), np.where(centre, y + 0.5, py)
+    x, y, points = _points(sweep.zoom, x, y, np.column_stack([px, py]))
+    return x, y, points, str(m["name"])
 
 
 def finest_block_zoom(sweep: "Sweep") -> int:
@@ -373,10 +403,10 @@ def plan_round(sweep: "Sweep", model: str | None = None, threshold: float | None
     from .area import load_area
 
     z = sweep.zoom
-    dx, dy, name = detection_tiles(sweep, model, threshold)
+    dx, dy, points, name = detection_tiles(sweep, model, threshold)
     if not len(dx):
         return RoundPlan([], 0, 0), name
-    cx, cy = candidate_tiles(z, dx, dy, settings)
+    cx, cy = candidate_tiles(z, dx, dy, settings, points)
     geometry = load_area(sweep.area_path).geometry
     import shapely
 
