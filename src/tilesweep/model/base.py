@@ -229,7 +229,7 @@ def peak_positions(heat: np.ndarray) -> np.ndarray:
     cell centres of its 3 x 3 neighbourhood weighted by how far each stands above the
     neighbourhood's least value (so neither a map's offset nor its scale matters); a flat
     neighbourhood gives the peak cell's centre. On the demo model's 8 x 8 map this puts a
-    tower a median ~6 m from the truth at zoom 18 (the tile centre: ~43 m)."""
+    tower a median ~7 m from the truth at zoom 18 (the tile centre: ~42 m; docs/model.md)."""
     h = np.asarray(heat, dtype=np.float64)
     if h.ndim != 4:
         raise ValueError(f"a heatmap is float[N, C, h, w], not of shape {h.shape}")
