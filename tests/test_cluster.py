@@ -78,14 +78,15 @@ def test_bad_dask_addresses_name_the_value(value, says):
     assert repr(value) in str(exc.value)
 
 
-@pytest.mark.parametrize("value, says", [
-    ("spark://host:7077", "is not local:N"),
-    ("tcp://127.0.0.1:9", "the scheduler cannot be reached"),
+@pytest.mark.parametrize("value, extra, says", [
+    ("spark://host:7077", (), "is not local:N"),
+    ("tcp://127.0.0.1:9", (), "the scheduler cannot be reached"),
+    ("local:2", ("--workers", "3"), "--workers 3 with --dask"),
 ])
-def test_a_bad_dask_value_is_one_line_and_exit_2(tmp_path, value, says):
+def test_a_bad_dask_value_is_one_line_and_exit_2(tmp_path, value, extra, says):
     sweep = plan(tmp_path)
     before = (sweep / "sweep.toml").read_text()
-    res = tilesweep("fetch", sweep, "--source", "http://127.0.0.1:9/{z}/{x}/{y}.jpg", "--dask", value, check=False,
+    res = tilesweep("fetch", sweep, "--source", "http://127.0.0.1:9/{z}/{x}/{y}.jpg", "--dask", value, *extra, check=False,
                     env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"})
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()

@@ -202,7 +202,7 @@ def fetch(
 
     settings, worker_settings = _fetch_settings(workers, concurrency, rate, retries, timeout, lease_ttl, max_attempts,
                                                 max_tile_bytes=max_tile_bytes, tile_budget=tile_budget)
-    dask_address = None if dask is None else _dask_address(dask)
+    dask_address = None if dask is None else _dask_address(dask, workers)
     from .sweeplock import SweepLock
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "fetch"):
@@ -262,10 +262,13 @@ def _fetch_settings(workers: int, concurrency: int, rate: float | None, retries:
     return settings, worker_settings
 
 
-def _dask_address(text: str):  # type: ignore[no-untyped-def]
-    """A checked ``--dask`` value (before anything is opened or written)."""
+def _dask_address(text: str, workers: int = 1):  # type: ignore[no-untyped-def]
+    """A checked ``--dask`` value (before anything is opened or written); ``--workers``
+    beside it is refused: Dask runs the loops (``local:N`` says how many)."""
     from .cluster import parse_dask_address
 
+    if workers != 1:
+        raise UsageError(f"--workers {workers} with --dask {text!r}: the Dask workers run the loops (local:N sets how many, a cluster has its own); leave --workers out")
     return parse_dask_address(text)
 
 
@@ -548,7 +551,7 @@ def run(
 
     check_threshold(threshold)
     settings = _predict_settings(batch, threads, part_rows, part_seconds, model_threads, decode, decode_processes)
-    dask_address = None if dask is None else _dask_address(dask)
+    dask_address = None if dask is None else _dask_address(dask, workers)
     from .sweeplock import SweepLock
 
     with Sweep.open(sweep_dir) as sweep, SweepLock(sweep.path, "run"):  # not beside a fetch (runs may share a sweep)
