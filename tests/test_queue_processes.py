@@ -58,7 +58,14 @@ def test_sigkilled_workers_lose_nothing(tmp_path):
         log = tmp_path / f"k{round_}.log"
         logs.append(log)
         p = spawn(path, f"k{round_}", log, "--batch", 4, "--ttl", 0.5, "--work", 0.005)
-        time.sleep(rng.uniform(0.3, 0.9))
+        # the random instant counts from the worker's first lease, not its spawn: Python's
+        # start-up and imports take 0.15-0.4 s here and more on a busy CI machine, where a
+        # kill counted from the spawn lands before any lease (no lease ever expires)
+        deadline = time.monotonic() + 60
+        with SqliteQueue(path) as q:
+            while p.poll() is None and f"k{round_}" not in q.owners() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))  # 300 blocks take a started worker ~1.5 s
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)
             p.wait()
