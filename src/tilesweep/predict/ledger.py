@@ -184,9 +184,16 @@ class _SqlLedger:
             )
             won: list[int] = []
             lost: list[int] = []
+            ids = list(blocks)
+            rows_of: dict[int, tuple[Any, Any]] = {}
+            for i in range(0, len(ids), 500):  # one query per 500 blocks, not one per block
+                chunk = ids[i : i + 500]
+                marks = ", ".join("?" * len(chunk))
+                for bid, owner, at in self._all(
+                        f"SELECT block_id, part, at FROM predicted WHERE model_key = ? AND block_id IN ({marks})", (key, *chunk)):
+                    rows_of[int(bid)] = (owner, at)
             for bid, v in blocks.items():
-                ((owner, at),) = self._all("SELECT part, at FROM predicted WHERE model_key = ? AND block_id = ?",
-                                           (key, bid))
+                owner, at = rows_of[bid]
                 # the block's row is this record's: it names this part, or (no rows, no part) this instant
                 (won if (owner == name and v[0]) or (not v[0] and owner is None and at == now) else lost).append(bid)
             kept = name is not None and any(blocks[b][0] for b in won)
