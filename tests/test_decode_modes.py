@@ -64,8 +64,11 @@ def test_decode_processes_give_the_scores_of_decode_threads_even_when_they_die(t
 def test_a_stopped_run_leaves_no_shared_memory(tmp_path, fetched):
     sweep = tmp_path / "s"
     shutil.copytree(fetched, sweep)
+    # 1 s a batch: the run (5 batches) is still scoring when the SIGTERM comes 1 s after its
+    # ring appears (at 0.15 s a batch it could finish first: exit 0, a race seen here)
     p = popen("predict", sweep, "--model", "helpers.slow_model:score", "-q", "--decode", "processes",
-              "--decode-processes", 2, "--batch", 8, "--part-seconds", 0.5, cwd=TESTS)
+              "--decode-processes", 2, "--batch", 8, "--part-seconds", 0.5, cwd=TESTS,
+              env={"TILESWEEP_TEST_SLEEP": "1.0"})
     lock, deadline = sweep / "predictions" / ".lock", time.monotonic() + 60
     while p.poll() is None and time.monotonic() < deadline and not segments(p.pid):
         time.sleep(0.05)

@@ -19,9 +19,11 @@ def tilesweep(*args, check=True, timeout=300, env=None):
 
 
 def popen(*args, **kwargs):
-    """Start `tilesweep ARGS` in its own process group (so a test can kill the group)."""
+    """Start `tilesweep ARGS` in its own process group (so a test can kill the group);
+    ``env``: variables added to the tests' environment."""
+    env = {**ENV, **kwargs.pop("env", {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "tilesweep", *map(str, args)], env=ENV, start_new_session=True,
+        [sys.executable, "-m", "tilesweep", *map(str, args)], env=env, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
     )
 
