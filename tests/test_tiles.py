@@ -131,3 +131,17 @@ def test_parse_tile_rejects_bad_text(bad):
 def test_from_quadkey_rejects_bad_text(bad):
     with pytest.raises(ValueError):
         T.from_quadkey(bad)
+
+
+def test_tile_units_array_inverts_points_array():
+    import numpy as np
+
+    from tilesweep.tiles import points_array, tile_units_array
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 1 << 18, 500)
+    y = rng.integers(1, (1 << 18) - 1, 500)
+    fx, fy = rng.random(500), rng.random(500)
+    tx, ty = tile_units_array(18, *points_array(18, x, y, fx, fy))
+    assert np.allclose(tx, x + fx, atol=1e-6) and np.allclose(ty, y + fy, atol=1e-6)
+    assert np.array_equal(np.floor(tx[(fx > 1e-5) & (fx < 1 - 1e-5)]), x[(fx > 1e-5) & (fx < 1 - 1e-5)])

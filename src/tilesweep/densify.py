@@ -39,7 +39,7 @@ import numpy as np
 from .errors import UsageError
 from .plan import _classify, block_priority_array, mask_cells, pack_tiles
 from .queue import Block
-from .tiles import EARTH_RADIUS_M, tile_id_array
+from .tiles import EARTH_RADIUS_M, tile_id_array, tile_units_array
 
 if TYPE_CHECKING:
     from .sweep import Sweep
@@ -376,9 +376,7 @@ def detection_tiles(sweep: "Sweep", model: str | None, threshold: float | None) 
     if not xs:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2)), str(m["name"])
     x, y = np.concatenate(xs), np.concatenate(ys)
-    n = float(1 << sweep.zoom)
-    px = (np.concatenate(lons) + 180.0) / 360.0 * n
-    py = (1.0 - np.arcsinh(np.tan(np.radians(np.concatenate(lats)))) / np.pi) / 2.0 * n
+    px, py = tile_units_array(sweep.zoom, np.concatenate(lons), np.concatenate(lats))
     centre = (np.abs(px - x - 0.5) < 1e-6) & (np.abs(py - y - 0.5) < 1e-6)  # a tile centre: exactly
     px, py = np.where(centre, x + 0.5, px), np.where(centre, y + 0.5, py)
     x, y, points = _points(sweep.zoom, x, y, np.column_stack([px, py]))

@@ -398,6 +398,16 @@ def points_array(z: int, x: np.ndarray, y: np.ndarray, fx: "np.ndarray | float",
     return lon, lat
 
 
+def tile_units_array(z: int, lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`points_array`: points ``(lon, lat)`` in degrees as float64
+    zoom-``z`` tile units (``x + fx``, ``y + fy``: the tile's column and row plus the
+    fractions 0..1 within it, east and south), in Mercator space."""
+    n = float(1 << z)
+    tx = (np.asarray(lon, np.float64) + 180.0) / 360.0 * n
+    ty = (1.0 - np.arcsinh(np.tan(np.radians(np.asarray(lat, np.float64)))) / np.pi) / 2.0 * n
+    return tx, ty
+
+
 def bounds_array(z: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Vectorised :func:`bounds`: an ``(N, 4)`` float64 array of west, south, east, north."""
     n = float(1 << z)

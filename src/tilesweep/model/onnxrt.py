@@ -97,6 +97,7 @@ class OnnxModel:
         self._input = inputs[0].name
         self._output = scores_out.name
         self._heat = heat.name if heat is not None and self.info.positions else None
+        self._placed = [self.info.labels.index(lb) for lb in self.info.positions]  # the heatmap's channels
 
     @property
     def device(self) -> str:
@@ -112,9 +113,7 @@ class OnnxModel:
             return np.asarray(out, dtype=np.float32).reshape(len(x), -1)
         out, heat = self.session.run([self._output, self._heat], {self._input: x})
         scores = np.asarray(out, dtype=np.float32).reshape(len(x), -1)
-        labels = self.info.labels
-        keep = [labels.index(lb) for lb in self.info.positions]
-        pos = peak_positions(np.asarray(heat)[:, keep])
+        pos = peak_positions(np.asarray(heat)[:, self._placed])
         return np.concatenate([scores, pos.reshape(len(x), -1)], axis=1)
 
     def __repr__(self) -> str:
